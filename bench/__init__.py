@@ -1,0 +1,1 @@
+"""Microbenchmarks on one shared harness (shipped as `pyops.bench`); run with `python -m pyops bench`."""

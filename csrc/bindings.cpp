@@ -1,0 +1,120 @@
+// pyops._C: thin pybind11 bindings over the torch-free CPU kernels. No logic lives here: the
+// Python op layer (pyops/ops/) validates, allocates and makes inputs contiguous; these functions
+// convert integers to pointers, release the GIL and turn a Status into a Python exception.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "cpu/task_merge.h"
+
+namespace py = pybind11;
+
+namespace pyops {
+bool set_isa(const char* name);
+}
+
+namespace {
+
+using pyops::DType;
+using pyops::Status;
+
+DType to_dtype(int code, const char* what) {
+  if (!pyops::valid_dtype(code))
+    throw py::value_error(std::string(what) + ": unknown dtype code " + std::to_string(code));
+  return static_cast<DType>(code);
+}
+
+void raise_if_error(const Status& st) {
+  if (st.is_ok()) return;
+  if (st.code == pyops::StatusCode::kInvalidArgument || st.code == pyops::StatusCode::kOutOfRange)
+    throw py::value_error(st.message);
+  throw std::runtime_error(st.message);
+}
+
+template <typename P>
+std::vector<P> as_pointers(const std::vector<uintptr_t>& v) {
+  std::vector<P> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<P>(v[i]);
+  return out;
+}
+
+pyops::TaskArithmeticProblem make_problem(uintptr_t base, const std::vector<const void*>& deltas,
+                                          int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n,
+                                          int64_t coeff_stride_block, int64_t numel,
+                                          int64_t block_size, bool from_models) {
+  pyops::TaskArithmeticProblem p;
+  p.base = reinterpret_cast<const void*>(base);
+  p.deltas = deltas.data();
+  p.n = (int64_t)deltas.size();
+  p.in_dtype = to_dtype(in_dtype, "in_dtype");
+  p.coeffs = reinterpret_cast<const float*>(coeffs);
+  p.coeff_stride_n = coeff_stride_n;
+  p.coeff_stride_block = coeff_stride_block;
+  p.numel = numel;
+  p.block_size = block_size;
+  p.from_models = from_models;
+  return p;
+}
+
+void task_arithmetic_forward(uintptr_t out, int out_dtype, uintptr_t base,
+                             const std::vector<uintptr_t>& deltas, int in_dtype, uintptr_t coeffs,
+                             int64_t coeff_stride_n, int64_t coeff_stride_block, int64_t numel,
+                             int64_t block_size, bool from_models, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const auto dptr = as_pointers<const void*>(deltas);
+  const auto p = make_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block,
+                              numel, block_size, from_models);
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::task_arithmetic_forward(p, reinterpret_cast<void*>(out), od, n_threads);
+  }
+  raise_if_error(st);
+}
+
+void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base,
+                              const std::vector<uintptr_t>& deltas, int in_dtype, uintptr_t coeffs,
+                              int64_t coeff_stride_n, int64_t coeff_stride_block, int64_t numel,
+                              int64_t block_size, bool from_models, uintptr_t grad_base,
+                              const std::vector<uintptr_t>& grad_deltas, uintptr_t grad_coeffs,
+                              int n_threads) {
+  const DType gd = to_dtype(grad_dtype, "grad_dtype");
+  if (!grad_deltas.empty() && grad_deltas.size() != deltas.size())
+    throw py::value_error("grad_deltas: expected " + std::to_string(deltas.size()) +
+                          " pointers or none, got " + std::to_string(grad_deltas.size()));
+  const auto dptr = as_pointers<const void*>(deltas);
+  const auto gdptr = as_pointers<void*>(grad_deltas);
+  const auto p = make_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block,
+                              numel, block_size, from_models);
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::task_arithmetic_backward(
+        p, reinterpret_cast<const void*>(grad), gd, reinterpret_cast<void*>(grad_base),
+        gdptr.empty() ? nullptr : gdptr.data(), reinterpret_cast<float*>(grad_coeffs), n_threads);
+  }
+  raise_if_error(st);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "pyops CPU kernels (torch-free; see pyops/ops for the operators)";
+  m.def("active_isa", &pyops::active_isa, "Instruction set the CPU kernels dispatch to.");
+  m.def("set_isa", [](const std::string& name) { return pyops::set_isa(name.c_str()); },
+        py::arg("name"), "Force 'base', 'avx2' or 'auto'; returns False if unavailable.");
+  m.def("hardware_threads", &pyops::hardware_threads);
+  m.def("task_arithmetic_forward", &task_arithmetic_forward, py::arg("out"), py::arg("out_dtype"),
+        py::arg("base"), py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"),
+        py::arg("coeff_stride_n"), py::arg("coeff_stride_block"), py::arg("numel"),
+        py::arg("block_size"), py::arg("from_models"), py::arg("n_threads"));
+  m.def("task_arithmetic_backward", &task_arithmetic_backward, py::arg("grad"),
+        py::arg("grad_dtype"), py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
+        py::arg("coeffs"), py::arg("coeff_stride_n"), py::arg("coeff_stride_block"),
+        py::arg("numel"), py::arg("block_size"), py::arg("from_models"), py::arg("grad_base"),
+        py::arg("grad_deltas"), py::arg("grad_coeffs"), py::arg("n_threads"));
+}

@@ -1,0 +1,241 @@
+// CPU kernels for block-wise task arithmetic. This file is compiled once per ISA (see
+// CMakeLists.txt); PYOPS_ISA names the namespace the build goes into.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "common/thread_pool.h"
+#include "cpu/task_merge.h"
+
+#define PYOPS_NS_CAT(x) isa_##x
+#define PYOPS_NS(x) PYOPS_NS_CAT(x)
+
+namespace pyops {
+namespace PYOPS_NS(PYOPS_ISA) {
+namespace {
+
+// Elements held in the per-tile fp32 stack buffers: small enough for L1, long enough that the
+// per-tile coefficient bookkeeping is negligible.
+constexpr int64_t kTile = 512;
+// Elements per work item. Fixed (never derived from the thread count), so the partial sums of
+// the coefficient gradient, and therefore its bits, do not depend on how many threads ran.
+constexpr int64_t kChunk = int64_t(1) << 16;
+// Reductions run in kLanes independent fp32 accumulators so that the compiler can vectorise
+// them without -ffast-math; tile sums are then added in double.
+constexpr int kLanes = 16;
+
+// How the flattened tensor is cut into work items. Large blocks are split into several items
+// (partial sums combined afterwards, in order); small blocks are grouped so that each block lies
+// inside exactly one item.
+struct Plan {
+  int64_t numel, block_size, n_blocks;
+  bool large;
+  int64_t items_per_block;  // large blocks
+  int64_t blocks_per_item;  // small blocks
+  int64_t n_items;
+
+  Plan(int64_t numel_, int64_t bs) : numel(numel_), block_size(bs) {
+    n_blocks = numel == 0 ? 0 : (numel + bs - 1) / bs;
+    large = bs >= kChunk;
+    items_per_block = large ? (bs + kChunk - 1) / kChunk : 1;
+    blocks_per_item = large ? 1 : std::max<int64_t>(1, kChunk / bs);
+    n_items = large ? n_blocks * items_per_block : (n_blocks + blocks_per_item - 1) / blocks_per_item;
+  }
+
+  // Calls seg(block, lo, hi) for each block segment of item k.
+  template <class F>
+  void for_segments(int64_t k, F&& seg) const {
+    if (large) {
+      const int64_t b = k / items_per_block, c = k % items_per_block;
+      const int64_t lo = b * block_size + c * kChunk;
+      const int64_t hi = std::min({lo + kChunk, (b + 1) * block_size, numel});
+      if (lo < hi) seg(b, lo, hi);
+    } else {
+      const int64_t b1 = std::min(n_blocks, (k + 1) * blocks_per_item);
+      for (int64_t b = k * blocks_per_item; b < b1; ++b)
+        seg(b, b * block_size, std::min((b + 1) * block_size, numel));
+    }
+  }
+};
+
+template <typename T, typename O, bool FromModels>
+void forward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, O* out,
+                  std::vector<float>& coeff) {
+  const T* base = static_cast<const T*>(p.base);
+  plan.for_segments(k, [&](int64_t b, int64_t lo, int64_t hi) {
+    for (int64_t i = 0; i < p.n; ++i)
+      coeff[i] = p.coeffs[i * p.coeff_stride_n + b * p.coeff_stride_block];
+    alignas(64) float acc[kTile];
+    alignas(64) float bb[kTile];
+    for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+      const int64_t len = std::min(kTile, hi - t0);
+      for (int64_t j = 0; j < len; ++j) acc[j] = to_float(base[t0 + j]);
+      if (FromModels)
+        for (int64_t j = 0; j < len; ++j) bb[j] = acc[j];
+      for (int64_t i = 0; i < p.n; ++i) {
+        const float c = coeff[i];
+        const T* d = static_cast<const T*>(p.deltas[i]) + t0;
+        if (FromModels) {
+          for (int64_t j = 0; j < len; ++j) acc[j] += c * (to_float(d[j]) - bb[j]);
+        } else {
+          for (int64_t j = 0; j < len; ++j) acc[j] += c * to_float(d[j]);
+        }
+      }
+      O* o = out + t0;
+      for (int64_t j = 0; j < len; ++j) o[j] = from_float<O>(acc[j]);
+    }
+  });
+}
+
+// sum_j x[j] * y[j] in kLanes fp32 lanes (vectorisable, order fixed by the sizes alone).
+inline float dot_lanes(const float* x, const float* y, int64_t len) {
+  float lanes[kLanes] = {0};
+  int64_t j = 0;
+  for (; j + kLanes <= len; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += x[j + l] * y[j + l];
+  for (; j < len; ++j) lanes[0] += x[j] * y[j];
+  float s = 0.f;
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+template <typename T, typename G, bool FromModels>
+void backward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, const G* grad,
+                   T* grad_base, T* const* grad_deltas, float* grad_coeffs, double* partial,
+                   std::vector<float>& coeff, std::vector<double>& dots) {
+  const T* base = static_cast<const T*>(p.base);
+  plan.for_segments(k, [&](int64_t b, int64_t lo, int64_t hi) {
+    float coeff_sum = 0.f;
+    for (int64_t i = 0; i < p.n; ++i) {
+      coeff[i] = p.coeffs[i * p.coeff_stride_n + b * p.coeff_stride_block];
+      coeff_sum += coeff[i];
+      dots[i] = 0.0;
+    }
+    const float base_scale = FromModels ? 1.f - coeff_sum : 1.f;
+    alignas(64) float g[kTile];
+    alignas(64) float x[kTile];
+    alignas(64) float bb[kTile];
+    for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+      const int64_t len = std::min(kTile, hi - t0);
+      for (int64_t j = 0; j < len; ++j) g[j] = to_float(grad[t0 + j]);
+      if (FromModels && grad_coeffs)
+        for (int64_t j = 0; j < len; ++j) bb[j] = to_float(base[t0 + j]);
+      if (grad_base) {
+        T* gb = grad_base + t0;
+        for (int64_t j = 0; j < len; ++j) gb[j] = from_float<T>(base_scale * g[j]);
+      }
+      for (int64_t i = 0; i < p.n; ++i) {
+        const float c = coeff[i];
+        if (grad_deltas) {
+          T* gd = grad_deltas[i] + t0;
+          for (int64_t j = 0; j < len; ++j) gd[j] = from_float<T>(c * g[j]);
+        }
+        if (grad_coeffs) {
+          const T* d = static_cast<const T*>(p.deltas[i]) + t0;
+          if (FromModels) {
+            for (int64_t j = 0; j < len; ++j) x[j] = to_float(d[j]) - bb[j];
+          } else {
+            for (int64_t j = 0; j < len; ++j) x[j] = to_float(d[j]);
+          }
+          dots[i] += (double)dot_lanes(g, x, len);
+        }
+      }
+    }
+    if (grad_coeffs) {
+      if (plan.large) {
+        for (int64_t i = 0; i < p.n; ++i) partial[k * p.n + i] = dots[i];
+      } else {
+        for (int64_t i = 0; i < p.n; ++i) grad_coeffs[i * plan.n_blocks + b] = (float)dots[i];
+      }
+    }
+  });
+}
+
+Status check(const TaskArithmeticProblem& p) {
+  if (p.numel < 0) return Status::invalid("numel must be >= 0, got " + std::to_string(p.numel));
+  if (p.block_size <= 0)
+    return Status::invalid("block_size must be > 0, got " + std::to_string(p.block_size));
+  if (p.n < 0) return Status::invalid("number of deltas must be >= 0");
+  if (p.numel > 0 && (p.base == nullptr || (p.n > 0 && (p.deltas == nullptr || p.coeffs == nullptr))))
+    return Status::invalid("null data pointer");
+  for (int64_t i = 0; p.numel > 0 && i < p.n; ++i)
+    if (p.deltas[i] == nullptr) return Status::invalid("delta " + std::to_string(i) + " is a null pointer");
+  return Status::ok();
+}
+
+}  // namespace
+
+Status task_arithmetic_forward(const TaskArithmeticProblem& p, void* out, DType out_dtype,
+                               int n_threads) {
+  Status st = check(p);
+  if (!st.is_ok()) return st;
+  if (p.numel == 0) return Status::ok();
+  if (out == nullptr) return Status::invalid("out is a null pointer");
+  const Plan plan(p.numel, p.block_size);
+  return dispatch_dtype(p.in_dtype, [&](auto in_tag) {
+    using T = decltype(in_tag);
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
+      using O = decltype(out_tag);
+      O* o = static_cast<O*>(out);
+      parallel_for(plan.n_items, n_threads, [&](int64_t k) {
+        thread_local std::vector<float> coeff;
+        coeff.resize(std::max<int64_t>(p.n, 1));
+        if (p.from_models)
+          forward_item<T, O, true>(p, plan, k, o, coeff);
+        else
+          forward_item<T, O, false>(p, plan, k, o, coeff);
+      });
+      return Status::ok();
+    });
+  });
+}
+
+Status task_arithmetic_backward(const TaskArithmeticProblem& p, const void* grad, DType grad_dtype,
+                                void* grad_base, void* const* grad_deltas, float* grad_coeffs,
+                                int n_threads) {
+  Status st = check(p);
+  if (!st.is_ok()) return st;
+  const Plan plan(p.numel, p.block_size);
+  if (p.numel == 0) {
+    return Status::ok();
+  }
+  if (grad == nullptr) return Status::invalid("grad is a null pointer");
+  std::vector<double> partial;
+  if (grad_coeffs && plan.large) partial.assign((size_t)(plan.n_items * p.n), 0.0);
+  st = dispatch_dtype(p.in_dtype, [&](auto in_tag) {
+    using T = decltype(in_tag);
+    return dispatch_dtype(grad_dtype, [&](auto grad_tag) {
+      using G = decltype(grad_tag);
+      const G* g = static_cast<const G*>(grad);
+      T* const* gd = reinterpret_cast<T* const*>(grad_deltas);
+      parallel_for(plan.n_items, n_threads, [&](int64_t k) {
+        thread_local std::vector<float> coeff;
+        thread_local std::vector<double> dots;
+        coeff.resize(std::max<int64_t>(p.n, 1));
+        dots.resize(std::max<int64_t>(p.n, 1));
+        if (p.from_models)
+          backward_item<T, G, true>(p, plan, k, g, static_cast<T*>(grad_base), gd, grad_coeffs,
+                                    partial.data(), coeff, dots);
+        else
+          backward_item<T, G, false>(p, plan, k, g, static_cast<T*>(grad_base), gd, grad_coeffs,
+                                     partial.data(), coeff, dots);
+      });
+      return Status::ok();
+    });
+  });
+  if (!st.is_ok()) return st;
+  if (grad_coeffs && plan.large) {
+    for (int64_t b = 0; b < plan.n_blocks; ++b)
+      for (int64_t i = 0; i < p.n; ++i) {
+        double s = 0.0;
+        for (int64_t c = 0; c < plan.items_per_block; ++c)
+          s += partial[(b * plan.items_per_block + c) * p.n + i];
+        grad_coeffs[i * plan.n_blocks + b] = (float)s;
+      }
+  }
+  return Status::ok();
+}
+
+}  // namespace PYOPS_NS(PYOPS_ISA)
+}  // namespace pyops

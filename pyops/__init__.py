@@ -1,0 +1,28 @@
+"""pyops: fused, verified kernels for multi-task and modular PyTorch models.
+
+Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``):
+
+* `task_arithmetic`, `task_arithmetic_from_models` — fused block-wise task-vector merging.
+
+`pyops.info()` reports which backends load and why the others do not.
+"""
+from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
+from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "info",
+    "last_choice",
+    "task_arithmetic",
+    "task_arithmetic_from_models",
+]
+
+
+def info() -> dict:
+    """Versions, devices and backend availability (what `python -m pyops info` prints)."""
+    from pyops._info import collect
+
+    return collect()

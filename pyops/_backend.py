@@ -1,0 +1,105 @@
+"""Backend registry and selection (DESIGN rule 4).
+
+Every op offers some of the backends below. For a given call, each backend's `can_run` returns
+None (it can run) or the reason it cannot. `select` then picks one:
+
+* ``backend="auto"`` (default): ``PYOPS_BACKEND`` from the environment is tried first when set;
+  then the op's preference order for the tensors' device (on CPU: ``cpu`` then ``reference``;
+  on CUDA: the op's GPU order, then ``reference``). The reference runs anywhere, so ``auto``
+  never fails for want of a backend.
+* an explicit backend name: that backend or a ``BackendUnavailableError`` carrying the reason.
+  Explicit requests never fall back silently, so a benchmark or a test knows what it ran.
+
+The decision and the reasons the faster backends were passed over are logged on the ``pyops``
+logger at DEBUG level and kept in `last_choice(op)`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Sequence
+
+import torch
+
+BACKENDS = ("reference", "cpu", "triton", "cuda")
+ENV_VAR = "PYOPS_BACKEND"
+
+log = logging.getLogger("pyops")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run this call; the message says why."""
+
+
+@dataclass(frozen=True)
+class Choice:
+    op: str
+    backend: str
+    passed_over: Mapping[str, str] = field(default_factory=dict)
+
+    def explain(self) -> str:
+        skipped = "; ".join(f"{b}: {r}" for b, r in self.passed_over.items())
+        return f"{self.op}: ran '{self.backend}'" + (f" (passed over: {skipped})" if skipped else "")
+
+
+_last: dict[str, Choice] = {}
+
+
+def last_choice(op: str) -> Optional[Choice]:
+    """The backend the most recent eager call of `op` ran on, with the reasons for the others."""
+    return _last.get(op)
+
+
+def check_backend_name(backend: str) -> None:
+    if not isinstance(backend, str) or (backend != "auto" and backend not in BACKENDS):
+        raise ValueError(f"backend: expected 'auto' or one of {BACKENDS}, got {backend!r}")
+
+
+def default_order(device: torch.device, gpu_order: Sequence[str]) -> tuple[str, ...]:
+    if device.type == "cuda":
+        return tuple(gpu_order) + ("reference",)
+    return ("cpu", "reference")
+
+
+def select(
+    op: str,
+    backend: str,
+    can_run: Mapping[str, Callable[[], Optional[str]]],
+    order: Sequence[str],
+) -> str:
+    """Pick the backend for one call. `can_run[name]()` returns None or a reason."""
+    check_backend_name(backend)
+    if backend != "auto":
+        if backend not in can_run:
+            raise BackendUnavailableError(f"{op}: backend '{backend}' is not implemented for this op "
+                                          f"(available: {sorted(can_run)})")
+        reason = can_run[backend]()
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend '{backend}' cannot run this call: {reason}")
+        return _record(op, backend, {})
+
+    preferred = os.environ.get(ENV_VAR, "auto") or "auto"
+    candidates = list(order)
+    if preferred != "auto":
+        check_backend_name(preferred)
+        candidates = [preferred] + [b for b in candidates if b != preferred]
+    passed: dict[str, str] = {}
+    for name in candidates:
+        if name not in can_run:
+            passed[name] = "not implemented for this op"
+            continue
+        reason = can_run[name]()
+        if reason is None:
+            return _record(op, name, passed)
+        passed[name] = reason
+    raise BackendUnavailableError(f"{op}: no backend can run this call: {passed}")
+
+
+def _record(op: str, name: str, passed: dict[str, str]) -> str:
+    if not torch.compiler.is_compiling():
+        choice = Choice(op, name, dict(passed))
+        _last[op] = choice
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(choice.explain())
+    return name

@@ -1,0 +1,1 @@
+"""One module per op family: validation, torch.library registration, fake kernels, autograd."""
