@@ -345,7 +345,7 @@ def _make_backward(backward_op):
         need_base, need_deltas, need_coeffs = ctx.need
         gb, gd, gc = backward_op(grad, base, deltas, coeffs, ctx.block_size, ctx.from_models,
                                  need_base, need_deltas, need_coeffs)
-        return (gb if need_base else None, list(gd) if need_deltas else None,
+        return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
                 gc if need_coeffs else None, None, None, None)
     return backward
 
