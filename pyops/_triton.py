@@ -31,3 +31,19 @@ def triton_reason(device: torch.device) -> Optional[str]:
     if device.type == "cpu" and interpreting():
         return None
     return f"Triton kernels run on CUDA tensors, got {device.type} (TRITON_INTERPRET=1 interprets them on CPU)"
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_module_reason(family: str) -> Optional[str]:
+    """None if `pyops.kernels.<family>` imports, else the reason (checked once per process)."""
+    if _import_reason() is not None:
+        return _import_reason()
+    try:
+        __import__(f"pyops.kernels.{family}")
+    except Exception as exc:
+        return f"pyops.kernels.{family} failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def triton_family_reason(device: torch.device, family: str) -> Optional[str]:
+    return triton_reason(device) or kernel_module_reason(family)

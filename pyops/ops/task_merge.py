@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from pyops import _backend, _native
-from pyops._triton import triton_reason
+from pyops._triton import triton_family_reason
 from pyops.ops import _validate as V
 from pyops.reference import task_merge as ref
 
@@ -151,7 +151,7 @@ def _can_run(p: Prepared, out_dtype: torch.dtype) -> dict:
         return dtype_reason
 
     def triton() -> Optional[str]:
-        return triton_reason(dev) or dtype_reason
+        return triton_family_reason(dev, "task_merge") or dtype_reason
 
     return {"reference": lambda: None, "cpu": cpu, "cuda": cuda, "triton": triton}
 

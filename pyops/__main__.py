@@ -1,0 +1,61 @@
+"""`python -m pyops info | verify | bench` (and, as the families land, `merge`)."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m pyops", description="pyops: fused, verified kernels")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, devices, and which backends load and why not")
+    v = sub.add_parser("verify", help="every op x every available backend vs the reference")
+    v.add_argument("--op", default=None, help="only this op")
+    v.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    v.add_argument("--verbose", action="store_true", help="also list skipped cases")
+    b = sub.add_parser("bench", help="microbenchmarks with peers side by side")
+    b.add_argument("--op", default=None, help="only this family / op")
+    b.add_argument("--quick", action="store_true", help="small sizes, few repeats")
+    b.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
+    b.add_argument("--results-dir", default=None, help="where JSON and PNG go (default: bench/results)")
+    return p
+
+
+def _default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "verify" and args.device != "cuda":
+        # On a CPU-only run the Triton kernels are verified through Triton's interpreter; the
+        # variable must be set before Triton is first imported.
+        try:
+            import torch
+            if not torch.cuda.is_available():
+                os.environ.setdefault("TRITON_INTERPRET", "1")
+        except Exception:
+            pass
+    if args.command == "info":
+        from pyops._info import collect, render
+        print(render(collect()))
+        return 0
+    if args.command == "verify":
+        from pyops import verify
+        return verify.run(args.op, args.device or _default_device(), verbose=args.verbose)
+    if args.command == "bench":
+        try:
+            from pyops import bench
+        except ImportError as exc:
+            print(f"bench: the benchmark package is not installed ({exc})", file=sys.stderr)
+            return 2
+        return bench.run(args.op, quick=args.quick, device=args.device or _default_device(),
+                         results_dir=args.results_dir)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
