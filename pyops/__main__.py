@@ -30,15 +30,12 @@ def _default_device() -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "verify" and args.device != "cuda":
-        # On a CPU-only run the Triton kernels are verified through Triton's interpreter; the
-        # variable must be set before Triton is first imported.
-        try:
-            import torch
-            if not torch.cuda.is_available():
-                os.environ.setdefault("TRITON_INTERPRET", "1")
-        except Exception:
-            pass
+    if args.command == "verify" and (args.device or _default_device()) == "cpu" and "TRITON_INTERPRET" not in os.environ:
+        # On a CPU-only run the Triton kernels are verified through Triton's interpreter. The
+        # variable must be set before Triton is first imported, and importing pyops imports it,
+        # so re-run this command with it set.
+        os.environ["TRITON_INTERPRET"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "pyops", *(sys.argv[1:] if argv is None else argv)])
     if args.command == "info":
         from pyops._info import collect, render
         print(render(collect()))

@@ -1,20 +1,39 @@
-"""Whether the Triton backend can run, and why not."""
+"""Whether the Triton backend can run, and why not.
+
+The import checks are marked `assume_constant_result`: under torch.compile they are evaluated
+once at trace time and baked into the graph (Dynamo cannot trace an import), so choosing a
+backend never breaks a graph.
+"""
 from __future__ import annotations
 
-import functools
+import importlib
 import os
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
+_cache: Dict[str, Optional[str]] = {}
 
-@functools.lru_cache(maxsize=None)
+
+def _try_import(module: str, what: str) -> Optional[str]:
+    if module not in _cache:
+        try:
+            importlib.import_module(module)
+            _cache[module] = None
+        except Exception as exc:
+            _cache[module] = f"{what} ({type(exc).__name__}: {exc})"
+    return _cache[module]
+
+
+@torch.compiler.assume_constant_result
 def _import_reason() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-    except Exception as exc:
-        return f"triton is not installed ({type(exc).__name__}: {exc})"
-    return None
+    return _try_import("triton", "triton is not installed")
+
+
+@torch.compiler.assume_constant_result
+def kernel_module_reason(family: str) -> Optional[str]:
+    """None if `pyops.kernels.<family>` imports, else the reason (checked once per process)."""
+    return _import_reason() or _try_import(f"pyops.kernels.{family}", f"pyops.kernels.{family} failed to import")
 
 
 def interpreting() -> bool:
@@ -31,18 +50,6 @@ def triton_reason(device: torch.device) -> Optional[str]:
     if device.type == "cpu" and interpreting():
         return None
     return f"Triton kernels run on CUDA tensors, got {device.type} (TRITON_INTERPRET=1 interprets them on CPU)"
-
-
-@functools.lru_cache(maxsize=None)
-def kernel_module_reason(family: str) -> Optional[str]:
-    """None if `pyops.kernels.<family>` imports, else the reason (checked once per process)."""
-    if _import_reason() is not None:
-        return _import_reason()
-    try:
-        __import__(f"pyops.kernels.{family}")
-    except Exception as exc:
-        return f"pyops.kernels.{family} failed to import ({type(exc).__name__}: {exc})"
-    return None
 
 
 def triton_family_reason(device: torch.device, family: str) -> Optional[str]:

@@ -5,6 +5,7 @@
 #include <string>
 #include <vector>
 
+#include "common/convert.h"
 #include "common/thread_pool.h"
 #include "cpu/task_merge.h"
 
@@ -68,22 +69,23 @@ void forward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, O
       coeff[i] = p.coeffs[i * p.coeff_stride_n + b * p.coeff_stride_block];
     alignas(64) float acc[kTile];
     alignas(64) float bb[kTile];
+    alignas(64) float buf[kTile];
     for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
       const int64_t len = std::min(kTile, hi - t0);
-      for (int64_t j = 0; j < len; ++j) acc[j] = to_float(base[t0 + j]);
+      const float* b0 = as_float_tile(base + t0, buf, len);
+      for (int64_t j = 0; j < len; ++j) acc[j] = b0[j];
       if (FromModels)
         for (int64_t j = 0; j < len; ++j) bb[j] = acc[j];
       for (int64_t i = 0; i < p.n; ++i) {
         const float c = coeff[i];
-        const T* d = static_cast<const T*>(p.deltas[i]) + t0;
+        const float* x = as_float_tile(static_cast<const T*>(p.deltas[i]) + t0, buf, len);
         if (FromModels) {
-          for (int64_t j = 0; j < len; ++j) acc[j] += c * (to_float(d[j]) - bb[j]);
+          for (int64_t j = 0; j < len; ++j) acc[j] += c * (x[j] - bb[j]);
         } else {
-          for (int64_t j = 0; j < len; ++j) acc[j] += c * to_float(d[j]);
+          for (int64_t j = 0; j < len; ++j) acc[j] += c * x[j];
         }
       }
-      O* o = out + t0;
-      for (int64_t j = 0; j < len; ++j) o[j] = from_float<O>(acc[j]);
+      store_tile(acc, out + t0, len);
     }
   });
 }
@@ -113,30 +115,32 @@ void backward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, 
       dots[i] = 0.0;
     }
     const float base_scale = FromModels ? 1.f - coeff_sum : 1.f;
-    alignas(64) float g[kTile];
-    alignas(64) float x[kTile];
+    alignas(64) float gbuf[kTile];
+    alignas(64) float xbuf[kTile];
     alignas(64) float bb[kTile];
+    alignas(64) float tmp[kTile];
     for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
       const int64_t len = std::min(kTile, hi - t0);
-      for (int64_t j = 0; j < len; ++j) g[j] = to_float(grad[t0 + j]);
-      if (FromModels && grad_coeffs)
-        for (int64_t j = 0; j < len; ++j) bb[j] = to_float(base[t0 + j]);
+      const float* g = as_float_tile(grad + t0, gbuf, len);
+      if (FromModels && grad_coeffs) {
+        const float* b0 = as_float_tile(base + t0, xbuf, len);
+        for (int64_t j = 0; j < len; ++j) bb[j] = b0[j];
+      }
       if (grad_base) {
-        T* gb = grad_base + t0;
-        for (int64_t j = 0; j < len; ++j) gb[j] = from_float<T>(base_scale * g[j]);
+        for (int64_t j = 0; j < len; ++j) tmp[j] = base_scale * g[j];
+        store_tile(tmp, grad_base + t0, len);
       }
       for (int64_t i = 0; i < p.n; ++i) {
         const float c = coeff[i];
         if (grad_deltas) {
-          T* gd = grad_deltas[i] + t0;
-          for (int64_t j = 0; j < len; ++j) gd[j] = from_float<T>(c * g[j]);
+          for (int64_t j = 0; j < len; ++j) tmp[j] = c * g[j];
+          store_tile(tmp, grad_deltas[i] + t0, len);
         }
         if (grad_coeffs) {
-          const T* d = static_cast<const T*>(p.deltas[i]) + t0;
+          const float* x = as_float_tile(static_cast<const T*>(p.deltas[i]) + t0, xbuf, len);
           if (FromModels) {
-            for (int64_t j = 0; j < len; ++j) x[j] = to_float(d[j]) - bb[j];
-          } else {
-            for (int64_t j = 0; j < len; ++j) x[j] = to_float(d[j]);
+            for (int64_t j = 0; j < len; ++j) tmp[j] = x[j] - bb[j];
+            x = tmp;
           }
           dots[i] += (double)dot_lanes(g, x, len);
         }
