@@ -81,8 +81,9 @@ def select(
 
     preferred = os.environ.get(ENV_VAR, "auto") or "auto"
     candidates = list(order)
+    if preferred != "auto" and preferred not in BACKENDS:
+        raise ValueError(f"{ENV_VAR}: expected 'auto' or one of {BACKENDS}, got {preferred!r}")
     if preferred != "auto":
-        check_backend_name(preferred)
         candidates = [preferred] + [b for b in candidates if b != preferred]
     passed: dict[str, str] = {}
     for name in candidates:

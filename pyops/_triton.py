@@ -40,6 +40,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@torch.compiler.assume_constant_result
+def _interpreter_ready() -> bool:
+    """Triton decides at import whether its @jit functions (tl.sum, ...) are interpreted, so
+    setting TRITON_INTERPRET=1 after `import pyops` (which imports Triton) is too late."""
+    import triton.language as tl
+
+    return type(tl.sum).__name__ == "InterpretedFunction"
+
+
 def triton_reason(device: torch.device) -> Optional[str]:
     """None if Triton kernels can run on `device`, else the reason."""
     reason = _import_reason()
@@ -48,6 +57,9 @@ def triton_reason(device: torch.device) -> Optional[str]:
     if device.type == "cuda":
         return None
     if device.type == "cpu" and interpreting():
+        if not _interpreter_ready():
+            return ("TRITON_INTERPRET=1 was set after Triton was imported (importing pyops imports it); "
+                    "set it before importing pyops")
         return None
     return f"Triton kernels run on CUDA tensors, got {device.type} (TRITON_INTERPRET=1 interprets them on CPU)"
 

@@ -366,7 +366,14 @@ _FUNCTIONAL = {"cpu": _native_op, "cuda": _native_op, "triton": _triton_op}
 _OUT = {"cpu": _native_out_op, "cuda": _native_out_op, "triton": _triton_out_op}
 
 
-def _run(p: Prepared, from_models: bool, out: Optional[Tensor], out_dtype_arg, backend: str) -> Tensor:
+def _output_dtype(out: object, out_dtype: object) -> object:
+    """The dtype to produce: out_dtype, else out's dtype (checked under the name `out`)."""
+    if out is None or out_dtype is not None:
+        return out_dtype
+    return V.check_float_dtype(V.check_tensor(out, "out").dtype, "out.dtype")
+
+
+def _run(p: Prepared, from_models: bool, out: Optional[Tensor], backend: str) -> Tensor:
     name = choose_backend(p, backend)
     if out is None:
         if name == "reference":
@@ -420,10 +427,10 @@ def task_arithmetic(
         respect to `base`, every delta and `coeffs` (the gradient of ``coeffs[i, b]`` is the sum
         over block b of ``grad · deltas[i]``).
     """
-    p = prepare(base, deltas, coeffs, blocks, out_dtype if out is None else (out_dtype or getattr(out, "dtype", None)))
+    p = prepare(base, deltas, coeffs, blocks, _output_dtype(out, out_dtype))
     if out is not None:
         out = check_out(out, p, out_dtype)
-    return _run(p, False, out, out_dtype, backend)
+    return _run(p, False, out, backend)
 
 
 def task_arithmetic_from_models(
@@ -443,8 +450,7 @@ def task_arithmetic_from_models(
     of `deltas`. Gradients: ``base`` gets ``grad · (1 − Σᵢ coeffs[i, block])``, ``finetuned[i]``
     gets ``coeffs[i, block] · grad``, ``coeffs[i, b]`` gets ``Σ_block grad · (finetuned[i] − base)``.
     """
-    p = prepare(base, finetuned, coeffs, blocks, out_dtype if out is None else (out_dtype or getattr(out, "dtype", None)),
-                deltas_name="finetuned")
+    p = prepare(base, finetuned, coeffs, blocks, _output_dtype(out, out_dtype), deltas_name="finetuned")
     if out is not None:
         out = check_out(out, p, out_dtype)
-    return _run(p, True, out, out_dtype, backend)
+    return _run(p, True, out, backend)

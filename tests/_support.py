@@ -1,0 +1,190 @@
+"""Helpers shared by the test suite (imported by conftest.py and the test modules).
+
+Backend availability is asked of the package itself (the `can_run` checks in
+`pyops.ops.task_merge`), so a test skips with exactly the reason the library would give.
+Numerical comparisons use the one tolerance table in `pyops.testing` (DESIGN rule 5): tests never
+carry their own looser numbers.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Iterable, List, Optional, Sequence, Union
+
+import pytest
+import torch
+
+import pyops
+from pyops import _backend
+from pyops.testing import REDUCTION_TOL, Tol, compare, tolerance_for
+
+BACKENDS = _backend.BACKENDS
+CUDA = torch.cuda.is_available()
+
+# ------------------------------------------------------------------------------------------------
+# Backends
+# ------------------------------------------------------------------------------------------------
+
+
+def device_for(backend: str) -> torch.device:
+    """The device a backend's tests run on: CUDA for the GPU backends when there is a GPU, else CPU
+    (Triton then runs under TRITON_INTERPRET=1). The reference always runs on the CPU here; it is
+    the oracle and is tested on the device of every other backend through the comparisons."""
+    if backend in ("cuda",) or (backend == "triton" and CUDA):
+        return torch.device("cuda") if CUDA else torch.device("cpu")
+    return torch.device("cpu")
+
+
+def _triton_kernels_reason() -> Optional[str]:
+    try:
+        importlib.import_module("pyops.kernels.task_merge")
+    except Exception as exc:  # the Triton kernels are optional and may not be written/shipped yet
+        return f"pyops.kernels.task_merge cannot be imported ({type(exc).__name__}: {exc})"
+    return None
+
+
+def backend_reason(backend: str, device: Union[str, torch.device, None] = None) -> Optional[str]:
+    """None if `backend` can run task_arithmetic on `device` (fp32), else the library's reason."""
+    from pyops.ops import task_merge as tm
+
+    dev = torch.device(device) if device is not None else device_for(backend)
+    if dev.type == "cuda" and not CUDA:
+        return "CUDA is not available"
+    base = torch.zeros(2, device=dev)
+    p = tm.prepare(base, [base], torch.ones(1, device=dev), None, None)
+    reason = tm._can_run(p, torch.float32)[backend]()
+    if reason is None and backend == "triton":
+        # can_run only checks that triton imports; the kernels themselves live in pyops.kernels.
+        reason = _triton_kernels_reason()
+    return reason
+
+
+def available_backends(device: Union[str, torch.device, None] = None) -> List[str]:
+    """The backends that can run here (on `device`, default: each backend's own device)."""
+    return [b for b in BACKENDS if backend_reason(b, device) is None]
+
+
+def require_backend(backend: str, device: Union[str, torch.device, None] = None) -> torch.device:
+    """Skip the calling test, with the backend's own reason, if `backend` cannot run here."""
+    dev = torch.device(device) if device is not None else device_for(backend)
+    reason = backend_reason(backend, dev)
+    if reason is not None:
+        pytest.skip(f"backend '{backend}' cannot run on {dev.type}: {reason}")
+    return dev
+
+
+def interpreted(backend: str) -> bool:
+    """True for the Triton backend under the (slow) CPU interpreter."""
+    return backend == "triton" and not CUDA
+
+
+# ------------------------------------------------------------------------------------------------
+# Layouts and inputs
+# ------------------------------------------------------------------------------------------------
+
+BIG_BLOCK = 4096  # an int block size larger than any numel used in the matrix
+
+
+def block_size_for(blocks, shape: Sequence[int]) -> int:
+    """Block size of the flattened tensor, written out independently of the package's parser."""
+    numel = math.prod(shape)
+    if blocks is None:
+        return max(numel, 1)
+    if blocks == "rows":
+        return max(numel // shape[0], 1) if shape[0] > 0 else 1
+    return int(blocks)
+
+
+def n_blocks_for(blocks, shape: Sequence[int]) -> int:
+    numel = math.prod(shape)
+    if blocks is None:
+        return 1
+    if blocks == "rows":
+        return int(shape[0])
+    return -(-numel // int(blocks))
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def fmt_dtype(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
+
+
+def fmt_blocks(blocks) -> str:
+    return "whole" if blocks is None else ("rows" if blocks == "rows" else f"b{blocks}")
+
+
+def randn(shape, dtype, gen: torch.Generator, device=None, scale: float = 1.0) -> torch.Tensor:
+    """Random normal values drawn in fp32 on the CPU (same values for every dtype/device)."""
+    t = torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * scale
+    return t.to(dtype=dtype, device=device)
+
+
+def make_inputs(shape, n: int, dtype, blocks, coeff_kind: str, gen: torch.Generator, device=None):
+    """base [*shape], stacked deltas [n, *shape], coeffs fp32 [n] ('vec') or [n, n_blocks] ('block')."""
+    base = randn(shape, dtype, gen, device)
+    deltas = randn((n, *shape), dtype, gen, device)
+    cshape = (n,) if coeff_kind == "vec" else (n, n_blocks_for(blocks, shape))
+    coeffs = randn(cshape, torch.float32, gen, device, scale=0.5)
+    return base, deltas, coeffs
+
+
+def reference(base, deltas, coeffs, blocks, from_models: bool, out_dtype=None) -> torch.Tensor:
+    """The definition (pyops.reference) on CPU copies of the inputs."""
+    from pyops.reference.task_merge import task_arithmetic as ref
+
+    items = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
+    return ref(base.cpu(), [d.cpu() for d in items], coeffs.cpu(), block_size=block_size_for(blocks, base.shape),
+               from_models=from_models, out_dtype=out_dtype)
+
+
+def public_fn(from_models: bool):
+    return pyops.task_arithmetic_from_models if from_models else pyops.task_arithmetic
+
+
+# ------------------------------------------------------------------------------------------------
+# Comparisons
+# ------------------------------------------------------------------------------------------------
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, tol: Tol, what: str = "output",
+                 check_dtype: bool = True) -> None:
+    """`actual` within the project tolerance `tol` of `expected` (shape and dtype must agree)."""
+    assert isinstance(actual, torch.Tensor), f"{what}: expected a tensor, got {type(actual).__name__}"
+    assert tuple(actual.shape) == tuple(expected.shape), \
+        f"{what}: shape {list(actual.shape)} != expected {list(expected.shape)}"
+    if check_dtype:
+        assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != expected {expected.dtype}"
+    cmp = compare(actual, expected, tol)
+    assert cmp.ok, f"{what}: {cmp} (tolerance atol={tol.atol}, rtol={tol.rtol})"
+
+
+def assert_close_dtype(actual: torch.Tensor, expected: torch.Tensor, what: str = "output") -> None:
+    assert_close(actual, expected, tolerance_for(expected.dtype), what)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+    return t.detach().cpu().view(ints[t.element_size()])
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str = "tensor") -> None:
+    assert actual.dtype == expected.dtype, f"{what}: dtype {actual.dtype} != {expected.dtype}"
+    assert tuple(actual.shape) == tuple(expected.shape), f"{what}: shape {list(actual.shape)} != {list(expected.shape)}"
+    diff = (_bits(actual) != _bits(expected))
+    assert not bool(diff.any()), f"{what}: {int(diff.sum())} of {diff.numel()} elements differ bitwise"
+
+
+def snapshot(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """Bit-exact copies (same strides) of `tensors`, to prove later that they were not modified."""
+    return [t.detach().clone() for t in tensors]
+
+
+__all__ = [
+    "BACKENDS", "BIG_BLOCK", "CUDA", "REDUCTION_TOL", "assert_bitwise_equal", "assert_close", "assert_close_dtype",
+    "available_backends", "backend_reason", "block_size_for", "device_for", "fmt_blocks", "fmt_dtype", "fmt_shape",
+    "interpreted", "make_inputs", "n_blocks_for", "public_fn", "randn", "reference", "require_backend", "snapshot",
+    "tolerance_for",
+]

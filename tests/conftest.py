@@ -1,0 +1,42 @@
+"""Suite-wide setup.
+
+Without CUDA, Triton kernels run under its CPU interpreter (DESIGN rule 8). `triton.jit` reads
+TRITON_INTERPRET when a kernel is decorated, so it is set here, before anything imports triton
+or pyops. The helpers themselves live in tests/_support.py (importable from every test folder).
+"""
+import os
+import sys
+import zlib
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+
+from _support import available_backends  # noqa: E402
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long-running checks (native builds); deselect with -m 'not slow'")
+
+
+@pytest.fixture
+def rng(request) -> torch.Generator:
+    """A CPU generator seeded from the test's id: reproducible, different for every test."""
+    return torch.Generator().manual_seed(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(name="available_backends")
+def available_backends_fixture():
+    """`available_backends(device=None)` as a fixture."""
+    return available_backends
+
+
+@pytest.fixture(autouse=True)
+def _no_backend_env(monkeypatch):
+    """Tests choose their backend explicitly; a PYOPS_BACKEND in the caller's shell must not leak in."""
+    monkeypatch.delenv("PYOPS_BACKEND", raising=False)
