@@ -3,10 +3,12 @@
 Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``):
 
 * `task_arithmetic`, `task_arithmetic_from_models` — fused block-wise task-vector merging.
+* `merge`, `merge_from_models` — TIES, DARE, breadcrumbs, DELLA, model_stock, consensus merging.
 
 `pyops.info()` reports which backends load and why the others do not.
 """
 from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
+from pyops.ops.merge import merge, merge_from_models
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
 
 __version__ = "0.1.0"
@@ -16,6 +18,8 @@ __all__ = [
     "BackendUnavailableError",
     "info",
     "last_choice",
+    "merge",
+    "merge_from_models",
     "task_arithmetic",
     "task_arithmetic_from_models",
 ]

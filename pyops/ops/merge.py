@@ -1,0 +1,203 @@
+"""Model merging over task vectors: `pyops.merge` / `pyops.merge_from_models`.
+
+The definitions of every method are in `pyops/reference/merge.py`. Backends:
+* ``reference`` — every method, forward and gradients (masks held fixed).
+* ``cpu`` — the fused C++ kernels (`csrc/cpu/merge_kernels.cpp`): one pass per block after an
+  exact per-block magnitude selection (TIES), Philox masks generated in the pass (DARE), for
+  task_arithmetic, ties, dare / dare_linear, dare_ties, consensus and model_stock (a Gram
+  pass, then task arithmetic). Forward only except task_arithmetic; a call that needs
+  gradients for another method is passed to the reference, with that reason.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from pyops import _backend, _native
+from pyops.ops import _validate as V
+from pyops.ops import task_merge as TM
+from pyops.reference import merge as ref
+
+OP = "merge"
+METHODS = ref.METHODS
+ALIASES = {"dare_linear": "dare"}
+# Method codes of the C++ kernel (csrc/cpu/merge_kernels.h).
+NATIVE_METHODS = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "consensus": 7}
+
+
+def _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n):
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if isinstance(density, (int, float)) and not isinstance(density, bool):
+        dens = [float(density)] * n
+    elif isinstance(density, torch.Tensor):
+        if density.dim() == 0:
+            dens = [float(density)] * n
+        elif density.shape == (n,):
+            dens = [float(x) for x in density.tolist()]
+        else:
+            raise ValueError(f"density: expected a float or shape [{n}] (one per task), got {V.fmt_shape(density.shape)}")
+    elif isinstance(density, (list, tuple)) and len(density) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in density):
+        dens = [float(x) for x in density]
+    else:
+        raise TypeError(f"density: expected a float or a sequence of {n} floats, got {density!r}")
+    for i, d in enumerate(dens):
+        if not (0.0 < d <= 1.0):
+            raise ValueError(f"density: expected values in (0, 1], got {d} (task {i})")
+    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
+        raise TypeError(f"lam: expected a float, got {type(lam).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**64):
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str (the tensor's name, part of the random key), got {type(name).__name__}")
+    if method == "breadcrumbs":
+        if not (0.0 <= gamma < 1.0):
+            raise ValueError(f"gamma: expected a value in [0, 1), got {gamma}")
+        for i, d in enumerate(dens):
+            if d + gamma > 1.0 + 1e-12:
+                raise ValueError(f"gamma: density + gamma must be <= 1 for breadcrumbs, got {d} + {gamma} (task {i})")
+    if method in ("della", "della_linear"):
+        for i, d in enumerate(dens):
+            if not (0.0 <= epsilon and d - epsilon > 0.0 and d + epsilon <= 1.0):
+                raise ValueError(f"epsilon: della needs 0 < density - epsilon and density + epsilon <= 1, "
+                                 f"got density={d}, epsilon={epsilon} (task {i})")
+    if method == "consensus":
+        if not isinstance(k, int) or isinstance(k, bool) or not (1 <= k <= n):
+            raise ValueError(f"k: expected an int in [1, {n}] (tasks that must agree), got {k!r}")
+        if tall_lambda < 0:
+            raise ValueError(f"tall_lambda: expected >= 0, got {tall_lambda}")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected None or a bool, got {normalize!r}")
+    return dens
+
+
+def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
+    dev = p.base.device
+    dtype_reason = _native.native_dtype_reason(p.base, torch.empty(0, dtype=p.out_dtype))
+
+    def cpu() -> Optional[str]:
+        if _native.cpu_module is None:
+            return _native.cpu_missing_reason
+        if not hasattr(_native.cpu_module, "merge_forward"):
+            return "pyops._C was built without the merge kernels"
+        if dev.type != "cpu":
+            return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
+        if method not in NATIVE_METHODS and method != "model_stock":
+            return f"the C++ kernels do not implement {method!r} (it needs a full per-block ranking)"
+        if needs_grad and method not in ("task_arithmetic", "model_stock"):
+            return f"gradients for {method!r} are computed by the reference backend"
+        return dtype_reason
+
+    return {"reference": lambda: None, "cpu": cpu}
+
+
+def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, lam, name, gamma, epsilon, k,
+           tall_lambda, normalize, out, out_dtype, backend) -> Tensor:
+    deltas_name = "finetuned" if from_models else "deltas"
+    n_guess = len(deltas) if isinstance(deltas, (list, tuple)) else (deltas.shape[0] if isinstance(deltas, Tensor) and deltas.dim() else 0)
+    if method == "model_stock" and (coeffs is not None or lam != 1.0):
+        raise ValueError("coeffs: model_stock computes its own interpolation weight; pass coeffs=None and lam=1.0")
+    if coeffs is None:
+        coeffs = [1.0] * max(n_guess, 0)
+    p = TM.prepare(base, deltas, coeffs, blocks, TM._output_dtype(out, out_dtype), deltas_name=deltas_name)
+    n = len(p.deltas)
+    dens = _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n)
+    if method == "model_stock" and n < 2:
+        raise ValueError(f"{deltas_name}: model_stock needs at least 2 fine-tuned models, got {n}")
+    if out is not None:
+        out = TM.check_out(out, p, out_dtype)
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (p.base, p.coeffs, *p.deltas))
+    if out is not None and needs_grad:
+        raise RuntimeError(f"{OP}(): out= does not support automatic differentiation (an input requires grad)")
+    if method == "task_arithmetic":
+        # The pilot op already is the fused kernel, with its own backends and backward; λ folds in.
+        fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
+        return fn(p.base, p.deltas, p.coeffs * lam, blocks=blocks, out=out, out_dtype=out_dtype, backend=backend)
+    chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad),
+                             _backend.default_order(p.base.device, ()))
+    if chosen == "reference":
+        result = ref.merge(p.base, p.deltas, p.coeffs, method=method, block_size=p.block_size,
+                           density=torch.tensor(dens, dtype=torch.float64), lam=lam, seed=seed, name=name,
+                           gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda, normalize=normalize,
+                           from_models=from_models, out_dtype=p.out_dtype if out is None else out.dtype)
+        if out is None:
+            return result
+        with torch.no_grad():
+            return out.copy_(result)
+    from pyops.ops import merge_native  # the C++ path, kept apart from the validation above
+    return merge_native.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
+                            tall_lambda=tall_lambda, normalize=normalize, out=out)
+
+
+def merge(
+    base: Tensor,
+    deltas: Union[Tensor, Sequence[Tensor]],
+    *,
+    method: str,
+    coeffs: Union[None, Tensor, Sequence[float]] = None,
+    blocks: TM.Blocks = None,
+    density: Union[float, Sequence[float], Tensor] = 1.0,
+    seed: int = 0,
+    lam: float = 1.0,
+    name: str = "",
+    gamma: float = 0.01,
+    epsilon: float = 0.1,
+    k: int = 2,
+    tall_lambda: float = 0.6,
+    normalize: Optional[bool] = None,
+    out: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Merge N task vectors into `base` with one of the methods of `pyops.reference.merge`.
+
+    Args:
+        base: `[*shape]` float32 / float16 / bfloat16 (float64 on the reference backend).
+        deltas: task vectors τᵢ, `[N, *shape]` or a list of N `[*shape]` tensors.
+        method: task_arithmetic | ties | dare | dare_linear | dare_ties | breadcrumbs | della |
+            della_linear | model_stock | consensus.
+        coeffs: weights wᵢ, `[N]` or `[N, n_blocks]` (default: all ones); not for model_stock.
+        blocks: None (whole tensor) | "rows" | int chunk size — the unit of TIES trimming,
+            breadcrumbs/DELLA ranking and of `[N, n_blocks]` coefficients.
+        density: ρ in (0, 1], one float or one per task (mergekit's per-model `density`).
+        seed, name: the Philox key of DARE/DELLA drops: the same (seed, name) gives the same
+            masks on every backend, thread count and shard layout.
+        lam: global scale λ. gamma: breadcrumbs' dropped top fraction. epsilon: DELLA's spread.
+        k, tall_lambda: consensus (TALL masks). normalize: TIES-style disjoint mean (default:
+            True for ties, dare_ties, della).
+        out, out_dtype, backend: as in `pyops.task_arithmetic`.
+
+    Gradients reach coeffs (and base, deltas) with every mask held fixed.
+    """
+    return _merge(base, deltas, False, method=method, coeffs=coeffs, blocks=blocks, density=density, seed=seed,
+                  lam=lam, name=name, gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda,
+                  normalize=normalize, out=out, out_dtype=out_dtype, backend=backend)
+
+
+def merge_from_models(
+    base: Tensor,
+    finetuned: Union[Tensor, Sequence[Tensor]],
+    *,
+    method: str,
+    coeffs: Union[None, Tensor, Sequence[float]] = None,
+    blocks: TM.Blocks = None,
+    density: Union[float, Sequence[float], Tensor] = 1.0,
+    seed: int = 0,
+    lam: float = 1.0,
+    name: str = "",
+    gamma: float = 0.01,
+    epsilon: float = 0.1,
+    k: int = 2,
+    tall_lambda: float = 0.6,
+    normalize: Optional[bool] = None,
+    out: Optional[Tensor] = None,
+    out_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+) -> Tensor:
+    """`merge` taking fine-tuned weights θᵢ; τᵢ = θᵢ − base is formed on the fly, never stored."""
+    return _merge(base, finetuned, True, method=method, coeffs=coeffs, blocks=blocks, density=density, seed=seed,
+                  lam=lam, name=name, gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda,
+                  normalize=normalize, out=out, out_dtype=out_dtype, backend=backend)
