@@ -7,6 +7,7 @@ Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" 
 
 `pyops.info()` reports which backends load and why the others do not.
 """
+from pyops import nn
 from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
 from pyops.ops.merge import merge, merge_from_models
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
@@ -20,6 +21,7 @@ __all__ = [
     "last_choice",
     "merge",
     "merge_from_models",
+    "nn",
     "task_arithmetic",
     "task_arithmetic_from_models",
 ]

@@ -1,0 +1,8 @@
+"""Drop-in modules built on the pyops ops.
+
+* `TaskVectorComposition` — learned task-vector merging (aTLAS, AdaMerging): learnable
+  block-wise coefficients λ over N task vectors, merged with `pyops.task_arithmetic`.
+"""
+from pyops.nn.task_vector_composition import TaskVectorComposition
+
+__all__ = ["TaskVectorComposition"]
