@@ -20,6 +20,8 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="small sizes, few repeats")
     b.add_argument("--device", default=None, choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
     b.add_argument("--results-dir", default=None, help="where JSON and PNG go (default: bench/results)")
+    from pyops.merging.cli import add_parser as add_merge_parser
+    add_merge_parser(sub)
     return p
 
 
@@ -51,6 +53,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
         return bench.run(args.op, quick=args.quick, device=args.device or _default_device(),
                          results_dir=args.results_dir)
+    if args.command == "merge":
+        from pyops.merging.cli import run as run_merge_command
+        return run_merge_command(args)
     return 2
 
 

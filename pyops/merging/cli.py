@@ -1,0 +1,65 @@
+"""`python -m pyops merge CONFIG.yaml --out DIR ...`: argument parsing and the exit status.
+
+Kept free of heavy imports so that building the `python -m pyops` parser stays cheap.
+Exit status: 0 merged; 2 bad input (configuration, checkpoints, output path), nothing written;
+130 interrupted (Ctrl-C) or 143 terminated (SIGTERM), nothing left behind.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda")
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    m = sub.add_parser("merge", help="merge whole safetensors checkpoints from a mergekit YAML (streaming)",
+                       description="Merge whole Hugging Face safetensors checkpoints as a mergekit YAML describes "
+                                   "(task_arithmetic, ties, dare_ties, dare_linear, breadcrumbs, della, della_linear, "
+                                   "model_stock, consensus, linear), one tensor at a time, into a new directory.")
+    m.add_argument("config", help="the merge configuration (mergekit YAML)")
+    m.add_argument("--out", required=True, help="output directory (must not exist unless --overwrite)")
+    m.add_argument("--overwrite", action="store_true",
+                   help="replace an existing output directory (only once the new model is complete)")
+    m.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N): where tensors are merged (default: cpu)")
+    m.add_argument("--shard-size", default="5GB", help="largest output shard, e.g. 5GB, 500MB, 2GiB (default: 5GB)")
+    m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
+                   help="copy the tokenizer files of the base model (or tokenizer_source) (default: yes)")
+    m.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="pyops backend (default: auto)")
+    m.add_argument("--threads", type=int, default=None, help="CPU threads for the merge (default: torch's)")
+    m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
+    return m
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pyops.merging.errors import MergeError
+    from pyops.merging.runner import run_merge
+
+    try:
+        previous = signal.signal(signal.SIGTERM, _terminate)  # clean up on `kill` as on Ctrl-C
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        report = run_merge(Path(args.config), args.out, overwrite=args.overwrite, device=args.device,
+                           shard_size=args.shard_size, backend=args.backend, progress=args.progress,
+                           copy_tokenizer=args.copy_tokenizer, threads=args.threads)
+    except MergeError as exc:
+        print(f"pyops merge: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pyops merge: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except SystemExit as exc:
+        print("pyops merge: terminated; nothing was written", file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    print(report.summary())
+    return 0

@@ -1,0 +1,504 @@
+"""mergekit's YAML, read and validated for `pyops merge` (see `pyops.merging` for the accepted subset).
+
+`load_config(path | text | dict)` returns a `MergeConfig`; every problem is a `ConfigError` whose
+message names the key (``models[1].parameters.density``) and, for YAML input, its line and
+column. `MergeConfig.tensor_kwargs(name)` resolves the per-tensor parameters (filters) of one
+tensor into the keyword arguments of `pyops.merge_from_models`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+
+from pyops.merging.errors import ConfigError
+from pyops.reference.merge import METHODS
+
+# --------------------------------------------------------------------------------------------
+# What is accepted
+# --------------------------------------------------------------------------------------------
+
+SUPPORTED = tuple(METHODS) + ("linear",)
+# mergekit methods pyops does not implement: named in the error so the user knows it is not a typo.
+MERGEKIT_ONLY = ("slerp", "nuslerp", "multislerp", "passthrough", "karcher", "arcee_fusion", "breadcrumbs_ties",
+                 "sce", "nearswap", "ram", "lrp")
+# mergekit's defaults (mergekit/merge_methods/registry.py): normalize / rescale per method.
+NORMALIZE_DEFAULT = {"ties": True, "della": True, "linear": True}
+RANDOM_METHODS = ("dare", "dare_linear", "dare_ties", "della", "della_linear")
+ELECTING = ("ties", "dare_ties", "della")
+
+TENSOR_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda")  # per model, per tensor (filters)
+GLOBAL_PARAMS = ("normalize", "rescale", "int8_mask", "k", "tall_lambda", "blocks", "filter_wise")
+DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "k": 2, "tall_lambda": 0.6,
+            "int8_mask": False, "filter_wise": False, "blocks": None}
+_GTA = {"weight", "lambda", "normalize"}
+USES = {
+    "task_arithmetic": _GTA,
+    "ties": _GTA | {"density", "blocks"},
+    "dare_ties": _GTA | {"density", "rescale"},
+    "dare_linear": _GTA | {"density", "rescale"},
+    "dare": _GTA | {"density", "rescale"},
+    "breadcrumbs": _GTA | {"density", "gamma", "blocks"},
+    "della": _GTA | {"density", "epsilon", "rescale", "blocks"},
+    "della_linear": _GTA | {"density", "epsilon", "rescale", "blocks"},
+    "model_stock": {"filter_wise"},
+    "consensus": {"weight", "lambda", "k", "tall_lambda"},
+    "linear": {"weight", "normalize"},
+}
+TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "tokenizer_source",
+            "tokenizer", "chat_template", "slices")
+MODEL_KEYS = ("model", "parameters")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+Path_ = Tuple[Union[str, int], ...]
+
+
+def dotted(path: Path_) -> str:
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or "(top level)"
+
+
+class _Doc:
+    """Where each key of the document was written (YAML marks), for error messages."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.marks: Dict[Path_, Tuple[int, int]] = {}
+
+    def where(self, path: Path_) -> str:
+        p = tuple(path)
+        while p and p not in self.marks:
+            p = p[:-1]
+        mark = self.marks.get(p)
+        return f"{self.source}, line {mark[0]}, column {mark[1]}" if mark else self.source
+
+    def error(self, path: Path_, message: str) -> ConfigError:
+        return ConfigError(f"{self.where(path)}: {dotted(path)}: {message}")
+
+
+# --------------------------------------------------------------------------------------------
+# YAML with marks
+# --------------------------------------------------------------------------------------------
+
+def _yaml_error(exc: Exception, source: str) -> ConfigError:
+    import yaml
+
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    what = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
+    if mark is not None:
+        return ConfigError(f"{source}, line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {what}")
+    return ConfigError(f"{source}: invalid YAML: {what}")
+
+
+def _parse_yaml(text: str, doc: _Doc) -> Any:
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, doc.source) from None
+    if node is None:
+        raise ConfigError(f"{doc.source}: the configuration is empty")
+    constructor = yaml.SafeLoader("")
+
+    def convert(n, path: Path_) -> Any:
+        doc.marks.setdefault(path, (n.start_mark.line + 1, n.start_mark.column + 1))
+        if isinstance(n, yaml.MappingNode):
+            out: Dict[str, Any] = {}
+            for k, v in n.value:
+                if k.tag == "tag:yaml.org,2002:merge":
+                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}: YAML merge keys (<<) are not supported")
+                if not isinstance(k, yaml.ScalarNode):
+                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}, column {k.start_mark.column + 1}: "
+                                      f"{dotted(path)}: a mapping key must be a plain string")
+                key = str(constructor.construct_object(k))
+                kp = path + (key,)
+                if key in out:
+                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}, column {k.start_mark.column + 1}: "
+                                      f"{dotted(kp)}: duplicate key")
+                doc.marks[kp] = (k.start_mark.line + 1, k.start_mark.column + 1)
+                out[key] = convert(v, kp)
+            return out
+        if isinstance(n, yaml.SequenceNode):
+            return [convert(v, path + (i,)) for i, v in enumerate(n.value)]
+        try:
+            return constructor.construct_object(n, deep=True)
+        except yaml.YAMLError as exc:
+            raise _yaml_error(exc, doc.source) from None
+
+    return convert(node, ())
+
+
+# --------------------------------------------------------------------------------------------
+# The validated configuration
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PerTensor:
+    """A parameter value: a number, or mergekit's list of {filter, value} (first match wins;
+    an entry without a filter matches every tensor). `where` names it in messages."""
+    entries: Tuple[Tuple[Optional[str], Any], ...]
+    where: str
+
+    def resolve(self, tensor: str) -> Any:
+        for flt, value in self.entries:
+            if flt is None or flt in tensor:
+                return value
+        return None
+
+
+@dataclass
+class ModelEntry:
+    path: Path
+    written: str  # the path as written in the config
+    key: str  # e.g. models[1]
+    index: int  # its position in the config's models list
+    params: Dict[str, PerTensor] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    method: str  # the method name as in the config (mergekit's)
+    base: Optional[Path]
+    models: List[ModelEntry]  # the task models (the base model excluded, except for linear)
+    params: Dict[str, PerTensor]  # top-level per-tensor defaults
+    normalize: bool
+    rescale: bool
+    k: int
+    tall_lambda: float
+    blocks: Union[None, str, int]
+    out_dtype: Optional[torch.dtype]
+    seed: int
+    tokenizer_source: Optional[Path]  # None: the base model (or the first model for linear without base)
+    text: str  # the configuration, to store next to the merged model
+    source: str
+    notes: List[str] = field(default_factory=list)
+
+    @property
+    def pyops_method(self) -> str:
+        """The `pyops.merge_from_models` method: linear runs as task arithmetic from a zero base."""
+        return "task_arithmetic" if self.method == "linear" else self.method
+
+    @property
+    def home(self) -> Path:
+        """Where config.json and the tokenizer are copied from."""
+        return self.base if self.base is not None else self.models[0].path
+
+    @property
+    def inputs(self) -> List[Path]:
+        return ([self.base] if self.base is not None else []) + [m.path for m in self.models]
+
+    def _value(self, model: ModelEntry, key: str, tensor: str) -> Any:
+        for source in (model.params.get(key), self.params.get(key)):
+            if source is not None:
+                v = source.resolve(tensor)
+                if v is not None:
+                    return v
+        if key in DEFAULTS:
+            return DEFAULTS[key]
+        raise ConfigError(f"{self.source}: {model.key} ({model.written}): no {key!r} applies to tensor {tensor!r} "
+                          f"(mergekit requires a {key} for {self.method}: set parameters.{key} for the model "
+                          f"or at the top level, or add an entry without a filter)")
+
+    def tensor_kwargs(self, tensor: str) -> Dict[str, Any]:
+        """Keyword arguments of `pyops.merge_from_models` for one tensor (besides base and models)."""
+        m = self.method
+        kw: Dict[str, Any] = {"method": self.pyops_method, "seed": self.seed, "name": tensor,
+                              "blocks": self.blocks if "blocks" in USES[m] else None}
+        if m == "model_stock":
+            return kw
+        weights = [float(self._value(x, "weight", tensor)) for x in self.models]
+        total = sum(weights)
+        if m == "linear":
+            if self.normalize:
+                if abs(total) < 1e-8:
+                    raise ConfigError(f"{self.source}: the weights of tensor {tensor!r} sum to {total}: "
+                                      f"linear with normalize divides by their sum")
+                weights = [w / total for w in weights]
+            kw.update(coeffs=weights)
+            return kw
+        densities = [float(self._value(x, "density", tensor)) for x in self.models]
+        lam = float(self._value(self.models[0], "lambda", tensor))
+        if self.normalize and "normalize" in USES[m] and m not in ELECTING and abs(total) >= 1e-8:
+            # mergekit's normalize for a method without sign election divides by Σ wᵢ.
+            weights = [w / total for w in weights]
+        kw.update(coeffs=weights, density=densities, lam=lam)
+        if m in ELECTING:
+            kw["normalize"] = self.normalize
+        for key in ("gamma", "epsilon"):
+            if key not in USES[m]:
+                continue
+            values = {float(self._value(x, key, tensor)) for x in self.models}
+            if len(values) > 1:
+                raise ConfigError(f"{self.source}: parameter {key!r} differs between models for tensor {tensor!r} "
+                                  f"({sorted(values)}); pyops applies one {key} to every model of a tensor")
+            kw[key] = values.pop()
+        if m == "breadcrumbs":
+            for x, d in zip(self.models, densities):
+                if d + kw["gamma"] > 1.0 + 1e-12:
+                    raise ConfigError(f"{self.source}: {x.key}: density + gamma must be <= 1 for breadcrumbs, got "
+                                      f"{d} + {kw['gamma']} for tensor {tensor!r}")
+        if m in ("della", "della_linear"):
+            eps = kw["epsilon"]
+            for x, d in zip(self.models, densities):
+                if not (d - eps > 0.0 and d + eps <= 1.0):
+                    raise ConfigError(f"{self.source}: {x.key}: della needs 0 < density - epsilon and density + "
+                                      f"epsilon <= 1, got density={d}, epsilon={eps} for tensor {tensor!r}")
+        if m == "consensus":
+            kw.update(k=self.k, tall_lambda=self.tall_lambda)
+        return kw
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _check_value(doc: _Doc, path: Path_, key: str, v: Any) -> Any:
+    if isinstance(v, list):
+        raise doc.error(path, f"a gradient (a list of values interpolated across layers) is not supported by "
+                              f"pyops merge; give one number or a list of {{filter: ..., value: ...}} entries")
+    if not _is_number(v):
+        raise doc.error(path, f"expected a number, got {v!r}")
+    v = float(v)
+    if key == "density" and not (0.0 < v <= 1.0):
+        raise doc.error(path, f"density must be in (0, 1], got {v}")
+    if key == "gamma" and not (0.0 <= v < 1.0):
+        raise doc.error(path, f"gamma must be in [0, 1), got {v}")
+    if key == "epsilon" and v < 0:
+        raise doc.error(path, f"epsilon must be >= 0, got {v}")
+    return v
+
+
+def _per_tensor(doc: _Doc, path: Path_, key: str, value: Any) -> PerTensor:
+    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+        entries = []
+        for i, e in enumerate(value):
+            for k in e:
+                if k not in ("filter", "value"):
+                    raise doc.error(path + (i, k), f"unknown key in a filtered value (expected filter, value)")
+            if "value" not in e:
+                raise doc.error(path + (i,), "a filtered entry needs a value")
+            flt = e.get("filter")
+            if flt is not None and not isinstance(flt, str):
+                raise doc.error(path + (i, "filter"), f"expected a string (a substring of tensor names), got {flt!r}")
+            entries.append((flt, _check_value(doc, path + (i, "value"), key, e["value"])))
+        return PerTensor(tuple(entries), dotted(path))
+    return PerTensor(((None, _check_value(doc, path, key, value)),), dotted(path))
+
+
+def _resolve_path(doc: _Doc, path: Path_, written: Any) -> Path:
+    if not isinstance(written, str) or not written.strip():
+        raise doc.error(path, f"expected a local model directory, got {written!r}")
+    p = Path(os.path.expanduser(written))
+    if not p.exists():
+        hint = " (LoRA adapters, model+lora, are not supported)" if "+" in written else \
+            " (pyops merge reads local checkpoints: download Hub models first)"
+        raise doc.error(path, f"{written!r} does not exist{hint}")
+    return Path(os.path.abspath(p))
+
+
+def _dtype(doc: _Doc, cfg: dict, key: str) -> Optional[torch.dtype]:
+    v = cfg.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, str) or v.lower() not in DTYPES:
+        raise doc.error((key,), f"expected one of float32, float16, bfloat16, got {v!r}")
+    return DTYPES[v.lower()]
+
+
+def load_config(config: Union[str, os.PathLike, dict, "MergeConfig"]) -> MergeConfig:
+    """Read and validate a mergekit YAML file (a path), YAML text, or an equivalent dict."""
+    if isinstance(config, MergeConfig):
+        return config
+    if isinstance(config, dict):
+        import yaml
+
+        doc = _Doc("config")
+        raw, text = config, yaml.safe_dump(config, sort_keys=False)
+    elif isinstance(config, os.PathLike) or (isinstance(config, str) and "\n" not in config and (
+            os.path.exists(config) or config.endswith((".yaml", ".yml")))):
+        path = Path(config)
+        try:
+            text = path.read_text("utf-8")
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not UTF-8 text ({exc})") from None
+        doc = _Doc(str(path))
+        raw = _parse_yaml(text, doc)
+    elif isinstance(config, str):
+        doc, text = _Doc("config"), config
+        raw = _parse_yaml(text, doc)
+    else:
+        raise TypeError(f"config: expected a path, YAML text or a dict, got {type(config).__name__}")
+    return _validate(raw, doc, text)
+
+
+def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{doc.where(())}: expected a mapping with merge_method, base_model, models, ..., "
+                          f"got {type(raw).__name__}")
+    for key in raw:
+        if key not in TOP_KEYS:
+            raise doc.error((key,), f"unknown key (expected one of {', '.join(TOP_KEYS)})")
+    notes: List[str] = []
+    if "slices" in raw:
+        raise doc.error(("slices",), "slices (layer ranges, passthrough/frankenmerges) are not supported by "
+                                     "pyops merge; list whole models under models")
+    if "tokenizer" in raw:
+        raise doc.error(("tokenizer",), "the tokenizer block (vocabulary merging) is not supported; "
+                                        "use tokenizer_source: base or a model path")
+    if "chat_template" in raw:
+        notes.append("chat_template is ignored (the tokenizer files are copied unchanged)")
+
+    method = raw.get("merge_method")
+    if method is None:
+        raise ConfigError(f"{doc.source}: merge_method: missing (one of {', '.join(SUPPORTED)})")
+    if not isinstance(method, str) or method not in SUPPORTED:
+        extra = " (a mergekit method that pyops does not implement)" if method in MERGEKIT_ONLY else ""
+        raise doc.error(("merge_method",), f"unknown method {method!r}{extra}; pyops merge supports "
+                                           f"{', '.join(SUPPORTED)}")
+
+    # ---- top-level parameters
+    top = raw.get("parameters") or {}
+    if not isinstance(top, dict):
+        raise doc.error(("parameters",), f"expected a mapping, got {top!r}")
+    params: Dict[str, PerTensor] = {}
+    scalars: Dict[str, Any] = {}
+    for key, value in top.items():
+        p = ("parameters", key)
+        if key in TENSOR_PARAMS:
+            params[key] = _per_tensor(doc, p, key, value)
+        elif key in GLOBAL_PARAMS:
+            if isinstance(value, list):
+                raise doc.error(p, "expected a single value (per-tensor values are supported for "
+                                   f"{', '.join(TENSOR_PARAMS)})")
+            scalars[key] = value
+        else:
+            raise doc.error(p, f"unknown parameter (expected one of {', '.join(TENSOR_PARAMS + GLOBAL_PARAMS)})")
+
+    def flag(key: str, default: bool) -> bool:
+        v = scalars.get(key, default)
+        if not isinstance(v, bool):
+            raise doc.error(("parameters", key), f"expected true or false, got {v!r}")
+        return v
+
+    normalize = flag("normalize", NORMALIZE_DEFAULT.get(method, False))
+    rescale = flag("rescale", method in RANDOM_METHODS)
+    if flag("int8_mask", False):
+        notes.append("int8_mask is ignored (pyops keeps its masks in registers, never as int8 tensors)")
+    if method in RANDOM_METHODS and not rescale:
+        raise doc.error(("parameters", "rescale"), f"rescale: false is not supported: pyops' {method} always "
+                                                   f"rescales kept entries by 1/density (the DARE paper's rescale)")
+    if method not in RANDOM_METHODS and "rescale" in scalars and rescale:
+        raise doc.error(("parameters", "rescale"), f"rescale: true is not supported for {method} (mergekit's "
+                                                   f"L1-norm rescale of magnitude pruning is not implemented)")
+    if flag("filter_wise", False):
+        raise doc.error(("parameters", "filter_wise"), "filter_wise: true (row-wise model_stock) is not supported")
+    k = scalars.get("k", DEFAULTS["k"])
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise doc.error(("parameters", "k"), f"expected an int >= 1 (tasks that must agree), got {k!r}")
+    tall_lambda = scalars.get("tall_lambda", DEFAULTS["tall_lambda"])
+    if not _is_number(tall_lambda) or tall_lambda < 0:
+        raise doc.error(("parameters", "tall_lambda"), f"expected a number >= 0, got {tall_lambda!r}")
+    blocks = scalars.get("blocks")
+    if not (blocks is None or blocks == "rows" or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0)):
+        raise doc.error(("parameters", "blocks"), f"expected null, 'rows' or a positive int, got {blocks!r}")
+
+    # ---- models
+    base = None
+    if raw.get("base_model") is not None:
+        base = _resolve_path(doc, ("base_model",), raw["base_model"])
+    elif method != "linear":
+        raise ConfigError(f"{doc.source}: base_model: missing; {method} needs the model the task vectors are "
+                          f"taken from")
+    models_raw = raw.get("models")
+    if not isinstance(models_raw, list) or not models_raw:
+        raise doc.error(("models",), f"expected a list of {{model: PATH, parameters: {{...}}}}, got {models_raw!r}")
+    models: List[ModelEntry] = []
+    seen: Dict[Path, str] = {}
+    for i, entry in enumerate(models_raw):
+        p = ("models", i)
+        if not isinstance(entry, dict):
+            raise doc.error(p, f"expected a mapping {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+        for key in entry:
+            if key not in MODEL_KEYS:
+                raise doc.error(p + (key,), f"unknown key (expected one of {', '.join(MODEL_KEYS)})")
+        if "model" not in entry:
+            raise doc.error(p, "missing key 'model'")
+        path = _resolve_path(doc, p + ("model",), entry["model"])
+        mparams = entry.get("parameters") or {}
+        if not isinstance(mparams, dict):
+            raise doc.error(p + ("parameters",), f"expected a mapping, got {mparams!r}")
+        per: Dict[str, PerTensor] = {}
+        for key, value in mparams.items():
+            if key in GLOBAL_PARAMS:
+                raise doc.error(p + ("parameters", key), f"{key} is a merge-wide parameter: set it in the "
+                                                         f"top-level parameters")
+            if key not in TENSOR_PARAMS:
+                raise doc.error(p + ("parameters", key), f"unknown parameter (expected one of {', '.join(TENSOR_PARAMS)})")
+            per[key] = _per_tensor(doc, p + ("parameters", key), key, value)
+        real = Path(os.path.realpath(path))
+        if base is not None and real == Path(os.path.realpath(base)) and method != "linear":
+            if per:
+                notes.append(f"models[{i}] is the base model: its parameters are ignored (it is not a task model)")
+            continue
+        if real in seen:
+            raise doc.error(p + ("model",), f"{entry['model']!r} is listed twice (also as {seen[real]})")
+        seen[real] = f"models[{i}]"
+        models.append(ModelEntry(path, str(entry["model"]), f"models[{i}]", i, per))
+    n = len(models)
+    if n == 0:
+        raise doc.error(("models",), "no task model: every entry is the base model")
+    if method == "model_stock" and n < 2:
+        raise doc.error(("models",), f"model_stock needs at least 2 models besides the base, got {n}")
+    if method == "consensus" and k > n:
+        raise doc.error(("parameters", "k"), f"expected an int in [1, {n}] (tasks that must agree), got {k}")
+    if "weight" in USES[method]:
+        for m in models:
+            if "weight" not in m.params and "weight" not in params:
+                raise doc.error(("models", m.index), f"no weight for {m.written!r}: mergekit requires a weight "
+                                                              f"per model for {method} (set parameters.weight for the "
+                                                              f"model, or a default in the top-level parameters)")
+
+    # ---- parameters that this method does not use
+    used = USES[method]
+    unused: Dict[str, List[str]] = {}
+    for key in list(params) + list(scalars):
+        if key not in used and key not in ("int8_mask", "rescale"):
+            unused.setdefault(key, []).append("parameters")
+    for m in models:
+        for key in m.params:
+            if key not in used:
+                unused.setdefault(key, []).append(m.key)
+    for key, where in unused.items():
+        notes.append(f"{key} is not used by {method} (ignored; set in {', '.join(where)})")
+    if method == "linear" and base is not None:
+        notes.append("linear averages the listed models; base_model only supplies config and tokenizer files")
+
+    # ---- output and the rest
+    out_dtype = _dtype(doc, raw, "out_dtype") or _dtype(doc, raw, "dtype")
+    seed = raw.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2 ** 64):
+        raise doc.error(("seed",), f"expected an int in [0, 2**64), got {seed!r}")
+    tok = raw.get("tokenizer_source")
+    tokenizer_source = None
+    if tok is not None and tok != "base":
+        if tok == "union":
+            raise doc.error(("tokenizer_source",), "union (merging vocabularies) is not supported; use base or "
+                                                   "a model path")
+        tokenizer_source = _resolve_path(doc, ("tokenizer_source",), tok)
+        if not tokenizer_source.is_dir():
+            raise doc.error(("tokenizer_source",), f"{tok!r} is not a directory")
+    return MergeConfig(method=method, base=base, models=models, params=params, normalize=normalize, rescale=rescale,
+                       k=k, tall_lambda=float(tall_lambda), blocks=blocks, out_dtype=out_dtype, seed=seed,
+                       tokenizer_source=tokenizer_source, text=text, source=doc.source, notes=notes)

@@ -1,0 +1,443 @@
+"""`python -m pyops merge` / `pyops.merging.run_merge`: the streaming merge of whole checkpoints.
+
+Small synthetic Hugging Face checkpoints (a base and three fine-tuned models, odd shapes, a 1-D
+bias, a 0-d scalar, an int64 buffer, one model sharded with an index) are merged from mergekit
+YAML, and every output tensor is compared bit for bit with `pyops.merge_from_models` called in
+memory on the same tensors with the same name (so DARE masks agree). The output is read back
+with safetensors' own loader. Bad input and interrupted merges must leave nothing behind and
+the inputs untouched.
+
+The CLI is exercised in-process through `pyops.__main__.main(argv)` for every method and for
+bad input (its parser, messages and exit codes), and once as a real `python -m pyops merge`
+subprocess, started before the first test and checked last: it pays ~6 s of `import pyops`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pyops
+from pyops.__main__ import main as cli_main
+from pyops.merging import CheckpointError, ConfigError, MergeError, load_config, run_merge
+from pyops.merging import safetensors_io as sio
+
+N = 3  # fine-tuned models
+SHAPES = {
+    "model.embed_tokens.weight": (37, 19),
+    "model.layers.0.self_attn.q_proj.weight": (23, 17),
+    "model.layers.0.mlp.down_proj.bias": (29,),
+    "model.layers.1.mlp.up_proj.weight": (5, 7, 3),
+    "model.norm.weight": (1,),
+    "logit_scale": (),
+}
+INT_BUFFER = "model.rotary.position_ids"
+SHARDED = 1  # models[SHARDED] is stored as two shards with an index
+FLOATS = list(SHAPES)
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints
+# ------------------------------------------------------------------------------------------------
+
+def _save_model(d: Path, tensors: dict, sharded: bool = False, extra_files: bool = False) -> None:
+    d.mkdir(parents=True)
+    if sharded:
+        names = list(tensors)
+        parts = [names[: len(names) // 2], names[len(names) // 2:]]
+        files = [f"model-0000{i + 1}-of-00002.safetensors" for i in range(2)]
+        for part, f in zip(parts, files):
+            save_file({n: tensors[n] for n in part}, str(d / f), metadata={"format": "pt"})
+        index = {"metadata": {"total_size": 0}, "weight_map": {n: f for part, f in zip(parts, files) for n in part}}
+        (d / sio.INDEX_FILE).write_text(json.dumps(index))
+    else:
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    if extra_files:
+        (d / "config.json").write_text(json.dumps({"model_type": "toy", "torch_dtype": "float32"}))
+        (d / "tokenizer.json").write_text('{"version": "1.0"}')
+        (d / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+
+
+def _tree_hashes(root: Path) -> dict:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    gen = torch.Generator().manual_seed(20261101)
+    base = {n: torch.randn(s, generator=gen) for n, s in SHAPES.items()}
+    base[INT_BUFFER] = torch.arange(13, dtype=torch.int64).reshape(1, 13)
+    _save_model(root / "base", base, extra_files=True)
+    models = []
+    for i in range(N):
+        m = {n: t + 0.05 * torch.randn(t.shape, generator=gen) for n, t in base.items() if t.is_floating_point()}
+        m[INT_BUFFER] = base[INT_BUFFER] + 100 * (i + 1)  # differs: the base's must be copied
+        _save_model(root / f"ft{i}", m, sharded=(i == SHARDED))
+        models.append(m)
+    # Broken variants of ft0 for the error tests.
+    bad_shape = dict(models[0])
+    bad_shape["model.layers.0.self_attn.q_proj.weight"] = torch.randn(17, 23, generator=gen)
+    _save_model(root / "bad_shape", bad_shape)
+    missing = {n: t for n, t in models[0].items() if n != "model.layers.0.mlp.down_proj.bias"}
+    _save_model(root / "missing", missing)
+    return {"root": root, "base": base, "models": models, "paths": [root / f"ft{i}" for i in range(N)],
+            "base_path": root / "base", "hashes": _tree_hashes(root)}
+
+
+def _inputs_unchanged(ckpt) -> None:
+    assert _tree_hashes(ckpt["root"]) == ckpt["hashes"], "an input file changed"
+
+
+def _yaml(ckpt, method: str, model_params=None, parameters=None, extra: str = "", list_base: bool = True,
+          paths=None) -> str:
+    lines = [f"merge_method: {method}", f"base_model: {ckpt['base_path']}", "models:"]
+    if list_base:
+        lines.append(f"  - model: {ckpt['base_path']}")
+    for i, p in enumerate(paths or ckpt["paths"]):
+        lines.append(f"  - model: {p}")
+        if model_params and model_params[i]:
+            lines.append(f"    parameters: {json.dumps(model_params[i])}")
+    if parameters:
+        lines.append(f"parameters: {json.dumps(parameters)}")
+    return "\n".join(lines) + "\n" + extra
+
+
+def _write(tmp_path: Path, text: str, name: str = "merge.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def _load_output(out: Path) -> dict:
+    index = out / sio.INDEX_FILE
+    if not index.exists():
+        return load_file(str(out / "model.safetensors"))
+    idx = json.loads(index.read_text())
+    tensors = {}
+    for f in sorted(set(idx["weight_map"].values())):
+        part = load_file(str(out / f))
+        assert all(idx["weight_map"][n] == f for n in part)
+        tensors.update(part)
+    assert set(tensors) == set(idx["weight_map"])
+    assert idx["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------------
+# Methods: config -> the in-memory call that must give the same bits
+# ------------------------------------------------------------------------------------------------
+
+def _ta_weight0(name):  # models[0]'s filtered weight
+    return 0.7 if "mlp" in name else 0.2
+
+
+CASES = {
+    # method: (per-model parameters, top-level parameters, extra YAML, expected kwargs for tensor `name`)
+    "task_arithmetic": (
+        [{"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.2}]}, {"weight": 0.3}, {"weight": 0.8}],
+        {"lambda": 0.9}, "",
+        lambda n: dict(method="task_arithmetic", coeffs=[_ta_weight0(n), 0.3, 0.8], lam=0.9)),
+    "ties": (
+        [{"weight": 1.0, "density": 0.5}, {"weight": 0.6, "density": 0.7}, {"weight": 0.8, "density": 0.3}],
+        None, "",
+        lambda n: dict(method="ties", coeffs=[1.0, 0.6, 0.8], density=[0.5, 0.7, 0.3], normalize=True)),
+    "dare_ties": (
+        [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.8}],
+        {"density": 0.6}, "seed: 1234\n",
+        lambda n: dict(method="dare_ties", coeffs=[0.5, 0.3, 0.8], density=0.6, seed=1234, name=n, normalize=False)),
+    "breadcrumbs": (
+        [{"density": 0.8}, {"density": 0.7}, {"density": 0.9}],
+        {"weight": 1.0, "gamma": 0.05}, "",
+        lambda n: dict(method="breadcrumbs", coeffs=[1.0, 1.0, 1.0], density=[0.8, 0.7, 0.9], gamma=0.05)),
+    "model_stock": (None, None, "", lambda n: dict(method="model_stock")),
+    "consensus": (
+        None, {"weight": 1.0, "k": 2, "tall_lambda": 0.5, "lambda": 0.8}, "",
+        lambda n: dict(method="consensus", coeffs=[1.0, 1.0, 1.0], lam=0.8, k=2, tall_lambda=0.5)),
+    # API only: mergekit's normalize for a method without election, DELLA, linear.
+    "dare_linear": (
+        [{"weight": 1.0}, {"weight": 2.0}, {"weight": 1.0}],
+        {"density": 0.7, "normalize": True}, "seed: 5\n",
+        lambda n: dict(method="dare_linear", coeffs=[0.25, 0.5, 0.25], density=0.7, seed=5, name=n)),
+    "della": (
+        [{"weight": 1.0, "lambda": 1.1}, {"weight": 0.5}, {"weight": 0.7}],
+        {"density": 0.5, "epsilon": 0.1}, "",
+        lambda n: dict(method="della", coeffs=[1.0, 0.5, 0.7], density=0.5, epsilon=0.1, lam=1.1, name=n,
+                       normalize=True)),
+}
+CLI_METHODS = ["task_arithmetic", "ties", "dare_ties", "breadcrumbs", "model_stock", "consensus"]
+
+
+def _expected(ckpt, method: str, out_dtype=None) -> dict:
+    expect = CASES[method][3]
+    out = {}
+    for n in FLOATS:
+        ft = [m[n] for m in ckpt["models"]]
+        out[n] = pyops.merge_from_models(ckpt["base"][n], ft, out_dtype=out_dtype, **expect(n))
+    out[INT_BUFFER] = ckpt["base"][INT_BUFFER]
+    return out
+
+
+def _assert_same(got: dict, want: dict) -> None:
+    assert set(got) == set(want)
+    for n in want:
+        assert got[n].dtype == want[n].dtype and got[n].shape == want[n].shape, n
+        assert torch.equal(got[n], want[n]), f"tensor {n!r} differs from the in-memory merge"
+
+
+def _config_text(ckpt, method: str) -> str:
+    model_params, parameters, extra, _ = CASES[method]
+    return _yaml(ckpt, method, model_params, parameters, extra)
+
+
+def _leftovers(tmp_path: Path, keep=("merge.yaml",)) -> list:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name not in keep)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real `python -m pyops merge` (a subprocess started before the first test, checked last)
+# ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def subprocess_runs(ckpt, tmp_path_factory):
+    """Started before the first test of the module so that their imports overlap the other tests."""
+    d = tmp_path_factory.mktemp("cli")
+    good = _write(d, _config_text(ckpt, "dare_ties") + "dtype: bfloat16\n", "good.yaml")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmds = {"good": [sys.executable, "-m", "pyops", "merge", str(good), "--out", str(d / "out"),
+                     "--shard-size", "1KB", "--threads", "1"]}
+    procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for k, c in cmds.items()}
+    yield {"dir": d, "procs": procs, "good": good}
+    for proc in procs.values():  # not collected when only some tests ran
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
+# ------------------------------------------------------------------------------------------------
+# Every method, through the CLI entry point and the API
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method", CLI_METHODS)
+def test_cli_matches_in_memory_merge(ckpt, tmp_path, method, capsys):
+    cfg = _write(tmp_path, _config_text(ckpt, method))
+    rc = cli_main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert f"merged {len(FLOATS)} tensors ({method}" in captured.out
+    got = _load_output(tmp_path / "out")
+    _assert_same(got, _expected(ckpt, method))
+    assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / sio.INDEX_FILE).exists()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / f).read_bytes() == (ckpt["base_path"] / f).read_bytes()
+    assert (tmp_path / "out" / "pyops_merge.yaml").read_text() == cfg.read_text()
+    assert _leftovers(tmp_path) == ["out"]
+    _inputs_unchanged(ckpt)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+def test_api_matches_in_memory_merge(ckpt, tmp_path, method):
+    report = run_merge(_write(tmp_path, _config_text(ckpt, method)), tmp_path / "out", progress=False)
+    _assert_same(_load_output(tmp_path / "out"), _expected(ckpt, method))
+    assert report.merged == len(FLOATS) and report.copied == [INT_BUFFER] and report.shards == 1
+    assert report.bytes_read > 0 and report.peak_rss >= report.rss_before > 0
+    assert sum(report.backends.values()) == len(FLOATS)
+    _inputs_unchanged(ckpt)
+
+
+def test_api_dict_config_sharded_output(ckpt, tmp_path):
+    """A dict config, a tiny shard size: an index JSON and the same tensors as one file."""
+    import yaml
+
+    cfg = yaml.safe_load(_config_text(ckpt, "ties"))
+    run_merge(cfg, tmp_path / "one", progress=False)
+    report = run_merge(cfg, tmp_path / "sharded", shard_size=600, progress=False)
+    files = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    assert report.shards == len(files) > 2 and files[0] == f"model-00001-of-{len(files):05d}.safetensors"
+    index = json.loads((tmp_path / "sharded" / sio.INDEX_FILE).read_text())
+    assert set(index["weight_map"]) == set(FLOATS) | {INT_BUFFER}
+    assert set(index["weight_map"].values()) == set(files)
+    one, sharded = _load_output(tmp_path / "one"), _load_output(tmp_path / "sharded")
+    _assert_same(sharded, one)
+    _assert_same(one, _expected(ckpt, "ties"))
+
+
+def test_linear_is_the_weighted_average(ckpt, tmp_path):
+    text = (f"merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(ckpt["paths"], (1.0, 2.0, 1.0))))
+    run_merge(_write(tmp_path, text), tmp_path / "out", progress=False)
+    got = _load_output(tmp_path / "out")
+    for n in FLOATS:
+        avg = sum(w * m[n] for w, m in zip((1.0, 2.0, 1.0), ckpt["models"])) / 4.0
+        torch.testing.assert_close(got[n], avg, rtol=1e-6, atol=1e-6)
+    # No base_model: the first model supplies the non-floating tensors.
+    assert torch.equal(got[INT_BUFFER], ckpt["models"][0][INT_BUFFER])
+
+
+def test_dare_merge_is_deterministic(ckpt, tmp_path):
+    cfg = _write(tmp_path, _config_text(ckpt, "dare_ties"))
+    run_merge(cfg, tmp_path / "a", shard_size="1KB", progress=False)
+    run_merge(cfg, tmp_path / "b", shard_size="1KB", progress=False, prefetch=False, threads=1)
+    a, b = _tree_hashes(tmp_path / "a"), _tree_hashes(tmp_path / "b")
+    assert a == b and len(a) > 3
+    run_merge(_write(tmp_path, _config_text(ckpt, "dare_ties").replace("seed: 1234", "seed: 99"), "other.yaml"),
+              tmp_path / "c", shard_size="1KB", progress=False)
+    assert _tree_hashes(tmp_path / "c") != a  # the seed is part of the key
+
+
+def test_overwrite_replaces_only_when_complete(ckpt, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    with pytest.raises(MergeError, match="already exists.*--overwrite"):
+        run_merge(cfg, out, progress=False)
+    assert (out / "keep.txt").read_text() == "old" and _leftovers(tmp_path) == ["out"]
+    assert cli_main(["merge", str(cfg), "--out", str(out), "--no-progress"]) == 2
+    run_merge(cfg, out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and _leftovers(tmp_path) == ["out"]
+    _assert_same(_load_output(out), _expected(ckpt, "ties"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: a clear error, nothing written, inputs untouched
+# ------------------------------------------------------------------------------------------------
+
+def _bad(ckpt, **kw):
+    model_params = kw.pop("model_params", [{"weight": 1.0}] * N)
+    return _yaml(ckpt, kw.pop("method", "ties"), model_params, kw.pop("parameters", None), **kw)
+
+
+BAD = {
+    "unknown method": (lambda c: f"base_model: {c['base_path']}\nmodels:\n  - model: {c['paths'][0]}\n"
+                                 f"merge_method: slerp\n",
+                       ConfigError, r"line 4, column 1: merge_method: unknown method 'slerp'"),
+    "density 1.5": (lambda c: _bad(c, model_params=[{"weight": 1.0}, {"weight": 1.0, "density": 1.5}, {"weight": 1.0}]),
+                    ConfigError, r"line 8, column \d+: models\[2\]\.parameters\.density: density must be in \(0, 1\], got 1.5"),
+    "shape mismatch": (lambda c: _bad(c, paths=[c["paths"][0], c["root"] / "bad_shape", c["paths"][2]]),
+                       CheckpointError, r"'model.layers.0.self_attn.q_proj.weight' has shape \[17, 23\] in models\[2\] "
+                                        r"\(.*bad_shape\)"),
+    "missing tensor": (lambda c: _bad(c, paths=[c["root"] / "missing", c["paths"][1], c["paths"][2]]),
+                       CheckpointError, r"'model.layers.0.mlp.down_proj.bias' is missing from models\[1\]"),
+    "malformed yaml": (lambda c: f"merge_method: ties\nbase_model: {c['base_path']}\nmodels:\n  - model: [oops\n",
+                       ConfigError, r"line \d+, column \d+: invalid YAML"),
+    "unknown key": (lambda c: _bad(c) + "merge_methd: ties\n", ConfigError,
+                    r"line 11, column 1: merge_methd: unknown key"),
+    "unknown parameter": (lambda c: _bad(c, parameters={"densty": 0.5}), ConfigError,
+                          r"line 11, column \d+: parameters\.densty: unknown parameter"),
+    "gradient": (lambda c: _bad(c, model_params=[{"weight": [0.1, 0.5, 1.0]}, {"weight": 1}, {"weight": 1}]),
+                 ConfigError, r"models\[1\]\.parameters\.weight: a gradient"),
+    "dare without rescale": (lambda c: _bad(c, method="dare_ties", parameters={"rescale": False}), ConfigError,
+                             r"parameters\.rescale: rescale: false is not supported.*1/density"),
+    "no weight": (lambda c: _bad(c, model_params=[{"density": 0.5}] * N), ConfigError,
+                  r"models\[1\]: no weight"),
+    "missing model dir": (lambda c: _bad(c, paths=[c["root"] / "nope", c["paths"][1], c["paths"][2]]), ConfigError,
+                          r"line 5, column \d+: models\[1\]\.model: .*does not exist"),
+    "bad dtype": (lambda c: _bad(c) + "dtype: float8\n", ConfigError, r"line 11, column \d+: dtype: expected one of"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_leaves_nothing(ckpt, tmp_path, case):
+    make, exc, pattern = BAD[case]
+    cfg = _write(tmp_path, make(ckpt))
+    with pytest.raises(exc, match=pattern):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path) == []
+    _inputs_unchanged(ckpt)
+
+
+@pytest.mark.parametrize("case", ["unknown method", "density 1.5", "shape mismatch", "malformed yaml"])
+def test_bad_input_cli_exit_code(ckpt, tmp_path, capsys, case):
+    make, _, pattern = BAD[case]
+    cfg = _write(tmp_path, make(ckpt))
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out" / "nested")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyops merge: error:") and re.search(pattern, err)
+    assert _leftovers(tmp_path) == []
+    _inputs_unchanged(ckpt)
+
+
+def test_output_overlapping_an_input_is_refused(ckpt, tmp_path):
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    for out in (ckpt["paths"][0], ckpt["root"], ckpt["paths"][0] / "sub"):
+        with pytest.raises(MergeError, match="overlaps the input"):
+            run_merge(cfg, out, overwrite=True, progress=False)
+    _inputs_unchanged(ckpt)
+
+
+def test_per_model_gamma_must_agree(ckpt, tmp_path):
+    cfg = _write(tmp_path, _bad(ckpt, method="breadcrumbs", model_params=[
+        {"weight": 1, "gamma": 0.01}, {"weight": 1, "gamma": 0.02}, {"weight": 1}]))
+    with pytest.raises(ConfigError, match="'gamma' differs between models"):
+        run_merge(cfg, tmp_path / "out", progress=False)
+    assert _leftovers(tmp_path) == []
+
+
+def test_notes(ckpt):
+    cfg = load_config(_bad(ckpt, parameters={"int8_mask": True, "gamma": 0.1}))
+    assert any("int8_mask is ignored" in n for n in cfg.notes)
+    assert any("gamma is not used by ties (ignored; set in parameters)" in n for n in cfg.notes)
+
+
+# ------------------------------------------------------------------------------------------------
+# Interrupted merges
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_interrupted_merge_leaves_nothing(ckpt, tmp_path, monkeypatch, error):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")  # with --overwrite, the old output must survive a failure
+    cfg = _write(tmp_path, _config_text(ckpt, "dare_ties"))
+    calls = {"n": 0}
+    original = sio.ShardWriter.write_tensor
+
+    def failing(self, name, tensor):
+        calls["n"] += 1
+        if calls["n"] == 5:  # after at least one complete shard
+            raise error("simulated failure")
+        return original(self, name, tensor)
+
+    monkeypatch.setattr(sio.ShardWriter, "write_tensor", failing)
+    with pytest.raises(error, match="simulated"):
+        run_merge(cfg, out, overwrite=True, shard_size="1KB", progress=False)
+    assert calls["n"] == 5
+    assert _leftovers(tmp_path) == ["out"] and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+    _inputs_unchanged(ckpt)
+
+
+# ------------------------------------------------------------------------------------------------
+# The real subprocesses' results (last, so that they had the whole module to run)
+# ------------------------------------------------------------------------------------------------
+
+def _finish(proc) -> tuple:
+    out, err = proc.communicate(timeout=120)
+    return proc.returncode, out, err
+
+
+def test_cli_subprocess_merge(ckpt, subprocess_runs, tmp_path):
+    rc, out, err = _finish(subprocess_runs["procs"]["good"])
+    assert rc == 0, err
+    assert "merged 6 tensors" in out and "copied 1" in out and "GB/s" in out and "peak RSS" in out
+    assert INT_BUFFER in out
+    d = subprocess_runs["dir"]
+    got = _load_output(d / "out")
+    _assert_same(got, _expected(ckpt, "dare_ties", out_dtype=torch.bfloat16))
+    assert len(list((d / "out").glob("model-*-of-*.safetensors"))) > 1
+    assert json.loads((d / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    # The same merge through the API gives the same bytes, file for file.
+    run_merge(subprocess_runs["good"], tmp_path / "api", shard_size="1KB", progress=False)
+    assert _tree_hashes(tmp_path / "api") == _tree_hashes(d / "out")
+    assert sorted(p.name for p in d.iterdir()) == ["good.yaml", "out"]
+    _inputs_unchanged(ckpt)
