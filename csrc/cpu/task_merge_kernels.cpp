@@ -36,11 +36,14 @@ struct Plan {
   int64_t blocks_per_item;  // small blocks
   int64_t n_items;
 
-  Plan(int64_t numel_, int64_t bs) : numel(numel_), block_size(bs) {
-    n_blocks = numel == 0 ? 0 : (numel + bs - 1) / bs;
-    large = bs >= kChunk;
-    items_per_block = large ? (bs + kChunk - 1) / kChunk : 1;
-    blocks_per_item = large ? 1 : std::max<int64_t>(1, kChunk / bs);
+  // A block larger than the tensor is the whole tensor: clamping keeps n_items (and the
+  // arithmetic below) bounded whatever block_size the caller passes.
+  Plan(int64_t numel_, int64_t bs) : numel(numel_), block_size(std::max<int64_t>(1, std::min(bs, numel_))) {
+    n_blocks = numel == 0 ? 0 : (numel + block_size - 1) / block_size;
+    const int64_t bsz = block_size;
+    large = bsz >= kChunk;
+    items_per_block = large ? (bsz + kChunk - 1) / kChunk : 1;
+    blocks_per_item = large ? 1 : std::max<int64_t>(1, kChunk / bsz);
     n_items = large ? n_blocks * items_per_block : (n_blocks + blocks_per_item - 1) / blocks_per_item;
   }
 

@@ -2,7 +2,9 @@
 //
 // This header is plain C++ (no CUDA headers) so that csrc/bindings_cuda.cpp can be compiled by
 // the host compiler. Every pointer is a device address; `stream` is a cudaStream_t. Kernels run
-// on the *current* CUDA device, which must be the one that holds the tensors.
+// on the *current* CUDA device, which must be the one that holds the tensors. The forward may
+// write out exactly over base or one delta (same address, same dtype); no other overlap of an
+// output with an input is supported.
 //
 // Semantics are those of csrc/cpu/task_merge.h (numel elements, flattened and contiguous,
 // block(j) = j / block_size, n_blocks = ceil(numel / block_size), fp32 accumulation):

@@ -190,10 +190,11 @@ def _native_forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs
             out=out.data_ptr(), deltas=[d.data_ptr() for d in deltas], n_threads=torch.get_num_threads(), **args)
     else:
         ptrs = _device_pointer_array(deltas, out.device)
-        _native.cuda_module.task_arithmetic_forward(
-            out.data_ptr(), args["out_dtype"], args["base"], ptrs.data_ptr(), len(deltas), args["in_dtype"],
-            args["coeffs"], s_n, s_b, args["numel"], block_size, from_models,
-            torch.cuda.current_stream(out.device).cuda_stream)
+        with torch.cuda.device(out.device):  # the kernels run on the current device
+            _native.cuda_module.task_arithmetic_forward(
+                out.data_ptr(), args["out_dtype"], args["base"], ptrs.data_ptr(), len(deltas), args["in_dtype"],
+                args["coeffs"], s_n, s_b, args["numel"], block_size, from_models,
+                torch.cuda.current_stream(out.device).cuda_stream)
 
 
 @torch.library.custom_op("pyops::task_arithmetic", mutates_args=(), device_types=("cpu", "cuda"))
@@ -254,12 +255,13 @@ def _native_backward_into(grad: Tensor, base: Tensor, deltas: List[Tensor], coef
         gptrs = _device_pointer_array(gd, base.device) if gd else None
         ws_bytes = mod.task_arithmetic_backward_workspace_bytes(numel, block_size, len(deltas)) if gc32 is not None else 0
         ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=base.device)
-        mod.task_arithmetic_backward(
-            grad.data_ptr(), *common, ptrs.data_ptr(), len(deltas), _native.dtype_code(base.dtype),
-            c.data_ptr(), s_n, s_b, numel, block_size, from_models,
-            gb.data_ptr() if gb.numel() else 0, gptrs.data_ptr() if gptrs is not None else 0,
-            gc32.data_ptr() if gc32 is not None else 0, ws.data_ptr(), ws_bytes,
-            torch.cuda.current_stream(base.device).cuda_stream)
+        with torch.cuda.device(base.device):
+            mod.task_arithmetic_backward(
+                grad.data_ptr(), *common, ptrs.data_ptr(), len(deltas), _native.dtype_code(base.dtype),
+                c.data_ptr(), s_n, s_b, numel, block_size, from_models,
+                gb.data_ptr() if gb.numel() else 0, gptrs.data_ptr() if gptrs is not None else 0,
+                gc32.data_ptr() if gc32 is not None else 0, ws.data_ptr(), ws_bytes,
+                torch.cuda.current_stream(base.device).cuda_stream)
     if gc32 is not None:
         _finish_coeff_grad(gc32, coeffs, gc)
 

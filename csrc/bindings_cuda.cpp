@@ -1,0 +1,100 @@
+// pyops._C_cuda: thin pybind11 bindings over the torch-free CUDA kernels (csrc/cuda/). Compiled
+// by the host C++ compiler: no CUDA header here, only the plain declarations in
+// cuda/task_merge_cuda.h. Every pointer is a Python int holding a device address, `stream` a
+// cudaStream_t as an int (torch.cuda.current_stream().cuda_stream). Kernels run on the current
+// CUDA device, which the caller must set to the tensors' device. The Python op layer validates,
+// allocates and makes inputs contiguous; these functions only convert integers to pointers,
+// release the GIL around the launches and turn a Status into ValueError / RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda/task_merge_cuda.h"
+
+namespace py = pybind11;
+
+namespace {
+
+using pyops::Status;
+
+void raise_if_error(const Status& st) {
+  if (st.is_ok()) return;
+  if (st.code == pyops::StatusCode::kInvalidArgument || st.code == pyops::StatusCode::kOutOfRange)
+    throw py::value_error(st.message);
+  throw std::runtime_error(st.message);  // CUDA errors: RuntimeError
+}
+
+template <typename P>
+P as_ptr(uintptr_t v) {
+  return reinterpret_cast<P>(v);
+}
+
+void task_arithmetic_forward(uintptr_t out, int out_dtype, uintptr_t base, uintptr_t delta_ptrs,
+                             int64_t n, int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n,
+                             int64_t coeff_stride_block, int64_t numel, int64_t block_size,
+                             bool from_models, uintptr_t stream) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::cuda_ops::task_arithmetic_forward(
+        as_ptr<void*>(out), out_dtype, as_ptr<const void*>(base), as_ptr<const void*>(delta_ptrs),
+        n, in_dtype, as_ptr<const void*>(coeffs), coeff_stride_n, coeff_stride_block, numel,
+        block_size, from_models, as_ptr<void*>(stream));
+  }
+  raise_if_error(st);
+}
+
+int64_t task_arithmetic_backward_workspace_bytes(int64_t numel, int64_t block_size, int64_t n) {
+  int64_t bytes = 0;
+  raise_if_error(
+      pyops::cuda_ops::task_arithmetic_backward_workspace_bytes(numel, block_size, n, &bytes));
+  return bytes;
+}
+
+void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base, uintptr_t delta_ptrs,
+                              int64_t n, int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n,
+                              int64_t coeff_stride_block, int64_t numel, int64_t block_size,
+                              bool from_models, uintptr_t grad_base, uintptr_t grad_delta_ptrs,
+                              uintptr_t grad_coeffs, uintptr_t workspace, int64_t workspace_bytes,
+                              uintptr_t stream) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::cuda_ops::task_arithmetic_backward(
+        as_ptr<const void*>(grad), grad_dtype, as_ptr<const void*>(base),
+        as_ptr<const void*>(delta_ptrs), n, in_dtype, as_ptr<const void*>(coeffs), coeff_stride_n,
+        coeff_stride_block, numel, block_size, from_models, as_ptr<void*>(grad_base),
+        as_ptr<const void*>(grad_delta_ptrs), as_ptr<void*>(grad_coeffs), as_ptr<void*>(workspace),
+        workspace_bytes, as_ptr<void*>(stream));
+  }
+  raise_if_error(st);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "pyops CUDA kernels (torch-free; pointers are device addresses as ints)";
+  m.def("device_count", &pyops::cuda_ops::device_count,
+        "cudaGetDeviceCount, or 0 when no driver/device is usable. Never raises.");
+  m.def("task_arithmetic_forward", &task_arithmetic_forward, py::arg("out"), py::arg("out_dtype"),
+        py::arg("base"), py::arg("delta_ptrs"), py::arg("n"), py::arg("in_dtype"),
+        py::arg("coeffs"), py::arg("coeff_stride_n"), py::arg("coeff_stride_block"),
+        py::arg("numel"), py::arg("block_size"), py::arg("from_models"), py::arg("stream"),
+        "out = base + sum_i coeffs[i, block] * delta_i (delta_i = f_i - base when from_models).\n"
+        "delta_ptrs: device int64 array of n device addresses.");
+  m.def("task_arithmetic_backward_workspace_bytes", &task_arithmetic_backward_workspace_bytes,
+        py::arg("numel"), py::arg("block_size"), py::arg("n"),
+        "Device workspace (bytes, 8-byte aligned) task_arithmetic_backward needs when grad_coeffs "
+        "is requested; 0 when none is needed.");
+  m.def("task_arithmetic_backward", &task_arithmetic_backward, py::arg("grad"),
+        py::arg("grad_dtype"), py::arg("base"), py::arg("delta_ptrs"), py::arg("n"),
+        py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
+        py::arg("coeff_stride_block"), py::arg("numel"), py::arg("block_size"),
+        py::arg("from_models"), py::arg("grad_base"), py::arg("grad_delta_ptrs"),
+        py::arg("grad_coeffs"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"),
+        "One pass over grad; grad_base, grad_delta_ptrs (device int64 array) and grad_coeffs\n"
+        "([n, n_blocks] fp32) may each be 0 (not wanted). Deterministic.");
+}
