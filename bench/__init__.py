@@ -21,6 +21,7 @@ from typing import Optional
 # op names it measures) and cases(device, quick) -> iterable of harness.Case.
 FAMILIES: dict[str, str] = {
     "task_arithmetic": ".task_merge",
+    "merge": ".merge",
 }
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
