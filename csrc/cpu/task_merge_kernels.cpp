@@ -25,6 +25,8 @@ constexpr int64_t kChunk = int64_t(1) << 16;
 // Reductions run in kLanes independent fp32 accumulators so that the compiler can vectorise
 // them without -ffast-math; tile sums are then added in double.
 constexpr int kLanes = 16;
+// Working sets above this are streamed: the output would evict the inputs before reuse anyway.
+constexpr int64_t kStreamingBytes = int64_t(512) << 20;
 
 // How the flattened tensor is cut into work items. Large blocks are split into several items
 // (partial sums combined afterwards, in order); small blocks are grouped so that each block lies
@@ -65,7 +67,7 @@ struct Plan {
 
 template <typename T, typename O, bool FromModels>
 void forward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, O* out,
-                  std::vector<float>& coeff) {
+                  std::vector<float>& coeff, bool streaming) {
   const T* base = static_cast<const T*>(p.base);
   plan.for_segments(k, [&](int64_t b, int64_t lo, int64_t hi) {
     for (int64_t i = 0; i < p.n; ++i)
@@ -88,9 +90,13 @@ void forward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, O
           for (int64_t j = 0; j < len; ++j) acc[j] += c * x[j];
         }
       }
-      store_tile(acc, out + t0, len);
+      if (streaming)
+        stream_tile(acc, out + t0, len);
+      else
+        store_tile(acc, out + t0, len);
     }
   });
+  if (streaming) stream_fence();
 }
 
 // sum_j x[j] * y[j] in kLanes fp32 lanes (vectorisable, order fixed by the sizes alone).
@@ -180,6 +186,9 @@ Status task_arithmetic_forward(const TaskArithmeticProblem& p, void* out, DType 
   if (p.numel == 0) return Status::ok();
   if (out == nullptr) return Status::invalid("out is a null pointer");
   const Plan plan(p.numel, p.block_size);
+  // Stream the output past the cache only when the whole working set cannot live in it.
+  const int64_t working_set = p.numel * (int64_t)sizeof(float) * (p.n + 2);
+  const bool streaming = working_set >= kStreamingBytes;
   return dispatch_dtype(p.in_dtype, [&](auto in_tag) {
     using T = decltype(in_tag);
     return dispatch_dtype(out_dtype, [&](auto out_tag) {
@@ -189,9 +198,9 @@ Status task_arithmetic_forward(const TaskArithmeticProblem& p, void* out, DType 
         thread_local std::vector<float> coeff;
         coeff.resize(std::max<int64_t>(p.n, 1));
         if (p.from_models)
-          forward_item<T, O, true>(p, plan, k, o, coeff);
+          forward_item<T, O, true>(p, plan, k, o, coeff, streaming);
         else
-          forward_item<T, O, false>(p, plan, k, o, coeff);
+          forward_item<T, O, false>(p, plan, k, o, coeff, streaming);
       });
       return Status::ok();
     });
