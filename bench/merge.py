@@ -62,6 +62,9 @@ def cases(device: str, quick: bool = False) -> Iterator[Case]:
     for method in ("ties", "dare_ties", "dare"):
         yield _make_case(dev, backends, method, numel, repeats=3 if quick else 3,
                          max_seconds=30.0 if quick else 120.0)
+    if not quick and dev.type == "cpu":
+        import tempfile
+        yield from whole_model_cases(tempfile.gettempdir())
 
 
 def _make_case(dev, backends, method, numel, repeats, max_seconds) -> Case:
@@ -117,3 +120,133 @@ def _make_case(dev, backends, method, numel, repeats, max_seconds) -> Case:
                 baseline="mergekit-style torch", params={"method": method, "numel": numel, "n_tasks": len(WEIGHTS),
                                                           "density": DENSITY, "device": str(dev)},
                 repeats=repeats, max_seconds=max_seconds, warmup=1, checks=checks, verify=verify)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-model merge: `python -m pyops merge` vs `mergekit-yaml` on the same YAML
+# --------------------------------------------------------------------------------------------
+
+# A Llama-shaped checkpoint of ~1.08 GB fp32 (270M parameters): mergekit needs a known
+# architecture to enumerate the tensors.
+LLAMA = dict(vocab=32000, hidden=1024, intermediate=2816, layers=16, heads=16)
+
+
+def _llama_tensors(cfg: dict) -> dict:
+    h, i, v = cfg["hidden"], cfg["intermediate"], cfg["vocab"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for layer in range(cfg["layers"]):
+        p = f"model.layers.{layer}."
+        for proj in ("q", "k", "v", "o"):
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (h, h)
+        shapes[p + "mlp.gate_proj.weight"] = (i, h)
+        shapes[p + "mlp.up_proj.weight"] = (i, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def write_llama_checkpoint(path, seed: int, base=None, cfg: dict = LLAMA) -> None:
+    """A synthetic HF-layout checkpoint (config.json + model.safetensors). With `base`, the
+    weights are base + small task-vector noise, as fine-tuned models are."""
+    import json
+    import os
+
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in _llama_tensors(cfg).items():
+        if base is None:
+            tensors[name] = torch.empty(shape).normal_(0, 0.02, generator=gen)
+        else:
+            tensors[name] = base[name] + torch.empty(shape).normal_(0, 0.002, generator=gen)
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg["hidden"],
+              "intermediate_size": cfg["intermediate"], "num_hidden_layers": cfg["layers"],
+              "num_attention_heads": cfg["heads"], "num_key_value_heads": cfg["heads"], "vocab_size": cfg["vocab"],
+              "rms_norm_eps": 1e-5, "max_position_embeddings": 2048, "tie_word_embeddings": False,
+              "torch_dtype": "float32"}
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    return tensors
+
+
+def _mergekit_yaml() -> "str | None":
+    import os
+    import shutil
+
+    return os.environ.get("PYOPS_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
+
+
+def _timed_child(cmd: list) -> float:
+    """Runs cmd; returns the child's peak RSS in MiB (ru_maxrss of a fresh wrapper process)."""
+    import subprocess
+    import sys
+
+    wrapper = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)")
+    p = subprocess.run([sys.executable, "-c", wrapper, *cmd], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed ({p.returncode}): {p.stderr[-2000:]}")
+    return int(p.stdout.strip().splitlines()[-1]) / 1024.0
+
+
+def whole_model_cases(workdir) -> Iterator[Case]:
+    import os
+    import shutil
+    import sys
+
+    root = os.path.join(workdir, "pyops-merge-bench")
+    models = [os.path.join(root, n) for n in ("base", "m1", "m2", "m3")]
+    if not all(os.path.exists(os.path.join(m, "model.safetensors")) for m in models):
+        base = write_llama_checkpoint(models[0], 0)
+        for k, m in enumerate(models[1:], start=1):
+            write_llama_checkpoint(m, k, base=base)
+        del base
+    model_bytes = sum(os.path.getsize(os.path.join(m, "model.safetensors")) for m in models)
+    mergekit = _mergekit_yaml()
+    for method, params in (("task_arithmetic", {}), ("ties", {"density": 0.3}), ("dare_ties", {"density": 0.3})):
+        cfg = os.path.join(root, f"{method}.yaml")
+        with open(cfg, "w") as f:
+            f.write(f"merge_method: {method}\nbase_model: {models[0]}\ndtype: float32\nmodels:\n")
+            for m, w in zip(models[1:], WEIGHTS):
+                extra = "".join(f", {k}: {v}" for k, v in params.items())
+                f.write(f"  - model: {m}\n    parameters: {{weight: {w}{extra}}}\n")
+        out_pyops, out_mk = os.path.join(root, f"out-pyops-{method}"), os.path.join(root, f"out-mk-{method}")
+        rss: dict = {}
+
+        def run_pyops(cfg=cfg, out=out_pyops, method=method):
+            rss["pyops"] = _timed_child([sys.executable, "-m", "pyops", "merge", cfg, "--out", out, "--overwrite",
+                                         "--no-progress"])
+
+        def run_mergekit(cfg=cfg, out=out_mk, method=method):
+            shutil.rmtree(out, ignore_errors=True)
+            rss["mergekit"] = _timed_child([mergekit, cfg, out, "--lazy-unpickle"])
+
+        entries = [Entry("pyops merge (CLI)", run_pyops, bytes=model_bytes + model_bytes // 4, group="pyops",
+                         note="python -m pyops merge CONFIG --out DIR (a fresh process: import time included)",
+                         info=lambda: {"peak_rss_child_mib": rss.get("pyops")}),
+                   Entry("mergekit-yaml", run_mergekit if mergekit else None, bytes=model_bytes + model_bytes // 4,
+                         group="peer", skip=None if mergekit else
+                         "mergekit-yaml not found (install mergekit into its own venv and set PYOPS_MERGEKIT_YAML)",
+                         note="mergekit-yaml CONFIG DIR --lazy-unpickle (same YAML)",
+                         info=lambda: {"peak_rss_child_mib": rss.get("mergekit")})]
+        target = {"task_arithmetic": 5.0, "ties": 10.0, "dare_ties": 10.0}[method]
+
+        def checks(r: CaseResult, target=target) -> list[Check]:
+            e = r.ok("pyops merge (CLI)")
+            res = [Check("speed-up pyops merge vs mergekit-yaml", e and e.speedup if r.ok("mergekit-yaml") else None,
+                         target, ">=", "x")]
+            if rss.get("pyops") and rss.get("mergekit"):
+                res.append(Check("peak RSS pyops / mergekit", rss["pyops"] / rss["mergekit"], 0.25, "<=", "x",
+                                 note=f"{rss['pyops']:.0f} vs {rss['mergekit']:.0f} MiB"))
+            elif rss.get("pyops"):
+                res.append(Check("peak RSS pyops merge (MiB)", rss["pyops"], None, "<=", " MiB"))
+            return res
+
+        yield Case(name=f"whole model {method} 3x{model_bytes / 4 / 1e9:.2f} GB fp32", entries=entries,
+                   baseline="mergekit-yaml" if mergekit else "pyops merge (CLI)",
+                   params={"method": method, "model_bytes_each": model_bytes // 4, "mergekit": mergekit},
+                   repeats=1, min_repeats=1, warmup=1, max_seconds=600.0, min_sample_s=0.0, checks=checks)
