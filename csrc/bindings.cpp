@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/thread_pool.h"
+#include "cpu/merge.h"
 #include "cpu/task_merge.h"
 
 namespace py = pybind11;
@@ -100,6 +101,63 @@ void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base,
   raise_if_error(st);
 }
 
+// ---- model merging (cpu/merge.h) ----
+
+void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& deltas,
+                   int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
+                   const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
+                   int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
+                   bool normalize, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  if (density.size() != deltas.size())
+    throw py::value_error("density: expected " + std::to_string(deltas.size()) + " values (one per task), got " +
+                          std::to_string(density.size()));
+  if (name_hash < 0 || name_hash > 0xffffffffLL)
+    throw py::value_error("name_hash: expected a 32-bit unsigned value, got " + std::to_string(name_hash));
+  const auto dptr = as_pointers<const void*>(deltas);
+  std::vector<float> dens(density.begin(), density.end());  // fp32, as the reference holds them
+  pyops::MergeProblem p;
+  p.base = reinterpret_cast<const void*>(base);
+  p.deltas = dptr.data();
+  p.n = (int64_t)dptr.size();
+  p.in_dtype = to_dtype(in_dtype, "in_dtype");
+  p.coeffs = reinterpret_cast<const float*>(coeffs);
+  p.coeff_stride_n = coeff_stride_n;
+  p.coeff_stride_block = coeff_stride_block;
+  p.density = dens.data();
+  p.numel = numel;
+  p.block_size = block_size;
+  p.from_models = from_models;
+  p.method = method;
+  p.lam = (float)lam;
+  p.seed = seed;
+  p.name_hash = (uint32_t)name_hash;
+  p.k = k;
+  p.tall_lambda = (float)tall_lambda;
+  p.normalize = normalize;
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::merge_forward(p, reinterpret_cast<void*>(out), od, n_threads);
+  }
+  raise_if_error(st);
+}
+
+std::vector<double> task_vector_gram(uintptr_t base, const std::vector<uintptr_t>& deltas, int in_dtype,
+                                     int64_t numel, bool from_models, int n_threads) {
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  const auto dptr = as_pointers<const void*>(deltas);
+  std::vector<double> gram(dptr.size() * dptr.size());
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::task_vector_gram(reinterpret_cast<const void*>(base), dptr.data(), (int64_t)dptr.size(), id,
+                                 numel, from_models, gram.data(), n_threads);
+  }
+  raise_if_error(st);
+  return gram;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -117,4 +175,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("coeffs"), py::arg("coeff_stride_n"), py::arg("coeff_stride_block"),
         py::arg("numel"), py::arg("block_size"), py::arg("from_models"), py::arg("grad_base"),
         py::arg("grad_deltas"), py::arg("grad_coeffs"), py::arg("n_threads"));
+  m.def("merge_forward", &merge_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"),
+        py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
+        py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
+        py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
+        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("n_threads"),
+        "Fused merge forward (ties, dare, dare_ties, consensus): out = base + lam * merged.");
+  m.def("task_vector_gram", &task_vector_gram, py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
+        py::arg("numel"), py::arg("from_models"), py::arg("n_threads"),
+        "Gram matrix of the task vectors, N*N doubles row-major.");
 }

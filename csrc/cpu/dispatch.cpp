@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/merge.h"
 #include "cpu/task_merge.h"
 
 namespace pyops {
@@ -63,6 +64,24 @@ Status task_arithmetic_backward(const TaskArithmeticProblem& p, const void* grad
 #endif
   return isa_base::task_arithmetic_backward(p, grad, grad_dtype, grad_base, grad_deltas,
                                             grad_coeffs, n_threads);
+}
+
+// ---- model merging (cpu/merge.h) ----
+
+Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads) {
+#if PYOPS_HAVE_AVX2
+  if (g_use_avx2.load()) return isa_avx2::merge_forward(p, out, out_dtype, n_threads);
+#endif
+  return isa_base::merge_forward(p, out, out_dtype, n_threads);
+}
+
+Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,
+                        int64_t numel, bool from_models, double* gram, int n_threads) {
+#if PYOPS_HAVE_AVX2
+  if (g_use_avx2.load())
+    return isa_avx2::task_vector_gram(base, deltas, n, in_dtype, numel, from_models, gram, n_threads);
+#endif
+  return isa_base::task_vector_gram(base, deltas, n, in_dtype, numel, from_models, gram, n_threads);
 }
 
 }  // namespace pyops

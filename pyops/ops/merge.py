@@ -17,6 +17,7 @@ from torch import Tensor
 
 from pyops import _backend, _native
 from pyops.ops import _validate as V
+from pyops.ops import merge_native  # the C++ path; importing registers its ops before any tracing
 from pyops.ops import task_merge as TM
 from pyops.reference import merge as ref
 
@@ -127,7 +128,6 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
             return result
         with torch.no_grad():
             return out.copy_(result)
-    from pyops.ops import merge_native  # the C++ path, kept apart from the validation above
     return merge_native.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
                             tall_lambda=tall_lambda, normalize=normalize, out=out)
 

@@ -1,0 +1,76 @@
+// Model merging over task vectors (TIES, DARE, DARE-TIES, consensus; model_stock's Gram matrix):
+// fused CPU forward kernels, torch-free. The definitions are pyops/reference/merge.py; these
+// kernels reproduce them operation for operation in fp32:
+//
+//   tau_i   = delta_i                  or  float(finetuned_i) - float(base)     (from_models)
+//   ties    : t_i = [|tau_i| >= thr_i,b] * tau_i, thr_i,b the k-th largest |tau_i| of block b,
+//             k = max(1, floor(density_i * n_b)) (exact; ties kept); density_i >= 1 keeps all
+//   dare    : t_i = ([u_ij < density_i] / density_i) * tau_i, u from Philox4x32-10 with
+//             counter (g lo, g hi, i, name_hash), g = j >> 2, key (seed lo, seed hi), word j & 3
+//   electing (ties, dare_ties): s = (sum_i w_i t_i >= 0 ? +1 : -1), a_i = [sign t_i = s, t_i != 0],
+//             merged = sum_i a_i w_i t_i / sum_i a_i w_i (zero divisor -> 1; or the plain sum
+//             when !normalize)
+//   dare    : merged = sum_i w_i t_i
+//   consensus: mtl = sum_i w_i tau_i, merged = [#{i : |tau_i| >= tall_lambda |mtl - tau_i|} >= k] * mtl
+//   out     = base + lam * merged
+//
+// Sums over tasks run i = 0..N-1 from 0 (torch's order for a sum over dim 0 of up to 4 rows, and
+// of the vectorised columns below 16 rows). The selection and masks are exact and depend on the
+// data alone, so they are the same bits for every thread count and ISA.
+#pragma once
+#include <cstdint>
+
+#include "common/dtype.h"
+#include "common/status.h"
+
+namespace pyops {
+
+// Method codes (pyops/ops/merge.py NATIVE_METHODS).
+enum MergeMethodCode : int {
+  kMergeTaskArithmetic = 0,
+  kMergeTies = 1,
+  kMergeDare = 2,
+  kMergeDareTies = 3,
+  kMergeConsensus = 7,
+};
+
+struct MergeProblem {
+  const void* base = nullptr;
+  const void* const* deltas = nullptr;  // n pointers (fine-tuned weights when from_models)
+  int64_t n = 0;
+  DType in_dtype = DType::kFloat32;     // dtype of base and every delta
+  const float* coeffs = nullptr;        // coeffs[i * coeff_stride_n + b * coeff_stride_block]
+  int64_t coeff_stride_n = 0;
+  int64_t coeff_stride_block = 0;       // 0 broadcasts one coefficient per task over all blocks
+  const float* density = nullptr;       // n values in (0, 1] (fp32, as the reference holds them)
+  int64_t numel = 0;
+  int64_t block_size = 0;               // > 0
+  bool from_models = false;
+  int method = kMergeTies;
+  float lam = 1.f;
+  uint64_t seed = 0;
+  uint32_t name_hash = 0;
+  int64_t k = 1;                        // consensus: tasks that must agree, in [1, n]
+  float tall_lambda = 0.6f;             // consensus
+  bool normalize = true;                // electing methods: disjoint weighted mean
+};
+
+// Writes out[numel] in out_dtype. out may be base itself (an in-place update: every tile of base
+// is read before the same tile of out is written); it must not overlap a delta.
+Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads);
+
+// gram[i * n + j] = sum_j tau_i[j] * tau_j[j], accumulated in double over fixed chunks (the same
+// bits for every thread count).
+Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,
+                        int64_t numel, bool from_models, double* gram, int n_threads);
+
+namespace isa_base {
+Status merge_forward(const MergeProblem&, void*, DType, int);
+Status task_vector_gram(const void*, const void* const*, int64_t, DType, int64_t, bool, double*, int);
+}  // namespace isa_base
+namespace isa_avx2 {
+Status merge_forward(const MergeProblem&, void*, DType, int);
+Status task_vector_gram(const void*, const void* const*, int64_t, DType, int64_t, bool, double*, int);
+}  // namespace isa_avx2
+
+}  // namespace pyops

@@ -1,0 +1,178 @@
+"""The C++ CPU path of `pyops.merge` (csrc/cpu/merge_kernels.cpp), kept apart from validation.
+
+`pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
+lays out the coefficients, allocates the output and calls the registered ops:
+
+    pyops::merge_native        functional: ties, dare / dare_linear, dare_ties, consensus
+    pyops::merge_native_out    the same, writing into `out`
+    pyops::task_vector_gram    Gram matrix of the task vectors in fp64 (model_stock), with autograd
+
+model_stock is a Gram pass (cos and t exactly as the reference forms them) followed by
+`pyops.task_arithmetic` with coefficients t/N: θ = base + t·mean(τ). Gradients reach base and
+the models through t as well (the Gram op's backward), as in the reference. The other methods are
+forward only; the op layer sends calls that need their gradients to the reference.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from pyops import _native
+from pyops.ops import task_merge as TM
+from pyops.reference import merge as ref
+
+# Method codes of the C++ kernel (csrc/cpu/merge.h); the same table as pyops.ops.merge.NATIVE_METHODS.
+METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "consensus": 7}
+
+_U64 = 1 << 64
+
+
+def _seed_to_i64(seed: int) -> int:
+    """A seed in [0, 2**64) as the signed int64 the op schema carries (two's complement)."""
+    return seed - _U64 if seed >= 1 << 63 else seed
+
+
+def _seed_from_i64(seed: int) -> int:
+    return seed & (_U64 - 1)
+
+
+def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                  block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
+                  tall_lambda: float, normalize: bool) -> None:
+    if out.numel() == 0:
+        return
+    base = base.detach().contiguous()
+    deltas = [d.detach().contiguous() for d in deltas]
+    c, s_n, s_b = TM._coeff_layout(coeffs)
+    _native.cpu_module.merge_forward(
+        out=out.data_ptr(), out_dtype=_native.dtype_code(out.dtype), base=base.data_ptr(),
+        deltas=[d.data_ptr() for d in deltas], in_dtype=_native.dtype_code(base.dtype), coeffs=c.data_ptr(),
+        coeff_stride_n=s_n, coeff_stride_block=s_b, density=[float(x) for x in density], numel=base.numel(),
+        block_size=block_size, from_models=from_models, method=method, lam=float(lam),
+        seed=_seed_from_i64(seed), name_hash=name_hash, k=k, tall_lambda=float(tall_lambda),
+        normalize=normalize, n_threads=torch.get_num_threads())
+
+
+@torch.library.custom_op("pyops::merge_native", mutates_args=(), device_types="cpu")
+def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
+              from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int, tall_lambda: float,
+              normalize: bool, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
+                  tall_lambda, normalize)
+    return out
+
+
+@torch.library.custom_op("pyops::merge_native_out", mutates_args=("out",), device_types="cpu")
+def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
+                  from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
+                  tall_lambda: float, normalize: bool, out: Tensor) -> None:
+    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
+                  tall_lambda, normalize)
+
+
+@_merge_op.register_fake
+def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
+                tall_lambda, normalize, out_dtype):
+    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+
+
+@_merge_out_op.register_fake
+def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
+                    tall_lambda, normalize, out):
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# model_stock: the Gram matrix of the task vectors
+# --------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("pyops::task_vector_gram", mutates_args=(), device_types="cpu")
+def _gram_op(base: Tensor, deltas: List[Tensor], from_models: bool) -> Tensor:
+    n = len(deltas)
+    if base.numel() == 0 or n == 0:
+        return torch.zeros((n, n), dtype=torch.float64, device=base.device)
+    b = base.detach().contiguous()
+    ds = [d.detach().contiguous() for d in deltas]
+    g = _native.cpu_module.task_vector_gram(b.data_ptr(), [d.data_ptr() for d in ds], _native.dtype_code(b.dtype),
+                                            b.numel(), from_models, torch.get_num_threads())
+    return torch.tensor(g, dtype=torch.float64, device=base.device).view(n, n)
+
+
+@_gram_op.register_fake
+def _gram_fake(base, deltas, from_models):
+    n = len(deltas)
+    return base.new_empty((n, n), dtype=torch.float64)
+
+
+def _gram_setup(ctx, inputs, output):
+    base, deltas, from_models = inputs
+    ctx.save_for_backward(base, *deltas)
+    ctx.from_models = from_models
+    ctx.need_base = from_models and base.requires_grad
+    ctx.need = [d.requires_grad for d in deltas]
+
+
+def _gram_backward(ctx, grad):
+    # G = T Tᵀ with T the [N, numel] task vectors: dL/dτ_k = Σ_j (g + gᵀ)[k, j] τ_j.
+    base, *deltas = ctx.saved_tensors
+    sym = (grad + grad.transpose(0, 1)).to(torch.float32)
+    b32 = base.reshape(-1).to(torch.float32)
+    taus = [d.reshape(-1).to(torch.float32) - b32 if ctx.from_models else d.reshape(-1).to(torch.float32)
+            for d in deltas]
+    n = len(taus)
+    grad_taus = []
+    for k in range(n):
+        acc = torch.zeros_like(b32)
+        for j in range(n):
+            acc = acc + sym[k, j] * taus[j]
+        grad_taus.append(acc)
+    grad_deltas = [g.view(base.shape).to(base.dtype) if need else None for g, need in zip(grad_taus, ctx.need)]
+    grad_base = None
+    if ctx.need_base:
+        total = torch.zeros_like(b32)
+        for g in grad_taus:
+            total = total - g
+        grad_base = total.view(base.shape).to(base.dtype)
+    return grad_base, grad_deltas, None
+
+
+_gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
+
+
+def model_stock_coeffs(gram: Tensor) -> Tensor:
+    """t/N per task ([N], fp32) from the Gram matrix, as the reference forms t:
+    cos = mean over i<j of clamp(G_ij / max(‖τᵢ‖‖τⱼ‖, 1e-6), −1, 1), t = N·cos / (1 + (N − 1)·cos)."""
+    n = gram.shape[0]
+    norms = torch.sqrt(torch.diagonal(gram))
+    iu = torch.triu_indices(n, n, offset=1, device=gram.device)
+    prods = (norms[:, None] * norms[None, :])[iu[0], iu[1]].clamp_min(1e-6)
+    cos = (gram[iu[0], iu[1]] / prods).clamp(-1.0, 1.0).mean()
+    t = n * cos / (1 + (n - 1) * cos)
+    return (t / n).to(torch.float32).expand(n)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point from pyops.ops.merge
+# --------------------------------------------------------------------------------------------
+
+def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, seed: int, lam: float, name: str,
+        k: int, tall_lambda: float, normalize: Optional[bool], out: Optional[Tensor]) -> Tensor:
+    """Runs `method` on the C++ CPU kernels; `p`, `dens` and the parameters are validated by the caller."""
+    if method == "model_stock":
+        gram = _gram_op(p.base, p.deltas, from_models)
+        coeffs = model_stock_coeffs(gram)
+        fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
+        return fn(p.base, p.deltas, coeffs, out=out, out_dtype=p.out_dtype if out is None else None, backend="cpu")
+    if method not in METHOD_CODES:
+        raise ValueError(f"method: the C++ kernels implement {', '.join(METHOD_CODES)} and model_stock, got {method!r}")
+    if normalize is None:
+        normalize = method in ref.ELECTING
+    args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
+            float(lam), _seed_to_i64(seed), ref.name_hash(name), k, float(tall_lambda), bool(normalize))
+    if out is None:
+        return _merge_op(*args, p.out_dtype)
+    _merge_out_op(*args, out)
+    return out
