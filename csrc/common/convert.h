@@ -15,6 +15,7 @@
 #endif
 
 namespace pyops {
+inline namespace PYOPS_PER_ISA_NS {
 
 // fp32 view of n elements: the source itself for float, else widened into buf.
 inline const float* as_float_tile(const float* src, float* /*buf*/, int64_t /*n*/) { return src; }
@@ -91,4 +92,5 @@ inline void stream_fence() {
 #endif
 }
 
+}  // inline namespace PYOPS_PER_ISA_NS
 }  // namespace pyops

@@ -10,6 +10,8 @@ namespace pyops {
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+inline namespace PYOPS_PER_ISA_NS {
+
 inline bool valid_dtype(int code) { return code >= 0 && code <= 2; }
 
 inline const char* dtype_name(DType d) {
@@ -47,4 +49,5 @@ inline auto dispatch_dtype(DType code, Fn&& fn) {
   }
 }
 
+}  // inline namespace PYOPS_PER_ISA_NS
 }  // namespace pyops

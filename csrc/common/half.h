@@ -7,7 +7,10 @@
 #include <cstdint>
 #include <cstring>
 
+#include "common/isa.h"
+
 namespace pyops {
+inline namespace PYOPS_PER_ISA_NS {
 
 #if defined(__FLT16_MAX__) && !defined(PYOPS_NO_FLOAT16)
 #define PYOPS_HAVE_FLOAT16 1
@@ -76,4 +79,5 @@ inline bf16_bits float_to_bf16(float f) {
   return {(uint16_t)(is_nan ? ((u >> 16) | 0x40u) : rounded)};
 }
 
+}  // inline namespace PYOPS_PER_ISA_NS
 }  // namespace pyops

@@ -21,6 +21,7 @@
 
 #include "common/convert.h"
 #include "common/thread_pool.h"
+#include "cpu/block_plan.h"
 #include "cpu/merge.h"
 
 #if defined(__AVX2__)
@@ -39,9 +40,6 @@ namespace {
 
 // Elements per tile: the fp32 working set of a tile (base, N task rows) stays in L1/L2.
 constexpr int64_t kTile = 512;
-// Elements per work item of the combine pass and of the Gram pass; fixed, so every partial sum,
-// and therefore every bit of the result, is independent of the thread count.
-constexpr int64_t kChunk = int64_t(1) << 16;
 // Blocks at least this long get their TIES threshold before the combine pass, from a sampled
 // bracket and one counting pass over the block (falling back to a two-pass 16-bit radix select);
 // shorter blocks (rows of a matrix, small chunks) select with std::nth_element on a per-thread
@@ -68,37 +66,6 @@ inline float bits_float(uint32_t u) {
   return f;
 }
 
-// How the flattened tensor is cut into work items (as in task_merge_kernels.cpp): large blocks
-// are split into several items, small blocks are grouped so that each lies inside one item.
-struct Plan {
-  int64_t numel, block_size, n_blocks;
-  bool large;
-  int64_t items_per_block;
-  int64_t blocks_per_item;
-  int64_t n_items;
-
-  Plan(int64_t numel_, int64_t bs) : numel(numel_), block_size(bs) {
-    n_blocks = numel == 0 ? 0 : (numel + bs - 1) / bs;
-    large = bs >= kChunk;
-    items_per_block = large ? (bs + kChunk - 1) / kChunk : 1;
-    blocks_per_item = large ? 1 : std::max<int64_t>(1, kChunk / bs);
-    n_items = large ? n_blocks * items_per_block : (n_blocks + blocks_per_item - 1) / blocks_per_item;
-  }
-
-  template <class F>
-  void for_segments(int64_t k, F&& seg) const {
-    if (large) {
-      const int64_t b = k / items_per_block, c = k % items_per_block;
-      const int64_t lo = b * block_size + c * kChunk;
-      const int64_t hi = std::min({lo + kChunk, (b + 1) * block_size, numel});
-      if (lo < hi) seg(b, lo, hi);
-    } else {
-      const int64_t b1 = std::min(n_blocks, (k + 1) * blocks_per_item);
-      for (int64_t b = k * blocks_per_item; b < b1; ++b)
-        seg(b, b * block_size, std::min((b + 1) * block_size, numel));
-    }
-  }
-};
 
 // ------------------------------------------------------------------------------------------------
 // Philox4x32-10 over runs of counters (the same function as common/philox.h, laid out so that

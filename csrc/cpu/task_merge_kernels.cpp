@@ -7,6 +7,7 @@
 
 #include "common/convert.h"
 #include "common/thread_pool.h"
+#include "cpu/block_plan.h"
 #include "cpu/task_merge.h"
 
 #define PYOPS_NS_CAT(x) isa_##x
@@ -21,49 +22,12 @@ namespace {
 constexpr int64_t kTile = 512;
 // Elements per work item. Fixed (never derived from the thread count), so the partial sums of
 // the coefficient gradient, and therefore its bits, do not depend on how many threads ran.
-constexpr int64_t kChunk = int64_t(1) << 16;
 // Reductions run in kLanes independent fp32 accumulators so that the compiler can vectorise
 // them without -ffast-math; tile sums are then added in double.
 constexpr int kLanes = 16;
 // Working sets above this are streamed: the output would evict the inputs before reuse anyway.
 constexpr int64_t kStreamingBytes = int64_t(512) << 20;
 
-// How the flattened tensor is cut into work items. Large blocks are split into several items
-// (partial sums combined afterwards, in order); small blocks are grouped so that each block lies
-// inside exactly one item.
-struct Plan {
-  int64_t numel, block_size, n_blocks;
-  bool large;
-  int64_t items_per_block;  // large blocks
-  int64_t blocks_per_item;  // small blocks
-  int64_t n_items;
-
-  // A block larger than the tensor is the whole tensor: clamping keeps n_items (and the
-  // arithmetic below) bounded whatever block_size the caller passes.
-  Plan(int64_t numel_, int64_t bs) : numel(numel_), block_size(std::max<int64_t>(1, std::min(bs, numel_))) {
-    n_blocks = numel == 0 ? 0 : (numel + block_size - 1) / block_size;
-    const int64_t bsz = block_size;
-    large = bsz >= kChunk;
-    items_per_block = large ? (bsz + kChunk - 1) / kChunk : 1;
-    blocks_per_item = large ? 1 : std::max<int64_t>(1, kChunk / bsz);
-    n_items = large ? n_blocks * items_per_block : (n_blocks + blocks_per_item - 1) / blocks_per_item;
-  }
-
-  // Calls seg(block, lo, hi) for each block segment of item k.
-  template <class F>
-  void for_segments(int64_t k, F&& seg) const {
-    if (large) {
-      const int64_t b = k / items_per_block, c = k % items_per_block;
-      const int64_t lo = b * block_size + c * kChunk;
-      const int64_t hi = std::min({lo + kChunk, (b + 1) * block_size, numel});
-      if (lo < hi) seg(b, lo, hi);
-    } else {
-      const int64_t b1 = std::min(n_blocks, (k + 1) * blocks_per_item);
-      for (int64_t b = k * blocks_per_item; b < b1; ++b)
-        seg(b, b * block_size, std::min((b + 1) * block_size, numel));
-    }
-  }
-};
 
 template <typename T, typename O, bool FromModels>
 void forward_item(const TaskArithmeticProblem& p, const Plan& plan, int64_t k, O* out,
