@@ -111,10 +111,18 @@ def _make_case(dev, backends, method, numel, repeats, max_seconds) -> Case:
                           name="bench", out=out, backend=backends[0]) if dev.type == "cpu" else None
         if got is None or method != "ties":
             return {"note": "DARE masks differ by construction between pyops (Philox) and torch.bernoulli"}
-        # TIES is deterministic: pyops equals the per-tensor formulation (random data, no ties at the threshold).
+        # TIES is deterministic: pyops equals the per-tensor formulation except where some |τᵢ|
+        # equals its task's k-th largest magnitude (pyops keeps every tied entry, as DESIGN
+        # defines; torch.topk keeps exactly k). At 64M fp32 samples such ties do occur.
         ref = _mergekit_style("ties", base, deltas, gen)
-        err = float((got - ref).abs().max())
-        return {"max_abs_vs_mergekit_style": err, "ok": err <= 1e-5 * max(1.0, float(ref.abs().max()))}
+        bad = (got - ref).abs() > 1e-5 * max(1.0, float(ref.abs().max()))
+        tied = torch.zeros_like(bad)
+        for d in deltas:
+            k = int(DENSITY * d.numel())
+            tied |= d.abs() == torch.topk(d.abs().view(-1), k).values[-1]
+        n_bad, n_explained = int(bad.sum()), int((bad & tied).sum())
+        return {"elements_differing_from_mergekit_style": n_bad, "of_which_at_threshold_ties": n_explained,
+                "ok": n_bad == n_explained}
 
     return Case(name=f"{method} fp32 {numel // M}M N={len(WEIGHTS)} density={DENSITY}", entries=entries,
                 baseline="mergekit-style torch", params={"method": method, "numel": numel, "n_tasks": len(WEIGHTS),
@@ -223,7 +231,7 @@ def whole_model_cases(workdir) -> Iterator[Case]:
 
         def run_mergekit(cfg=cfg, out=out_mk, method=method):
             shutil.rmtree(out, ignore_errors=True)
-            rss["mergekit"] = _timed_child([mergekit, cfg, out, "--lazy-unpickle"])
+            rss["mergekit"] = _timed_child([mergekit, cfg, out, "--lazy-unpickle", "--no-copy-tokenizer"])
 
         entries = [Entry("pyops merge (CLI)", run_pyops, bytes=model_bytes + model_bytes // 4, group="pyops",
                          note="python -m pyops merge CONFIG --out DIR (a fresh process: import time included)",
@@ -231,7 +239,7 @@ def whole_model_cases(workdir) -> Iterator[Case]:
                    Entry("mergekit-yaml", run_mergekit if mergekit else None, bytes=model_bytes + model_bytes // 4,
                          group="peer", skip=None if mergekit else
                          "mergekit-yaml not found (install mergekit into its own venv and set PYOPS_MERGEKIT_YAML)",
-                         note="mergekit-yaml CONFIG DIR --lazy-unpickle (same YAML)",
+                         note="mergekit-yaml CONFIG DIR --lazy-unpickle --no-copy-tokenizer (same YAML; the synthetic models have no tokenizer)",
                          info=lambda: {"peak_rss_child_mib": rss.get("mergekit")})]
         target = {"task_arithmetic": 5.0, "ties": 10.0, "dare_ties": 10.0}[method]
 

@@ -15,6 +15,13 @@ import torch
 _cache: Dict[str, Optional[str]] = {}
 
 
+def _constant_under_compile(fn):
+    """What `torch.compiler.assume_constant_result` does (it sets this one attribute), without
+    importing torch._dynamo when pyops is imported: that import alone costs ~1.3 s."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 def _try_import(module: str, what: str) -> Optional[str]:
     if module not in _cache:
         try:
@@ -25,12 +32,12 @@ def _try_import(module: str, what: str) -> Optional[str]:
     return _cache[module]
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _import_reason() -> Optional[str]:
     return _try_import("triton", "triton is not installed")
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def kernel_module_reason(family: str) -> Optional[str]:
     """None if `pyops.kernels.<family>` imports, else the reason (checked once per process)."""
     return _import_reason() or _try_import(f"pyops.kernels.{family}", f"pyops.kernels.{family} failed to import")
@@ -40,7 +47,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@torch.compiler.assume_constant_result
+@_constant_under_compile
 def _interpreter_ready() -> bool:
     """Triton decides at import whether its @jit functions (tl.sum, ...) are interpreted, so
     setting TRITON_INTERPRET=1 after `import pyops` (which imports Triton) is too late."""
