@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "common/convert.h"
+#include "common/isa.h"
 #include "common/thread_pool.h"
 #include "cpu/block_plan.h"
 #include "cpu/merge.h"
@@ -31,11 +32,8 @@
 #define PYOPS_MERGE_AVX2_PHILOX 0
 #endif
 
-#define PYOPS_NS_CAT(x) isa_##x
-#define PYOPS_NS(x) PYOPS_NS_CAT(x)
-
 namespace pyops {
-namespace PYOPS_NS(PYOPS_ISA) {
+namespace PYOPS_ISA_KERNEL_NS {
 namespace {
 
 // Elements per tile: the fp32 working set of a tile (base, N task rows) stays in L1/L2.
@@ -991,5 +989,5 @@ Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, 
   return Status::ok();
 }
 
-}  // namespace PYOPS_NS(PYOPS_ISA)
+}  // namespace PYOPS_ISA_KERNEL_NS
 }  // namespace pyops

@@ -6,22 +6,18 @@
 #include <vector>
 
 #include "common/convert.h"
+#include "common/isa.h"
 #include "common/thread_pool.h"
 #include "cpu/block_plan.h"
 #include "cpu/task_merge.h"
 
-#define PYOPS_NS_CAT(x) isa_##x
-#define PYOPS_NS(x) PYOPS_NS_CAT(x)
-
 namespace pyops {
-namespace PYOPS_NS(PYOPS_ISA) {
+namespace PYOPS_ISA_KERNEL_NS {
 namespace {
 
 // Elements held in the per-tile fp32 stack buffers: small enough for L1, long enough that the
 // per-tile coefficient bookkeeping is negligible.
 constexpr int64_t kTile = 512;
-// Elements per work item. Fixed (never derived from the thread count), so the partial sums of
-// the coefficient gradient, and therefore its bits, do not depend on how many threads ran.
 // Reductions run in kLanes independent fp32 accumulators so that the compiler can vectorise
 // them without -ffast-math; tile sums are then added in double.
 constexpr int kLanes = 16;
@@ -217,5 +213,5 @@ Status task_arithmetic_backward(const TaskArithmeticProblem& p, const void* grad
   return Status::ok();
 }
 
-}  // namespace PYOPS_NS(PYOPS_ISA)
+}  // namespace PYOPS_ISA_KERNEL_NS
 }  // namespace pyops
