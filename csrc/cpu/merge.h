@@ -22,6 +22,7 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
+#include "cpu/task_merge.h"
 
 namespace pyops {
 
@@ -34,18 +35,10 @@ enum MergeMethodCode : int {
   kMergeConsensus = 7,
 };
 
-struct MergeProblem {
-  const void* base = nullptr;
-  const void* const* deltas = nullptr;  // n pointers (fine-tuned weights when from_models)
-  int64_t n = 0;
-  DType in_dtype = DType::kFloat32;     // dtype of base and every delta
-  const float* coeffs = nullptr;        // coeffs[i * coeff_stride_n + b * coeff_stride_block]
-  int64_t coeff_stride_n = 0;
-  int64_t coeff_stride_block = 0;       // 0 broadcasts one coefficient per task over all blocks
+// The task-arithmetic problem (base, task tensors, coefficients, blocks) plus the method's
+// parameters.
+struct MergeProblem : TaskArithmeticProblem {
   const float* density = nullptr;       // n values in (0, 1] (fp32, as the reference holds them)
-  int64_t numel = 0;
-  int64_t block_size = 0;               // > 0
-  bool from_models = false;
   int method = kMergeTies;
   float lam = 1.f;
   uint64_t seed = 0;
