@@ -16,6 +16,10 @@ namespace py = pybind11;
 
 namespace pyops {
 bool set_isa(const char* name);
+// Per-family bindings (csrc/bind/<family>.cpp).
+void bind_task_attention(py::module_& m);
+void bind_neighborhood(py::module_& m);
+void bind_moe(py::module_& m);
 }
 
 namespace {
@@ -184,4 +188,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("task_vector_gram", &task_vector_gram, py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
         py::arg("numel"), py::arg("from_models"), py::arg("n_threads"),
         "Gram matrix of the task vectors, N*N doubles row-major.");
+  pyops::bind_task_attention(m);
+  pyops::bind_neighborhood(m);
+  pyops::bind_moe(m);
 }

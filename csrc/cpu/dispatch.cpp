@@ -3,6 +3,7 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "cpu/isa_dispatch.h"
 #include "cpu/merge.h"
 #include "cpu/task_merge.h"
 
@@ -29,6 +30,8 @@ bool initial_use_avx2() {
 std::atomic<bool> g_use_avx2{initial_use_avx2()};
 
 }  // namespace
+
+bool use_avx2() { return g_use_avx2.load(); }
 
 const char* active_isa() { return g_use_avx2.load() ? "avx2" : "base"; }
 
