@@ -17,6 +17,7 @@ import os
 import resource
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                    "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
 CONFIG_COPY = "pyops_merge.yaml"
+# Idle reusable buffers kept by the merge (at least two of the largest tensor).
+_POOL_IDLE_BYTES = 256 << 20
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -235,13 +238,14 @@ def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes:
 # --------------------------------------------------------------------------------------------
 
 def _merge_tensor(cfg: MergeConfig, item: _Item, tensors: List[torch.Tensor], device: torch.device,
-                  backend: str, tally: Dict[str, int]) -> torch.Tensor:
+                  backend: str, tally: Dict[str, int], out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The merged tensor; written into `out` (a CPU tensor of the entry's dtype and shape) when given."""
     import pyops
     from pyops import _backend
 
     base = tensors[0]
     if item.kwargs is None:
-        return base
+        return base if out is None else out.copy_(base)
     models = tensors[1:]
     if base.numel() == 0:
         return torch.empty(item.entry.shape, dtype=item.entry.dtype)
@@ -251,8 +255,13 @@ def _merge_tensor(cfg: MergeConfig, item: _Item, tensors: List[torch.Tensor], de
     models = [m if m.dtype == base.dtype else m.to(base.dtype) for m in models]
     if cfg.method == "linear":
         base = torch.zeros_like(models[0])  # θ = Σ cᵢ·(θᵢ − 0)
+    if out is not None and device.type != "cpu":
+        out = None  # merged on the device, copied to the host by the writer
     with torch.no_grad():
-        out = pyops.merge_from_models(base, models, out_dtype=item.entry.dtype, backend=backend, **item.kwargs)
+        if out is None:
+            out = pyops.merge_from_models(base, models, out_dtype=item.entry.dtype, backend=backend, **item.kwargs)
+        else:
+            pyops.merge_from_models(base, models, out=out, backend=backend, **item.kwargs)
     op = "task_arithmetic" if cfg.pyops_method == "task_arithmetic" else "merge"
     choice = _backend.last_choice(op)
     if choice is not None:
@@ -260,11 +269,53 @@ def _merge_tensor(cfg: MergeConfig, item: _Item, tensors: List[torch.Tensor], de
     return out
 
 
-def _load(item: _Item, ref: Checkpoint, tasks: Sequence[Checkpoint]) -> List[torch.Tensor]:
-    base = ref.read(item.name)
+class _BytePool:
+    """Reusable byte buffers, kept by exact size.
+
+    Reading every tensor into fresh memory costs a page fault per 4 KiB: on these machines the
+    first write of new memory runs at ~1 GB/s, slower than the read itself. A transformer's
+    tensors repeat a handful of shapes layer after layer, so buffers released after a tensor is
+    merged (inputs) or written (outputs) are handed out again for the next tensor of that size and
+    their pages are touched once. Idle buffers are capped at `max_idle` bytes (the rest go back to
+    the allocator), so the memory stays a few tensors' worth whatever the model size."""
+
+    def __init__(self, max_idle: int):
+        self.max_idle = max_idle
+        self._free: Dict[int, List[torch.Tensor]] = {}
+        self._idle = 0
+        self._lock = threading.Lock()
+
+    def acquire(self, nbytes: int) -> torch.Tensor:
+        with self._lock:
+            bucket = self._free.get(nbytes)
+            if bucket:
+                self._idle -= nbytes
+                return bucket.pop()
+        return torch.empty(max(nbytes, 1), dtype=torch.uint8)
+
+    def release(self, buf: torch.Tensor) -> None:
+        nbytes = buf.numel()
+        with self._lock:
+            if self._idle + nbytes <= self.max_idle:
+                self._free.setdefault(nbytes, []).append(buf)
+                self._idle += nbytes
+
+
+def _load(item: _Item, ref: Checkpoint, tasks: Sequence[Checkpoint],
+          pool: Optional[_BytePool] = None) -> tuple:
+    """(tensors, buffers): the base then each model's tensor; the pool buffers they live in."""
+    bufs: List[torch.Tensor] = []
+
+    def read(c: Checkpoint) -> torch.Tensor:
+        if pool is None:
+            return c.read(item.name)
+        bufs.append(pool.acquire(c.tensors[item.name].nbytes))
+        return c.read(item.name, bufs[-1])
+
+    base = read(ref)
     if item.kwargs is None:
-        return [base]
-    return [base] + [base if c is ref else c.read(item.name) for c in tasks]
+        return [base], bufs
+    return [base] + [base if c is ref else read(c) for c in tasks], bufs
 
 
 def _stream(cfg: MergeConfig, order: List[_Item], shards, files, tmp: Path, ref: Checkpoint,
@@ -275,9 +326,20 @@ def _stream(cfg: MergeConfig, order: List[_Item], shards, files, tmp: Path, ref:
     and the kernels release the GIL). Returns the largest RSS seen after a tensor."""
     rss_seen = 0
     writers: List[ShardWriter] = []
+    largest = max((it.entry.nbytes for it in order), default=0)
+    pool = _BytePool(max_idle=max(_POOL_IDLE_BYTES, 2 * largest)) if dev.type == "cpu" else None
+
+    def load(p: int) -> tuple:
+        return _load(order[p], ref, tasks, pool)
+
+    def write(writer: ShardWriter, name: str, result: torch.Tensor, out_buf: Optional[torch.Tensor]) -> None:
+        writer.write_tensor(name, result)
+        if out_buf is not None:
+            pool.release(out_buf)
+
     with ThreadPoolExecutor(1, thread_name_prefix="pyops-merge-read") as reader, \
             ThreadPoolExecutor(1, thread_name_prefix="pyops-merge-write") as writer_pool:
-        pending_read = reader.submit(_load, order[0], ref, tasks) if (overlap and order) else None
+        pending_read = reader.submit(load, 0) if (overlap and order) else None
         pending_write = None
         pos = 0
         try:
@@ -286,18 +348,28 @@ def _stream(cfg: MergeConfig, order: List[_Item], shards, files, tmp: Path, ref:
                 writers.append(writer)
                 for entry in shard:
                     item = order[pos]
-                    tensors = pending_read.result() if pending_read is not None else _load(item, ref, tasks)
+                    # The tensors of position pos + 1 go into the other input set, which held those
+                    # of pos - 1: their merge is done. Output pos goes into out slot pos % 2, whose
+                    # previous contents (pos - 2) were on disk before write pos - 1 was submitted.
+                    tensors, in_bufs = pending_read.result() if pending_read is not None else load(pos)
                     pos += 1
-                    pending_read = reader.submit(_load, order[pos], ref, tasks) if (overlap and pos < len(order)) else None
-                    result = _merge_tensor(cfg, item, tensors, dev, backend, report.backends)
-                    del tensors
+                    pending_read = reader.submit(load, pos) if (overlap and pos < len(order)) else None
+                    out_buf = pool.acquire(entry.nbytes) if pool is not None else None
+                    out_view = out_buf[:entry.nbytes].view(entry.dtype).view(entry.shape) if out_buf is not None else None
+                    result = _merge_tensor(cfg, item, tensors, dev, backend, report.backends, out=out_view)
+                    del tensors, out_view
+                    if pool is not None:
+                        for b in in_bufs:
+                            pool.release(b)
+                    del in_bufs
                     if pending_write is not None:
                         pending_write.result()  # the previous tensor is on disk (or its error raised here)
                         pending_write = None
                     if overlap:
-                        pending_write = writer_pool.submit(writer.write_tensor, item.name, result)
+                        pending_write = writer_pool.submit(write, writer, item.name, result, out_buf)
                     else:
-                        writer.write_tensor(item.name, result)
+                        write(writer, item.name, result, out_buf)
+                    del out_buf
                     del result
                     if item.kwargs is None:
                         report.copied.append(item.name)

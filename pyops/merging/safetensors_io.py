@@ -185,10 +185,23 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
-    def read(self, name: str) -> torch.Tensor:
-        """A new CPU tensor with the stored values of `name` (one `preadv`, no mapping kept)."""
+    def read(self, name: str, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A CPU tensor with the stored values of `name` (one `preadv`, no mapping kept).
+
+        Without `buffer` the tensor is newly allocated. With `buffer` (a contiguous uint8 CPU
+        tensor of at least the tensor's byte size) the bytes land in its first bytes and the result
+        is a view of it: a merge that reuses its buffers touches no fresh pages, and a fresh page
+        costs about as much as reading it (the first write of new memory runs at ~1 GB/s here).
+        """
         info = self.tensors[name]
-        t = torch.empty(info.shape, dtype=info.dtype)
+        if buffer is None:
+            t = torch.empty(info.shape, dtype=info.dtype)
+        else:
+            if buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or not buffer.is_contiguous() \
+                    or buffer.numel() < info.nbytes:
+                raise ValueError(f"buffer: expected a contiguous CPU uint8 tensor of at least {info.nbytes} bytes "
+                                 f"for {name!r}, got {buffer.dtype} {list(buffer.shape)} on {buffer.device}")
+            t = buffer[:info.nbytes].view(info.dtype).view(info.shape)
         if info.nbytes == 0:
             return t
         fd = self._fds.get(info.file)
