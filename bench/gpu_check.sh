@@ -9,9 +9,9 @@
 #   PYOPS_COMMIT=<hash> ...                                    # recorded in the JSON when .git is absent
 #
 # Every step runs even if an earlier one failed; the exit status is non-zero if any step failed.
-# $OUT holds at most 8 files, at most 2 folders deep: build.log, nvidia-smi.txt, info.log,
-# verify.log, bench.log and results/<family>-<device>.{json,png} (packed into results.tar.gz
-# when there are more result files than fit).
+# $OUT holds 6 files (the device tool returns at most 8): build.log, nvidia-smi.txt, info.log,
+# verify.log, bench.log and results.tar.gz (<family>-<device>.{json,png}, repacked after every
+# family). FAMILIES, VERIFY_TIMEOUT and BENCH_TIMEOUT (seconds per family) bound the run.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -19,7 +19,11 @@ OUT=${OUT:-$PWD/gpu_out}
 PYTHON=${PYTHON:-python}
 export PYOPS_CUDA=${PYOPS_CUDA:-ON}
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc 2>/dev/null || echo 4)}
-mkdir -p "$OUT" "$OUT/results"
+export PYTHONUNBUFFERED=1
+FAMILIES=${FAMILIES:-"task_arithmetic merge task_attention neighborhood moe"}
+VERIFY_TIMEOUT=${VERIFY_TIMEOUT:-90}   # seconds per family
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-100}    # seconds per family
+mkdir -p "$OUT"
 
 if [ "$PYOPS_CUDA" = "OFF" ]; then
     DEVICE=cpu
@@ -27,6 +31,8 @@ if [ "$PYOPS_CUDA" = "OFF" ]; then
 else
     DEVICE=cuda
     EXTRA=()
+    # The lent machines are Hopper (sm_90): one architecture halves the nvcc time.
+    export PYOPS_CUDA_ARCHS=${PYOPS_CUDA_ARCHS:-90}
 fi
 
 failed=()
@@ -34,13 +40,17 @@ summary=()
 
 # step NAME LOG [--quiet] CMD...: run CMD, output to LOG (and the terminal unless --quiet).
 step() {
-    local name=$1 log=$2 quiet=0 rc=0 t0=$SECONDS
+    local name=$1 log=$2 quiet=0 append=0 rc=0 t0=$SECONDS
     shift 2
     if [ "${1:-}" = "--quiet" ]; then quiet=1; shift; fi
+    if [ "${1:-}" = "--append" ]; then append=1; shift; fi
     echo "=== [$name] $*"
     if [ $quiet = 1 ]; then
         "$@" >"$log" 2>&1 || rc=$?
         if [ $rc -ne 0 ]; then tail -n 40 "$log"; else tail -n 3 "$log"; fi
+    elif [ $append = 1 ]; then
+        echo "=== [$name] $*" >>"$log"
+        "$@" 2>&1 | tee -a "$log" || rc=$?
     else
         "$@" 2>&1 | tee "$log" || rc=$?
     fi
@@ -74,15 +84,22 @@ VERIFY_EXTRA=()
 if [ ${#EXTRA[@]} -ne 0 ] && "$PYTHON" -m pyops verify --help 2>/dev/null | grep -q -- '--quick'; then
     VERIFY_EXTRA=("${EXTRA[@]}")
 fi
-step verify "$OUT/verify.log" "$PYTHON" -m pyops verify --device "$DEVICE" "${VERIFY_EXTRA[@]}"
-step bench "$OUT/bench.log" "$PYTHON" -m pyops bench --device "$DEVICE" --results-dir "$OUT/results" "${EXTRA[@]}"
-
-# Keep what comes back within 8 files: pack the results if the folders hold too many.
-n_files=$(find "$OUT" -type f | wc -l)
-if [ "$n_files" -gt 8 ]; then
-    tar -C "$OUT" -czf "$OUT/results.tar.gz" results && rm -rf "$OUT/results"
-    echo "packed $OUT/results into results.tar.gz ($n_files files were too many)"
-fi
+# One family at a time, each under its own time limit, so one slow or hanging family cannot eat
+# the device time of the others; logs are appended, results packed after every family, so a
+# run stopped at its limit still returns everything finished before.
+: >"$OUT/verify.log"
+: >"$OUT/bench.log"
+RESULTS=${RESULTS_DIR:-/tmp/pyops-gpu-results}
+mkdir -p "$RESULTS"
+for fam in $FAMILIES; do
+    step "verify:$fam" "$OUT/verify.log" --append timeout -k 10 "$VERIFY_TIMEOUT" \
+        "$PYTHON" -m pyops verify --op "$fam" --device "$DEVICE" "${VERIFY_EXTRA[@]}"
+done
+for fam in $FAMILIES; do
+    step "bench:$fam" "$OUT/bench.log" --append timeout -k 10 "$BENCH_TIMEOUT" \
+        "$PYTHON" -m pyops bench --op "$fam" --device "$DEVICE" --results-dir "$RESULTS" "${EXTRA[@]}"
+    tar -C "$RESULTS" -czf "$OUT/results.tar.gz" . 2>/dev/null || true
+done
 
 echo
 echo "=== summary ($DEVICE)"
