@@ -107,28 +107,25 @@ void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base,
 
 // ---- model merging (cpu/merge.h) ----
 
-void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& deltas,
-                   int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
-                   const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
-                   int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
-                   bool normalize, int n_threads) {
-  const DType od = to_dtype(out_dtype, "out_dtype");
+pyops::MergeProblem make_merge_problem(uintptr_t base, const std::vector<const void*>& deltas, int in_dtype,
+                                       uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
+                                       const std::vector<float>& density, int64_t numel, int64_t block_size,
+                                       bool from_models, int method, double lam, uint64_t seed, int64_t name_hash,
+                                       int64_t k, double tall_lambda, bool normalize) {
   if (density.size() != deltas.size())
     throw py::value_error("density: expected " + std::to_string(deltas.size()) + " values (one per task), got " +
                           std::to_string(density.size()));
   if (name_hash < 0 || name_hash > 0xffffffffLL)
     throw py::value_error("name_hash: expected a 32-bit unsigned value, got " + std::to_string(name_hash));
-  const auto dptr = as_pointers<const void*>(deltas);
-  std::vector<float> dens(density.begin(), density.end());  // fp32, as the reference holds them
   pyops::MergeProblem p;
   p.base = reinterpret_cast<const void*>(base);
-  p.deltas = dptr.data();
-  p.n = (int64_t)dptr.size();
+  p.deltas = deltas.data();
+  p.n = (int64_t)deltas.size();
   p.in_dtype = to_dtype(in_dtype, "in_dtype");
   p.coeffs = reinterpret_cast<const float*>(coeffs);
   p.coeff_stride_n = coeff_stride_n;
   p.coeff_stride_block = coeff_stride_block;
-  p.density = dens.data();
+  p.density = density.data();
   p.numel = numel;
   p.block_size = block_size;
   p.from_models = from_models;
@@ -139,10 +136,48 @@ void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vect
   p.k = k;
   p.tall_lambda = (float)tall_lambda;
   p.normalize = normalize;
+  return p;
+}
+
+void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& deltas,
+                   int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
+                   const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
+                   int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
+                   bool normalize, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const auto dptr = as_pointers<const void*>(deltas);
+  const std::vector<float> dens(density.begin(), density.end());  // fp32, as the reference holds them
+  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
+                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize);
   Status st;
   {
     py::gil_scoped_release release;
     st = pyops::merge_forward(p, reinterpret_cast<void*>(out), od, n_threads);
+  }
+  raise_if_error(st);
+}
+
+void merge_backward(uintptr_t grad, int grad_dtype, uintptr_t base, const std::vector<uintptr_t>& deltas,
+                    int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
+                    const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
+                    int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
+                    bool normalize, uintptr_t grad_base, const std::vector<uintptr_t>& grad_deltas,
+                    uintptr_t grad_coeffs, int n_threads) {
+  const DType gd = to_dtype(grad_dtype, "grad_dtype");
+  if (!grad_deltas.empty() && grad_deltas.size() != deltas.size())
+    throw py::value_error("grad_deltas: expected " + std::to_string(deltas.size()) + " pointers or none, got " +
+                          std::to_string(grad_deltas.size()));
+  const auto dptr = as_pointers<const void*>(deltas);
+  const auto gdptr = as_pointers<void*>(grad_deltas);
+  const std::vector<float> dens(density.begin(), density.end());
+  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
+                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize);
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::merge_backward(p, reinterpret_cast<const void*>(grad), gd, reinterpret_cast<void*>(grad_base),
+                               gdptr.empty() ? nullptr : gdptr.data(), reinterpret_cast<float*>(grad_coeffs),
+                               n_threads);
   }
   raise_if_error(st);
 }
@@ -185,6 +220,13 @@ PYBIND11_MODULE(_C, m) {
         py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
         py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("n_threads"),
         "Fused merge forward (ties, dare, dare_ties, consensus): out = base + lam * merged.");
+  m.def("merge_backward", &merge_backward, py::arg("grad"), py::arg("grad_dtype"), py::arg("base"),
+        py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
+        py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
+        py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
+        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("grad_base"), py::arg("grad_deltas"),
+        py::arg("grad_coeffs"), py::arg("n_threads"),
+        "Merge backward with the masks held fixed (ties, dare, dare_ties): grads to base, deltas, coeffs.");
   m.def("task_vector_gram", &task_vector_gram, py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
         py::arg("numel"), py::arg("from_models"), py::arg("n_threads"),
         "Gram matrix of the task vectors, N*N doubles row-major.");

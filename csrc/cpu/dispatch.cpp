@@ -78,6 +78,11 @@ Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_th
   return isa_base::merge_forward(p, out, out_dtype, n_threads);
 }
 
+Status merge_backward(const MergeProblem& p, const void* grad, DType grad_dtype, void* grad_base,
+                      void* const* grad_deltas, float* grad_coeffs, int n_threads) {
+  return PYOPS_ISA_CALL(merge_backward, p, grad, grad_dtype, grad_base, grad_deltas, grad_coeffs, n_threads);
+}
+
 Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,
                         int64_t numel, bool from_models, double* gram, int n_threads) {
 #if PYOPS_HAVE_AVX2

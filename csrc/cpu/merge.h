@@ -52,6 +52,13 @@ struct MergeProblem : TaskArithmeticProblem {
 // is read before the same tile of out is written); it must not overlap a delta.
 Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads);
 
+// Backward with every mask held fixed (task_arithmetic, ties, dare, dare_ties; not consensus, whose
+// mask depends on the coefficients). grad [numel] in grad_dtype; each output may be null:
+//   grad_base [numel] and grad_deltas (n pointers to [numel]) in in_dtype, grad_coeffs [n, n_blocks]
+//   fp32 row-major. The same bits for every thread count.
+Status merge_backward(const MergeProblem& p, const void* grad, DType grad_dtype, void* grad_base,
+                      void* const* grad_deltas, float* grad_coeffs, int n_threads);
+
 // gram[i * n + j] = sum_j tau_i[j] * tau_j[j], accumulated in double over fixed chunks (the same
 // bits for every thread count).
 Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,
@@ -59,10 +66,12 @@ Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, 
 
 namespace isa_base {
 Status merge_forward(const MergeProblem&, void*, DType, int);
+Status merge_backward(const MergeProblem&, const void*, DType, void*, void* const*, float*, int);
 Status task_vector_gram(const void*, const void* const*, int64_t, DType, int64_t, bool, double*, int);
 }  // namespace isa_base
 namespace isa_avx2 {
 Status merge_forward(const MergeProblem&, void*, DType, int);
+Status merge_backward(const MergeProblem&, const void*, DType, void*, void* const*, float*, int);
 Status task_vector_gram(const void*, const void* const*, int64_t, DType, int64_t, bool, double*, int);
 }  // namespace isa_avx2
 

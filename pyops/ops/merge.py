@@ -5,8 +5,8 @@ The definitions of every method are in `pyops/reference/merge.py`. Backends:
 * ``cpu`` — the fused C++ kernels (`csrc/cpu/merge_kernels.cpp`): one pass per block after an
   exact per-block magnitude selection (TIES), Philox masks generated in the pass (DARE), for
   task_arithmetic, ties, dare / dare_linear, dare_ties, consensus and model_stock (a Gram
-  pass, then task arithmetic). Forward only except task_arithmetic; a call that needs
-  gradients for another method is passed to the reference, with that reason.
+  pass, then task arithmetic). Backward with the masks held fixed for every method but
+  consensus (its mask depends on the coefficients: its gradients come from the reference).
 """
 from __future__ import annotations
 
@@ -88,7 +88,7 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
             return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
         if method not in NATIVE_METHODS and method != "model_stock":
             return f"the C++ kernels do not implement {method!r} (it needs a full per-block ranking)"
-        if needs_grad and method not in ("task_arithmetic", "model_stock"):
+        if needs_grad and method == "consensus":
             return f"gradients for {method!r} are computed by the reference backend"
         return dtype_reason
 

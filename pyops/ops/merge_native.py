@@ -9,8 +9,10 @@ lays out the coefficients, allocates the output and calls the registered ops:
 
 model_stock is a Gram pass (cos and t exactly as the reference forms them) followed by
 `pyops.task_arithmetic` with coefficients t/N: θ = base + t·mean(τ). Gradients reach base and
-the models through t as well (the Gram op's backward), as in the reference. The other methods are
-forward only; the op layer sends calls that need their gradients to the reference.
+the models through t as well (the Gram op's backward), as in the reference. ties, dare / dare_linear and dare_ties have a
+native backward (`pyops::merge_native_backward`) with every mask held fixed, as the reference
+defines their gradients; consensus, whose mask depends on the coefficients, is forward only and
+the op layer sends calls that need its gradients to the reference.
 """
 from __future__ import annotations
 
@@ -71,6 +73,60 @@ def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: L
                   tall_lambda: float, normalize: bool, out: Tensor) -> None:
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
                   tall_lambda, normalize)
+
+
+@torch.library.custom_op("pyops::merge_native_backward", mutates_args=(), device_types="cpu")
+def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                       block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
+                       k: int, tall_lambda: float, normalize: bool, need_base: bool, need_deltas: bool,
+                       need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
+    """Gradients with every mask (trim, drop, election) held fixed: see csrc/cpu/merge.h."""
+    gb, gd, gc = TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+    numel = base.numel()
+    if numel == 0:
+        if gc.numel():
+            gc.zero_()
+        return gb, gd, gc
+    grad = grad.detach().contiguous()
+    b = base.detach().contiguous()
+    ds = [d.detach().contiguous() for d in deltas]
+    c, s_n, s_b = TM._coeff_layout(coeffs)
+    gc32 = torch.empty(TM._coeff_grad_shape(len(ds), numel, block_size), dtype=torch.float32) if need_coeffs else None
+    _native.cpu_module.merge_backward(
+        grad=grad.data_ptr(), grad_dtype=_native.dtype_code(grad.dtype), base=b.data_ptr(),
+        deltas=[d.data_ptr() for d in ds], in_dtype=_native.dtype_code(b.dtype), coeffs=c.data_ptr(),
+        coeff_stride_n=s_n, coeff_stride_block=s_b, density=[float(x) for x in density], numel=numel,
+        block_size=block_size, from_models=from_models, method=method, lam=float(lam), seed=_seed_from_i64(seed),
+        name_hash=name_hash, k=k, tall_lambda=float(tall_lambda), normalize=normalize,
+        grad_base=gb.data_ptr() if need_base else 0, grad_deltas=[t.data_ptr() for t in gd],
+        grad_coeffs=gc32.data_ptr() if gc32 is not None else 0, n_threads=torch.get_num_threads())
+    if gc32 is not None:
+        TM._finish_coeff_grad(gc32, coeffs, gc)
+    return gb, gd, gc
+
+
+@_merge_backward_op.register_fake
+def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                         k, tall_lambda, normalize, need_base, need_deltas, need_coeffs):
+    return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+
+
+def _merge_setup(ctx, inputs, output):
+    base, deltas, coeffs, *params, _out_dtype = inputs
+    ctx.save_for_backward(base, coeffs, *deltas)
+    ctx.params = params  # density, block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize
+    ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
+
+
+def _merge_backward(ctx, grad):
+    base, coeffs, *deltas = ctx.saved_tensors
+    need_base, need_deltas, need_coeffs = ctx.need
+    gb, gd, gc = _merge_backward_op(grad, base, deltas, coeffs, *ctx.params, need_base, need_deltas, need_coeffs)
+    return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
+            gc if need_coeffs else None) + (None,) * (len(ctx.params) + 1)
+
+
+_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 
 @_merge_op.register_fake
