@@ -20,6 +20,8 @@ by `offsets` happens inside the ops, so the public functions compile with fullgr
 from __future__ import annotations
 
 import math
+import os
+import threading
 from typing import NamedTuple, Optional
 
 import torch
@@ -342,6 +344,37 @@ def _nt() -> int:
     return torch.get_num_threads()
 
 
+class _Workspace(threading.local):
+    """Per-thread fp32 scratch buffers of the CPU ops (gathered rows, dys, dh, da, db, dxs), kept
+    between calls. A freshly allocated large tensor costs ~1 GB/s in page faults on these machines
+    (DESIGN), more than the elementwise work it holds; temporaries that never leave an op are
+    therefore reused. Only buffers up to PYOPS_MOE_WORKSPACE_MB (default 1024) in total are kept;
+    `release_workspace()` drops them. Nothing returned to the caller or saved for the backward
+    lives here."""
+
+    def __init__(self) -> None:
+        self.bufs: dict = {}
+
+    def get(self, name: str, rows: int, cols: int) -> Tensor:
+        numel = rows * cols
+        buf = self.bufs.get(name)
+        if buf is None or buf.numel() < numel:
+            self.bufs.pop(name, None)
+            buf = torch.empty(numel, dtype=torch.float32)
+            limit = int(os.environ.get("PYOPS_MOE_WORKSPACE_MB", "1024")) << 20
+            if 4 * (numel + sum(b.numel() for b in self.bufs.values())) <= limit:
+                self.bufs[name] = buf
+        return buf[:numel].view(rows, cols)
+
+
+_workspace = _Workspace()
+
+
+def release_workspace() -> None:
+    """Free the CPU scratch buffers of this thread (they are reallocated on the next call)."""
+    _workspace.bufs.clear()
+
+
 @torch.library.custom_op("pyops::moe_experts_cpu", mutates_args=(), device_types="cpu")
 def _cpu_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
             w1: Tensor, w2: Tensor, w3: Optional[Tensor],
@@ -360,7 +393,7 @@ def _cpu_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets:
     E, _, h = w1.shape
     xf, w1f, w2f, w3f = _f32(x), _f32(w1), _f32(w2), _f32(w3)
     order = order.contiguous()
-    rows = torch.empty(n, d, dtype=torch.float32)
+    rows = _workspace.get("rows", n, d)
     C.moe_gather(xf.data_ptr(), order.data_ptr(), k, T, d, rows.data_ptr(), 0, _nt())
     for e in range(E):
         s, t = offs[e], offs[e + 1]
@@ -395,10 +428,16 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
     glu = activation in GLU
     dx32 = torch.empty(T, d, dtype=torch.float32)
     dw32 = torch.zeros(T, k, dtype=torch.float32)
-    dw1 = torch.zeros(E, d, h, dtype=torch.float32)
-    dw2 = torch.zeros(E, h, d, dtype=torch.float32)
-    dw3 = torch.zeros(E, d, h, dtype=torch.float32) if glu else None
+    # every expert's slice is written below (by torch.mm, or zeroed for an expert with no rows)
+    dw1 = torch.empty(E, d, h, dtype=torch.float32)
+    dw2 = torch.empty(E, h, d, dtype=torch.float32)
+    dw3 = torch.empty(E, d, h, dtype=torch.float32) if glu else None
     offs = _slices(offsets, n)
+    for e in range(E):
+        if offs[e] == offs[e + 1]:
+            for dw in (dw1, dw2, dw3):
+                if dw is not None:
+                    dw[e].zero_()
     if n == 0:
         dx32.zero_()
     else:
@@ -407,24 +446,24 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
         dyf = _f32(dy)
         wf = _f32(weights)
         dr = dropped.contiguous().view(torch.uint8)
-        dys = torch.empty(n, d, dtype=torch.float32)
+        dys = _workspace.get("dys", n, d)
         C.moe_combine_backward(dyf.data_ptr(), ys.data_ptr(), order.data_ptr(), wf.data_ptr(), dr.data_ptr(),
                                k, T, d, dys.data_ptr(), dw32.data_ptr(), 0, _nt())
-        dh = torch.empty(n, h, dtype=torch.float32)
+        dh = _workspace.get("dh", n, h)
         for e in range(E):
             s, t = offs[e], offs[e + 1]
             if s < t:
                 torch.mm(dys[s:t], w2f[e].t(), out=dh[s:t])
                 torch.mm(hh[s:t].t(), dys[s:t], out=dw2[e])
         del dys
-        da = torch.empty(n, h, dtype=torch.float32)
-        db = torch.empty(n, h, dtype=torch.float32) if glu else None
+        da = _workspace.get("da", n, h)
+        db = _workspace.get("db", n, h) if glu else None
         C.moe_act_backward(a.data_ptr(), b.data_ptr() if glu else 0, dh.data_ptr(), da.data_ptr(),
                            db.data_ptr() if glu else 0, n, h, ACT_CODES[activation], 0, _nt())
         del dh
-        rows = torch.empty(n, d, dtype=torch.float32)
+        rows = _workspace.get("rows", n, d)
         C.moe_gather(xf.data_ptr(), order.data_ptr(), k, T, d, rows.data_ptr(), 0, _nt())
-        dxs = torch.empty(n, d, dtype=torch.float32)
+        dxs = _workspace.get("dys", n, d)   # dys is dead by now
         for e in range(E):
             s, t = offs[e], offs[e + 1]
             if s < t:
