@@ -80,6 +80,8 @@ def check_route_args(logits: object, k: object, score: object, capacity_factor: 
         b = V.check_float_tensor(bias, "bias")
         V.check_shape(b, "bias", (E,), "one value per expert, E = logits.shape[1]")
         V.check_same_device(b, "bias", logits, "logits")
+        if not torch.compiler.is_compiling() and not bool(torch.isfinite(b).all()):
+            raise ValueError("bias: contains NaN/inf; expected finite per-expert offsets")
 
 
 def check_finite_logits(logits: Tensor) -> None:
@@ -239,14 +241,17 @@ def _route_op(logits: Tensor, k: int, score: int, renormalize: bool, capacity: i
     args = (z.data_ptr(), _native.dtype_code(z.dtype), T, E, k, score, renormalize,
             b.data_ptr() if b is not None else 0, capacity,
             w.data_ptr(), ex.data_ptr(), order.data_ptr(), offsets.data_ptr(), dropped.data_ptr())
-    if z.device.type == "cpu":
-        if T > 0:
-            _native.cpu_module.moe_route(*args, torch.get_num_threads())
-        else:
-            offsets.zero_()
+    if T == 0:
+        offsets.zero_()
+    elif z.device.type == "cpu":
+        _native.cpu_module.moe_route(*args, torch.get_num_threads())
     else:
         with torch.cuda.device(z.device):
             _native.cuda_module.moe_route(*args, torch.cuda.current_stream(z.device).cuda_stream)
+        # The CUDA kernel cannot raise: non-finite logits come back as offsets[E] = -(t + 1).
+        last = int(offsets[E])
+        if last < 0:
+            raise ValueError(f"logits: contains NaN/inf at token {-last - 1}")
     return w.to(logits.dtype), ex, order, offsets, dropped.view(torch.bool)
 
 

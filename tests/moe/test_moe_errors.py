@@ -145,3 +145,21 @@ def test_unknown_backend():
         pyops.moe_route(z, 1, backend="fast")
     with pytest.raises(pyops.BackendUnavailableError, match="triton"):
         pyops.moe_route(z, 1, backend="triton")
+
+
+def test_bias_must_be_finite():
+    _, z, *_ = problem()
+    with pytest.raises(ValueError, match="bias: contains NaN/inf"):
+        pyops.moe_route(z, 1, bias=torch.tensor([0.0, float("nan"), 0.0]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_zero_tokens(backend):
+    from moe_helpers import require
+    if backend != "reference":
+        require(backend)
+    x, z, w1, w2, w3 = problem()
+    r = pyops.moe_route(z[:0], 2, backend=backend)
+    assert r.offsets.tolist() == [0, 0, 0, 0] and r.order.numel() == 0
+    y = pyops.moe_experts(x[:0], r, w1, w2, w3, backend=backend)
+    assert y.shape == (0, 4)
