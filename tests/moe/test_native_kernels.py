@@ -431,3 +431,53 @@ def test_duplicate_order_entry(op, rng):
 def test_bad_dtype_code():
     with pytest.raises(ValueError, match="dtype: unknown dtype code 7"):
         C.moe_gather(x=0, order=0, k=1, T=0, d=0, rows=0, dtype=7, n_threads=1)
+
+
+# ---- CUDA routing (pyops._C_cuda.moe_route): bit-identical to the CPU kernel -------------------
+
+G = _native.cuda_module
+needs_cuda_route = pytest.mark.skipif(
+    G is None or not hasattr(G, "moe_route") or not torch.cuda.is_available(),
+    reason=_native.cuda_missing_reason or "CUDA is not available (or pyops._C_cuda has no moe_route)")
+
+
+def route_cuda(logits, k, score="softmax", renormalize=True, bias=None, capacity=-1):
+    T, E = logits.shape
+    dev = torch.device("cuda")
+    out = dict(weights=torch.empty(T, k, device=dev), experts=torch.empty(T, k, dtype=torch.int32, device=dev),
+               order=torch.empty(T * k, dtype=torch.int64, device=dev),
+               offsets=torch.empty(E + 1, dtype=torch.int64, device=dev),
+               dropped=torch.empty(T, k, dtype=torch.uint8, device=dev))
+    x = logits.to(dev)
+    b = None if bias is None else bias.to(dev)
+    G.moe_route(logits=x.data_ptr(), dtype=_native.dtype_code(x.dtype), T=T, E=E, k=k,
+                score={"softmax": 0, "sigmoid": 1}[score], renormalize=renormalize, bias=_p(b),
+                capacity=capacity, weights=out["weights"].data_ptr(), experts=out["experts"].data_ptr(),
+                order=out["order"].data_ptr(), offsets=out["offsets"].data_ptr(),
+                dropped=out["dropped"].data_ptr(), stream=torch.cuda.current_stream().cuda_stream)
+    return {n: t.cpu() for n, t in out.items()}
+
+
+@needs_cuda_route
+@pytest.mark.parametrize("T,E,k", SHAPES + [(4096, 256, 8), (300, 64, 64)], ids=lambda v: str(v))
+@pytest.mark.parametrize("score", ["softmax", "sigmoid"])
+def test_cuda_route_bit_identical_to_cpu(T, E, k, score, rng):
+    logits = torch.randn(T, E, generator=rng) * 2
+    bias = torch.randn(E, generator=rng) * 0.1
+    for kw in (dict(), dict(renormalize=False, capacity=max(0, T * k // E - 1)), dict(bias=bias, capacity=0)):
+        assert_route_equal(route_cuda(logits, k, score, **kw), route(logits, k, score, **kw), exact_weights=True)
+
+
+@needs_cuda_route
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
+def test_cuda_route_half_logits(dtype, rng):
+    logits = (torch.randn(3000, 24, generator=rng) * 3).to(dtype)
+    assert_route_equal(route_cuda(logits, 5), route(logits, 5), exact_weights=True)
+
+
+@needs_cuda_route
+def test_cuda_route_reports_nonfinite_through_offsets():
+    logits = torch.zeros(9000, 8)
+    logits[7000, 1] = float("inf")
+    logits[1500, 2] = float("nan")
+    assert int(route_cuda(logits, 2)["offsets"][-1]) == -(1500 + 1)
