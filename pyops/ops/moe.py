@@ -9,6 +9,7 @@ Registered ops (DESIGN rule 2):
     pyops::moe_experts_cpu             gather → per-expert torch.mm on contiguous row slices → fused
                                        activation → torch.mm → combine (native gather/act/combine)
     pyops::moe_experts_cpu_backward    the mirror image
+    pyops::moe_experts_cpu_inference   y only, when no gradient is needed (intermediates in scratch)
     pyops::moe_experts_triton          Triton grouped GEMMs (kernels/moe.py)
     pyops::moe_experts_triton_backward
 
@@ -380,16 +381,22 @@ def release_workspace() -> None:
     _workspace.bufs.clear()
 
 
-@torch.library.custom_op("pyops::moe_experts_cpu", mutates_args=(), device_types="cpu")
-def _cpu_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
-            w1: Tensor, w2: Tensor, w3: Optional[Tensor],
-            activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
+                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, scratch: bool):
+    """The CPU forward. scratch=True (no backward to feed): a, b, h, ys live in the per-thread
+    workspace instead of new tensors, so an inference call touches no fresh pages but y's."""
     C = _native.cpu_module
     T, d = x.shape
     k = weights.shape[1]
     n = T * k
     glu = activation in GLU
-    y, a, b, hh, ys = _experts_outputs(x, order, w1, glu)
+    if scratch:
+        h_ = w1.shape[2]
+        y = torch.empty(T, d, dtype=x.dtype)
+        a, hh, ys = _workspace.get("da", n, h_), _workspace.get("dh", n, h_), _workspace.get("dys", n, d)
+        b = _workspace.get("db", n, h_) if glu else torch.empty(0)
+    else:
+        y, a, b, hh, ys = _experts_outputs(x, order, w1, glu)
     offs = _slices(offsets, n)
     _check_order(order, experts, offsets)
     if n == 0:
@@ -419,6 +426,25 @@ def _cpu_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets:
     if y32 is not y:
         y.copy_(y32)
     return y, a, b, hh, ys
+
+
+@torch.library.custom_op("pyops::moe_experts_cpu", mutates_args=(), device_types="cpu")
+def _cpu_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
+            w1: Tensor, w2: Tensor, w3: Optional[Tensor],
+            activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, scratch=False)
+
+
+@torch.library.custom_op("pyops::moe_experts_cpu_inference", mutates_args=(), device_types="cpu")
+def _cpu_inference_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
+                      w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str) -> Tensor:
+    """y only, for calls that need no gradient (intermediates in the workspace). No autograd."""
+    return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, scratch=True)[0]
+
+
+@_cpu_inference_op.register_fake
+def _cpu_inference_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("pyops::moe_experts_cpu_backward", mutates_args=(), device_types="cpu")
@@ -633,4 +659,7 @@ def moe_experts(
     name = choose_experts_backend(x, r.weights, backend)
     if name == "reference":
         return ref.experts(x, r.weights, r.experts, r.dropped, w1, w2, w3, activation)
+    if name == "cpu" and not (torch.is_grad_enabled() and
+                              any(t is not None and t.requires_grad for t in (x, r.weights, w1, w2, w3))):
+        return _cpu_inference_op(x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3, activation)
     return _EXPERT_OPS[name](x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3, activation)[0]

@@ -219,3 +219,18 @@ def test_auto_backend_falls_back_with_a_reason(rng):
     assert choice.backend in ("cpu", "reference")
     if choice.backend == "reference":
         assert "cpu" in choice.passed_over
+
+
+@pytest.mark.parametrize("backend", EXPERT_BACKENDS)
+def test_no_grad_path_matches_training_path(backend, rng):
+    """Without autograd the CPU backend runs its inference op (intermediates in scratch): same bits."""
+    dev = require(backend)
+    x = randn((9, 6), FP32, rng, dev)
+    r = pyops.moe_route(make_logits(9, 4, rng, dev), 2, capacity_factor=0.9, backend="reference")
+    w1, w2, w3 = make_weights(4, 6, 7, "swiglu", FP32, rng, dev, requires_grad=True)
+    y_train = pyops.moe_experts(x, r, w1, w2, w3, backend=backend)
+    with torch.no_grad():
+        y_infer = pyops.moe_experts(x, r, w1, w2, w3, backend=backend)
+        y_again = pyops.moe_experts(x, r, w1, w2, w3, backend=backend)
+    assert_bitwise_equal(y_infer, y_train.detach(), "no-grad y")
+    assert_bitwise_equal(y_again, y_infer, "second no-grad call (reused scratch)")

@@ -44,7 +44,8 @@ for _util in OPCHECK_UTILS:
     for _op in ("moe_route", "moe_route_backward"):
         for _cf in (None, 0.5):
             CASES.append(pytest.param(_op, None, FP32, _cf, _util, id=f"{_op}-cf{_cf}-{_util}"))
-    for _op in ("moe_experts_cpu", "moe_experts_cpu_backward", "moe_experts_triton", "moe_experts_triton_backward"):
+    for _op in ("moe_experts_cpu", "moe_experts_cpu_backward", "moe_experts_cpu_inference", "moe_experts_triton",
+                "moe_experts_triton_backward"):
         for _act, _dt in (("swiglu", FP32), ("relu", BF16)):
             CASES.append(pytest.param(_op, _act, _dt, 0.8, _util, id=f"{_op}-{_act}-{_dt}-{_util}"))
 
@@ -66,7 +67,7 @@ def test_opcheck(name, act, dtype, cf, util, rng):
         dev = require(backend)
         if util == "test_aot_dispatch_dynamic" and interpreted(backend):
             pytest.skip(INTERPRETER_AOT_REASON)
-        fwd = expert_args(dev, act, dtype, rng, requires_grad=not name.endswith("backward"), cf=cf)
+        fwd = expert_args(dev, act, dtype, rng, requires_grad=name.endswith(("_cpu", "_triton")), cf=cf)
         args = fwd if not name.endswith("backward") else backward_args(name[:-len("_backward")], fwd, rng)
     torch.library.opcheck(getattr(torch.ops.pyops, name).default, args, test_utils=util)
 
