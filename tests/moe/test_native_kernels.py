@@ -433,6 +433,45 @@ def test_bad_dtype_code():
         C.moe_gather(x=0, order=0, k=1, T=0, d=0, rows=0, dtype=7, n_threads=1)
 
 
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=str)
+def test_expert_helpers_base_isa(dtype, rng):
+    """The baseline (non-AVX2) build of gather, activations, combine and scatter_add."""
+    T, k, d = 50, 3, 70
+    order, ys, w, dropped = combine_inputs(T, k, d, dtype, rng)
+    x = torch.randn(T, d, generator=rng).to(dtype)
+    dy = torch.randn(T, d, generator=rng).to(dtype)
+    tol = tolerance_for(dtype)
+    with isa("base"):
+        assert C.active_isa() == "base"
+        assert torch.equal(gather(x, order, k), x[order // k])
+        for act in ACTS:
+            a, b = act_inputs(act, dtype, rng, shape=(9, 130))
+            cmp = compare(act_forward(act, a, b), act_torch(act, a, b), tol)
+            assert cmp.ok, f"{act} {cmp}"
+            a32 = a.float().requires_grad_()
+            b32 = b.float().requires_grad_() if b is not None else None
+            g = torch.randn(a.shape, generator=rng).to(dtype)
+            act_torch(act, a32, b32).backward(g.float())
+            da, db = act_backward(act, a, b, g)
+            assert compare(da, a32.grad, tol).ok, act
+            if b is not None:
+                assert compare(db, b32.grad, tol).ok, act
+        cmp = compare(combine(ys, order, w, dropped, k), combine_torch(ys, order, w, dropped, k), tol)
+        assert cmp.ok, cmp
+        want = torch.zeros(T, d).index_add_(0, order // k, ys.float())
+        assert compare(scatter_add(ys, order, k, T), want, tol).ok
+        dys = torch.empty_like(ys)
+        dw = torch.empty_like(w)
+        C.moe_combine_backward(dy=dy.data_ptr(), ys=ys.data_ptr(), order=order.data_ptr(), weights=w.data_ptr(),
+                               dropped=dropped.data_ptr(), k=k, T=T, d=d, dys=dys.data_ptr(),
+                               dweights=dw.data_ptr(), dtype=_native.dtype_code(dtype), n_threads=2)
+    ys32 = ys.float().requires_grad_()
+    w32 = w.clone().requires_grad_()
+    combine_torch(ys32, order, w32, dropped, k).backward(dy.float())
+    assert compare(dys, ys32.grad, tol).ok
+    assert compare(dw, w32.grad, REDUCTION_TOL).ok
+
+
 # ---- CUDA routing (pyops._C_cuda.moe_route): bit-identical to the CPU kernel -------------------
 
 G = _native.cuda_module
