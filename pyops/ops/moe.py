@@ -557,6 +557,10 @@ def _experts_backward_fake(dy, x, weights, order, offsets, dropped, w1, w2, w3, 
 def _experts_setup(ctx, inputs, output):
     x, weights, experts, order, offsets, dropped, w1, w2, w3, activation = inputs
     _, a, b, hh, ys = output
+    # The saved intermediates are outputs only so that the backward needs no forward GEMM again:
+    # they carry no gradient, and no zero gradients are materialised for them (4 × [T·k, ...]).
+    ctx.mark_non_differentiable(a, b, hh, ys)
+    ctx.set_materialize_grads(False)
     ctx.activation = activation
     ctx.glu = activation in GLU
     ctx.save_for_backward(x, weights, order, offsets, dropped, w1, w2, w3 if ctx.glu else None, a, b, hh, ys)
