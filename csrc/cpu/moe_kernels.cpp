@@ -112,6 +112,11 @@ inline void dot_lanes(const float* x, const float* y, int64_t n, float (&lanes)[
 // (e >= E) hold -FLT_MAX logits, contribute +0 to the softmax sum and -inf keys, so they never
 // change a result nor get selected.
 
+// The helpers taking and returning these vectors are internal and inlined: the baseline build's
+// "AVX vector return without AVX enabled changes the ABI" note does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
@@ -120,13 +125,14 @@ inline v8f load8(const float* p) {
   __builtin_memcpy(&v, p, sizeof(v));
   return v;
 }
-inline void store8(float* p, v8f v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline void store8(float* p, const v8f& v) { __builtin_memcpy(p, &v, sizeof(v)); }
 inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 inline v8i splat_i(int32_t x) { return v8i{x, x, x, x, x, x, x, x}; }
-inline v8f pow2i8(v8i n) { return (v8f)((n + 127) << 23); }
+inline v8f pow2i8(const v8i& n) { return (v8f)((n + 127) << 23); }
 
 // exp_f, lane-wise (same operations, same constants).
-inline v8f exp8(v8f x) {
+inline v8f exp8(const v8f& arg) {
+  v8f x = arg;
   const v8f lo = splat(-104.0f), hi = splat(89.0f);
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
@@ -155,15 +161,17 @@ inline v8f exp8(v8f x) {
 #define PYOPS_SHUF8(v, a, b, c, d, e, f, g, h) __builtin_shuffle(v, v8i{a, b, c, d, e, f, g, h})
 #endif
 
-inline v8f vmax8(v8f a, v8f b) { return a < b ? b : a; }
-inline v8i vmin8(v8i a, v8i b) { return b < a ? b : a; }
+inline v8f vmax8(const v8f& a, const v8f& b) { return a < b ? b : a; }
+inline v8i vmin8(const v8i& a, const v8i& b) { return b < a ? b : a; }
 
-inline v8f hmax8(v8f v) {  // max is exact: the order does not matter
+inline v8f hmax8(const v8f& arg) {  // max is exact: the order does not matter
+  v8f v = arg;
   v = vmax8(v, PYOPS_SHUF8(v, 4, 5, 6, 7, 0, 1, 2, 3));
   v = vmax8(v, PYOPS_SHUF8(v, 2, 3, 0, 1, 6, 7, 4, 5));
   return vmax8(v, PYOPS_SHUF8(v, 1, 0, 3, 2, 5, 4, 7, 6));
 }
-inline v8i hmin8(v8i v) {
+inline v8i hmin8(const v8i& arg) {
+  v8i v = arg;
   v = vmin8(v, PYOPS_SHUF8(v, 4, 5, 6, 7, 0, 1, 2, 3));
   v = vmin8(v, PYOPS_SHUF8(v, 2, 3, 0, 1, 6, 7, 4, 5));
   return vmin8(v, PYOPS_SHUF8(v, 1, 0, 3, 2, 5, 4, 7, 6));
@@ -171,7 +179,7 @@ inline v8i hmin8(v8i v) {
 
 // The softmax denominator: lane l adds the exps of experts e = l mod 8 in increasing e (from
 // +0), then the lanes combine as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
-inline float hsum8(v8f v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+inline float hsum8(const v8f& v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
 
 struct RouteArgs {
   int64_t T, E, k;
