@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/moe_cuda.h"
 #include "cuda/task_merge_cuda.h"
 
 namespace py = pybind11;
@@ -72,6 +73,22 @@ void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base, ui
   raise_if_error(st);
 }
 
+void moe_route(uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t k, int score,
+               bool renormalize, uintptr_t bias, int64_t capacity, uintptr_t weights,
+               uintptr_t experts, uintptr_t order, uintptr_t offsets, uintptr_t dropped,
+               uintptr_t stream) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::cuda_ops::moe_route(as_ptr<const void*>(logits), dtype, T, E, k, score,
+                                    renormalize, as_ptr<const void*>(bias), capacity,
+                                    as_ptr<void*>(weights), as_ptr<void*>(experts),
+                                    as_ptr<void*>(order), as_ptr<void*>(offsets),
+                                    as_ptr<void*>(dropped), as_ptr<void*>(stream));
+  }
+  raise_if_error(st);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C_cuda, m) {
@@ -97,4 +114,11 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("stream"),
         "One pass over grad; grad_base, grad_delta_ptrs (device int64 array) and grad_coeffs\n"
         "([n, n_blocks] fp32) may each be 0 (not wanted). Deterministic.");
+  m.def("moe_route", &moe_route, py::arg("logits"), py::arg("dtype"), py::arg("T"), py::arg("E"),
+        py::arg("k"), py::arg("score"), py::arg("renormalize"), py::arg("bias"),
+        py::arg("capacity"), py::arg("weights"), py::arg("experts"), py::arg("order"),
+        py::arg("offsets"), py::arg("dropped"), py::arg("stream"),
+        "Top-k routing on the GPU, bit-identical to pyops._C.moe_route (cuda/moe_cuda.h).\n"
+        "Asynchronous: NaN/inf logits are reported through offsets[E] = -(t + 1) for the first\n"
+        "such token t (normally offsets[E] == T * k); the caller must check it.");
 }

@@ -4,12 +4,15 @@ Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" 
 
 * `task_arithmetic`, `task_arithmetic_from_models` — fused block-wise task-vector merging.
 * `merge`, `merge_from_models` — TIES, DARE, breadcrumbs, DELLA, model_stock, consensus merging.
+* `moe_route`, `moe_experts`, `Routing`, `moe_losses` — fused expert routing (mixture of experts).
 
 `pyops.info()` reports which backends load and why the others do not.
 """
 from pyops import nn
 from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
+from pyops import moe_losses
 from pyops.ops.merge import merge, merge_from_models
+from pyops.ops.moe import Routing, moe_experts, moe_route
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
 
 __version__ = "0.1.0"
@@ -21,6 +24,10 @@ __all__ = [
     "last_choice",
     "merge",
     "merge_from_models",
+    "moe_experts",
+    "moe_losses",
+    "moe_route",
+    "Routing",
     "nn",
     "task_arithmetic",
     "task_arithmetic_from_models",

@@ -1,0 +1,719 @@
+// CPU kernels for fused expert routing and the MoE helpers around the expert GEMMs (cpu/moe.h).
+// This file is compiled once per ISA (see CMakeLists.txt); PYOPS_ISA names the namespace.
+//
+// Floating-point contraction (a * b + c -> fma) is turned off for this file: the AVX2 build
+// would otherwise fuse where the baseline build cannot, and the routing weights would differ in
+// the last bit between the two builds and from the CUDA kernel (csrc/cuda/moe_routing.cu), which
+// repeats the routing arithmetic below operation for operation with _rn intrinsics.
+// no-trapping-math (values unchanged; only FP exception flags may differ) lets GCC if-convert
+// the clamps and selects so that the exp/erf loops vectorise.
+#if defined(__clang__)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off", "no-trapping-math")
+#endif
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "common/convert.h"
+#include "common/isa.h"
+#include "common/thread_pool.h"
+#include "cpu/moe.h"
+
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#endif
+
+namespace pyops {
+namespace PYOPS_ISA_KERNEL_NS {
+namespace {
+
+constexpr int64_t kRouteTile = 1024;   // tokens per routing work item (histogram granularity)
+constexpr int64_t kTile = 512;         // fp32 elements per L1 tile (gather/combine/activations)
+constexpr int64_t kElemItem = 32768;   // elements per work item of the element-wise kernels
+constexpr int kLanes = 8;              // independent fp32 accumulators of the lane reductions
+
+// ---- shared fp32 math (the routing part is mirrored exactly by moe_routing.cu) ---------------
+
+inline float pow2i(int32_t n) {  // 2^n for n in [-126, 127]
+  const uint32_t bits = (uint32_t)(n + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// exp(x) in fp32: x = n ln2 + r with |r| <= ln2 / 2 (Cody-Waite, two-part ln2), a degree-7
+// Taylor polynomial for e^r (truncation < 1e-8 relative), and 2^n applied as two exact powers of
+// two so that results in the subnormal range round once and large arguments overflow to inf.
+// Straight-line, no table, no branch: vectorises, and CUDA can repeat it bit for bit.
+inline float exp_f(float x) {
+  x = x < -104.0f ? -104.0f : x;
+  x = x > 89.0f ? 89.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float nf = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+  float r = x - nf * 0.693145751953125f;             // exact: ln2_hi has 16 significant bits
+  r = r - nf * 1.42860682030941723212e-6f;
+  float p = 1.98412698412698413e-4f;
+  p = p * r + 1.38888888888888889e-3f;
+  p = p * r + 8.33333333333333333e-3f;
+  p = p * r + 4.16666666666666667e-2f;
+  p = p * r + 1.66666666666666667e-1f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t n = (int32_t)nf;  // [-150, 128]
+  const int32_t n1 = n >> 1;
+  return (p * pow2i(n1)) * pow2i(n - n1);
+}
+
+inline float sigmoid_f(float x) { return 1.0f / (1.0f + exp_f(-x)); }
+
+// erf(x) by Abramowitz & Stegun 7.1.26 (absolute error <= 1.5e-7), odd extension.
+inline float erf_f(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float p = 1.061405429f;
+  p = p * t - 1.453152027f;
+  p = p * t + 1.421413741f;
+  p = p * t - 0.284496736f;
+  p = p * t + 0.254829592f;
+  const float y = 1.0f - (p * t) * exp_f(-(ax * ax));
+  return std::copysign(y, x);
+}
+
+inline float gelu_f(float x) { return 0.5f * x * (1.0f + erf_f(x * 0.7071067811865476f)); }
+inline float gelu_grad_f(float x) {
+  return 0.5f * (1.0f + erf_f(x * 0.7071067811865476f)) +
+         x * 0.3989422804014327f * exp_f(-0.5f * (x * x));
+}
+inline float silu_f(float x) { return x * sigmoid_f(x); }
+inline float silu_grad_f(float x) {
+  const float s = sigmoid_f(x);
+  return s * (1.0f + x * (1.0f - s));
+}
+
+// lanes[l] += x[i] * y[i] for i = l mod 8 (the tail goes to lane 0).
+inline void dot_lanes(const float* x, const float* y, int64_t n, float (&lanes)[kLanes]) {
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int l = 0; l < kLanes; ++l) lanes[l] += x[i + l] * y[i + l];
+  for (; i < n; ++i) lanes[0] += x[i] * y[i];
+}
+
+// ---- routing ---------------------------------------------------------------------------------
+//
+// One token's row is held as E8 = ceil(E / 8) vectors of 8 floats (GCC/Clang vector extensions:
+// AVX registers in the AVX2 build, pairs of SSE registers in the baseline build). The vector
+// code performs exactly the scalar operations of exp_f lane by lane; padding lanes
+// (e >= E) hold -FLT_MAX logits, contribute +0 to the softmax sum and -inf keys, so they never
+// change a result nor get selected.
+
+// The helpers taking and returning these vectors are internal and inlined: the baseline build's
+// "AVX vector return without AVX enabled changes the ABI" note does not apply.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+inline v8f load8(const float* p) {
+  v8f v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8(float* p, const v8f& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+inline v8i splat_i(int32_t x) { return v8i{x, x, x, x, x, x, x, x}; }
+inline v8f pow2i8(const v8i& n) { return (v8f)((n + 127) << 23); }
+
+// exp_f, lane-wise (same operations, same constants).
+inline v8f exp8(const v8f& arg) {
+  v8f x = arg;
+  const v8f lo = splat(-104.0f), hi = splat(89.0f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const v8f t = x * splat(1.44269504088896341f);
+  const v8f nf = (t + splat(12582912.0f)) - splat(12582912.0f);
+  v8f r = x - nf * splat(0.693145751953125f);
+  r = r - nf * splat(1.42860682030941723212e-6f);
+  v8f p = splat(1.98412698412698413e-4f);
+  p = p * r + splat(1.38888888888888889e-3f);
+  p = p * r + splat(8.33333333333333333e-3f);
+  p = p * r + splat(4.16666666666666667e-2f);
+  p = p * r + splat(1.66666666666666667e-1f);
+  p = p * r + splat(0.5f);
+  p = p * r + splat(1.0f);
+  p = p * r + splat(1.0f);
+  const v8i n = __builtin_convertvector(nf, v8i);
+  const v8i n1 = n >> 1;
+  return (p * pow2i8(n1)) * pow2i8(n - n1);
+}
+
+// Lane permutations for the horizontal reductions (a log-depth butterfly: every lane ends with
+// the result, already splatted).
+#if defined(__clang__)
+#define PYOPS_SHUF8(v, a, b, c, d, e, f, g, h) __builtin_shufflevector(v, v, a, b, c, d, e, f, g, h)
+#else
+#define PYOPS_SHUF8(v, a, b, c, d, e, f, g, h) __builtin_shuffle(v, v8i{a, b, c, d, e, f, g, h})
+#endif
+
+inline v8f vmax8(const v8f& a, const v8f& b) { return a < b ? b : a; }
+inline v8i vmin8(const v8i& a, const v8i& b) { return b < a ? b : a; }
+
+inline v8f hmax8(const v8f& arg) {  // max is exact: the order does not matter
+  v8f v = arg;
+  v = vmax8(v, PYOPS_SHUF8(v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = vmax8(v, PYOPS_SHUF8(v, 2, 3, 0, 1, 6, 7, 4, 5));
+  return vmax8(v, PYOPS_SHUF8(v, 1, 0, 3, 2, 5, 4, 7, 6));
+}
+inline v8i hmin8(const v8i& arg) {
+  v8i v = arg;
+  v = vmin8(v, PYOPS_SHUF8(v, 4, 5, 6, 7, 0, 1, 2, 3));
+  v = vmin8(v, PYOPS_SHUF8(v, 2, 3, 0, 1, 6, 7, 4, 5));
+  return vmin8(v, PYOPS_SHUF8(v, 1, 0, 3, 2, 5, 4, 7, 6));
+}
+
+// The softmax denominator: lane l adds the exps of experts e = l mod 8 in increasing e (from
+// +0), then the lanes combine as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
+inline float hsum8(const v8f& v) { return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7])); }
+
+struct RouteArgs {
+  int64_t T, E, k;
+  int score;
+  bool renormalize;
+  const float* bias;
+  float* weights;
+  int32_t* experts;
+};
+
+struct RouteScratch {
+  std::vector<float> z, s, q, bias, key;
+  std::vector<int32_t> idx;
+  void size(int64_t Ep, int64_t k) {
+    z.resize(Ep);
+    s.resize(Ep);
+    q.resize(Ep);
+    bias.resize(Ep);
+    key.resize(k);
+    idx.resize(k);
+  }
+};
+
+// Largest k of q[0..Ep) (-inf padded), descending, equal keys: lower index first, for small k:
+// k branch-free sweeps of "largest key, then its lowest index"; the chosen key is knocked out
+// (-inf; real keys are finite). Costs k * E compares, but never mispredicts a branch.
+constexpr int64_t kPassMaxK = 8;
+
+void topk_passes(float* __restrict q, int64_t E8, int64_t k, int32_t* __restrict idx) {
+  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8i none = splat_i(INT32_MAX);
+  for (int64_t j = 0; j < k; ++j) {
+    v8f m0 = load8(q), m1 = m0;
+    for (int64_t i = 1; i + 1 < E8; i += 2) {
+      m0 = vmax8(m0, load8(q + 8 * i));
+      m1 = vmax8(m1, load8(q + 8 * i + 8));
+    }
+    if (E8 % 2 == 0) m0 = vmax8(m0, load8(q + 8 * (E8 - 1)));
+    const v8f m = hmax8(vmax8(m0, m1));
+    v8i best = none;
+    for (int64_t i = 0; i < E8; ++i) best = vmin8(best, load8(q + 8 * i) == m ? iota + (int32_t)(8 * i) : none);
+    const int32_t b = hmin8(best)[0];
+    idx[j] = b;
+    q[b] = -INFINITY;
+  }
+}
+
+// Same result for any k: insertion into a descending buffer; a key enters only if strictly
+// larger than the current k-th and goes after every equal key.
+void topk_insertion(const float* __restrict q, int64_t E, int64_t k, float* __restrict key,
+                    int32_t* __restrict idx) {
+  for (int64_t e = 0; e < E; ++e) {
+    const float v = q[e];
+    int64_t i;
+    if (e < k) {
+      i = e;
+    } else {
+      if (!(v > key[k - 1])) continue;
+      i = k - 1;
+    }
+    while (i > 0 && key[i - 1] < v) {
+      key[i] = key[i - 1];
+      idx[i] = idx[i - 1];
+      --i;
+    }
+    key[i] = v;
+    idx[i] = (int32_t)e;
+  }
+}
+
+// Pass 1 over tokens [t0, t1): scores, top-k, weights, experts and the tile's histogram
+// counts[E]. Returns the first token with a non-finite logit, or -1.
+template <typename T>
+int64_t route_tile(const RouteArgs& a, const T* logits, int64_t t0, int64_t t1, int64_t* counts,
+                   RouteScratch& w) {
+  const int64_t E = a.E, k = a.k;
+  const int64_t E8 = (E + 7) / 8;
+  float* z = w.z.data();
+  float* s = w.s.data();
+  float* q = w.q.data();
+  const float* bias = w.bias.data();
+  int32_t* idx = w.idx.data();
+  const v8i iota = {0, 1, 2, 3, 4, 5, 6, 7};
+  const v8i last_valid = (iota + (int32_t)(8 * (E8 - 1))) < splat_i((int32_t)E);  // lanes e < E
+  const v8f neg_inf = splat(-INFINITY);
+  for (int64_t e = 0; e < E; ++e) counts[e] = 0;
+  if (a.bias) {
+    for (int64_t e = 0; e < E; ++e) w.bias[e] = a.bias[e];
+    for (int64_t e = E; e < 8 * E8; ++e) w.bias[e] = 0.0f;
+  }
+  for (int64_t e = E; e < 8 * E8; ++e) z[e] = -FLT_MAX;
+  for (int64_t t = t0; t < t1; ++t) {
+    const float* src = as_float_tile(logits + t * E, z, E);
+    if (src != z) std::memcpy(z, src, sizeof(float) * E);
+    // Non-finite check: v * 0 is +-0 for finite v and NaN for NaN and +-inf.
+    v8f chk = splat(0.0f);
+    for (int64_t i = 0; i < E8; ++i) chk += load8(z + 8 * i) * splat(0.0f);
+    if (!(hsum8(chk) == 0.0f)) return t;
+    if (a.score == (int)MoeScore::kSoftmax) {
+      v8f mv = load8(z);
+      for (int64_t i = 1; i < E8; ++i) mv = vmax8(mv, load8(z + 8 * i));
+      const v8f m = hmax8(mv);
+      v8f acc = splat(0.0f);
+      for (int64_t i = 0; i < E8; ++i) {
+        v8f ex = exp8(load8(z + 8 * i) - m);
+        if (i == E8 - 1) ex = last_valid ? ex : splat(0.0f);
+        acc += ex;
+        store8(s + 8 * i, ex);
+      }
+      const v8f sum = splat(hsum8(acc));
+      for (int64_t i = 0; i < E8; ++i) store8(s + 8 * i, load8(s + 8 * i) / sum);
+    } else {
+      for (int64_t i = 0; i < E8; ++i)
+        store8(s + 8 * i, splat(1.0f) / (splat(1.0f) + exp8(-load8(z + 8 * i))));
+    }
+    for (int64_t i = 0; i < E8; ++i) {
+      v8f v = load8(s + 8 * i);
+      if (a.bias) v = v + load8(bias + 8 * i);
+      if (i == E8 - 1) v = last_valid ? v : neg_inf;
+      store8(q + 8 * i, v);
+    }
+    if (k <= kPassMaxK)
+      topk_passes(q, E8, k, idx);
+    else
+      topk_insertion(q, E, k, w.key.data(), idx);
+    float* wt = a.weights + t * k;
+    int32_t* et = a.experts + t * k;
+    for (int64_t j = 0; j < k; ++j) {
+      wt[j] = s[idx[j]];
+      et[j] = idx[j];
+      ++counts[idx[j]];
+    }
+    if (a.renormalize) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < k; ++j) sum += wt[j];
+      for (int64_t j = 0; j < k; ++j) wt[j] = wt[j] / sum;
+    }
+  }
+  return -1;
+}
+
+// ---- inverse permutation of `order` (validated) -----------------------------------------------
+
+Status check_order_range(const int64_t* order, int64_t n, int n_threads) {
+  const int64_t items = (n + kElemItem - 1) / kElemItem;
+  std::vector<int64_t> bad(items, -1);
+  parallel_for(items, n_threads, [&](int64_t it) {
+    const int64_t r1 = std::min(n, (it + 1) * kElemItem);
+    for (int64_t r = it * kElemItem; r < r1; ++r)
+      if (order[r] < 0 || order[r] >= n) {
+        bad[it] = r;
+        return;
+      }
+  });
+  for (int64_t it = 0; it < items; ++it)
+    if (bad[it] >= 0)
+      return Status::out_of_range("order: entry " + std::to_string(bad[it]) + " is " +
+                                  std::to_string(order[bad[it]]) + ", expected a value in [0, " +
+                                  std::to_string(n) + ")");
+  return Status::ok();
+}
+
+// pos[order[r]] = r; fails unless order is a permutation of [0, n).
+Status invert_order(const int64_t* order, int64_t n, std::vector<int64_t>& pos, int n_threads) {
+  Status st = check_order_range(order, n, n_threads);
+  if (!st.is_ok()) return st;
+  pos.assign(n, -1);
+  int64_t* p = pos.data();
+  const int64_t items = (n + kElemItem - 1) / kElemItem;
+  parallel_for(items, n_threads, [&](int64_t it) {
+    const int64_t r1 = std::min(n, (it + 1) * kElemItem);
+    for (int64_t r = it * kElemItem; r < r1; ++r) __atomic_store_n(p + order[r], r, __ATOMIC_RELAXED);
+  });
+  std::vector<int64_t> missing(items, -1);
+  parallel_for(items, n_threads, [&](int64_t it) {
+    const int64_t a1 = std::min(n, (it + 1) * kElemItem);
+    for (int64_t a = it * kElemItem; a < a1; ++a)
+      if (p[a] < 0) {
+        missing[it] = a;
+        return;
+      }
+  });
+  for (int64_t it = 0; it < items; ++it)
+    if (missing[it] >= 0)
+      return Status::invalid("order: is not a permutation of [0, " + std::to_string(n) +
+                             "): assignment " + std::to_string(missing[it]) +
+                             " is missing (another appears twice)");
+  return Status::ok();
+}
+
+Status check_sizes(int64_t k, int64_t T, int64_t d) {
+  if (k < 1) return Status::invalid("k: expected >= 1, got " + std::to_string(k));
+  if (T < 0) return Status::invalid("T: expected >= 0, got " + std::to_string(T));
+  if (d < 0) return Status::invalid("d: expected >= 0, got " + std::to_string(d));
+  return Status::ok();
+}
+
+int64_t rows_per_item(int64_t d) { return std::max<int64_t>(1, kElemItem / std::max<int64_t>(d, 1)); }
+
+}  // namespace
+
+Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t k, int score,
+                 bool renormalize, const float* bias, int64_t capacity, float* weights,
+                 int32_t* experts, int64_t* order, int64_t* offsets, uint8_t* dropped,
+                 int n_threads) {
+  if (T < 0) return Status::invalid("T: expected >= 0, got " + std::to_string(T));
+  if (E < 1) return Status::invalid("E: expected >= 1 experts, got " + std::to_string(E));
+  if (E > INT32_MAX) return Status::invalid("E: expected < 2^31 experts, got " + std::to_string(E));
+  if (k < 1 || k > E)
+    return Status::invalid("k: expected 1 <= k <= E = " + std::to_string(E) + ", got " + std::to_string(k));
+  if (score != (int)MoeScore::kSoftmax && score != (int)MoeScore::kSigmoid)
+    return Status::invalid("score: expected 0 (softmax) or 1 (sigmoid), got " + std::to_string(score));
+  if (capacity < -1)
+    return Status::invalid("capacity: expected -1 (none) or >= 0, got " + std::to_string(capacity));
+  if (offsets == nullptr) return Status::invalid("offsets: null pointer");
+  if (T > 0 && (logits == nullptr || weights == nullptr || experts == nullptr || order == nullptr ||
+                dropped == nullptr))
+    return Status::invalid("moe_route: null data pointer");
+  if (bias)
+    for (int64_t e = 0; e < E; ++e)
+      if (!std::isfinite(bias[e]))
+        return Status::invalid("bias: contains NaN/inf at expert " + std::to_string(e));
+
+  const int64_t n_tiles = (T + kRouteTile - 1) / kRouteTile;
+  std::vector<int64_t> hist(n_tiles * E);  // per-tile counts, then per-tile write cursors
+  std::vector<int64_t> first_bad(n_tiles, -1);
+  const RouteArgs args{T, E, k, score, renormalize, bias, weights, experts};
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* lg = static_cast<const S*>(logits);
+    parallel_for(n_tiles, n_threads, [&](int64_t it) {
+      thread_local RouteScratch scratch;
+      scratch.size(8 * ((E + 7) / 8), k);
+      first_bad[it] = route_tile<S>(args, lg, it * kRouteTile, std::min(T, (it + 1) * kRouteTile),
+                                    hist.data() + it * E, scratch);
+    });
+    return 0;
+  });
+  for (int64_t it = 0; it < n_tiles; ++it)
+    if (first_bad[it] >= 0)
+      return Status::invalid("logits: contains NaN/inf at token " + std::to_string(first_bad[it]));
+
+  // Expert totals -> offsets; then each tile's count becomes its first write position.
+  offsets[0] = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    int64_t run = offsets[e];
+    for (int64_t it = 0; it < n_tiles; ++it) {
+      const int64_t c = hist[it * E + e];
+      hist[it * E + e] = run;
+      run += c;
+    }
+    offsets[e + 1] = run;
+  }
+
+  // Pass 2: stable counting-sort scatter (token order within each tile, tiles in order).
+  parallel_for(n_tiles, n_threads, [&](int64_t it) {
+    int64_t* cur = hist.data() + it * E;
+    const int64_t a0 = it * kRouteTile * k, a1 = std::min(T, (it + 1) * kRouteTile) * k;
+    for (int64_t a = a0; a < a1; ++a) {
+      const int32_t e = experts[a];
+      const int64_t p = cur[e]++;
+      order[p] = a;
+      dropped[a] = (uint8_t)(capacity >= 0 && p - offsets[e] >= capacity);
+    }
+  });
+  return Status::ok();
+}
+
+Status moe_gather(const void* x, const int64_t* order, int64_t k, int64_t T, int64_t d, void* rows,
+                  DType dtype, int n_threads) {
+  Status st = check_sizes(k, T, d);
+  if (!st.is_ok()) return st;
+  const int64_t n = T * k;
+  if (n == 0) return Status::ok();
+  if (x == nullptr || order == nullptr || rows == nullptr) return Status::invalid("moe_gather: null data pointer");
+  st = check_order_range(order, n, n_threads);
+  if (!st.is_ok()) return st;
+  if (d == 0) return Status::ok();
+  const size_t esz = dtype == DType::kFloat32 ? 4 : 2;
+  const int64_t per = rows_per_item(d);
+  const int64_t items = (n + per - 1) / per;
+  const char* src = static_cast<const char*>(x);
+  char* dst = static_cast<char*>(rows);
+  parallel_for(items, n_threads, [&](int64_t it) {
+    const int64_t r1 = std::min(n, (it + 1) * per);
+    for (int64_t r = it * per; r < r1; ++r)
+      std::memcpy(dst + (size_t)(r * d) * esz, src + (size_t)((order[r] / k) * d) * esz, (size_t)d * esz);
+  });
+  return Status::ok();
+}
+
+Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, int64_t hdim, int act,
+                       DType dtype, int n_threads) {
+  if (act < 0 || act > 4) return Status::invalid("act: expected 0..4 (swiglu, geglu, gelu, silu, relu), got " + std::to_string(act));
+  if (n_rows < 0 || hdim < 0) return Status::invalid("moe_act_forward: negative size");
+  const bool glu = act <= (int)MoeAct::kGeglu;
+  const int64_t n = n_rows * hdim;
+  if (n == 0) return Status::ok();
+  if (a == nullptr || h == nullptr || (glu && b == nullptr)) return Status::invalid("moe_act_forward: null data pointer");
+  const int64_t items = (n + kElemItem - 1) / kElemItem;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* A = static_cast<const S*>(a);
+    const S* B = static_cast<const S*>(b);
+    S* H = static_cast<S*>(h);
+    parallel_for(items, n_threads, [&](int64_t it) {
+      alignas(64) float abuf[kTile], bbuf[kTile], out[kTile];
+      const int64_t i1 = std::min(n, (it + 1) * kElemItem);
+      for (int64_t i0 = it * kElemItem; i0 < i1; i0 += kTile) {
+        const int64_t len = std::min(kTile, i1 - i0);
+        const float* x = as_float_tile(A + i0, abuf, len);
+        switch ((MoeAct)act) {
+          case MoeAct::kSwiglu: {
+            const float* y = as_float_tile(B + i0, bbuf, len);
+            for (int64_t j = 0; j < len; ++j) out[j] = silu_f(x[j]) * y[j];
+            break;
+          }
+          case MoeAct::kGeglu: {
+            const float* y = as_float_tile(B + i0, bbuf, len);
+            for (int64_t j = 0; j < len; ++j) out[j] = gelu_f(x[j]) * y[j];
+            break;
+          }
+          case MoeAct::kGelu:
+            for (int64_t j = 0; j < len; ++j) out[j] = gelu_f(x[j]);
+            break;
+          case MoeAct::kSilu:
+            for (int64_t j = 0; j < len; ++j) out[j] = silu_f(x[j]);
+            break;
+          case MoeAct::kRelu:
+            for (int64_t j = 0; j < len; ++j) out[j] = x[j] < 0.0f ? 0.0f : x[j];
+            break;
+        }
+        store_tile(out, H + i0, len);
+      }
+    });
+    return 0;
+  });
+  return Status::ok();
+}
+
+Status moe_act_backward(const void* a, const void* b, const void* dh, void* da, void* db,
+                        int64_t n_rows, int64_t hdim, int act, DType dtype, int n_threads) {
+  if (act < 0 || act > 4) return Status::invalid("act: expected 0..4 (swiglu, geglu, gelu, silu, relu), got " + std::to_string(act));
+  if (n_rows < 0 || hdim < 0) return Status::invalid("moe_act_backward: negative size");
+  const bool glu = act <= (int)MoeAct::kGeglu;
+  const int64_t n = n_rows * hdim;
+  if (n == 0) return Status::ok();
+  if (a == nullptr || dh == nullptr || da == nullptr || (glu && (b == nullptr || db == nullptr)))
+    return Status::invalid("moe_act_backward: null data pointer");
+  const int64_t items = (n + kElemItem - 1) / kElemItem;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* A = static_cast<const S*>(a);
+    const S* B = static_cast<const S*>(b);
+    const S* G = static_cast<const S*>(dh);
+    S* DA = static_cast<S*>(da);
+    S* DB = static_cast<S*>(db);
+    parallel_for(items, n_threads, [&](int64_t it) {
+      alignas(64) float abuf[kTile], bbuf[kTile], gbuf[kTile], oa[kTile], ob[kTile];
+      const int64_t i1 = std::min(n, (it + 1) * kElemItem);
+      for (int64_t i0 = it * kElemItem; i0 < i1; i0 += kTile) {
+        const int64_t len = std::min(kTile, i1 - i0);
+        const float* x = as_float_tile(A + i0, abuf, len);
+        const float* g = as_float_tile(G + i0, gbuf, len);
+        switch ((MoeAct)act) {
+          case MoeAct::kSwiglu: {
+            const float* y = as_float_tile(B + i0, bbuf, len);
+            for (int64_t j = 0; j < len; ++j) {
+              const float s = sigmoid_f(x[j]);
+              oa[j] = g[j] * y[j] * (s * (1.0f + x[j] * (1.0f - s)));
+              ob[j] = g[j] * (x[j] * s);
+            }
+            break;
+          }
+          case MoeAct::kGeglu: {
+            const float* y = as_float_tile(B + i0, bbuf, len);
+            for (int64_t j = 0; j < len; ++j) {
+              oa[j] = g[j] * y[j] * gelu_grad_f(x[j]);
+              ob[j] = g[j] * gelu_f(x[j]);
+            }
+            break;
+          }
+          case MoeAct::kGelu:
+            for (int64_t j = 0; j < len; ++j) oa[j] = g[j] * gelu_grad_f(x[j]);
+            break;
+          case MoeAct::kSilu:
+            for (int64_t j = 0; j < len; ++j) oa[j] = g[j] * silu_grad_f(x[j]);
+            break;
+          case MoeAct::kRelu:
+            for (int64_t j = 0; j < len; ++j) oa[j] = x[j] > 0.0f ? g[j] : 0.0f;
+            break;
+        }
+        store_tile(oa, DA + i0, len);
+        if (glu) store_tile(ob, DB + i0, len);
+      }
+    });
+    return 0;
+  });
+  return Status::ok();
+}
+
+Status moe_combine(const void* ys, const int64_t* order, const float* weights, const uint8_t* dropped,
+                   int64_t k, int64_t T, int64_t d, void* y, DType dtype, int n_threads) {
+  Status st = check_sizes(k, T, d);
+  if (!st.is_ok()) return st;
+  const int64_t n = T * k;
+  if (n == 0) return Status::ok();
+  if (ys == nullptr || order == nullptr || weights == nullptr || y == nullptr)
+    return Status::invalid("moe_combine: null data pointer");
+  std::vector<int64_t> pos;
+  st = invert_order(order, n, pos, n_threads);
+  if (!st.is_ok()) return st;
+  if (d == 0) return Status::ok();
+  const int64_t per = rows_per_item(d);
+  const int64_t items = (T + per - 1) / per;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* Y = static_cast<const S*>(ys);
+    S* out = static_cast<S*>(y);
+    parallel_for(items, n_threads, [&](int64_t it) {
+      alignas(64) float acc[kTile], buf[kTile];
+      const int64_t t1 = std::min(T, (it + 1) * per);
+      for (int64_t t = it * per; t < t1; ++t)
+        for (int64_t c0 = 0; c0 < d; c0 += kTile) {
+          const int64_t len = std::min(kTile, d - c0);
+          for (int64_t i = 0; i < len; ++i) acc[i] = 0.0f;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t a = t * k + j;
+            if (dropped && dropped[a]) continue;
+            const float w = weights[a];
+            const float* row = as_float_tile(Y + pos[a] * d + c0, buf, len);
+            for (int64_t i = 0; i < len; ++i) acc[i] += w * row[i];
+          }
+          store_tile(acc, out + t * d + c0, len);
+        }
+    });
+    return 0;
+  });
+  return Status::ok();
+}
+
+Status moe_combine_backward(const void* dy, const void* ys, const int64_t* order, const float* weights,
+                            const uint8_t* dropped, int64_t k, int64_t T, int64_t d, void* dys,
+                            float* dweights, DType dtype, int n_threads) {
+  Status st = check_sizes(k, T, d);
+  if (!st.is_ok()) return st;
+  const int64_t n = T * k;
+  if (n == 0) return Status::ok();
+  if (dy == nullptr || order == nullptr || weights == nullptr || (dys == nullptr && dweights == nullptr) ||
+      (dweights != nullptr && ys == nullptr))
+    return Status::invalid("moe_combine_backward: null data pointer");
+  std::vector<int64_t> pos;
+  st = invert_order(order, n, pos, n_threads);
+  if (!st.is_ok()) return st;
+  const int64_t per = rows_per_item(d);
+  const int64_t items = (T + per - 1) / per;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* DY = static_cast<const S*>(dy);
+    const S* Y = static_cast<const S*>(ys);
+    S* DYS = static_cast<S*>(dys);
+    parallel_for(items, n_threads, [&](int64_t it) {
+      alignas(64) float gbuf[kTile], buf[kTile], out[kTile];
+      const int64_t t1 = std::min(T, (it + 1) * per);
+      for (int64_t t = it * per; t < t1; ++t)
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t a = t * k + j;
+          const int64_t r = pos[a];
+          const bool drop = dropped && dropped[a];
+          const float w = weights[a];
+          float lanes[kLanes] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+          for (int64_t c0 = 0; c0 < d; c0 += kTile) {
+            const int64_t len = std::min(kTile, d - c0);
+            if (drop) {
+              if (DYS) {
+                for (int64_t i = 0; i < len; ++i) out[i] = 0.0f;
+                store_tile(out, DYS + r * d + c0, len);
+              }
+              continue;
+            }
+            const float* g = as_float_tile(DY + t * d + c0, gbuf, len);
+            if (DYS) {
+              for (int64_t i = 0; i < len; ++i) out[i] = w * g[i];
+              store_tile(out, DYS + r * d + c0, len);
+            }
+            if (dweights) dot_lanes(g, as_float_tile(Y + r * d + c0, buf, len), len, lanes);
+          }
+          if (dweights)
+            dweights[a] = drop ? 0.0f
+                               : ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) +
+                                     ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        }
+    });
+    return 0;
+  });
+  return Status::ok();
+}
+
+Status moe_scatter_add(const void* dxs, const int64_t* order, int64_t k, int64_t T, int64_t d, void* dx,
+                       DType dtype, int n_threads) {
+  Status st = check_sizes(k, T, d);
+  if (!st.is_ok()) return st;
+  const int64_t n = T * k;
+  if (n == 0) return Status::ok();
+  if (dxs == nullptr || order == nullptr || dx == nullptr) return Status::invalid("moe_scatter_add: null data pointer");
+  std::vector<int64_t> pos;
+  st = invert_order(order, n, pos, n_threads);
+  if (!st.is_ok()) return st;
+  if (d == 0) return Status::ok();
+  const int64_t per = rows_per_item(d);
+  const int64_t items = (T + per - 1) / per;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using S = decltype(tag);
+    const S* X = static_cast<const S*>(dxs);
+    S* out = static_cast<S*>(dx);
+    parallel_for(items, n_threads, [&](int64_t it) {
+      alignas(64) float acc[kTile], buf[kTile];
+      const int64_t t1 = std::min(T, (it + 1) * per);
+      for (int64_t t = it * per; t < t1; ++t)
+        for (int64_t c0 = 0; c0 < d; c0 += kTile) {
+          const int64_t len = std::min(kTile, d - c0);
+          const float* row = as_float_tile(X + pos[t * k] * d + c0, buf, len);
+          for (int64_t i = 0; i < len; ++i) acc[i] = row[i];
+          for (int64_t j = 1; j < k; ++j) {
+            row = as_float_tile(X + pos[t * k + j] * d + c0, buf, len);
+            for (int64_t i = 0; i < len; ++i) acc[i] += row[i];
+          }
+          store_tile(acc, out + t * d + c0, len);
+        }
+    });
+    return 0;
+  });
+  return Status::ok();
+}
+
+}  // namespace PYOPS_ISA_KERNEL_NS
+}  // namespace pyops

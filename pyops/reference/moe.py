@@ -1,0 +1,162 @@
+"""Fused expert routing: the definition (DESIGN "Fused expert routing").
+
+Routing, for router logits ``z [T, E]`` and ``k`` experts per token:
+
+    s = softmax(z, -1)          (score="softmax")   or   s = sigmoid(z)   (score="sigmoid")
+    key = s + bias              (bias [E], DeepSeek-V3 aux-loss-free balancing: selection only)
+    experts[t] = the k largest keys of token t, descending; ties go to the lower expert index
+                 (a stable descending sort of the key)
+    weights[t, j] = s[t, experts[t, j]]          (the score, never the bias)
+    renormalize:  weights[t] /= Σ_j weights[t, j]
+    order   = the flat assignment ids a = t·k + j stably sorted by expert (token order within an expert)
+    offsets = [0, cumsum(counts)]                (counts[e] = assignments to e, dropped ones included)
+    capacity_factor cf:  C = ceil(cf·k·T/E); in expert e's slice of `order`, the first C (token
+                 order) are kept and the rest are dropped (dropped[t, j] = True).
+
+Expert MLP for assignment a = (t, j) to expert e = experts[t, j], not dropped:
+
+    GLU ("swiglu", "geglu"):   h = gate(x_t·w1[e]) ⊙ (x_t·w3[e])     gate = silu | exact (erf) gelu
+    plain ("gelu", "silu", "relu"):   h = act(x_t·w1[e])
+    y_t += weights[t, j] · (h·w2[e])
+
+Scores and the MLP are computed in fp32 (fp64 for fp64 inputs, for gradcheck) and cast back to
+the input dtype. The routing weights are differentiable w.r.t. the logits (the selection is held
+fixed); the MLP output w.r.t. x, w1, w2, w3 and the weights.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu")
+GLU_ACTIVATIONS = ("swiglu", "geglu")
+SCORES = ("softmax", "sigmoid")
+
+
+class RouteResult(NamedTuple):
+    weights: Tensor   # [T, k], logits' dtype
+    experts: Tensor   # [T, k] int32
+    order: Tensor     # [T*k] int64
+    offsets: Tensor   # [E+1] int64
+    dropped: Tensor   # [T, k] bool
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def capacity(capacity_factor: Optional[float], T: int, E: int, k: int) -> int:
+    """Per-expert capacity C = ceil(cf·k·T/E), or -1 (no capacity)."""
+    if capacity_factor is None:
+        return -1
+    return int(math.ceil(capacity_factor * k * T / E))
+
+
+def scores(logits: Tensor, score: str = "softmax") -> Tensor:
+    z = logits.to(compute_dtype(logits.dtype))
+    return torch.softmax(z, dim=-1) if score == "softmax" else torch.sigmoid(z)
+
+
+def route(logits: Tensor, k: int, score: str = "softmax", renormalize: bool = True,
+          capacity_factor: Optional[float] = None, bias: Optional[Tensor] = None) -> RouteResult:
+    """Top-k routing of `logits [T, E]`; see the module docstring."""
+    T, E = logits.shape
+    s = scores(logits, score)
+    key = s if bias is None else s + bias.detach().to(s.dtype)
+    # Stable descending sort: equal keys keep their index order, so ties go to the lower expert.
+    sel = torch.sort(key.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    w = torch.gather(s, 1, sel)
+    if renormalize:
+        w = w / w.sum(dim=-1, keepdim=True)
+    flat = sel.reshape(-1)
+    order = torch.sort(flat, stable=True).indices                       # token order within an expert
+    counts = torch.zeros(E, dtype=torch.int64, device=logits.device).index_add_(
+        0, flat, torch.ones_like(flat))
+    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+    C = capacity(capacity_factor, T, E, k)
+    if C >= 0:
+        # rank of each assignment within its expert's slice = position in `order` − slice start
+        rank_sorted = torch.arange(T * k, device=logits.device) - offsets[flat[order]]
+        rank = torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)
+        dropped = (rank >= C).reshape(T, k)
+    else:
+        dropped = torch.zeros(T, k, dtype=torch.bool, device=logits.device)
+    return RouteResult(w.to(logits.dtype), sel.to(torch.int32), order, offsets, dropped)
+
+
+def activation(a: Tensor, b: Optional[Tensor], name: str) -> Tensor:
+    """The fused activation: gate(a) ⊙ b for GLU variants, act(a) otherwise (gelu is exact erf)."""
+    if name == "swiglu":
+        return F.silu(a) * b
+    if name == "geglu":
+        return F.gelu(a) * b
+    if name == "gelu":
+        return F.gelu(a)
+    if name == "silu":
+        return F.silu(a)
+    if name == "relu":
+        return torch.relu(a)
+    raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
+
+
+def experts(x: Tensor, weights: Tensor, expert_ids: Tensor, dropped: Tensor, w1: Tensor, w2: Tensor,
+            w3: Optional[Tensor] = None, activation_name: str = "swiglu") -> Tensor:
+    """The per-expert loop: y_t = Σ_j [not dropped] weights[t, j] · MLP_{experts[t, j]}(x_t)."""
+    T, d = x.shape
+    E = w1.shape[0]
+    cd = compute_dtype(x.dtype)
+    y = torch.zeros(T, d, dtype=cd, device=x.device)
+    for e in range(E):
+        tok, slot = torch.nonzero((expert_ids == e) & ~dropped, as_tuple=True)   # token order
+        if tok.numel() == 0:
+            continue
+        xe = x[tok].to(cd)
+        a = xe @ w1[e].to(cd)
+        b = xe @ w3[e].to(cd) if activation_name in GLU_ACTIVATIONS else None
+        out = activation(a, b, activation_name) @ w2[e].to(cd)
+        y = y.index_add(0, tok, weights[tok, slot].to(cd)[:, None] * out)
+    return y.to(x.dtype)
+
+
+def moe(x: Tensor, logits: Tensor, k: int, w1: Tensor, w2: Tensor, w3: Optional[Tensor] = None, *,
+        activation_name: str = "swiglu", score: str = "softmax", renormalize: bool = True,
+        capacity_factor: Optional[float] = None, bias: Optional[Tensor] = None) -> Tensor:
+    """Routing then the expert MLP: the whole layer."""
+    r = route(logits, k, score, renormalize, capacity_factor, bias)
+    return experts(x, r.weights, r.experts, r.dropped, w1, w2, w3, activation_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Auxiliary losses (the definitions behind pyops.moe_losses)
+# ---------------------------------------------------------------------------------------------
+
+def load_balance_loss(probs: Tensor, expert_ids: Tensor) -> Tensor:
+    """Switch load balance: E · Σ_i f_i · P_i, f_i = share of all T·k selections that went to i,
+    P_i = mean router probability of expert i over tokens."""
+    T, E = probs.shape
+    k = expert_ids.shape[1]
+    f = torch.zeros(E, dtype=probs.dtype, device=probs.device).index_add_(
+        0, expert_ids.reshape(-1).long(), torch.ones(T * k, dtype=probs.dtype, device=probs.device)) / (T * k)
+    return E * (f * probs.mean(0)).sum()
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """mean over tokens of logsumexp(z)²."""
+    return torch.logsumexp(logits.to(compute_dtype(logits.dtype)), dim=-1).pow(2).mean()
+
+
+def mutual_information_loss(probs: Tensor, task_ids: Tensor, n_tasks: int) -> Tensor:
+    """Mod-Squad: −Σ_{t,e} P(t,e)·log(P(t,e) / (P(t)·P(e))), P(t,e) = (1/T)·Σ_{tokens of task t} p(e|x)."""
+    T, E = probs.shape
+    joint = torch.zeros(n_tasks, E, dtype=probs.dtype, device=probs.device).index_add_(
+        0, task_ids.long(), probs) / T
+    pt = joint.sum(1, keepdim=True)
+    pe = joint.sum(0, keepdim=True)
+    ratio = joint / (pt * pe).clamp_min(torch.finfo(probs.dtype).tiny)
+    terms = torch.where(joint > 0, joint * torch.log(ratio.clamp_min(torch.finfo(probs.dtype).tiny)),
+                        torch.zeros_like(joint))
+    return -terms.sum()

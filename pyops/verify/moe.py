@@ -1,0 +1,92 @@
+"""Verify cases for `moe_route` and `moe_experts`: odd sizes (T=1, E=1, k=E, empty experts, all
+tokens on one expert), capacity drops, every activation, fp32/fp16/bf16; forward and the gradients
+of x, w1, w2, w3 and the router logits (through the routing weights)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+import pyops
+from pyops.testing import REDUCTION_TOL, Tol, tolerance_for
+from pyops.verify import Case
+
+EXACT = Tol(atol=0.0, rtol=0.0)
+# (T, d, hidden, E, k, special)
+SHAPES = [(1, 8, 16, 1, 1, None), (1, 5, 7, 4, 4, None), (37, 24, 40, 6, 2, None), (64, 16, 33, 8, 2, "empty"),
+          (50, 12, 20, 5, 3, "hot"), (129, 32, 48, 16, 2, None)]
+ROUTE_SHAPES = [(1, 1, 1), (7, 5, 5), (301, 16, 2), (1000, 64, 4)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+ACTS = ["swiglu", "geglu", "gelu", "silu", "relu"]
+
+
+def _logits(T, E, special, device):
+    z = torch.randn(T, E)
+    if special == "hot":
+        z[:, 0] += 20.0
+    elif special == "empty":
+        z[:, 1:3] -= 30.0
+    return z.to(device)
+
+
+def _route_make(T, E, cf, dtype):
+    def make(device):
+        return dict(z=torch.randn(T, E, device=device).to(dtype), gw=torch.randn(T, E, device=device),
+                    cf=cf)
+    return make
+
+
+def _route_run(k, score):
+    def run(backend: str, x: dict) -> Dict[str, torch.Tensor]:
+        z = x["z"].clone().requires_grad_(True)
+        r = pyops.moe_route(z, k, score=score, capacity_factor=x["cf"], backend=backend)
+        r.weights.float().backward(x["gw"][:, :k])
+        return {"weights": r.weights.detach(), "experts": r.experts, "order": r.order, "offsets": r.offsets,
+                "dropped": r.dropped, "grad_logits": z.grad}
+    return run
+
+
+def _experts_make(T, d, h, E, k, special, dtype, act, cf):
+    def make(device):
+        glu = act in ("swiglu", "geglu")
+        return dict(x=torch.randn(T, d, device=device).to(dtype), z=_logits(T, E, special, device),
+                    w1=(torch.randn(E, d, h, device=device) * d ** -0.5).to(dtype),
+                    w2=(torch.randn(E, h, d, device=device) * h ** -0.5).to(dtype),
+                    w3=(torch.randn(E, d, h, device=device) * d ** -0.5).to(dtype) if glu else None,
+                    dy=torch.randn(T, d, device=device).to(dtype), k=k, act=act, cf=cf)
+    return make
+
+
+def _experts_run(backend: str, x: dict) -> Dict[str, torch.Tensor]:
+    leaves = {n: x[n].clone().requires_grad_(True) for n in ("x", "z", "w1", "w2", "w3") if x[n] is not None}
+    r = pyops.moe_route(leaves["z"], x["k"], capacity_factor=x["cf"], backend="reference")
+    y = pyops.moe_experts(leaves["x"], r, leaves["w1"], leaves["w2"], leaves.get("w3"), activation=x["act"],
+                          backend=backend)
+    y.backward(x["dy"])
+    out = {"y": y.detach()}
+    out.update({f"grad_{n}": t.grad for n, t in leaves.items()})
+    return out
+
+
+def cases():
+    for i, (T, E, k) in enumerate(ROUTE_SHAPES):
+        for score in ("softmax", "sigmoid"):
+            cf = None if i % 2 == 0 else 1.0
+            dtype = DTYPES[i % 3]
+            tols = {n: EXACT for n in ("experts", "order", "offsets", "dropped")}
+            tols.update(weights=tolerance_for(dtype), grad_logits=tolerance_for(dtype))
+            yield Case("moe_route", f"T={T} E={E} k={k} {score} cf={cf} {str(dtype)[6:]}", _route_make(T, E, cf, dtype),
+                       _route_run(k, score), tols, backends=("cpu", "cuda"))
+    for i, (T, d, h, E, k, special) in enumerate(SHAPES):
+        for j, dtype in enumerate(DTYPES):
+            act = ACTS[(i + j) % len(ACTS)]
+            cf = 0.8 if (i + j) % 3 == 0 else None
+            tol = tolerance_for(dtype)
+            red = REDUCTION_TOL if dtype == torch.float32 else tol
+            tols = {"y": tol, "grad_x": tol, "grad_z": red, "grad_w1": red, "grad_w2": red, "grad_w3": red}
+            if act not in ("swiglu", "geglu"):
+                del tols["grad_w3"]
+            name = f"T={T} d={d} h={h} E={E} k={k} {act} {str(dtype)[6:]}" + (f" {special}" if special else "") + \
+                (f" cf={cf}" if cf else "")
+            yield Case("moe_experts", name, _experts_make(T, d, h, E, k, special, dtype, act, cf), _experts_run,
+                       tols, backends=("cpu", "triton"))
