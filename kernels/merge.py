@@ -39,6 +39,7 @@ Design:
 from __future__ import annotations
 
 import math
+import struct
 from typing import List, Sequence
 
 import torch
@@ -560,6 +561,11 @@ def _flat_block(numel: int, block_size: int, coeff_stride_block: int, per_block_
     return blk, uniform
 
 
+def _fp32(x: float) -> float:
+    """x rounded to fp32 (on the host: no tensor, so it is also a constant under tracing)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 def topk_counts(density: Sequence[float], numel: int, block_size: int) -> List[List[int]]:
     """k = max(1, ⌊ρ·n⌋) per task for a full block and for the last block, with ρ in fp32 and the
     product in fp64, as the reference forms it."""
@@ -567,7 +573,7 @@ def topk_counts(density: Sequence[float], numel: int, block_size: int) -> List[L
     last = numel - (n_blocks - 1) * block_size
     out = []
     for d in density:
-        d32 = float(torch.tensor(d, dtype=torch.float32))
+        d32 = _fp32(d)
         out.append([max(1, math.floor(d32 * min(block_size, numel))), max(1, math.floor(d32 * last))])
     return out
 
@@ -692,8 +698,12 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
             thr = _large_thresholds(base, deltas, block_size, from_models, ks.to(torch.int64))
         fparams = thr  # unused by TIES
     else:
-        rho = torch.tensor(list(density), dtype=torch.float32)
-        fparams = torch.stack([rho, 1.0 / rho], dim=1).reshape(-1).to(dev)
+        # ρ in fp32 and the reference's keep value 1/ρ computed in fp32 (fp64 division then one
+        # rounding to fp32 is the correctly rounded fp32 quotient).
+        vals = []
+        for d in density:
+            vals += [_fp32(d), _fp32(1.0 / _fp32(d))]
+        fparams = torch.tensor(vals, dtype=torch.float32, device=dev)
         thr = fparams  # unused by DARE
     _combine(out, base, deltas, coeffs, coeff_stride_n, coeff_stride_block, block_size, from_models, method, lam,
              thr, fparams, iparams, normalize)
