@@ -27,12 +27,12 @@ Design:
     of compare-and-count along the row, in registers); with ≤ 8 tasks it then trims, elects and
     writes the output in the same program (its later reads of the tile hit the cache): one pass
     over memory. With more tasks it writes the thresholds and `_combine_kernel` follows.
-  - Larger blocks: a radix select over 11 + 10 + 10 bits: `_hist_kernel` counts the current
-    digit of the keys that match the prefix found so far, per (task, block), programs over
-    (block, chunk) adding their per-chunk `tl.histogram` into an int32 [N, n_blocks, bins]
-    buffer with atomics (integer counts: order-independent, deterministic); the bin holding the
-    k-th largest and the remaining rank are found with torch ops on the small histograms
-    (no host sync). Then `_combine_kernel` trims with the per-block thresholds.
+  - Larger blocks: a radix select over 7 + 6 + 6 + 6 + 6 bits (five passes): `_hist_kernel`
+    counts the current digit of the keys that match the prefix found so far, per (task, block),
+    programs over (block, chunk) adding their per-chunk `tl.histogram` into an int32
+    [N, n_blocks, bins] buffer with atomics (integer counts: order-independent, deterministic);
+    the bin holding the k-th largest and the remaining rank are found with torch ops on the
+    small histograms (no host sync). Then `_combine_kernel` trims with the per-block thresholds.
 * Launchers use only tensor metadata and torch ops (no host syncs), and launch through
   `torch.library.wrap_triton`, so they run inside `triton_op` bodies and under `torch.compile`.
 """
@@ -46,6 +46,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.language.extra import libdevice
+
+from pyops._triton import interpreting
 
 MAX_TASKS = 8
 SMALL_MAX = 8192  # blocks up to this many elements: one program per block (or per ROWS blocks)
@@ -55,9 +58,10 @@ METHOD_TIES, METHOD_DARE, METHOD_DARE_TIES = 1, 2, 3
 METHOD_CODES = {"ties": METHOD_TIES, "dare": METHOD_DARE, "dare_linear": METHOD_DARE,
                 "dare_ties": METHOD_DARE_TIES}
 
-# Radix digits of the large-block selection: (shift, bits) from the top of the 31-bit key.
-_DIGITS = ((20, 11), (10, 10), (0, 10))
-_HIST_BINS = 2048  # bins of every histogram launch (10-bit digits use the lower half; bin 1024 = "no match")
+# Radix digits of the large-block selection: (shift, bits) from the top of the 31-bit key. Narrow
+# digits: `tl.histogram` costs about bins·log2(bins)/32 operations per element on a GPU (a
+# warp-level ballot per bin), so 2048 bins would make the pass compute-bound many times over.
+_DIGITS = ((24, 7), (18, 6), (12, 6), (6, 6), (0, 6))
 
 
 def _next_pow2(n: int) -> int:
@@ -96,15 +100,26 @@ def _dare_trim(x, task, grp, col, fp_ptr, seed, name_hash):
 
 
 @triton.jit
-def _elect_term(tot, div, t, w, s):
+def _mul(a, b, RN: tl.constexpr):
+    """a·b rounded on its own: a product that feeds an add must not be contracted into an FMA
+    (the reference rounds both), or a sum that cancels can change the elected sign. The GPU
+    build uses libdevice's mul.rn; the interpreter never contracts."""
+    if RN:
+        return libdevice.mul_rn(a, b)
+    else:
+        return a * b
+
+
+@triton.jit
+def _elect_term(tot, div, t, w, s, RN: tl.constexpr):
     a = tl.where(t * s > 0.0, 1.0, 0.0)
-    return tot + a * (w * t), div + a * w
+    return tot + a * _mul(w, t, RN), div + a * w  # a ∈ {0, 1}: a·x is exact
 
 
 @triton.jit
 def _finish(tot, div, NORMALIZE: tl.constexpr):
     if NORMALIZE:
-        return tot / tl.where(div == 0.0, 1.0, div)
+        return tl.math.div_rn(tot, tl.where(div == 0.0, 1.0, div))  # IEEE division, as the reference
     else:
         return tot
 
@@ -141,7 +156,7 @@ def _combine_kernel(
     numel, block_size, c_stride_n, c_stride_block, c_off, thr_stride_n, task_off, lam,
     N_TASKS: tl.constexpr, METHOD: tl.constexpr, FROM_MODELS: tl.constexpr, UNIFORM: tl.constexpr,
     PHASE: tl.constexpr, ACC_IN: tl.constexpr, FINAL: tl.constexpr, NORMALIZE: tl.constexpr,
-    BLOCK: tl.constexpr, I64: tl.constexpr,
+    BLOCK: tl.constexpr, I64: tl.constexpr, RN: tl.constexpr,
 ):
     # PHASE 0: acc (+)= Σ w·t over this launch's tasks (written out when FINAL, non-electing).
     # PHASE 1: election with acc read from scratch; tot/div (+)= ...; FINAL writes the output.
@@ -216,25 +231,25 @@ def _combine_kernel(
         else:
             acc = zero
         if N_TASKS > 0:
-            acc = acc + w0 * t0
+            acc = acc + _mul(w0, t0, RN)
         if N_TASKS > 1:
-            acc = acc + w1 * t1
+            acc = acc + _mul(w1, t1, RN)
         if N_TASKS > 2:
-            acc = acc + w2 * t2
+            acc = acc + _mul(w2, t2, RN)
         if N_TASKS > 3:
-            acc = acc + w3 * t3
+            acc = acc + _mul(w3, t3, RN)
         if N_TASKS > 4:
-            acc = acc + w4 * t4
+            acc = acc + _mul(w4, t4, RN)
         if N_TASKS > 5:
-            acc = acc + w5 * t5
+            acc = acc + _mul(w5, t5, RN)
         if N_TASKS > 6:
-            acc = acc + w6 * t6
+            acc = acc + _mul(w6, t6, RN)
         if N_TASKS > 7:
-            acc = acc + w7 * t7
+            acc = acc + _mul(w7, t7, RN)
 
     if PHASE == 0:
         if FINAL and not ELECT:
-            tl.store(out_ptr + offs, (b + lam * acc).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, (b + _mul(lam, acc, RN)).to(out_ptr.dtype.element_ty), mask=mask)
         else:
             tl.store(acc_ptr + offs, acc, mask=mask)
     else:
@@ -247,29 +262,29 @@ def _combine_kernel(
                 tot = zero
                 div = zero
             if N_TASKS > 0:
-                tot, div = _elect_term(tot, div, t0, w0, s)
+                tot, div = _elect_term(tot, div, t0, w0, s, RN)
             if N_TASKS > 1:
-                tot, div = _elect_term(tot, div, t1, w1, s)
+                tot, div = _elect_term(tot, div, t1, w1, s, RN)
             if N_TASKS > 2:
-                tot, div = _elect_term(tot, div, t2, w2, s)
+                tot, div = _elect_term(tot, div, t2, w2, s, RN)
             if N_TASKS > 3:
-                tot, div = _elect_term(tot, div, t3, w3, s)
+                tot, div = _elect_term(tot, div, t3, w3, s, RN)
             if N_TASKS > 4:
-                tot, div = _elect_term(tot, div, t4, w4, s)
+                tot, div = _elect_term(tot, div, t4, w4, s, RN)
             if N_TASKS > 5:
-                tot, div = _elect_term(tot, div, t5, w5, s)
+                tot, div = _elect_term(tot, div, t5, w5, s, RN)
             if N_TASKS > 6:
-                tot, div = _elect_term(tot, div, t6, w6, s)
+                tot, div = _elect_term(tot, div, t6, w6, s, RN)
             if N_TASKS > 7:
-                tot, div = _elect_term(tot, div, t7, w7, s)
+                tot, div = _elect_term(tot, div, t7, w7, s, RN)
             if FINAL:
                 merged = _finish(tot, div, NORMALIZE)
-                tl.store(out_ptr + offs, (b + lam * merged).to(out_ptr.dtype.element_ty), mask=mask)
+                tl.store(out_ptr + offs, (b + _mul(lam, merged, RN)).to(out_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.store(tot_ptr + offs, tot, mask=mask)
                 tl.store(div_ptr + offs, div, mask=mask)
         else:
-            tl.store(out_ptr + offs, (b + lam * acc).to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + offs, (b + _mul(lam, acc, RN)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -313,7 +328,7 @@ def _ties_rows_kernel(
     d0, d1, d2, d3, d4, d5, d6, d7,
     numel, block_size, n_blocks, c_stride_n, c_stride_block, c_off, task_off, lam,
     N_TASKS: tl.constexpr, FROM_MODELS: tl.constexpr, FUSED: tl.constexpr, NORMALIZE: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr, I64: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, I64: tl.constexpr, RN: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -393,57 +408,57 @@ def _ties_rows_kernel(
         if N_TASKS > 0:
             t0 = _row_trim(d0, base_ptr, offs, mask, th0, FROM_MODELS)
             w0 = tl.load(c_ptr + c_idx, mask=row_ok, other=0.0)
-            acc = acc + w0[:, None] * t0
+            acc = acc + _mul(w0[:, None], t0, RN)
         if N_TASKS > 1:
             t1 = _row_trim(d1, base_ptr, offs, mask, th1, FROM_MODELS)
             w1 = tl.load(c_ptr + c_idx + c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w1[:, None] * t1
+            acc = acc + _mul(w1[:, None], t1, RN)
         if N_TASKS > 2:
             t2 = _row_trim(d2, base_ptr, offs, mask, th2, FROM_MODELS)
             w2 = tl.load(c_ptr + c_idx + 2 * c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w2[:, None] * t2
+            acc = acc + _mul(w2[:, None], t2, RN)
         if N_TASKS > 3:
             t3 = _row_trim(d3, base_ptr, offs, mask, th3, FROM_MODELS)
             w3 = tl.load(c_ptr + c_idx + 3 * c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w3[:, None] * t3
+            acc = acc + _mul(w3[:, None], t3, RN)
         if N_TASKS > 4:
             t4 = _row_trim(d4, base_ptr, offs, mask, th4, FROM_MODELS)
             w4 = tl.load(c_ptr + c_idx + 4 * c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w4[:, None] * t4
+            acc = acc + _mul(w4[:, None], t4, RN)
         if N_TASKS > 5:
             t5 = _row_trim(d5, base_ptr, offs, mask, th5, FROM_MODELS)
             w5 = tl.load(c_ptr + c_idx + 5 * c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w5[:, None] * t5
+            acc = acc + _mul(w5[:, None], t5, RN)
         if N_TASKS > 6:
             t6 = _row_trim(d6, base_ptr, offs, mask, th6, FROM_MODELS)
             w6 = tl.load(c_ptr + c_idx + 6 * c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w6[:, None] * t6
+            acc = acc + _mul(w6[:, None], t6, RN)
         if N_TASKS > 7:
             t7 = _row_trim(d7, base_ptr, offs, mask, th7, FROM_MODELS)
             w7 = tl.load(c_ptr + c_idx + 7 * c_stride_n, mask=row_ok, other=0.0)
-            acc = acc + w7[:, None] * t7
+            acc = acc + _mul(w7[:, None], t7, RN)
         s = tl.where(acc >= 0.0, 1.0, -1.0)
         tot = z
         div = z
         if N_TASKS > 0:
-            tot, div = _elect_term(tot, div, t0, w0[:, None], s)
+            tot, div = _elect_term(tot, div, t0, w0[:, None], s, RN)
         if N_TASKS > 1:
-            tot, div = _elect_term(tot, div, t1, w1[:, None], s)
+            tot, div = _elect_term(tot, div, t1, w1[:, None], s, RN)
         if N_TASKS > 2:
-            tot, div = _elect_term(tot, div, t2, w2[:, None], s)
+            tot, div = _elect_term(tot, div, t2, w2[:, None], s, RN)
         if N_TASKS > 3:
-            tot, div = _elect_term(tot, div, t3, w3[:, None], s)
+            tot, div = _elect_term(tot, div, t3, w3[:, None], s, RN)
         if N_TASKS > 4:
-            tot, div = _elect_term(tot, div, t4, w4[:, None], s)
+            tot, div = _elect_term(tot, div, t4, w4[:, None], s, RN)
         if N_TASKS > 5:
-            tot, div = _elect_term(tot, div, t5, w5[:, None], s)
+            tot, div = _elect_term(tot, div, t5, w5[:, None], s, RN)
         if N_TASKS > 6:
-            tot, div = _elect_term(tot, div, t6, w6[:, None], s)
+            tot, div = _elect_term(tot, div, t6, w6[:, None], s, RN)
         if N_TASKS > 7:
-            tot, div = _elect_term(tot, div, t7, w7[:, None], s)
+            tot, div = _elect_term(tot, div, t7, w7[:, None], s, RN)
         merged = _finish(tot, div, NORMALIZE)
         b = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (b + lam * merged).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + offs, (b + _mul(lam, merged, RN)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,15 +467,16 @@ def _ties_rows_kernel(
 
 @triton.jit
 def _hist_task(d_ptr, b, offs, mask, pre_ptr, task, blk, n_blocks, BINS: tl.constexpr,
-               SHIFT: tl.constexpr, DIGIT_MASK: tl.constexpr, MATCH: tl.constexpr, FROM_MODELS: tl.constexpr):
+               SHIFT: tl.constexpr, BITS: tl.constexpr, MATCH: tl.constexpr, FROM_MODELS: tl.constexpr):
     x = _load_tau(d_ptr, b, offs, mask, FROM_MODELS)
     key = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
-    if MATCH:  # only keys whose higher bits equal the prefix found so far; the others go to bin 1024
+    ok = mask
+    if MATCH:  # only keys whose higher bits equal the prefix found so far
         pre = tl.load(pre_ptr + task * n_blocks + blk)
-        ok = mask & ((key >> (SHIFT + 10)) == pre)
-        digit = tl.where(ok, (key >> SHIFT) & DIGIT_MASK, 1024)
-    else:  # padding into bin 0: harmless (see the launcher)
-        digit = tl.where(mask, (key >> SHIFT) & DIGIT_MASK, 0)
+        ok = ok & ((key >> (SHIFT + BITS)) == pre)
+    # Excluded keys and padding are counted in bin 0; the launcher subtracts them (it knows how
+    # many lanes ran and how many keys match).
+    digit = tl.where(ok, (key >> SHIFT) & ((1 << BITS) - 1), 0)
     return tl.histogram(digit, BINS)
 
 
@@ -469,7 +485,7 @@ def _hist_kernel(
     hist_ptr, pre_ptr, base_ptr,
     d0, d1, d2, d3, d4, d5, d6, d7,
     numel, block_size, n_blocks, chunks_per_block, task_off,
-    N_TASKS: tl.constexpr, FROM_MODELS: tl.constexpr, SHIFT: tl.constexpr, DIGIT_MASK: tl.constexpr,
+    N_TASKS: tl.constexpr, FROM_MODELS: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr,
     MATCH: tl.constexpr, TILE: tl.constexpr, TILES: tl.constexpr, BINS: tl.constexpr, I64: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -497,28 +513,28 @@ def _hist_kernel(
             b = 0.0
         if N_TASKS > 0:
             h0 += _hist_task(d0, b, offs, mask, pre_ptr, task_off + 0, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 1:
             h1 += _hist_task(d1, b, offs, mask, pre_ptr, task_off + 1, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 2:
             h2 += _hist_task(d2, b, offs, mask, pre_ptr, task_off + 2, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 3:
             h3 += _hist_task(d3, b, offs, mask, pre_ptr, task_off + 3, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 4:
             h4 += _hist_task(d4, b, offs, mask, pre_ptr, task_off + 4, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 5:
             h5 += _hist_task(d5, b, offs, mask, pre_ptr, task_off + 5, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 6:
             h6 += _hist_task(d6, b, offs, mask, pre_ptr, task_off + 6, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
         if N_TASKS > 7:
             h7 += _hist_task(d7, b, offs, mask, pre_ptr, task_off + 7, blk, n_blocks, BINS, SHIFT,
-                             DIGIT_MASK, MATCH, FROM_MODELS)
+                             BITS, MATCH, FROM_MODELS)
     bins = tl.arange(0, BINS)
     hp = hist_ptr + (task_off * n_blocks + blk) * BINS + bins
     row = n_blocks * BINS
@@ -603,7 +619,7 @@ def _combine(out, base, deltas, coeffs, s_n, s_b, block_size, from_models, metho
             numel, block_size, s_n, s_b, i0 * s_n, thr_stride, i0, float(lam),
             N_TASKS=i1 - i0, METHOD=method, FROM_MODELS=bool(from_models), UNIFORM=uniform,
             PHASE=phase, ACC_IN=acc_in, FINAL=final, NORMALIZE=bool(normalize),
-            BLOCK=block, I64=i64, num_warps=_num_warps(block),
+            BLOCK=block, I64=i64, RN=not interpreting(), num_warps=_num_warps(block),
         )
 
     if single:
@@ -623,7 +639,7 @@ def _rows_tiling(numel: int, block_size: int, n_blocks: int) -> tuple[int, int]:
 
 
 def _large_thresholds(base, deltas, block_size, from_models, ks: Tensor) -> Tensor:
-    """thr [N, n_blocks] fp32: the k-th largest |τᵢ| of every block (radix select, 3 digits)."""
+    """thr [N, n_blocks] fp32: the k-th largest |τᵢ| of every block (radix select, 5 digits)."""
     numel = base.numel()
     n = len(deltas)
     n_blocks = triton.cdiv(numel, block_size)
@@ -638,24 +654,29 @@ def _large_thresholds(base, deltas, block_size, from_models, ks: Tensor) -> Tens
     # need[i, b]: the rank (from the top) of the threshold among the keys still matching.
     need = ks[:, 0:1].expand(n, n_blocks).clone()
     need[:, n_blocks - 1] = ks[:, 1]
+    lengths = torch.full((n_blocks,), block_size, dtype=torch.int64, device=dev)
+    lengths[n_blocks - 1] = numel - (n_blocks - 1) * block_size
+    matched = lengths.expand(n, n_blocks)  # keys still in the running, per (task, block)
+    lanes = chunks_per_block * tiles * tile  # lanes counted per block (padding included)
     prefix = torch.zeros((n, n_blocks), dtype=torch.int64, device=dev)
     for p, (shift, bits) in enumerate(_DIGITS):
-        hist = torch.zeros((n, n_blocks, _HIST_BINS), dtype=torch.int32, device=dev)
+        bins = 1 << bits
+        hist = torch.zeros((n, n_blocks, bins), dtype=torch.int32, device=dev)
         pre32 = prefix.to(torch.int32)
         for i0, i1 in _chunks(n):
             kernel[grid](
                 hist, pre32, base, *_pad(deltas[i0:i1], base),
                 numel, block_size, n_blocks, chunks_per_block, i0,
-                N_TASKS=i1 - i0, FROM_MODELS=bool(from_models), SHIFT=shift, DIGIT_MASK=(1 << bits) - 1,
-                MATCH=p > 0, TILE=tile, TILES=tiles, BINS=_HIST_BINS, I64=i64, num_warps=8,
+                N_TASKS=i1 - i0, FROM_MODELS=bool(from_models), SHIFT=shift, BITS=bits,
+                MATCH=p > 0, TILE=tile, TILES=tiles, BINS=bins, I64=i64, num_warps=8,
             )
-        h = hist[:, :, : 1 << bits].to(torch.int64)
-        # Padding keys (0, first digit only) sit in bin 0: they never change a bin above 0, and
-        # bin 0 is chosen only when #(digit >= 1) < need, where its count is not read.
-        ge = h.flip(-1).cumsum(-1).flip(-1)  # ge[..., d] = #(digit >= d)
+        h = hist.to(torch.int64)
+        h[..., 0] -= lanes - matched  # the excluded keys and the padding lanes
+        ge = h.flip(-1).cumsum(-1).flip(-1)  # ge[..., d] = #(digit >= d) among the matching keys
         dstar = ((ge >= need[..., None]).sum(-1) - 1).clamp_min(0)
-        above = ge.gather(-1, dstar[..., None])[..., 0] - h.gather(-1, dstar[..., None])[..., 0]
-        need = need - above
+        hd = h.gather(-1, dstar[..., None])[..., 0]
+        need = need - (ge.gather(-1, dstar[..., None])[..., 0] - hd)
+        matched = hd
         prefix = (prefix << bits) | dstar
     return prefix.to(torch.int32).view(torch.float32)
 
@@ -690,7 +711,7 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
                     numel, block_size, n_blocks, coeff_stride_n, coeff_stride_block, i0 * coeff_stride_n, i0,
                     float(lam),
                     N_TASKS=i1 - i0, FROM_MODELS=bool(from_models), FUSED=fused, NORMALIZE=bool(normalize),
-                    ROWS=rows, COLS=cols, I64=i64, num_warps=_num_warps(rows * cols),
+                    ROWS=rows, COLS=cols, I64=i64, RN=not interpreting(), num_warps=_num_warps(rows * cols),
                 )
             if fused:
                 return

@@ -109,8 +109,10 @@ def test_ties_large_blocks(shape, blocks, rng):
         _check(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {shape} blocks={blocks}")
 
 
-@pytest.mark.parametrize("shape,blocks", [((5, 11), "rows"), ((12_000,), None)], ids=["5x11-rows", "12000"])
-@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("method,shape,blocks", [("ties", (5, 11), "rows"), ("dare", (5, 11), "rows"),
+                                                 ("dare_ties", (5, 11), "rows"), ("ties", (12_000,), None),
+                                                 ("dare_ties", (12_000,), None)],
+                         ids=["ties-5x11-rows", "dare-5x11-rows", "dare_ties-5x11-rows", "ties-12000", "dare_ties-12000"])
 def test_more_tasks_than_one_launch(method, shape, blocks, rng):
     """10 tasks: two launches of at most 8 task pointers, accumulating in fp32 scratch."""
     n = 10
@@ -119,6 +121,16 @@ def test_more_tasks_than_one_launch(method, shape, blocks, rng):
     kw = _kwargs(method, shape, blocks, n, rng, density=dens, per_block=True)
     got = pyops.merge_from_models(base, deltas, backend="triton", **kw)
     _check(got, _reference(pyops.merge_from_models, base, deltas, **kw), f"{method} n={n}")
+
+
+def test_ties_large_block_mostly_zero(rng):
+    """A block of zeros but for a few entries: the k-th largest magnitude is 0 (bin 0 of every
+    digit, where the padding lanes are counted too), so every entry is kept."""
+    d = torch.zeros(20_001)
+    d[torch.randint(0, 20_001, (17,), generator=rng)] = torch.randn(17, generator=rng)
+    base, deltas = torch.zeros(20_001, device=DEV), [d.to(DEV), (-d).roll(3).to(DEV)]
+    got = pyops.merge(base, deltas, method="ties", density=0.3, backend="triton")
+    assert_bitwise_equal(got.cpu(), _reference(pyops.merge, base, deltas, method="ties", density=0.3), "mostly zero")
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
@@ -210,10 +222,14 @@ def test_dare_same_bits_as_cpu(rng):
         assert_bitwise_equal(got, want, "triton vs cpu")
 
 
-@pytest.mark.parametrize("shape,blocks", [((300,), None), ((6, 50), "rows"), ((64, 31), 7), ((20_000,), None),
-                                          ((2, 12_000), "rows")],
-                         ids=["300", "6x50-rows", "64x31-b7", "20000-radix", "2x12000-rows-radix"])
-@pytest.mark.parametrize("density", [0.1, 0.5, 0.77])
+TIED_CASES = [pytest.param(shape, blocks, density, id=f"{name}-d{density}")
+              for shape, blocks, name in [((300,), None, "300"), ((6, 50), "rows", "6x50-rows"), ((64, 31), 7, "64x31-b7")]
+              for density in (0.1, 0.5, 0.77)]
+TIED_CASES += [pytest.param((20_000,), None, 0.3, id="20000-radix-d0.3"),
+               pytest.param((2, 12_000), "rows", 0.77, id="2x12000-rows-radix-d0.77")]
+
+
+@pytest.mark.parametrize("shape,blocks,density", TIED_CASES)
 def test_ties_keeps_every_tied_entry(shape, blocks, density, rng):
     """Magnitudes in {1, 2}: the k-th largest magnitude is shared by a mass of entries and every one
     of them is kept; the kept set of each block is exactly |τ| ≥ (k-th largest |τ|)."""
