@@ -52,6 +52,9 @@ from pyops._triton import interpreting
 
 MAX_TASKS = 8
 SMALL_MAX = 8192  # blocks up to this many elements: one program per block (or per ROWS blocks)
+# Small-block TIES: up to this many tasks per launch search their thresholds in one joint loop
+# (keys of every task held in registers); more run one task after the other.
+ROWS_JOINT_MAX_TASKS = 4
 _I32_LIMIT = 2**31 - 1
 
 METHOD_TIES, METHOD_DARE, METHOD_DARE_TIES = 1, 2, 3
@@ -317,6 +320,21 @@ def _row_select(d_ptr, base_ptr, offs, mask, rows, n_blocks, k_ptr, task, FROM_M
 
 
 @triton.jit
+def _row_keys(d_ptr, base_ptr, offs, mask, rows, n_blocks, k_ptr, task, FROM_MODELS: tl.constexpr):
+    """Keys (|τ| bits, padding −1) and per-row k of one task, for the joint search."""
+    x = _row_tau(d_ptr, base_ptr, offs, mask, FROM_MODELS)
+    key = tl.where(mask, x.to(tl.int32, bitcast=True) & 0x7FFFFFFF, -1)
+    k = tl.where(rows == n_blocks - 1, tl.load(k_ptr + 2 * task + 1), tl.load(k_ptr + 2 * task))
+    return key, k
+
+
+@triton.jit
+def _row_step(thr, key, k, bit):
+    cand = thr | bit
+    return tl.where(tl.sum((key >= cand[:, None]).to(tl.int32), axis=1) >= k, cand, thr)
+
+
+@triton.jit
 def _row_trim(d_ptr, base_ptr, offs, mask, thr, FROM_MODELS: tl.constexpr):
     x = _row_tau(d_ptr, base_ptr, offs, mask, FROM_MODELS)
     return tl.where(tl.abs(x) >= thr[:, None], 1.0, 0.0) * x
@@ -328,7 +346,7 @@ def _ties_rows_kernel(
     d0, d1, d2, d3, d4, d5, d6, d7,
     numel, block_size, n_blocks, c_stride_n, c_stride_block, c_off, task_off, lam,
     N_TASKS: tl.constexpr, FROM_MODELS: tl.constexpr, FUSED: tl.constexpr, NORMALIZE: tl.constexpr,
-    ROWS: tl.constexpr, COLS: tl.constexpr, I64: tl.constexpr, RN: tl.constexpr,
+    ROWS: tl.constexpr, COLS: tl.constexpr, I64: tl.constexpr, RN: tl.constexpr, JOINT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * ROWS + tl.arange(0, ROWS)
@@ -349,22 +367,54 @@ def _ties_rows_kernel(
     th5 = zr
     th6 = zr
     th7 = zr
-    if N_TASKS > 0:
-        th0 = _row_select(d0, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 0, FROM_MODELS)
-    if N_TASKS > 1:
-        th1 = _row_select(d1, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 1, FROM_MODELS)
-    if N_TASKS > 2:
-        th2 = _row_select(d2, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 2, FROM_MODELS)
-    if N_TASKS > 3:
-        th3 = _row_select(d3, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 3, FROM_MODELS)
-    if N_TASKS > 4:
-        th4 = _row_select(d4, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 4, FROM_MODELS)
-    if N_TASKS > 5:
-        th5 = _row_select(d5, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 5, FROM_MODELS)
-    if N_TASKS > 6:
-        th6 = _row_select(d6, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 6, FROM_MODELS)
-    if N_TASKS > 7:
-        th7 = _row_select(d7, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 7, FROM_MODELS)
+    if JOINT:
+        # Every task's search in one loop: the tasks' reductions are independent, so one step's
+        # latency is paid once for all of them (the keys of all tasks stay in registers).
+        key0, k0 = _row_keys(d0, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 0, FROM_MODELS)
+        key1, k1 = key0, k0
+        key2, k2 = key0, k0
+        key3, k3 = key0, k0
+        if N_TASKS > 1:
+            key1, k1 = _row_keys(d1, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 1, FROM_MODELS)
+        if N_TASKS > 2:
+            key2, k2 = _row_keys(d2, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 2, FROM_MODELS)
+        if N_TASKS > 3:
+            key3, k3 = _row_keys(d3, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 3, FROM_MODELS)
+        zi = tl.zeros_like(rows)
+        u0 = zi
+        u1 = zi
+        u2 = zi
+        u3 = zi
+        for step in range(31):
+            bit = 1 << (30 - step)
+            u0 = _row_step(u0, key0, k0, bit)
+            if N_TASKS > 1:
+                u1 = _row_step(u1, key1, k1, bit)
+            if N_TASKS > 2:
+                u2 = _row_step(u2, key2, k2, bit)
+            if N_TASKS > 3:
+                u3 = _row_step(u3, key3, k3, bit)
+        th0 = u0.to(tl.float32, bitcast=True)
+        th1 = u1.to(tl.float32, bitcast=True)
+        th2 = u2.to(tl.float32, bitcast=True)
+        th3 = u3.to(tl.float32, bitcast=True)
+    else:
+        if N_TASKS > 0:
+            th0 = _row_select(d0, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 0, FROM_MODELS)
+        if N_TASKS > 1:
+            th1 = _row_select(d1, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 1, FROM_MODELS)
+        if N_TASKS > 2:
+            th2 = _row_select(d2, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 2, FROM_MODELS)
+        if N_TASKS > 3:
+            th3 = _row_select(d3, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 3, FROM_MODELS)
+        if N_TASKS > 4:
+            th4 = _row_select(d4, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 4, FROM_MODELS)
+        if N_TASKS > 5:
+            th5 = _row_select(d5, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 5, FROM_MODELS)
+        if N_TASKS > 6:
+            th6 = _row_select(d6, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 6, FROM_MODELS)
+        if N_TASKS > 7:
+            th7 = _row_select(d7, base_ptr, offs, mask, rows, n_blocks, k_ptr, task_off + 7, FROM_MODELS)
     if not FUSED:
         # Thresholds table [N, n_blocks] for the element-wise combine.
         tp = thr_out_ptr + task_off * n_blocks + rows
@@ -711,7 +761,8 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
                     numel, block_size, n_blocks, coeff_stride_n, coeff_stride_block, i0 * coeff_stride_n, i0,
                     float(lam),
                     N_TASKS=i1 - i0, FROM_MODELS=bool(from_models), FUSED=fused, NORMALIZE=bool(normalize),
-                    ROWS=rows, COLS=cols, I64=i64, RN=not interpreting(), num_warps=_num_warps(rows * cols),
+                    ROWS=rows, COLS=cols, I64=i64, RN=not interpreting(),
+                    JOINT=0 < i1 - i0 <= ROWS_JOINT_MAX_TASKS, num_warps=_num_warps(rows * cols),
                 )
             if fused:
                 return
