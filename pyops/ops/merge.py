@@ -7,6 +7,10 @@ The definitions of every method are in `pyops/reference/merge.py`. Backends:
   task_arithmetic, ties, dare / dare_linear, dare_ties, consensus and model_stock (a Gram
   pass, then task arithmetic). Backward with the masks held fixed for every method but
   consensus (its mask depends on the coefficients: its gradients come from the reference).
+* ``triton`` — kernels/merge.py (`pyops/ops/merge_triton.py`) for ties, dare / dare_linear and
+  dare_ties on CUDA tensors (CPU tensors under TRITON_INTERPRET=1): exact per-block radix
+  selection for TIES, Philox masks in the pass for DARE. Forward only: a call that needs
+  gradients goes to ``cpu`` (CPU tensors) or the reference, with that reason.
 """
 from __future__ import annotations
 
@@ -16,8 +20,10 @@ import torch
 from torch import Tensor
 
 from pyops import _backend, _native
+from pyops._triton import triton_family_reason
 from pyops.ops import _validate as V
 from pyops.ops import merge_native  # the C++ path; importing registers its ops before any tracing
+from pyops.ops import merge_triton  # the Triton path (its ops register without importing Triton)
 from pyops.ops import task_merge as TM
 from pyops.reference import merge as ref
 
@@ -92,7 +98,17 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
             return f"gradients for {method!r} are computed by the reference backend"
         return dtype_reason
 
-    return {"reference": lambda: None, "cpu": cpu}
+    def triton() -> Optional[str]:
+        reason = triton_family_reason(dev, "merge")
+        if reason is not None:
+            return reason
+        if method not in merge_triton.METHOD_CODES:
+            return (f"the Triton kernels implement {', '.join(merge_triton.METHODS)}, not {method!r}")
+        if needs_grad:
+            return "the Triton merge kernels are forward only (gradients: the cpu or reference backend)"
+        return dtype_reason
+
+    return {"reference": lambda: None, "cpu": cpu, "triton": triton}
 
 
 def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, lam, name, gamma, epsilon, k,
@@ -118,7 +134,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
         return fn(p.base, p.deltas, p.coeffs * lam, blocks=blocks, out=out, out_dtype=out_dtype, backend=backend)
     chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad),
-                             _backend.default_order(p.base.device, ()))
+                             _backend.default_order(p.base.device, ("triton",)))
     if chosen == "reference":
         result = ref.merge(p.base, p.deltas, p.coeffs, method=method, block_size=p.block_size,
                            density=torch.tensor(dens, dtype=torch.float64), lam=lam, seed=seed, name=name,
@@ -128,6 +144,9 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
             return result
         with torch.no_grad():
             return out.copy_(result)
+    if chosen == "triton":
+        return merge_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
+                                normalize=normalize, out=out)
     return merge_native.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
                             tall_lambda=tall_lambda, normalize=normalize, out=out)
 

@@ -1,6 +1,8 @@
 """Verify cases for `pyops.merge`: every method the fast backends implement, odd shapes, every
 dtype, block layouts, per-task densities; forward (the coefficient gradients of these methods are
-computed by the reference, see pyops/ops/merge.py)."""
+computed by the reference, see pyops/ops/merge.py). The C++ kernels (`cpu`) take every case; the
+Triton kernels (`triton`: ties, dare, dare_ties) take theirs on CUDA tensors, or on CPU tensors
+under the interpreter."""
 from __future__ import annotations
 
 import itertools
@@ -16,6 +18,7 @@ SHAPES = [(1,), (7,), (3, 517), (64, 1031), (70_001,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHODS = ["ties", "dare", "dare_ties", "consensus", "model_stock"]
 LAYOUTS = [None, "rows", 7]
+TRITON_METHODS = ("ties", "dare", "dare_ties")
 
 
 def _make(shape, n, dtype):
@@ -48,4 +51,5 @@ def cases():
         name = f"{method} {list(shape)} N={n} blocks={blocks!r} density={density} {str(dtype)[6:]}" + (
             " from_models" if from_models else "")
         yield Case("merge", name, _make(shape, n, dtype), _run(method, blocks, density, from_models),
-                   {"out": tolerance_for(dtype)}, backends=("cpu",))
+                   {"out": tolerance_for(dtype)},
+                   backends=("cpu", "triton") if method in TRITON_METHODS else ("cpu",))

@@ -1,0 +1,89 @@
+"""The Triton path of `pyops.merge` (kernels/merge.py): ties, dare / dare_linear, dare_ties.
+
+`pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
+lays out the coefficients, allocates the output and calls the registered ops:
+
+    pyops::merge_triton        functional
+    pyops::merge_triton_out    the same, writing into `out`
+
+Forward only: these methods' gradients (masks held fixed) are computed by the reference, and the
+op layer sends calls that need them there, with that reason. Both ops are `triton_op`s, so they
+trace under `torch.compile(fullgraph=True)`.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+from pyops.ops import task_merge as TM
+from pyops.reference import merge as ref
+
+METHODS = ("ties", "dare", "dare_linear", "dare_ties")
+# Method codes of kernels/merge.py (METHOD_TIES, METHOD_DARE, METHOD_DARE_TIES).
+METHOD_CODES = {"ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3}
+
+_U64 = 1 << 64
+
+
+def _kernels():
+    from pyops.kernels import merge as k  # imported lazily: Triton is optional
+    return k
+
+
+def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                  block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
+                  normalize: bool) -> None:
+    if out.numel() == 0:
+        return
+    c, s_n, s_b = TM._coeff_layout(coeffs)
+    _kernels().merge_forward(out, base.detach().contiguous(), [d.detach().contiguous() for d in deltas], c, s_n,
+                             s_b, [float(d) for d in density], block_size, from_models, method, lam,
+                             seed & (_U64 - 1), name_hash, normalize)
+
+
+@torch.library.triton_op("pyops::merge_triton", mutates_args=())
+def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
+              from_models: bool, method: int, lam: float, seed: int, name_hash: int, normalize: bool,
+              out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                  normalize)
+    return out
+
+
+@torch.library.triton_op("pyops::merge_triton_out", mutates_args=("out",))
+def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
+                  from_models: bool, method: int, lam: float, seed: int, name_hash: int, normalize: bool,
+                  out: Tensor) -> None:
+    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                  normalize)
+
+
+@_merge_op.register_fake
+def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, normalize,
+                out_dtype):
+    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+
+
+@_merge_out_op.register_fake
+def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                    normalize, out):
+    return None
+
+
+def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, seed: int, lam: float, name: str,
+        normalize: Optional[bool], out: Optional[Tensor]) -> Tensor:
+    """Runs `method` on the Triton kernels; `p`, `dens` and the parameters are validated by the caller."""
+    if method not in METHOD_CODES:
+        raise ValueError(f"method: the Triton kernels implement {', '.join(METHODS)}, got {method!r}")
+    if normalize is None:
+        normalize = method in ref.ELECTING
+    seed_i64 = seed - _U64 if seed >= 1 << 63 else seed  # the op schema's int is int64
+    args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
+            float(lam), seed_i64, ref.name_hash(name), bool(normalize))
+    if out is None:
+        return _merge_op(*args, p.out_dtype)
+    _merge_out_op(*args, out)
+    return out
