@@ -10,6 +10,7 @@ Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" 
 from pyops import nn
 from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
 from pyops.ops.merge import merge, merge_from_models
+from pyops.ops.neighborhood import na1d, na2d, na3d
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
 
 __version__ = "0.1.0"
@@ -21,6 +22,9 @@ __all__ = [
     "last_choice",
     "merge",
     "merge_from_models",
+    "na1d",
+    "na2d",
+    "na3d",
     "nn",
     "task_arithmetic",
     "task_arithmetic_from_models",
