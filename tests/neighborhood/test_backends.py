@@ -3,6 +3,8 @@ and bf16, with the project's tolerance table. A backend that cannot run here ski
 library's own reason."""
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from pyops.testing import compare, tolerance_for
 T, F = True, False
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CASES = [
-    NACase((1 * 9,), (4,), dilation=(2,), B=2),                       # even kernel, 9 not divisible by 2
+    NACase((9,), (4,), dilation=(2,), B=2),                       # even kernel, 9 not divisible by 2
     NACase((11,), (5,), stride=(2,), rpb=True, Dv=5),
     NACase((10,), (3,), stride=(2,), causal=(T,), D=16),
     NACase((5, 9), (3, 4), dilation=(1, 2)),
@@ -48,7 +50,9 @@ def _run(fn, case, backend, q, k, v, rpb, dout):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backend_matches_reference(backend, case, dtype):
     dev = require_backend(backend, case.n, dtype)
-    gen = torch.Generator().manual_seed(hash(case.id) % 1000)
+    if interpreted(backend) and dtype != torch.float32 and case.n == 3:
+        pytest.skip("Triton interpreter time budget: 3D fp16/bf16 runs on a GPU (3D fp32 and 1D/2D fp16/bf16 run here)")
+    gen = torch.Generator().manual_seed(zlib.crc32(case.id.encode()))
     q, k, v, rpb = case.make(dtype, dev, gen)
     dout = torch.randn(v.shape, generator=gen).to(dtype=dtype, device=dev)
     fn = FNS[case.n]
