@@ -143,6 +143,20 @@ constexpr int64_t kTile[3] = {1, 8, 64};  // target chunk lengths per dimension 
 
 inline int64_t round8(int64_t n) { return (n + 7) & ~int64_t(7); }
 
+// Strides of the transposed scratch ([row][c][lane]): the lane stride is an odd number of 64-byte
+// lines with room for a vector read past the last lane, and the row stride is an odd number of lines
+// as well. A power-of-two stride would put a window's D lines of every row into a few L1 sets.
+inline int64_t lane_ld(int64_t n) {
+  int64_t lines = (n + 8 + 15) / 16;
+  if (lines % 2 == 0) ++lines;
+  return 16 * lines;
+}
+inline int64_t row_ld(int64_t width, int64_t ld) {
+  int64_t lines = (width * ld + 15) / 16;
+  if (lines % 2 == 0) ++lines;
+  return 16 * lines;
+}
+
 // ------------------------------------------------------------------------------------------------
 // Micro-kernels.
 // ------------------------------------------------------------------------------------------------
@@ -166,31 +180,56 @@ inline void dot_rows_kernel(const float* x, int64_t D, const float* const* rows,
 }
 
 // Scores of one vector x [D] against n_rows rows of transposed data (rows[r][d * stride + l],
-// l < W = 8 * nv): sc[r * W + l].
+// l < W = 8 * nv): sc[r * W + l]. Blocks of up to 8 accumulators, so that the FMA chains over D
+// overlap (one chain would wait on the FMA latency at every step).
+template <int NV>
+void dot_rows_tail(int64_t n, const float* x, int64_t D, const float* const* rows, int64_t stride,
+                   float* const* outs, int64_t voff) {
+  switch (n) {
+    case 1: dot_rows_kernel<1, NV>(x, D, rows, stride, outs, voff); break;
+    case 2: dot_rows_kernel<2, NV>(x, D, rows, stride, outs, voff); break;
+    case 3: dot_rows_kernel<3, NV>(x, D, rows, stride, outs, voff); break;
+    case 4: dot_rows_kernel<4, NV>(x, D, rows, stride, outs, voff); break;
+    case 5: dot_rows_kernel<5, NV>(x, D, rows, stride, outs, voff); break;
+    case 6: dot_rows_kernel<6, NV>(x, D, rows, stride, outs, voff); break;
+    case 7: dot_rows_kernel<7, NV>(x, D, rows, stride, outs, voff); break;
+    default: dot_rows_kernel<8, NV>(x, D, rows, stride, outs, voff); break;
+  }
+}
+
 void dot_rows(const float* x, int64_t D, const float* const* rows, int64_t n_rows, int64_t stride,
               int64_t nv, float* sc, int64_t W, const float** out_ptrs_scratch) {
   float** outs = const_cast<float**>(reinterpret_cast<const float**>(out_ptrs_scratch));
   for (int64_t r = 0; r < n_rows; ++r) outs[r] = sc + r * W;
-  for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-    const int64_t nc = std::min<int64_t>(4, nv - v0);
-    const int64_t voff = 8 * v0;
-    int64_t r = 0;
-    switch (nc) {
-      case 1:
-        for (; r + 4 <= n_rows; r += 4) dot_rows_kernel<4, 1>(x, D, rows + r, stride, outs + r, voff);
-        for (; r + 2 <= n_rows; r += 2) dot_rows_kernel<2, 1>(x, D, rows + r, stride, outs + r, voff);
-        for (; r < n_rows; ++r) dot_rows_kernel<1, 1>(x, D, rows + r, stride, outs + r, voff);
-        break;
-      case 2:
-        for (; r + 2 <= n_rows; r += 2) dot_rows_kernel<2, 2>(x, D, rows + r, stride, outs + r, voff);
-        for (; r < n_rows; ++r) dot_rows_kernel<1, 2>(x, D, rows + r, stride, outs + r, voff);
-        break;
-      case 3:
-        for (; r < n_rows; ++r) dot_rows_kernel<1, 3>(x, D, rows + r, stride, outs + r, voff);
-        break;
-      default:
-        for (; r < n_rows; ++r) dot_rows_kernel<1, 4>(x, D, rows + r, stride, outs + r, voff);
-        break;
+  if (nv == 1) {
+    for (int64_t r = 0; r < n_rows; r += 8)
+      dot_rows_tail<1>(std::min<int64_t>(8, n_rows - r), x, D, rows + r, stride, outs + r, 0);
+    return;
+  }
+  if (nv == 2) {
+    for (int64_t r = 0; r < n_rows; r += 4) {
+      const int64_t n = std::min<int64_t>(4, n_rows - r);
+      if (n == 4) dot_rows_kernel<4, 2>(x, D, rows + r, stride, outs + r, 0);
+      else if (n == 3) dot_rows_kernel<3, 2>(x, D, rows + r, stride, outs + r, 0);
+      else if (n == 2) dot_rows_kernel<2, 2>(x, D, rows + r, stride, outs + r, 0);
+      else dot_rows_kernel<1, 2>(x, D, rows + r, stride, outs + r, 0);
+    }
+    return;
+  }
+  for (int64_t r = 0; r < n_rows; ++r) {
+    for (int64_t v0 = 0; v0 < nv; v0 += 8) {
+      const int64_t nc = std::min<int64_t>(8, nv - v0);
+      const int64_t voff = 8 * v0;
+      switch (nc) {
+        case 1: dot_rows_kernel<1, 1>(x, D, rows + r, stride, outs + r, voff); break;
+        case 2: dot_rows_kernel<1, 2>(x, D, rows + r, stride, outs + r, voff); break;
+        case 3: dot_rows_kernel<1, 3>(x, D, rows + r, stride, outs + r, voff); break;
+        case 4: dot_rows_kernel<1, 4>(x, D, rows + r, stride, outs + r, voff); break;
+        case 5: dot_rows_kernel<1, 5>(x, D, rows + r, stride, outs + r, voff); break;
+        case 6: dot_rows_kernel<1, 6>(x, D, rows + r, stride, outs + r, voff); break;
+        case 7: dot_rows_kernel<1, 7>(x, D, rows + r, stride, outs + r, voff); break;
+        default: dot_rows_kernel<1, 8>(x, D, rows + r, stride, outs + r, voff); break;
+      }
     }
   }
 }
@@ -427,11 +466,11 @@ struct Box {
 };
 
 // Gathers a [box][H][width] tensor's head h into fp32 scratch:
-//   transposed:  dst[((j0 * n1 + j1) * width + c) * ld + j2]   (ld >= n2; lanes n2..ld zeroed)
+//   transposed:  dst[(j0 * n1 + j1) * rs + c * ld + j2]   (ld >= n2; lanes n2..ld zeroed)
 //   row-major:   dst[((j0 * n1 + j1) * n2 + j2) * ld + c]      (ld >= width; columns zeroed)
 template <typename T>
 void gather_box(const Ctx& cx, const T* src, int64_t width, int64_t b, int64_t h, const Box& bx,
-                bool transposed, int64_t ld, float* dst) {
+                bool transposed, int64_t ld, float* dst, int64_t rs = 0) {
   const NAShape& p = *cx.p;
   const int64_t n0 = bx.n[0], n1 = bx.n[1], n2 = bx.n[2];
   for (int64_t j0 = 0; j0 < n0; ++j0) {
@@ -440,7 +479,7 @@ void gather_box(const Ctx& cx, const T* src, int64_t width, int64_t b, int64_t h
       const int64_t y1 = cx.dim[1].pos(bx.g[1], bx.lo[1] + j1);
       const int64_t row = j0 * n1 + j1;
       if (transposed) {
-        float* o = dst + row * width * ld;
+        float* o = dst + row * rs;
         for (int64_t j2 = 0; j2 < n2; ++j2) {
           const int64_t y2 = cx.dim[2].pos(bx.g[2], bx.lo[2] + j2);
           const T* s = src + (cx.token(b, y0, y1, y2) * p.H + h) * width;
@@ -479,10 +518,24 @@ void gather_scalar(const Ctx& cx, const float* src, int64_t b, int64_t h, const 
   }
 }
 
+// fp32 view of a row: the row itself for float, else widened into buf.
 template <typename T>
-inline void load_row(const T* src, int64_t n, float* dst) {
-  const float* f = as_float_tile(src, dst, n);
-  if (f != dst) std::memcpy(dst, f, sizeof(float) * n);
+inline const float* load_row(const T* src, int64_t n, float* buf) {
+  return as_float_tile(src, buf, n);
+}
+
+// dst[c] = mul * acc[c] for c < n (acc is padded to a multiple of 8 and may be overwritten).
+inline void store_row(float* acc, float* dst, int64_t n, float mul) {
+  const V8 m = vset1(mul);
+  int64_t c = 0;
+  for (; c + 8 <= n; c += 8) vstore(dst + c, vmul(vload(acc + c), m));
+  for (; c < n; ++c) dst[c] = acc[c] * mul;
+}
+template <typename T>
+inline void store_row(float* acc, T* dst, int64_t n, float mul) {
+  const V8 m = vset1(mul);
+  for (int64_t c = 0; c < n; c += 8) vstore(acc + c, vmul(vload(acc + c), m));
+  store_tile(acc, dst, n);
 }
 
 // Thread-local scratch, grown outside the hot loops and reused across items and calls.
@@ -554,11 +607,11 @@ void forward_item(const Ctx& cx, int64_t item, const T* q, const T* k, const T* 
   const Ctx::Item it = cx.item(item);
   const int64_t D = p.D, Dv = p.Dv, Dvp = round8(Dv), H = p.H;
   const Box kb = key_box(it);
-  const int64_t n1 = kb.n[1], n2 = kb.n[2], n2p = round8(n2) + 8;
+  const int64_t n1 = kb.n[1], n2 = kb.n[2], n2p = lane_ld(n2), rk = row_ld(D, n2p);
   Scratch& s = scratch();
-  float* KT = grow(s.a, kb.n[0] * n1 * D * n2p);
+  float* KT = grow(s.a, kb.n[0] * n1 * rk);
   float* Vn = grow(s.b, kb.n[0] * n1 * n2 * Dvp);
-  gather_box(cx, k, D, it.b, it.h, kb, true, n2p, KT);
+  gather_box(cx, k, D, it.b, it.h, kb, true, n2p, KT, rk);
   gather_box(cx, v, Dv, it.b, it.h, kb, false, Dvp, Vn);
   const int64_t Wmax = round8(cx.dim[2].max_wn);
   const int64_t rows_max = cx.dim[0].max_wn * cx.dim[1].max_wn;
@@ -582,14 +635,14 @@ void forward_item(const Ctx& cx, int64_t item, const T* q, const T* k, const T* 
         const int64_t w2 = d2.ws[x2] - kb.lo[2], m2 = d2.wn[x2];
         const int64_t nv = (m2 + 7) / 8, W = 8 * nv;
         const int64_t tok = cx.token(it.b, x0, x1, x2) * H + it.h;
-        load_row(q + tok * D, D, xq);
+        const float* xqv = load_row(q + tok * D, D, xq);
         for (int64_t t0 = 0; t0 < m0; ++t0)
           for (int64_t t1 = 0; t1 < m1; ++t1) {
             const int64_t r = t0 * m1 + t1, brow = (w0 + t0) * n1 + (w1 + t1);
-            krows[r] = KT + brow * D * n2p + w2;
+            krows[r] = KT + brow * rk + w2;
             vrows[r] = Vn + (brow * n2 + w2) * Dvp;
           }
-        dot_rows(xq, D, krows, rows, n2p, nv, sc, W, outs);
+        dot_rows(xqv, D, krows, rows, n2p, nv, sc, W, outs);
         const int64_t roff[3] = {d0.ws[x0] - i0 + p.kernel[0] - 1, d1.ws[x1] - i1 + p.kernel[1] - 1,
                                  d2.ws[x2] - i2 + p.kernel[2] - 1};
         finish_scores(sc, W, m0, m1, m2, cx.scale, rpb_h, roff, cx.R);
@@ -606,9 +659,7 @@ void forward_item(const Ctx& cx, int64_t item, const T* q, const T* k, const T* 
         }
         const float l = vhsum(sum);
         wsum(sc, W, rows, m2, vrows, Dvp, Dvp / 8, acc);
-        const float inv = 1.f / l;
-        for (int64_t c = 0; c < Dv; ++c) acc[c] *= inv;
-        store_tile(acc, out + tok * Dv, Dv);
+        store_row(acc, out + tok * Dv, Dv, 1.f / l);
         lse[tok] = m + std::log(l);
       }
     }
@@ -625,12 +676,12 @@ void delta_row(const Ctx& cx, int64_t row, const T* out, const T* dout, float* d
   const NAShape& p = *cx.p;
   Scratch& s = scratch();
   const int64_t Dv = p.Dv;
-  float* a = grow(s.x, Dv);
-  float* b = grow(s.y, Dv);
+  float* abuf = grow(s.x, Dv);
+  float* bbuf = grow(s.y, Dv);
   const int64_t n = p.S[2] * p.H;
   for (int64_t t = row * n; t < (row + 1) * n; ++t) {
-    load_row(out + t * Dv, Dv, a);
-    load_row(dout + t * Dv, Dv, b);
+    const float* a = load_row(out + t * Dv, Dv, abuf);
+    const float* b = load_row(dout + t * Dv, Dv, bbuf);
     float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t c = 0;
     for (; c + 8 <= Dv; c += 8)
@@ -648,14 +699,14 @@ void backward_query_item(const Ctx& cx, int64_t item, const T* q, const T* k, co
   const Ctx::Item it = cx.item(item);
   const int64_t D = p.D, Dv = p.Dv, Dp = round8(D), H = p.H;
   const Box kb = key_box(it);
-  const int64_t n1 = kb.n[1], n2 = kb.n[2], n2p = round8(n2) + 8;
+  const int64_t n1 = kb.n[1], n2 = kb.n[2], n2p = lane_ld(n2), rk = row_ld(D, n2p), rv = row_ld(Dv, n2p);
   const int64_t nbox = kb.n[0] * n1;
   Scratch& s = scratch();
-  float* KT = grow(s.a, nbox * D * n2p);
-  float* VT = grow(s.b, nbox * Dv * n2p);
+  float* KT = grow(s.a, nbox * rk);
+  float* VT = grow(s.b, nbox * rv);
   float* Kn = grow(s.c, nbox * n2 * Dp);
-  gather_box(cx, k, D, it.b, it.h, kb, true, n2p, KT);
-  gather_box(cx, v, Dv, it.b, it.h, kb, true, n2p, VT);
+  gather_box(cx, k, D, it.b, it.h, kb, true, n2p, KT, rk);
+  gather_box(cx, v, Dv, it.b, it.h, kb, true, n2p, VT, rv);
   gather_box(cx, k, D, it.b, it.h, kb, false, Dp, Kn);
   const int64_t Wmax = round8(cx.dim[2].max_wn);
   const int64_t rows_max = cx.dim[0].max_wn * cx.dim[1].max_wn;
@@ -685,17 +736,17 @@ void backward_query_item(const Ctx& cx, int64_t item, const T* q, const T* k, co
         const int64_t w2 = d2.ws[x2] - kb.lo[2], m2 = d2.wn[x2];
         const int64_t nv = (m2 + 7) / 8, W = 8 * nv;
         const int64_t tok = cx.token(it.b, x0, x1, x2) * H + it.h;
-        load_row(q + tok * D, D, xq);
-        load_row(dout + tok * Dv, Dv, xdo);
+        const float* xqv = load_row(q + tok * D, D, xq);
+        const float* xdov = load_row(dout + tok * Dv, Dv, xdo);
         for (int64_t t0 = 0; t0 < m0; ++t0)
           for (int64_t t1 = 0; t1 < m1; ++t1) {
             const int64_t r = t0 * m1 + t1, brow = (w0 + t0) * n1 + (w1 + t1);
-            krows[r] = KT + brow * D * n2p + w2;
-            vrows[r] = VT + brow * Dv * n2p + w2;
+            krows[r] = KT + brow * rk + w2;
+            vrows[r] = VT + brow * rv + w2;
             knrows[r] = Kn + (brow * n2 + w2) * Dp;
           }
-        dot_rows(xq, D, krows, rows, n2p, nv, sc, W, outs);
-        dot_rows(xdo, Dv, vrows, rows, n2p, nv, dp, W, outs);
+        dot_rows(xqv, D, krows, rows, n2p, nv, sc, W, outs);
+        dot_rows(xdov, Dv, vrows, rows, n2p, nv, dp, W, outs);
         const int64_t roff[3] = {d0.ws[x0] - i0 + p.kernel[0] - 1, d1.ws[x1] - i1 + p.kernel[1] - 1,
                                  d2.ws[x2] - i2 + p.kernel[2] - 1};
         finish_scores(sc, W, m0, m1, m2, scale, rpb_h, roff, cx.R);
@@ -714,8 +765,7 @@ void backward_query_item(const Ctx& cx, int64_t item, const T* q, const T* k, co
             }
         }
         wsum(sc, W, rows, m2, knrows, Dp, Dp / 8, acc);
-        for (int64_t c = 0; c < D; ++c) acc[c] *= scale;
-        store_tile(acc, dq + tok * D, D);
+        store_row(acc, dq + tok * D, D, scale);
       }
     }
   }
@@ -730,18 +780,18 @@ void backward_key_item(const Ctx& cx, int64_t item, const T* q, const T* k, cons
   const Ctx::Item it = cx.item(item);
   const int64_t D = p.D, Dv = p.Dv, Dp = round8(D), Dvp = round8(Dv), H = p.H;
   const Box qb = query_box(it);
-  const int64_t n1 = qb.n[1], n2 = qb.n[2], n2p = round8(n2) + 8;
+  const int64_t n1 = qb.n[1], n2 = qb.n[2], n2p = lane_ld(n2), rq = row_ld(D, n2p), ro = row_ld(Dv, n2p);
   const int64_t nbox = qb.n[0] * n1;
   Scratch& s = scratch();
-  float* QT = grow(s.a, nbox * D * n2p);
-  float* OT = grow(s.b, nbox * Dv * n2p);
+  float* QT = grow(s.a, nbox * rq);
+  float* OT = grow(s.b, nbox * ro);
   float* Qn = grow(s.c, nbox * n2 * Dp);
   float* On = grow(s.d, nbox * n2 * Dvp);
   float* LS = grow(s.e, nbox * n2p);
   float* DL = grow(s.f, nbox * n2p);
   if (nbox * n2 > 0) {
-    gather_box(cx, q, D, it.b, it.h, qb, true, n2p, QT);
-    gather_box(cx, dout, Dv, it.b, it.h, qb, true, n2p, OT);
+    gather_box(cx, q, D, it.b, it.h, qb, true, n2p, QT, rq);
+    gather_box(cx, dout, Dv, it.b, it.h, qb, true, n2p, OT, ro);
     gather_box(cx, q, D, it.b, it.h, qb, false, Dp, Qn);
     gather_box(cx, dout, Dv, it.b, it.h, qb, false, Dvp, On);
     gather_scalar(cx, lse, it.b, it.h, qb, n2p, LS);
@@ -781,26 +831,26 @@ void backward_key_item(const Ctx& cx, int64_t item, const T* q, const T* k, cons
         const int64_t tok = cx.token(it.b, y0, y1, y2) * H + it.h;
         if (rows == 0 || m2 == 0) {  // no query attends this key
           std::fill(acc, acc + Dp, 0.f);
-          store_tile(acc, dk + tok * D, D);
+          store_row(acc, dk + tok * D, D, 1.f);
           std::fill(acc2, acc2 + Dvp, 0.f);
-          store_tile(acc2, dv + tok * Dv, Dv);
+          store_row(acc2, dv + tok * Dv, Dv, 1.f);
           continue;
         }
         const int64_t nv = (m2 + 7) / 8, W = 8 * nv;
-        load_row(k + tok * D, D, xk);
-        load_row(v + tok * Dv, Dv, xv);
+        const float* xkv = load_row(k + tok * D, D, xk);
+        const float* xvv = load_row(v + tok * Dv, Dv, xv);
         for (int64_t t0 = 0; t0 < m0; ++t0)
           for (int64_t t1 = 0; t1 < m1; ++t1) {
             const int64_t r = t0 * m1 + t1, brow = (u0 + t0) * n1 + (u1 + t1);
-            qrows[r] = QT + brow * D * n2p + u2;
-            orows[r] = OT + brow * Dv * n2p + u2;
+            qrows[r] = QT + brow * rq + u2;
+            orows[r] = OT + brow * ro + u2;
             qnrows[r] = Qn + (brow * n2 + u2) * Dp;
             onrows[r] = On + (brow * n2 + u2) * Dvp;
             lrows[r] = LS + brow * n2p + u2;
             drows[r] = DL + brow * n2p + u2;
           }
-        dot_rows(xk, D, qrows, rows, n2p, nv, sc, W, outs);
-        dot_rows(xv, Dv, orows, rows, n2p, nv, dp, W, outs);
+        dot_rows(xkv, D, qrows, rows, n2p, nv, sc, W, outs);
+        dot_rows(xvv, Dv, orows, rows, n2p, nv, dp, W, outs);
         // Query lane l of row (t0, t1) is in-group (ilo0 + t0, ilo1 + t1, ilo2 + l); the bias
         // offset (j - i) + k - 1 then decreases along the lanes.
         for (int64_t t0 = 0; t0 < m0; ++t0)
@@ -827,10 +877,9 @@ void backward_key_item(const Ctx& cx, int64_t item, const T* q, const T* k, cons
             }
           }
         wsum(sc, W, rows, m2, onrows, Dvp, Dvp / 8, acc2);
-        store_tile(acc2, dv + tok * Dv, Dv);
+        store_row(acc2, dv + tok * Dv, Dv, 1.f);
         wsum(dp, W, rows, m2, qnrows, Dp, Dp / 8, acc);
-        for (int64_t c = 0; c < D; ++c) acc[c] *= scale;
-        store_tile(acc, dk + tok * D, D);
+        store_row(acc, dk + tok * D, D, scale);
       }
     }
   }
