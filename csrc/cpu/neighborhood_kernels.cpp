@@ -140,6 +140,7 @@ inline V8 vexp(V8 x) {
 
 constexpr float kMasked = -1e30f;  // score of a padding lane: exp(kMasked - m) == 0
 constexpr int64_t kTile[3] = {1, 8, 64};  // target chunk lengths per dimension (in-group)
+constexpr int64_t kQuerySlices = 128;      // backward: query-centric work split (fixed, sizes only)
 
 inline int64_t round8(int64_t n) { return (n + 7) & ~int64_t(7); }
 
@@ -867,7 +868,14 @@ void backward_key_item(const Ctx& cx, int64_t item, const T* q, const T* k, cons
               const int64_t a2 = j2 - d2.ilo[y2] + p.kernel[2] - 1;
               rr = rpb_h + (a0 * cx.R[1] + a1) * cx.R[2] + a2;  // lane l: rr[-l]
             }
-            for (int64_t l = 0; l < m2; ++l) srow[l] = srow[l] * scale + (rr ? rr[-l] : 0.f) - lr[l];
+            if (rr) {
+              for (int64_t l = 0; l < m2; ++l) srow[l] = srow[l] * scale + rr[-l] - lr[l];
+            } else {
+              const V8 sv = vset1(scale);
+              int64_t l = 0;
+              for (; l + 8 <= m2; l += 8) vstore(srow + l, vsub(vmul(vload(srow + l), sv), vload(lr + l)));
+              for (; l < m2; ++l) srow[l] = srow[l] * scale - lr[l];
+            }
             for (int64_t l = m2; l < W; ++l) srow[l] = kMasked;
             for (int64_t l = 0; l < W; l += 8) {
               const V8 pr = vexp(vload(srow + l));
@@ -927,8 +935,11 @@ Status na_backward(const NAShape& p, const void* q, const void* k, const void* v
   const float* r = p.has_rpb ? rpb : nullptr;
   const int64_t n_tokens = p.B * p.S[0] * p.S[1] * p.S[2];
   std::vector<float> delta((size_t)(n_tokens * p.H));
+  // The query-centric work runs in a fixed number of slices (sizes only), each with its own
+  // drpb partial [H, rpb_size]: memory stays bounded whatever the number of items.
+  const int64_t n_slices = std::min<int64_t>(cx.n_items, kQuerySlices);
   std::vector<float> part;
-  if (p.has_rpb) part.assign((size_t)(cx.n_items * cx.rpb_size), 0.f);
+  if (p.has_rpb) part.assign((size_t)(n_slices * p.H * cx.rpb_size), 0.f);
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* tq = static_cast<const T*>(q);
@@ -938,26 +949,26 @@ Status na_backward(const NAShape& p, const void* q, const void* k, const void* v
     parallel_for(p.B * p.S[0] * p.S[1], n_threads, [&](int64_t row) {
       delta_row<T>(cx, row, static_cast<const T*>(out), tdo, delta.data());
     });
-    // Query-centric and key-centric items in one pool run: items [0, n) are dq, [n, 2n) dk/dv.
-    parallel_for(2 * cx.n_items, n_threads, [&](int64_t item) {
-      if (item < cx.n_items)
-        backward_query_item<T>(cx, item, tq, tk, tv, tdo, lse, delta.data(), r, static_cast<T*>(dq),
-                               r ? part.data() + item * cx.rpb_size : nullptr);
-      else
-        backward_key_item<T>(cx, item - cx.n_items, tq, tk, tv, tdo, lse, delta.data(), r, static_cast<T*>(dk),
+    // One pool run: tasks [0, n_slices) are query-centric slices (dq, drpb partials), each a
+    // fixed contiguous range of items run in order into the slice's own drpb partial; tasks
+    // [n_slices, n_slices + n_items) are key-centric items (dk, dv).
+    parallel_for(n_slices + cx.n_items, n_threads, [&](int64_t task) {
+      if (task < n_slices) {
+        const int64_t lo = task * cx.n_items / n_slices, hi = (task + 1) * cx.n_items / n_slices;
+        for (int64_t item = lo; item < hi; ++item)
+          backward_query_item<T>(cx, item, tq, tk, tv, tdo, lse, delta.data(), r, static_cast<T*>(dq),
+                                 r ? part.data() + (task * p.H + cx.item(item).h) * cx.rpb_size : nullptr);
+      } else {
+        backward_key_item<T>(cx, task - n_slices, tq, tk, tv, tdo, lse, delta.data(), r, static_cast<T*>(dk),
                              static_cast<T*>(dv));
+      }
     });
     if (p.has_rpb) {
-      // Fixed-order reduction of the per-item partials: items of head h in (b, chunk) order.
-      const int64_t per_bh = cx.n_chunks[0] * cx.n_chunks[1] * cx.n_chunks[2];
-      for (int64_t h = 0; h < p.H; ++h) {
-        float* o = drpb + h * cx.rpb_size;
-        for (int64_t e = 0; e < cx.rpb_size; ++e) {
-          double acc = 0.0;
-          for (int64_t b = 0; b < p.B; ++b)
-            for (int64_t c = 0; c < per_bh; ++c) acc += part[(size_t)(((b * p.H + h) * per_bh + c) * cx.rpb_size + e)];
-          o[e] = (float)acc;
-        }
+      // Fixed-order reduction of the slices' partials.
+      for (int64_t e = 0; e < p.H * cx.rpb_size; ++e) {
+        double acc = 0.0;
+        for (int64_t sl = 0; sl < n_slices; ++sl) acc += part[(size_t)(sl * p.H * cx.rpb_size + e)];
+        drpb[e] = (float)acc;
       }
     }
     return Status::ok();
