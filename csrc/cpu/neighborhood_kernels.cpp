@@ -461,6 +461,36 @@ struct Ctx {
   }
 };
 
+#if defined(__AVX2__) && defined(__FMA__)
+// dst[c * ld + t] = rows[t][c0 + c] for t, c < 8.
+inline void transpose8x8(const float* const* rows, int64_t c0, float* dst, int64_t ld) {
+  __m256 r0 = _mm256_loadu_ps(rows[0] + c0), r1 = _mm256_loadu_ps(rows[1] + c0);
+  __m256 r2 = _mm256_loadu_ps(rows[2] + c0), r3 = _mm256_loadu_ps(rows[3] + c0);
+  __m256 r4 = _mm256_loadu_ps(rows[4] + c0), r5 = _mm256_loadu_ps(rows[5] + c0);
+  __m256 r6 = _mm256_loadu_ps(rows[6] + c0), r7 = _mm256_loadu_ps(rows[7] + c0);
+  const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+  const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+  const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+  const __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+  const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  _mm256_storeu_ps(dst + 0 * ld, _mm256_permute2f128_ps(u0, u4, 0x20));
+  _mm256_storeu_ps(dst + 1 * ld, _mm256_permute2f128_ps(u1, u5, 0x20));
+  _mm256_storeu_ps(dst + 2 * ld, _mm256_permute2f128_ps(u2, u6, 0x20));
+  _mm256_storeu_ps(dst + 3 * ld, _mm256_permute2f128_ps(u3, u7, 0x20));
+  _mm256_storeu_ps(dst + 4 * ld, _mm256_permute2f128_ps(u0, u4, 0x31));
+  _mm256_storeu_ps(dst + 5 * ld, _mm256_permute2f128_ps(u1, u5, 0x31));
+  _mm256_storeu_ps(dst + 6 * ld, _mm256_permute2f128_ps(u2, u6, 0x31));
+  _mm256_storeu_ps(dst + 7 * ld, _mm256_permute2f128_ps(u3, u7, 0x31));
+}
+#endif
+
 // Box of in-group positions [lo[i], lo[i] + n[i]) of group g[i] per dimension.
 struct Box {
   int64_t g[3], lo[3], n[3];
@@ -469,6 +499,15 @@ struct Box {
 // Gathers a [box][H][width] tensor's head h into fp32 scratch:
 //   transposed:  dst[(j0 * n1 + j1) * rs + c * ld + j2]   (ld >= n2; lanes n2..ld zeroed)
 //   row-major:   dst[((j0 * n1 + j1) * n2 + j2) * ld + c]      (ld >= width; columns zeroed)
+inline std::vector<float>& scratch_tile() {
+  thread_local std::vector<float> tile;
+  return tile;
+}
+inline float* grow(std::vector<float>& v, int64_t n) {
+  if ((int64_t)v.size() < n) v.resize(n);
+  return v.data();
+}
+
 template <typename T>
 void gather_box(const Ctx& cx, const T* src, int64_t width, int64_t b, int64_t h, const Box& bx,
                 bool transposed, int64_t ld, float* dst, int64_t rs = 0) {
@@ -481,7 +520,24 @@ void gather_box(const Ctx& cx, const T* src, int64_t width, int64_t b, int64_t h
       const int64_t row = j0 * n1 + j1;
       if (transposed) {
         float* o = dst + row * rs;
-        for (int64_t j2 = 0; j2 < n2; ++j2) {
+        int64_t j2 = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+        // Blocks of 8 tokens: widen each token's row to fp32 (in place for float), then write
+        // 8 x 8 transposed tiles.
+        const float* rp[8];
+        float* tile = grow(scratch_tile(), 8 * round8(width));
+        for (; j2 + 8 <= n2; j2 += 8) {
+          for (int t = 0; t < 8; ++t) {
+            const int64_t y2 = cx.dim[2].pos(bx.g[2], bx.lo[2] + j2 + t);
+            rp[t] = as_float_tile(src + (cx.token(b, y0, y1, y2) * p.H + h) * width, tile + t * round8(width), width);
+          }
+          int64_t c = 0;
+          for (; c + 8 <= width; c += 8) transpose8x8(rp, c, o + c * ld + j2, ld);
+          for (; c < width; ++c)
+            for (int t = 0; t < 8; ++t) o[c * ld + j2 + t] = rp[t][c];
+        }
+#endif
+        for (; j2 < n2; ++j2) {
           const int64_t y2 = cx.dim[2].pos(bx.g[2], bx.lo[2] + j2);
           const T* s = src + (cx.token(b, y0, y1, y2) * p.H + h) * width;
           for (int64_t c = 0; c < width; ++c) o[c * ld + j2] = to_float(s[c]);
@@ -548,10 +604,6 @@ struct Scratch {
 Scratch& scratch() {
   thread_local Scratch s;
   return s;
-}
-inline float* grow(std::vector<float>& v, int64_t n) {
-  if ((int64_t)v.size() < n) v.resize(n);
-  return v.data();
 }
 inline const float** grow(std::vector<const float*>& v, int64_t n) {
   if ((int64_t)v.size() < n) v.resize(n);
