@@ -17,7 +17,8 @@ Design:
   (scalar) windows. Dilation is index remapping: in-group index j of group g is position j·d + g,
   nothing is copied. Each (query, key) element is tested against the query's window in-kernel;
   the relative positional bias is gathered in-kernel; online softmax in fp32; the lse is stored.
-* Backward: delta = rowsum(dout·out) (torch); the dq kernel recomputes p = exp(s − lse) and
+* Backward: delta = rowsum(dout·out) (torch; for fp16/bf16 the dq kernel recomputes it in fp32
+  from the window, since the stored output is rounded); the dq kernel recomputes p = exp(s − lse) and
   writes, when there is an rpb, the logit gradient ds of every window slot into a
   [B, S, H, K0, K1, K2] buffer, from which drpb is a chain of one-hot contractions (matmuls, no
   atomics). The dk/dv kernel is key-centric: a program owns a tile of keys and visits the queries
@@ -166,7 +167,8 @@ def _na_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, RPB, DQ, DS, T0, T1, T2,
                       S0, S1, S2, H, D, DV, NT2,
                       K0, K1, K2, D0, D1, D2, R0, R1, R2, scale,
                       HAS_RPB: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                      BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr):
+                      BQ: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr, BDV: tl.constexpr,
+                      EXACT_DELTA: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_p = tl.program_id(1)
     pid_bh = tl.program_id(2)
@@ -206,7 +208,37 @@ def _na_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, RPB, DQ, DS, T0, T1, T2,
         q = q.to(tl.float32)
         do = do.to(tl.float32)
     lse = tl.load(LSE + qrow, mask=qmask, other=0.0)
-    delta = tl.load(DELTA + qrow, mask=qmask, other=0.0)
+    if EXACT_DELTA:
+        # delta = Σ_j p_ij (dout_i · v_j), recomputed in fp32: rowsum(dout · out) would use the
+        # output rounded to fp16/bf16. Stored for the dk/dv kernel.
+        delta = tl.zeros([BQ], tl.float32)
+        for j0 in range(lo0, hi0 + 1):
+            y0 = j0 * D0 + g0
+            for j1 in range(lo1, hi1 + 1):
+                y1 = j1 * D1 + g1
+                if HAS_RPB:
+                    rbase = h * R0 * R1 * R2 + ((j0 - i0 + K0 - 1) * R1 + (j1 - i1 + K1 - 1)) * R2
+                for kb in range(kstart, kend + 1, BK):
+                    jk = kb + tl.arange(0, BK)
+                    kmask = jk <= kend
+                    y2 = jk * D2 + g2
+                    krow = (row0 + (y0 * S1 + y1) * S2 + y2) * H + h
+                    kt = tl.load(K + krow[:, None] * D + offs_d[None, :], mask=kmask[:, None] & dmask[None, :], other=0.0)
+                    vt = tl.load(V + krow[:, None] * DV + offs_dv[None, :], mask=kmask[:, None] & dvmask[None, :], other=0.0)
+                    if UPCAST:
+                        kt = kt.to(tl.float32)
+                        vt = vt.to(tl.float32)
+                    s = tl.dot(q, tl.trans(kt), input_precision=PREC) * scale
+                    valid = (jk[None, :] >= lo2[:, None]) & (jk[None, :] <= hi2[:, None]) & qmask[:, None] & kmask[None, :]
+                    if HAS_RPB:
+                        ridx = rbase + (jk[None, :] - iq[:, None] + K2 - 1)
+                        s += tl.load(RPB + ridx, mask=valid, other=0.0)
+                    p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+                    dp = tl.dot(do, tl.trans(vt), input_precision=PREC)
+                    delta += tl.sum(p * dp, axis=1)
+        tl.store(DELTA + qrow, delta, mask=qmask)
+    else:
+        delta = tl.load(DELTA + qrow, mask=qmask, other=0.0)
     dq = tl.zeros([BQ, BD], tl.float32)
     for j0 in range(lo0, hi0 + 1):
         y0 = j0 * D0 + g0
@@ -378,7 +410,11 @@ def na_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     nt2 = triton.cdiv(triton.cdiv(S2, dilation[2]), bq)
     R = [2 * kk - 1 for kk in kernel_size]
     has_rpb = rpb is not None
-    delta = (dout.to(torch.float32) * out.to(torch.float32)).sum(-1).contiguous()
+    exact_delta = out.dtype != torch.float32
+    if exact_delta:   # recomputed in fp32 by the dq kernel from the window
+        delta = torch.empty(lse.shape, dtype=torch.float32, device=q.device)
+    else:
+        delta = (dout * out).sum(-1).contiguous()
     K0, K1, K2 = kernel_size
     ds = torch.empty((B, S0, S1, S2, H, K0, K1, K2), dtype=torch.float32, device=q.device) if has_rpb else lse
     grid = (dilation[2] * nt2, S0 * S1, B * H)
@@ -386,7 +422,7 @@ def na_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     sizes = (S0, S1, S2, H, D, Dv, nt2, *kernel_size, *dilation, *R, float(scale))
     r = rpb if has_rpb else q
     torch.library.wrap_triton(_na_bwd_dq_kernel)[grid](
-        q, k, v, dout, lse, delta, r, dq, ds, tabs[0], tabs[1], tabs[2], *sizes, **meta)
+        q, k, v, dout, lse, delta, r, dq, ds, tabs[0], tabs[1], tabs[2], *sizes, **meta, EXACT_DELTA=exact_delta)
     torch.library.wrap_triton(_na_bwd_dkdv_kernel)[grid](
         q, k, v, dout, lse, delta, r, dk, dv, tabs[0], tabs[1], tabs[2], *sizes, **meta)
     if not has_rpb:

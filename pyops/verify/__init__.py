@@ -42,9 +42,9 @@ class Row:
 
 
 def _families():
-    from pyops.verify import merge, task_merge
+    from pyops.verify import merge, neighborhood, task_merge
 
-    return {"task_arithmetic": task_merge, "merge": merge}
+    return {"task_arithmetic": task_merge, "merge": merge, "neighborhood": neighborhood}
 
 
 def op_names() -> List[str]:
