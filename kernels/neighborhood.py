@@ -383,7 +383,8 @@ def _common(q: Tensor, v: Tensor, kernel_size, stride, dilation, is_causal):
 
 
 def _prec(q: Tensor, interp: bool) -> str:
-    return "ieee"
+    """fp32 operands: IEEE dots (TF32 would miss the fp32 tolerance); fp16/bf16: the default."""
+    return "ieee" if (interp or q.dtype == torch.float32) else "tf32"
 
 
 def na_forward(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], out: Tensor, lse: Tensor,
