@@ -23,6 +23,7 @@ FAMILIES: dict[str, str] = {
     "task_arithmetic": ".task_merge",
     "merge": ".merge",
     "moe": ".moe",
+    "neighborhood": ".neighborhood",
 }
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -13,6 +13,7 @@ from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
 from pyops import moe_losses
 from pyops.ops.merge import merge, merge_from_models
 from pyops.ops.moe import Routing, moe_experts, moe_route
+from pyops.ops.neighborhood import na1d, na2d, na3d
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
 
 __version__ = "0.1.0"
@@ -28,6 +29,9 @@ __all__ = [
     "moe_losses",
     "moe_route",
     "Routing",
+    "na1d",
+    "na2d",
+    "na3d",
     "nn",
     "task_arithmetic",
     "task_arithmetic_from_models",

@@ -1,10 +1,13 @@
 """Drop-in modules built on the pyops ops.
 
+* `NeighborhoodAttention1D/2D/3D` — neighbourhood attention layers (NATTEN 0.17 / DiNAT state_dict keys).
 * `TaskVectorComposition` — learned task-vector merging (aTLAS, AdaMerging): learnable
   block-wise coefficients λ over N task vectors, merged with `pyops.task_arithmetic`.
 * `TaskMoE` — mixture-of-experts MLP with per-task routers on `pyops.moe_route` / `moe_experts`.
 """
 from pyops.nn.moe import TaskMoE
+from pyops.nn.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
 from pyops.nn.task_vector_composition import TaskVectorComposition
 
-__all__ = ["TaskMoE", "TaskVectorComposition"]
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "TaskMoE",
+           "TaskVectorComposition"]

@@ -42,9 +42,9 @@ class Row:
 
 
 def _families():
-    from pyops.verify import merge, moe, task_merge
+    from pyops.verify import merge, moe, neighborhood, task_merge
 
-    return {"task_arithmetic": task_merge, "merge": merge, "moe": moe}
+    return {"task_arithmetic": task_merge, "merge": merge, "moe": moe, "neighborhood": neighborhood}
 
 
 def op_names() -> List[str]:

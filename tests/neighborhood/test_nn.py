@@ -1,0 +1,70 @@
+"""`pyops.nn.NeighborhoodAttention1D/2D/3D`: NATTEN 0.17 / DiNAT state_dict keys and shapes, and the
+forward equal to a manual qkv -> na -> proj."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyops
+from pyops.nn import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from pyops.reference import neighborhood as ref
+from pyops.testing import compare, tolerance_for
+
+MODULES = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_state_dict_keys_and_shapes_match_natten_017(n):
+    m = MODULES[n](embed_dim=24, num_heads=3, kernel_size=5, dilation=2, rel_pos_bias=True)
+    sd = m.state_dict()
+    assert set(sd) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "rpb"}
+    assert sd["qkv.weight"].shape == (72, 24) and sd["qkv.bias"].shape == (72,)
+    assert sd["proj.weight"].shape == (24, 24) and sd["proj.bias"].shape == (24,)
+    assert sd["rpb"].shape == (3, *[9] * n)
+
+
+def test_no_rpb_no_qkv_bias_keys():
+    m = NeighborhoodAttention2D(16, 2, 3, qkv_bias=False)
+    assert set(m.state_dict()) == {"qkv.weight", "proj.weight", "proj.bias"}
+
+
+def test_loads_a_dinat_style_checkpoint():
+    src = NeighborhoodAttention2D(32, 4, 7, dilation=3, rel_pos_bias=True)
+    sd = {k: torch.randn_like(v) for k, v in src.state_dict().items()}   # as saved by NATTEN 0.17
+    dst = NeighborhoodAttention2D(32, 4, 7, dilation=3, rel_pos_bias=True)
+    dst.load_state_dict(sd, strict=True)
+    assert torch.equal(dst.rpb.detach(), sd["rpb"])
+
+
+@pytest.mark.parametrize("n,spatial,kwargs", [
+    (1, (11,), dict(kernel_size=5, dilation=2, rel_pos_bias=True)),
+    (2, (7, 9), dict(kernel_size=(3, 5), stride=(1, 2), is_causal=(True, False))),
+    (3, (3, 5, 6), dict(kernel_size=3, rel_pos_bias=True, qk_scale=0.2)),
+])
+def test_forward_matches_manual_qkv_na_proj(n, spatial, kwargs):
+    torch.manual_seed(0)
+    C, H = 24, 3
+    m = MODULES[n](C, H, **kwargs).eval()
+    x = torch.randn(2, *spatial, C, requires_grad=True)
+    y = m(x)
+    qkv = torch.nn.functional.linear(x, m.qkv.weight, m.qkv.bias).reshape(2, *spatial, 3, H, C // H)
+    q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+    o = ref.neighborhood_attention(q, k, v, m.kernel_size, m.stride, m.dilation, m.is_causal, m.rpb, m.scale)
+    exp = torch.nn.functional.linear(o.reshape(2, *spatial, C), m.proj.weight, m.proj.bias)
+    assert y.shape == x.shape
+    assert compare(y, exp, tolerance_for(torch.float32)).ok
+    y.sum().backward()
+    assert x.grad is not None and (m.rpb is None or m.rpb.grad is not None)
+
+
+def test_attn_drop_in_training_raises():
+    m = NeighborhoodAttention1D(8, 2, 3, attn_drop=0.1)
+    with pytest.raises(NotImplementedError, match="attn_drop"):
+        m(torch.randn(1, 9, 8))
+    m.eval()
+    assert m(torch.randn(1, 9, 8)).shape == (1, 9, 8)
+
+
+def test_rpb_with_even_kernel_rejected():
+    with pytest.raises(ValueError, match="odd"):
+        NeighborhoodAttention2D(8, 2, 4, rel_pos_bias=True)
