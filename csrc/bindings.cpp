@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "bind/bind_util.h"
 #include "common/thread_pool.h"
 #include "cpu/merge.h"
 #include "cpu/task_merge.h"
@@ -27,25 +28,9 @@ namespace {
 using pyops::DType;
 using pyops::Status;
 
-DType to_dtype(int code, const char* what) {
-  if (!pyops::valid_dtype(code))
-    throw py::value_error(std::string(what) + ": unknown dtype code " + std::to_string(code));
-  return static_cast<DType>(code);
-}
-
-void raise_if_error(const Status& st) {
-  if (st.is_ok()) return;
-  if (st.code == pyops::StatusCode::kInvalidArgument || st.code == pyops::StatusCode::kOutOfRange)
-    throw py::value_error(st.message);
-  throw std::runtime_error(st.message);
-}
-
-template <typename P>
-std::vector<P> as_pointers(const std::vector<uintptr_t>& v) {
-  std::vector<P> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = reinterpret_cast<P>(v[i]);
-  return out;
-}
+using pyops::bind::as_pointers;
+using pyops::bind::raise_if_error;
+using pyops::bind::to_dtype;
 
 pyops::TaskArithmeticProblem make_problem(uintptr_t base, const std::vector<const void*>& deltas,
                                           int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n,

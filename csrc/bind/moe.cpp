@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bind/bind_util.h"
 #include "cpu/isa_dispatch.h"
 #include "cpu/moe.h"
 
@@ -17,41 +18,16 @@ namespace {
 using pyops::DType;
 using pyops::Status;
 
-DType to_dtype(int code, const char* what) {
-  if (code < 0 || code > 2)
-    throw py::value_error(std::string(what) + ": unknown dtype code " + std::to_string(code));
-  return static_cast<DType>(code);
-}
-
-void raise_if_error(const Status& st) {
-  if (st.is_ok()) return;
-  if (st.code == pyops::StatusCode::kInvalidArgument || st.code == pyops::StatusCode::kOutOfRange)
-    throw py::value_error(st.message);
-  throw std::runtime_error(st.message);
-}
-
-template <typename P>
-P ptr(uintptr_t v) {
-  return reinterpret_cast<P>(v);
-}
-
-// Runs the kernel call without the GIL, then raises on error.
-template <typename Fn>
-void run(Fn&& fn) {
-  Status st;
-  {
-    py::gil_scoped_release release;
-    st = fn();
-  }
-  raise_if_error(st);
-}
+using pyops::bind::ptr;
+using pyops::bind::run_released;
+using pyops::bind::to_dtype;
 
 void moe_route(uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t k, int score,
                bool renormalize, uintptr_t bias, int64_t capacity, uintptr_t weights,
                uintptr_t experts, uintptr_t order, uintptr_t offsets, uintptr_t dropped,
                int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_route, ptr<const void*>(logits), dt, T, E, k, score, renormalize,
                           ptr<const float*>(bias), capacity, ptr<float*>(weights),
                           ptr<int32_t*>(experts), ptr<int64_t*>(order), ptr<int64_t*>(offsets),
@@ -62,7 +38,7 @@ void moe_route(uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t k, int
 void moe_gather(uintptr_t x, uintptr_t order, int64_t k, int64_t T, int64_t d, uintptr_t rows,
                 int dtype, int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_gather, ptr<const void*>(x), ptr<const int64_t*>(order), k, T, d,
                           ptr<void*>(rows), dt, n_threads);
   });
@@ -71,7 +47,7 @@ void moe_gather(uintptr_t x, uintptr_t order, int64_t k, int64_t T, int64_t d, u
 void moe_act_forward(uintptr_t a, uintptr_t b, uintptr_t h_out, int64_t n_rows, int64_t hdim,
                      int act, int dtype, int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_act_forward, ptr<const void*>(a), ptr<const void*>(b),
                           ptr<void*>(h_out), n_rows, hdim, act, dt, n_threads);
   });
@@ -80,7 +56,7 @@ void moe_act_forward(uintptr_t a, uintptr_t b, uintptr_t h_out, int64_t n_rows, 
 void moe_act_backward(uintptr_t a, uintptr_t b, uintptr_t dh, uintptr_t da, uintptr_t db,
                       int64_t n_rows, int64_t hdim, int act, int dtype, int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_act_backward, ptr<const void*>(a), ptr<const void*>(b),
                           ptr<const void*>(dh), ptr<void*>(da), ptr<void*>(db), n_rows, hdim, act,
                           dt, n_threads);
@@ -90,7 +66,7 @@ void moe_act_backward(uintptr_t a, uintptr_t b, uintptr_t dh, uintptr_t da, uint
 void moe_combine(uintptr_t ys, uintptr_t order, uintptr_t weights, uintptr_t dropped, int64_t k,
                  int64_t T, int64_t d, uintptr_t y, int dtype, int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_combine, ptr<const void*>(ys), ptr<const int64_t*>(order),
                           ptr<const float*>(weights), ptr<const uint8_t*>(dropped), k, T, d,
                           ptr<void*>(y), dt, n_threads);
@@ -101,7 +77,7 @@ void moe_combine_backward(uintptr_t dy, uintptr_t ys, uintptr_t order, uintptr_t
                           uintptr_t dropped, int64_t k, int64_t T, int64_t d, uintptr_t dys,
                           uintptr_t dweights, int dtype, int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_combine_backward, ptr<const void*>(dy), ptr<const void*>(ys),
                           ptr<const int64_t*>(order), ptr<const float*>(weights),
                           ptr<const uint8_t*>(dropped), k, T, d, ptr<void*>(dys),
@@ -112,7 +88,7 @@ void moe_combine_backward(uintptr_t dy, uintptr_t ys, uintptr_t order, uintptr_t
 void moe_scatter_add(uintptr_t dxs, uintptr_t order, int64_t k, int64_t T, int64_t d, uintptr_t dx,
                      int dtype, int n_threads) {
   const DType dt = to_dtype(dtype, "dtype");
-  run([&] {
+  run_released([&] {
     return PYOPS_ISA_CALL(moe_scatter_add, ptr<const void*>(dxs), ptr<const int64_t*>(order), k,
                           T, d, ptr<void*>(dx), dt, n_threads);
   });

@@ -6,6 +6,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bind/bind_util.h"
 #include "cpu/isa_dispatch.h"
 #include "cpu/neighborhood.h"
 
@@ -14,20 +15,13 @@ namespace py = pybind11;
 namespace pyops {
 namespace {
 
-void raise_if_error(const Status& st) {
-  if (st.is_ok()) return;
-  if (st.code == StatusCode::kInvalidArgument || st.code == StatusCode::kOutOfRange)
-    throw py::value_error(st.message);
-  throw std::runtime_error(st.message);
-}
+using bind::raise_if_error;
 
 NAShape make_shape(int64_t B, int64_t S0, int64_t S1, int64_t S2, int64_t H, int64_t D, int64_t Dv,
                    int64_t k0, int64_t k1, int64_t k2, int64_t s0, int64_t s1, int64_t s2, int64_t d0,
                    int64_t d1, int64_t d2, int64_t c0, int64_t c1, int64_t c2, bool has_rpb,
                    double scale, int dtype) {
-  if (dtype < 0 || dtype > 2)
-    throw py::value_error("dtype: unknown dtype code " + std::to_string(dtype) +
-                          " (expected 0 float32, 1 float16, 2 bfloat16)");
+  bind::to_dtype(dtype, "dtype");
   NAShape p;
   p.B = B;
   p.H = H;
