@@ -3,13 +3,15 @@
 Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``):
 
 * `task_arithmetic`, `task_arithmetic_from_models` — fused block-wise task-vector merging.
+* `task_masked_attention` — attention masked by per-token group ids and a G×G rule (`pyops.masks` presets).
 * `merge`, `merge_from_models` — TIES, DARE, breadcrumbs, DELLA, model_stock, consensus merging.
 
 `pyops.info()` reports which backends load and why the others do not.
 """
-from pyops import nn
+from pyops import masks, nn
 from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
 from pyops.ops.merge import merge, merge_from_models
+from pyops.ops.task_attention import task_masked_attention
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
 
 __version__ = "0.1.0"
@@ -19,11 +21,13 @@ __all__ = [
     "BackendUnavailableError",
     "info",
     "last_choice",
+    "masks",
     "merge",
     "merge_from_models",
     "nn",
     "task_arithmetic",
     "task_arithmetic_from_models",
+    "task_masked_attention",
 ]
 
 
