@@ -1,0 +1,851 @@
+// CPU kernels for task-masked attention (cpu/task_attention.h). This file is compiled once per
+// ISA (see CMakeLists.txt); PYOPS_ISA names the namespace the build goes into.
+//
+// Layout of the computation. Every score block is computed on fp32 tiles: queries pre-scaled by
+// `scale` (rows padded to a multiple of kR), keys and values transposed ([D, nkp] and [Dv, nkp],
+// nkp = key count rounded up to 8, zero padded), so that the inner loops run over keys in
+// 8-lane chunks that the compiler vectorises without -ffast-math. Reductions (row max, row sum,
+// dot products) use 8 fixed lanes: their order depends only on the sizes.
+//
+// Masking. Every query position gets a 64-bit mask of the kv groups it may attend (0 for
+// padding), every key a one-hot bit of its group (0 for padding): (qrow & kbit) != 0 is the
+// group rule. Flash tiles keep the OR and AND of qrow over a q-tile and the OR of kbit over a
+// k-tile: a pair of tiles with (q_or & k_or) == 0 is skipped, one with k_or inside q_and (no
+// padding key, not crossing the causal diagonal) skips the per-element test. The short path
+// instead builds an additive 0 / -inf bias for the whole block once per batch row.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "common/convert.h"
+#include "common/isa.h"
+#include "common/philox.h"
+#include "common/thread_pool.h"
+#include "cpu/task_attention.h"
+
+namespace pyops {
+namespace PYOPS_ISA_KERNEL_NS {
+namespace {
+
+// Flash tile sizes: a 64 x 64 fp32 score block is 16 KiB, the q/k/v tiles at D = 64 another
+// 48 KiB together: the working set of one item stays in L2, a row of it in L1.
+constexpr int64_t kBQ = 64;
+constexpr int64_t kBK = 64;
+constexpr int64_t kR = 4;  // query rows per register block
+constexpr int kW = 8;      // lanes of the vector loops (one AVX2 register of fp32)
+constexpr uint32_t kDropoutStream = 0x5441534Bu;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// exp(x) for x <= 0 in fp32 (Cephes-style range reduction + degree-6 polynomial, ~1 ulp);
+// 0 for x < -87 (and -inf). Branch-free so that loops over it vectorise.
+inline float fexp(float x) {
+  const float xc = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
+  float r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const int32_t e = ((int32_t)n + 127) << 23;
+  float s;
+  std::memcpy(&s, &e, 4);
+  return x < -87.f ? 0.f : y * s;
+}
+
+// Reductions over n elements, n a multiple of kW, in kW fixed lanes.
+inline float hsum(const float* l) { return ((l[0] + l[4]) + (l[1] + l[5])) + ((l[2] + l[6]) + (l[3] + l[7])); }
+
+inline float dot8(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float l[kW] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t j = 0; j < n; j += kW)
+    for (int t = 0; t < kW; ++t) l[t] += a[j + t] * b[j + t];
+  return hsum(l);
+}
+
+inline float sum8(const float* a, int64_t n) {
+  float l[kW] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int64_t j = 0; j < n; j += kW)
+    for (int t = 0; t < kW; ++t) l[t] += a[j + t];
+  return hsum(l);
+}
+
+inline float max8(const float* a, int64_t n) {
+  float l[kW];
+  for (int t = 0; t < kW; ++t) l[t] = kNegInf;
+  for (int64_t j = 0; j < n; j += kW)
+    for (int t = 0; t < kW; ++t) l[t] = a[j + t] > l[t] ? a[j + t] : l[t];
+  float m = kNegInf;
+  for (int t = 0; t < kW; ++t) m = l[t] > m ? l[t] : m;
+  return m;
+}
+
+// Dot product of any length (lanes + tail).
+inline float dot_any(const float* a, const float* b, int64_t n) {
+  float l[kW] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW)
+    for (int t = 0; t < kW; ++t) l[t] += a[j + t] * b[j + t];
+  for (; j < n; ++j) l[0] += a[j] * b[j];
+  return hsum(l);
+}
+
+// S[r, j] = sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
+// (Bt leading dimension nkp); S has leading dimension nkp.
+inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
+                        int64_t nkp, float* __restrict S) {
+  for (int64_t j0 = 0; j0 < nkp; j0 += kW) {
+    float acc[kR][kW];
+    for (int r = 0; r < kR; ++r)
+      for (int t = 0; t < kW; ++t) acc[r][t] = 0.f;
+    for (int64_t d = 0; d < K; ++d) {
+      const float* b = Bt + d * nkp + j0;
+      for (int r = 0; r < kR; ++r) {
+        const float a = A[r * lda + d];
+        for (int t = 0; t < kW; ++t) acc[r][t] += a * b[t];
+      }
+    }
+    for (int r = 0; r < kR; ++r)
+      for (int t = 0; t < kW; ++t) S[r * nkp + j0 + t] = acc[r][t];
+  }
+}
+
+// C[r, c] += sum_{j < nk} P[r, j] * V[j, c] for kR rows; V rows have leading dimension ldv (a
+// multiple of kW, zero padded), P leading dimension nkp, C leading dimension ldv.
+inline void gemm_rows_acc(const float* __restrict P, int64_t nkp, int64_t nk, const float* __restrict V,
+                          int64_t ldv, float* __restrict C) {
+  for (int64_t c0 = 0; c0 < ldv; c0 += kW) {
+    float acc[kR][kW];
+    for (int r = 0; r < kR; ++r)
+      for (int t = 0; t < kW; ++t) acc[r][t] = C[r * ldv + c0 + t];
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* v = V + j * ldv + c0;
+      for (int r = 0; r < kR; ++r) {
+        const float pr = P[r * nkp + j];
+        for (int t = 0; t < kW; ++t) acc[r][t] += pr * v[t];
+      }
+    }
+    for (int r = 0; r < kR; ++r)
+      for (int t = 0; t < kW; ++t) C[r * ldv + c0 + t] = acc[r][t];
+  }
+}
+
+// Ct[c, j] += sum_r A[r, c] * P[r, j] for kR rows (A leading dimension lda, c < ncols; P and Ct
+// leading dimension nkp): the transposed accumulation of dK and dV.
+inline void outer_rows_acc_t(const float* __restrict A, int64_t lda, int64_t ncols, const float* __restrict P,
+                             int64_t nkp, float* __restrict Ct) {
+  for (int64_t c = 0; c < ncols; ++c) {
+    const float a0 = A[c], a1 = A[lda + c], a2 = A[2 * lda + c], a3 = A[3 * lda + c];
+    float* __restrict o = Ct + c * nkp;
+    for (int64_t j = 0; j < nkp; ++j)
+      o[j] += ((a0 * P[j] + a1 * P[nkp + j]) + (a2 * P[2 * nkp + j] + a3 * P[3 * nkp + j]));
+  }
+}
+
+// ---- tile loads / stores ----------------------------------------------------------------------
+
+// dst[r, d] = scale * src[r, d] for r < n, d < W (ld W); rows n..rows_pad zero.
+template <typename T>
+void load_rows(const T* src, int64_t n, int64_t W, float scale, float* dst, int64_t rows_pad) {
+  for (int64_t r = 0; r < n; ++r)
+    for (int64_t d = 0; d < W; ++d) dst[r * W + d] = scale * to_float(src[r * W + d]);
+  std::fill(dst + n * W, dst + rows_pad * W, 0.f);
+}
+
+// dst[r, d] = src[r, d] for r < n, d < W, with leading dimension ldd >= W (columns zero padded).
+template <typename T>
+void load_rows_padded(const T* src, int64_t n, int64_t W, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t d = 0; d < W; ++d) dst[r * ldd + d] = to_float(src[r * W + d]);
+    for (int64_t d = W; d < ldd; ++d) dst[r * ldd + d] = 0.f;
+  }
+}
+
+// dst[d, j] = src[j, d] for j < n, d < W (dst leading dimension np, columns n..np zero).
+template <typename T>
+void load_transposed(const T* src, int64_t n, int64_t W, float* dst, int64_t np) {
+  for (int64_t d = 0; d < W; ++d) std::fill(dst + d * np + n, dst + (d + 1) * np, 0.f);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < W; ++d) dst[d * np + j] = to_float(src[j * W + d]);
+}
+
+template <typename T>
+void store_row(const float* src, T* dst, int64_t n) {
+  store_tile(src, dst, n);
+}
+
+// dst[j, d] = scale * src[d, j] (src leading dimension np).
+template <typename T>
+void store_transposed(const float* src, int64_t np, int64_t n, int64_t W, float scale, T* dst) {
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t d = 0; d < W; ++d) dst[j * W + d] = from_float<T>(scale * src[d * np + j]);
+}
+
+// ---- problem context --------------------------------------------------------------------------
+
+std::atomic<uint64_t> g_call_id{1};
+
+struct Ctx {
+  const TaskAttentionProblem* p = nullptr;
+  int64_t rep = 1;          // query heads per kv head
+  int64_t nqt = 0, nkt = 0;  // flash tiles
+  std::vector<uint64_t> qrow, kbit;  // [q group rows, Lq], [kv group rows, Lk]
+  std::vector<uint64_t> qor, qand, kor;
+  std::vector<uint8_t> kpad;
+  bool dropout = false;
+  float keep_scale = 1.f;
+  uint32_t seed_lo = 0, seed_hi = 0;
+  uint64_t call_id = 0;
+  bool short_path = false;
+
+  int64_t qgr(int64_t b) const { return p->q_groups_bstride ? b : 0; }
+  int64_t kgr(int64_t b) const { return p->kv_groups_bstride ? b : 0; }
+  const uint64_t* qrow_of(int64_t b) const { return qrow.data() + qgr(b) * p->Lq; }
+  const uint64_t* kbit_of(int64_t b) const { return kbit.data() + kgr(b) * p->Lk; }
+
+  // Scale (0 or 1/(1-p)) of element (b, h, i, j0 + j) for j < nk; zero beyond up to nkp.
+  void keep_row(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t nk, int64_t nkp, float* ks) const {
+    const uint32_t c2 = (uint32_t)(b * p->Hq + h);
+    const float thr = p->dropout_p;
+    for (int64_t j = 0; j < nk; ++j) {
+      const Philox4 r = philox4x32_10((uint32_t)(j0 + j), (uint32_t)i, c2, kDropoutStream, seed_lo, seed_hi);
+      ks[j] = philox_uniform(r.v[0]) >= thr ? keep_scale : 0.f;
+    }
+    for (int64_t j = nk; j < nkp; ++j) ks[j] = 0.f;
+  }
+};
+
+struct TileMask {
+  bool skip = false;
+  bool full = false;
+};
+
+TileMask classify(const Ctx& c, int64_t b, int64_t qt, int64_t q0, int64_t nq, int64_t kt, int64_t k0,
+                  int64_t nk) {
+  TileMask m;
+  const int64_t qi = c.qgr(b) * c.nqt + qt, ki = c.kgr(b) * c.nkt + kt;
+  const uint64_t qo = c.qor[qi], qa = c.qand[qi], ko = c.kor[ki];
+  if ((qo & ko) == 0 || (c.p->causal && k0 > q0 + nq - 1)) {
+    m.skip = true;
+    return m;
+  }
+  m.full = !c.kpad[ki] && (ko & ~qa) == 0 && (!c.p->causal || k0 + nk - 1 <= q0);
+  return m;
+}
+
+// How a block is masked: a precomputed 0 / -inf bias ([nq, nkp], the short path), no test at all
+// (full tiles), or the per-element rule. Columns nk..nkp are always -inf.
+struct MaskSpec {
+  const float* bias = nullptr;
+  bool full = false;
+  const uint64_t* qrow = nullptr;  // at q0
+  const uint64_t* kbit = nullptr;  // at k0
+  int64_t q0 = 0, k0 = 0;
+  bool causal = false;
+
+  void apply(int64_t i, float* s, int64_t nk, int64_t nkp) const {
+    if (bias) {
+      const float* bi = bias + i * nkp;
+      for (int64_t j = 0; j < nkp; ++j) s[j] += bi[j];
+      return;
+    }
+    if (!full) {
+      const uint64_t qm = qrow[i];
+      const int64_t lim = causal ? q0 + i - k0 : nk;  // j <= lim allowed by causality
+      for (int64_t j = 0; j < nk; ++j) {
+        const bool ok = (qm & kbit[j]) != 0 && j <= lim;
+        s[j] = ok ? s[j] : kNegInf;
+      }
+    }
+    for (int64_t j = nk; j < nkp; ++j) s[j] = kNegInf;
+  }
+};
+
+// Per-thread scratch, grown on demand (never shrunk), so work items do not allocate.
+struct Scratch {
+  std::vector<float> qs, dO, kt, vt, vr, kr, s, s2, ks, acc, m, l, lse, di, dkt, dvt, dq, bias;
+  uint64_t bias_call = 0;
+  int64_t bias_row = -1;
+  static void grow(std::vector<float>& v, int64_t n) {
+    if ((int64_t)v.size() < n) v.resize((size_t)n);
+  }
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// The short path's bias for group row (b): [Lq, nkp] of 0 / -inf, cached per thread and call.
+const float* short_bias(const Ctx& c, Scratch& w, int64_t b, int64_t nkp) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t row = c.qgr(b) * (p.B + 1) + c.kgr(b);  // identifies the (q row, kv row) pair
+  if (w.bias_call == c.call_id && w.bias_row == row) return w.bias.data();
+  Scratch::grow(w.bias, round_up(p.Lq, kR) * nkp);
+  const uint64_t* qr = c.qrow_of(b);
+  const uint64_t* kb = c.kbit_of(b);
+  for (int64_t i = 0; i < p.Lq; ++i) {
+    float* bi = w.bias.data() + i * nkp;
+    const uint64_t qm = qr[i];
+    for (int64_t j = 0; j < p.Lk; ++j) {
+      const bool ok = (qm & kb[j]) != 0 && (!p.causal || j <= i);
+      bi[j] = ok ? 0.f : kNegInf;
+    }
+    for (int64_t j = p.Lk; j < nkp; ++j) bi[j] = kNegInf;
+  }
+  w.bias_call = c.call_id;
+  w.bias_row = row;
+  return w.bias.data();
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// One (q-tile, k-tile) step of the online softmax for query rows [0, nq) of the tile held in w.qs
+// (pre-scaled, rows padded to kR): updates w.m, w.l and w.acc (rows of ldv floats).
+void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0,
+               int64_t nk, int64_t nkp, const MaskSpec& mask, bool v_rows, int64_t ldv) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t D = p.D, Dv = p.Dv;
+  float* S = w.s.data();
+  float* ks = w.ks.data();
+  for (int64_t r0 = 0; r0 < nq; r0 += kR) {
+    gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
+    const int64_t nr = std::min(kR, nq - r0);
+    for (int64_t r = 0; r < kR; ++r) {
+      float* s = S + r * nkp;
+      const int64_t i = r0 + r;
+      if (r >= nr) {
+        std::fill(s, s + nkp, 0.f);
+        continue;
+      }
+      mask.apply(i, s, nk, nkp);
+      const float mx = max8(s, nkp);
+      const float mold = w.m[i];
+      const float mnew = mx > mold ? mx : mold;
+      if (mnew == kNegInf) {  // nothing allowed in this row so far
+        std::fill(s, s + nkp, 0.f);
+        continue;
+      }
+      for (int64_t j = 0; j < nkp; ++j) s[j] = fexp(s[j] - mnew);
+      const float alpha = mold == kNegInf ? 0.f : fexp(mold - mnew);
+      w.l[i] = w.l[i] * alpha + sum8(s, nkp);
+      w.m[i] = mnew;
+      if (alpha != 1.f) {
+        float* a = w.acc.data() + i * ldv;
+        for (int64_t t = 0; t < ldv; ++t) a[t] *= alpha;
+      }
+      if (c.dropout) {
+        c.keep_row(b, h, q0 + i, k0, nk, nkp, ks);
+        for (int64_t j = 0; j < nkp; ++j) s[j] *= ks[j];
+      }
+    }
+    float* acc = w.acc.data() + r0 * ldv;
+    if (v_rows) {
+      gemm_rows_acc(S, nkp, nk, w.vr.data(), ldv, acc);
+    } else {
+      for (int64_t r = 0; r < nr; ++r)
+        for (int64_t cc = 0; cc < Dv; ++cc) acc[r * ldv + cc] += dot8(S + r * nkp, w.vt.data() + cc * nkp, nkp);
+    }
+  }
+}
+
+// Writes out rows [q0, q0 + nq) and their lse from w.acc / w.l.
+template <typename T>
+void fwd_finish(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t ldv, T* out,
+                float* lse) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+  float* tmp = w.s2.data();
+  for (int64_t i = 0; i < nq; ++i) {
+    const float l = w.l[i];
+    const float* a = w.acc.data() + i * ldv;
+    if (l > 0.f) {
+      const float inv = 1.f / l;
+      for (int64_t t = 0; t < p.Dv; ++t) tmp[t] = a[t] * inv;
+      lse[row0 + i] = w.m[i] + std::log(l);
+    } else {
+      for (int64_t t = 0; t < p.Dv; ++t) tmp[t] = 0.f;
+      lse[row0 + i] = kNegInf;
+    }
+    store_row(tmp, out + (row0 + i) * p.Dv, p.Dv);
+  }
+}
+
+// Sizes every scratch buffer for blocks of up to bq queries and bk keys.
+void size_scratch(const TaskAttentionProblem& p, Scratch& w, int64_t bq, int64_t bk, bool backward) {
+  const int64_t bqp = round_up(bq, kR), bkp = round_up(std::max<int64_t>(bk, 1), kW);
+  const int64_t Dp = round_up(std::max<int64_t>(p.D, 1), kW), Dvp = round_up(std::max<int64_t>(p.Dv, 1), kW);
+  Scratch::grow(w.qs, bqp * std::max<int64_t>(p.D, 1));
+  Scratch::grow(w.kt, std::max<int64_t>(p.D, 1) * bkp);
+  Scratch::grow(w.vt, std::max<int64_t>(p.Dv, 1) * bkp);
+  Scratch::grow(w.vr, bkp * Dvp);
+  Scratch::grow(w.s, kR * bkp);
+  Scratch::grow(w.s2, std::max(kR * bkp, Dvp + Dp));
+  Scratch::grow(w.ks, bkp);
+  Scratch::grow(w.acc, bqp * Dvp);
+  Scratch::grow(w.m, bqp);
+  Scratch::grow(w.l, bqp);
+  if (backward) {
+    Scratch::grow(w.dO, bqp * std::max<int64_t>(p.Dv, 1));
+    Scratch::grow(w.kr, bkp * Dp);
+    Scratch::grow(w.lse, bqp);
+    Scratch::grow(w.di, bqp);
+    Scratch::grow(w.dkt, std::max<int64_t>(p.D, 1) * bkp);
+    Scratch::grow(w.dvt, std::max<int64_t>(p.Dv, 1) * bkp);
+    Scratch::grow(w.dq, bqp * Dp);
+  }
+}
+
+template <typename T>
+void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t qt = item % c.nqt, bh = item / c.nqt, h = bh % p.Hq, b = bh / p.Hq, hk = h / c.rep;
+  const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+  Scratch& w = scratch();
+  size_scratch(p, w, kBQ, kBK, false);
+  const bool v_rows = p.Dv >= 16;
+  const int64_t ldv = round_up(std::max<int64_t>(p.Dv, 1), kW);
+  std::fill(w.m.begin(), w.m.begin() + nq, kNegInf);
+  std::fill(w.l.begin(), w.l.begin() + nq, 0.f);
+  std::fill(w.acc.begin(), w.acc.begin() + round_up(nq, kR) * ldv, 0.f);
+  const T* q = static_cast<const T*>(p.q) + ((b * p.Hq + h) * p.Lq + q0) * p.D;
+  const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * p.D;
+  const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * p.Lk * p.Dv;
+  bool loaded_q = false;
+  for (int64_t kt = 0; kt < c.nkt; ++kt) {
+    const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+    const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
+    if (tm.skip) continue;
+    if (!loaded_q) {
+      load_rows(q, nq, p.D, p.scale, w.qs.data(), round_up(nq, kR));
+      loaded_q = true;
+    }
+    load_transposed(k + k0 * p.D, nk, p.D, w.kt.data(), nkp);
+    if (v_rows)
+      load_rows_padded(v + k0 * p.Dv, nk, p.Dv, w.vr.data(), ldv);
+    else
+      load_transposed(v + k0 * p.Dv, nk, p.Dv, w.vt.data(), nkp);
+    MaskSpec ms;
+    ms.full = tm.full;
+    ms.qrow = c.qrow_of(b) + q0;
+    ms.kbit = c.kbit_of(b) + k0;
+    ms.q0 = q0;
+    ms.k0 = k0;
+    ms.causal = p.causal;
+    fwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, v_rows, ldv);
+  }
+  fwd_finish(c, w, b, h, q0, nq, ldv, out, lse);
+}
+
+// Short path: item = batch row b (all heads) or (b, kv head) when the batch is small.
+template <typename T>
+void forward_short_item(const Ctx& c, int64_t item, bool per_head, T* out, float* lse) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  size_scratch(p, w, p.Lq, p.Lk, false);
+  const int64_t nk = p.Lk, nkp = round_up(std::max<int64_t>(nk, 1), kW);
+  const bool v_rows = p.Dv >= 16;
+  const int64_t ldv = round_up(std::max<int64_t>(p.Dv, 1), kW);
+  const float* bias = short_bias(c, w, b, nkp);
+  MaskSpec ms;
+  ms.bias = bias;
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * p.D;
+    const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * p.Lk * p.Dv;
+    load_transposed(k, nk, p.D, w.kt.data(), nkp);
+    if (v_rows)
+      load_rows_padded(v, nk, p.Dv, w.vr.data(), ldv);
+    else
+      load_transposed(v, nk, p.Dv, w.vt.data(), nkp);
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const T* q = static_cast<const T*>(p.q) + (b * p.Hq + h) * p.Lq * p.D;
+      load_rows(q, p.Lq, p.D, p.scale, w.qs.data(), round_up(p.Lq, kR));
+      std::fill(w.m.begin(), w.m.begin() + p.Lq, kNegInf);
+      std::fill(w.l.begin(), w.l.begin() + p.Lq, 0.f);
+      std::fill(w.acc.begin(), w.acc.begin() + round_up(p.Lq, kR) * ldv, 0.f);
+      fwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, v_rows, ldv);
+      fwd_finish(c, w, b, h, 0, p.Lq, ldv, out, lse);
+    }
+  }
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+// One (q-tile, k-tile) pair of the backward for the q rows held in w.qs (pre-scaled), w.dO,
+// w.lse, w.di and the keys in w.kt / w.vt (and w.kr when dq uses rows). Accumulates
+// dKt += dS^T Qs and dVt += Pd^T dO (when acc_kv) and dq += dS K (when acc_q; unscaled).
+void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
+               int64_t nkp, const MaskSpec& mask, bool acc_kv, bool acc_q, bool k_rows, int64_t ldk) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t D = p.D, Dv = p.Dv;
+  float* S = w.s.data();    // scores -> P -> P with dropout
+  float* dS = w.s2.data();  // dP -> dS
+  float* ks = w.ks.data();
+  for (int64_t r0 = 0; r0 < nq; r0 += kR) {
+    gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
+    gemm_rows_t(w.dO.data() + r0 * Dv, Dv, Dv, w.vt.data(), nkp, dS);
+    const int64_t nr = std::min(kR, nq - r0);
+    bool any = false;
+    for (int64_t r = 0; r < kR; ++r) {
+      float* s = S + r * nkp;
+      float* ds = dS + r * nkp;
+      const int64_t i = r0 + r;
+      if (r >= nr || w.lse[i] == kNegInf) {
+        std::fill(s, s + nkp, 0.f);
+        std::fill(ds, ds + nkp, 0.f);
+        continue;
+      }
+      any = true;
+      mask.apply(i, s, nk, nkp);
+      const float li = w.lse[i], di = w.di[i];
+      for (int64_t j = 0; j < nkp; ++j) s[j] = fexp(s[j] - li);
+      if (c.dropout) {
+        c.keep_row(b, h, q0 + i, k0, nk, nkp, ks);
+        for (int64_t j = 0; j < nkp; ++j) {
+          const float dp = ds[j] * ks[j];
+          ds[j] = s[j] * (dp - di);
+          s[j] *= ks[j];
+        }
+      } else {
+        for (int64_t j = 0; j < nkp; ++j) ds[j] = s[j] * (ds[j] - di);
+      }
+    }
+    if (!any) continue;
+    if (acc_kv) {
+      outer_rows_acc_t(w.dO.data() + r0 * Dv, Dv, Dv, S, nkp, w.dvt.data());
+      outer_rows_acc_t(w.qs.data() + r0 * D, D, D, dS, nkp, w.dkt.data());
+    }
+    if (acc_q) {
+      float* dq = w.dq.data() + r0 * ldk;
+      if (k_rows) {
+        gemm_rows_acc(dS, nkp, nk, w.kr.data(), ldk, dq);
+      } else {
+        for (int64_t r = 0; r < nr; ++r)
+          for (int64_t d = 0; d < D; ++d) dq[r * ldk + d] += dot8(dS + r * nkp, w.kt.data() + d * nkp, nkp);
+      }
+    }
+  }
+}
+
+// Loads the q-side rows [q0, q0 + nq) of head (b, h) for the backward: Qs, dO, lse and
+// D_i = rowsum(dO * O) (O includes dropout, so this is sum_j P_ij * dP'_ij).
+template <typename T>
+void bwd_load_q(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, const T* out,
+                const T* dout, const float* lse) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+  const int64_t nqp = round_up(nq, kR);
+  load_rows(static_cast<const T*>(p.q) + row0 * p.D, nq, p.D, p.scale, w.qs.data(), nqp);
+  load_rows(dout + row0 * p.Dv, nq, p.Dv, 1.f, w.dO.data(), nqp);
+  float* orow = w.acc.data();
+  for (int64_t i = 0; i < nq; ++i) {
+    w.lse[i] = lse[row0 + i];
+    const float* o = as_float_tile(out + (row0 + i) * p.Dv, orow, p.Dv);
+    w.di[i] = dot_any(w.dO.data() + i * p.Dv, o, p.Dv);
+  }
+}
+
+template <typename T>
+void bwd_load_kv(const TaskAttentionProblem& p, Scratch& w, int64_t b, int64_t hk, int64_t k0, int64_t nk,
+                 int64_t nkp, bool k_rows, int64_t ldk) {
+  const T* k = static_cast<const T*>(p.k) + ((b * p.Hkv + hk) * p.Lk + k0) * p.D;
+  const T* v = static_cast<const T*>(p.v) + ((b * p.Hkv + hk) * p.Lk + k0) * p.Dv;
+  load_transposed(k, nk, p.D, w.kt.data(), nkp);
+  load_transposed(v, nk, p.Dv, w.vt.data(), nkp);
+  if (k_rows) load_rows_padded(k, nk, p.D, w.kr.data(), ldk);
+}
+
+template <typename T>
+void bwd_store_dq(const TaskAttentionProblem& p, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq,
+                  int64_t ldk, T* dq) {
+  const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
+  for (int64_t i = 0; i < nq; ++i) {
+    float* r = w.dq.data() + i * ldk;
+    for (int64_t d = 0; d < p.D; ++d) r[d] *= p.scale;
+    store_row(r, dq + (row0 + i) * p.D, p.D);
+  }
+}
+
+// Short path backward: item = batch row b (all kv heads) or (b, kv head).
+template <typename T>
+void backward_short_item(const Ctx& c, int64_t item, bool per_head, const T* out, const T* dout,
+                         const float* lse, T* dq, T* dk, T* dv) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  size_scratch(p, w, p.Lq, p.Lk, true);
+  const int64_t nk = p.Lk, nkp = round_up(std::max<int64_t>(nk, 1), kW);
+  const bool k_rows = p.D >= 16;
+  const int64_t ldk = round_up(std::max<int64_t>(p.D, 1), kW);
+  const float* bias = short_bias(c, w, b, nkp);
+  MaskSpec ms;
+  ms.bias = bias;
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    bwd_load_kv<T>(p, w, b, hk, 0, nk, nkp, k_rows, ldk);
+    std::fill(w.dkt.begin(), w.dkt.begin() + p.D * nkp, 0.f);
+    std::fill(w.dvt.begin(), w.dvt.begin() + p.Dv * nkp, 0.f);
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      bwd_load_q(c, w, b, h, 0, p.Lq, out, dout, lse);
+      std::fill(w.dq.begin(), w.dq.begin() + round_up(p.Lq, kR) * ldk, 0.f);
+      bwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, true, true, k_rows, ldk);
+      bwd_store_dq(p, w, b, h, 0, p.Lq, ldk, dq);
+    }
+    const int64_t kv0 = (b * p.Hkv + hk) * p.Lk;
+    store_transposed(w.dkt.data(), nkp, nk, p.D, 1.f, dk + kv0 * p.D);
+    store_transposed(w.dvt.data(), nkp, nk, p.Dv, 1.f, dv + kv0 * p.Dv);
+  }
+}
+
+// Flash backward, key-centric pass: item = (b, kv head, k-tile) -> dk, dv of that tile.
+template <typename T>
+void backward_kv_item(const Ctx& c, int64_t item, const T* out, const T* dout, const float* lse, T* dk, T* dv) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t kt = item % c.nkt, bhk = item / c.nkt, hk = bhk % p.Hkv, b = bhk / p.Hkv;
+  const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+  Scratch& w = scratch();
+  size_scratch(p, w, kBQ, kBK, true);
+  const int64_t ldk = round_up(std::max<int64_t>(p.D, 1), kW);
+  std::fill(w.dkt.begin(), w.dkt.begin() + p.D * nkp, 0.f);
+  std::fill(w.dvt.begin(), w.dvt.begin() + p.Dv * nkp, 0.f);
+  bool loaded = false;
+  for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+    for (int64_t qt = 0; qt < c.nqt; ++qt) {
+      const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+      const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
+      if (tm.skip) continue;
+      if (!loaded) {
+        bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, false, ldk);
+        loaded = true;
+      }
+      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse);
+      MaskSpec ms;
+      ms.full = tm.full;
+      ms.qrow = c.qrow_of(b) + q0;
+      ms.kbit = c.kbit_of(b) + k0;
+      ms.q0 = q0;
+      ms.k0 = k0;
+      ms.causal = p.causal;
+      bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, false, false, ldk);
+    }
+  }
+  const int64_t kv0 = (b * p.Hkv + hk) * p.Lk + k0;
+  store_transposed(w.dkt.data(), nkp, nk, p.D, 1.f, dk + kv0 * p.D);
+  store_transposed(w.dvt.data(), nkp, nk, p.Dv, 1.f, dv + kv0 * p.Dv);
+}
+
+// Flash backward, query-centric pass: item = (b, h, q-tile) -> dq of that tile.
+template <typename T>
+void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, const float* lse, T* dq) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t qt = item % c.nqt, bh = item / c.nqt, h = bh % p.Hq, b = bh / p.Hq, hk = h / c.rep;
+  const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+  Scratch& w = scratch();
+  size_scratch(p, w, kBQ, kBK, true);
+  const bool k_rows = p.D >= 16;
+  const int64_t ldk = round_up(std::max<int64_t>(p.D, 1), kW);
+  std::fill(w.dq.begin(), w.dq.begin() + round_up(nq, kR) * ldk, 0.f);
+  bool loaded = false;
+  for (int64_t kt = 0; kt < c.nkt; ++kt) {
+    const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+    const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
+    if (tm.skip) continue;
+    if (!loaded) {
+      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse);
+      loaded = true;
+    }
+    bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, k_rows, ldk);
+    MaskSpec ms;
+    ms.full = tm.full;
+    ms.qrow = c.qrow_of(b) + q0;
+    ms.kbit = c.kbit_of(b) + k0;
+    ms.q0 = q0;
+    ms.k0 = k0;
+    ms.causal = p.causal;
+    bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, false, true, k_rows, ldk);
+  }
+  bwd_store_dq(p, w, b, h, q0, nq, ldk, dq);
+}
+
+// ---- checks and setup -------------------------------------------------------------------------
+
+Status check(const TaskAttentionProblem& p) {
+  auto bad = [](const std::string& m) { return Status::invalid("task_attention: " + m); };
+  if (p.B < 0 || p.Hq < 0 || p.Lq < 0 || p.Lk < 0 || p.D < 0 || p.Dv < 0)
+    return bad("sizes must be >= 0, got B=" + std::to_string(p.B) + " Hq=" + std::to_string(p.Hq) +
+               " Lq=" + std::to_string(p.Lq) + " Lk=" + std::to_string(p.Lk) + " D=" + std::to_string(p.D) +
+               " Dv=" + std::to_string(p.Dv));
+  if (p.Hkv <= 0 || p.Hq % p.Hkv != 0)
+    return bad("Hq must be a multiple of Hkv > 0, got Hq=" + std::to_string(p.Hq) + " Hkv=" + std::to_string(p.Hkv));
+  if (p.G < 0) return bad("G must be >= 0, got " + std::to_string(p.G));
+  if (p.G > kTaskAttentionMaxGroups)
+    return bad("the CPU kernel supports at most " + std::to_string(kTaskAttentionMaxGroups) + " groups, got G=" +
+               std::to_string(p.G));
+  if (p.q_groups_bstride != 0 && p.q_groups_bstride != p.Lq)
+    return bad("q_groups_bstride must be 0 or Lq=" + std::to_string(p.Lq) + ", got " +
+               std::to_string(p.q_groups_bstride));
+  if (p.kv_groups_bstride != 0 && p.kv_groups_bstride != p.Lk)
+    return bad("kv_groups_bstride must be 0 or Lk=" + std::to_string(p.Lk) + ", got " +
+               std::to_string(p.kv_groups_bstride));
+  if (!(p.dropout_p >= 0.f && p.dropout_p < 1.f))
+    return bad("dropout_p must be in [0, 1), got " + std::to_string(p.dropout_p));
+  if (!std::isfinite(p.scale)) return bad("scale must be finite, got " + std::to_string(p.scale));
+  if (!valid_dtype((int)p.dtype)) return bad("unknown dtype code " + std::to_string((int)p.dtype));
+  return Status::ok();
+}
+
+Status null_check(const void* ptr, int64_t n, const char* name) {
+  if (n > 0 && ptr == nullptr) return Status::invalid(std::string("task_attention: ") + name + " is a null pointer");
+  return Status::ok();
+}
+
+// Validates the group ids and builds the masks (and the flash tile summaries).
+Status setup(const TaskAttentionProblem& p, Ctx& c) {
+  c.p = &p;
+  c.rep = p.Hq / p.Hkv;
+  c.short_path = p.Lq <= kTaskAttentionShortMax && p.Lk <= kTaskAttentionShortMax;
+  c.call_id = g_call_id.fetch_add(1);
+  c.dropout = p.dropout_p > 0.f;
+  c.keep_scale = c.dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  c.seed_lo = (uint32_t)(p.seed & 0xffffffffu);
+  c.seed_hi = (uint32_t)(p.seed >> 32);
+  Status st;
+  if (!(st = null_check(p.allow, p.G, "allow")).is_ok()) return st;
+  std::vector<uint64_t> allow_row((size_t)std::max<int64_t>(p.G, 1), 0);
+  for (int64_t g = 0; g < p.G; ++g)
+    for (int64_t t = 0; t < p.G; ++t)
+      if (p.allow[g * p.G + t]) allow_row[g] |= uint64_t(1) << t;
+  const int64_t nbq = p.q_groups_bstride ? p.B : 1, nbk = p.kv_groups_bstride ? p.B : 1;
+  if (!(st = null_check(p.q_groups, nbq * p.Lq, "q_groups")).is_ok()) return st;
+  if (!(st = null_check(p.kv_groups, nbk * p.Lk, "kv_groups")).is_ok()) return st;
+  c.qrow.assign((size_t)(nbq * p.Lq), 0);
+  c.kbit.assign((size_t)(nbk * p.Lk), 0);
+  auto range_error = [&](const char* name, int32_t g, int64_t r, int64_t i, bool batched) {
+    std::string where = batched ? "[" + std::to_string(r) + ", " + std::to_string(i) + "]" : "[" + std::to_string(i) + "]";
+    return Status::invalid(std::string(name) + ": group id " + std::to_string(g) + " at " + where +
+                           " is out of range: expected -1 (padding) or 0 <= id < G=" + std::to_string(p.G));
+  };
+  for (int64_t r = 0; r < nbq; ++r)
+    for (int64_t i = 0; i < p.Lq; ++i) {
+      const int32_t g = p.q_groups[r * p.q_groups_bstride + i];
+      if (g < -1 || g >= p.G) return range_error("q_groups", g, r, i, p.q_groups_bstride != 0);
+      c.qrow[r * p.Lq + i] = g < 0 ? 0 : allow_row[g];
+    }
+  for (int64_t r = 0; r < nbk; ++r)
+    for (int64_t j = 0; j < p.Lk; ++j) {
+      const int32_t g = p.kv_groups[r * p.kv_groups_bstride + j];
+      if (g < -1 || g >= p.G) return range_error("kv_groups", g, r, j, p.kv_groups_bstride != 0);
+      c.kbit[r * p.Lk + j] = g < 0 ? 0 : uint64_t(1) << g;
+    }
+  c.nqt = (p.Lq + kBQ - 1) / kBQ;
+  c.nkt = (p.Lk + kBK - 1) / kBK;
+  if (!c.short_path) {
+    c.qor.assign((size_t)(nbq * c.nqt), 0);
+    c.qand.assign((size_t)(nbq * c.nqt), ~uint64_t(0));
+    c.kor.assign((size_t)(nbk * c.nkt), 0);
+    c.kpad.assign((size_t)(nbk * c.nkt), 0);
+    for (int64_t r = 0; r < nbq; ++r)
+      for (int64_t i = 0; i < p.Lq; ++i) {
+        const uint64_t m = c.qrow[r * p.Lq + i];
+        c.qor[r * c.nqt + i / kBQ] |= m;
+        c.qand[r * c.nqt + i / kBQ] &= m;
+      }
+    for (int64_t r = 0; r < nbk; ++r)
+      for (int64_t j = 0; j < p.Lk; ++j) {
+        const uint64_t m = c.kbit[r * p.Lk + j];
+        c.kor[r * c.nkt + j / kBK] |= m;
+        if (m == 0) c.kpad[r * c.nkt + j / kBK] = 1;
+      }
+  }
+  return Status::ok();
+}
+
+// Short path work split: whole batch rows when there are plenty, else (b, kv head).
+bool short_per_head(const TaskAttentionProblem& p, int n_threads) {
+  return p.B < 8 * std::max(1, n_threads) && p.Hkv > 1;
+}
+
+}  // namespace
+
+Status task_attention_forward(const TaskAttentionProblem& p, void* out, float* lse, int n_threads) {
+  Status st = check(p);
+  if (!st.is_ok()) return st;
+  const int64_t rows = p.B * p.Hq * p.Lq;
+  if ((st = null_check(out, rows * p.Dv, "out")).is_ok() && (st = null_check(lse, rows, "lse")).is_ok() &&
+      (st = null_check(p.q, rows * p.D, "q")).is_ok() && (st = null_check(p.k, p.B * p.Hkv * p.Lk * p.D, "k")).is_ok())
+    st = null_check(p.v, p.B * p.Hkv * p.Lk * p.Dv, "v");
+  if (!st.is_ok()) return st;
+  Ctx c;
+  st = setup(p, c);
+  if (!st.is_ok()) return st;
+  if (rows == 0) return Status::ok();
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    T* o = static_cast<T*>(out);
+    if (c.short_path) {
+      const bool per_head = short_per_head(p, n_threads);
+      parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
+                   [&](int64_t item) { forward_short_item<T>(c, item, per_head, o, lse); });
+    } else {
+      parallel_for(p.B * p.Hq * c.nqt, n_threads, [&](int64_t item) { forward_flash_item<T>(c, item, o, lse); });
+    }
+    return Status::ok();
+  });
+}
+
+Status task_attention_backward(const TaskAttentionProblem& p, const void* out, const void* dout, const float* lse,
+                               void* dq, void* dk, void* dv, int n_threads) {
+  Status st = check(p);
+  if (!st.is_ok()) return st;
+  const int64_t rows = p.B * p.Hq * p.Lq, kvrows = p.B * p.Hkv * p.Lk;
+  const std::pair<const void*, int64_t> need[] = {
+      {p.q, rows * p.D},  {p.k, kvrows * p.D}, {p.v, kvrows * p.Dv}, {out, rows * p.Dv}, {dout, rows * p.Dv},
+      {lse, rows},        {dq, rows * p.D},    {dk, kvrows * p.D},   {dv, kvrows * p.Dv}};
+  const char* names[] = {"q", "k", "v", "out", "dout", "lse", "dq", "dk", "dv"};
+  for (int t = 0; t < 9; ++t)
+    if (!(st = null_check(need[t].first, need[t].second, names[t])).is_ok()) return st;
+  if (p.B == 0) return Status::ok();
+  Ctx c;
+  st = setup(p, c);
+  if (!st.is_ok()) return st;
+  return dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* o = static_cast<const T*>(out);
+    const T* go = static_cast<const T*>(dout);
+    T* gq = static_cast<T*>(dq);
+    T* gk = static_cast<T*>(dk);
+    T* gv = static_cast<T*>(dv);
+    if (p.Lq == 0 || p.Hq == 0) {  // no query: dk, dv are zero
+      const T zero = from_float<T>(0.f);
+      std::fill(gk, gk + kvrows * p.D, zero);
+      std::fill(gv, gv + kvrows * p.Dv, zero);
+      return Status::ok();
+    }
+    if (c.short_path) {
+      const bool per_head = short_per_head(p, n_threads);
+      parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
+        backward_short_item<T>(c, item, per_head, o, go, lse, gq, gk, gv);
+      });
+    } else {
+      parallel_for(p.B * p.Hkv * c.nkt, n_threads,
+                   [&](int64_t item) { backward_kv_item<T>(c, item, o, go, lse, gk, gv); });
+      parallel_for(p.B * p.Hq * c.nqt, n_threads,
+                   [&](int64_t item) { backward_q_item<T>(c, item, o, go, lse, gq); });
+    }
+    return Status::ok();
+  });
+}
+
+}  // namespace PYOPS_ISA_KERNEL_NS
+}  // namespace pyops
