@@ -21,6 +21,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "common/convert.h"
 #include "common/isa.h"
 #include "common/philox.h"
@@ -80,13 +84,54 @@ inline float sum8(const float* a, int64_t n) {
 }
 
 inline float max8(const float* a, int64_t n) {
-  float l[kW];
-  for (int t = 0; t < kW; ++t) l[t] = kNegInf;
+#if defined(__AVX2__)
+  __m256 l = _mm256_set1_ps(kNegInf);
+  for (int64_t j = 0; j < n; j += kW) l = _mm256_max_ps(l, _mm256_loadu_ps(a + j));
+  alignas(32) float t[kW];
+  _mm256_store_ps(t, l);
+  const float* lp = t;
+#else
+  float lp[kW];
+  for (int t = 0; t < kW; ++t) lp[t] = kNegInf;
   for (int64_t j = 0; j < n; j += kW)
-    for (int t = 0; t < kW; ++t) l[t] = a[j + t] > l[t] ? a[j + t] : l[t];
+    for (int t = 0; t < kW; ++t) lp[t] = a[j + t] > lp[t] ? a[j + t] : lp[t];
+#endif
   float m = kNegInf;
-  for (int t = 0; t < kW; ++t) m = l[t] > m ? l[t] : m;
+  for (int t = 0; t < kW; ++t) m = lp[t] > m ? lp[t] : m;
   return m;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// fexp on eight lanes (the same steps; GCC does not if-convert the scalar version's float
+// comparisons under the default -ftrapping-math, so its loops would stay scalar).
+inline __m256 fexp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.f);
+  const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
+  const __m256 magic = _mm256_set1_ps(12582912.f);
+  const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic), magic);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
+}
+#endif
+
+// s[j] = fexp(s[j] - m) for j < n (a multiple of kW).
+inline void exp_sub(float* s, float m, int64_t n) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 mv = _mm256_set1_ps(m);
+  for (int64_t j = 0; j < n; j += kW) _mm256_storeu_ps(s + j, fexp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), mv)));
+#else
+  for (int64_t j = 0; j < n; ++j) s[j] = fexp(s[j] - m);
+#endif
 }
 
 // Dot product of any length (lanes + tail).
@@ -335,7 +380,7 @@ void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
         std::fill(s, s + nkp, 0.f);
         continue;
       }
-      for (int64_t j = 0; j < nkp; ++j) s[j] = fexp(s[j] - mnew);
+      exp_sub(s, mnew, nkp);
       const float alpha = mold == kNegInf ? 0.f : fexp(mold - mnew);
       w.l[i] = w.l[i] * alpha + sum8(s, nkp);
       w.m[i] = mnew;
@@ -509,7 +554,7 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
       any = true;
       mask.apply(i, s, nk, nkp);
       const float li = w.lse[i], di = w.di[i];
-      for (int64_t j = 0; j < nkp; ++j) s[j] = fexp(s[j] - li);
+      exp_sub(s, li, nkp);
       if (c.dropout) {
         c.keep_row(b, h, q0 + i, k0, nk, nkp, ks);
         for (int64_t j = 0; j < nkp; ++j) {
