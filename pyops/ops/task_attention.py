@@ -33,6 +33,9 @@ GPU_ORDER = ("triton",)
 MAX_HEAD_DIM_TRITON = 256
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _U64 = (1 << 64) - 1
+# The C++ kernels' group limit, read once at import (a pybind call cannot be traced by Dynamo).
+_CPU_HAS_KERNELS = _native.cpu_module is not None and hasattr(_native.cpu_module, "task_attention_forward")
+_CPU_MAX_GROUPS = int(_native.cpu_module.task_attention_max_groups()) if _CPU_HAS_KERNELS else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -51,6 +54,7 @@ class Prepared:
     dropout_p: float
     scale: float
     seed: Tensor                # int64 [1] on q's device
+    max_id: Optional[int] = None  # the largest group id (eager calls only; None under compile)
 
 
 def _check_groups(g: object, name: str, batch: int, length: int, len_name: str, q: Tensor) -> Tensor:
@@ -71,16 +75,18 @@ def _check_groups(g: object, name: str, batch: int, length: int, len_name: str, 
     return g.to(torch.int32).contiguous()
 
 
-def _check_ids(g: Tensor, name: str, n_groups: Optional[int]) -> None:
-    """Group ids in [-1, G) (eager only: it reads the data; the native kernels re-check)."""
+def _check_ids(g: Tensor, name: str, n_groups: Optional[int]) -> int:
+    """Group ids in [-1, G) (eager only: it reads the data; the native kernels re-check).
+    Returns the largest id."""
     if g.numel() == 0:
-        return
+        return -1
     lo, hi = (int(x) for x in torch.aminmax(g))
     if lo < -1:
         raise ValueError(f"{name}: group ids must be >= -1 (-1 = padding), got {lo}")
     if n_groups is not None and hi >= n_groups:
         raise ValueError(f"{name}: group id {hi} is out of range for allow of shape [{n_groups}, {n_groups}] "
                          f"(ids must be in [-1, {n_groups - 1}])")
+    return hi
 
 
 def _seed_tensor(seed: object, dropout_p: float, device: torch.device) -> Tensor:
@@ -148,12 +154,14 @@ def prepare(q: object, k: object, v: object, q_groups: object, kv_groups: object
         scale = D ** -0.5 if D > 0 else 1.0
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale: expected None or a finite float, got {scale!r}")
+    max_id = None
     if not torch.compiler.is_compiling():
         n_groups = None if allow is None else allow.shape[0]
-        _check_ids(qg, "q_groups", n_groups)
+        max_id = _check_ids(qg, "q_groups", n_groups)
         if kv_groups is not None:
-            _check_ids(kg, "kv_groups", n_groups)
-    return Prepared(q, k, v, qg, kg, allow, causal, dropout_p, float(scale), _seed_tensor(seed, dropout_p, q.device))
+            max_id = max(max_id, _check_ids(kg, "kv_groups", n_groups))
+    return Prepared(q, k, v, qg, kg, allow, causal, dropout_p, float(scale), _seed_tensor(seed, dropout_p, q.device),
+                    max_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,10 +175,14 @@ def _can_run(p: Prepared) -> dict:
     def cpu() -> Optional[str]:
         if _native.cpu_module is None:
             return _native.cpu_missing_reason
-        if not hasattr(_native.cpu_module, "task_attention_forward"):
+        if not _CPU_HAS_KERNELS:
             return "pyops._C has no task_attention_forward (built without the task-attention kernels)"
         if dev.type != "cpu":
             return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
+        limit = _CPU_MAX_GROUPS
+        n_groups = p.allow.shape[0] if p.allow is not None else (None if p.max_id is None else p.max_id + 1)
+        if n_groups is not None and n_groups > limit:
+            return f"the C++ kernels take up to {limit} groups, got {n_groups}"
         return dtype_reason
 
     def triton() -> Optional[str]:

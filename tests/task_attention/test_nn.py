@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from _support import assert_close
-from attn_support import FP32, randn
+from attn_support import FP32, randn, require_backend
 from pyops import masks
 from pyops.nn import TaskMaskedMultiheadAttention
 from pyops.testing import tolerance_for
@@ -94,12 +94,15 @@ class EncoderLayer(nn.Module):
         return self.norm2(x + self.ff(x))
 
 
-def test_multitab_encoder_layer_matches_nn_version(rng):
+@pytest.mark.parametrize("backend", ["auto", "reference", "cpu", "triton"])
+def test_multitab_encoder_layer_matches_nn_version(backend, rng):
+    if backend in ("cpu", "triton"):
+        require_backend(backend)
     n_tasks, n_features, E = 4, 25, 16
     groups, allow = masks.multitab(n_tasks, n_features, "TxT")
     torch.manual_seed(0)
     ref = EncoderLayer(nn.MultiheadAttention(E, 4, batch_first=True))
-    ours = EncoderLayer(TaskMaskedMultiheadAttention(E, 4))
+    ours = EncoderLayer(TaskMaskedMultiheadAttention(E, 4, backend=backend))
     ours.load_state_dict(ref.state_dict())
     task_tokens = randn((1, n_tasks, E), FP32, rng).expand(8, -1, -1)
     feats = randn((8, n_features, E), FP32, rng)
