@@ -42,9 +42,9 @@ class Row:
 
 
 def _families():
-    from pyops.verify import merge, task_merge
+    from pyops.verify import merge, task_attention, task_merge
 
-    return {"task_arithmetic": task_merge, "merge": merge}
+    return {"task_arithmetic": task_merge, "merge": merge, "task_attention": task_attention}
 
 
 def op_names() -> List[str]:
