@@ -19,6 +19,7 @@
 #include <cstring>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX2__)
@@ -723,6 +724,259 @@ void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, co
   bwd_store_dq(p, w, b, h, q0, nq, ldk, dq);
 }
 
+// ---- short path, query-lane kernels (small head dims) -------------------------------------------
+//
+// For head dims up to kLaneMaxDim (MultiTab-Net: 4-16) the row kernels above spend most of their
+// time on per-row overhead (horizontal sums, scalar bookkeeping). Here eight query rows ride in
+// the eight lanes of a vector instead: a key j costs D + Dv lane-wise FMAs with K[j, :] and V[j, :]
+// broadcast, and no reduction crosses lanes until a row block is done. dK and dV are accumulated
+// per lane ([Lk, D, 8]) and summed over the lanes once per (batch row, kv head), in a fixed order.
+
+constexpr int64_t kLaneMaxDim = 32;
+
+#if defined(__AVX2__) && defined(__FMA__)
+struct V8 {
+  __m256 v;
+};
+inline V8 vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void vstore(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
+inline V8 vset(float x) { return {_mm256_set1_ps(x)}; }
+inline V8 vadd(V8 a, V8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline V8 vsub(V8 a, V8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline V8 vmul(V8 a, V8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline V8 vfma(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c
+inline V8 vmax(V8 a, V8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline V8 vexp(V8 a) { return {fexp8(a.v)}; }
+#else
+struct V8 {
+  float v[kW];
+};
+inline V8 vload(const float* p) { V8 r; for (int t = 0; t < kW; ++t) r.v[t] = p[t]; return r; }
+inline void vstore(float* p, V8 a) { for (int t = 0; t < kW; ++t) p[t] = a.v[t]; }
+inline V8 vset(float x) { V8 r; for (int t = 0; t < kW; ++t) r.v[t] = x; return r; }
+inline V8 vadd(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] += b.v[t]; return a; }
+inline V8 vsub(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] -= b.v[t]; return a; }
+inline V8 vmul(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] *= b.v[t]; return a; }
+inline V8 vfma(V8 a, V8 b, V8 c) { for (int t = 0; t < kW; ++t) c.v[t] += a.v[t] * b.v[t]; return c; }
+inline V8 vmax(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] = b.v[t] > a.v[t] ? b.v[t] : a.v[t]; return a; }
+inline V8 vexp(V8 a) { for (int t = 0; t < kW; ++t) a.v[t] = fexp(a.v[t]); return a; }
+#endif
+
+// Transposed bias for the lane kernels: [ceil(Lq / 8), Lk, 8] of 0 / -inf (rows past Lq: -inf),
+// cached per thread and call like short_bias.
+const float* short_bias_lanes(const Ctx& c, Scratch& w, int64_t b) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t row = c.qgr(b) * (p.B + 1) + c.kgr(b);
+  if (w.bias_call == c.call_id && w.bias_row == row) return w.bias.data();
+  const int64_t nblk = (p.Lq + kW - 1) / kW;
+  Scratch::grow(w.bias, std::max<int64_t>(nblk * p.Lk * kW, 1));
+  const uint64_t* qr = c.qrow_of(b);
+  const uint64_t* kb = c.kbit_of(b);
+  for (int64_t blk = 0; blk < nblk; ++blk)
+    for (int64_t j = 0; j < p.Lk; ++j)
+      for (int64_t t = 0; t < kW; ++t) {
+        const int64_t i = blk * kW + t;
+        const bool ok = i < p.Lq && (qr[i] & kb[j]) != 0 && (!p.causal || j <= i);
+        w.bias[(blk * p.Lk + j) * kW + t] = ok ? 0.f : kNegInf;
+      }
+  w.bias_call = c.call_id;
+  w.bias_row = row;
+  return w.bias.data();
+}
+
+// Dropout scales of rows i0..i0+7 (lanes) at key j.
+inline V8 keep_lanes(const Ctx& c, int64_t b, int64_t h, int64_t i0, int64_t j) {
+  alignas(32) float ks[kW];
+  const uint32_t c2 = (uint32_t)(b * c.p->Hq + h);
+  for (int t = 0; t < kW; ++t) {
+    const Philox4 r = philox4x32_10((uint32_t)j, (uint32_t)(i0 + t), c2, kDropoutStream, c.seed_lo, c.seed_hi);
+    ks[t] = philox_uniform(r.v[0]) >= c.p->dropout_p ? c.keep_scale : 0.f;
+  }
+  return vload(ks);
+}
+
+// Lanes t < n of rows i0 + t of a [L, W] array, transposed to dst[w][t] (times scale; zero lanes
+// past n).
+template <typename T>
+void load_lanes(const T* src, int64_t n, int64_t W, float scale, float* dst) {
+  for (int64_t d = 0; d < W; ++d)
+    for (int64_t t = 0; t < kW; ++t) dst[d * kW + t] = t < n ? scale * to_float(src[t * W + d]) : 0.f;
+}
+
+// DT / DVT: compile-time head dims (0: use p.D / p.Dv).
+template <int DT, int DVT, typename T>
+void forward_lanes_item(const Ctx& c, int64_t item, bool per_head, T* out, float* lse) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t D = DT ? DT : p.D, Dv = DVT ? DVT : p.Dv, Lq = p.Lq, Lk = p.Lk;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kW);
+  Scratch::grow(w.kr, std::max<int64_t>(Lk * D, 1));
+  Scratch::grow(w.vr, std::max<int64_t>(Lk * Dv, 1));
+  Scratch::grow(w.acc, kW * (kLaneMaxDim + 2));
+  const float* biasT = short_bias_lanes(c, w, b);
+  float* S = w.s.data();
+  alignas(32) float qt[kLaneMaxDim * kW];
+  alignas(32) float tmp[kLaneMaxDim];
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * Lk * D;
+    const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * Lk * Dv;
+    const float* K = as_float_tile(k, w.kr.data(), Lk * D);
+    const float* V = as_float_tile(v, w.vr.data(), Lk * Dv);
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const T* q = static_cast<const T*>(p.q) + (b * p.Hq + h) * Lq * D;
+      const int64_t row0 = (b * p.Hq + h) * Lq;
+      for (int64_t i0 = 0; i0 < Lq; i0 += kW) {
+        const int64_t nr = std::min<int64_t>(kW, Lq - i0);
+        load_lanes(q + i0 * D, nr, D, p.scale, qt);
+        const float* bt = biasT + (i0 / kW) * Lk * kW;
+        V8 m = vset(kNegInf);
+        for (int64_t j = 0; j < Lk; ++j) {
+          V8 s = vload(bt + j * kW);
+          const float* kj = K + j * D;
+          for (int64_t d = 0; d < D; ++d) s = vfma(vload(qt + d * kW), vset(kj[d]), s);
+          vstore(S + j * kW, s);
+          m = vmax(m, s);
+        }
+        alignas(32) float mv[kW];
+        vstore(mv, m);
+        for (int t = 0; t < kW; ++t) mv[t] = mv[t] == kNegInf ? 0.f : mv[t];  // empty rows: p = 0
+        const V8 msafe = vload(mv);
+        V8 l = vset(0.f);
+        V8 acc[DVT ? DVT : kLaneMaxDim];
+        for (int64_t cc = 0; cc < Dv; ++cc) acc[cc] = vset(0.f);
+        for (int64_t j = 0; j < Lk; ++j) {
+          V8 pj = vexp(vsub(vload(S + j * kW), msafe));
+          l = vadd(l, pj);
+          if (c.dropout) pj = vmul(pj, keep_lanes(c, b, h, i0, j));
+          const float* vj = V + j * Dv;
+          for (int64_t cc = 0; cc < Dv; ++cc) acc[cc] = vfma(pj, vset(vj[cc]), acc[cc]);
+        }
+        alignas(32) float lv[kW];
+        float* av = w.acc.data();
+        vstore(lv, l);
+        for (int64_t cc = 0; cc < Dv; ++cc) vstore(av + cc * kW, acc[cc]);
+        for (int64_t t = 0; t < nr; ++t) {
+          if (lv[t] > 0.f) {
+            const float inv = 1.f / lv[t];
+            for (int64_t cc = 0; cc < Dv; ++cc) tmp[cc] = av[cc * kW + t] * inv;
+            lse[row0 + i0 + t] = mv[t] + std::log(lv[t]);
+          } else {
+            for (int64_t cc = 0; cc < Dv; ++cc) tmp[cc] = 0.f;
+            lse[row0 + i0 + t] = kNegInf;
+          }
+          store_row(tmp, out + (row0 + i0 + t) * Dv, Dv);
+        }
+      }
+    }
+  }
+}
+
+template <int DT, int DVT, typename T>
+void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out, const T* dout,
+                         const float* lse, T* dq, T* dk, T* dv) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t D = DT ? DT : p.D, Dv = DVT ? DVT : p.Dv, Lq = p.Lq, Lk = p.Lk;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  Scratch::grow(w.kr, std::max<int64_t>(Lk * D, 1));
+  Scratch::grow(w.vr, std::max<int64_t>(Lk * Dv, 1));
+  Scratch::grow(w.dkt, std::max<int64_t>(Lk * D * kW, 1));
+  Scratch::grow(w.dvt, std::max<int64_t>(Lk * Dv * kW, 1));
+  Scratch::grow(w.acc, std::max<int64_t>(Dv, 1));
+  Scratch::grow(w.dO, std::max<int64_t>(Lk * std::max(D, Dv), 1));
+  const float* biasT = short_bias_lanes(c, w, b);
+  alignas(32) float qt[kLaneMaxDim * kW];
+  alignas(32) float dot[kLaneMaxDim * kW];
+  alignas(32) float tmp[kLaneMaxDim];
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * Lk * D;
+    const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * Lk * Dv;
+    const float* K = as_float_tile(k, w.kr.data(), Lk * D);
+    const float* V = as_float_tile(v, w.vr.data(), Lk * Dv);
+    float* dKp = w.dkt.data();
+    float* dVp = w.dvt.data();
+    std::fill(dKp, dKp + Lk * D * kW, 0.f);
+    std::fill(dVp, dVp + Lk * Dv * kW, 0.f);
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const int64_t row0 = (b * p.Hq + h) * Lq;
+      const T* q = static_cast<const T*>(p.q) + row0 * D;
+      for (int64_t i0 = 0; i0 < Lq; i0 += kW) {
+        const int64_t nr = std::min<int64_t>(kW, Lq - i0);
+        load_lanes(q + i0 * D, nr, D, p.scale, qt);
+        load_lanes(dout + (row0 + i0) * Dv, nr, Dv, 1.f, dot);
+        alignas(32) float lsev[kW], div[kW];
+        for (int64_t t = 0; t < kW; ++t) {
+          const float x = t < nr ? lse[row0 + i0 + t] : kNegInf;
+          lsev[t] = x == kNegInf ? std::numeric_limits<float>::infinity() : x;  // p = exp(s - inf) = 0
+          float di = 0.f;
+          if (t < nr) {
+            const float* o = as_float_tile(out + (row0 + i0 + t) * Dv, w.acc.data(), Dv);
+            for (int64_t cc = 0; cc < Dv; ++cc) di += dot[cc * kW + t] * o[cc];
+          }
+          div[t] = di;
+        }
+        const V8 lsv = vload(lsev), Di = vload(div);
+        const float* bt = biasT + (i0 / kW) * Lk * kW;
+        V8 dqa[DT ? DT : kLaneMaxDim];
+        for (int64_t d = 0; d < D; ++d) dqa[d] = vset(0.f);
+        for (int64_t j = 0; j < Lk; ++j) {
+          const float* kj = K + j * D;
+          const float* vj = V + j * Dv;
+          V8 s = vload(bt + j * kW);
+          for (int64_t d = 0; d < D; ++d) s = vfma(vload(qt + d * kW), vset(kj[d]), s);
+          const V8 pj = vexp(vsub(s, lsv));
+          V8 dp = vset(0.f);
+          for (int64_t cc = 0; cc < Dv; ++cc) dp = vfma(vload(dot + cc * kW), vset(vj[cc]), dp);
+          V8 pd = pj;
+          if (c.dropout) {
+            const V8 ks = keep_lanes(c, b, h, i0, j);
+            dp = vmul(dp, ks);
+            pd = vmul(pj, ks);
+          }
+          const V8 ds = vmul(pj, vsub(dp, Di));
+          float* dkj = dKp + j * D * kW;
+          for (int64_t d = 0; d < D; ++d) {
+            dqa[d] = vfma(ds, vset(kj[d]), dqa[d]);
+            vstore(dkj + d * kW, vfma(ds, vload(qt + d * kW), vload(dkj + d * kW)));
+          }
+          float* dvj = dVp + j * Dv * kW;
+          for (int64_t cc = 0; cc < Dv; ++cc)
+            vstore(dvj + cc * kW, vfma(pd, vload(dot + cc * kW), vload(dvj + cc * kW)));
+        }
+        alignas(32) float dqv[kLaneMaxDim * kW];
+        for (int64_t d = 0; d < D; ++d) vstore(dqv + d * kW, dqa[d]);
+        for (int64_t t = 0; t < nr; ++t) {
+          for (int64_t d = 0; d < D; ++d) tmp[d] = p.scale * dqv[d * kW + t];
+          store_row(tmp, dq + (row0 + i0 + t) * D, D);
+        }
+      }
+    }
+    // Sum the lanes: dk[j, d] = sum_t dKp[j, d, t] (dK already carries the scale through Qs).
+    const int64_t kv0 = (b * p.Hkv + hk) * Lk;
+    float* red = w.dO.data();
+    for (int64_t j = 0; j < Lk; ++j) {
+      for (int64_t d = 0; d < D; ++d) red[d] = hsum(dKp + (j * D + d) * kW);
+      store_row(red, dk + (kv0 + j) * D, D);
+      for (int64_t cc = 0; cc < Dv; ++cc) red[cc] = hsum(dVp + (j * Dv + cc) * kW);
+      store_row(red, dv + (kv0 + j) * Dv, Dv);
+    }
+  }
+}
+
+// Which lane kernel instance runs: compile-time dims for the common square head sizes.
+template <typename T, typename Fn>
+void with_lane_dims(int64_t D, int64_t Dv, Fn&& fn) {
+  if (D == Dv && D == 4) return fn(std::integral_constant<int, 4>{});
+  if (D == Dv && D == 8) return fn(std::integral_constant<int, 8>{});
+  if (D == Dv && D == 16) return fn(std::integral_constant<int, 16>{});
+  return fn(std::integral_constant<int, 0>{});
+}
+
+bool lanes_fit(const TaskAttentionProblem& p) { return p.D <= kLaneMaxDim && p.Dv <= kLaneMaxDim; }
+
 // ---- checks and setup -------------------------------------------------------------------------
 
 Status check(const TaskAttentionProblem& p) {
@@ -838,7 +1092,14 @@ Status task_attention_forward(const TaskAttentionProblem& p, void* out, float* l
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     T* o = static_cast<T*>(out);
-    if (c.short_path) {
+    if (c.short_path && lanes_fit(p)) {
+      const bool per_head = short_per_head(p, n_threads);
+      with_lane_dims<T>(p.D, p.Dv, [&](auto dims) {
+        constexpr int DD = decltype(dims)::value;
+        parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
+                     [&](int64_t item) { forward_lanes_item<DD, DD, T>(c, item, per_head, o, lse); });
+      });
+    } else if (c.short_path) {
       const bool per_head = short_per_head(p, n_threads);
       parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
                    [&](int64_t item) { forward_short_item<T>(c, item, per_head, o, lse); });
@@ -877,7 +1138,15 @@ Status task_attention_backward(const TaskAttentionProblem& p, const void* out, c
       std::fill(gv, gv + kvrows * p.Dv, zero);
       return Status::ok();
     }
-    if (c.short_path) {
+    if (c.short_path && lanes_fit(p)) {
+      const bool per_head = short_per_head(p, n_threads);
+      with_lane_dims<T>(p.D, p.Dv, [&](auto dims) {
+        constexpr int DD = decltype(dims)::value;
+        parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
+          backward_lanes_item<DD, DD, T>(c, item, per_head, o, go, lse, gq, gk, gv);
+        });
+      });
+    } else if (c.short_path) {
       const bool per_head = short_per_head(p, n_threads);
       parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
         backward_short_item<T>(c, item, per_head, o, go, lse, gq, gk, gv);

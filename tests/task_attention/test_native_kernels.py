@@ -3,7 +3,8 @@
 The oracle here is a dense fp64 formulation written in this file (not pyops.reference): scores
 for every (i, j), the group rule as a boolean [B, Lq, Lk] mask, softmax, and torch autograd for
 the gradients. Shapes cover both native paths — the whole-block path for short sequences (Lq, Lk
-<= `task_attention_short_max()`) and the flash tiles beyond — with odd sizes, length 1, GQA,
+<= `task_attention_short_max()`; query-lane kernels for head dims <= 32, row kernels above) and
+the flash tiles beyond — with odd sizes, length 1, GQA,
 Dv != D, causal, padding, per-batch groups and dropout (mask rebuilt with the Philox reference).
 """
 from __future__ import annotations
@@ -46,6 +47,7 @@ SHAPES = [
     Shape(3, 6, 2, 17, 23, 5, 11),         # GQA, Lq != Lk, Dv != D
     Shape(1, 2, 1, 130, 70, 7, 33, 5),     # flash tiles (Lq > short max), GQA
     Shape(1, 2, 2, 200, 150, 24, 16),      # flash tiles, D >= 16 (row-major kernels)
+    Shape(2, 4, 2, 33, 45, 40, 36),        # short sequences, head dims past the lane kernels
 ]
 IDS = [str(s) for s in SHAPES]
 
@@ -199,7 +201,7 @@ def test_matches_dense_fp32(shape, rng, isa):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3]], ids=[IDS[2], IDS[3]])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]], ids=[IDS[0], IDS[2], IDS[3], IDS[5]])
 def test_matches_dense_low_precision(shape, dtype, rng, isa):
     check_against_oracle(make_case(shape, rng, dtype=dtype), rng)
 
@@ -214,7 +216,7 @@ def test_per_batch_groups(shape, rng):
     check_against_oracle(make_case(shape, rng, batched=True, causal=True), rng)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3]], ids=[IDS[0], IDS[2], IDS[3]])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]], ids=[IDS[0], IDS[2], IDS[3], IDS[5]])
 def test_dropout_matches_philox_mask(shape, rng, isa):
     seed = (0x9E3779B97F4A7C15 * 3) & 0xFFFFFFFFFFFFFFFF  # both 32-bit halves non-zero
     check_against_oracle(make_case(shape, rng, p=0.3, seed=seed), rng)
@@ -242,7 +244,7 @@ def test_tile_skipping_extremes(shape, density, rng):
 
 # ---- padding and empty rows ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3]], ids=[IDS[0], IDS[3]])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[3], SHAPES[5]], ids=[IDS[0], IDS[3], IDS[5]])
 def test_padding_rows_give_zeros_and_minus_inf_lse(shape, rng):
     case = make_case(shape, rng, padding=False)
     case.qg = case.qg.clone()
@@ -283,11 +285,12 @@ def test_empty_sequences(Lq, Lk, rng):
     assert torch.all(dq == 0) and torch.all(dk == 0) and torch.all(dv == 0)
 
 
-def test_short_and_flash_paths_agree(rng):
-    """The same problem at Lq = short max (whole block) and with one padding query more (flash
-    tiles): the shared rows agree within fp32 tolerance."""
+@pytest.mark.parametrize("D", [8, 40], ids=["lanes", "rows"])
+def test_short_and_flash_paths_agree(D, rng):
+    """The same problem at Lq = short max (whole block) and with one query more (flash tiles): the
+    shared rows agree within fp32 tolerance."""
     n = SHORT
-    case = make_case(Shape(1, 2, 1, n + 1, n, 8, 8, 4), rng, causal=True)
+    case = make_case(Shape(1, 2, 1, n + 1, n, D, D, 4), rng, causal=True)
     short = Case(case.q[:, :, :n].contiguous(), case.k, case.v, case.qg[:n].contiguous(), case.kg,
                  case.allow, causal=True)
     out_long, lse_long = case.forward()
@@ -298,7 +301,7 @@ def test_short_and_flash_paths_agree(rng):
 
 # ---- determinism -------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("shape", [SHAPES[2], SHAPES[3], SHAPES[4]], ids=[IDS[2], IDS[3], IDS[4]])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[5]], ids=[IDS[0], IDS[2], IDS[3], IDS[5]])
 def test_bit_identical_for_any_thread_count(shape, rng, isa):
     case = make_case(shape, rng, p=0.2, seed=77, batched=True)
     out1, lse1 = case.forward(n_threads=1)
