@@ -22,6 +22,7 @@ from typing import Optional
 FAMILIES: dict[str, str] = {
     "task_arithmetic": ".task_merge",
     "merge": ".merge",
+    "task_attention": ".task_attention",
 }
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
