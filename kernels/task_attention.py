@@ -25,6 +25,7 @@ Design (flash-attention style, online softmax, fp32 accumulation):
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -351,9 +352,10 @@ def _configs(bms, bns):
             for bm in bms for bn in bns for w, s in ((4, 2), (8, 3)) if not (bm == 128 and w == 4 and bn == 128)]
 
 
-if _INTERPRET:
+if _INTERPRET or os.environ.get("PYOPS_TRITON_AUTOTUNE", "1") == "0":
+    # Interpreter: fixed small tiles. PYOPS_TRITON_AUTOTUNE=0 (e.g. quick GPU test runs): fixed 64x64.
     _FWD, _DKDV, _DQ = _fwd_kernel, _bwd_dkdv_kernel, _bwd_dq_kernel
-    _FIXED = {"BM": 32, "BN": 32}
+    _FIXED = {"BM": 32, "BN": 32} if _INTERPRET else {"BM": 64, "BN": 64, "num_warps": 4}
 else:
     _FWD = triton.autotune(_configs((32, 64, 128), (32, 64)), key=_KEYS)(_fwd_kernel)
     _DKDV = triton.autotune(_configs((32, 64), (32, 64, 128)), key=_KEYS)(_bwd_dkdv_kernel)

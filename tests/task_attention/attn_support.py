@@ -18,17 +18,27 @@ FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.flo
 KERNEL_BACKENDS = ("cpu", "triton")
 
 
+def device_for(backend: str) -> torch.device:
+    """Triton runs on the GPU when there is one (else under the interpreter on CPU)."""
+    return torch.device("cuda") if backend == "triton" and torch.cuda.is_available() else torch.device("cpu")
+
+
 def backend_reason(backend: str, dtype=FP32, head_dim: int = 8) -> Optional[str]:
-    """The library's own reason `backend` cannot run a small problem on CPU tensors, or None."""
-    q = torch.zeros(1, 1, 2, head_dim, dtype=dtype)
-    p = ta.prepare(q, q, q, torch.zeros(2, dtype=torch.int64), None, None, False, 0.0, None, None)
+    """The library's own reason `backend` cannot run a small problem on its device, or None."""
+    q = torch.zeros(1, 1, 2, head_dim, dtype=dtype, device=device_for(backend))
+    p = ta.prepare(q, q, q, torch.zeros(2, dtype=torch.int64, device=q.device), None, None, False, 0.0, None, None)
     return ta._can_run(p)[backend]()
 
 
-def require_backend(backend: str, dtype=FP32) -> None:
+def require_backend(backend: str, dtype=FP32) -> torch.device:
     reason = backend_reason(backend, dtype)
     if reason is not None:
         pytest.skip(f"backend '{backend}' cannot run here: {reason}")
+    return device_for(backend)
+
+
+def to_device(x: dict, dev: torch.device) -> dict:
+    return {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in x.items()}
 
 
 def randn(shape, dtype, gen, scale=1.0, requires_grad=False):

@@ -8,7 +8,7 @@ import torch
 
 import pyops
 from _support import assert_close, assert_bitwise_equal
-from attn_support import BF16, FP16, FP32, KERNEL_BACKENDS, fmt, randn, require_backend
+from attn_support import BF16, FP16, FP32, KERNEL_BACKENDS, fmt, randn, require_backend, to_device
 from pyops import masks
 from pyops.testing import tolerance_for
 
@@ -73,15 +73,15 @@ def check_against_reference(got, exp, dtype):
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_backend_matches_reference(backend, config, dtype, rng):
-    require_backend(backend, dtype)
-    x = make_problem(config, dtype, rng)
+    dev = require_backend(backend, dtype)
+    x = to_device(make_problem(config, dtype, rng), dev)
     check_against_reference(run(backend, x), run("reference", x), dtype)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout_matches_reference_forward_and_backward(backend, rng):
-    require_backend(backend)
-    x = make_problem("gqa-Dv8-causal-pad-L37", FP32, rng)
+    dev = require_backend(backend)
+    x = to_device(make_problem("gqa-Dv8-causal-pad-L37", FP32, rng), dev)
     got = run(backend, x, dropout_p=0.25, seed=1234567890123)
     exp = run("reference", x, dropout_p=0.25, seed=1234567890123)
     check_against_reference(got, exp, FP32)
@@ -89,8 +89,8 @@ def test_dropout_matches_reference_forward_and_backward(backend, rng):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_dropout_is_deterministic_per_seed(backend, rng):
-    require_backend(backend)
-    x = make_problem("multitab-TxT-L29", FP32, rng)
+    dev = require_backend(backend)
+    x = to_device(make_problem("multitab-TxT-L29", FP32, rng), dev)
     a = run(backend, x, dropout_p=0.5, seed=7)
     b = run(backend, x, dropout_p=0.5, seed=7)
     c = run(backend, x, dropout_p=0.5, seed=8)
@@ -110,11 +110,11 @@ def test_seed_none_draws_from_torch_generator(rng):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_noncontiguous_inputs(backend, rng):
-    require_backend(backend)
-    q = randn((2, 5, 3, 8), FP32, rng).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
-    k = randn((2, 5, 3, 8), FP32, rng).transpose(1, 2)
-    v = randn((2, 5, 3, 8), FP32, rng).transpose(1, 2)
-    g = torch.tensor([0, 1, 1, 0, 1])
+    dev = require_backend(backend)
+    q = randn((2, 5, 3, 8), FP32, rng).to(dev).transpose(1, 2)  # [B, H, L, D] view of [B, L, H, D]
+    k = randn((2, 5, 3, 8), FP32, rng).to(dev).transpose(1, 2)
+    v = randn((2, 5, 3, 8), FP32, rng).to(dev).transpose(1, 2)
+    g = torch.tensor([0, 1, 1, 0, 1], device=dev)
     got = pyops.task_masked_attention(q, k, v, g, backend=backend)
     exp = pyops.task_masked_attention(q, k, v, g, backend="reference")
     assert_close(got, exp, tolerance_for(FP32))
@@ -124,11 +124,11 @@ def test_noncontiguous_inputs(backend, rng):
 def test_many_groups(backend, rng):
     """More groups than a 64-bit tile summary word holds: 70 groups, a random rule. A backend
     with a group limit must say so (and `auto` then falls back)."""
-    require_backend(backend)
+    dev = require_backend(backend)
     L = 90
-    g = torch.randint(0, 70, (L,), generator=rng)
-    allow = torch.rand(70, 70, generator=rng) < 0.3
-    q, k, v = (randn((1, 1, L, 8), FP32, rng) for _ in range(3))
+    g = torch.randint(0, 70, (L,), generator=rng).to(dev)
+    allow = (torch.rand(70, 70, generator=rng) < 0.3).to(dev)
+    q, k, v = (randn((1, 1, L, 8), FP32, rng).to(dev) for _ in range(3))
     try:
         got = pyops.task_masked_attention(q, k, v, g, allow=allow, backend=backend)
     except pyops.BackendUnavailableError as exc:

@@ -40,7 +40,7 @@ def argset_id(a):
     return f"B{B}-H{Hq}/{Hkv}-L{Lq}x{Lk}-D{D}-Dv{Dv}-{fmt(dt)}-p{p}{'-causal' if c else ''}{'' if al else '-identity'}"
 
 
-def op_args(kind, argset, gen):
+def op_args(kind, argset, gen, dev):
     B, Hq, Hkv, Lq, Lk, D, Dv, dt, p, causal, with_allow = argset
     rg = kind == "forward"
     q, k, v = randn((B, Hq, Lq, D), dt, gen, requires_grad=rg), randn((B, Hkv, Lk, D), dt, gen, requires_grad=rg), \
@@ -50,11 +50,13 @@ def op_args(kind, argset, gen):
     allow = (torch.rand(3, 3, generator=gen) < 0.7) if with_allow else None
     seed = torch.tensor([12345], dtype=torch.int64)
     scale = D ** -0.5
+    mv = lambda t: t if t is None else t.detach().to(dev).requires_grad_(t.requires_grad)  # noqa: E731
+    q, k, v, qg, kg, allow, seed = (mv(t) for t in (q, k, v, qg, kg, allow, seed))
     if kind == "forward":
         return (q, k, v, qg, kg, allow, causal, p, scale, seed)
     from pyops.reference.task_attention import task_masked_attention as ref
     out, lse = ref(q, k, v, qg, kg, allow, causal=causal, dropout_p=p, scale=scale, seed=seed, return_lse=True)
-    dout = randn(out.shape, dt, gen)
+    dout = randn(out.shape, dt, gen).to(dev)
     return (dout, q, k, v, out, lse, qg, kg, allow, causal, p, scale, seed)
 
 
@@ -64,11 +66,11 @@ PARAMS = [pytest.param(n, b, kind, a, u, id=f"{n}-{argset_id(a)}-{u}")
 
 @pytest.mark.parametrize("name,backend,kind,argset,util", PARAMS)
 def test_opcheck(name, backend, kind, argset, util, rng):
-    require_backend(backend, argset[7])
+    dev = require_backend(backend, argset[7])
     if util == "test_aot_dispatch_dynamic" and interpreted(backend):
         pytest.skip(INTERPRETER_AOT_REASON)
     op = getattr(torch.ops.pyops, name).default
-    torch.library.opcheck(op, op_args(kind, argset, rng), test_utils=util)
+    torch.library.opcheck(op, op_args(kind, argset, rng, dev), test_utils=util)
 
 
 @pytest.fixture
@@ -86,12 +88,12 @@ def attention_loss(q, k, v, groups, allow, w, *, backend, dropout_p=0.0):
 @pytest.mark.parametrize("backend,compiler", [("reference", "aot_eager"),
                                               ("cpu", "inductor"), ("triton", "eager"), ("triton", "inductor")])
 def test_compile_fullgraph_matches_eager(backend, compiler, rng, fresh_dynamo):
-    require_backend(backend)
+    dev = require_backend(backend)
     if compiler != "eager" and interpreted(backend):
         pytest.skip(INTERPRETER_AOT_REASON)
-    groups, allow = masks.multitab(3, 8, "TxT")
-    q0, k0, v0 = (randn((2, 2, 11, 8), FP32, rng) for _ in range(3))
-    w = randn((2, 2, 11, 8), FP32, rng)
+    groups, allow = (t.to(dev) for t in masks.multitab(3, 8, "TxT"))
+    q0, k0, v0 = (randn((2, 2, 11, 8), FP32, rng).to(dev) for _ in range(3))
+    w = randn((2, 2, 11, 8), FP32, rng).to(dev)
     for dropout_p in (0.0, 0.2):
         grads = []
         for fn in (attention_loss, torch.compile(attention_loss, fullgraph=True, backend=compiler)):
