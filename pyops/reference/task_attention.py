@@ -117,7 +117,10 @@ def task_masked_attention(
     scores = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale              # [B, Hq, Lq, Lk]
     ok = allowed_mask(q_groups, kv_groups, allow, B, causal)[:, None]             # [B, 1, Lq, Lk]
     scores = scores.masked_fill(~ok, float("-inf"))
-    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    if Lk == 0:  # no keys at all: every row is empty
+        row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
+    else:
+        row_max = scores.detach().amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max)                                               # 0 where masked
     denom = e.sum(dim=-1, keepdim=True)

@@ -145,3 +145,16 @@ def test_auto_backend_on_cpu_prefers_cpu_then_reference(rng):
     assert choice.backend in ("cpu", "reference")
     if choice.backend == "reference":
         assert "cpu" in choice.passed_over
+
+
+@pytest.mark.parametrize("B,L,S", [(0, 3, 3), (2, 0, 0), (2, 3, 0)], ids=["B0", "L0", "no-keys"])
+@pytest.mark.parametrize("backend", ("reference",) + KERNEL_BACKENDS)
+def test_empty_shapes(backend, B, L, S):
+    dev = require_backend(backend) if backend != "reference" else torch.device("cpu")
+    q, k, v = (torch.randn(B, 2, n, 4, device=dev, requires_grad=True) for n in (L, S, S))
+    out, lse = pyops.task_masked_attention(q, k, v, torch.zeros(L, dtype=torch.int64, device=dev),
+                                           torch.zeros(S, dtype=torch.int64, device=dev), return_lse=True,
+                                           backend=backend)
+    out.sum().backward()
+    assert out.shape == (B, 2, L, 4) and bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    assert all(bool((t.grad == 0).all()) for t in (q, k, v))
