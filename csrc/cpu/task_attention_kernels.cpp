@@ -145,23 +145,71 @@ inline float dot_any(const float* a, const float* b, int64_t n) {
   return hsum(l);
 }
 
+// Eight-lane vectors: AVX2 intrinsics in the AVX2 build (the compiler's own vectorisation of
+// small fixed-size loops proved unreliable for these register-blocked kernels), plain loops in
+// the portable one.
+#if defined(__AVX2__) && defined(__FMA__)
+struct V8 {
+  __m256 v;
+};
+inline V8 vload(const float* p) { return {_mm256_loadu_ps(p)}; }
+inline void vstore(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
+inline V8 vset(float x) { return {_mm256_set1_ps(x)}; }
+inline V8 vadd(V8 a, V8 b) { return {_mm256_add_ps(a.v, b.v)}; }
+inline V8 vsub(V8 a, V8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
+inline V8 vmul(V8 a, V8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
+inline V8 vfma(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c
+inline V8 vmax(V8 a, V8 b) { return {_mm256_max_ps(a.v, b.v)}; }
+inline V8 vexp(V8 a) { return {fexp8(a.v)}; }
+#else
+struct V8 {
+  float v[kW];
+};
+inline V8 vload(const float* p) { V8 r; for (int t = 0; t < kW; ++t) r.v[t] = p[t]; return r; }
+inline void vstore(float* p, V8 a) { for (int t = 0; t < kW; ++t) p[t] = a.v[t]; }
+inline V8 vset(float x) { V8 r; for (int t = 0; t < kW; ++t) r.v[t] = x; return r; }
+inline V8 vadd(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] += b.v[t]; return a; }
+inline V8 vsub(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] -= b.v[t]; return a; }
+inline V8 vmul(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] *= b.v[t]; return a; }
+inline V8 vfma(V8 a, V8 b, V8 c) { for (int t = 0; t < kW; ++t) c.v[t] += a.v[t] * b.v[t]; return c; }
+inline V8 vmax(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] = b.v[t] > a.v[t] ? b.v[t] : a.v[t]; return a; }
+inline V8 vexp(V8 a) { for (int t = 0; t < kW; ++t) a.v[t] = fexp(a.v[t]); return a; }
+#endif
+
 // S[r, j] = sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
-// (Bt leading dimension nkp); S has leading dimension nkp.
+// (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
                         int64_t nkp, float* __restrict S) {
-  for (int64_t j0 = 0; j0 < nkp; j0 += kW) {
-    float acc[kR][kW];
-    for (int r = 0; r < kR; ++r)
-      for (int t = 0; t < kW; ++t) acc[r][t] = 0.f;
+  int64_t j0 = 0;
+  for (; j0 + 2 * kW <= nkp; j0 += 2 * kW) {
+    V8 a00 = vset(0.f), a01 = vset(0.f), a10 = vset(0.f), a11 = vset(0.f);
+    V8 a20 = vset(0.f), a21 = vset(0.f), a30 = vset(0.f), a31 = vset(0.f);
     for (int64_t d = 0; d < K; ++d) {
-      const float* b = Bt + d * nkp + j0;
-      for (int r = 0; r < kR; ++r) {
-        const float a = A[r * lda + d];
-        for (int t = 0; t < kW; ++t) acc[r][t] += a * b[t];
-      }
+      const V8 b0 = vload(Bt + d * nkp + j0), b1 = vload(Bt + d * nkp + j0 + kW);
+      V8 x = vset(A[d]);
+      a00 = vfma(x, b0, a00); a01 = vfma(x, b1, a01);
+      x = vset(A[lda + d]);
+      a10 = vfma(x, b0, a10); a11 = vfma(x, b1, a11);
+      x = vset(A[2 * lda + d]);
+      a20 = vfma(x, b0, a20); a21 = vfma(x, b1, a21);
+      x = vset(A[3 * lda + d]);
+      a30 = vfma(x, b0, a30); a31 = vfma(x, b1, a31);
     }
-    for (int r = 0; r < kR; ++r)
-      for (int t = 0; t < kW; ++t) S[r * nkp + j0 + t] = acc[r][t];
+    vstore(S + j0, a00); vstore(S + j0 + kW, a01);
+    vstore(S + nkp + j0, a10); vstore(S + nkp + j0 + kW, a11);
+    vstore(S + 2 * nkp + j0, a20); vstore(S + 2 * nkp + j0 + kW, a21);
+    vstore(S + 3 * nkp + j0, a30); vstore(S + 3 * nkp + j0 + kW, a31);
+  }
+  for (; j0 < nkp; j0 += kW) {
+    V8 a0 = vset(0.f), a1 = vset(0.f), a2 = vset(0.f), a3 = vset(0.f);
+    for (int64_t d = 0; d < K; ++d) {
+      const V8 b0 = vload(Bt + d * nkp + j0);
+      a0 = vfma(vset(A[d]), b0, a0);
+      a1 = vfma(vset(A[lda + d]), b0, a1);
+      a2 = vfma(vset(A[2 * lda + d]), b0, a2);
+      a3 = vfma(vset(A[3 * lda + d]), b0, a3);
+    }
+    vstore(S + j0, a0); vstore(S + nkp + j0, a1); vstore(S + 2 * nkp + j0, a2); vstore(S + 3 * nkp + j0, a3);
   }
 }
 
@@ -169,19 +217,38 @@ inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const
 // multiple of kW, zero padded), P leading dimension nkp, C leading dimension ldv.
 inline void gemm_rows_acc(const float* __restrict P, int64_t nkp, int64_t nk, const float* __restrict V,
                           int64_t ldv, float* __restrict C) {
-  for (int64_t c0 = 0; c0 < ldv; c0 += kW) {
-    float acc[kR][kW];
-    for (int r = 0; r < kR; ++r)
-      for (int t = 0; t < kW; ++t) acc[r][t] = C[r * ldv + c0 + t];
+  int64_t c0 = 0;
+  for (; c0 + 2 * kW <= ldv; c0 += 2 * kW) {
+    V8 a00 = vload(C + c0), a01 = vload(C + c0 + kW);
+    V8 a10 = vload(C + ldv + c0), a11 = vload(C + ldv + c0 + kW);
+    V8 a20 = vload(C + 2 * ldv + c0), a21 = vload(C + 2 * ldv + c0 + kW);
+    V8 a30 = vload(C + 3 * ldv + c0), a31 = vload(C + 3 * ldv + c0 + kW);
     for (int64_t j = 0; j < nk; ++j) {
-      const float* v = V + j * ldv + c0;
-      for (int r = 0; r < kR; ++r) {
-        const float pr = P[r * nkp + j];
-        for (int t = 0; t < kW; ++t) acc[r][t] += pr * v[t];
-      }
+      const V8 v0 = vload(V + j * ldv + c0), v1 = vload(V + j * ldv + c0 + kW);
+      V8 x = vset(P[j]);
+      a00 = vfma(x, v0, a00); a01 = vfma(x, v1, a01);
+      x = vset(P[nkp + j]);
+      a10 = vfma(x, v0, a10); a11 = vfma(x, v1, a11);
+      x = vset(P[2 * nkp + j]);
+      a20 = vfma(x, v0, a20); a21 = vfma(x, v1, a21);
+      x = vset(P[3 * nkp + j]);
+      a30 = vfma(x, v0, a30); a31 = vfma(x, v1, a31);
     }
-    for (int r = 0; r < kR; ++r)
-      for (int t = 0; t < kW; ++t) C[r * ldv + c0 + t] = acc[r][t];
+    vstore(C + c0, a00); vstore(C + c0 + kW, a01);
+    vstore(C + ldv + c0, a10); vstore(C + ldv + c0 + kW, a11);
+    vstore(C + 2 * ldv + c0, a20); vstore(C + 2 * ldv + c0 + kW, a21);
+    vstore(C + 3 * ldv + c0, a30); vstore(C + 3 * ldv + c0 + kW, a31);
+  }
+  for (; c0 < ldv; c0 += kW) {
+    V8 a0 = vload(C + c0), a1 = vload(C + ldv + c0), a2 = vload(C + 2 * ldv + c0), a3 = vload(C + 3 * ldv + c0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const V8 v0 = vload(V + j * ldv + c0);
+      a0 = vfma(vset(P[j]), v0, a0);
+      a1 = vfma(vset(P[nkp + j]), v0, a1);
+      a2 = vfma(vset(P[2 * nkp + j]), v0, a2);
+      a3 = vfma(vset(P[3 * nkp + j]), v0, a3);
+    }
+    vstore(C + c0, a0); vstore(C + ldv + c0, a1); vstore(C + 2 * ldv + c0, a2); vstore(C + 3 * ldv + c0, a3);
   }
 }
 
@@ -189,11 +256,14 @@ inline void gemm_rows_acc(const float* __restrict P, int64_t nkp, int64_t nk, co
 // leading dimension nkp): the transposed accumulation of dK and dV.
 inline void outer_rows_acc_t(const float* __restrict A, int64_t lda, int64_t ncols, const float* __restrict P,
                              int64_t nkp, float* __restrict Ct) {
-  for (int64_t c = 0; c < ncols; ++c) {
-    const float a0 = A[c], a1 = A[lda + c], a2 = A[2 * lda + c], a3 = A[3 * lda + c];
-    float* __restrict o = Ct + c * nkp;
-    for (int64_t j = 0; j < nkp; ++j)
-      o[j] += ((a0 * P[j] + a1 * P[nkp + j]) + (a2 * P[2 * nkp + j] + a3 * P[3 * nkp + j]));
+  for (int64_t j0 = 0; j0 < nkp; j0 += kW) {
+    const V8 p0 = vload(P + j0), p1 = vload(P + nkp + j0), p2 = vload(P + 2 * nkp + j0), p3 = vload(P + 3 * nkp + j0);
+    for (int64_t c = 0; c < ncols; ++c) {
+      float* o = Ct + c * nkp + j0;
+      const V8 s01 = vfma(vset(A[c]), p0, vmul(vset(A[lda + c]), p1));
+      const V8 s23 = vfma(vset(A[2 * lda + c]), p2, vmul(vset(A[3 * lda + c]), p3));
+      vstore(o, vadd(vload(o), vadd(s01, s23)));
+    }
   }
 }
 
@@ -734,33 +804,6 @@ void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, co
 
 constexpr int64_t kLaneMaxDim = 32;
 
-#if defined(__AVX2__) && defined(__FMA__)
-struct V8 {
-  __m256 v;
-};
-inline V8 vload(const float* p) { return {_mm256_loadu_ps(p)}; }
-inline void vstore(float* p, V8 a) { _mm256_storeu_ps(p, a.v); }
-inline V8 vset(float x) { return {_mm256_set1_ps(x)}; }
-inline V8 vadd(V8 a, V8 b) { return {_mm256_add_ps(a.v, b.v)}; }
-inline V8 vsub(V8 a, V8 b) { return {_mm256_sub_ps(a.v, b.v)}; }
-inline V8 vmul(V8 a, V8 b) { return {_mm256_mul_ps(a.v, b.v)}; }
-inline V8 vfma(V8 a, V8 b, V8 c) { return {_mm256_fmadd_ps(a.v, b.v, c.v)}; }  // a * b + c
-inline V8 vmax(V8 a, V8 b) { return {_mm256_max_ps(a.v, b.v)}; }
-inline V8 vexp(V8 a) { return {fexp8(a.v)}; }
-#else
-struct V8 {
-  float v[kW];
-};
-inline V8 vload(const float* p) { V8 r; for (int t = 0; t < kW; ++t) r.v[t] = p[t]; return r; }
-inline void vstore(float* p, V8 a) { for (int t = 0; t < kW; ++t) p[t] = a.v[t]; }
-inline V8 vset(float x) { V8 r; for (int t = 0; t < kW; ++t) r.v[t] = x; return r; }
-inline V8 vadd(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] += b.v[t]; return a; }
-inline V8 vsub(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] -= b.v[t]; return a; }
-inline V8 vmul(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] *= b.v[t]; return a; }
-inline V8 vfma(V8 a, V8 b, V8 c) { for (int t = 0; t < kW; ++t) c.v[t] += a.v[t] * b.v[t]; return c; }
-inline V8 vmax(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] = b.v[t] > a.v[t] ? b.v[t] : a.v[t]; return a; }
-inline V8 vexp(V8 a) { for (int t = 0; t < kW; ++t) a.v[t] = fexp(a.v[t]); return a; }
-#endif
 
 // Transposed bias for the lane kernels: [ceil(Lq / 8), Lk, 8] of 0 / -inf (rows past Lq: -inf),
 // cached per thread and call like short_bias.
