@@ -32,6 +32,12 @@ class TaskMaskedMultiheadAttention(nn.Module):
     Note the convention: ``allow`` True means *attend*, while `nn.MultiheadAttention`'s boolean
     ``attn_mask`` means True = *blocked*. ``key_padding_mask`` keeps torch's meaning (True = ignore
     that key) and is folded into the key groups (as −1).
+
+    Differences from `nn.MultiheadAttention`: attention dropout (training mode, ``dropout > 0``) is
+    drawn from Philox keyed by a seed taken from torch's generator, so its mask differs from
+    torch's (same distribution); a query row that may attend no key outputs zeros where torch
+    gives NaN; ``attn_mask`` and ``is_causal`` are replaced by the group rule and ``causal``.
+    ``backend`` (constructor) is passed to `pyops.task_masked_attention` (default ``"auto"``).
     """
 
     def __init__(self, embed_dim: int, num_heads: int, dropout: float = 0.0, bias: bool = True,
