@@ -117,7 +117,9 @@ def _k_summary(KSUM, ks_base, kt, n_kc, BN: tl.constexpr):
 def _dot(a, b, UPCAST: tl.constexpr):
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision="ieee")
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, input_precision="ieee")  # no TF32: fp32 must match the reference
+    return tl.dot(a, b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,10 +170,10 @@ def _fwd_kernel(Q, K, V, O, LSE, QG, KG, ALLOW, QSUM, KSUM, SEED,
             v = tl.load(V + (kv_base + offs_n[:, None]) * DV + offs_dv[None, :],
                         mask=n_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
             s = _dot(q, kT, UPCAST) * scale
-            full = (kb & ~full_q) == 0
+            partial = (kb & ~full_q) != 0
             if CAUSAL:
-                full = full & (kt * BN + BN - 1 <= pid_m * BM)
-            if not full:
+                partial = partial | (kt * BN + BN - 1 > pid_m * BM)
+            if partial:
                 kg = tl.load(KG + b * kg_bstride + offs_n, mask=n_ok, other=-1)
                 ok = _tile_mask(qg, kg, offs_m, offs_n, ALLOW, G, IDENTITY, CAUSAL)
                 s = tl.where(ok, s, float("-inf"))
@@ -245,10 +247,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV_, QG, KG, ALLOW, QSUM, KSUM
                 lse = tl.where(lse == float("-inf"), float("inf"), lse)
                 delta = tl.load(DELTA + q_base + offs_m, mask=m_ok, other=0.0)
                 s = _dot(q, tl.trans(k), UPCAST) * scale
-                full = (kb & ~full_q) == 0
+                partial = (kb & ~full_q) != 0
                 if CAUSAL:
-                    full = full & (pid_n * BN + BN - 1 <= qt * BM)
-                if not full:
+                    partial = partial | (pid_n * BN + BN - 1 > qt * BM)
+                if partial:
                     qg = tl.load(QG + b * qg_bstride + offs_m, mask=m_ok, other=-1)
                     ok = _tile_mask(qg, kg, offs_m, offs_n, ALLOW, G, IDENTITY, CAUSAL)
                     s = tl.where(ok, s, float("-inf"))
@@ -319,10 +321,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, QG, KG, ALLOW, QSUM, KSUM, SEED,
             vT = tl.load(V + (kv_base + offs_n[None, :]) * DV + offs_dv[:, None],
                          mask=n_ok[None, :] & (offs_dv[:, None] < DV), other=0.0)
             s = _dot(q, tl.trans(k), UPCAST) * scale
-            full = (kb & ~full_q) == 0
+            partial = (kb & ~full_q) != 0
             if CAUSAL:
-                full = full & (kt * BN + BN - 1 <= pid_m * BM)
-            if not full:
+                partial = partial | (kt * BN + BN - 1 > pid_m * BM)
+            if partial:
                 kg = tl.load(KG + b * kg_bstride + offs_n, mask=n_ok, other=-1)
                 ok = _tile_mask(qg, kg, offs_m, offs_n, ALLOW, G, IDENTITY, CAUSAL)
                 s = tl.where(ok, s, float("-inf"))
