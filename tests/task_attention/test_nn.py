@@ -116,3 +116,17 @@ def test_multitab_encoder_layer_matches_nn_version(backend, rng):
     assert_close(xo.grad, xr.grad, TOL, "grad of input")
     for (n, pr), (_, po) in zip(ref.named_parameters(), ours.named_parameters()):
         assert_close(po.grad, pr.grad, TOL, f"grad of {n}")
+
+
+def test_module_compiles_fullgraph_with_dropout_in_training(rng):
+    torch._dynamo.reset()
+    m = TaskMaskedMultiheadAttention(16, 4, dropout=0.1)
+    g, a = masks.multitab(3, 10, "TxT")
+    x = randn((4, 13, 16), FP32, rng, requires_grad=True)
+    f = torch.compile(lambda x: m(x, groups=g, allow=a)[0], fullgraph=True, backend="aot_eager")
+    y = f(x)
+    y.sum().backward()
+    assert y.shape == (4, 13, 16) and torch.isfinite(x.grad).all()
+    m.eval()
+    assert_close(f(x), m(x, groups=g, allow=a)[0], TOL, "eval output, compiled vs eager")
+    torch._dynamo.reset()
