@@ -176,6 +176,58 @@ inline V8 vmax(V8 a, V8 b) { for (int t = 0; t < kW; ++t) a.v[t] = b.v[t] > a.v[
 inline V8 vexp(V8 a) { for (int t = 0; t < kW; ++t) a.v[t] = fexp(a.v[t]); return a; }
 #endif
 
+// log(x) for x > 0 (normal) on eight lanes, Cephes-style: x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+// a degree-9 polynomial in m - 1 (~1 ulp). Used for the lse of eight rows at once.
+inline void log_lanes(const float* x, float* out) {
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 v = _mm256_loadu_ps(x);
+  const __m256i bits = _mm256_castps_si256(v);
+  __m256 e = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(126)));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(bits, _mm256_set1_epi32(0x007fffff)),
+                                                 _mm256_set1_epi32(0x3f000000)));  // [0.5, 1)
+  const __m256 small = _mm256_cmp_ps(m, _mm256_set1_ps(0.707106781186547524f), _CMP_LT_OQ);
+  e = _mm256_sub_ps(e, _mm256_and_ps(small, _mm256_set1_ps(1.f)));
+  m = _mm256_sub_ps(_mm256_add_ps(m, _mm256_and_ps(small, m)), _mm256_set1_ps(1.f));
+  const __m256 z = _mm256_mul_ps(m, m);
+  __m256 y = _mm256_set1_ps(7.0376836292e-2f);
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.1514610310e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.1676998740e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.2420140846e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(1.4249322787e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-1.6668057665e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(2.0000714765e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(-2.4999993993e-1f));
+  y = _mm256_fmadd_ps(y, m, _mm256_set1_ps(3.3333331174e-1f));
+  y = _mm256_mul_ps(_mm256_mul_ps(y, m), z);
+  y = _mm256_fmadd_ps(e, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(_mm256_set1_ps(0.5f), z, y);
+  __m256 r = _mm256_add_ps(m, y);
+  r = _mm256_fmadd_ps(e, _mm256_set1_ps(0.693359375f), r);
+  _mm256_storeu_ps(out, r);
+#else
+  for (int t = 0; t < kW; ++t) out[t] = std::log(x[t]);
+#endif
+}
+
+// dst[g] = sum of the eight lanes of src[g * 8 .. g * 8 + 8) for g < n (fixed order per build).
+inline void lane_sums(const float* src, int64_t n, float* dst) {
+  int64_t g = 0;
+#if defined(__AVX2__)
+  for (; g + kW <= n; g += kW) {
+    const float* s = src + g * kW;
+    const __m256 h01 = _mm256_hadd_ps(_mm256_loadu_ps(s), _mm256_loadu_ps(s + 8));
+    const __m256 h23 = _mm256_hadd_ps(_mm256_loadu_ps(s + 16), _mm256_loadu_ps(s + 24));
+    const __m256 h45 = _mm256_hadd_ps(_mm256_loadu_ps(s + 32), _mm256_loadu_ps(s + 40));
+    const __m256 h67 = _mm256_hadd_ps(_mm256_loadu_ps(s + 48), _mm256_loadu_ps(s + 56));
+    const __m256 a = _mm256_hadd_ps(h01, h23);  // lanes: 0 1 2 3 (low halves) | 0 1 2 3 (high halves)
+    const __m256 b = _mm256_hadd_ps(h45, h67);  // lanes: 4 5 6 7 | 4 5 6 7
+    const __m256 lo = _mm256_permute2f128_ps(a, b, 0x20), hi = _mm256_permute2f128_ps(a, b, 0x31);
+    _mm256_storeu_ps(dst + g, _mm256_add_ps(lo, hi));
+  }
+#endif
+  for (; g < n; ++g) dst[g] = hsum(src + g * kW);
+}
+
 // S[r, j] = sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
@@ -811,7 +863,7 @@ const float* short_bias_lanes(const Ctx& c, Scratch& w, int64_t b) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t row = c.qgr(b) * (p.B + 1) + c.kgr(b);
   if (w.bias_call == c.call_id && w.bias_row == row) return w.bias.data();
-  const int64_t nblk = (p.Lq + kW - 1) / kW;
+  const int64_t nblk = round_up((p.Lq + kW - 1) / kW, 2);  // even: the forward reads pairs
   Scratch::grow(w.bias, std::max<int64_t>(nblk * p.Lk * kW, 1));
   const uint64_t* qr = c.qrow_of(b);
   const uint64_t* kb = c.kbit_of(b);
@@ -846,21 +898,23 @@ void load_lanes(const T* src, int64_t n, int64_t W, float scale, float* dst) {
     for (int64_t t = 0; t < kW; ++t) dst[d * kW + t] = t < n ? scale * to_float(src[t * W + d]) : 0.f;
 }
 
-// DT / DVT: compile-time head dims (0: use p.D / p.Dv).
+// DT / DVT: compile-time head dims (0: use p.D / p.Dv). Sixteen query rows per block (two
+// vectors) share every broadcast of K[j, :] and V[j, :].
 template <int DT, int DVT, typename T>
 void forward_lanes_item(const Ctx& c, int64_t item, bool per_head, T* out, float* lse) {
+  constexpr int64_t kRows = 2 * kW;
   const TaskAttentionProblem& p = *c.p;
   const int64_t D = DT ? DT : p.D, Dv = DVT ? DVT : p.Dv, Lq = p.Lq, Lk = p.Lk;
   const int64_t b = per_head ? item / p.Hkv : item;
   const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
   Scratch& w = scratch();
-  Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kW);
+  Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kRows);
   Scratch::grow(w.kr, std::max<int64_t>(Lk * D, 1));
   Scratch::grow(w.vr, std::max<int64_t>(Lk * Dv, 1));
-  Scratch::grow(w.acc, kW * (kLaneMaxDim + 2));
+  Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
   const float* biasT = short_bias_lanes(c, w, b);
   float* S = w.s.data();
-  alignas(32) float qt[kLaneMaxDim * kW];
+  alignas(32) float qt[2][kLaneMaxDim * kW];
   alignas(32) float tmp[kLaneMaxDim];
   for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
     const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * Lk * D;
@@ -870,41 +924,67 @@ void forward_lanes_item(const Ctx& c, int64_t item, bool per_head, T* out, float
     for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
       const T* q = static_cast<const T*>(p.q) + (b * p.Hq + h) * Lq * D;
       const int64_t row0 = (b * p.Hq + h) * Lq;
-      for (int64_t i0 = 0; i0 < Lq; i0 += kW) {
-        const int64_t nr = std::min<int64_t>(kW, Lq - i0);
-        load_lanes(q + i0 * D, nr, D, p.scale, qt);
-        const float* bt = biasT + (i0 / kW) * Lk * kW;
-        V8 m = vset(kNegInf);
+      for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
+        const int64_t nr = std::min<int64_t>(kRows, Lq - i0);
+        load_lanes(q + i0 * D, std::min<int64_t>(nr, kW), D, p.scale, qt[0]);
+        load_lanes(q + (i0 + kW) * D, std::max<int64_t>(nr - kW, 0), D, p.scale, qt[1]);
+        const float* bt0 = biasT + (i0 / kW) * Lk * kW;
+        const float* bt1 = bt0 + Lk * kW;
+        V8 m0 = vset(kNegInf), m1 = vset(kNegInf);
         for (int64_t j = 0; j < Lk; ++j) {
-          V8 s = vload(bt + j * kW);
+          V8 s0 = vload(bt0 + j * kW), s1 = vload(bt1 + j * kW);
           const float* kj = K + j * D;
-          for (int64_t d = 0; d < D; ++d) s = vfma(vload(qt + d * kW), vset(kj[d]), s);
-          vstore(S + j * kW, s);
-          m = vmax(m, s);
+          for (int64_t d = 0; d < D; ++d) {
+            const V8 kd = vset(kj[d]);
+            s0 = vfma(vload(qt[0] + d * kW), kd, s0);
+            s1 = vfma(vload(qt[1] + d * kW), kd, s1);
+          }
+          vstore(S + j * kRows, s0);
+          vstore(S + j * kRows + kW, s1);
+          m0 = vmax(m0, s0);
+          m1 = vmax(m1, s1);
         }
-        alignas(32) float mv[kW];
-        vstore(mv, m);
-        for (int t = 0; t < kW; ++t) mv[t] = mv[t] == kNegInf ? 0.f : mv[t];  // empty rows: p = 0
-        const V8 msafe = vload(mv);
-        V8 l = vset(0.f);
-        V8 acc[DVT ? DVT : kLaneMaxDim];
-        for (int64_t cc = 0; cc < Dv; ++cc) acc[cc] = vset(0.f);
+        alignas(32) float mv[kRows];
+        vstore(mv, m0);
+        vstore(mv + kW, m1);
+        for (int64_t t = 0; t < kRows; ++t) mv[t] = mv[t] == kNegInf ? 0.f : mv[t];  // empty rows: p = 0
+        const V8 ms0 = vload(mv), ms1 = vload(mv + kW);
+        V8 l0 = vset(0.f), l1 = vset(0.f);
+        V8 acc0[DVT ? DVT : kLaneMaxDim], acc1[DVT ? DVT : kLaneMaxDim];
+        for (int64_t cc = 0; cc < Dv; ++cc) acc0[cc] = acc1[cc] = vset(0.f);
         for (int64_t j = 0; j < Lk; ++j) {
-          V8 pj = vexp(vsub(vload(S + j * kW), msafe));
-          l = vadd(l, pj);
-          if (c.dropout) pj = vmul(pj, keep_lanes(c, b, h, i0, j));
+          V8 p0 = vexp(vsub(vload(S + j * kRows), ms0));
+          V8 p1 = vexp(vsub(vload(S + j * kRows + kW), ms1));
+          l0 = vadd(l0, p0);
+          l1 = vadd(l1, p1);
+          if (c.dropout) {
+            p0 = vmul(p0, keep_lanes(c, b, h, i0, j));
+            p1 = vmul(p1, keep_lanes(c, b, h, i0 + kW, j));
+          }
           const float* vj = V + j * Dv;
-          for (int64_t cc = 0; cc < Dv; ++cc) acc[cc] = vfma(pj, vset(vj[cc]), acc[cc]);
+          for (int64_t cc = 0; cc < Dv; ++cc) {
+            const V8 vc = vset(vj[cc]);
+            acc0[cc] = vfma(p0, vc, acc0[cc]);
+            acc1[cc] = vfma(p1, vc, acc1[cc]);
+          }
         }
-        alignas(32) float lv[kW];
+        alignas(32) float lv[kRows], lrow[kRows];
         float* av = w.acc.data();
-        vstore(lv, l);
-        for (int64_t cc = 0; cc < Dv; ++cc) vstore(av + cc * kW, acc[cc]);
+        vstore(lrow, l0);
+        vstore(lrow + kW, l1);
+        for (int64_t t = 0; t < kRows; ++t) lv[t] = lrow[t];
+        for (int64_t cc = 0; cc < Dv; ++cc) {
+          vstore(av + cc * kRows, acc0[cc]);
+          vstore(av + cc * kRows + kW, acc1[cc]);
+        }
+        alignas(32) float logl[kRows];
+        for (int64_t t = 0; t < kRows; ++t) lv[t] = lv[t] > 0.f ? lv[t] : 1.f;  // empty rows: no log of 0
+        for (int64_t t = 0; t < kRows; t += kW) log_lanes(lv + t, logl + t);
         for (int64_t t = 0; t < nr; ++t) {
-          if (lv[t] > 0.f) {
-            const float inv = 1.f / lv[t];
-            for (int64_t cc = 0; cc < Dv; ++cc) tmp[cc] = av[cc * kW + t] * inv;
-            lse[row0 + i0 + t] = mv[t] + std::log(lv[t]);
+          if (lrow[t] > 0.f) {
+            const float inv = 1.f / lrow[t];
+            for (int64_t cc = 0; cc < Dv; ++cc) tmp[cc] = av[cc * kRows + t] * inv;
+            lse[row0 + i0 + t] = mv[t] + logl[t];
           } else {
             for (int64_t cc = 0; cc < Dv; ++cc) tmp[cc] = 0.f;
             lse[row0 + i0 + t] = kNegInf;
@@ -930,7 +1010,7 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
   Scratch::grow(w.dvt, std::max<int64_t>(Lk * Dv * kW, 1));
   Scratch::grow(w.acc, std::max<int64_t>(Dv, 1));
   Scratch::grow(w.dO, std::max<int64_t>(Lk * std::max(D, Dv), 1));
-  const float* biasT = short_bias_lanes(c, w, b);
+  const float* biasT = short_bias_lanes(c, w, b);  // (dO: the lane sums of dK / dV)
   alignas(32) float qt[kLaneMaxDim * kW];
   alignas(32) float dot[kLaneMaxDim * kW];
   alignas(32) float tmp[kLaneMaxDim];
@@ -941,8 +1021,8 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
     const float* V = as_float_tile(v, w.vr.data(), Lk * Dv);
     float* dKp = w.dkt.data();
     float* dVp = w.dvt.data();
-    std::fill(dKp, dKp + Lk * D * kW, 0.f);
-    std::fill(dVp, dVp + Lk * Dv * kW, 0.f);
+    std::memset(dKp, 0, sizeof(float) * Lk * D * kW);
+    std::memset(dVp, 0, sizeof(float) * Lk * Dv * kW);
     for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
       const int64_t row0 = (b * p.Hq + h) * Lq;
       const T* q = static_cast<const T*>(p.q) + row0 * D;
@@ -1000,12 +1080,10 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
     // Sum the lanes: dk[j, d] = sum_t dKp[j, d, t] (dK already carries the scale through Qs).
     const int64_t kv0 = (b * p.Hkv + hk) * Lk;
     float* red = w.dO.data();
-    for (int64_t j = 0; j < Lk; ++j) {
-      for (int64_t d = 0; d < D; ++d) red[d] = hsum(dKp + (j * D + d) * kW);
-      store_row(red, dk + (kv0 + j) * D, D);
-      for (int64_t cc = 0; cc < Dv; ++cc) red[cc] = hsum(dVp + (j * Dv + cc) * kW);
-      store_row(red, dv + (kv0 + j) * Dv, Dv);
-    }
+    lane_sums(dKp, Lk * D, red);
+    store_row(red, dk + kv0 * D, Lk * D);
+    lane_sums(dVp, Lk * Dv, red);
+    store_row(red, dv + kv0 * Dv, Lk * Dv);
   }
 }
 
