@@ -47,20 +47,21 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-// exp(x) for x <= 0 in fp32 (Cephes-style range reduction + degree-6 polynomial, ~1 ulp);
-// 0 for x < -87 (and -inf). Branch-free so that loops over it vectorise.
+// exp(x) for x <= 0 in fp32: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), exp(r) by
+// its degree-6 Taylor polynomial (truncation < 1.3e-7 relative), times 2^n built in the exponent
+// bits; 0 for x < -87 (and -inf). Branch-free so that loops over it vectorise.
 inline float fexp(float x) {
-  const float xc = x < -87.f ? -87.f : (x > 88.f ? 88.f : x);
+  const float xc = x < -87.f ? -87.f : x;
   const float n = (xc * 1.44269504088896341f + 12582912.f) - 12582912.f;  // round to nearest
   float r = xc - n * 0.693359375f;
   r = r - n * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.f;
+  float y = 1.f / 720.f;
+  y = y * r + 1.f / 120.f;
+  y = y * r + 1.f / 24.f;
+  y = y * r + 1.f / 6.f;
+  y = y * r + 0.5f;
+  y = y * r + 1.f;
+  y = y * r + 1.f;
   const int32_t e = ((int32_t)n + 127) << 23;
   float s;
   std::memcpy(&s, &e, 4);
@@ -108,18 +109,18 @@ inline float max8(const float* a, int64_t n) {
 inline __m256 fexp8(__m256 x) {
   const __m256 lo = _mm256_set1_ps(-87.f);
   const __m256 underflow = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
-  const __m256 xc = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.f)), lo);
+  const __m256 xc = _mm256_max_ps(x, lo);
   const __m256 magic = _mm256_set1_ps(12582912.f);
   const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(xc, _mm256_set1_ps(1.44269504088896341f), magic), magic);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
   r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-  y = _mm256_add_ps(_mm256_fmadd_ps(y, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.f));
+  __m256 y = _mm256_set1_ps(1.f / 720.f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 120.f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 24.f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f / 6.f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(0.5f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.f));
   const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
   return _mm256_andnot_ps(underflow, _mm256_mul_ps(y, _mm256_castsi256_ps(e)));
 }
@@ -894,6 +895,11 @@ inline V8 keep_lanes(const Ctx& c, int64_t b, int64_t h, int64_t i0, int64_t j) 
 // past n).
 template <typename T>
 void load_lanes(const T* src, int64_t n, int64_t W, float scale, float* dst) {
+  if (n == kW) {
+    for (int64_t t = 0; t < kW; ++t)
+      for (int64_t d = 0; d < W; ++d) dst[d * kW + t] = scale * to_float(src[t * W + d]);
+    return;
+  }
   for (int64_t d = 0; d < W; ++d)
     for (int64_t t = 0; t < kW; ++t) dst[d * kW + t] = t < n ? scale * to_float(src[t * W + d]) : 0.f;
 }
