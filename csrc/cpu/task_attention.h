@@ -8,10 +8,13 @@
 // lse = -inf. Dropout keeps element (b, h, i, j) iff philox_uniform(philox4x32_10(j, i, b*Hq + h,
 // 0x5441534B, seed lo, seed hi).v[0]) >= dropout_p and scales kept probabilities by 1/(1 - p).
 //
-// Two paths, chosen by the sizes alone: Lq, Lk <= kTaskAttentionShortMax runs one work item per
-// (batch row, heads) holding the whole score block with a mask built once per batch row; longer
-// sequences run flash-style tiles with per-tile group summaries (tiles without an allowed pair are
-// skipped; tiles whose pairs are all allowed skip the per-element test). Accumulation is fp32; the
+// Paths, chosen by the sizes alone: Lq, Lk <= kTaskAttentionShortMax runs one work item per
+// batch row (all heads; per (batch row, kv head) when the batch is small) holding the whole score
+// block, with the mask built once per batch row — for head dims <= 32 eight (backward) or sixteen
+// (forward) query rows ride in the lanes of a vector, above that rows are register-blocked like
+// the flash tiles. Longer sequences run flash-style 64 x 64 tiles with per-tile group summaries
+// (tiles without an allowed pair are skipped; tiles whose pairs are all allowed skip the
+// per-element test); the backward runs a key-centric pass (dk, dv) and a query-centric pass (dq). Accumulation is fp32; the
 // work split depends only on the sizes, and the backward has no atomics, so the results are
 // bit-identical for every thread count.
 #pragma once

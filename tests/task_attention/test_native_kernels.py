@@ -232,6 +232,19 @@ def test_dropout_accepts_a_negative_int64_seed_as_its_bits(rng):
     check_against_oracle(Case(case.q, case.k, case.v, case.qg, case.kg, case.allow, p=0.25, seed=bits), rng)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["shared-groups", "per-batch-groups"])
+@pytest.mark.parametrize("shape", [Shape(17, 4, 2, 13, 11, 4, 4), Shape(17, 2, 1, 9, 12, 40, 36)],
+                         ids=["B17-lanes", "B17-rows"])
+def test_large_batch_runs_one_item_per_batch_row(shape, batched, rng):
+    """With many batch rows the short path gives each work item a whole batch row (all heads),
+    reusing the mask built for that row; per-batch groups must rebuild it for every row."""
+    check_against_oracle(make_case(shape, rng, batched=batched, causal=True), rng)
+    case = make_case(shape, rng, batched=batched, p=0.2, seed=5)
+    out1, lse1 = case.forward(n_threads=1)
+    out2, lse2 = case.forward(n_threads=2)
+    assert torch.equal(out1, out2) and torch.equal(lse1, lse2)
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0], ids=["identity-rule", "all-allowed"])
 @pytest.mark.parametrize("shape", [SHAPES[3], SHAPES[4]], ids=[IDS[3], IDS[4]])
 def test_tile_skipping_extremes(shape, density, rng):
