@@ -229,14 +229,15 @@ inline void lane_sums(const float* src, int64_t n, float* dst) {
   for (; g < n; ++g) dst[g] = hsum(src + g * kW);
 }
 
-// S[r, j] = sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
+// S[r, j] (+)= sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
-                        int64_t nkp, float* __restrict S) {
+                        int64_t nkp, float* __restrict S, bool accumulate = false) {
   int64_t j0 = 0;
+  auto init = [&](int64_t r, int64_t j) { return accumulate ? vload(S + r * nkp + j) : vset(0.f); };
   for (; j0 + 2 * kW <= nkp; j0 += 2 * kW) {
-    V8 a00 = vset(0.f), a01 = vset(0.f), a10 = vset(0.f), a11 = vset(0.f);
-    V8 a20 = vset(0.f), a21 = vset(0.f), a30 = vset(0.f), a31 = vset(0.f);
+    V8 a00 = init(0, j0), a01 = init(0, j0 + kW), a10 = init(1, j0), a11 = init(1, j0 + kW);
+    V8 a20 = init(2, j0), a21 = init(2, j0 + kW), a30 = init(3, j0), a31 = init(3, j0 + kW);
     for (int64_t d = 0; d < K; ++d) {
       const V8 b0 = vload(Bt + d * nkp + j0), b1 = vload(Bt + d * nkp + j0 + kW);
       V8 x = vset(A[d]);
@@ -254,7 +255,7 @@ inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const
     vstore(S + 3 * nkp + j0, a30); vstore(S + 3 * nkp + j0 + kW, a31);
   }
   for (; j0 < nkp; j0 += kW) {
-    V8 a0 = vset(0.f), a1 = vset(0.f), a2 = vset(0.f), a3 = vset(0.f);
+    V8 a0 = init(0, j0), a1 = init(1, j0), a2 = init(2, j0), a3 = init(3, j0);
     for (int64_t d = 0; d < K; ++d) {
       const V8 b0 = vload(Bt + d * nkp + j0);
       a0 = vfma(vset(A[d]), b0, a0);
@@ -302,21 +303,6 @@ inline void gemm_rows_acc(const float* __restrict P, int64_t nkp, int64_t nk, co
       a3 = vfma(vset(P[3 * nkp + j]), v0, a3);
     }
     vstore(C + c0, a0); vstore(C + ldv + c0, a1); vstore(C + 2 * ldv + c0, a2); vstore(C + 3 * ldv + c0, a3);
-  }
-}
-
-// Ct[c, j] += sum_r A[r, c] * P[r, j] for kR rows (A leading dimension lda, c < ncols; P and Ct
-// leading dimension nkp): the transposed accumulation of dK and dV.
-inline void outer_rows_acc_t(const float* __restrict A, int64_t lda, int64_t ncols, const float* __restrict P,
-                             int64_t nkp, float* __restrict Ct) {
-  for (int64_t j0 = 0; j0 < nkp; j0 += kW) {
-    const V8 p0 = vload(P + j0), p1 = vload(P + nkp + j0), p2 = vload(P + 2 * nkp + j0), p3 = vload(P + 3 * nkp + j0);
-    for (int64_t c = 0; c < ncols; ++c) {
-      float* o = Ct + c * nkp + j0;
-      const V8 s01 = vfma(vset(A[c]), p0, vmul(vset(A[lda + c]), p1));
-      const V8 s23 = vfma(vset(A[2 * lda + c]), p2, vmul(vset(A[3 * lda + c]), p3));
-      vstore(o, vadd(vload(o), vadd(s01, s23)));
-    }
   }
 }
 
@@ -442,6 +428,7 @@ struct MaskSpec {
 // Per-thread scratch, grown on demand (never shrunk), so work items do not allocate.
 struct Scratch {
   std::vector<float> qs, dO, kt, vt, vr, kr, s, s2, ks, acc, m, l, lse, di, dkt, dvt, dq, bias;
+  std::vector<float> pfull, dsfull, qst, dot_t;  // backward: a whole q-tile of P, dS; Qs^T, dO^T
   uint64_t bias_call = 0;
   int64_t bias_row = -1;
   static void grow(std::vector<float>& v, int64_t n) {
@@ -568,8 +555,13 @@ void size_scratch(const TaskAttentionProblem& p, Scratch& w, int64_t bq, int64_t
     Scratch::grow(w.kr, bkp * Dp);
     Scratch::grow(w.lse, bqp);
     Scratch::grow(w.di, bqp);
-    Scratch::grow(w.dkt, std::max<int64_t>(p.D, 1) * bkp);
-    Scratch::grow(w.dvt, std::max<int64_t>(p.Dv, 1) * bkp);
+    const int64_t D4 = round_up(std::max<int64_t>(p.D, 1), kR), Dv4 = round_up(std::max<int64_t>(p.Dv, 1), kR);
+    Scratch::grow(w.dkt, D4 * bkp);
+    Scratch::grow(w.dvt, Dv4 * bkp);
+    Scratch::grow(w.pfull, bqp * bkp);
+    Scratch::grow(w.dsfull, bqp * bkp);
+    Scratch::grow(w.qst, D4 * bqp);
+    Scratch::grow(w.dot_t, Dv4 * bqp);
     Scratch::grow(w.dq, bqp * Dp);
   }
 }
@@ -658,10 +650,11 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
                int64_t nkp, const MaskSpec& mask, bool acc_kv, bool acc_q, bool k_rows, int64_t ldk) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t D = p.D, Dv = p.Dv;
-  float* S = w.s.data();    // scores -> P -> P with dropout
-  float* dS = w.s2.data();  // dP -> dS
   float* ks = w.ks.data();
   for (int64_t r0 = 0; r0 < nq; r0 += kR) {
+    // scores -> P -> P with dropout, and dP -> dS: kept for the whole q-tile when dK / dV follow.
+    float* S = acc_kv ? w.pfull.data() + r0 * nkp : w.s.data();
+    float* dS = acc_kv ? w.dsfull.data() + r0 * nkp : w.s2.data();
     gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
     gemm_rows_t(w.dO.data() + r0 * Dv, Dv, Dv, w.vt.data(), nkp, dS);
     const int64_t nr = std::min(kR, nq - r0);
@@ -691,10 +684,6 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
       }
     }
     if (!any) continue;
-    if (acc_kv) {
-      outer_rows_acc_t(w.dO.data() + r0 * Dv, Dv, Dv, S, nkp, w.dvt.data());
-      outer_rows_acc_t(w.qs.data() + r0 * D, D, D, dS, nkp, w.dkt.data());
-    }
     if (acc_q) {
       float* dq = w.dq.data() + r0 * ldk;
       if (k_rows) {
@@ -704,6 +693,13 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
           for (int64_t d = 0; d < D; ++d) dq[r * ldk + d] += dot8(dS + r * nkp, w.kt.data() + d * nkp, nkp);
       }
     }
+  }
+  if (acc_kv) {  // dVt += dO^T P, dKt += Qs^T dS over the q-tile's rows (padded rows are zero)
+    const int64_t nqp = round_up(nq, kR);
+    for (int64_t c0 = 0; c0 < Dv; c0 += kR)
+      gemm_rows_t(w.dot_t.data() + c0 * nqp, nqp, nqp, w.pfull.data(), nkp, w.dvt.data() + c0 * nkp, true);
+    for (int64_t d0 = 0; d0 < D; d0 += kR)
+      gemm_rows_t(w.qst.data() + d0 * nqp, nqp, nqp, w.dsfull.data(), nkp, w.dkt.data() + d0 * nkp, true);
   }
 }
 
@@ -717,6 +713,14 @@ void bwd_load_q(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int6
   const int64_t nqp = round_up(nq, kR);
   load_rows(static_cast<const T*>(p.q) + row0 * p.D, nq, p.D, p.scale, w.qs.data(), nqp);
   load_rows(dout + row0 * p.Dv, nq, p.Dv, 1.f, w.dO.data(), nqp);
+  // Qs^T and dO^T ([round4(D), nqp], rows past D zero) for the dK / dV products.
+  const int64_t D4 = round_up(p.D, kR), Dv4 = round_up(p.Dv, kR);
+  std::memset(w.qst.data(), 0, sizeof(float) * D4 * nqp);
+  std::memset(w.dot_t.data(), 0, sizeof(float) * Dv4 * nqp);
+  for (int64_t r = 0; r < nq; ++r) {
+    for (int64_t d = 0; d < p.D; ++d) w.qst[d * nqp + r] = w.qs[r * p.D + d];
+    for (int64_t cc = 0; cc < p.Dv; ++cc) w.dot_t[cc * nqp + r] = w.dO[r * p.Dv + cc];
+  }
   float* orow = w.acc.data();
   for (int64_t i = 0; i < nq; ++i) {
     w.lse[i] = lse[row0 + i];
@@ -763,8 +767,8 @@ void backward_short_item(const Ctx& c, int64_t item, bool per_head, const T* out
   ms.bias = bias;
   for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
     bwd_load_kv<T>(p, w, b, hk, 0, nk, nkp, k_rows, ldk);
-    std::fill(w.dkt.begin(), w.dkt.begin() + p.D * nkp, 0.f);
-    std::fill(w.dvt.begin(), w.dvt.begin() + p.Dv * nkp, 0.f);
+    std::fill(w.dkt.begin(), w.dkt.begin() + round_up(p.D, kR) * nkp, 0.f);
+    std::fill(w.dvt.begin(), w.dvt.begin() + round_up(p.Dv, kR) * nkp, 0.f);
     for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
       bwd_load_q(c, w, b, h, 0, p.Lq, out, dout, lse);
       std::fill(w.dq.begin(), w.dq.begin() + round_up(p.Lq, kR) * ldk, 0.f);
@@ -786,8 +790,8 @@ void backward_kv_item(const Ctx& c, int64_t item, const T* out, const T* dout, c
   Scratch& w = scratch();
   size_scratch(p, w, kBQ, kBK, true);
   const int64_t ldk = round_up(std::max<int64_t>(p.D, 1), kW);
-  std::fill(w.dkt.begin(), w.dkt.begin() + p.D * nkp, 0.f);
-  std::fill(w.dvt.begin(), w.dvt.begin() + p.Dv * nkp, 0.f);
+  std::fill(w.dkt.begin(), w.dkt.begin() + round_up(p.D, kR) * nkp, 0.f);
+  std::fill(w.dvt.begin(), w.dvt.begin() + round_up(p.Dv, kR) * nkp, 0.f);
   bool loaded = false;
   for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
     for (int64_t qt = 0; qt < c.nqt; ++qt) {
