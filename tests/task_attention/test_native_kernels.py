@@ -48,6 +48,8 @@ SHAPES = [
     Shape(1, 2, 1, 130, 70, 7, 33, 5),     # flash tiles (Lq > short max), GQA
     Shape(1, 2, 2, 200, 150, 24, 16),      # flash tiles, D >= 16 (row-major kernels)
     Shape(2, 4, 2, 33, 45, 40, 36),        # short sequences, head dims past the lane kernels
+    Shape(3, 2, 2, 20, 19, 8, 8),          # lane kernels compiled for D = Dv = 8
+    Shape(2, 2, 1, 24, 31, 16, 16),        # ... and for D = Dv = 16
 ]
 IDS = [str(s) for s in SHAPES]
 
