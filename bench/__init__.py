@@ -24,6 +24,7 @@ FAMILIES: dict[str, str] = {
     "merge": ".merge",
     "moe": ".moe",
     "neighborhood": ".neighborhood",
+    "task_attention": ".task_attention",
 }
 
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -3,17 +3,20 @@
 Functional API (each op takes ``backend="auto" | "reference" | "cpu" | "triton" | "cuda"``):
 
 * `task_arithmetic`, `task_arithmetic_from_models` — fused block-wise task-vector merging.
+* `task_masked_attention` — attention masked by per-token group ids and a G×G rule (`pyops.masks` presets).
 * `merge`, `merge_from_models` — TIES, DARE, breadcrumbs, DELLA, model_stock, consensus merging.
 * `moe_route`, `moe_experts`, `Routing`, `moe_losses` — fused expert routing (mixture of experts).
+* `na1d`, `na2d`, `na3d` — neighbourhood attention (NATTEN semantics, heads-last layout) with RPB.
 
 `pyops.info()` reports which backends load and why the others do not.
 """
-from pyops import nn
+from pyops import masks, nn
 from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
 from pyops import moe_losses
 from pyops.ops.merge import merge, merge_from_models
 from pyops.ops.moe import Routing, moe_experts, moe_route
 from pyops.ops.neighborhood import na1d, na2d, na3d
+from pyops.ops.task_attention import task_masked_attention
 from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
 
 __version__ = "0.1.0"
@@ -23,6 +26,7 @@ __all__ = [
     "BackendUnavailableError",
     "info",
     "last_choice",
+    "masks",
     "merge",
     "merge_from_models",
     "moe_experts",
@@ -35,6 +39,7 @@ __all__ = [
     "nn",
     "task_arithmetic",
     "task_arithmetic_from_models",
+    "task_masked_attention",
 ]
 
 

@@ -4,10 +4,12 @@
 * `TaskVectorComposition` — learned task-vector merging (aTLAS, AdaMerging): learnable
   block-wise coefficients λ over N task vectors, merged with `pyops.task_arithmetic`.
 * `TaskMoE` — mixture-of-experts MLP with per-task routers on `pyops.moe_route` / `moe_experts`.
+* `TaskMaskedMultiheadAttention` — `nn.MultiheadAttention` with a group rule instead of a dense mask.
 """
 from pyops.nn.moe import TaskMoE
 from pyops.nn.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from pyops.nn.task_attention import TaskMaskedMultiheadAttention
 from pyops.nn.task_vector_composition import TaskVectorComposition
 
-__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D", "TaskMoE",
-           "TaskVectorComposition"]
+__all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
+           "TaskMaskedMultiheadAttention", "TaskMoE", "TaskVectorComposition"]

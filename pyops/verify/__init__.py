@@ -42,9 +42,10 @@ class Row:
 
 
 def _families():
-    from pyops.verify import merge, moe, neighborhood, task_merge
+    from pyops.verify import merge, moe, neighborhood, task_attention, task_merge
 
-    return {"task_arithmetic": task_merge, "merge": merge, "moe": moe, "neighborhood": neighborhood}
+    return {"task_arithmetic": task_merge, "merge": merge, "moe": moe, "neighborhood": neighborhood,
+            "task_attention": task_attention}
 
 
 def op_names() -> List[str]:
