@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -429,6 +430,7 @@ struct MaskSpec {
 struct Scratch {
   std::vector<float> qs, dO, kt, vt, vr, kr, s, s2, ks, acc, m, l, lse, di, dkt, dvt, dq, bias;
   std::vector<float> pfull, dsfull, qst, dot_t;  // backward: a whole q-tile of P, dS; Qs^T, dO^T
+  std::vector<float> qpack, dqall, qloaded;      // fused backward: q sides and dq of a (b, kv head)
   uint64_t bias_call = 0;
   int64_t bias_row = -1;
   static void grow(std::vector<float>& v, int64_t n) {
@@ -468,13 +470,14 @@ const float* short_bias(const Ctx& c, Scratch& w, int64_t b, int64_t nkp) {
 // One (q-tile, k-tile) step of the online softmax for query rows [0, nq) of the tile held in w.qs
 // (pre-scaled, rows padded to kR): updates w.m, w.l and w.acc (rows of ldv floats).
 void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0,
-               int64_t nk, int64_t nkp, const MaskSpec& mask, bool v_rows, int64_t ldv) {
+               int64_t nk, int64_t nkp, const MaskSpec& mask, bool v_rows, int64_t ldv, const float* Kt,
+               const float* Vr, const float* Vt) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t D = p.D, Dv = p.Dv;
   float* S = w.s.data();
   float* ks = w.ks.data();
   for (int64_t r0 = 0; r0 < nq; r0 += kR) {
-    gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
+    gemm_rows_t(w.qs.data() + r0 * D, D, D, Kt, nkp, S);
     const int64_t nr = std::min(kR, nq - r0);
     for (int64_t r = 0; r < kR; ++r) {
       float* s = S + r * nkp;
@@ -506,10 +509,10 @@ void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     }
     float* acc = w.acc.data() + r0 * ldv;
     if (v_rows) {
-      gemm_rows_acc(S, nkp, nk, w.vr.data(), ldv, acc);
+      gemm_rows_acc(S, nkp, nk, Vr, ldv, acc);
     } else {
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t cc = 0; cc < Dv; ++cc) acc[r * ldv + cc] += dot8(S + r * nkp, w.vt.data() + cc * nkp, nkp);
+        for (int64_t cc = 0; cc < Dv; ++cc) acc[r * ldv + cc] += dot8(S + r * nkp, Vt + cc * nkp, nkp);
     }
   }
 }
@@ -566,8 +569,30 @@ void size_scratch(const TaskAttentionProblem& p, Scratch& w, int64_t bq, int64_t
   }
 }
 
+// Packed K / V tiles of the flash forward, built once per call: tile (b, kv head, k-tile) holds
+// K^T ([D, nkp]) and V as rows ([nk, ldv]) or transposed ([Dv, nkp]), exactly what the per-pair
+// loads used to build, so the q-tiles that share a k-tile no longer re-transpose it.
+struct KVPack {
+  std::unique_ptr<float[]> k, v;
+  int64_t kst = 0, vst = 0;
+};
+
 template <typename T>
-void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
+void pack_kv_tile(const Ctx& c, int64_t ti, bool v_rows, int64_t ldv, KVPack& pk) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t kt = ti % c.nkt, bhk = ti / c.nkt;
+  const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+  const T* k = static_cast<const T*>(p.k) + (bhk * p.Lk + k0) * p.D;
+  const T* v = static_cast<const T*>(p.v) + (bhk * p.Lk + k0) * p.Dv;
+  load_transposed(k, nk, p.D, pk.k.get() + ti * pk.kst, nkp);
+  if (v_rows)
+    load_rows_padded(v, nk, p.Dv, pk.v.get() + ti * pk.vst, ldv);
+  else
+    load_transposed(v, nk, p.Dv, pk.v.get() + ti * pk.vst, nkp);
+}
+
+template <typename T>
+void forward_flash_item(const Ctx& c, int64_t item, const KVPack& pk, T* out, float* lse) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t qt = item % c.nqt, bh = item / c.nqt, h = bh % p.Hq, b = bh / p.Hq, hk = h / c.rep;
   const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
@@ -579,8 +604,6 @@ void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
   std::fill(w.l.begin(), w.l.begin() + nq, 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + round_up(nq, kR) * ldv, 0.f);
   const T* q = static_cast<const T*>(p.q) + ((b * p.Hq + h) * p.Lq + q0) * p.D;
-  const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * p.D;
-  const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * p.Lk * p.Dv;
   bool loaded_q = false;
   for (int64_t kt = 0; kt < c.nkt; ++kt) {
     const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
@@ -590,11 +613,9 @@ void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
       load_rows(q, nq, p.D, p.scale, w.qs.data(), round_up(nq, kR));
       loaded_q = true;
     }
-    load_transposed(k + k0 * p.D, nk, p.D, w.kt.data(), nkp);
-    if (v_rows)
-      load_rows_padded(v + k0 * p.Dv, nk, p.Dv, w.vr.data(), ldv);
-    else
-      load_transposed(v + k0 * p.Dv, nk, p.Dv, w.vt.data(), nkp);
+    const int64_t ti = (b * p.Hkv + hk) * c.nkt + kt;
+    const float* Kt = pk.k.get() + ti * pk.kst;
+    const float* Vp = pk.v.get() + ti * pk.vst;
     MaskSpec ms;
     ms.full = tm.full;
     ms.qrow = c.qrow_of(b) + q0;
@@ -602,7 +623,7 @@ void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
     ms.q0 = q0;
     ms.k0 = k0;
     ms.causal = p.causal;
-    fwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, v_rows, ldv);
+    fwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, v_rows, ldv, Kt, Vp, Vp);
   }
   fwd_finish(c, w, b, h, q0, nq, ldv, out, lse);
 }
@@ -635,7 +656,7 @@ void forward_short_item(const Ctx& c, int64_t item, bool per_head, T* out, float
       std::fill(w.m.begin(), w.m.begin() + p.Lq, kNegInf);
       std::fill(w.l.begin(), w.l.begin() + p.Lq, 0.f);
       std::fill(w.acc.begin(), w.acc.begin() + round_up(p.Lq, kR) * ldv, 0.f);
-      fwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, v_rows, ldv);
+      fwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, v_rows, ldv, w.kt.data(), w.vr.data(), w.vt.data());
       fwd_finish(c, w, b, h, 0, p.Lq, ldv, out, lse);
     }
   }
@@ -646,8 +667,22 @@ void forward_short_item(const Ctx& c, int64_t item, bool per_head, T* out, float
 // One (q-tile, k-tile) pair of the backward for the q rows held in w.qs (pre-scaled), w.dO,
 // w.lse, w.di and the keys in w.kt / w.vt (and w.kr when dq uses rows). Accumulates
 // dKt += dS^T Qs and dVt += Pd^T dO (when acc_kv) and dq += dS K (when acc_q; unscaled).
+// The q side of a backward tile (see bwd_load_q) and the k side (see bwd_load_kv).
+struct QSide {
+  float *qs, *dO, *qst, *dot_t, *lse, *di;
+};
+struct KSide {
+  const float *kt, *vt, *kr;
+};
+
+QSide q_side_of(Scratch& w) {
+  return {w.qs.data(), w.dO.data(), w.qst.data(), w.dot_t.data(), w.lse.data(), w.di.data()};
+}
+KSide k_side_of(Scratch& w) { return {w.kt.data(), w.vt.data(), w.kr.data()}; }
+
 void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
-               int64_t nkp, const MaskSpec& mask, bool acc_kv, bool acc_q, bool k_rows, int64_t ldk) {
+               int64_t nkp, const MaskSpec& mask, bool acc_kv, bool acc_q, bool k_rows, int64_t ldk,
+               const QSide& Q, const KSide& K, float* dqbuf) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t D = p.D, Dv = p.Dv;
   float* ks = w.ks.data();
@@ -655,22 +690,22 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     // scores -> P -> P with dropout, and dP -> dS: kept for the whole q-tile when dK / dV follow.
     float* S = acc_kv ? w.pfull.data() + r0 * nkp : w.s.data();
     float* dS = acc_kv ? w.dsfull.data() + r0 * nkp : w.s2.data();
-    gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
-    gemm_rows_t(w.dO.data() + r0 * Dv, Dv, Dv, w.vt.data(), nkp, dS);
+    gemm_rows_t(Q.qs + r0 * D, D, D, K.kt, nkp, S);
+    gemm_rows_t(Q.dO + r0 * Dv, Dv, Dv, K.vt, nkp, dS);
     const int64_t nr = std::min(kR, nq - r0);
     bool any = false;
     for (int64_t r = 0; r < kR; ++r) {
       float* s = S + r * nkp;
       float* ds = dS + r * nkp;
       const int64_t i = r0 + r;
-      if (r >= nr || w.lse[i] == kNegInf) {
+      if (r >= nr || Q.lse[i] == kNegInf) {
         std::fill(s, s + nkp, 0.f);
         std::fill(ds, ds + nkp, 0.f);
         continue;
       }
       any = true;
       mask.apply(i, s, nk, nkp);
-      const float li = w.lse[i], di = w.di[i];
+      const float li = Q.lse[i], di = Q.di[i];
       exp_sub(s, li, nkp);
       if (c.dropout) {
         c.keep_row(b, h, q0 + i, k0, nk, nkp, ks);
@@ -685,21 +720,21 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     }
     if (!any) continue;
     if (acc_q) {
-      float* dq = w.dq.data() + r0 * ldk;
+      float* dq = dqbuf + r0 * ldk;
       if (k_rows) {
-        gemm_rows_acc(dS, nkp, nk, w.kr.data(), ldk, dq);
+        gemm_rows_acc(dS, nkp, nk, K.kr, ldk, dq);
       } else {
         for (int64_t r = 0; r < nr; ++r)
-          for (int64_t d = 0; d < D; ++d) dq[r * ldk + d] += dot8(dS + r * nkp, w.kt.data() + d * nkp, nkp);
+          for (int64_t d = 0; d < D; ++d) dq[r * ldk + d] += dot8(dS + r * nkp, K.kt + d * nkp, nkp);
       }
     }
   }
   if (acc_kv) {  // dVt += dO^T P, dKt += Qs^T dS over the q-tile's rows (padded rows are zero)
     const int64_t nqp = round_up(nq, kR);
     for (int64_t c0 = 0; c0 < Dv; c0 += kR)
-      gemm_rows_t(w.dot_t.data() + c0 * nqp, nqp, nqp, w.pfull.data(), nkp, w.dvt.data() + c0 * nkp, true);
+      gemm_rows_t(Q.dot_t + c0 * nqp, nqp, nqp, w.pfull.data(), nkp, w.dvt.data() + c0 * nkp, true);
     for (int64_t d0 = 0; d0 < D; d0 += kR)
-      gemm_rows_t(w.qst.data() + d0 * nqp, nqp, nqp, w.dsfull.data(), nkp, w.dkt.data() + d0 * nkp, true);
+      gemm_rows_t(Q.qst + d0 * nqp, nqp, nqp, w.dsfull.data(), nkp, w.dkt.data() + d0 * nkp, true);
   }
 }
 
@@ -707,25 +742,25 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
 // D_i = rowsum(dO * O) (O includes dropout, so this is sum_j P_ij * dP'_ij).
 template <typename T>
 void bwd_load_q(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, const T* out,
-                const T* dout, const float* lse) {
+                const T* dout, const float* lse, const QSide& Q) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
   const int64_t nqp = round_up(nq, kR);
-  load_rows(static_cast<const T*>(p.q) + row0 * p.D, nq, p.D, p.scale, w.qs.data(), nqp);
-  load_rows(dout + row0 * p.Dv, nq, p.Dv, 1.f, w.dO.data(), nqp);
+  load_rows(static_cast<const T*>(p.q) + row0 * p.D, nq, p.D, p.scale, Q.qs, nqp);
+  load_rows(dout + row0 * p.Dv, nq, p.Dv, 1.f, Q.dO, nqp);
   // Qs^T and dO^T ([round4(D), nqp], rows past D zero) for the dK / dV products.
   const int64_t D4 = round_up(p.D, kR), Dv4 = round_up(p.Dv, kR);
-  std::memset(w.qst.data(), 0, sizeof(float) * D4 * nqp);
-  std::memset(w.dot_t.data(), 0, sizeof(float) * Dv4 * nqp);
+  std::memset(Q.qst, 0, sizeof(float) * D4 * nqp);
+  std::memset(Q.dot_t, 0, sizeof(float) * Dv4 * nqp);
   for (int64_t r = 0; r < nq; ++r) {
-    for (int64_t d = 0; d < p.D; ++d) w.qst[d * nqp + r] = w.qs[r * p.D + d];
-    for (int64_t cc = 0; cc < p.Dv; ++cc) w.dot_t[cc * nqp + r] = w.dO[r * p.Dv + cc];
+    for (int64_t d = 0; d < p.D; ++d) Q.qst[d * nqp + r] = Q.qs[r * p.D + d];
+    for (int64_t cc = 0; cc < p.Dv; ++cc) Q.dot_t[cc * nqp + r] = Q.dO[r * p.Dv + cc];
   }
   float* orow = w.acc.data();
   for (int64_t i = 0; i < nq; ++i) {
-    w.lse[i] = lse[row0 + i];
+    Q.lse[i] = lse[row0 + i];
     const float* o = as_float_tile(out + (row0 + i) * p.Dv, orow, p.Dv);
-    w.di[i] = dot_any(w.dO.data() + i * p.Dv, o, p.Dv);
+    Q.di[i] = dot_any(Q.dO + i * p.Dv, o, p.Dv);
   }
 }
 
@@ -740,11 +775,11 @@ void bwd_load_kv(const TaskAttentionProblem& p, Scratch& w, int64_t b, int64_t h
 }
 
 template <typename T>
-void bwd_store_dq(const TaskAttentionProblem& p, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq,
+void bwd_store_dq(const TaskAttentionProblem& p, float* dqbuf, int64_t b, int64_t h, int64_t q0, int64_t nq,
                   int64_t ldk, T* dq) {
   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
   for (int64_t i = 0; i < nq; ++i) {
-    float* r = w.dq.data() + i * ldk;
+    float* r = dqbuf + i * ldk;
     for (int64_t d = 0; d < p.D; ++d) r[d] *= p.scale;
     store_row(r, dq + (row0 + i) * p.D, p.D);
   }
@@ -770,10 +805,11 @@ void backward_short_item(const Ctx& c, int64_t item, bool per_head, const T* out
     std::fill(w.dkt.begin(), w.dkt.begin() + round_up(p.D, kR) * nkp, 0.f);
     std::fill(w.dvt.begin(), w.dvt.begin() + round_up(p.Dv, kR) * nkp, 0.f);
     for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
-      bwd_load_q(c, w, b, h, 0, p.Lq, out, dout, lse);
+      bwd_load_q(c, w, b, h, 0, p.Lq, out, dout, lse, q_side_of(w));
       std::fill(w.dq.begin(), w.dq.begin() + round_up(p.Lq, kR) * ldk, 0.f);
-      bwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, true, true, k_rows, ldk);
-      bwd_store_dq(p, w, b, h, 0, p.Lq, ldk, dq);
+      bwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, true, true, k_rows, ldk, q_side_of(w), k_side_of(w),
+                w.dq.data());
+      bwd_store_dq(p, w.dq.data(), b, h, 0, p.Lq, ldk, dq);
     }
     const int64_t kv0 = (b * p.Hkv + hk) * p.Lk;
     store_transposed(w.dkt.data(), nkp, nk, p.D, 1.f, dk + kv0 * p.D);
@@ -802,7 +838,7 @@ void backward_kv_item(const Ctx& c, int64_t item, const T* out, const T* dout, c
         bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, false, ldk);
         loaded = true;
       }
-      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse);
+      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse, q_side_of(w));
       MaskSpec ms;
       ms.full = tm.full;
       ms.qrow = c.qrow_of(b) + q0;
@@ -810,7 +846,7 @@ void backward_kv_item(const Ctx& c, int64_t item, const T* out, const T* dout, c
       ms.q0 = q0;
       ms.k0 = k0;
       ms.causal = p.causal;
-      bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, false, false, ldk);
+      bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, false, false, ldk, q_side_of(w), k_side_of(w), nullptr);
     }
   }
   const int64_t kv0 = (b * p.Hkv + hk) * p.Lk + k0;
@@ -835,7 +871,7 @@ void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, co
     const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
     if (tm.skip) continue;
     if (!loaded) {
-      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse);
+      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse, q_side_of(w));
       loaded = true;
     }
     bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, k_rows, ldk);
@@ -846,9 +882,93 @@ void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, co
     ms.q0 = q0;
     ms.k0 = k0;
     ms.causal = p.causal;
-    bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, false, true, k_rows, ldk);
+    bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, false, true, k_rows, ldk, q_side_of(w), k_side_of(w),
+              w.dq.data());
   }
-  bwd_store_dq(p, w, b, h, q0, nq, ldk, dq);
+  bwd_store_dq(p, w.dq.data(), b, h, q0, nq, ldk, dq);
+}
+
+// Flash backward, fused: item = (b, kv head) -> dk, dv of every k-tile and dq of every query
+// head that reads it. The q side of each (head, q-tile) is loaded once per item, each k-tile
+// once, and dS is used for dK and dQ alike (no second pass that recomputes P and dP). The sums
+// run in the same order as the two-pass split (dK / dV of a k-tile over (head, q-tile); dQ of a
+// q-tile over the k-tiles in order), so both give the same bits.
+template <typename T>
+void backward_fused_item(const Ctx& c, int64_t item, const T* out, const T* dout, const float* lse, T* dq, T* dk,
+                         T* dv) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t hk = item % p.Hkv, b = item / p.Hkv;
+  Scratch& w = scratch();
+  size_scratch(p, w, kBQ, kBK, true);
+  const bool k_rows = p.D >= 16;
+  const int64_t ldk = round_up(std::max<int64_t>(p.D, 1), kW);
+  const int64_t D1 = std::max<int64_t>(p.D, 1), Dv1 = std::max<int64_t>(p.Dv, 1);
+  const int64_t D4 = round_up(D1, kR), Dv4 = round_up(Dv1, kR);
+  const int64_t tq = kBQ * D1 + kBQ * Dv1 + D4 * kBQ + Dv4 * kBQ + 2 * kBQ;  // floats per q-side tile
+  const int64_t ntq = c.rep * c.nqt;
+  Scratch::grow(w.qpack, ntq * tq);
+  Scratch::grow(w.dqall, ntq * kBQ * ldk);
+  Scratch::grow(w.qloaded, ntq);
+  std::fill(w.qloaded.begin(), w.qloaded.begin() + ntq, 0.f);
+  std::fill(w.dqall.begin(), w.dqall.begin() + ntq * kBQ * ldk, 0.f);
+  auto q_side = [&](int64_t t) {
+    float* base = w.qpack.data() + t * tq;
+    QSide Q;
+    Q.qs = base;
+    Q.dO = Q.qs + kBQ * D1;
+    Q.qst = Q.dO + kBQ * Dv1;
+    Q.dot_t = Q.qst + D4 * kBQ;
+    Q.lse = Q.dot_t + Dv4 * kBQ;
+    Q.di = Q.lse + kBQ;
+    return Q;
+  };
+  for (int64_t kt = 0; kt < c.nkt; ++kt) {
+    const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+    bool loaded = false;
+    for (int64_t hr = 0; hr < c.rep; ++hr) {
+      const int64_t h = hk * c.rep + hr;
+      for (int64_t qt = 0; qt < c.nqt; ++qt) {
+        const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+        const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
+        if (tm.skip) continue;
+        if (!loaded) {
+          bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, k_rows, ldk);
+          std::fill(w.dkt.begin(), w.dkt.begin() + round_up(p.D, kR) * nkp, 0.f);
+          std::fill(w.dvt.begin(), w.dvt.begin() + round_up(p.Dv, kR) * nkp, 0.f);
+          loaded = true;
+        }
+        const int64_t t = hr * c.nqt + qt;
+        const QSide Q = q_side(t);
+        if (w.qloaded[t] == 0.f) {
+          bwd_load_q(c, w, b, h, q0, nq, out, dout, lse, Q);
+          w.qloaded[t] = 1.f;
+        }
+        MaskSpec ms;
+        ms.full = tm.full;
+        ms.qrow = c.qrow_of(b) + q0;
+        ms.kbit = c.kbit_of(b) + k0;
+        ms.q0 = q0;
+        ms.k0 = k0;
+        ms.causal = p.causal;
+        bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, true, k_rows, ldk, Q, k_side_of(w),
+                  w.dqall.data() + t * kBQ * ldk);
+      }
+    }
+    const int64_t kv0 = (b * p.Hkv + hk) * p.Lk + k0;
+    if (loaded) {
+      store_transposed(w.dkt.data(), nkp, nk, p.D, 1.f, dk + kv0 * p.D);
+      store_transposed(w.dvt.data(), nkp, nk, p.Dv, 1.f, dv + kv0 * p.Dv);
+    } else {  // no query reads this k-tile
+      const T zero = from_float<T>(0.f);
+      std::fill(dk + kv0 * p.D, dk + (kv0 + nk) * p.D, zero);
+      std::fill(dv + kv0 * p.Dv, dv + (kv0 + nk) * p.Dv, zero);
+    }
+  }
+  for (int64_t hr = 0; hr < c.rep; ++hr)
+    for (int64_t qt = 0; qt < c.nqt; ++qt) {
+      const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+      bwd_store_dq(p, w.dqall.data() + (hr * c.nqt + qt) * kBQ * ldk, b, hk * c.rep + hr, q0, nq, ldk, dq);
+    }
 }
 
 // ---- short path, query-lane kernels (small head dims) -------------------------------------------
@@ -1235,7 +1355,16 @@ Status task_attention_forward(const TaskAttentionProblem& p, void* out, float* l
       parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
                    [&](int64_t item) { forward_short_item<T>(c, item, per_head, o, lse); });
     } else {
-      parallel_for(p.B * p.Hq * c.nqt, n_threads, [&](int64_t item) { forward_flash_item<T>(c, item, o, lse); });
+      KVPack pk;
+      const bool v_rows = p.Dv >= 16;
+      const int64_t ldv = round_up(std::max<int64_t>(p.Dv, 1), kW);
+      const int64_t ntile = p.B * p.Hkv * c.nkt;
+      pk.kst = std::max<int64_t>(p.D, 1) * kBK;
+      pk.vst = v_rows ? kBK * ldv : std::max<int64_t>(p.Dv, 1) * kBK;
+      pk.k.reset(new float[(size_t)(ntile * pk.kst)]);
+      pk.v.reset(new float[(size_t)(ntile * pk.vst)]);
+      parallel_for(ntile, n_threads, [&](int64_t ti) { pack_kv_tile<T>(c, ti, v_rows, ldv, pk); });
+      parallel_for(p.B * p.Hq * c.nqt, n_threads, [&](int64_t item) { forward_flash_item<T>(c, item, pk, o, lse); });
     }
     return Status::ok();
   });
@@ -1282,6 +1411,9 @@ Status task_attention_backward(const TaskAttentionProblem& p, const void* out, c
       parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
         backward_short_item<T>(c, item, per_head, o, go, lse, gq, gk, gv);
       });
+    } else if (p.B * p.Hkv >= 4 * std::max(1, n_threads)) {  // enough (b, kv head) items to share out
+      parallel_for(p.B * p.Hkv, n_threads,
+                   [&](int64_t item) { backward_fused_item<T>(c, item, o, go, lse, gq, gk, gv); });
     } else {
       parallel_for(p.B * p.Hkv * c.nkt, n_threads,
                    [&](int64_t item) { backward_kv_item<T>(c, item, o, go, lse, gk, gv); });
