@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -230,10 +231,148 @@ inline void lane_sums(const float* src, int64_t n, float* dst) {
   for (; g < n; ++g) dst[g] = hsum(src + g * kW);
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__) && defined(__x86_64__)
+// AVX-512 versions of the two register-blocked products, chosen at run time inside the AVX2
+// build. Each output element is the same chain of fused multiply-adds in the same order as in
+// the eight-lane kernels (only more of them run side by side), so the results are bit-identical
+// to the AVX2 kernels: the choice never changes an answer.
+#define PYOPS_TA_AVX512 1
+__attribute__((target("avx512f"))) static void gemm_rows_t_512(const float* __restrict A, int64_t lda, int64_t K,
+                                                               const float* __restrict Bt, int64_t nkp,
+                                                               float* __restrict S, bool accumulate) {
+  const float* A0 = A;
+  const float* A1 = A + lda;
+  const float* A2 = A + 2 * lda;
+  const float* A3 = A + 3 * lda;
+  float* S0 = S;
+  float* S1 = S + nkp;
+  float* S2 = S + 2 * nkp;
+  float* S3 = S + 3 * nkp;
+  int64_t j0 = 0;
+  for (; j0 + 64 <= nkp; j0 += 64) {
+    __m512 a[4][4];
+    for (int t = 0; t < 4; ++t) {
+      a[0][t] = accumulate ? _mm512_loadu_ps(S0 + j0 + 16 * t) : _mm512_setzero_ps();
+      a[1][t] = accumulate ? _mm512_loadu_ps(S1 + j0 + 16 * t) : _mm512_setzero_ps();
+      a[2][t] = accumulate ? _mm512_loadu_ps(S2 + j0 + 16 * t) : _mm512_setzero_ps();
+      a[3][t] = accumulate ? _mm512_loadu_ps(S3 + j0 + 16 * t) : _mm512_setzero_ps();
+    }
+    for (int64_t d = 0; d < K; ++d) {
+      const float* bp = Bt + d * nkp + j0;
+      const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+      const __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);
+      __m512 x = _mm512_set1_ps(A0[d]);
+      a[0][0] = _mm512_fmadd_ps(x, b0, a[0][0]); a[0][1] = _mm512_fmadd_ps(x, b1, a[0][1]);
+      a[0][2] = _mm512_fmadd_ps(x, b2, a[0][2]); a[0][3] = _mm512_fmadd_ps(x, b3, a[0][3]);
+      x = _mm512_set1_ps(A1[d]);
+      a[1][0] = _mm512_fmadd_ps(x, b0, a[1][0]); a[1][1] = _mm512_fmadd_ps(x, b1, a[1][1]);
+      a[1][2] = _mm512_fmadd_ps(x, b2, a[1][2]); a[1][3] = _mm512_fmadd_ps(x, b3, a[1][3]);
+      x = _mm512_set1_ps(A2[d]);
+      a[2][0] = _mm512_fmadd_ps(x, b0, a[2][0]); a[2][1] = _mm512_fmadd_ps(x, b1, a[2][1]);
+      a[2][2] = _mm512_fmadd_ps(x, b2, a[2][2]); a[2][3] = _mm512_fmadd_ps(x, b3, a[2][3]);
+      x = _mm512_set1_ps(A3[d]);
+      a[3][0] = _mm512_fmadd_ps(x, b0, a[3][0]); a[3][1] = _mm512_fmadd_ps(x, b1, a[3][1]);
+      a[3][2] = _mm512_fmadd_ps(x, b2, a[3][2]); a[3][3] = _mm512_fmadd_ps(x, b3, a[3][3]);
+    }
+    for (int t = 0; t < 4; ++t) {
+      _mm512_storeu_ps(S0 + j0 + 16 * t, a[0][t]);
+      _mm512_storeu_ps(S1 + j0 + 16 * t, a[1][t]);
+      _mm512_storeu_ps(S2 + j0 + 16 * t, a[2][t]);
+      _mm512_storeu_ps(S3 + j0 + 16 * t, a[3][t]);
+    }
+  }
+  for (; j0 < nkp; j0 += 16) {  // 16 columns, or the last 8 (nkp is a multiple of 8)
+    const __mmask16 m = j0 + 16 <= nkp ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    __m512 a0 = accumulate ? _mm512_maskz_loadu_ps(m, S0 + j0) : _mm512_setzero_ps();
+    __m512 a1 = accumulate ? _mm512_maskz_loadu_ps(m, S1 + j0) : _mm512_setzero_ps();
+    __m512 a2 = accumulate ? _mm512_maskz_loadu_ps(m, S2 + j0) : _mm512_setzero_ps();
+    __m512 a3 = accumulate ? _mm512_maskz_loadu_ps(m, S3 + j0) : _mm512_setzero_ps();
+    for (int64_t d = 0; d < K; ++d) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(m, Bt + d * nkp + j0);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(A0[d]), b0, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(A1[d]), b0, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(A2[d]), b0, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(A3[d]), b0, a3);
+    }
+    _mm512_mask_storeu_ps(S0 + j0, m, a0);
+    _mm512_mask_storeu_ps(S1 + j0, m, a1);
+    _mm512_mask_storeu_ps(S2 + j0, m, a2);
+    _mm512_mask_storeu_ps(S3 + j0, m, a3);
+  }
+}
+
+__attribute__((target("avx512f"))) static void gemm_rows_acc_512(const float* __restrict P, int64_t nkp, int64_t nk,
+                                                                 const float* __restrict V, int64_t ldv,
+                                                                 float* __restrict C) {
+  const float* P0 = P;
+  const float* P1 = P + nkp;
+  const float* P2 = P + 2 * nkp;
+  const float* P3 = P + 3 * nkp;
+  float* C0 = C;
+  float* C1 = C + ldv;
+  float* C2 = C + 2 * ldv;
+  float* C3 = C + 3 * ldv;
+  int64_t c0 = 0;
+  for (; c0 + 64 <= ldv; c0 += 64) {
+    __m512 a[4][4];
+    for (int t = 0; t < 4; ++t) {
+      a[0][t] = _mm512_loadu_ps(C0 + c0 + 16 * t);
+      a[1][t] = _mm512_loadu_ps(C1 + c0 + 16 * t);
+      a[2][t] = _mm512_loadu_ps(C2 + c0 + 16 * t);
+      a[3][t] = _mm512_loadu_ps(C3 + c0 + 16 * t);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* vp = V + j * ldv + c0;
+      const __m512 v0 = _mm512_loadu_ps(vp), v1 = _mm512_loadu_ps(vp + 16);
+      const __m512 v2 = _mm512_loadu_ps(vp + 32), v3 = _mm512_loadu_ps(vp + 48);
+      __m512 x = _mm512_set1_ps(P0[j]);
+      a[0][0] = _mm512_fmadd_ps(x, v0, a[0][0]); a[0][1] = _mm512_fmadd_ps(x, v1, a[0][1]);
+      a[0][2] = _mm512_fmadd_ps(x, v2, a[0][2]); a[0][3] = _mm512_fmadd_ps(x, v3, a[0][3]);
+      x = _mm512_set1_ps(P1[j]);
+      a[1][0] = _mm512_fmadd_ps(x, v0, a[1][0]); a[1][1] = _mm512_fmadd_ps(x, v1, a[1][1]);
+      a[1][2] = _mm512_fmadd_ps(x, v2, a[1][2]); a[1][3] = _mm512_fmadd_ps(x, v3, a[1][3]);
+      x = _mm512_set1_ps(P2[j]);
+      a[2][0] = _mm512_fmadd_ps(x, v0, a[2][0]); a[2][1] = _mm512_fmadd_ps(x, v1, a[2][1]);
+      a[2][2] = _mm512_fmadd_ps(x, v2, a[2][2]); a[2][3] = _mm512_fmadd_ps(x, v3, a[2][3]);
+      x = _mm512_set1_ps(P3[j]);
+      a[3][0] = _mm512_fmadd_ps(x, v0, a[3][0]); a[3][1] = _mm512_fmadd_ps(x, v1, a[3][1]);
+      a[3][2] = _mm512_fmadd_ps(x, v2, a[3][2]); a[3][3] = _mm512_fmadd_ps(x, v3, a[3][3]);
+    }
+    for (int t = 0; t < 4; ++t) {
+      _mm512_storeu_ps(C0 + c0 + 16 * t, a[0][t]);
+      _mm512_storeu_ps(C1 + c0 + 16 * t, a[1][t]);
+      _mm512_storeu_ps(C2 + c0 + 16 * t, a[2][t]);
+      _mm512_storeu_ps(C3 + c0 + 16 * t, a[3][t]);
+    }
+  }
+  for (; c0 < ldv; c0 += 16) {  // ldv is a multiple of 8
+    const __mmask16 m = c0 + 16 <= ldv ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    __m512 a0 = _mm512_maskz_loadu_ps(m, C0 + c0), a1 = _mm512_maskz_loadu_ps(m, C1 + c0);
+    __m512 a2 = _mm512_maskz_loadu_ps(m, C2 + c0), a3 = _mm512_maskz_loadu_ps(m, C3 + c0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(m, V + j * ldv + c0);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(P0[j]), v0, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(P1[j]), v0, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(P2[j]), v0, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(P3[j]), v0, a3);
+    }
+    _mm512_mask_storeu_ps(C0 + c0, m, a0);
+    _mm512_mask_storeu_ps(C1 + c0, m, a1);
+    _mm512_mask_storeu_ps(C2 + c0, m, a2);
+    _mm512_mask_storeu_ps(C3 + c0, m, a3);
+  }
+}
+
+static const bool g_avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("PYOPS_TA_NO_AVX512");
+#endif
+
 // S[r, j] (+)= sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
                         int64_t nkp, float* __restrict S, bool accumulate = false) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return gemm_rows_t_512(A, lda, K, Bt, nkp, S, accumulate);
+#endif
   int64_t j0 = 0;
   auto init = [&](int64_t r, int64_t j) { return accumulate ? vload(S + r * nkp + j) : vset(0.f); };
   for (; j0 + 2 * kW <= nkp; j0 += 2 * kW) {
@@ -272,6 +411,9 @@ inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const
 // multiple of kW, zero padded), P leading dimension nkp, C leading dimension ldv.
 inline void gemm_rows_acc(const float* __restrict P, int64_t nkp, int64_t nk, const float* __restrict V,
                           int64_t ldv, float* __restrict C) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return gemm_rows_acc_512(P, nkp, nk, V, ldv, C);
+#endif
   int64_t c0 = 0;
   for (; c0 + 2 * kW <= ldv; c0 += 2 * kW) {
     V8 a00 = vload(C + c0), a01 = vload(C + c0 + kW);
