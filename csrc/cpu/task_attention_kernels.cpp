@@ -366,6 +366,59 @@ __attribute__((target("avx512f"))) static void gemm_rows_acc_512(const float* __
 static const bool g_avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("PYOPS_TA_NO_AVX512");
 #endif
 
+#ifdef PYOPS_TA_AVX512
+// fexp8 on sixteen lanes (the same steps, element by element: the same bits).
+__attribute__((target("avx512f"))) static inline __m512 fexp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.f / 720.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps((__mmask16)~underflow, y, _mm512_castsi512_ps(e));
+}
+
+// s[j] = fexp(s[j] - m) for j < n (a multiple of kW); returns sum8 of the result (the same
+// eight lanes, each summed in the same order).
+__attribute__((target("avx512f"))) static float exp_sub_sum_512(float* s, float m, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m256 l = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = fexp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+    _mm512_storeu_ps(s + j, e);
+    l = _mm256_add_ps(l, _mm512_castps512_ps256(e));
+    l = _mm256_add_ps(l, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+  }
+  if (j < n) {
+    const __m512 e = fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps((__mmask16)0x00FF, s + j), mv));
+    _mm512_mask_storeu_ps(s + j, (__mmask16)0x00FF, e);
+    l = _mm256_add_ps(l, _mm512_castps512_ps256(e));
+  }
+  alignas(32) float t[kW];
+  _mm256_store_ps(t, l);
+  return hsum(t);
+}
+#endif
+
+// exp_sub then sum8.
+inline float exp_sub_sum(float* s, float m, int64_t n) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return exp_sub_sum_512(s, m, n);
+#endif
+  exp_sub(s, m, n);
+  return sum8(s, n);
+}
+
 // S[r, j] (+)= sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
@@ -636,9 +689,9 @@ void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
         std::fill(s, s + nkp, 0.f);
         continue;
       }
-      exp_sub(s, mnew, nkp);
+      const float rowsum = exp_sub_sum(s, mnew, nkp);
       const float alpha = mold == kNegInf ? 0.f : fexp(mold - mnew);
-      w.l[i] = w.l[i] * alpha + sum8(s, nkp);
+      w.l[i] = w.l[i] * alpha + rowsum;
       w.m[i] = mnew;
       if (alpha != 1.f) {
         float* a = w.acc.data() + i * ldv;
