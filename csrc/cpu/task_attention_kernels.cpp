@@ -410,6 +410,24 @@ __attribute__((target("avx512f"))) static float exp_sub_sum_512(float* s, float 
 }
 #endif
 
+#ifdef PYOPS_TA_AVX512
+__attribute__((target("avx512f"))) static void exp_sub_512(float* s, float m, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = j + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    _mm512_mask_storeu_ps(s + j, k, fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv)));
+  }
+}
+#endif
+
+// exp_sub, sixteen lanes at a time where the machine has them (element-wise: the same bits).
+inline void exp_sub_wide(float* s, float m, int64_t n) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return exp_sub_512(s, m, n);
+#endif
+  exp_sub(s, m, n);
+}
+
 // exp_sub then sum8.
 inline float exp_sub_sum(float* s, float m, int64_t n) {
 #ifdef PYOPS_TA_AVX512
@@ -901,7 +919,7 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
       any = true;
       mask.apply(i, s, nk, nkp);
       const float li = Q.lse[i], di = Q.di[i];
-      exp_sub(s, li, nkp);
+      exp_sub_wide(s, li, nkp);
       if (c.dropout) {
         c.keep_row(b, h, q0 + i, k0, nk, nkp, ks);
         for (int64_t j = 0; j < nkp; ++j) {
