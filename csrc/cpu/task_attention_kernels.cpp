@@ -437,6 +437,68 @@ inline float exp_sub_sum(float* s, float m, int64_t n) {
   return sum8(s, n);
 }
 
+#ifdef PYOPS_TA_AVX512
+// The online-softmax step of fwd_block for kR = 4 full rows at once (no dropout): the rows'
+// dependency chains (max, exp, sum) interleave instead of running one after the other. Each row
+// gets the same operations as the one-row path (exact max; fexp16 = fexp8 element-wise; the
+// eight-lane sums in the same order). Returns false, changing nothing, when a row has nothing
+// allowed so far (the caller then takes the one-row path).
+__attribute__((target("avx512f"))) static bool softmax4_512(float* S, int64_t nkp, float* m, float* l, float* acc,
+                                                            int64_t ldv) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  __m512 mx[4] = {ninf, ninf, ninf, ninf};
+  for (int64_t j = 0; j < nkp; j += 16) {
+    const __mmask16 k = j + 16 <= nkp ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    for (int r = 0; r < 4; ++r) mx[r] = _mm512_max_ps(mx[r], _mm512_mask_loadu_ps(ninf, k, S + r * nkp + j));
+  }
+  float mnew[4];
+  for (int r = 0; r < 4; ++r) {
+    const float x = _mm512_reduce_max_ps(mx[r]);
+    mnew[r] = x > m[r] ? x : m[r];
+    if (mnew[r] == kNegInf) return false;
+  }
+  __m512 mv[4];
+  __m256 ls[4];
+  for (int r = 0; r < 4; ++r) {
+    mv[r] = _mm512_set1_ps(mnew[r]);
+    ls[r] = _mm256_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 16 <= nkp; j += 16)
+    for (int r = 0; r < 4; ++r) {
+      float* s = S + r * nkp + j;
+      const __m512 e = fexp16(_mm512_sub_ps(_mm512_loadu_ps(s), mv[r]));
+      _mm512_storeu_ps(s, e);
+      ls[r] = _mm256_add_ps(ls[r], _mm512_castps512_ps256(e));
+      ls[r] = _mm256_add_ps(ls[r], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+  if (j < nkp)
+    for (int r = 0; r < 4; ++r) {
+      float* s = S + r * nkp + j;
+      const __m512 e = fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps((__mmask16)0x00FF, s), mv[r]));
+      _mm512_mask_storeu_ps(s, (__mmask16)0x00FF, e);
+      ls[r] = _mm256_add_ps(ls[r], _mm512_castps512_ps256(e));
+    }
+  for (int r = 0; r < 4; ++r) {
+    alignas(32) float t[kW];
+    _mm256_store_ps(t, ls[r]);
+    const float rowsum = hsum(t);
+    const float alpha = m[r] == kNegInf ? 0.f : fexp(m[r] - mnew[r]);
+    l[r] = l[r] * alpha + rowsum;
+    m[r] = mnew[r];
+    if (alpha != 1.f) {
+      float* a = acc + r * ldv;
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int64_t t2 = 0; t2 < ldv; t2 += 16) {
+        const __mmask16 k = t2 + 16 <= ldv ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+        _mm512_mask_storeu_ps(a + t2, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + t2), av));
+      }
+    }
+  }
+  return true;
+}
+#endif
+
 // S[r, j] (+)= sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
@@ -692,14 +754,20 @@ void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
   for (int64_t r0 = 0; r0 < nq; r0 += kR) {
     gemm_rows_t(w.qs.data() + r0 * D, D, D, Kt, nkp, S);
     const int64_t nr = std::min(kR, nq - r0);
-    for (int64_t r = 0; r < kR; ++r) {
+    for (int64_t r = 0; r < nr; ++r) mask.apply(r0 + r, S + r * nkp, nk, nkp);
+#ifdef PYOPS_TA_AVX512
+    const bool rows_done = g_avx512 && !c.dropout && nr == kR &&
+                           softmax4_512(S, nkp, w.m.data() + r0, w.l.data() + r0, w.acc.data() + r0 * ldv, ldv);
+#else
+    const bool rows_done = false;
+#endif
+    for (int64_t r = 0; r < kR && !rows_done; ++r) {
       float* s = S + r * nkp;
       const int64_t i = r0 + r;
       if (r >= nr) {
         std::fill(s, s + nkp, 0.f);
         continue;
       }
-      mask.apply(i, s, nk, nkp);
       const float mx = max8(s, nkp);
       const float mold = w.m[i];
       const float mnew = mx > mold ? mx : mold;
