@@ -499,6 +499,30 @@ __attribute__((target("avx512f"))) static bool softmax4_512(float* S, int64_t nk
 }
 #endif
 
+#ifdef PYOPS_TA_AVX512
+// The backward's element-wise step for kR = 4 rows at once (no dropout, every row live):
+// P = fexp(S - lse) in place and dS = P * (dP - D_i), the same operations per element as the
+// one-row path, with the four rows' work interleaved.
+__attribute__((target("avx512f"))) static void bwd_rows4_512(float* S, float* dS, int64_t nkp, const float* lse,
+                                                             const float* di) {
+  __m512 lv[4], dv[4];
+  for (int r = 0; r < 4; ++r) {
+    lv[r] = _mm512_set1_ps(lse[r]);
+    dv[r] = _mm512_set1_ps(di[r]);
+  }
+  for (int64_t j = 0; j < nkp; j += 16) {
+    const __mmask16 k = j + 16 <= nkp ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    for (int r = 0; r < 4; ++r) {
+      float* s = S + r * nkp + j;
+      float* ds = dS + r * nkp + j;
+      const __m512 e = fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s), lv[r]));
+      _mm512_mask_storeu_ps(s, k, e);
+      _mm512_mask_storeu_ps(ds, k, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, ds), dv[r])));
+    }
+  }
+}
+#endif
+
 // S[r, j] (+)= sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
@@ -974,8 +998,16 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     gemm_rows_t(Q.qs + r0 * D, D, D, K.kt, nkp, S);
     gemm_rows_t(Q.dO + r0 * Dv, Dv, Dv, K.vt, nkp, dS);
     const int64_t nr = std::min(kR, nq - r0);
-    bool any = false;
-    for (int64_t r = 0; r < kR; ++r) {
+    bool any = false, rows_done = false;
+#ifdef PYOPS_TA_AVX512
+    if (g_avx512 && !c.dropout && nr == kR && Q.lse[r0] != kNegInf && Q.lse[r0 + 1] != kNegInf &&
+        Q.lse[r0 + 2] != kNegInf && Q.lse[r0 + 3] != kNegInf) {
+      for (int64_t r = 0; r < kR; ++r) mask.apply(r0 + r, S + r * nkp, nk, nkp);
+      bwd_rows4_512(S, dS, nkp, Q.lse + r0, Q.di + r0);
+      any = rows_done = true;
+    }
+#endif
+    for (int64_t r = 0; r < kR && !rows_done; ++r) {
       float* s = S + r * nkp;
       float* ds = dS + r * nkp;
       const int64_t i = r0 + r;
