@@ -16,8 +16,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -229,10 +231,305 @@ inline void lane_sums(const float* src, int64_t n, float* dst) {
   for (; g < n; ++g) dst[g] = hsum(src + g * kW);
 }
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__GNUC__) && defined(__x86_64__)
+// AVX-512 versions of the two register-blocked products, chosen at run time inside the AVX2
+// build. Each output element is the same chain of fused multiply-adds in the same order as in
+// the eight-lane kernels (only more of them run side by side), so the results are bit-identical
+// to the AVX2 kernels: the choice never changes an answer.
+#define PYOPS_TA_AVX512 1
+__attribute__((target("avx512f"))) static void gemm_rows_t_512(const float* __restrict A, int64_t lda, int64_t K,
+                                                               const float* __restrict Bt, int64_t nkp,
+                                                               float* __restrict S, bool accumulate) {
+  const float* A0 = A;
+  const float* A1 = A + lda;
+  const float* A2 = A + 2 * lda;
+  const float* A3 = A + 3 * lda;
+  float* S0 = S;
+  float* S1 = S + nkp;
+  float* S2 = S + 2 * nkp;
+  float* S3 = S + 3 * nkp;
+  int64_t j0 = 0;
+  for (; j0 + 64 <= nkp; j0 += 64) {
+    __m512 a[4][4];
+    for (int t = 0; t < 4; ++t) {
+      a[0][t] = accumulate ? _mm512_loadu_ps(S0 + j0 + 16 * t) : _mm512_setzero_ps();
+      a[1][t] = accumulate ? _mm512_loadu_ps(S1 + j0 + 16 * t) : _mm512_setzero_ps();
+      a[2][t] = accumulate ? _mm512_loadu_ps(S2 + j0 + 16 * t) : _mm512_setzero_ps();
+      a[3][t] = accumulate ? _mm512_loadu_ps(S3 + j0 + 16 * t) : _mm512_setzero_ps();
+    }
+    for (int64_t d = 0; d < K; ++d) {
+      const float* bp = Bt + d * nkp + j0;
+      const __m512 b0 = _mm512_loadu_ps(bp), b1 = _mm512_loadu_ps(bp + 16);
+      const __m512 b2 = _mm512_loadu_ps(bp + 32), b3 = _mm512_loadu_ps(bp + 48);
+      __m512 x = _mm512_set1_ps(A0[d]);
+      a[0][0] = _mm512_fmadd_ps(x, b0, a[0][0]); a[0][1] = _mm512_fmadd_ps(x, b1, a[0][1]);
+      a[0][2] = _mm512_fmadd_ps(x, b2, a[0][2]); a[0][3] = _mm512_fmadd_ps(x, b3, a[0][3]);
+      x = _mm512_set1_ps(A1[d]);
+      a[1][0] = _mm512_fmadd_ps(x, b0, a[1][0]); a[1][1] = _mm512_fmadd_ps(x, b1, a[1][1]);
+      a[1][2] = _mm512_fmadd_ps(x, b2, a[1][2]); a[1][3] = _mm512_fmadd_ps(x, b3, a[1][3]);
+      x = _mm512_set1_ps(A2[d]);
+      a[2][0] = _mm512_fmadd_ps(x, b0, a[2][0]); a[2][1] = _mm512_fmadd_ps(x, b1, a[2][1]);
+      a[2][2] = _mm512_fmadd_ps(x, b2, a[2][2]); a[2][3] = _mm512_fmadd_ps(x, b3, a[2][3]);
+      x = _mm512_set1_ps(A3[d]);
+      a[3][0] = _mm512_fmadd_ps(x, b0, a[3][0]); a[3][1] = _mm512_fmadd_ps(x, b1, a[3][1]);
+      a[3][2] = _mm512_fmadd_ps(x, b2, a[3][2]); a[3][3] = _mm512_fmadd_ps(x, b3, a[3][3]);
+    }
+    for (int t = 0; t < 4; ++t) {
+      _mm512_storeu_ps(S0 + j0 + 16 * t, a[0][t]);
+      _mm512_storeu_ps(S1 + j0 + 16 * t, a[1][t]);
+      _mm512_storeu_ps(S2 + j0 + 16 * t, a[2][t]);
+      _mm512_storeu_ps(S3 + j0 + 16 * t, a[3][t]);
+    }
+  }
+  for (; j0 < nkp; j0 += 16) {  // 16 columns, or the last 8 (nkp is a multiple of 8)
+    const __mmask16 m = j0 + 16 <= nkp ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    __m512 a0 = accumulate ? _mm512_maskz_loadu_ps(m, S0 + j0) : _mm512_setzero_ps();
+    __m512 a1 = accumulate ? _mm512_maskz_loadu_ps(m, S1 + j0) : _mm512_setzero_ps();
+    __m512 a2 = accumulate ? _mm512_maskz_loadu_ps(m, S2 + j0) : _mm512_setzero_ps();
+    __m512 a3 = accumulate ? _mm512_maskz_loadu_ps(m, S3 + j0) : _mm512_setzero_ps();
+    for (int64_t d = 0; d < K; ++d) {
+      const __m512 b0 = _mm512_maskz_loadu_ps(m, Bt + d * nkp + j0);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(A0[d]), b0, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(A1[d]), b0, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(A2[d]), b0, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(A3[d]), b0, a3);
+    }
+    _mm512_mask_storeu_ps(S0 + j0, m, a0);
+    _mm512_mask_storeu_ps(S1 + j0, m, a1);
+    _mm512_mask_storeu_ps(S2 + j0, m, a2);
+    _mm512_mask_storeu_ps(S3 + j0, m, a3);
+  }
+}
+
+__attribute__((target("avx512f"))) static void gemm_rows_acc_512(const float* __restrict P, int64_t nkp, int64_t nk,
+                                                                 const float* __restrict V, int64_t ldv,
+                                                                 float* __restrict C) {
+  const float* P0 = P;
+  const float* P1 = P + nkp;
+  const float* P2 = P + 2 * nkp;
+  const float* P3 = P + 3 * nkp;
+  float* C0 = C;
+  float* C1 = C + ldv;
+  float* C2 = C + 2 * ldv;
+  float* C3 = C + 3 * ldv;
+  int64_t c0 = 0;
+  for (; c0 + 64 <= ldv; c0 += 64) {
+    __m512 a[4][4];
+    for (int t = 0; t < 4; ++t) {
+      a[0][t] = _mm512_loadu_ps(C0 + c0 + 16 * t);
+      a[1][t] = _mm512_loadu_ps(C1 + c0 + 16 * t);
+      a[2][t] = _mm512_loadu_ps(C2 + c0 + 16 * t);
+      a[3][t] = _mm512_loadu_ps(C3 + c0 + 16 * t);
+    }
+    for (int64_t j = 0; j < nk; ++j) {
+      const float* vp = V + j * ldv + c0;
+      const __m512 v0 = _mm512_loadu_ps(vp), v1 = _mm512_loadu_ps(vp + 16);
+      const __m512 v2 = _mm512_loadu_ps(vp + 32), v3 = _mm512_loadu_ps(vp + 48);
+      __m512 x = _mm512_set1_ps(P0[j]);
+      a[0][0] = _mm512_fmadd_ps(x, v0, a[0][0]); a[0][1] = _mm512_fmadd_ps(x, v1, a[0][1]);
+      a[0][2] = _mm512_fmadd_ps(x, v2, a[0][2]); a[0][3] = _mm512_fmadd_ps(x, v3, a[0][3]);
+      x = _mm512_set1_ps(P1[j]);
+      a[1][0] = _mm512_fmadd_ps(x, v0, a[1][0]); a[1][1] = _mm512_fmadd_ps(x, v1, a[1][1]);
+      a[1][2] = _mm512_fmadd_ps(x, v2, a[1][2]); a[1][3] = _mm512_fmadd_ps(x, v3, a[1][3]);
+      x = _mm512_set1_ps(P2[j]);
+      a[2][0] = _mm512_fmadd_ps(x, v0, a[2][0]); a[2][1] = _mm512_fmadd_ps(x, v1, a[2][1]);
+      a[2][2] = _mm512_fmadd_ps(x, v2, a[2][2]); a[2][3] = _mm512_fmadd_ps(x, v3, a[2][3]);
+      x = _mm512_set1_ps(P3[j]);
+      a[3][0] = _mm512_fmadd_ps(x, v0, a[3][0]); a[3][1] = _mm512_fmadd_ps(x, v1, a[3][1]);
+      a[3][2] = _mm512_fmadd_ps(x, v2, a[3][2]); a[3][3] = _mm512_fmadd_ps(x, v3, a[3][3]);
+    }
+    for (int t = 0; t < 4; ++t) {
+      _mm512_storeu_ps(C0 + c0 + 16 * t, a[0][t]);
+      _mm512_storeu_ps(C1 + c0 + 16 * t, a[1][t]);
+      _mm512_storeu_ps(C2 + c0 + 16 * t, a[2][t]);
+      _mm512_storeu_ps(C3 + c0 + 16 * t, a[3][t]);
+    }
+  }
+  for (; c0 < ldv; c0 += 16) {  // ldv is a multiple of 8
+    const __mmask16 m = c0 + 16 <= ldv ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    __m512 a0 = _mm512_maskz_loadu_ps(m, C0 + c0), a1 = _mm512_maskz_loadu_ps(m, C1 + c0);
+    __m512 a2 = _mm512_maskz_loadu_ps(m, C2 + c0), a3 = _mm512_maskz_loadu_ps(m, C3 + c0);
+    for (int64_t j = 0; j < nk; ++j) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(m, V + j * ldv + c0);
+      a0 = _mm512_fmadd_ps(_mm512_set1_ps(P0[j]), v0, a0);
+      a1 = _mm512_fmadd_ps(_mm512_set1_ps(P1[j]), v0, a1);
+      a2 = _mm512_fmadd_ps(_mm512_set1_ps(P2[j]), v0, a2);
+      a3 = _mm512_fmadd_ps(_mm512_set1_ps(P3[j]), v0, a3);
+    }
+    _mm512_mask_storeu_ps(C0 + c0, m, a0);
+    _mm512_mask_storeu_ps(C1 + c0, m, a1);
+    _mm512_mask_storeu_ps(C2 + c0, m, a2);
+    _mm512_mask_storeu_ps(C3 + c0, m, a3);
+  }
+}
+
+static const bool g_avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("PYOPS_TA_NO_AVX512");
+#endif
+
+#ifdef PYOPS_TA_AVX512
+// fexp8 on sixteen lanes (the same steps, element by element: the same bits).
+__attribute__((target("avx512f"))) static inline __m512 fexp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 magic = _mm512_set1_ps(12582912.f);
+  const __m512 n = _mm512_sub_ps(_mm512_fmadd_ps(xc, _mm512_set1_ps(1.44269504088896341f), magic), magic);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 y = _mm512_set1_ps(1.f / 720.f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 120.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 24.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f / 6.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mul_ps((__mmask16)~underflow, y, _mm512_castsi512_ps(e));
+}
+
+// s[j] = fexp(s[j] - m) for j < n (a multiple of kW); returns sum8 of the result (the same
+// eight lanes, each summed in the same order).
+__attribute__((target("avx512f"))) static float exp_sub_sum_512(float* s, float m, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(m);
+  __m256 l = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 e = fexp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), mv));
+    _mm512_storeu_ps(s + j, e);
+    l = _mm256_add_ps(l, _mm512_castps512_ps256(e));
+    l = _mm256_add_ps(l, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+  }
+  if (j < n) {
+    const __m512 e = fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps((__mmask16)0x00FF, s + j), mv));
+    _mm512_mask_storeu_ps(s + j, (__mmask16)0x00FF, e);
+    l = _mm256_add_ps(l, _mm512_castps512_ps256(e));
+  }
+  alignas(32) float t[kW];
+  _mm256_store_ps(t, l);
+  return hsum(t);
+}
+#endif
+
+#ifdef PYOPS_TA_AVX512
+__attribute__((target("avx512f"))) static void exp_sub_512(float* s, float m, int64_t n) {
+  const __m512 mv = _mm512_set1_ps(m);
+  for (int64_t j = 0; j < n; j += 16) {
+    const __mmask16 k = j + 16 <= n ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    _mm512_mask_storeu_ps(s + j, k, fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), mv)));
+  }
+}
+#endif
+
+// exp_sub, sixteen lanes at a time where the machine has them (element-wise: the same bits).
+inline void exp_sub_wide(float* s, float m, int64_t n) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return exp_sub_512(s, m, n);
+#endif
+  exp_sub(s, m, n);
+}
+
+// exp_sub then sum8.
+inline float exp_sub_sum(float* s, float m, int64_t n) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return exp_sub_sum_512(s, m, n);
+#endif
+  exp_sub(s, m, n);
+  return sum8(s, n);
+}
+
+#ifdef PYOPS_TA_AVX512
+// The online-softmax step of fwd_block for kR = 4 full rows at once (no dropout): the rows'
+// dependency chains (max, exp, sum) interleave instead of running one after the other. Each row
+// gets the same operations as the one-row path (exact max; fexp16 = fexp8 element-wise; the
+// eight-lane sums in the same order). Returns false, changing nothing, when a row has nothing
+// allowed so far (the caller then takes the one-row path).
+__attribute__((target("avx512f"))) static bool softmax4_512(float* S, int64_t nkp, float* m, float* l, float* acc,
+                                                            int64_t ldv) {
+  const __m512 ninf = _mm512_set1_ps(kNegInf);
+  __m512 mx[4] = {ninf, ninf, ninf, ninf};
+  for (int64_t j = 0; j < nkp; j += 16) {
+    const __mmask16 k = j + 16 <= nkp ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    for (int r = 0; r < 4; ++r) mx[r] = _mm512_max_ps(mx[r], _mm512_mask_loadu_ps(ninf, k, S + r * nkp + j));
+  }
+  float mnew[4];
+  for (int r = 0; r < 4; ++r) {
+    const float x = _mm512_reduce_max_ps(mx[r]);
+    mnew[r] = x > m[r] ? x : m[r];
+    if (mnew[r] == kNegInf) return false;
+  }
+  __m512 mv[4];
+  __m256 ls[4];
+  for (int r = 0; r < 4; ++r) {
+    mv[r] = _mm512_set1_ps(mnew[r]);
+    ls[r] = _mm256_setzero_ps();
+  }
+  int64_t j = 0;
+  for (; j + 16 <= nkp; j += 16)
+    for (int r = 0; r < 4; ++r) {
+      float* s = S + r * nkp + j;
+      const __m512 e = fexp16(_mm512_sub_ps(_mm512_loadu_ps(s), mv[r]));
+      _mm512_storeu_ps(s, e);
+      ls[r] = _mm256_add_ps(ls[r], _mm512_castps512_ps256(e));
+      ls[r] = _mm256_add_ps(ls[r], _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1)));
+    }
+  if (j < nkp)
+    for (int r = 0; r < 4; ++r) {
+      float* s = S + r * nkp + j;
+      const __m512 e = fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps((__mmask16)0x00FF, s), mv[r]));
+      _mm512_mask_storeu_ps(s, (__mmask16)0x00FF, e);
+      ls[r] = _mm256_add_ps(ls[r], _mm512_castps512_ps256(e));
+    }
+  for (int r = 0; r < 4; ++r) {
+    alignas(32) float t[kW];
+    _mm256_store_ps(t, ls[r]);
+    const float rowsum = hsum(t);
+    const float alpha = m[r] == kNegInf ? 0.f : fexp(m[r] - mnew[r]);
+    l[r] = l[r] * alpha + rowsum;
+    m[r] = mnew[r];
+    if (alpha != 1.f) {
+      float* a = acc + r * ldv;
+      const __m512 av = _mm512_set1_ps(alpha);
+      for (int64_t t2 = 0; t2 < ldv; t2 += 16) {
+        const __mmask16 k = t2 + 16 <= ldv ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+        _mm512_mask_storeu_ps(a + t2, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, a + t2), av));
+      }
+    }
+  }
+  return true;
+}
+#endif
+
+#ifdef PYOPS_TA_AVX512
+// The backward's element-wise step for kR = 4 rows at once (no dropout, every row live):
+// P = fexp(S - lse) in place and dS = P * (dP - D_i), the same operations per element as the
+// one-row path, with the four rows' work interleaved.
+__attribute__((target("avx512f"))) static void bwd_rows4_512(float* S, float* dS, int64_t nkp, const float* lse,
+                                                             const float* di) {
+  __m512 lv[4], dv[4];
+  for (int r = 0; r < 4; ++r) {
+    lv[r] = _mm512_set1_ps(lse[r]);
+    dv[r] = _mm512_set1_ps(di[r]);
+  }
+  for (int64_t j = 0; j < nkp; j += 16) {
+    const __mmask16 k = j + 16 <= nkp ? (__mmask16)0xFFFF : (__mmask16)0x00FF;
+    for (int r = 0; r < 4; ++r) {
+      float* s = S + r * nkp + j;
+      float* ds = dS + r * nkp + j;
+      const __m512 e = fexp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s), lv[r]));
+      _mm512_mask_storeu_ps(s, k, e);
+      _mm512_mask_storeu_ps(ds, k, _mm512_mul_ps(e, _mm512_sub_ps(_mm512_maskz_loadu_ps(k, ds), dv[r])));
+    }
+  }
+}
+#endif
+
 // S[r, j] (+)= sum_d A[r, d] * Bt[d, j] for kR rows of A (leading dimension lda) and j < nkp
 // (Bt leading dimension nkp); S has leading dimension nkp. 4 x 16 register blocks.
 inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const float* __restrict Bt,
                         int64_t nkp, float* __restrict S, bool accumulate = false) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return gemm_rows_t_512(A, lda, K, Bt, nkp, S, accumulate);
+#endif
   int64_t j0 = 0;
   auto init = [&](int64_t r, int64_t j) { return accumulate ? vload(S + r * nkp + j) : vset(0.f); };
   for (; j0 + 2 * kW <= nkp; j0 += 2 * kW) {
@@ -271,6 +568,9 @@ inline void gemm_rows_t(const float* __restrict A, int64_t lda, int64_t K, const
 // multiple of kW, zero padded), P leading dimension nkp, C leading dimension ldv.
 inline void gemm_rows_acc(const float* __restrict P, int64_t nkp, int64_t nk, const float* __restrict V,
                           int64_t ldv, float* __restrict C) {
+#ifdef PYOPS_TA_AVX512
+  if (g_avx512) return gemm_rows_acc_512(P, nkp, nk, V, ldv, C);
+#endif
   int64_t c0 = 0;
   for (; c0 + 2 * kW <= ldv; c0 += 2 * kW) {
     V8 a00 = vload(C + c0), a01 = vload(C + c0 + kW);
@@ -429,6 +729,7 @@ struct MaskSpec {
 struct Scratch {
   std::vector<float> qs, dO, kt, vt, vr, kr, s, s2, ks, acc, m, l, lse, di, dkt, dvt, dq, bias;
   std::vector<float> pfull, dsfull, qst, dot_t;  // backward: a whole q-tile of P, dS; Qs^T, dO^T
+  std::vector<float> qpack, dqall, qloaded;      // fused backward: q sides and dq of a (b, kv head)
   uint64_t bias_call = 0;
   int64_t bias_row = -1;
   static void grow(std::vector<float>& v, int64_t n) {
@@ -468,22 +769,29 @@ const float* short_bias(const Ctx& c, Scratch& w, int64_t b, int64_t nkp) {
 // One (q-tile, k-tile) step of the online softmax for query rows [0, nq) of the tile held in w.qs
 // (pre-scaled, rows padded to kR): updates w.m, w.l and w.acc (rows of ldv floats).
 void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0,
-               int64_t nk, int64_t nkp, const MaskSpec& mask, bool v_rows, int64_t ldv) {
+               int64_t nk, int64_t nkp, const MaskSpec& mask, bool v_rows, int64_t ldv, const float* Kt,
+               const float* Vr, const float* Vt) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t D = p.D, Dv = p.Dv;
   float* S = w.s.data();
   float* ks = w.ks.data();
   for (int64_t r0 = 0; r0 < nq; r0 += kR) {
-    gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
+    gemm_rows_t(w.qs.data() + r0 * D, D, D, Kt, nkp, S);
     const int64_t nr = std::min(kR, nq - r0);
-    for (int64_t r = 0; r < kR; ++r) {
+    for (int64_t r = 0; r < nr; ++r) mask.apply(r0 + r, S + r * nkp, nk, nkp);
+#ifdef PYOPS_TA_AVX512
+    const bool rows_done = g_avx512 && !c.dropout && nr == kR &&
+                           softmax4_512(S, nkp, w.m.data() + r0, w.l.data() + r0, w.acc.data() + r0 * ldv, ldv);
+#else
+    const bool rows_done = false;
+#endif
+    for (int64_t r = 0; r < kR && !rows_done; ++r) {
       float* s = S + r * nkp;
       const int64_t i = r0 + r;
       if (r >= nr) {
         std::fill(s, s + nkp, 0.f);
         continue;
       }
-      mask.apply(i, s, nk, nkp);
       const float mx = max8(s, nkp);
       const float mold = w.m[i];
       const float mnew = mx > mold ? mx : mold;
@@ -491,9 +799,9 @@ void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
         std::fill(s, s + nkp, 0.f);
         continue;
       }
-      exp_sub(s, mnew, nkp);
+      const float rowsum = exp_sub_sum(s, mnew, nkp);
       const float alpha = mold == kNegInf ? 0.f : fexp(mold - mnew);
-      w.l[i] = w.l[i] * alpha + sum8(s, nkp);
+      w.l[i] = w.l[i] * alpha + rowsum;
       w.m[i] = mnew;
       if (alpha != 1.f) {
         float* a = w.acc.data() + i * ldv;
@@ -506,10 +814,10 @@ void fwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     }
     float* acc = w.acc.data() + r0 * ldv;
     if (v_rows) {
-      gemm_rows_acc(S, nkp, nk, w.vr.data(), ldv, acc);
+      gemm_rows_acc(S, nkp, nk, Vr, ldv, acc);
     } else {
       for (int64_t r = 0; r < nr; ++r)
-        for (int64_t cc = 0; cc < Dv; ++cc) acc[r * ldv + cc] += dot8(S + r * nkp, w.vt.data() + cc * nkp, nkp);
+        for (int64_t cc = 0; cc < Dv; ++cc) acc[r * ldv + cc] += dot8(S + r * nkp, Vt + cc * nkp, nkp);
     }
   }
 }
@@ -566,8 +874,30 @@ void size_scratch(const TaskAttentionProblem& p, Scratch& w, int64_t bq, int64_t
   }
 }
 
+// Packed K / V tiles of the flash forward, built once per call: tile (b, kv head, k-tile) holds
+// K^T ([D, nkp]) and V as rows ([nk, ldv]) or transposed ([Dv, nkp]), exactly what the per-pair
+// loads used to build, so the q-tiles that share a k-tile no longer re-transpose it.
+struct KVPack {
+  std::unique_ptr<float[]> k, v;
+  int64_t kst = 0, vst = 0;
+};
+
 template <typename T>
-void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
+void pack_kv_tile(const Ctx& c, int64_t ti, bool v_rows, int64_t ldv, KVPack& pk) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t kt = ti % c.nkt, bhk = ti / c.nkt;
+  const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+  const T* k = static_cast<const T*>(p.k) + (bhk * p.Lk + k0) * p.D;
+  const T* v = static_cast<const T*>(p.v) + (bhk * p.Lk + k0) * p.Dv;
+  load_transposed(k, nk, p.D, pk.k.get() + ti * pk.kst, nkp);
+  if (v_rows)
+    load_rows_padded(v, nk, p.Dv, pk.v.get() + ti * pk.vst, ldv);
+  else
+    load_transposed(v, nk, p.Dv, pk.v.get() + ti * pk.vst, nkp);
+}
+
+template <typename T>
+void forward_flash_item(const Ctx& c, int64_t item, const KVPack& pk, T* out, float* lse) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t qt = item % c.nqt, bh = item / c.nqt, h = bh % p.Hq, b = bh / p.Hq, hk = h / c.rep;
   const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
@@ -579,8 +909,6 @@ void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
   std::fill(w.l.begin(), w.l.begin() + nq, 0.f);
   std::fill(w.acc.begin(), w.acc.begin() + round_up(nq, kR) * ldv, 0.f);
   const T* q = static_cast<const T*>(p.q) + ((b * p.Hq + h) * p.Lq + q0) * p.D;
-  const T* k = static_cast<const T*>(p.k) + (b * p.Hkv + hk) * p.Lk * p.D;
-  const T* v = static_cast<const T*>(p.v) + (b * p.Hkv + hk) * p.Lk * p.Dv;
   bool loaded_q = false;
   for (int64_t kt = 0; kt < c.nkt; ++kt) {
     const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
@@ -590,11 +918,9 @@ void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
       load_rows(q, nq, p.D, p.scale, w.qs.data(), round_up(nq, kR));
       loaded_q = true;
     }
-    load_transposed(k + k0 * p.D, nk, p.D, w.kt.data(), nkp);
-    if (v_rows)
-      load_rows_padded(v + k0 * p.Dv, nk, p.Dv, w.vr.data(), ldv);
-    else
-      load_transposed(v + k0 * p.Dv, nk, p.Dv, w.vt.data(), nkp);
+    const int64_t ti = (b * p.Hkv + hk) * c.nkt + kt;
+    const float* Kt = pk.k.get() + ti * pk.kst;
+    const float* Vp = pk.v.get() + ti * pk.vst;
     MaskSpec ms;
     ms.full = tm.full;
     ms.qrow = c.qrow_of(b) + q0;
@@ -602,7 +928,7 @@ void forward_flash_item(const Ctx& c, int64_t item, T* out, float* lse) {
     ms.q0 = q0;
     ms.k0 = k0;
     ms.causal = p.causal;
-    fwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, v_rows, ldv);
+    fwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, v_rows, ldv, Kt, Vp, Vp);
   }
   fwd_finish(c, w, b, h, q0, nq, ldv, out, lse);
 }
@@ -635,7 +961,7 @@ void forward_short_item(const Ctx& c, int64_t item, bool per_head, T* out, float
       std::fill(w.m.begin(), w.m.begin() + p.Lq, kNegInf);
       std::fill(w.l.begin(), w.l.begin() + p.Lq, 0.f);
       std::fill(w.acc.begin(), w.acc.begin() + round_up(p.Lq, kR) * ldv, 0.f);
-      fwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, v_rows, ldv);
+      fwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, v_rows, ldv, w.kt.data(), w.vr.data(), w.vt.data());
       fwd_finish(c, w, b, h, 0, p.Lq, ldv, out, lse);
     }
   }
@@ -646,8 +972,22 @@ void forward_short_item(const Ctx& c, int64_t item, bool per_head, T* out, float
 // One (q-tile, k-tile) pair of the backward for the q rows held in w.qs (pre-scaled), w.dO,
 // w.lse, w.di and the keys in w.kt / w.vt (and w.kr when dq uses rows). Accumulates
 // dKt += dS^T Qs and dVt += Pd^T dO (when acc_kv) and dq += dS K (when acc_q; unscaled).
+// The q side of a backward tile (see bwd_load_q) and the k side (see bwd_load_kv).
+struct QSide {
+  float *qs, *dO, *qst, *dot_t, *lse, *di;
+};
+struct KSide {
+  const float *kt, *vt, *kr;
+};
+
+QSide q_side_of(Scratch& w) {
+  return {w.qs.data(), w.dO.data(), w.qst.data(), w.dot_t.data(), w.lse.data(), w.di.data()};
+}
+KSide k_side_of(Scratch& w) { return {w.kt.data(), w.vt.data(), w.kr.data()}; }
+
 void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, int64_t k0, int64_t nk,
-               int64_t nkp, const MaskSpec& mask, bool acc_kv, bool acc_q, bool k_rows, int64_t ldk) {
+               int64_t nkp, const MaskSpec& mask, bool acc_kv, bool acc_q, bool k_rows, int64_t ldk,
+               const QSide& Q, const KSide& K, float* dqbuf) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t D = p.D, Dv = p.Dv;
   float* ks = w.ks.data();
@@ -655,23 +995,31 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     // scores -> P -> P with dropout, and dP -> dS: kept for the whole q-tile when dK / dV follow.
     float* S = acc_kv ? w.pfull.data() + r0 * nkp : w.s.data();
     float* dS = acc_kv ? w.dsfull.data() + r0 * nkp : w.s2.data();
-    gemm_rows_t(w.qs.data() + r0 * D, D, D, w.kt.data(), nkp, S);
-    gemm_rows_t(w.dO.data() + r0 * Dv, Dv, Dv, w.vt.data(), nkp, dS);
+    gemm_rows_t(Q.qs + r0 * D, D, D, K.kt, nkp, S);
+    gemm_rows_t(Q.dO + r0 * Dv, Dv, Dv, K.vt, nkp, dS);
     const int64_t nr = std::min(kR, nq - r0);
-    bool any = false;
-    for (int64_t r = 0; r < kR; ++r) {
+    bool any = false, rows_done = false;
+#ifdef PYOPS_TA_AVX512
+    if (g_avx512 && !c.dropout && nr == kR && Q.lse[r0] != kNegInf && Q.lse[r0 + 1] != kNegInf &&
+        Q.lse[r0 + 2] != kNegInf && Q.lse[r0 + 3] != kNegInf) {
+      for (int64_t r = 0; r < kR; ++r) mask.apply(r0 + r, S + r * nkp, nk, nkp);
+      bwd_rows4_512(S, dS, nkp, Q.lse + r0, Q.di + r0);
+      any = rows_done = true;
+    }
+#endif
+    for (int64_t r = 0; r < kR && !rows_done; ++r) {
       float* s = S + r * nkp;
       float* ds = dS + r * nkp;
       const int64_t i = r0 + r;
-      if (r >= nr || w.lse[i] == kNegInf) {
+      if (r >= nr || Q.lse[i] == kNegInf) {
         std::fill(s, s + nkp, 0.f);
         std::fill(ds, ds + nkp, 0.f);
         continue;
       }
       any = true;
       mask.apply(i, s, nk, nkp);
-      const float li = w.lse[i], di = w.di[i];
-      exp_sub(s, li, nkp);
+      const float li = Q.lse[i], di = Q.di[i];
+      exp_sub_wide(s, li, nkp);
       if (c.dropout) {
         c.keep_row(b, h, q0 + i, k0, nk, nkp, ks);
         for (int64_t j = 0; j < nkp; ++j) {
@@ -685,21 +1033,21 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
     }
     if (!any) continue;
     if (acc_q) {
-      float* dq = w.dq.data() + r0 * ldk;
+      float* dq = dqbuf + r0 * ldk;
       if (k_rows) {
-        gemm_rows_acc(dS, nkp, nk, w.kr.data(), ldk, dq);
+        gemm_rows_acc(dS, nkp, nk, K.kr, ldk, dq);
       } else {
         for (int64_t r = 0; r < nr; ++r)
-          for (int64_t d = 0; d < D; ++d) dq[r * ldk + d] += dot8(dS + r * nkp, w.kt.data() + d * nkp, nkp);
+          for (int64_t d = 0; d < D; ++d) dq[r * ldk + d] += dot8(dS + r * nkp, K.kt + d * nkp, nkp);
       }
     }
   }
   if (acc_kv) {  // dVt += dO^T P, dKt += Qs^T dS over the q-tile's rows (padded rows are zero)
     const int64_t nqp = round_up(nq, kR);
     for (int64_t c0 = 0; c0 < Dv; c0 += kR)
-      gemm_rows_t(w.dot_t.data() + c0 * nqp, nqp, nqp, w.pfull.data(), nkp, w.dvt.data() + c0 * nkp, true);
+      gemm_rows_t(Q.dot_t + c0 * nqp, nqp, nqp, w.pfull.data(), nkp, w.dvt.data() + c0 * nkp, true);
     for (int64_t d0 = 0; d0 < D; d0 += kR)
-      gemm_rows_t(w.qst.data() + d0 * nqp, nqp, nqp, w.dsfull.data(), nkp, w.dkt.data() + d0 * nkp, true);
+      gemm_rows_t(Q.qst + d0 * nqp, nqp, nqp, w.dsfull.data(), nkp, w.dkt.data() + d0 * nkp, true);
   }
 }
 
@@ -707,25 +1055,25 @@ void bwd_block(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64
 // D_i = rowsum(dO * O) (O includes dropout, so this is sum_j P_ij * dP'_ij).
 template <typename T>
 void bwd_load_q(const Ctx& c, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq, const T* out,
-                const T* dout, const float* lse) {
+                const T* dout, const float* lse, const QSide& Q) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
   const int64_t nqp = round_up(nq, kR);
-  load_rows(static_cast<const T*>(p.q) + row0 * p.D, nq, p.D, p.scale, w.qs.data(), nqp);
-  load_rows(dout + row0 * p.Dv, nq, p.Dv, 1.f, w.dO.data(), nqp);
+  load_rows(static_cast<const T*>(p.q) + row0 * p.D, nq, p.D, p.scale, Q.qs, nqp);
+  load_rows(dout + row0 * p.Dv, nq, p.Dv, 1.f, Q.dO, nqp);
   // Qs^T and dO^T ([round4(D), nqp], rows past D zero) for the dK / dV products.
   const int64_t D4 = round_up(p.D, kR), Dv4 = round_up(p.Dv, kR);
-  std::memset(w.qst.data(), 0, sizeof(float) * D4 * nqp);
-  std::memset(w.dot_t.data(), 0, sizeof(float) * Dv4 * nqp);
+  std::memset(Q.qst, 0, sizeof(float) * D4 * nqp);
+  std::memset(Q.dot_t, 0, sizeof(float) * Dv4 * nqp);
   for (int64_t r = 0; r < nq; ++r) {
-    for (int64_t d = 0; d < p.D; ++d) w.qst[d * nqp + r] = w.qs[r * p.D + d];
-    for (int64_t cc = 0; cc < p.Dv; ++cc) w.dot_t[cc * nqp + r] = w.dO[r * p.Dv + cc];
+    for (int64_t d = 0; d < p.D; ++d) Q.qst[d * nqp + r] = Q.qs[r * p.D + d];
+    for (int64_t cc = 0; cc < p.Dv; ++cc) Q.dot_t[cc * nqp + r] = Q.dO[r * p.Dv + cc];
   }
   float* orow = w.acc.data();
   for (int64_t i = 0; i < nq; ++i) {
-    w.lse[i] = lse[row0 + i];
+    Q.lse[i] = lse[row0 + i];
     const float* o = as_float_tile(out + (row0 + i) * p.Dv, orow, p.Dv);
-    w.di[i] = dot_any(w.dO.data() + i * p.Dv, o, p.Dv);
+    Q.di[i] = dot_any(Q.dO + i * p.Dv, o, p.Dv);
   }
 }
 
@@ -740,11 +1088,11 @@ void bwd_load_kv(const TaskAttentionProblem& p, Scratch& w, int64_t b, int64_t h
 }
 
 template <typename T>
-void bwd_store_dq(const TaskAttentionProblem& p, Scratch& w, int64_t b, int64_t h, int64_t q0, int64_t nq,
+void bwd_store_dq(const TaskAttentionProblem& p, float* dqbuf, int64_t b, int64_t h, int64_t q0, int64_t nq,
                   int64_t ldk, T* dq) {
   const int64_t row0 = (b * p.Hq + h) * p.Lq + q0;
   for (int64_t i = 0; i < nq; ++i) {
-    float* r = w.dq.data() + i * ldk;
+    float* r = dqbuf + i * ldk;
     for (int64_t d = 0; d < p.D; ++d) r[d] *= p.scale;
     store_row(r, dq + (row0 + i) * p.D, p.D);
   }
@@ -770,10 +1118,11 @@ void backward_short_item(const Ctx& c, int64_t item, bool per_head, const T* out
     std::fill(w.dkt.begin(), w.dkt.begin() + round_up(p.D, kR) * nkp, 0.f);
     std::fill(w.dvt.begin(), w.dvt.begin() + round_up(p.Dv, kR) * nkp, 0.f);
     for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
-      bwd_load_q(c, w, b, h, 0, p.Lq, out, dout, lse);
+      bwd_load_q(c, w, b, h, 0, p.Lq, out, dout, lse, q_side_of(w));
       std::fill(w.dq.begin(), w.dq.begin() + round_up(p.Lq, kR) * ldk, 0.f);
-      bwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, true, true, k_rows, ldk);
-      bwd_store_dq(p, w, b, h, 0, p.Lq, ldk, dq);
+      bwd_block(c, w, b, h, 0, p.Lq, 0, nk, nkp, ms, true, true, k_rows, ldk, q_side_of(w), k_side_of(w),
+                w.dq.data());
+      bwd_store_dq(p, w.dq.data(), b, h, 0, p.Lq, ldk, dq);
     }
     const int64_t kv0 = (b * p.Hkv + hk) * p.Lk;
     store_transposed(w.dkt.data(), nkp, nk, p.D, 1.f, dk + kv0 * p.D);
@@ -802,7 +1151,7 @@ void backward_kv_item(const Ctx& c, int64_t item, const T* out, const T* dout, c
         bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, false, ldk);
         loaded = true;
       }
-      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse);
+      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse, q_side_of(w));
       MaskSpec ms;
       ms.full = tm.full;
       ms.qrow = c.qrow_of(b) + q0;
@@ -810,7 +1159,7 @@ void backward_kv_item(const Ctx& c, int64_t item, const T* out, const T* dout, c
       ms.q0 = q0;
       ms.k0 = k0;
       ms.causal = p.causal;
-      bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, false, false, ldk);
+      bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, false, false, ldk, q_side_of(w), k_side_of(w), nullptr);
     }
   }
   const int64_t kv0 = (b * p.Hkv + hk) * p.Lk + k0;
@@ -835,7 +1184,7 @@ void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, co
     const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
     if (tm.skip) continue;
     if (!loaded) {
-      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse);
+      bwd_load_q(c, w, b, h, q0, nq, out, dout, lse, q_side_of(w));
       loaded = true;
     }
     bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, k_rows, ldk);
@@ -846,9 +1195,93 @@ void backward_q_item(const Ctx& c, int64_t item, const T* out, const T* dout, co
     ms.q0 = q0;
     ms.k0 = k0;
     ms.causal = p.causal;
-    bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, false, true, k_rows, ldk);
+    bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, false, true, k_rows, ldk, q_side_of(w), k_side_of(w),
+              w.dq.data());
   }
-  bwd_store_dq(p, w, b, h, q0, nq, ldk, dq);
+  bwd_store_dq(p, w.dq.data(), b, h, q0, nq, ldk, dq);
+}
+
+// Flash backward, fused: item = (b, kv head) -> dk, dv of every k-tile and dq of every query
+// head that reads it. The q side of each (head, q-tile) is loaded once per item, each k-tile
+// once, and dS is used for dK and dQ alike (no second pass that recomputes P and dP). The sums
+// run in the same order as the two-pass split (dK / dV of a k-tile over (head, q-tile); dQ of a
+// q-tile over the k-tiles in order), so both give the same bits.
+template <typename T>
+void backward_fused_item(const Ctx& c, int64_t item, const T* out, const T* dout, const float* lse, T* dq, T* dk,
+                         T* dv) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t hk = item % p.Hkv, b = item / p.Hkv;
+  Scratch& w = scratch();
+  size_scratch(p, w, kBQ, kBK, true);
+  const bool k_rows = p.D >= 16;
+  const int64_t ldk = round_up(std::max<int64_t>(p.D, 1), kW);
+  const int64_t D1 = std::max<int64_t>(p.D, 1), Dv1 = std::max<int64_t>(p.Dv, 1);
+  const int64_t D4 = round_up(D1, kR), Dv4 = round_up(Dv1, kR);
+  const int64_t tq = kBQ * D1 + kBQ * Dv1 + D4 * kBQ + Dv4 * kBQ + 2 * kBQ;  // floats per q-side tile
+  const int64_t ntq = c.rep * c.nqt;
+  Scratch::grow(w.qpack, ntq * tq);
+  Scratch::grow(w.dqall, ntq * kBQ * ldk);
+  Scratch::grow(w.qloaded, ntq);
+  std::fill(w.qloaded.begin(), w.qloaded.begin() + ntq, 0.f);
+  std::fill(w.dqall.begin(), w.dqall.begin() + ntq * kBQ * ldk, 0.f);
+  auto q_side = [&](int64_t t) {
+    float* base = w.qpack.data() + t * tq;
+    QSide Q;
+    Q.qs = base;
+    Q.dO = Q.qs + kBQ * D1;
+    Q.qst = Q.dO + kBQ * Dv1;
+    Q.dot_t = Q.qst + D4 * kBQ;
+    Q.lse = Q.dot_t + Dv4 * kBQ;
+    Q.di = Q.lse + kBQ;
+    return Q;
+  };
+  for (int64_t kt = 0; kt < c.nkt; ++kt) {
+    const int64_t k0 = kt * kBK, nk = std::min(kBK, p.Lk - k0), nkp = round_up(nk, kW);
+    bool loaded = false;
+    for (int64_t hr = 0; hr < c.rep; ++hr) {
+      const int64_t h = hk * c.rep + hr;
+      for (int64_t qt = 0; qt < c.nqt; ++qt) {
+        const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+        const TileMask tm = classify(c, b, qt, q0, nq, kt, k0, nk);
+        if (tm.skip) continue;
+        if (!loaded) {
+          bwd_load_kv<T>(p, w, b, hk, k0, nk, nkp, k_rows, ldk);
+          std::fill(w.dkt.begin(), w.dkt.begin() + round_up(p.D, kR) * nkp, 0.f);
+          std::fill(w.dvt.begin(), w.dvt.begin() + round_up(p.Dv, kR) * nkp, 0.f);
+          loaded = true;
+        }
+        const int64_t t = hr * c.nqt + qt;
+        const QSide Q = q_side(t);
+        if (w.qloaded[t] == 0.f) {
+          bwd_load_q(c, w, b, h, q0, nq, out, dout, lse, Q);
+          w.qloaded[t] = 1.f;
+        }
+        MaskSpec ms;
+        ms.full = tm.full;
+        ms.qrow = c.qrow_of(b) + q0;
+        ms.kbit = c.kbit_of(b) + k0;
+        ms.q0 = q0;
+        ms.k0 = k0;
+        ms.causal = p.causal;
+        bwd_block(c, w, b, h, q0, nq, k0, nk, nkp, ms, true, true, k_rows, ldk, Q, k_side_of(w),
+                  w.dqall.data() + t * kBQ * ldk);
+      }
+    }
+    const int64_t kv0 = (b * p.Hkv + hk) * p.Lk + k0;
+    if (loaded) {
+      store_transposed(w.dkt.data(), nkp, nk, p.D, 1.f, dk + kv0 * p.D);
+      store_transposed(w.dvt.data(), nkp, nk, p.Dv, 1.f, dv + kv0 * p.Dv);
+    } else {  // no query reads this k-tile
+      const T zero = from_float<T>(0.f);
+      std::fill(dk + kv0 * p.D, dk + (kv0 + nk) * p.D, zero);
+      std::fill(dv + kv0 * p.Dv, dv + (kv0 + nk) * p.Dv, zero);
+    }
+  }
+  for (int64_t hr = 0; hr < c.rep; ++hr)
+    for (int64_t qt = 0; qt < c.nqt; ++qt) {
+      const int64_t q0 = qt * kBQ, nq = std::min(kBQ, p.Lq - q0);
+      bwd_store_dq(p, w.dqall.data() + (hr * c.nqt + qt) * kBQ * ldk, b, hk * c.rep + hr, q0, nq, ldk, dq);
+    }
 }
 
 // ---- short path, query-lane kernels (small head dims) -------------------------------------------
@@ -1235,7 +1668,16 @@ Status task_attention_forward(const TaskAttentionProblem& p, void* out, float* l
       parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
                    [&](int64_t item) { forward_short_item<T>(c, item, per_head, o, lse); });
     } else {
-      parallel_for(p.B * p.Hq * c.nqt, n_threads, [&](int64_t item) { forward_flash_item<T>(c, item, o, lse); });
+      KVPack pk;
+      const bool v_rows = p.Dv >= 16;
+      const int64_t ldv = round_up(std::max<int64_t>(p.Dv, 1), kW);
+      const int64_t ntile = p.B * p.Hkv * c.nkt;
+      pk.kst = std::max<int64_t>(p.D, 1) * kBK;
+      pk.vst = v_rows ? kBK * ldv : std::max<int64_t>(p.Dv, 1) * kBK;
+      pk.k.reset(new float[(size_t)(ntile * pk.kst)]);
+      pk.v.reset(new float[(size_t)(ntile * pk.vst)]);
+      parallel_for(ntile, n_threads, [&](int64_t ti) { pack_kv_tile<T>(c, ti, v_rows, ldv, pk); });
+      parallel_for(p.B * p.Hq * c.nqt, n_threads, [&](int64_t item) { forward_flash_item<T>(c, item, pk, o, lse); });
     }
     return Status::ok();
   });
@@ -1282,6 +1724,9 @@ Status task_attention_backward(const TaskAttentionProblem& p, const void* out, c
       parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
         backward_short_item<T>(c, item, per_head, o, go, lse, gq, gk, gv);
       });
+    } else if (p.B * p.Hkv >= 4 * std::max(1, n_threads)) {  // enough (b, kv head) items to share out
+      parallel_for(p.B * p.Hkv, n_threads,
+                   [&](int64_t item) { backward_fused_item<T>(c, item, o, go, lse, gq, gk, gv); });
     } else {
       parallel_for(p.B * p.Hkv * c.nkt, n_threads,
                    [&](int64_t item) { backward_kv_item<T>(c, item, o, go, lse, gk, gv); });
