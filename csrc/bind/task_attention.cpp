@@ -8,6 +8,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "bind/bind_util.h"
 #include "cpu/isa_dispatch.h"
 #include "cpu/task_attention.h"
 
@@ -16,12 +17,7 @@ namespace py = pybind11;
 namespace pyops {
 namespace {
 
-void raise_if_error(const Status& st) {
-  if (st.is_ok()) return;
-  if (st.code == StatusCode::kInvalidArgument || st.code == StatusCode::kOutOfRange)
-    throw py::value_error(st.message);
-  throw std::runtime_error(st.message);
-}
+using bind::raise_if_error;
 
 // The seed as its 64 bits: Python may hand over a negative int64 (two's complement is kept).
 uint64_t seed_bits(const py::int_& seed) {
@@ -35,9 +31,7 @@ TaskAttentionProblem make_problem(uintptr_t q, uintptr_t k, uintptr_t v, uintptr
                                   int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t Dv, int64_t G,
                                   int64_t q_groups_bstride, int64_t kv_groups_bstride, bool causal,
                                   double scale, double dropout_p, const py::int_& seed, int dtype) {
-  if (dtype < 0 || dtype > 2)
-    throw py::value_error("task_attention: dtype: unknown dtype code " + std::to_string(dtype) +
-                          " (expected 0 float32, 1 float16, 2 bfloat16)");
+  bind::to_dtype(dtype, "task_attention: dtype");
   TaskAttentionProblem p;
   p.q = reinterpret_cast<const void*>(q);
   p.k = reinterpret_cast<const void*>(k);
