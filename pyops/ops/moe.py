@@ -309,13 +309,15 @@ _route_op.register_autograd(_route_backward, setup_context=_route_setup)
 # Expert ops: CPU (native helpers around torch.mm)
 # --------------------------------------------------------------------------------------------
 
-def _experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool):
+def _experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool, with_h: bool = True):
+    """(y, a, b, h, ys). with_h=False (the CPU op): h is an empty placeholder, recomputed by the backward."""
     T, d = x.shape
     n = order.shape[0]
     h = w1.shape[2]
     f32 = dict(dtype=torch.float32, device=x.device)
     return (torch.empty(T, d, dtype=x.dtype, device=x.device), torch.empty(n, h, **f32),
-            torch.empty(n, h, **f32) if glu else torch.empty(0, **f32), torch.empty(n, h, **f32),
+            torch.empty(n, h, **f32) if glu else torch.empty(0, **f32),
+            torch.empty(n, h, **f32) if with_h else torch.empty(0, **f32),
             torch.empty(n, d, **f32))
 
 
@@ -390,18 +392,21 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
     k = weights.shape[1]
     n = T * k
     glu = activation in GLU
+    h_ = w1.shape[2]
     if scratch:
-        h_ = w1.shape[2]
         y = torch.empty(T, d, dtype=x.dtype)
-        a, hh, ys = _workspace.get("da", n, h_), _workspace.get("dh", n, h_), _workspace.get("dys", n, d)
+        a, ys = _workspace.get("da", n, h_), _workspace.get("dys", n, d)
         b = _workspace.get("db", n, h_) if glu else torch.empty(0)
     else:
-        y, a, b, hh, ys = _experts_outputs(x, order, w1, glu)
+        y, a, b, _, ys = _experts_outputs(x, order, w1, glu, with_h=False)
+    # h = act(a, b) is not saved for the backward (which recomputes it from a, b: one cheap pass,
+    # n·h·4 bytes less to keep alive between the forward and the backward): it lives in the workspace
+    hh = _workspace.get("dh", n, h_)
     offs = _slices(offsets, n)
     _check_order(order, experts, offsets)
     if n == 0:
         y.zero_()
-        return y, a, b, hh, ys
+        return y, a, b, torch.empty(0), ys
     E, _, h = w1.shape
     xf, w1f, w2f, w3f = _f32(x), _f32(w1), _f32(w2), _f32(w3)
     order = order.contiguous()
@@ -425,7 +430,7 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
     C.moe_combine(ys.data_ptr(), order.data_ptr(), wf.data_ptr(), dr.data_ptr(), k, T, d, y32.data_ptr(), 0, _nt())
     if y32 is not y:
         y.copy_(y32)
-    return y, a, b, hh, ys
+    return y, a, b, torch.empty(0), ys
 
 
 @torch.library.custom_op("pyops::moe_experts_cpu", mutates_args=(), device_types="cpu")
@@ -477,6 +482,10 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
         dyf = _f32(dy)
         wf = _f32(weights)
         dr = dropped.contiguous().view(torch.uint8)
+        if hh.numel() == 0:   # the CPU forward saves no h: recompute it (into da's buffer, dead until act_backward)
+            hh = _workspace.get("da", n, h)
+            C.moe_act_forward(a.data_ptr(), b.data_ptr() if glu else 0, hh.data_ptr(), n, h, ACT_CODES[activation],
+                              0, _nt())
         dys = _workspace.get("dys", n, d)
         C.moe_combine_backward(dyf.data_ptr(), ys.data_ptr(), order.data_ptr(), wf.data_ptr(), dr.data_ptr(),
                                k, T, d, dys.data_ptr(), dw32.data_ptr(), 0, _nt())
@@ -486,7 +495,7 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
             if s < t:
                 torch.mm(dys[s:t], w2f[e].t(), out=dh[s:t])
                 torch.mm(hh[s:t].t(), dys[s:t], out=dw2[e])
-        del dys
+        del dys, hh
         da = _workspace.get("da", n, h)
         db = _workspace.get("db", n, h) if glu else None
         C.moe_act_backward(a.data_ptr(), b.data_ptr() if glu else 0, dh.data_ptr(), da.data_ptr(),
@@ -577,8 +586,13 @@ def _make_experts_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in ((_cpu_op, _cpu_backward_op), (_triton_op, _triton_backward_op)):
-    _fwd.register_fake(_experts_fake)
+def _cpu_experts_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation):
+    return _experts_outputs(x, order, w1, activation in GLU, with_h=False)
+
+
+for _fwd, _bwd, _fake in ((_cpu_op, _cpu_backward_op, _cpu_experts_fake),
+                          (_triton_op, _triton_backward_op, _experts_fake)):
+    _fwd.register_fake(_fake)
     _bwd.register_fake(_experts_backward_fake)
     _fwd.register_autograd(_make_experts_backward(_bwd), setup_context=_experts_setup)
 
