@@ -309,13 +309,15 @@ _route_op.register_autograd(_route_backward, setup_context=_route_setup)
 # Expert ops: CPU (native helpers around torch.mm)
 # --------------------------------------------------------------------------------------------
 
-def _experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool):
+def _experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool, with_h: bool = True):
+    """(y, a, b, h, ys). with_h=False (the CPU op): h is an empty placeholder, recomputed by the backward."""
     T, d = x.shape
     n = order.shape[0]
     h = w1.shape[2]
     f32 = dict(dtype=torch.float32, device=x.device)
     return (torch.empty(T, d, dtype=x.dtype, device=x.device), torch.empty(n, h, **f32),
-            torch.empty(n, h, **f32) if glu else torch.empty(0, **f32), torch.empty(n, h, **f32),
+            torch.empty(n, h, **f32) if glu else torch.empty(0, **f32),
+            torch.empty(n, h, **f32) if with_h else torch.empty(0, **f32),
             torch.empty(n, d, **f32))
 
 
@@ -351,7 +353,8 @@ def _nt() -> int:
 
 
 class _Workspace(threading.local):
-    """Per-thread fp32 scratch buffers of the CPU ops (gathered rows, dys, dh, da, db, dxs), kept
+    """Per-thread fp32 scratch buffers of the CPU ops (gathered rows and dys/dxs, [T·k, d] each; one
+    expert's h, dh, da, db, [rows of the largest expert, hidden] each), kept
     between calls. A freshly allocated large tensor costs ~1 GB/s in page faults on these machines
     (DESIGN), more than the elementwise work it holds; temporaries that never leave an op are
     therefore reused. Only buffers up to PYOPS_MOE_WORKSPACE_MB (default 1024) in total are kept;
@@ -374,58 +377,112 @@ class _Workspace(threading.local):
 
 
 _workspace = _Workspace()
+_HAS_USE_COUNT = hasattr(torch._C, "_storage_Use_Count")
+
+
+class _SavedPool(threading.local):
+    """Per-thread recycled fp32 buffers for what the CPU forward saves for its backward (a, b, ys).
+    Those tensors die when the backward has run; their pages are handed to the next forward instead
+    of being freed and faulted in again (~80 MiB per training step at the bench shape, and a lower
+    peak RSS). A buffer is handed out only while nothing but the pool references its storage (storage
+    use count), so a saved tensor still alive (graph kept, retain_graph, a second layer) is never
+    reused: a fresh buffer is taken instead. Bounded by PYOPS_MOE_WORKSPACE_MB with the workspace."""
+
+    def __init__(self) -> None:
+        self.bufs: list = []
+
+    def take(self, rows: int, cols: int) -> Tensor:
+        numel = rows * cols
+        best = None
+        for buf in self.bufs:
+            # 2 = the pool's tensor + the temporary storage object of this very call
+            if buf.numel() >= numel and torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2:
+                if best is None or buf.numel() < best.numel():
+                    best = buf
+        if best is None:
+            best = torch.empty(numel, dtype=torch.float32)
+            limit = int(os.environ.get("PYOPS_MOE_WORKSPACE_MB", "1024")) << 20
+            used = sum(b.numel() for b in self.bufs) + sum(b.numel() for b in _workspace.bufs.values())
+            if 4 * (numel + used) <= limit:
+                self.bufs.append(best)
+        return best[:numel].view(rows, cols)
+
+
+_saved_pool = _SavedPool()
 
 
 def release_workspace() -> None:
     """Free the CPU scratch buffers of this thread (they are reallocated on the next call)."""
     _workspace.bufs.clear()
+    _saved_pool.bufs.clear()
 
 
 def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
                  w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, scratch: bool):
-    """The CPU forward. scratch=True (no backward to feed): a, b, h, ys live in the per-thread
-    workspace instead of new tensors, so an inference call touches no fresh pages but y's."""
+    """The CPU forward, one expert at a time: a = rows·w1, b = rows·w3, h = act(a, b), ys = h·w2 on
+    that expert's row slice, so the activation runs on data the GEMMs just left in cache and the
+    h of one expert (not of all T·k rows) is all the scratch it needs. h is not saved for the
+    backward (which recomputes it from a, b). scratch=True (no backward to feed): a, b and ys live
+    in the per-thread workspace too, so an inference call touches no fresh pages but y's."""
     C = _native.cpu_module
     T, d = x.shape
     k = weights.shape[1]
     n = T * k
     glu = activation in GLU
-    if scratch:
-        h_ = w1.shape[2]
-        y = torch.empty(T, d, dtype=x.dtype)
-        a, hh, ys = _workspace.get("da", n, h_), _workspace.get("dh", n, h_), _workspace.get("dys", n, d)
-        b = _workspace.get("db", n, h_) if glu else torch.empty(0)
-    else:
-        y, a, b, hh, ys = _experts_outputs(x, order, w1, glu)
+    h_ = w1.shape[2]
     offs = _slices(offsets, n)
     _check_order(order, experts, offsets)
+    rmax = max([offs[e + 1] - offs[e] for e in range(len(offs) - 1)] + [0])
+    if scratch:
+        y = torch.empty(T, d, dtype=x.dtype)
+        ys = _workspace.get("dys", n, d)
+        a, b = None, None   # per-expert buffers below
+    elif n == 0 or not _HAS_USE_COUNT:
+        y, a, b, _, ys = _experts_outputs(x, order, w1, glu, with_h=False)
+    else:
+        y = torch.empty(T, d, dtype=x.dtype)
+        a = _saved_pool.take(n, h_)
+        b = _saved_pool.take(n, h_) if glu else torch.empty(0)
+        ys = _saved_pool.take(n, d)
     if n == 0:
         y.zero_()
-        return y, a, b, hh, ys
-    E, _, h = w1.shape
+        return y, a, b, torch.empty(0), ys
+    E = w1.shape[0]
+    act = ACT_CODES[activation]
+    nt = _nt()
     xf, w1f, w2f, w3f = _f32(x), _f32(w1), _f32(w2), _f32(w3)
     order = order.contiguous()
     rows = _workspace.get("rows", n, d)
-    C.moe_gather(xf.data_ptr(), order.data_ptr(), k, T, d, rows.data_ptr(), 0, _nt())
+    C.moe_gather(xf.data_ptr(), order.data_ptr(), k, T, d, rows.data_ptr(), 0, nt)
+    hbuf = _workspace.get("h", rmax, h_)
+    if scratch:
+        abuf = _workspace.get("da", rmax, h_)
+        bbuf = _workspace.get("db", rmax, h_) if glu else None
     for e in range(E):
         s, t = offs[e], offs[e + 1]
-        if s < t:
-            torch.mm(rows[s:t], w1f[e], out=a[s:t])
-            if glu:
-                torch.mm(rows[s:t], w3f[e], out=b[s:t])
-    del rows
-    C.moe_act_forward(a.data_ptr(), b.data_ptr() if glu else 0, hh.data_ptr(), n, h, ACT_CODES[activation], 0, _nt())
-    for e in range(E):
-        s, t = offs[e], offs[e + 1]
-        if s < t:
-            torch.mm(hh[s:t], w2f[e], out=ys[s:t])
+        if s == t:
+            continue
+        m = t - s
+        ae = abuf[:m] if scratch else a[s:t]
+        be = (bbuf[:m] if scratch else b[s:t]) if glu else None
+        he = hbuf[:m]
+        torch.mm(rows[s:t], w1f[e], out=ae)
+        if glu:
+            torch.mm(rows[s:t], w3f[e], out=be)
+        # one thread: the GEMM's OpenMP workers still spin right after torch.mm returns, and a pool
+        # fan-out over one expert's slice (~1 ms of work) contends with them (measured slower)
+        C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h_, act, 0, 1)
+        torch.mm(he, w2f[e], out=ys[s:t])
+    del rows, hbuf
     wf = _f32(weights)
     dr = dropped.contiguous().view(torch.uint8)
     y32 = y if y.dtype == torch.float32 else torch.empty(T, d, dtype=torch.float32)
-    C.moe_combine(ys.data_ptr(), order.data_ptr(), wf.data_ptr(), dr.data_ptr(), k, T, d, y32.data_ptr(), 0, _nt())
+    C.moe_combine(ys.data_ptr(), order.data_ptr(), wf.data_ptr(), dr.data_ptr(), k, T, d, y32.data_ptr(), 0, nt)
     if y32 is not y:
         y.copy_(y32)
-    return y, a, b, hh, ys
+    if scratch:
+        return y, torch.empty(0), torch.empty(0), torch.empty(0), ys
+    return y, a, b, torch.empty(0), ys
 
 
 @torch.library.custom_op("pyops::moe_experts_cpu", mutates_args=(), device_types="cpu")
@@ -451,12 +508,17 @@ def _cpu_inference_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3
 def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
                      w1: Tensor, w2: Tensor, w3: Optional[Tensor], a: Tensor, b: Tensor, hh: Tensor, ys: Tensor,
                      activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The mirror image, one expert at a time after the global combine-backward and gather:
+    h = act(a, b) (recomputed unless given), dh = dys·w2ᵀ, dW2 = hᵀ·dys, (da, db) = act'(dh),
+    dxs = da·w1ᵀ + db·w3ᵀ (into dys's rows, consumed by then), dW1 = rowsᵀ·da, dW3 = rowsᵀ·db;
+    then one scatter-add. Scratch: two [T·k, d] buffers and four of one expert's rows × hidden."""
     C = _native.cpu_module
     T, d = x.shape
     k = weights.shape[1]
     n = T * k
     E, _, h = w1.shape
     glu = activation in GLU
+    act = ACT_CODES[activation]
     dx32 = torch.empty(T, d, dtype=torch.float32)
     dw32 = torch.zeros(T, k, dtype=torch.float32)
     # every expert's slice is written below (by torch.mm, or zeroed for an expert with no rows)
@@ -472,6 +534,8 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
     if n == 0:
         dx32.zero_()
     else:
+        nt = _nt()
+        rmax = max(offs[e + 1] - offs[e] for e in range(E))
         xf, w1f, w2f, w3f = _f32(x), _f32(w1), _f32(w2), _f32(w3)
         order = order.contiguous()
         dyf = _f32(dy)
@@ -479,32 +543,40 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
         dr = dropped.contiguous().view(torch.uint8)
         dys = _workspace.get("dys", n, d)
         C.moe_combine_backward(dyf.data_ptr(), ys.data_ptr(), order.data_ptr(), wf.data_ptr(), dr.data_ptr(),
-                               k, T, d, dys.data_ptr(), dw32.data_ptr(), 0, _nt())
-        dh = _workspace.get("dh", n, h)
-        for e in range(E):
-            s, t = offs[e], offs[e + 1]
-            if s < t:
-                torch.mm(dys[s:t], w2f[e].t(), out=dh[s:t])
-                torch.mm(hh[s:t].t(), dys[s:t], out=dw2[e])
-        del dys
-        da = _workspace.get("da", n, h)
-        db = _workspace.get("db", n, h) if glu else None
-        C.moe_act_backward(a.data_ptr(), b.data_ptr() if glu else 0, dh.data_ptr(), da.data_ptr(),
-                           db.data_ptr() if glu else 0, n, h, ACT_CODES[activation], 0, _nt())
-        del dh
+                               k, T, d, dys.data_ptr(), dw32.data_ptr(), 0, nt)
         rows = _workspace.get("rows", n, d)
-        C.moe_gather(xf.data_ptr(), order.data_ptr(), k, T, d, rows.data_ptr(), 0, _nt())
-        dxs = _workspace.get("dys", n, d)   # dys is dead by now
+        C.moe_gather(xf.data_ptr(), order.data_ptr(), k, T, d, rows.data_ptr(), 0, nt)
+        recompute = hh.numel() == 0   # the CPU forward saves no h
+        hbuf = _workspace.get("h", rmax, h) if recompute else None
+        dhbuf = _workspace.get("dh", rmax, h)
+        dabuf = _workspace.get("da", rmax, h)
+        dbbuf = _workspace.get("db", rmax, h) if glu else None
         for e in range(E):
             s, t = offs[e], offs[e + 1]
-            if s < t:
-                torch.mm(da[s:t], w1f[e].t(), out=dxs[s:t])
-                torch.mm(rows[s:t].t(), da[s:t], out=dw1[e])
-                if glu:
-                    dxs[s:t].addmm_(db[s:t], w3f[e].t())
-                    torch.mm(rows[s:t].t(), db[s:t], out=dw3[e])
-        del rows, da, db
-        C.moe_scatter_add(dxs.data_ptr(), order.data_ptr(), k, T, d, dx32.data_ptr(), 0, _nt())
+            if s == t:
+                continue
+            m = t - s
+            ae, be = a[s:t], (b[s:t] if glu else None)
+            if recompute:
+                he = hbuf[:m]
+                # one thread, as in the forward (a pool fan-out contends with the GEMM's spinning workers)
+                C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h, act, 0, 1)
+            else:
+                he = hh[s:t]
+            dhe, dae = dhbuf[:m], dabuf[:m]
+            dbe = dbbuf[:m] if glu else None
+            torch.mm(dys[s:t], w2f[e].t(), out=dhe)
+            torch.mm(he.t(), dys[s:t], out=dw2[e])
+            C.moe_act_backward(ae.data_ptr(), be.data_ptr() if glu else 0, dhe.data_ptr(), dae.data_ptr(),
+                               dbe.data_ptr() if glu else 0, m, h, act, 0, 1)
+            dxs = dys[s:t]   # this expert's dys rows are consumed: its dxs rows go there
+            torch.mm(dae, w1f[e].t(), out=dxs)
+            torch.mm(rows[s:t].t(), dae, out=dw1[e])
+            if glu:
+                dxs.addmm_(dbe, w3f[e].t())
+                torch.mm(rows[s:t].t(), dbe, out=dw3[e])
+        del rows, hbuf, dhbuf, dabuf, dbbuf
+        C.moe_scatter_add(dys.data_ptr(), order.data_ptr(), k, T, d, dx32.data_ptr(), 0, nt)
     return (dx32.to(x.dtype), dw32.to(weights.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype),
             dw3.to(w1.dtype) if glu else torch.empty(0, dtype=w1.dtype))
 
@@ -577,8 +649,13 @@ def _make_experts_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in ((_cpu_op, _cpu_backward_op), (_triton_op, _triton_backward_op)):
-    _fwd.register_fake(_experts_fake)
+def _cpu_experts_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation):
+    return _experts_outputs(x, order, w1, activation in GLU, with_h=False)
+
+
+for _fwd, _bwd, _fake in ((_cpu_op, _cpu_backward_op, _cpu_experts_fake),
+                          (_triton_op, _triton_backward_op, _experts_fake)):
+    _fwd.register_fake(_fake)
     _bwd.register_fake(_experts_backward_fake)
     _fwd.register_autograd(_make_experts_backward(_bwd), setup_context=_experts_setup)
 

@@ -120,3 +120,20 @@ def test_compile_auto_backend_route_fullgraph(rng, fresh_dynamo):
     f = torch.compile(lambda z: tuple(pyops.moe_route(z, 2)), fullgraph=True, backend="eager")
     for a, b in zip(f(z), pyops.moe_route(z, 2)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("act", ["swiglu", "relu"])
+def test_cpu_forward_saves_no_hidden_and_backward_recomputes_it(act, rng):
+    """The CPU forward returns an empty h (the backward recomputes act(a, b)); the backward gives the
+    same gradients from the empty placeholder as from the full h (what the Triton forward saves)."""
+    dev = require("cpu")
+    args = expert_args(dev, act, FP32, rng, requires_grad=False)
+    y, a, b, hh, ys = torch.ops.pyops.moe_experts_cpu.default(*args)
+    assert hh.numel() == 0 and a.shape == (args[3].numel(), args[6].shape[2])
+    h_ref = (torch.nn.functional.silu(a) * b) if act == "swiglu" else torch.relu(a)
+    bargs = list(backward_args("moe_experts_cpu", args, rng))
+    got = torch.ops.pyops.moe_experts_cpu_backward.default(*bargs)
+    bargs[11] = h_ref.contiguous()
+    want = torch.ops.pyops.moe_experts_cpu_backward.default(*bargs)
+    for g, w in zip(got, want):
+        assert_close(g, w, tolerance_for(torch.float32))
