@@ -138,8 +138,15 @@ inline v8f pow2i8(const v8i& n) { return (v8f)((n + 127) << 23); }
 inline v8f exp8(const v8f& arg) {
   v8f x = arg;
   const v8f lo = splat(-104.0f), hi = splat(89.0f);
+#if defined(__AVX2__)
+  // The same selects as below, lane for lane (NaN included): max_ps(a, b) = a > b ? a : b,
+  // min_ps(a, b) = a < b ? a : b; GCC emits compare + blend for the plain ternaries.
+  x = (v8f)_mm256_max_ps((__m256)lo, (__m256)x);
+  x = (v8f)_mm256_min_ps((__m256)hi, (__m256)x);
+#else
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
+#endif
   const v8f t = x * splat(1.44269504088896341f);
   const v8f nf = (t + splat(12582912.0f)) - splat(12582912.0f);
   v8f r = x - nf * splat(0.693145751953125f);
@@ -167,6 +174,7 @@ inline v8f exp8(const v8f& arg) {
 
 inline v8f vmax8(const v8f& a, const v8f& b) { return a < b ? b : a; }
 inline v8i vmin8(const v8i& a, const v8i& b) { return b < a ? b : a; }
+inline v8f vmin8f(const v8f& a, const v8f& b) { return b < a ? b : a; }
 
 inline v8f hmax8(const v8f& arg) {  // max is exact: the order does not matter
   v8f v = arg;
@@ -383,14 +391,17 @@ int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_
       if (softmax) s = s / sum;
       const v8f q = HasBias ? s + splat(bias[e]) : s;
       const v8i ev = splat_i((int32_t)e);
+      // Keys (finite, never -0 nor NaN): a max/min bubble; the indices follow the masks.
       v8i gt[K];
       for (int j = 0; j < K; ++j) gt[j] = q > key[j];
-      for (int j = K - 1; j > 0; --j) {
-        key[j] = gt[j - 1] ? key[j - 1] : (gt[j] ? q : key[j]);
-        idx[j] = gt[j - 1] ? idx[j - 1] : (gt[j] ? ev : idx[j]);
-      }
-      key[0] = gt[0] ? q : key[0];
+      for (int j = K - 1; j > 0; --j) idx[j] = gt[j - 1] ? idx[j - 1] : (gt[j] ? ev : idx[j]);
       idx[0] = gt[0] ? ev : idx[0];
+      v8f c = q;
+      for (int j = 0; j < K; ++j) {
+        const v8f hi = vmax8(key[j], c);
+        c = vmin8f(key[j], c);
+        key[j] = hi;
+      }
     }
     if (HasBias) {  // the weights are the scores without the bias: s again, as above
       for (int j = 0; j < K; ++j)
@@ -623,13 +634,24 @@ Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t 
 
   // Pass 2: stable counting-sort scatter (token order within each tile, tiles in order).
   parallel_for(n_tiles, n_threads, [&](int64_t it) {
-    int64_t* cur = hist.data() + it * E;
+    // Local restrict copies: the stores into order must not force reloads of the captures.
+    int64_t* __restrict cur = hist.data() + it * E;
+    const int32_t* __restrict ex = experts;
+    int64_t* __restrict ord = order;
+    uint8_t* __restrict drop = dropped;
+    const int64_t* __restrict off = offsets;
+    const int64_t cap = capacity;
     const int64_t a0 = it * kRouteTile * k, a1 = std::min(T, (it + 1) * kRouteTile) * k;
-    for (int64_t a = a0; a < a1; ++a) {
-      const int32_t e = experts[a];
-      const int64_t p = cur[e]++;
-      order[p] = a;
-      dropped[a] = (uint8_t)(capacity >= 0 && p - offsets[e] >= capacity);
+    if (cap < 0) {
+      for (int64_t a = a0; a < a1; ++a) ord[cur[ex[a]]++] = a;
+      std::memset(drop + a0, 0, (size_t)(a1 - a0));
+    } else {
+      for (int64_t a = a0; a < a1; ++a) {
+        const int32_t e = ex[a];
+        const int64_t p = cur[e]++;
+        ord[p] = a;
+        drop[a] = (uint8_t)(p - off[e] >= cap);
+      }
     }
   });
   return Status::ok();
