@@ -286,7 +286,7 @@ struct LaneScratch {
 // zt[8 e + l] = row t + min(l, nl - 1), expert e (as fp32).
 template <typename T>
 inline void transpose_rows(const T* logits, int64_t t, int nl, int64_t E, float* __restrict zt,
-                           float* row) {
+                           float* row, int64_t /*T*/) {
   for (int l = 0; l < 8; ++l) {
     const int64_t tt = t + std::min(l, nl - 1);
     const float* src = as_float_tile(logits + tt * E, row, E);
@@ -296,7 +296,7 @@ inline void transpose_rows(const T* logits, int64_t t, int nl, int64_t E, float*
 
 #if defined(__AVX2__)
 inline void transpose_rows(const float* logits, int64_t t, int nl, int64_t E, float* __restrict zt,
-                           float* row) {
+                           float* row, int64_t T) {
   if (E % 8 != 0) {
     for (int l = 0; l < 8; ++l) {
       const float* src = logits + (t + std::min(l, nl - 1)) * E;
@@ -307,6 +307,11 @@ inline void transpose_rows(const float* logits, int64_t t, int nl, int64_t E, fl
   (void)row;
   const float* r[8];
   for (int l = 0; l < 8; ++l) r[l] = logits + (t + std::min(l, nl - 1)) * E;
+  // The next group's 8 rows (contiguous): start their fetch while this one is transposed.
+  if (t + 24 <= T) {  // prefetching never faults; stay inside the tensor anyway
+    const char* nx = reinterpret_cast<const char*>(logits + (t + 16) * E);
+    for (int64_t b = 0; b < 8 * E * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+  }
   for (int64_t e = 0; e < E; e += 8) {
     const __m256 a0 = _mm256_loadu_ps(r[0] + e), a1 = _mm256_loadu_ps(r[1] + e);
     const __m256 a2 = _mm256_loadu_ps(r[2] + e), a3 = _mm256_loadu_ps(r[3] + e);
@@ -344,7 +349,7 @@ int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_
   for (int64_t e = 0; e < E; ++e) counts[e] = 0;
   for (int64_t t = t0; t < t1; t += 8) {
     const int nl = (int)std::min<int64_t>(8, t1 - t);
-    transpose_rows(logits, t, nl, E, zt, row);
+    transpose_rows(logits, t, nl, E, zt, row, a.T);
     // Non-finite check (v * 0 is NaN only for NaN / inf), and the row maxima.
     v8f chk = splat(0.0f);
     v8f m = splat(-FLT_MAX);
