@@ -19,6 +19,10 @@
 #include <string>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "common/convert.h"
 #include "common/isa.h"
 #include "common/thread_pool.h"
@@ -134,8 +138,15 @@ inline v8f pow2i8(const v8i& n) { return (v8f)((n + 127) << 23); }
 inline v8f exp8(const v8f& arg) {
   v8f x = arg;
   const v8f lo = splat(-104.0f), hi = splat(89.0f);
+#if defined(__AVX2__)
+  // The same selects as below, lane for lane (NaN included): max_ps(a, b) = a > b ? a : b,
+  // min_ps(a, b) = a < b ? a : b; GCC emits compare + blend for the plain ternaries.
+  x = (v8f)_mm256_max_ps((__m256)lo, (__m256)x);
+  x = (v8f)_mm256_min_ps((__m256)hi, (__m256)x);
+#else
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
+#endif
   const v8f t = x * splat(1.44269504088896341f);
   const v8f nf = (t + splat(12582912.0f)) - splat(12582912.0f);
   v8f r = x - nf * splat(0.693145751953125f);
@@ -163,6 +174,7 @@ inline v8f exp8(const v8f& arg) {
 
 inline v8f vmax8(const v8f& a, const v8f& b) { return a < b ? b : a; }
 inline v8i vmin8(const v8i& a, const v8i& b) { return b < a ? b : a; }
+inline v8f vmin8f(const v8f& a, const v8f& b) { return b < a ? b : a; }
 
 inline v8f hmax8(const v8f& arg) {  // max is exact: the order does not matter
   v8f v = arg;
@@ -248,6 +260,179 @@ void topk_insertion(const float* __restrict q, int64_t E, int64_t k, float* __re
     key[i] = v;
     idx[i] = (int32_t)e;
   }
+}
+
+// Pass 1 for k <= kLaneMaxK, eight tokens at a time, one token per vector lane: the row block
+// is transposed into zt[e][8] so that every expert is one v8f over the eight tokens. The
+// arithmetic per token is that of the row code below, operation for operation: the same max,
+// the same exp8, the softmax denominator accumulated in eight partial sums by e mod 8 in
+// increasing e and combined in hsum8's order, the same division. The top k sit in k sorted
+// registers per lane (descending); a key enters only when strictly larger, so equal keys keep
+// the lower expert first -- the order topk_passes / topk_insertion produce. A partial last
+// group repeats its last token in the spare lanes (never written back).
+constexpr int64_t kLaneMaxK = 8;
+
+struct LaneScratch {
+  std::vector<float> zt, xt, row;
+  void size(int64_t E) {
+    if ((int64_t)zt.size() < 8 * E) {
+      zt.resize(8 * E);
+      xt.resize(8 * E);
+    }
+    if ((int64_t)row.size() < E) row.resize(E);
+  }
+};
+
+// zt[8 e + l] = row t + min(l, nl - 1), expert e (as fp32).
+template <typename T>
+inline void transpose_rows(const T* logits, int64_t t, int nl, int64_t E, float* __restrict zt,
+                           float* row, int64_t /*T*/) {
+  for (int l = 0; l < 8; ++l) {
+    const int64_t tt = t + std::min(l, nl - 1);
+    const float* src = as_float_tile(logits + tt * E, row, E);
+    for (int64_t e = 0; e < E; ++e) zt[8 * e + l] = src[e];
+  }
+}
+
+#if defined(__AVX2__)
+inline void transpose_rows(const float* logits, int64_t t, int nl, int64_t E, float* __restrict zt,
+                           float* row, int64_t T) {
+  if (E % 8 != 0) {
+    for (int l = 0; l < 8; ++l) {
+      const float* src = logits + (t + std::min(l, nl - 1)) * E;
+      for (int64_t e = 0; e < E; ++e) zt[8 * e + l] = src[e];
+    }
+    return;
+  }
+  (void)row;
+  const float* r[8];
+  for (int l = 0; l < 8; ++l) r[l] = logits + (t + std::min(l, nl - 1)) * E;
+  // The next group's 8 rows (contiguous): start their fetch while this one is transposed.
+  if (t + 24 <= T) {  // prefetching never faults; stay inside the tensor anyway
+    const char* nx = reinterpret_cast<const char*>(logits + (t + 16) * E);
+    for (int64_t b = 0; b < 8 * E * 4; b += 64) _mm_prefetch(nx + b, _MM_HINT_T0);
+  }
+  for (int64_t e = 0; e < E; e += 8) {
+    const __m256 a0 = _mm256_loadu_ps(r[0] + e), a1 = _mm256_loadu_ps(r[1] + e);
+    const __m256 a2 = _mm256_loadu_ps(r[2] + e), a3 = _mm256_loadu_ps(r[3] + e);
+    const __m256 a4 = _mm256_loadu_ps(r[4] + e), a5 = _mm256_loadu_ps(r[5] + e);
+    const __m256 a6 = _mm256_loadu_ps(r[6] + e), a7 = _mm256_loadu_ps(r[7] + e);
+    const __m256 b0 = _mm256_unpacklo_ps(a0, a1), b1 = _mm256_unpackhi_ps(a0, a1);
+    const __m256 b2 = _mm256_unpacklo_ps(a2, a3), b3 = _mm256_unpackhi_ps(a2, a3);
+    const __m256 b4 = _mm256_unpacklo_ps(a4, a5), b5 = _mm256_unpackhi_ps(a4, a5);
+    const __m256 b6 = _mm256_unpacklo_ps(a6, a7), b7 = _mm256_unpackhi_ps(a6, a7);
+    const __m256 c0 = _mm256_shuffle_ps(b0, b2, 0x44), c1 = _mm256_shuffle_ps(b0, b2, 0xEE);
+    const __m256 c2 = _mm256_shuffle_ps(b1, b3, 0x44), c3 = _mm256_shuffle_ps(b1, b3, 0xEE);
+    const __m256 c4 = _mm256_shuffle_ps(b4, b6, 0x44), c5 = _mm256_shuffle_ps(b4, b6, 0xEE);
+    const __m256 c6 = _mm256_shuffle_ps(b5, b7, 0x44), c7 = _mm256_shuffle_ps(b5, b7, 0xEE);
+    float* o = zt + 8 * e;
+    _mm256_storeu_ps(o + 0, _mm256_permute2f128_ps(c0, c4, 0x20));
+    _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(c1, c5, 0x20));
+    _mm256_storeu_ps(o + 16, _mm256_permute2f128_ps(c2, c6, 0x20));
+    _mm256_storeu_ps(o + 24, _mm256_permute2f128_ps(c3, c7, 0x20));
+    _mm256_storeu_ps(o + 32, _mm256_permute2f128_ps(c0, c4, 0x31));
+    _mm256_storeu_ps(o + 40, _mm256_permute2f128_ps(c1, c5, 0x31));
+    _mm256_storeu_ps(o + 48, _mm256_permute2f128_ps(c2, c6, 0x31));
+    _mm256_storeu_ps(o + 56, _mm256_permute2f128_ps(c3, c7, 0x31));
+  }
+}
+#endif
+
+template <int K, bool HasBias, typename T>
+int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_t t1,
+                         int64_t* counts, LaneScratch& w) {
+  const int64_t E = a.E;
+  float* __restrict zt = w.zt.data();
+  float* __restrict xt = w.xt.data();
+  float* row = w.row.data();
+  const float* bias = a.bias;
+  for (int64_t e = 0; e < E; ++e) counts[e] = 0;
+  for (int64_t t = t0; t < t1; t += 8) {
+    const int nl = (int)std::min<int64_t>(8, t1 - t);
+    transpose_rows(logits, t, nl, E, zt, row, a.T);
+    // Non-finite check (v * 0 is NaN only for NaN / inf), and the row maxima.
+    v8f chk = splat(0.0f);
+    v8f m = splat(-FLT_MAX);
+    for (int64_t e = 0; e < E; ++e) {
+      const v8f z = load8(zt + 8 * e);
+      chk += z * splat(0.0f);
+      m = vmax8(m, z);
+    }
+    for (int l = 0; l < nl; ++l)
+      if (!(chk[l] == 0.0f)) return t + l;
+    v8f sum;
+    if (a.score == (int)MoeScore::kSoftmax) {
+      v8f acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = splat(0.0f);
+      int64_t e0 = 0;
+      for (; e0 + 8 <= E; e0 += 8) {
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; ++r) {
+          const v8f ex = exp8(load8(zt + 8 * (e0 + r)) - m);
+          acc[r] += ex;
+          store8(xt + 8 * (e0 + r), ex);
+        }
+      }
+      for (int r = 0; e0 + r < E; ++r) {
+        const v8f ex = exp8(load8(zt + 8 * (e0 + r)) - m);
+        acc[r] += ex;
+        store8(xt + 8 * (e0 + r), ex);
+      }
+      sum = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    } else {
+      for (int64_t e = 0; e < E; ++e)
+        store8(xt + 8 * e, splat(1.0f) / (splat(1.0f) + exp8(-load8(zt + 8 * e))));
+      sum = splat(1.0f);
+    }
+    const bool softmax = a.score == (int)MoeScore::kSoftmax;
+    v8f key[K], wv[K];
+    v8i idx[K];
+    for (int j = 0; j < K; ++j) {
+      key[j] = splat(-INFINITY);
+      idx[j] = splat_i(0);
+    }
+    for (int64_t e = 0; e < E; ++e) {
+      v8f s = load8(xt + 8 * e);
+      if (softmax) s = s / sum;
+      const v8f q = HasBias ? s + splat(bias[e]) : s;
+      const v8i ev = splat_i((int32_t)e);
+      // Keys (finite, never -0 nor NaN): a max/min bubble; the indices follow the masks.
+      v8i gt[K];
+      for (int j = 0; j < K; ++j) gt[j] = q > key[j];
+      for (int j = K - 1; j > 0; --j) idx[j] = gt[j - 1] ? idx[j - 1] : (gt[j] ? ev : idx[j]);
+      idx[0] = gt[0] ? ev : idx[0];
+      v8f c = q;
+      for (int j = 0; j < K; ++j) {
+        const v8f hi = vmax8(key[j], c);
+        c = vmin8f(key[j], c);
+        key[j] = hi;
+      }
+    }
+    if (HasBias) {  // the weights are the scores without the bias: s again, as above
+      for (int j = 0; j < K; ++j)
+        for (int l = 0; l < 8; ++l) {
+          const float x = xt[8 * idx[j][l] + l];
+          wv[j][l] = softmax ? x / sum[l] : x;
+        }
+    } else {
+      for (int j = 0; j < K; ++j) wv[j] = key[j];
+    }
+    if (a.renormalize) {
+      v8f rs = splat(0.f);
+      for (int j = 0; j < K; ++j) rs += wv[j];
+      for (int j = 0; j < K; ++j) wv[j] = wv[j] / rs;
+    }
+    for (int l = 0; l < nl; ++l) {
+      float* wt = a.weights + (t + l) * K;
+      int32_t* et = a.experts + (t + l) * K;
+      for (int j = 0; j < K; ++j) {
+        wt[j] = wv[j][l];
+        et[j] = idx[j][l];
+        ++counts[idx[j][l]];
+      }
+    }
+  }
+  return -1;
 }
 
 // Pass 1 over tokens [t0, t1): scores, top-k, weights, experts and the tile's histogram
@@ -411,10 +596,28 @@ Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t 
     using S = decltype(tag);
     const S* lg = static_cast<const S*>(logits);
     parallel_for(n_tiles, n_threads, [&](int64_t it) {
+      const int64_t t0 = it * kRouteTile, t1 = std::min(T, (it + 1) * kRouteTile);
+      int64_t* counts = hist.data() + it * E;
+      if (k <= kLaneMaxK) {
+        thread_local LaneScratch lanes;
+        lanes.size(E);
+        int64_t bad = -1;
+        switch (k) {
+#define PYOPS_ROUTE_K(KK) \
+  case KK:                \
+    bad = args.bias ? route_tile_lanes<KK, true, S>(args, lg, t0, t1, counts, lanes) \
+                    : route_tile_lanes<KK, false, S>(args, lg, t0, t1, counts, lanes); \
+    break;
+          PYOPS_ROUTE_K(1) PYOPS_ROUTE_K(2) PYOPS_ROUTE_K(3) PYOPS_ROUTE_K(4)
+          PYOPS_ROUTE_K(5) PYOPS_ROUTE_K(6) PYOPS_ROUTE_K(7) PYOPS_ROUTE_K(8)
+#undef PYOPS_ROUTE_K
+        }
+        first_bad[it] = bad;
+        return;
+      }
       thread_local RouteScratch scratch;
       scratch.size(8 * ((E + 7) / 8), k);
-      first_bad[it] = route_tile<S>(args, lg, it * kRouteTile, std::min(T, (it + 1) * kRouteTile),
-                                    hist.data() + it * E, scratch);
+      first_bad[it] = route_tile<S>(args, lg, t0, t1, counts, scratch);
     });
     return 0;
   });
@@ -436,13 +639,24 @@ Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t 
 
   // Pass 2: stable counting-sort scatter (token order within each tile, tiles in order).
   parallel_for(n_tiles, n_threads, [&](int64_t it) {
-    int64_t* cur = hist.data() + it * E;
+    // Local restrict copies: the stores into order must not force reloads of the captures.
+    int64_t* __restrict cur = hist.data() + it * E;
+    const int32_t* __restrict ex = experts;
+    int64_t* __restrict ord = order;
+    uint8_t* __restrict drop = dropped;
+    const int64_t* __restrict off = offsets;
+    const int64_t cap = capacity;
     const int64_t a0 = it * kRouteTile * k, a1 = std::min(T, (it + 1) * kRouteTile) * k;
-    for (int64_t a = a0; a < a1; ++a) {
-      const int32_t e = experts[a];
-      const int64_t p = cur[e]++;
-      order[p] = a;
-      dropped[a] = (uint8_t)(capacity >= 0 && p - offsets[e] >= capacity);
+    if (cap < 0) {
+      for (int64_t a = a0; a < a1; ++a) ord[cur[ex[a]]++] = a;
+      std::memset(drop + a0, 0, (size_t)(a1 - a0));
+    } else {
+      for (int64_t a = a0; a < a1; ++a) {
+        const int32_t e = ex[a];
+        const int64_t p = cur[e]++;
+        ord[p] = a;
+        drop[a] = (uint8_t)(p - off[e] >= cap);
+      }
     }
   });
   return Status::ok();
