@@ -1530,6 +1530,123 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
   }
 }
 
+#ifdef PYOPS_TA_AVX512
+// AVX-512 variant of backward_lanes_item for fp32, no dropout, compile-time D == Dv and at most
+// 16 * NB query rows: sixteen query rows per vector, the key loop outermost within a head so a
+// key's dK / dV lane partials for all the row blocks stay in registers, then go to [Lk, D, 16]
+// (stored by the first head of the kv head, added by the others); the lanes are folded 16 -> 8
+// -> 1 once per (batch row, kv head), in a fixed order. Chosen by CPU features only (g_avx512),
+// so results never depend on the thread count.
+template <int DD, int NB>
+__attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int64_t item, bool per_head,
+                                                               const float* out, const float* dout,
+                                                               const float* lse, float* dq, float* dk, float* dv) {
+  constexpr int64_t L = 16;
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t Lq = p.Lq, Lk = p.Lk;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  Scratch::grow(w.dkt, std::max<int64_t>(Lk * DD * L, 1));
+  Scratch::grow(w.dvt, std::max<int64_t>(Lk * DD * L, 1));
+  Scratch::grow(w.dO, std::max<int64_t>(Lk * DD * kW, 1));
+  Scratch::grow(w.acc, std::max<int64_t>(Lk * DD, 1));
+  Scratch::grow(w.s2, std::max<int64_t>(NB * Lk * L, 1));
+  const float* biasT = short_bias_lanes(c, w, b);  // [ceil(Lq / 8), Lk, 8]
+  const int64_t n8 = (Lq + kW - 1) / kW;
+  float* bias = w.s2.data();  // [NB, Lk, 16]
+  for (int64_t bb = 0; bb < NB; ++bb)
+    for (int64_t j = 0; j < Lk; ++j)
+      for (int64_t hh = 0; hh < 2; ++hh) {
+        const int64_t g = 2 * bb + hh;
+        for (int64_t t = 0; t < kW; ++t)
+          bias[(bb * Lk + j) * L + hh * kW + t] = g < n8 ? biasT[(g * Lk + j) * kW + t] : kNegInf;
+      }
+  alignas(64) float qt[NB][DD][L], dot[NB][DD][L], ot[NB][DD][L], lsev[NB][L], dqv[DD][L];
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
+    const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
+    float* dKp = w.dkt.data();
+    float* dVp = w.dvt.data();
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const bool first = h == hk * c.rep;
+      const int64_t row0 = (b * p.Hq + h) * Lq;
+      const float* q = static_cast<const float*>(p.q) + row0 * DD;
+      const float* o = out + row0 * DD;
+      const float* go = dout + row0 * DD;
+      for (int64_t bb = 0; bb < NB; ++bb)
+        for (int64_t t = 0; t < L; ++t) {
+          const int64_t i = bb * L + t;
+          const bool in = i < Lq;
+          for (int64_t d = 0; d < DD; ++d) {
+            qt[bb][d][t] = in ? p.scale * q[i * DD + d] : 0.f;
+            dot[bb][d][t] = in ? go[i * DD + d] : 0.f;
+            ot[bb][d][t] = in ? o[i * DD + d] : 0.f;
+          }
+          const float x = in ? lse[row0 + i] : kNegInf;
+          lsev[bb][t] = x == kNegInf ? std::numeric_limits<float>::infinity() : x;
+        }
+      __m512 Q[NB][DD], DO[NB][DD], DQ[NB][DD], LS[NB], DI[NB];
+      for (int bb = 0; bb < NB; ++bb) {
+        LS[bb] = _mm512_load_ps(lsev[bb]);
+        __m512 di = _mm512_setzero_ps();
+        for (int d = 0; d < DD; ++d) {
+          Q[bb][d] = _mm512_load_ps(qt[bb][d]);
+          DO[bb][d] = _mm512_load_ps(dot[bb][d]);
+          di = _mm512_fmadd_ps(DO[bb][d], _mm512_load_ps(ot[bb][d]), di);
+          DQ[bb][d] = _mm512_setzero_ps();
+        }
+        DI[bb] = di;
+      }
+      for (int64_t j = 0; j < Lk; ++j) {
+        const float* kj = K + j * DD;
+        const float* vj = V + j * DD;
+        __m512 DK[DD], DV[DD];
+        for (int bb = 0; bb < NB; ++bb) {
+          __m512 s = _mm512_loadu_ps(bias + (bb * Lk + j) * L);
+          for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[bb][d], _mm512_set1_ps(kj[d]), s);
+          const __m512 pj = fexp16(_mm512_sub_ps(s, LS[bb]));
+          __m512 dp = _mm512_setzero_ps();
+          for (int d = 0; d < DD; ++d) dp = _mm512_fmadd_ps(DO[bb][d], _mm512_set1_ps(vj[d]), dp);
+          const __m512 ds = _mm512_mul_ps(pj, _mm512_sub_ps(dp, DI[bb]));
+          for (int d = 0; d < DD; ++d) {
+            DQ[bb][d] = _mm512_fmadd_ps(ds, _mm512_set1_ps(kj[d]), DQ[bb][d]);
+            DK[d] = bb == 0 ? _mm512_mul_ps(ds, Q[bb][d]) : _mm512_fmadd_ps(ds, Q[bb][d], DK[d]);
+            DV[d] = bb == 0 ? _mm512_mul_ps(pj, DO[bb][d]) : _mm512_fmadd_ps(pj, DO[bb][d], DV[d]);
+          }
+        }
+        float* dkj = dKp + j * DD * L;
+        float* dvj = dVp + j * DD * L;
+        for (int d = 0; d < DD; ++d) {
+          if (first) {
+            _mm512_storeu_ps(dkj + d * L, DK[d]);
+            _mm512_storeu_ps(dvj + d * L, DV[d]);
+          } else {
+            _mm512_storeu_ps(dkj + d * L, _mm512_add_ps(_mm512_loadu_ps(dkj + d * L), DK[d]));
+            _mm512_storeu_ps(dvj + d * L, _mm512_add_ps(_mm512_loadu_ps(dvj + d * L), DV[d]));
+          }
+        }
+      }
+      for (int bb = 0; bb < NB; ++bb) {
+        for (int d = 0; d < DD; ++d) _mm512_store_ps(dqv[d], _mm512_mul_ps(DQ[bb][d], _mm512_set1_ps(p.scale)));
+        const int64_t nr = std::min<int64_t>(L, Lq - bb * L);
+        for (int64_t t = 0; t < nr; ++t)
+          for (int64_t d = 0; d < DD; ++d) dq[(row0 + bb * L + t) * DD + d] = dqv[d][t];
+      }
+    }
+    // Fold the lanes 16 -> 8, then sum the eight (dK already carries the scale through Qs).
+    const int64_t kv0 = (b * p.Hkv + hk) * Lk;
+    float* f8 = w.dO.data();
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* src = pass ? dVp : dKp;
+      for (int64_t g = 0; g < Lk * DD; ++g)
+        _mm256_storeu_ps(f8 + g * kW, _mm256_add_ps(_mm256_loadu_ps(src + g * L), _mm256_loadu_ps(src + g * L + kW)));
+      lane_sums(f8, Lk * DD, pass ? dv + kv0 * DD : dk + kv0 * DD);
+    }
+  }
+}
+#endif
+
 // Which lane kernel instance runs: compile-time dims for the common square head sizes.
 template <typename T, typename Fn>
 void with_lane_dims(int64_t D, int64_t Dv, Fn&& fn) {
@@ -1711,6 +1828,27 @@ Status task_attention_backward(const TaskAttentionProblem& p, const void* out, c
       std::fill(gv, gv + kvrows * p.Dv, zero);
       return Status::ok();
     }
+#ifdef PYOPS_TA_AVX512
+    if constexpr (std::is_same<T, float>::value) {
+      if (g_avx512 && c.short_path && lanes_fit(p) && !c.dropout && p.D == p.Dv && p.Lq <= 32 &&
+          (p.D == 4 || p.D == 8)) {
+        const bool per_head = short_per_head(p, n_threads);
+        auto run = [&](auto dd, auto nb) {
+          constexpr int DD = decltype(dd)::value, NB = decltype(nb)::value;
+          parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
+            backward_lanes16_item<DD, NB>(c, item, per_head, o, go, lse, gq, gk, gv);
+          });
+        };
+        using I4 = std::integral_constant<int, 4>;
+        using I8 = std::integral_constant<int, 8>;
+        using N1 = std::integral_constant<int, 1>;
+        using N2 = std::integral_constant<int, 2>;
+        if (p.D == 4) p.Lq <= 16 ? run(I4{}, N1{}) : run(I4{}, N2{});
+        else p.Lq <= 16 ? run(I8{}, N1{}) : run(I8{}, N2{});
+        return Status::ok();
+      }
+    }
+#endif
     if (c.short_path && lanes_fit(p)) {
       const bool per_head = short_per_head(p, n_threads);
       with_lane_dims<T>(p.D, p.Dv, [&](auto dims) {
