@@ -1531,6 +1531,91 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
 }
 
 #ifdef PYOPS_TA_AVX512
+// Two eight-lane halves as one sixteen-lane vector.
+__attribute__((target("avx512f"))) static inline __m512 join16(const float* lo, const float* hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(lo))),
+                                             _mm256_castps_pd(_mm256_loadu_ps(hi)), 1));
+}
+
+// forward_lanes_item with the sixteen rows of a block in one AVX-512 vector (fp32, no dropout,
+// compile-time D == Dv): every lane takes the same steps in the same order, so the same bits.
+template <int DD>
+__attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64_t item, bool per_head, float* out,
+                                                              float* lse) {
+  constexpr int64_t kRows = 2 * kW;
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t Lq = p.Lq, Lk = p.Lk;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kRows);
+  Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
+  const float* biasT = short_bias_lanes(c, w, b);
+  float* S = w.s.data();
+  alignas(64) float qt[2][DD * kW];
+  alignas(32) float tmp[kLaneMaxDim];
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
+    const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const float* q = static_cast<const float*>(p.q) + (b * p.Hq + h) * Lq * DD;
+      const int64_t row0 = (b * p.Hq + h) * Lq;
+      for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
+        const int64_t nr = std::min<int64_t>(kRows, Lq - i0);
+        load_lanes(q + i0 * DD, std::min<int64_t>(nr, kW), DD, p.scale, qt[0]);
+        load_lanes(q + (i0 + kW) * DD, std::max<int64_t>(nr - kW, 0), DD, p.scale, qt[1]);
+        const float* bt0 = biasT + (i0 / kW) * Lk * kW;
+        const float* bt1 = bt0 + Lk * kW;
+        __m512 Q[DD];
+        for (int d = 0; d < DD; ++d) Q[d] = join16(qt[0] + d * kW, qt[1] + d * kW);
+        __m512 m = _mm512_set1_ps(kNegInf);
+        for (int64_t j = 0; j < Lk; ++j) {
+          __m512 s = join16(bt0 + j * kW, bt1 + j * kW);
+          const float* kj = K + j * DD;
+          for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[d], _mm512_set1_ps(kj[d]), s);
+          _mm512_storeu_ps(S + j * kRows, s);
+          m = _mm512_max_ps(m, s);
+        }
+        alignas(64) float mv[kRows];
+        _mm512_store_ps(mv, m);
+        for (int64_t t = 0; t < kRows; ++t) mv[t] = mv[t] == kNegInf ? 0.f : mv[t];  // empty rows: p = 0
+        const __m512 ms = _mm512_load_ps(mv);
+        __m512 l = _mm512_setzero_ps();
+        __m512 acc[DD];
+        for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < Lk; ++j) {
+          const __m512 pj = fexp16(_mm512_sub_ps(_mm512_loadu_ps(S + j * kRows), ms));
+          l = _mm512_add_ps(l, pj);
+          const float* vj = V + j * DD;
+          for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_fmadd_ps(pj, _mm512_set1_ps(vj[cc]), acc[cc]);
+        }
+        alignas(64) float lv[kRows], lrow[kRows];
+        float* av = w.acc.data();
+        _mm512_store_ps(lrow, l);
+        for (int64_t t = 0; t < kRows; ++t) lv[t] = lrow[t];
+        for (int cc = 0; cc < DD; ++cc) _mm512_storeu_ps(av + cc * kRows, acc[cc]);
+        alignas(32) float logl[kRows];
+        for (int64_t t = 0; t < kRows; ++t) lv[t] = lv[t] > 0.f ? lv[t] : 1.f;  // empty rows: no log of 0
+        for (int64_t t = 0; t < kRows; t += kW) log_lanes(lv + t, logl + t);
+        for (int64_t t = 0; t < nr; ++t) {
+          float* o = out + (row0 + i0 + t) * DD;
+          if (lrow[t] > 0.f) {
+            const float inv = 1.f / lrow[t];
+            for (int64_t cc = 0; cc < DD; ++cc) o[cc] = av[cc * kRows + t] * inv;
+            lse[row0 + i0 + t] = mv[t] + logl[t];
+          } else {
+            for (int64_t cc = 0; cc < DD; ++cc) o[cc] = 0.f;
+            lse[row0 + i0 + t] = kNegInf;
+          }
+        }
+      }
+    }
+  }
+  (void)tmp;
+}
+#endif
+
+#ifdef PYOPS_TA_AVX512
 // AVX-512 variant of backward_lanes_item for fp32, no dropout, compile-time D == Dv and at most
 // 16 * NB query rows: sixteen query rows per vector, the key loop outermost within a head so a
 // key's dK / dV lane partials for all the row blocks stay in registers, then go to [Lk, D, 16]
@@ -1773,6 +1858,23 @@ Status task_attention_forward(const TaskAttentionProblem& p, void* out, float* l
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     T* o = static_cast<T*>(out);
+#ifdef PYOPS_TA_AVX512
+    if constexpr (std::is_same<T, float>::value) {
+      if (g_avx512 && c.short_path && lanes_fit(p) && !c.dropout && p.D == p.Dv &&
+          (p.D == 4 || p.D == 8 || p.D == 16)) {
+        const bool per_head = short_per_head(p, n_threads);
+        auto run = [&](auto dd) {
+          constexpr int DD = decltype(dd)::value;
+          parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
+                       [&](int64_t item) { forward_lanes16_item<DD>(c, item, per_head, o, lse); });
+        };
+        if (p.D == 4) run(std::integral_constant<int, 4>{});
+        else if (p.D == 8) run(std::integral_constant<int, 8>{});
+        else run(std::integral_constant<int, 16>{});
+        return Status::ok();
+      }
+    }
+#endif
     if (c.short_path && lanes_fit(p)) {
       const bool per_head = short_per_head(p, n_threads);
       with_lane_dims<T>(p.D, p.Dv, [&](auto dims) {
