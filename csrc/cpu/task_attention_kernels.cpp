@@ -1636,18 +1636,7 @@ __attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int6
   Scratch::grow(w.dvt, std::max<int64_t>(Lk * DD * L, 1));
   Scratch::grow(w.dO, std::max<int64_t>(Lk * DD * kW, 1));
   Scratch::grow(w.acc, std::max<int64_t>(Lk * DD, 1));
-  Scratch::grow(w.s2, std::max<int64_t>(NB * Lk * L, 1));
-  const float* biasT = short_bias_lanes(c, w, b);  // [ceil(Lq / 8), Lk, 8]
-  const int64_t n8 = (Lq + kW - 1) / kW;
-  float* bias = w.s2.data();  // [NB, Lk, 16]
-  for (int64_t bb = 0; bb < NB; ++bb)
-    for (int64_t j = 0; j < Lk; ++j)
-      for (int64_t hh = 0; hh < 2; ++hh) {
-        const int64_t g = 2 * bb + hh;
-        for (int64_t t = 0; t < kW; ++t)
-          bias[(bb * Lk + j) * L + hh * kW + t] = g < n8 ? biasT[(g * Lk + j) * kW + t] : kNegInf;
-      }
-  alignas(64) float qt[NB][DD][L], dot[NB][DD][L], ot[NB][DD][L], lsev[NB][L], dqv[DD][L];
+  const float* biasT = short_bias_lanes(c, w, b);  // [even ceil(Lq / 8), Lk, 8], rows past Lq: -inf
   for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
     const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
     const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
@@ -1659,26 +1648,25 @@ __attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int6
       const float* q = static_cast<const float*>(p.q) + row0 * DD;
       const float* o = out + row0 * DD;
       const float* go = dout + row0 * DD;
-      for (int64_t bb = 0; bb < NB; ++bb)
-        for (int64_t t = 0; t < L; ++t) {
-          const int64_t i = bb * L + t;
-          const bool in = i < Lq;
-          for (int64_t d = 0; d < DD; ++d) {
-            qt[bb][d][t] = in ? p.scale * q[i * DD + d] : 0.f;
-            dot[bb][d][t] = in ? go[i * DD + d] : 0.f;
-            ot[bb][d][t] = in ? o[i * DD + d] : 0.f;
-          }
-          const float x = in ? lse[row0 + i] : kNegInf;
-          lsev[bb][t] = x == kNegInf ? std::numeric_limits<float>::infinity() : x;
-        }
+      // Sixteen rows of [*, DD] -> DD vectors of sixteen lanes (lanes past Lq: 0; lse: +inf).
+      const __m512i idx = _mm512_mullo_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
+      const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(kNegInf);
       __m512 Q[NB][DD], DO[NB][DD], DQ[NB][DD], LS[NB], DI[NB];
+      __mmask16 live[NB];
       for (int bb = 0; bb < NB; ++bb) {
-        LS[bb] = _mm512_load_ps(lsev[bb]);
+        const int64_t nr = std::min<int64_t>(L, Lq - bb * L);
+        live[bb] = (__mmask16)((1u << nr) - 1u);
+        const int64_t off = bb * L * DD;
+        const __m512 x = _mm512_mask_loadu_ps(ninf, live[bb], lse + row0 + bb * L);
+        LS[bb] = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ),
+                                    _mm512_set1_ps(std::numeric_limits<float>::infinity()));
         __m512 di = _mm512_setzero_ps();
         for (int d = 0; d < DD; ++d) {
-          Q[bb][d] = _mm512_load_ps(qt[bb][d]);
-          DO[bb][d] = _mm512_load_ps(dot[bb][d]);
-          di = _mm512_fmadd_ps(DO[bb][d], _mm512_load_ps(ot[bb][d]), di);
+          const __m512i id = _mm512_add_epi32(idx, _mm512_set1_epi32(d));
+          Q[bb][d] = _mm512_mul_ps(_mm512_set1_ps(p.scale), _mm512_mask_i32gather_ps(zero, live[bb], id, q + off, 4));
+          DO[bb][d] = _mm512_mask_i32gather_ps(zero, live[bb], id, go + off, 4);
+          di = _mm512_fmadd_ps(DO[bb][d], _mm512_mask_i32gather_ps(zero, live[bb], id, o + off, 4), di);
           DQ[bb][d] = _mm512_setzero_ps();
         }
         DI[bb] = di;
@@ -1688,7 +1676,7 @@ __attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int6
         const float* vj = V + j * DD;
         __m512 DK[DD], DV[DD];
         for (int bb = 0; bb < NB; ++bb) {
-          __m512 s = _mm512_loadu_ps(bias + (bb * Lk + j) * L);
+          __m512 s = join16(biasT + (2 * bb * Lk + j) * kW, biasT + ((2 * bb + 1) * Lk + j) * kW);
           for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[bb][d], _mm512_set1_ps(kj[d]), s);
           const __m512 pj = fexp16(_mm512_sub_ps(s, LS[bb]));
           __m512 dp = _mm512_setzero_ps();
@@ -1712,12 +1700,10 @@ __attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int6
           }
         }
       }
-      for (int bb = 0; bb < NB; ++bb) {
-        for (int d = 0; d < DD; ++d) _mm512_store_ps(dqv[d], _mm512_mul_ps(DQ[bb][d], _mm512_set1_ps(p.scale)));
-        const int64_t nr = std::min<int64_t>(L, Lq - bb * L);
-        for (int64_t t = 0; t < nr; ++t)
-          for (int64_t d = 0; d < DD; ++d) dq[(row0 + bb * L + t) * DD + d] = dqv[d][t];
-      }
+      for (int bb = 0; bb < NB; ++bb)
+        for (int d = 0; d < DD; ++d)
+          _mm512_mask_i32scatter_ps(dq + (row0 + bb * L) * DD, live[bb], _mm512_add_epi32(idx, _mm512_set1_epi32(d)),
+                                    _mm512_mul_ps(DQ[bb][d], _mm512_set1_ps(p.scale)), 4);
     }
     // Fold the lanes 16 -> 8, then sum the eight (dK already carries the scale through Qs).
     const int64_t kv0 = (b * p.Hkv + hk) * Lk;
