@@ -1552,8 +1552,8 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
   Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
   const float* biasT = short_bias_lanes(c, w, b);
   float* S = w.s.data();
-  alignas(64) float qt[2][DD * kW];
-  alignas(32) float tmp[kLaneMaxDim];
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
   for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
     const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
     const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
@@ -1562,12 +1562,14 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
       const int64_t row0 = (b * p.Hq + h) * Lq;
       for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
         const int64_t nr = std::min<int64_t>(kRows, Lq - i0);
-        load_lanes(q + i0 * DD, std::min<int64_t>(nr, kW), DD, p.scale, qt[0]);
-        load_lanes(q + (i0 + kW) * DD, std::max<int64_t>(nr - kW, 0), DD, p.scale, qt[1]);
+        const __mmask16 live = (__mmask16)((1u << nr) - 1u);
         const float* bt0 = biasT + (i0 / kW) * Lk * kW;
         const float* bt1 = bt0 + Lk * kW;
         __m512 Q[DD];
-        for (int d = 0; d < DD; ++d) Q[d] = join16(qt[0] + d * kW, qt[1] + d * kW);
+        for (int d = 0; d < DD; ++d)  // lanes past Lq: 0, as load_lanes
+          Q[d] = _mm512_mul_ps(_mm512_set1_ps(p.scale),
+                               _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                        _mm512_add_epi32(idx, _mm512_set1_epi32(d)), q + i0 * DD, 4));
         __m512 m = _mm512_set1_ps(kNegInf);
         for (int64_t j = 0; j < Lk; ++j) {
           __m512 s = join16(bt0 + j * kW, bt1 + j * kW);
@@ -1589,29 +1591,21 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
           const float* vj = V + j * DD;
           for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_fmadd_ps(pj, _mm512_set1_ps(vj[cc]), acc[cc]);
         }
-        alignas(64) float lv[kRows], lrow[kRows];
-        float* av = w.acc.data();
-        _mm512_store_ps(lrow, l);
-        for (int64_t t = 0; t < kRows; ++t) lv[t] = lrow[t];
-        for (int cc = 0; cc < DD; ++cc) _mm512_storeu_ps(av + cc * kRows, acc[cc]);
-        alignas(32) float logl[kRows];
-        for (int64_t t = 0; t < kRows; ++t) lv[t] = lv[t] > 0.f ? lv[t] : 1.f;  // empty rows: no log of 0
+        // 1 / l and the products lane-wise (IEEE division and product: the scalar epilogue's bits).
+        alignas(64) float lv[kRows], logl[kRows];
+        const __mmask16 nz = _mm512_cmp_ps_mask(l, _mm512_setzero_ps(), _CMP_GT_OQ);
+        _mm512_store_ps(lv, _mm512_mask_blend_ps(nz, _mm512_set1_ps(1.f), l));  // empty rows: no log of 0
         for (int64_t t = 0; t < kRows; t += kW) log_lanes(lv + t, logl + t);
-        for (int64_t t = 0; t < nr; ++t) {
-          float* o = out + (row0 + i0 + t) * DD;
-          if (lrow[t] > 0.f) {
-            const float inv = 1.f / lrow[t];
-            for (int64_t cc = 0; cc < DD; ++cc) o[cc] = av[cc * kRows + t] * inv;
-            lse[row0 + i0 + t] = mv[t] + logl[t];
-          } else {
-            for (int64_t cc = 0; cc < DD; ++cc) o[cc] = 0.f;
-            lse[row0 + i0 + t] = kNegInf;
-          }
-        }
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(lv));
+        for (int cc = 0; cc < DD; ++cc)
+          _mm512_mask_i32scatter_ps(out + (row0 + i0) * DD, live, _mm512_add_epi32(idx, _mm512_set1_epi32(cc)),
+                                    _mm512_maskz_mul_ps(nz, acc[cc], inv), 4);
+        _mm512_mask_storeu_ps(lse + row0 + i0, live,
+                              _mm512_mask_blend_ps(nz, _mm512_set1_ps(kNegInf),
+                                                   _mm512_add_ps(ms, _mm512_load_ps(logl))));
       }
     }
   }
-  (void)tmp;
 }
 #endif
 
