@@ -1530,6 +1530,188 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
   }
 }
 
+#ifdef PYOPS_TA_AVX512
+// Two eight-lane halves as one sixteen-lane vector.
+__attribute__((target("avx512f"))) static inline __m512 join16(const float* lo, const float* hi) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(lo))),
+                                             _mm256_castps_pd(_mm256_loadu_ps(hi)), 1));
+}
+
+// forward_lanes_item with the sixteen rows of a block in one AVX-512 vector (fp32, no dropout,
+// compile-time D == Dv): every lane takes the same steps in the same order, so the same bits.
+template <int DD>
+__attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64_t item, bool per_head, float* out,
+                                                              float* lse) {
+  constexpr int64_t kRows = 2 * kW;
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t Lq = p.Lq, Lk = p.Lk;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kRows);
+  Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
+  const float* biasT = short_bias_lanes(c, w, b);
+  float* S = w.s.data();
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
+    const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const float* q = static_cast<const float*>(p.q) + (b * p.Hq + h) * Lq * DD;
+      const int64_t row0 = (b * p.Hq + h) * Lq;
+      for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
+        const int64_t nr = std::min<int64_t>(kRows, Lq - i0);
+        const __mmask16 live = (__mmask16)((1u << nr) - 1u);
+        const float* bt0 = biasT + (i0 / kW) * Lk * kW;
+        const float* bt1 = bt0 + Lk * kW;
+        __m512 Q[DD];
+        for (int d = 0; d < DD; ++d)  // lanes past Lq: 0, as load_lanes
+          Q[d] = _mm512_mul_ps(_mm512_set1_ps(p.scale),
+                               _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live,
+                                                        _mm512_add_epi32(idx, _mm512_set1_epi32(d)), q + i0 * DD, 4));
+        __m512 m = _mm512_set1_ps(kNegInf);
+        for (int64_t j = 0; j < Lk; ++j) {
+          __m512 s = join16(bt0 + j * kW, bt1 + j * kW);
+          const float* kj = K + j * DD;
+          for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[d], _mm512_set1_ps(kj[d]), s);
+          _mm512_storeu_ps(S + j * kRows, s);
+          m = _mm512_max_ps(m, s);
+        }
+        alignas(64) float mv[kRows];
+        _mm512_store_ps(mv, m);
+        for (int64_t t = 0; t < kRows; ++t) mv[t] = mv[t] == kNegInf ? 0.f : mv[t];  // empty rows: p = 0
+        const __m512 ms = _mm512_load_ps(mv);
+        __m512 l = _mm512_setzero_ps();
+        __m512 acc[DD];
+        for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_setzero_ps();
+        for (int64_t j = 0; j < Lk; ++j) {
+          const __m512 pj = fexp16(_mm512_sub_ps(_mm512_loadu_ps(S + j * kRows), ms));
+          l = _mm512_add_ps(l, pj);
+          const float* vj = V + j * DD;
+          for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_fmadd_ps(pj, _mm512_set1_ps(vj[cc]), acc[cc]);
+        }
+        // 1 / l and the products lane-wise (IEEE division and product: the scalar epilogue's bits).
+        alignas(64) float lv[kRows], logl[kRows];
+        const __mmask16 nz = _mm512_cmp_ps_mask(l, _mm512_setzero_ps(), _CMP_GT_OQ);
+        _mm512_store_ps(lv, _mm512_mask_blend_ps(nz, _mm512_set1_ps(1.f), l));  // empty rows: no log of 0
+        for (int64_t t = 0; t < kRows; t += kW) log_lanes(lv + t, logl + t);
+        const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(lv));
+        for (int cc = 0; cc < DD; ++cc)
+          _mm512_mask_i32scatter_ps(out + (row0 + i0) * DD, live, _mm512_add_epi32(idx, _mm512_set1_epi32(cc)),
+                                    _mm512_maskz_mul_ps(nz, acc[cc], inv), 4);
+        _mm512_mask_storeu_ps(lse + row0 + i0, live,
+                              _mm512_mask_blend_ps(nz, _mm512_set1_ps(kNegInf),
+                                                   _mm512_add_ps(ms, _mm512_load_ps(logl))));
+      }
+    }
+  }
+}
+#endif
+
+#ifdef PYOPS_TA_AVX512
+// AVX-512 variant of backward_lanes_item for fp32, no dropout, compile-time D == Dv and at most
+// 16 * NB query rows: sixteen query rows per vector, the key loop outermost within a head so a
+// key's dK / dV lane partials for all the row blocks stay in registers, then go to [Lk, D, 16]
+// (stored by the first head of the kv head, added by the others); the lanes are folded 16 -> 8
+// -> 1 once per (batch row, kv head), in a fixed order. Chosen by CPU features only (g_avx512),
+// so results never depend on the thread count.
+template <int DD, int NB>
+__attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int64_t item, bool per_head,
+                                                               const float* out, const float* dout,
+                                                               const float* lse, float* dq, float* dk, float* dv) {
+  constexpr int64_t L = 16;
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t Lq = p.Lq, Lk = p.Lk;
+  const int64_t b = per_head ? item / p.Hkv : item;
+  const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
+  Scratch& w = scratch();
+  Scratch::grow(w.dkt, std::max<int64_t>(Lk * DD * L, 1));
+  Scratch::grow(w.dvt, std::max<int64_t>(Lk * DD * L, 1));
+  Scratch::grow(w.dO, std::max<int64_t>(Lk * DD * kW, 1));
+  Scratch::grow(w.acc, std::max<int64_t>(Lk * DD, 1));
+  const float* biasT = short_bias_lanes(c, w, b);  // [even ceil(Lq / 8), Lk, 8], rows past Lq: -inf
+  for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
+    const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
+    const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
+    float* dKp = w.dkt.data();
+    float* dVp = w.dvt.data();
+    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
+      const bool first = h == hk * c.rep;
+      const int64_t row0 = (b * p.Hq + h) * Lq;
+      const float* q = static_cast<const float*>(p.q) + row0 * DD;
+      const float* o = out + row0 * DD;
+      const float* go = dout + row0 * DD;
+      // Sixteen rows of [*, DD] -> DD vectors of sixteen lanes (lanes past Lq: 0; lse: +inf).
+      const __m512i idx = _mm512_mullo_epi32(
+          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
+      const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(kNegInf);
+      __m512 Q[NB][DD], DO[NB][DD], DQ[NB][DD], LS[NB], DI[NB];
+      __mmask16 live[NB];
+      for (int bb = 0; bb < NB; ++bb) {
+        const int64_t nr = std::min<int64_t>(L, Lq - bb * L);
+        live[bb] = (__mmask16)((1u << nr) - 1u);
+        const int64_t off = bb * L * DD;
+        const __m512 x = _mm512_mask_loadu_ps(ninf, live[bb], lse + row0 + bb * L);
+        LS[bb] = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ),
+                                    _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+        __m512 di = _mm512_setzero_ps();
+        for (int d = 0; d < DD; ++d) {
+          const __m512i id = _mm512_add_epi32(idx, _mm512_set1_epi32(d));
+          Q[bb][d] = _mm512_mul_ps(_mm512_set1_ps(p.scale), _mm512_mask_i32gather_ps(zero, live[bb], id, q + off, 4));
+          DO[bb][d] = _mm512_mask_i32gather_ps(zero, live[bb], id, go + off, 4);
+          di = _mm512_fmadd_ps(DO[bb][d], _mm512_mask_i32gather_ps(zero, live[bb], id, o + off, 4), di);
+          DQ[bb][d] = _mm512_setzero_ps();
+        }
+        DI[bb] = di;
+      }
+      for (int64_t j = 0; j < Lk; ++j) {
+        const float* kj = K + j * DD;
+        const float* vj = V + j * DD;
+        __m512 DK[DD], DV[DD];
+        for (int bb = 0; bb < NB; ++bb) {
+          __m512 s = join16(biasT + (2 * bb * Lk + j) * kW, biasT + ((2 * bb + 1) * Lk + j) * kW);
+          for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[bb][d], _mm512_set1_ps(kj[d]), s);
+          const __m512 pj = fexp16(_mm512_sub_ps(s, LS[bb]));
+          __m512 dp = _mm512_setzero_ps();
+          for (int d = 0; d < DD; ++d) dp = _mm512_fmadd_ps(DO[bb][d], _mm512_set1_ps(vj[d]), dp);
+          const __m512 ds = _mm512_mul_ps(pj, _mm512_sub_ps(dp, DI[bb]));
+          for (int d = 0; d < DD; ++d) {
+            DQ[bb][d] = _mm512_fmadd_ps(ds, _mm512_set1_ps(kj[d]), DQ[bb][d]);
+            DK[d] = bb == 0 ? _mm512_mul_ps(ds, Q[bb][d]) : _mm512_fmadd_ps(ds, Q[bb][d], DK[d]);
+            DV[d] = bb == 0 ? _mm512_mul_ps(pj, DO[bb][d]) : _mm512_fmadd_ps(pj, DO[bb][d], DV[d]);
+          }
+        }
+        float* dkj = dKp + j * DD * L;
+        float* dvj = dVp + j * DD * L;
+        for (int d = 0; d < DD; ++d) {
+          if (first) {
+            _mm512_storeu_ps(dkj + d * L, DK[d]);
+            _mm512_storeu_ps(dvj + d * L, DV[d]);
+          } else {
+            _mm512_storeu_ps(dkj + d * L, _mm512_add_ps(_mm512_loadu_ps(dkj + d * L), DK[d]));
+            _mm512_storeu_ps(dvj + d * L, _mm512_add_ps(_mm512_loadu_ps(dvj + d * L), DV[d]));
+          }
+        }
+      }
+      for (int bb = 0; bb < NB; ++bb)
+        for (int d = 0; d < DD; ++d)
+          _mm512_mask_i32scatter_ps(dq + (row0 + bb * L) * DD, live[bb], _mm512_add_epi32(idx, _mm512_set1_epi32(d)),
+                                    _mm512_mul_ps(DQ[bb][d], _mm512_set1_ps(p.scale)), 4);
+    }
+    // Fold the lanes 16 -> 8, then sum the eight (dK already carries the scale through Qs).
+    const int64_t kv0 = (b * p.Hkv + hk) * Lk;
+    float* f8 = w.dO.data();
+    for (int pass = 0; pass < 2; ++pass) {
+      const float* src = pass ? dVp : dKp;
+      for (int64_t g = 0; g < Lk * DD; ++g)
+        _mm256_storeu_ps(f8 + g * kW, _mm256_add_ps(_mm256_loadu_ps(src + g * L), _mm256_loadu_ps(src + g * L + kW)));
+      lane_sums(f8, Lk * DD, pass ? dv + kv0 * DD : dk + kv0 * DD);
+    }
+  }
+}
+#endif
+
 // Which lane kernel instance runs: compile-time dims for the common square head sizes.
 template <typename T, typename Fn>
 void with_lane_dims(int64_t D, int64_t Dv, Fn&& fn) {
@@ -1656,6 +1838,23 @@ Status task_attention_forward(const TaskAttentionProblem& p, void* out, float* l
   return dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     T* o = static_cast<T*>(out);
+#ifdef PYOPS_TA_AVX512
+    if constexpr (std::is_same<T, float>::value) {
+      if (g_avx512 && c.short_path && lanes_fit(p) && !c.dropout && p.D == p.Dv &&
+          (p.D == 4 || p.D == 8 || p.D == 16)) {
+        const bool per_head = short_per_head(p, n_threads);
+        auto run = [&](auto dd) {
+          constexpr int DD = decltype(dd)::value;
+          parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads,
+                       [&](int64_t item) { forward_lanes16_item<DD>(c, item, per_head, o, lse); });
+        };
+        if (p.D == 4) run(std::integral_constant<int, 4>{});
+        else if (p.D == 8) run(std::integral_constant<int, 8>{});
+        else run(std::integral_constant<int, 16>{});
+        return Status::ok();
+      }
+    }
+#endif
     if (c.short_path && lanes_fit(p)) {
       const bool per_head = short_per_head(p, n_threads);
       with_lane_dims<T>(p.D, p.Dv, [&](auto dims) {
@@ -1711,6 +1910,27 @@ Status task_attention_backward(const TaskAttentionProblem& p, const void* out, c
       std::fill(gv, gv + kvrows * p.Dv, zero);
       return Status::ok();
     }
+#ifdef PYOPS_TA_AVX512
+    if constexpr (std::is_same<T, float>::value) {
+      if (g_avx512 && c.short_path && lanes_fit(p) && !c.dropout && p.D == p.Dv && p.Lq <= 32 &&
+          (p.D == 4 || p.D == 8)) {
+        const bool per_head = short_per_head(p, n_threads);
+        auto run = [&](auto dd, auto nb) {
+          constexpr int DD = decltype(dd)::value, NB = decltype(nb)::value;
+          parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
+            backward_lanes16_item<DD, NB>(c, item, per_head, o, go, lse, gq, gk, gv);
+          });
+        };
+        using I4 = std::integral_constant<int, 4>;
+        using I8 = std::integral_constant<int, 8>;
+        using N1 = std::integral_constant<int, 1>;
+        using N2 = std::integral_constant<int, 2>;
+        if (p.D == 4) p.Lq <= 16 ? run(I4{}, N1{}) : run(I4{}, N2{});
+        else p.Lq <= 16 ? run(I8{}, N1{}) : run(I8{}, N2{});
+        return Status::ok();
+      }
+    }
+#endif
     if (c.short_path && lanes_fit(p)) {
       const bool per_head = short_per_head(p, n_threads);
       with_lane_dims<T>(p.D, p.Dv, [&](auto dims) {

@@ -310,11 +310,14 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, q_groups, kv_groups, allow, seed)
     ctx.causal, ctx.dropout_p, ctx.scale = causal, dropout_p, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zero-filled [B, Hq, Lq] gradient for lse on every backward
 
 
 def _make_backward(backward_op):
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, q_groups, kv_groups, allow, seed = ctx.saved_tensors
+        if dout is None:  # out took no part in the loss (grads are not materialized)
+            return None, None, None, None, None, None, None, None, None, None
         dq, dk, dv = backward_op(dout.contiguous(), q, k, v, out, lse, q_groups, kv_groups, allow,
                                  ctx.causal, ctx.dropout_p, ctx.scale, seed)
         return dq, dk, dv, None, None, None, None, None, None, None
