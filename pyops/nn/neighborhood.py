@@ -9,8 +9,10 @@ Input and output ``[B, *spatial, C]`` (channels last, as NATTEN). The attention 
 `pyops.na1d/na2d/na3d`: fused forward and backward on CPU (C++) and GPU (Triton).
 
 Differences from NATTEN 0.17: no automatic zero padding of inputs smaller than
-kernel_size·dilation (an error says so instead), and attention dropout (`attn_drop > 0`) is not
-implemented by the fused kernels: training with it raises (evaluation ignores it, as dropout does).
+kernel_size·dilation (an error says so instead). Attention dropout (`attn_drop > 0`, on the
+probabilities after the softmax, as NATTEN 0.17) has no fused kernel: in training mode it runs the
+gather-based reference with a Philox mask (slow; DiNAT/NAT configs use attn_drop = 0); evaluation
+uses the fused kernels.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 import pyops
+from pyops.reference import neighborhood as ref
 
 IntOrTuple = Union[int, Sequence[int]]
 
@@ -75,15 +78,20 @@ class _NeighborhoodAttention(nn.Module):
         if x.dim() != n + 2:
             raise ValueError(f"x: expected a {n + 2}-d tensor [B, {', '.join(f'S{i}' for i in range(n))}, C], "
                              f"got shape {list(x.shape)}")
-        if self.training and self.attn_drop_rate > 0:
-            raise NotImplementedError("attn_drop > 0 is not implemented by the fused neighbourhood kernels; "
-                                      "use attn_drop=0 (DiNAT/NAT configs do) or eval mode")
         B, spatial, C = x.shape[0], tuple(x.shape[1:-1]), x.shape[-1]
         qkv = self.qkv(x).reshape(B, *spatial, 3, self.num_heads, self.head_dim)
         q, k, v = qkv.unbind(dim=-3)
-        fn = (pyops.na1d, pyops.na2d, pyops.na3d)[n - 1]
-        out = fn(q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation, is_causal=self.is_causal,
-                 rpb=self.rpb, scale=self.scale, backend=self.backend)
+        if self.training and self.attn_drop_rate > 0:
+            # The fused kernels have no attention dropout: training with it runs the gather-based
+            # reference (slow), with a Philox mask keyed by a seed from torch's generator.
+            seed = int(torch.randint(0, 2**62, (), device="cpu"))
+            out = ref.neighborhood_attention(q, k, v, self.kernel_size, self.stride, self.dilation,
+                                             tuple(bool(c) for c in self.is_causal), self.rpb, self.scale,
+                                             dropout_p=self.attn_drop_rate, seed=seed)
+        else:
+            fn = (pyops.na1d, pyops.na2d, pyops.na3d)[n - 1]
+            out = fn(q, k, v, self.kernel_size, stride=self.stride, dilation=self.dilation,
+                     is_causal=self.is_causal, rpb=self.rpb, scale=self.scale, backend=self.backend)
         return self.proj_drop(self.proj(out.reshape(B, *spatial, C)))
 
 

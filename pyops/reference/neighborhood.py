@@ -106,14 +106,29 @@ def _flat_windows(spatial: Sequence[int], kernel: Sequence[int], stride: Sequenc
     return key, ok, bias
 
 
+def dropout_keep(shape: Sequence[int], p: float, seed: int, device) -> Tensor:
+    """Philox keep mask (DESIGN rule 6) of the attention probabilities ``[B, N, H, K]``: element
+    index j (row-major) is kept iff uniform(philox(c0 = j low, c1 = j high, c2 = 0,
+    c3 = 0x4E41 "NA"; key = seed)[word 0]) >= p."""
+    from pyops.reference.philox import philox4x32_10, uniform_from_word
+
+    j = torch.arange(math.prod(shape), dtype=torch.int64, device=device)
+    word = philox4x32_10(j & 0xFFFFFFFF, j >> 32, torch.zeros_like(j), torch.full_like(j, 0x4E41),
+                         seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)[0]
+    return (uniform_from_word(word) >= p).view(*shape)
+
+
 def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size: Sequence[int],
                            stride: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
                            rpb: Optional[Tensor] = None, scale: Optional[float] = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, dropout_p: float = 0.0, seed: int = 0):
     """Neighbourhood attention over ``n = len(kernel_size)`` spatial dimensions (per-dim tuples).
 
     q/k ``[B, *spatial, H, D]``, v ``[B, *spatial, H, Dv]``; returns out ``[B, *spatial, H, Dv]``
     in q's dtype (and lse ``[B, *spatial, H]`` fp32 — fp64 for fp64 inputs — with `return_lse`).
+    ``dropout_p`` drops attention probabilities (NATTEN 0.17's ``attn_drop``, applied after the
+    softmax) with the Philox mask of `dropout_keep`, kept ones scaled by 1 / (1 − p); lse is that of
+    the un-dropped softmax.
     """
     n = len(kernel_size)
     B, spatial, H, D = q.shape[0], tuple(q.shape[1:1 + n]), q.shape[-2], q.shape[-1]
@@ -133,6 +148,8 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size: Sequenc
     logits = logits.masked_fill(~ok.view(1, N, 1, K), float("-inf"))
     lse = torch.logsumexp(logits, dim=-1)                      # [B, N, H]
     p = torch.exp(logits - lse.unsqueeze(-1))
+    if dropout_p > 0:
+        p = p * dropout_keep(p.shape, dropout_p, seed, p.device) / (1.0 - dropout_p)
     out = torch.einsum("bnhk,bnkhd->bnhd", p, vf)
     out = out.to(q.dtype).reshape(B, *spatial, H, Dv)
     if return_lse:

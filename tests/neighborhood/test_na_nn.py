@@ -57,12 +57,42 @@ def test_forward_matches_manual_qkv_na_proj(n, spatial, kwargs):
     assert x.grad is not None and (m.rpb is None or m.rpb.grad is not None)
 
 
-def test_attn_drop_in_training_raises():
-    m = NeighborhoodAttention1D(8, 2, 3, attn_drop=0.1)
-    with pytest.raises(NotImplementedError, match="attn_drop"):
-        m(torch.randn(1, 9, 8))
+def test_attn_drop_in_training_drops_probabilities_and_trains():
+    """Training with attn_drop runs the reference with a Philox mask: reproducible for the same
+    torch seed, different for another, differentiable; evaluation ignores the dropout."""
+    torch.manual_seed(0)
+    m = NeighborhoodAttention2D(8, 2, 3, attn_drop=0.3, rel_pos_bias=True)
+    x = torch.randn(1, 5, 6, 8, requires_grad=True)
+    torch.manual_seed(1)
+    a = m(x)
+    torch.manual_seed(1)
+    b = m(x)
+    torch.manual_seed(2)
+    c = m(x)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    a.sum().backward()
+    assert x.grad is not None and m.rpb.grad is not None
     m.eval()
-    assert m(torch.randn(1, 9, 8)).shape == (1, 9, 8)
+    with torch.no_grad():
+        y = m(x)
+        full = torch.nn.functional.linear(x, m.qkv.weight, m.qkv.bias).reshape(1, 5, 6, 3, 2, 4)
+        o = ref.neighborhood_attention(full[..., 0, :, :], full[..., 1, :, :], full[..., 2, :, :], m.kernel_size,
+                                       m.stride, m.dilation, m.is_causal, m.rpb, m.scale)
+        exp = torch.nn.functional.linear(o.reshape(1, 5, 6, 8), m.proj.weight, m.proj.bias)
+    assert compare(y, exp, tolerance_for(torch.float32)).ok
+
+
+def test_reference_dropout_is_the_philox_mask_on_the_probabilities(rng):
+    q, k, v = (torch.randn(2, 7, 3, 4, generator=rng) for _ in range(3))
+    p_drop, seed = 0.25, 12345
+    out = ref.neighborhood_attention(q, k, v, (3,), (1,), (1,), (False,), dropout_p=p_drop, seed=seed)
+    key, ok, _ = ref._flat_windows((7,), (3,), (1,), (1,), (False,), None, q.device)
+    logits = torch.einsum("bnhd,bnkhd->bnhk", q, k[:, key]) * 4 ** -0.5
+    p = logits.masked_fill(~ok.view(1, 7, 1, 3), float("-inf")).softmax(-1)
+    keep = ref.dropout_keep(p.shape, p_drop, seed, p.device)
+    assert 0 < int(keep.sum()) < keep.numel()
+    exp = torch.einsum("bnhk,bnkhd->bnhd", p * keep / (1 - p_drop), v[:, key])
+    assert compare(out, exp, tolerance_for(torch.float32)).ok
 
 
 def test_rpb_with_even_kernel_rejected():
