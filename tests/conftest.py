@@ -6,12 +6,18 @@ or pyops. The helpers themselves live in tests/_support.py (importable from ever
 """
 import os
 import sys
+import tempfile
 import zlib
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# A private inductor cache per run: torch's FX-graph cache keys a custom op by its name and schema,
+# not by its fake kernel, so graphs cached by an older pyops build (other output shapes) would be
+# replayed against the new ops. Set TORCHINDUCTOR_CACHE_DIR to reuse a cache on purpose.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pyops-tests-inductor-"))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
