@@ -179,3 +179,42 @@ def test_cpu_fused_backward_many_heads(causal, rng):
     split = run("cpu", one)
     for name in ("out", "dq", "dk", "dv"):
         assert_bitwise_equal(split[name], fused[name][:1, :(2 if name in ("out", "dq") else 1)], name)
+
+
+_AVX2_ONLY_SCRIPT = r"""
+import torch, pyops
+from pyops import masks
+from pyops.testing import compare, tolerance_for
+torch.manual_seed(0)
+bad = []
+for (B, H, L, D) in ((3, 4, 29, 4), (1, 2, 150, 16)):   # the short path and the flash path
+    g, allow = masks.block_diagonal([L // 3, L // 3, L - 2 * (L // 3)])
+    x = [torch.randn(B, H, L, D, requires_grad=True) for _ in range(3)]
+    dout = torch.randn(B, H, L, D)
+    res = {}
+    for be in ("cpu", "reference"):
+        xs = [t.detach().clone().requires_grad_() for t in x]
+        out = pyops.task_masked_attention(*xs, g, allow=allow, backend=be)
+        out.backward(dout)
+        res[be] = [out.detach()] + [t.grad for t in xs]
+    for name, a, e in zip(("out", "dq", "dk", "dv"), res["cpu"], res["reference"]):
+        r = compare(a, e, tolerance_for(torch.float32))
+        if not r.ok:
+            bad.append(f"{(B, H, L, D)} {name}: {r}")
+print("BAD" if bad else "OK", bad)
+"""
+
+
+def test_cpu_kernels_without_avx512_match_reference():
+    """The C++ kernels pick AVX-512 tile code at run time where the CPU has it; the AVX2-only code
+    (what CPUs without AVX-512 run) is checked in a child process with PYOPS_TA_NO_AVX512=1."""
+    import os
+    import subprocess
+    import sys
+
+    require_backend("cpu")
+    env = dict(os.environ, PYOPS_TA_NO_AVX512="1")
+    p = subprocess.run([sys.executable, "-c", _AVX2_ONLY_SCRIPT], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().startswith("OK"), p.stdout
