@@ -103,17 +103,9 @@ pyops::MergeProblem make_merge_problem(uintptr_t base, const std::vector<const v
   if (name_hash < 0 || name_hash > 0xffffffffLL)
     throw py::value_error("name_hash: expected a 32-bit unsigned value, got " + std::to_string(name_hash));
   pyops::MergeProblem p;
-  p.base = reinterpret_cast<const void*>(base);
-  p.deltas = deltas.data();
-  p.n = (int64_t)deltas.size();
-  p.in_dtype = to_dtype(in_dtype, "in_dtype");
-  p.coeffs = reinterpret_cast<const float*>(coeffs);
-  p.coeff_stride_n = coeff_stride_n;
-  p.coeff_stride_block = coeff_stride_block;
+  static_cast<pyops::TaskArithmeticProblem&>(p) = make_problem(
+      base, deltas, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, numel, block_size, from_models);
   p.density = density.data();
-  p.numel = numel;
-  p.block_size = block_size;
-  p.from_models = from_models;
   p.method = method;
   p.lam = (float)lam;
   p.seed = seed;
