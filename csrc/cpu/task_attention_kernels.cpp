@@ -383,8 +383,35 @@ __attribute__((target("avx512f"))) static inline __m512 fexp16(__m512 x) {
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(0.5f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
   y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_maskz_mul_ps((__mmask16)~underflow, y, _mm512_castsi512_ps(e));
+  // y * 2^n in one step: n is an integer in [-126, 128) after the clamp, so this is the same
+  // correctly rounded product as fexp8's multiply by the constructed 2^n.
+  return _mm512_maskz_scalef_ps((__mmask16)~underflow, y, n);
+}
+
+// exp(x) for the short-path AVX-512 kernels, eleven operations instead of fexp16's thirteen (they
+// are bound by vector-port throughput, and exp is the largest part of their work):
+// - one-constant reduction r = x - n*ln2 in a single FMA (error |n| * 1.9e-9, below an ulp of
+//   the result for every x > -30, where the result matters);
+// - a degree-5 minimax polynomial with c0 = 1 on [-ln2/2, ln2/2] (relative error 1.5e-7 in fp32
+//   Horner, against fexp8's 2.1e-7).
+// Below -87 the lanes are zeroed by mask, never computed: an underflowing (subnormal) product
+// costs a microcode assist per lane, which made a first version that let scalef underflow 5x
+// slower on masked scores. Not bit-identical to fexp8 (the flash kernels keep fexp16 for that);
+// the short path's forward and backward both use it.
+__attribute__((target("avx512f"))) static inline __m512 fexp16_short(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.f);
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, lo, _CMP_GE_OQ);
+  const __m512 xc = _mm512_max_ps(x, lo);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693147180559945309f), xc);
+  __m512 y = _mm512_set1_ps(8.2902722061e-3f);
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1898161173e-2f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6667638719e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.9999147654e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(9.9999970198e-1f));
+  y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.f));
+  return _mm512_maskz_scalef_ps(keep, y, n);
 }
 
 // s[j] = fexp(s[j] - m) for j < n (a multiple of kW); returns sum8 of the result (the same
@@ -1531,10 +1558,28 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
 }
 
 #ifdef PYOPS_TA_AVX512
-// Two eight-lane halves as one sixteen-lane vector.
-__attribute__((target("avx512f"))) static inline __m512 join16(const float* lo, const float* hi) {
-  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castps_pd(_mm512_castps256_ps512(_mm256_loadu_ps(lo))),
-                                             _mm256_castps_pd(_mm256_loadu_ps(hi)), 1));
+// The short path's bias for the sixteen-row AVX-512 forward: [ceil(Lq / 16), Lk, 16] of 0 / -inf
+// (rows past Lq: -inf), so a key's bias for a row block is one load. Cached per thread and call
+// like short_bias (one layout per call).
+const float* short_bias_lanes16(const Ctx& c, Scratch& w, int64_t b) {
+  const TaskAttentionProblem& p = *c.p;
+  const int64_t row = c.qgr(b) * (p.B + 1) + c.kgr(b);
+  if (w.bias_call == c.call_id && w.bias_row == row) return w.bias.data();
+  constexpr int64_t L = 16;
+  const int64_t nblk = (p.Lq + L - 1) / L;
+  Scratch::grow(w.bias, std::max<int64_t>(nblk * p.Lk * L, 1));
+  const uint64_t* qr = c.qrow_of(b);
+  const uint64_t* kb = c.kbit_of(b);
+  for (int64_t blk = 0; blk < nblk; ++blk)
+    for (int64_t j = 0; j < p.Lk; ++j)
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t i = blk * L + t;
+        const bool ok = i < p.Lq && (qr[i] & kb[j]) != 0 && (!p.causal || j <= i);
+        w.bias[(blk * p.Lk + j) * L + t] = ok ? 0.f : kNegInf;
+      }
+  w.bias_call = c.call_id;
+  w.bias_row = row;
+  return w.bias.data();
 }
 
 // forward_lanes_item with the sixteen rows of a block in one AVX-512 vector (fp32, no dropout,
@@ -1550,7 +1595,7 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
   Scratch& w = scratch();
   Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kRows);
   Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
-  const float* biasT = short_bias_lanes(c, w, b);
+  const float* bias16 = short_bias_lanes16(c, w, b);
   float* S = w.s.data();
   const __m512i idx = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
@@ -1563,8 +1608,7 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
       for (int64_t i0 = 0; i0 < Lq; i0 += kRows) {
         const int64_t nr = std::min<int64_t>(kRows, Lq - i0);
         const __mmask16 live = (__mmask16)((1u << nr) - 1u);
-        const float* bt0 = biasT + (i0 / kW) * Lk * kW;
-        const float* bt1 = bt0 + Lk * kW;
+        const float* bt = bias16 + (i0 / kRows) * Lk * kRows;
         __m512 Q[DD];
         for (int d = 0; d < DD; ++d)  // lanes past Lq: 0, as load_lanes
           Q[d] = _mm512_mul_ps(_mm512_set1_ps(p.scale),
@@ -1572,7 +1616,7 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
                                                         _mm512_add_epi32(idx, _mm512_set1_epi32(d)), q + i0 * DD, 4));
         __m512 m = _mm512_set1_ps(kNegInf);
         for (int64_t j = 0; j < Lk; ++j) {
-          __m512 s = join16(bt0 + j * kW, bt1 + j * kW);
+          __m512 s = _mm512_loadu_ps(bt + j * kRows);
           const float* kj = K + j * DD;
           for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[d], _mm512_set1_ps(kj[d]), s);
           _mm512_storeu_ps(S + j * kRows, s);
@@ -1586,7 +1630,7 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
         __m512 acc[DD];
         for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_setzero_ps();
         for (int64_t j = 0; j < Lk; ++j) {
-          const __m512 pj = fexp16(_mm512_sub_ps(_mm512_loadu_ps(S + j * kRows), ms));
+          const __m512 pj = fexp16_short(_mm512_sub_ps(_mm512_loadu_ps(S + j * kRows), ms));
           l = _mm512_add_ps(l, pj);
           const float* vj = V + j * DD;
           for (int cc = 0; cc < DD; ++cc) acc[cc] = _mm512_fmadd_ps(pj, _mm512_set1_ps(vj[cc]), acc[cc]);
@@ -1610,103 +1654,151 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
 #endif
 
 #ifdef PYOPS_TA_AVX512
-// AVX-512 variant of backward_lanes_item for fp32, no dropout, compile-time D == Dv and at most
-// 16 * NB query rows: sixteen query rows per vector, the key loop outermost within a head so a
-// key's dK / dV lane partials for all the row blocks stay in registers, then go to [Lk, D, 16]
-// (stored by the first head of the kv head, added by the others); the lanes are folded 16 -> 8
-// -> 1 once per (batch row, kv head), in a fixed order. Chosen by CPU features only (g_avx512),
-// so results never depend on the thread count.
-template <int DD, int NB>
-__attribute__((target("avx512f"))) void backward_lanes16_item(const Ctx& c, int64_t item, bool per_head,
-                                                               const float* out, const float* dout,
-                                                               const float* lse, float* dq, float* dk, float* dv) {
+// The lane sums of four sixteen-lane vectors a, b, c, d, in lanes 0..3 of the result (a fixed
+// tree: 128-bit halves, then quarters, then within each quarter).
+__attribute__((target("avx512f"))) static inline __m128 sum4x16(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  const __m512 cd = _mm512_add_ps(_mm512_shuffle_f32x4(c, d, 0x44), _mm512_shuffle_f32x4(c, d, 0xEE));
+  __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, 0x88), _mm512_shuffle_f32x4(ab, cd, 0xDD));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0x4E));
+  x = _mm512_add_ps(x, _mm512_permute_ps(x, 0xB1));
+  return _mm512_castps512_ps128(_mm512_maskz_compress_ps((__mmask16)0x1111, x));
+}
+
+// Four columns a, b, c, e of sixteen rows, stored as the first n rows of a row-major [16, 4] block
+// (a 4 x 16 transpose in registers: in-lane unpacks, then 128-bit blocks; no scatter).
+__attribute__((target("avx512f"))) static inline void store_rows4x16(float* dst, int64_t n, __m512 a, __m512 b,
+                                                                      __m512 c, __m512 e) {
+  const __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
+  const __m512 t2 = _mm512_unpacklo_ps(c, e), t3 = _mm512_unpackhi_ps(c, e);
+  const __m512 u0 = _mm512_shuffle_ps(t0, t2, 0x44), u1 = _mm512_shuffle_ps(t0, t2, 0xEE);  // rows 4k, 4k+1
+  const __m512 u2 = _mm512_shuffle_ps(t1, t3, 0x44), u3 = _mm512_shuffle_ps(t1, t3, 0xEE);  // rows 4k+2, 4k+3
+  const __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u2, u3, 0x44);
+  const __m512 v2 = _mm512_shuffle_f32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
+  const __m512 out[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD),
+                         _mm512_shuffle_f32x4(v2, v3, 0x88), _mm512_shuffle_f32x4(v2, v3, 0xDD)};
+  for (int k = 0; k < 4; ++k) {
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, 4 * n - 16 * k));  // floats of rows < n
+    if (valid == 0) break;
+    _mm512_mask_storeu_ps(dst + 16 * k, (__mmask16)((1u << valid) - 1u), out[k]);
+  }
+}
+
+// AVX-512 short-path backward for fp32, no dropout, compile-time D == Dv in {4, 8}: sixteen KEYS
+// per vector. A query row's q, dO, lse and D_i are broadcast; dK and dV accumulate lane-wise in
+// registers over all the rows (and all the query heads of the kv head), so no reduction crosses
+// lanes for them; dQ of a row is the one lane sum (sum4x16, once per row and sweep). NKB key
+// vectors are held per sweep (D = 4: two, i.e. Lk <= 32 in one sweep). Chosen by CPU features
+// only (g_avx512): a fixed order of operations, so results never depend on the thread count.
+template <int DD, int NKB>
+__attribute__((target("avx512f"))) void backward_keylanes16_item(const Ctx& c, int64_t item, bool per_head,
+                                                                  const float* out, const float* dout,
+                                                                  const float* lse, float* dq, float* dk, float* dv) {
+  static_assert(DD % 4 == 0, "sum4x16 folds four columns at a time");
   constexpr int64_t L = 16;
   const TaskAttentionProblem& p = *c.p;
-  const int64_t Lq = p.Lq, Lk = p.Lk;
+  const int64_t Lq = p.Lq, Lk = p.Lk, rep = c.rep;
+  const int64_t nkp = round_up(std::max<int64_t>(Lk, 1), L * NKB);  // bias row: -inf past Lk
   const int64_t b = per_head ? item / p.Hkv : item;
   const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
   Scratch& w = scratch();
-  Scratch::grow(w.dkt, std::max<int64_t>(Lk * DD * L, 1));
-  Scratch::grow(w.dvt, std::max<int64_t>(Lk * DD * L, 1));
-  Scratch::grow(w.dO, std::max<int64_t>(Lk * DD * kW, 1));
-  Scratch::grow(w.acc, std::max<int64_t>(Lk * DD, 1));
-  const float* biasT = short_bias_lanes(c, w, b);  // [even ceil(Lq / 8), Lk, 8], rows past Lq: -inf
+  Scratch::grow(w.qs, rep * Lq * DD);
+  Scratch::grow(w.dq, rep * Lq * DD);
+  Scratch::grow(w.lse, rep * Lq);
+  Scratch::grow(w.di, rep * Lq);
+  const float* bias = short_bias(c, w, b, nkp);
+  const __m512i kidx = _mm512_mullo_epi32(
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
+  const float inf = std::numeric_limits<float>::infinity();
   for (int64_t hk = hk_lo; hk < hk_hi; ++hk) {
-    const float* K = static_cast<const float*>(p.k) + (b * p.Hkv + hk) * Lk * DD;
-    const float* V = static_cast<const float*>(p.v) + (b * p.Hkv + hk) * Lk * DD;
-    float* dKp = w.dkt.data();
-    float* dVp = w.dvt.data();
-    for (int64_t h = hk * c.rep; h < (hk + 1) * c.rep; ++h) {
-      const bool first = h == hk * c.rep;
-      const int64_t row0 = (b * p.Hq + h) * Lq;
-      const float* q = static_cast<const float*>(p.q) + row0 * DD;
-      const float* o = out + row0 * DD;
-      const float* go = dout + row0 * DD;
-      // Sixteen rows of [*, DD] -> DD vectors of sixteen lanes (lanes past Lq: 0; lse: +inf).
-      const __m512i idx = _mm512_mullo_epi32(
-          _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));
-      const __m512 zero = _mm512_setzero_ps(), ninf = _mm512_set1_ps(kNegInf);
-      __m512 Q[NB][DD], DO[NB][DD], DQ[NB][DD], LS[NB], DI[NB];
-      __mmask16 live[NB];
-      for (int bb = 0; bb < NB; ++bb) {
-        const int64_t nr = std::min<int64_t>(L, Lq - bb * L);
-        live[bb] = (__mmask16)((1u << nr) - 1u);
-        const int64_t off = bb * L * DD;
-        const __m512 x = _mm512_mask_loadu_ps(ninf, live[bb], lse + row0 + bb * L);
-        LS[bb] = _mm512_mask_mov_ps(x, _mm512_cmp_ps_mask(x, ninf, _CMP_EQ_OQ),
-                                    _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-        __m512 di = _mm512_setzero_ps();
-        for (int d = 0; d < DD; ++d) {
-          const __m512i id = _mm512_add_epi32(idx, _mm512_set1_epi32(d));
-          Q[bb][d] = _mm512_mul_ps(_mm512_set1_ps(p.scale), _mm512_mask_i32gather_ps(zero, live[bb], id, q + off, 4));
-          DO[bb][d] = _mm512_mask_i32gather_ps(zero, live[bb], id, go + off, 4);
-          di = _mm512_fmadd_ps(DO[bb][d], _mm512_mask_i32gather_ps(zero, live[bb], id, o + off, 4), di);
-          DQ[bb][d] = _mm512_setzero_ps();
-        }
-        DI[bb] = di;
-      }
-      for (int64_t j = 0; j < Lk; ++j) {
-        const float* kj = K + j * DD;
-        const float* vj = V + j * DD;
-        __m512 DK[DD], DV[DD];
-        for (int bb = 0; bb < NB; ++bb) {
-          __m512 s = join16(biasT + (2 * bb * Lk + j) * kW, biasT + ((2 * bb + 1) * Lk + j) * kW);
-          for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(Q[bb][d], _mm512_set1_ps(kj[d]), s);
-          const __m512 pj = fexp16(_mm512_sub_ps(s, LS[bb]));
-          __m512 dp = _mm512_setzero_ps();
-          for (int d = 0; d < DD; ++d) dp = _mm512_fmadd_ps(DO[bb][d], _mm512_set1_ps(vj[d]), dp);
-          const __m512 ds = _mm512_mul_ps(pj, _mm512_sub_ps(dp, DI[bb]));
-          for (int d = 0; d < DD; ++d) {
-            DQ[bb][d] = _mm512_fmadd_ps(ds, _mm512_set1_ps(kj[d]), DQ[bb][d]);
-            DK[d] = bb == 0 ? _mm512_mul_ps(ds, Q[bb][d]) : _mm512_fmadd_ps(ds, Q[bb][d], DK[d]);
-            DV[d] = bb == 0 ? _mm512_mul_ps(pj, DO[bb][d]) : _mm512_fmadd_ps(pj, DO[bb][d], DV[d]);
-          }
-        }
-        float* dkj = dKp + j * DD * L;
-        float* dvj = dVp + j * DD * L;
-        for (int d = 0; d < DD; ++d) {
-          if (first) {
-            _mm512_storeu_ps(dkj + d * L, DK[d]);
-            _mm512_storeu_ps(dvj + d * L, DV[d]);
-          } else {
-            _mm512_storeu_ps(dkj + d * L, _mm512_add_ps(_mm512_loadu_ps(dkj + d * L), DK[d]));
-            _mm512_storeu_ps(dvj + d * L, _mm512_add_ps(_mm512_loadu_ps(dvj + d * L), DV[d]));
-          }
-        }
-      }
-      for (int bb = 0; bb < NB; ++bb)
-        for (int d = 0; d < DD; ++d)
-          _mm512_mask_i32scatter_ps(dq + (row0 + bb * L) * DD, live[bb], _mm512_add_epi32(idx, _mm512_set1_epi32(d)),
-                                    _mm512_mul_ps(DQ[bb][d], _mm512_set1_ps(p.scale)), 4);
-    }
-    // Fold the lanes 16 -> 8, then sum the eight (dK already carries the scale through Qs).
     const int64_t kv0 = (b * p.Hkv + hk) * Lk;
-    float* f8 = w.dO.data();
-    for (int pass = 0; pass < 2; ++pass) {
-      const float* src = pass ? dVp : dKp;
-      for (int64_t g = 0; g < Lk * DD; ++g)
-        _mm256_storeu_ps(f8 + g * kW, _mm256_add_ps(_mm256_loadu_ps(src + g * L), _mm256_loadu_ps(src + g * L + kW)));
-      lane_sums(f8, Lk * DD, pass ? dv + kv0 * DD : dk + kv0 * DD);
+    const float* K = static_cast<const float*>(p.k) + kv0 * DD;
+    const float* V = static_cast<const float*>(p.v) + kv0 * DD;
+    // Per query head of this kv head: q * scale, lse (+inf for rows with no key: p = 0) and
+    // D_i = dO_i . O_i.
+    for (int64_t r = 0; r < rep; ++r) {
+      const int64_t row0 = (b * p.Hq + hk * rep + r) * Lq;
+      const float* q = static_cast<const float*>(p.q) + row0 * DD;
+      float* qs = w.qs.data() + r * Lq * DD;
+      for (int64_t x = 0; x < Lq * DD; ++x) qs[x] = p.scale * q[x];
+      for (int64_t i = 0; i < Lq; ++i) {
+        const float l = lse[row0 + i];
+        w.lse[r * Lq + i] = l == kNegInf ? inf : l;
+        float di = 0.f;
+        for (int d = 0; d < DD; ++d) di += dout[(row0 + i) * DD + d] * out[(row0 + i) * DD + d];
+        w.di[r * Lq + i] = di;
+      }
+    }
+    for (int64_t kb0 = 0; kb0 * L < Lk; kb0 += NKB) {
+      __m512 KT[NKB][DD], VT[NKB][DD], DK[NKB][DD], DV[NKB][DD];
+      __mmask16 live[NKB];
+      for (int n = 0; n < NKB; ++n) {
+        const int64_t j0 = (kb0 + n) * L, nr = std::max<int64_t>(0, std::min<int64_t>(L, Lk - j0));
+        live[n] = (__mmask16)((1u << nr) - 1u);
+        for (int d = 0; d < DD; ++d) {  // keys past Lk: 0 (their bias is -inf, so p = 0)
+          const __m512i id = _mm512_add_epi32(kidx, _mm512_set1_epi32(d));
+          KT[n][d] = nr ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[n], id, K + j0 * DD, 4)
+                        : _mm512_setzero_ps();
+          VT[n][d] = nr ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[n], id, V + j0 * DD, 4)
+                        : _mm512_setzero_ps();
+          DK[n][d] = DV[n][d] = _mm512_setzero_ps();
+        }
+      }
+      for (int64_t r = 0; r < rep; ++r) {
+        const int64_t row0 = (b * p.Hq + hk * rep + r) * Lq;
+        const float* qs = w.qs.data() + r * Lq * DD;
+        const float* go = dout + row0 * DD;
+        const float* ls = w.lse.data() + r * Lq;
+        const float* dis = w.di.data() + r * Lq;
+        float* dqa = w.dq.data() + r * Lq * DD;
+        for (int64_t i = 0; i < Lq; ++i) {
+          const float* qi = qs + i * DD;
+          const float* gi = go + i * DD;
+          const __m512 lsev = _mm512_set1_ps(ls[i]), div = _mm512_set1_ps(dis[i]);
+          const float* bi = bias + i * nkp + kb0 * L;
+          __m512 DQ[DD];
+          for (int d = 0; d < DD; ++d) DQ[d] = _mm512_setzero_ps();
+          for (int n = 0; n < NKB; ++n) {
+            __m512 s = _mm512_loadu_ps(bi + n * L);
+            for (int d = 0; d < DD; ++d) s = _mm512_fmadd_ps(KT[n][d], _mm512_set1_ps(qi[d]), s);
+            const __m512 pj = fexp16_short(_mm512_sub_ps(s, lsev));
+            __m512 dp = _mm512_setzero_ps();
+            for (int d = 0; d < DD; ++d) dp = _mm512_fmadd_ps(VT[n][d], _mm512_set1_ps(gi[d]), dp);
+            const __m512 ds = _mm512_mul_ps(pj, _mm512_sub_ps(dp, div));
+            for (int d = 0; d < DD; ++d) {
+              DV[n][d] = _mm512_fmadd_ps(pj, _mm512_set1_ps(gi[d]), DV[n][d]);
+              DK[n][d] = _mm512_fmadd_ps(ds, _mm512_set1_ps(qi[d]), DK[n][d]);
+              DQ[d] = _mm512_fmadd_ps(ds, KT[n][d], DQ[d]);
+            }
+          }
+          for (int d = 0; d < DD; d += 4) {
+            __m128 sums = sum4x16(DQ[d], DQ[d + 1], DQ[d + 2], DQ[d + 3]);
+            if (kb0 > 0) sums = _mm_add_ps(sums, _mm_loadu_ps(dqa + i * DD + d));
+            _mm_storeu_ps(dqa + i * DD + d, sums);
+          }
+        }
+      }
+      for (int n = 0; n < NKB; ++n) {
+        const int64_t j0 = (kb0 + n) * L;
+        if (j0 >= Lk) break;
+        if constexpr (DD == 4) {
+          const int64_t nr = std::min<int64_t>(L, Lk - j0);
+          store_rows4x16(dk + (kv0 + j0) * DD, nr, DK[n][0], DK[n][1], DK[n][2], DK[n][3]);
+          store_rows4x16(dv + (kv0 + j0) * DD, nr, DV[n][0], DV[n][1], DV[n][2], DV[n][3]);
+          continue;
+        }
+        for (int d = 0; d < DD; ++d) {
+          const __m512i id = _mm512_add_epi32(kidx, _mm512_set1_epi32(d));
+          _mm512_mask_i32scatter_ps(dk + (kv0 + j0) * DD, live[n], id, DK[n][d], 4);
+          _mm512_mask_i32scatter_ps(dv + (kv0 + j0) * DD, live[n], id, DV[n][d], 4);
+        }
+      }
+    }
+    // dQ carries the scale once more (dK already carries it through q * scale).
+    for (int64_t r = 0; r < rep; ++r) {
+      const int64_t row0 = (b * p.Hq + hk * rep + r) * Lq;
+      const float* dqa = w.dq.data() + r * Lq * DD;
+      for (int64_t x = 0; x < Lq * DD; ++x) dq[row0 * DD + x] = p.scale * dqa[x];
     }
   }
 }
@@ -1912,21 +2004,18 @@ Status task_attention_backward(const TaskAttentionProblem& p, const void* out, c
     }
 #ifdef PYOPS_TA_AVX512
     if constexpr (std::is_same<T, float>::value) {
-      if (g_avx512 && c.short_path && lanes_fit(p) && !c.dropout && p.D == p.Dv && p.Lq <= 32 &&
-          (p.D == 4 || p.D == 8)) {
+      if (g_avx512 && c.short_path && !c.dropout && p.D == p.Dv && (p.D == 4 || p.D == 8)) {
         const bool per_head = short_per_head(p, n_threads);
-        auto run = [&](auto dd, auto nb) {
-          constexpr int DD = decltype(dd)::value, NB = decltype(nb)::value;
+        auto run = [&](auto dd, auto nkb) {
+          constexpr int DD = decltype(dd)::value, NKB = decltype(nkb)::value;
           parallel_for(per_head ? p.B * p.Hkv : p.B, n_threads, [&](int64_t item) {
-            backward_lanes16_item<DD, NB>(c, item, per_head, o, go, lse, gq, gk, gv);
+            backward_keylanes16_item<DD, NKB>(c, item, per_head, o, go, lse, gq, gk, gv);
           });
         };
-        using I4 = std::integral_constant<int, 4>;
-        using I8 = std::integral_constant<int, 8>;
-        using N1 = std::integral_constant<int, 1>;
-        using N2 = std::integral_constant<int, 2>;
-        if (p.D == 4) p.Lq <= 16 ? run(I4{}, N1{}) : run(I4{}, N2{});
-        else p.Lq <= 16 ? run(I8{}, N1{}) : run(I8{}, N2{});
+        // D = 4: two key vectors per sweep (their dK, dV and K, V fill the register file);
+        // D = 8: one.
+        if (p.D == 4) run(std::integral_constant<int, 4>{}, std::integral_constant<int, 2>{});
+        else run(std::integral_constant<int, 8>{}, std::integral_constant<int, 1>{});
         return Status::ok();
       }
     }

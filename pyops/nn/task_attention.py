@@ -19,8 +19,11 @@ class TaskMaskedMultiheadAttention(nn.Module):
     ``state_dict`` keys (``in_proj_weight``, ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``;
     with kdim/vdim != embed_dim: ``q_proj_weight``, ``k_proj_weight``, ``v_proj_weight`` instead of
     ``in_proj_weight``), so a checkpoint of the torch module loads with ``load_state_dict``.
-    ``batch_first=False`` is accepted too (inputs ``[L, B, E]``). ``add_bias_kv`` and
-    ``add_zero_attn`` are not supported (NotImplementedError).
+    ``batch_first=False`` is accepted too (inputs ``[L, B, E]``). ``add_bias_kv`` (parameters
+    ``bias_k``, ``bias_v`` `[1, 1, E]`, appended as one more key/value token) and ``add_zero_attn``
+    (a zero key/value token appended per head) follow torch: every query may attend those tokens
+    (they get a group of their own, allowed from every group); they cannot be combined with
+    ``causal=True`` (torch pads ``attn_mask`` with "allowed" there, which no causal rule expresses).
 
     The mask is given as groups (see `pyops.task_masked_attention`) instead of ``attn_mask``:
 
@@ -45,8 +48,6 @@ class TaskMaskedMultiheadAttention(nn.Module):
                  vdim: Optional[int] = None, batch_first: bool = True, device=None, dtype=None,
                  backend: str = "auto") -> None:
         super().__init__()
-        if add_bias_kv or add_zero_attn:
-            raise NotImplementedError("TaskMaskedMultiheadAttention: add_bias_kv and add_zero_attn are not supported")
         if embed_dim <= 0 or num_heads <= 0 or embed_dim % num_heads != 0:
             raise ValueError(f"embed_dim ({embed_dim}) must be a positive multiple of num_heads ({num_heads})")
         fk = {"device": device, "dtype": dtype}
@@ -74,6 +75,12 @@ class TaskMaskedMultiheadAttention(nn.Module):
         else:
             self.register_parameter("in_proj_bias", None)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **fk)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **fk))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **fk))
+        else:
+            self.bias_k = self.bias_v = None
+        self.add_zero_attn = add_zero_attn
         self._reset_parameters()
 
     def _reset_parameters(self) -> None:
@@ -87,6 +94,24 @@ class TaskMaskedMultiheadAttention(nn.Module):
         if self.in_proj_bias is not None:
             nn.init.constant_(self.in_proj_bias, 0.0)
             nn.init.constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            nn.init.xavier_normal_(self.bias_k)
+            nn.init.xavier_normal_(self.bias_v)
+
+    def _extra_tokens(self, groups: Tensor, kv_groups: Optional[Tensor], allow: Optional[Tensor], B: int, S: int,
+                      n_extra: int) -> Tuple[Tensor, Tensor]:
+        """kv_groups and allow with `n_extra` appended key tokens in a new group X that every
+        group may attend (torch pads attn_mask / key_padding_mask with "allowed" for them)."""
+        kg = groups if kv_groups is None else kv_groups
+        if allow is None:  # the identity rule over the ids present
+            hi = max(int(groups.max()) if groups.numel() else -1, int(kg.max()) if kg.numel() else -1)
+            allow = torch.eye(max(hi + 1, 1), dtype=torch.bool, device=groups.device)
+        G = allow.shape[0] if allow.dim() == 2 else 0
+        ext = torch.zeros((G + 1, G + 1), dtype=torch.bool, device=allow.device)
+        ext[:G, :G] = allow.to(torch.bool)
+        ext[:, G] = True
+        tail = torch.full(kg.shape[:-1] + (n_extra,), G, dtype=kg.dtype, device=kg.device)
+        return torch.cat([kg, tail], dim=-1), ext
 
     def _project(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         E = self.embed_dim
@@ -141,9 +166,23 @@ class TaskMaskedMultiheadAttention(nn.Module):
 
         q, k, v = self._project(query, key, value)
         H, hd = self.num_heads, self.head_dim
+        n_extra = (self.bias_k is not None) + bool(self.add_zero_attn)
+        if n_extra:
+            if causal:
+                raise ValueError("causal: not supported together with add_bias_kv / add_zero_attn (torch lets every "
+                                 "query attend the appended tokens, which no causal rule expresses)")
+            kv_groups, allow = self._extra_tokens(groups, kv_groups, allow, B, S, n_extra)
+        if self.bias_k is not None:  # torch's order: the bias token, then the zero token
+            k = torch.cat([k, self.bias_k.expand(B, 1, self.embed_dim)], dim=1)
+            v = torch.cat([v, self.bias_v.expand(B, 1, self.embed_dim)], dim=1)
+            S += 1
         q = q.view(B, L, H, hd).transpose(1, 2)
         k = k.view(B, S, H, hd).transpose(1, 2)
         v = v.view(B, S, H, hd).transpose(1, 2)
+        if self.add_zero_attn:
+            k = torch.cat([k, k.new_zeros(B, H, 1, hd)], dim=2)
+            v = torch.cat([v, v.new_zeros(B, H, 1, hd)], dim=2)
+            S += 1
         p = self.dropout if self.training else 0.0
         out = task_masked_attention(q, k, v, groups, kv_groups, allow, causal=causal, dropout_p=p,
                                     backend=self.backend)

@@ -50,6 +50,8 @@ SHAPES = [
     Shape(2, 4, 2, 33, 45, 40, 36),        # short sequences, head dims past the lane kernels
     Shape(3, 2, 2, 20, 19, 8, 8),          # lane kernels compiled for D = Dv = 8
     Shape(2, 2, 1, 24, 31, 16, 16),        # ... and for D = Dv = 16
+    Shape(2, 6, 2, 100, 70, 4, 4, 5),      # key-lane backward (AVX-512): GQA, three sweeps of 2 x 16 keys
+    Shape(2, 4, 2, 45, 37, 8, 8),          # ... D = 8: one key vector per sweep, a partial last one
 ]
 IDS = [str(s) for s in SHAPES]
 

@@ -71,9 +71,47 @@ def test_no_groups_is_unmasked_attention_and_batch_first_false(rng):
     assert_close(ours(x)[0], ref(x, x, x)[0], TOL, "output")
 
 
-def test_unsupported_options_raise():
-    with pytest.raises(NotImplementedError, match="add_bias_kv"):
-        TaskMaskedMultiheadAttention(8, 2, add_bias_kv=True)
+@pytest.mark.parametrize("extra", [{"add_bias_kv": True}, {"add_zero_attn": True},
+                                   {"add_bias_kv": True, "add_zero_attn": True}],
+                         ids=["bias_kv", "zero_attn", "bias_kv+zero_attn"])
+def test_appended_key_tokens_match_nn(extra, rng):
+    """add_bias_kv / add_zero_attn: the appended tokens are attended by every query, masked or not."""
+    torch.manual_seed(1)
+    ref, ours = pair(**extra)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    B, L = 3, 11
+    groups, allow = masks.multitab(3, 8, "TxT")
+    kpm = torch.zeros(B, L, dtype=torch.bool)
+    kpm[2, -3:] = True
+    x = randn((B, L, 16), FP32, rng)
+    xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_r, w_r = ref(xr, xr, xr, attn_mask=~masks.dense(groups, None, allow), key_padding_mask=kpm,
+                     need_weights=True)
+    out_o, w_o = ours(xo, groups=groups, allow=allow, key_padding_mask=kpm, need_weights=True)
+    assert_close(out_o, out_r, TOL, "output")
+    assert_close(w_o, w_r, TOL, "averaged weights (the appended columns included)")
+    g = randn(out_r.shape, FP32, rng)
+    out_r.backward(g)
+    out_o.backward(g)
+    assert_close(xo.grad, xr.grad, TOL, "grad of x")
+    grads_r = dict(ref.named_parameters())
+    for n, po in ours.named_parameters():
+        assert_close(po.grad, grads_r[n].grad, TOL, f"grad of {n}")
+
+
+def test_appended_key_tokens_with_identity_rule_and_no_groups(rng):
+    ref, ours = pair(add_bias_kv=True, add_zero_attn=True)
+    x = randn((2, 6, 16), FP32, rng)
+    assert_close(ours(x)[0], ref(x, x, x)[0], TOL, "no groups: unmasked")
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    blocked = ~masks.dense(groups, None, None)
+    assert_close(ours(x, groups=groups)[0], ref(x, x, x, attn_mask=blocked)[0], TOL, "identity rule")
+
+
+def test_appended_key_tokens_refuse_causal():
+    m = TaskMaskedMultiheadAttention(8, 2, add_zero_attn=True)
+    with pytest.raises(ValueError, match="causal"):
+        m(torch.randn(1, 3, 8), causal=True)
 
 
 class EncoderLayer(nn.Module):
