@@ -1,5 +1,9 @@
 #include "common/thread_pool.h"
 
+#ifdef PYOPS_USE_OPENMP
+#include <omp.h>
+#endif
+
 #include <pthread.h>
 
 #include <algorithm>
@@ -11,6 +15,7 @@
 #include <vector>
 
 namespace pyops {
+#ifndef PYOPS_USE_OPENMP
 namespace {
 
 // Spin this long for the next job (or for the helpers to finish) before sleeping on a condition
@@ -145,9 +150,32 @@ Pool& pool() {
 }
 
 }  // namespace
+#endif
 
 int hardware_threads() { return std::max(1u, std::thread::hardware_concurrency()); }
 
+#ifdef PYOPS_USE_OPENMP
+// The kernels run on torch's own OpenMP threads when the extension is built with OpenMP: the
+// module links libgomp.so.1, and since torch is imported first the loader resolves that to the
+// copy torch already loaded, so there is one thread team in the process. A private pool would
+// share the cores with torch's OpenMP workers, which spin for a while after every torch op (a
+// GEMM right before a kernel made it ~25% slower on the 2-core dev VM), and vice versa.
+// Fork: like torch's own ops, a child of a parent that ran a parallel region must use one thread
+// (torch's DataLoader workers do: torch.set_num_threads(1)).
+void parallel_for(int64_t n_items, int n_threads, const std::function<void(int64_t)>& fn) {
+  if (n_items <= 0) return;
+  const int team = (int)std::min<int64_t>(std::max(1, n_threads), n_items);
+  if (team == 1 || omp_in_parallel()) {
+    for (int64_t i = 0; i < n_items; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(team)
+  {
+    for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) fn(i);
+  }
+}
+#else
 void parallel_for(int64_t n_items, int n_threads, const std::function<void(int64_t)>& fn) {
   if (n_items <= 0) return;
   n_threads = std::max(1, n_threads);
@@ -157,5 +185,6 @@ void parallel_for(int64_t n_items, int n_threads, const std::function<void(int64
   }
   pool().run(n_items, n_threads, fn);
 }
+#endif
 
 }  // namespace pyops

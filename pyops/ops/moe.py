@@ -469,9 +469,9 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
         torch.mm(rows[s:t], w1f[e], out=ae)
         if glu:
             torch.mm(rows[s:t], w3f[e], out=be)
-        # one thread: the GEMM's OpenMP workers still spin right after torch.mm returns, and a pool
-        # fan-out over one expert's slice (~1 ms of work) contends with them (measured slower)
-        C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h_, act, 0, 1)
+        # all threads: the native kernels run on torch's OpenMP team (csrc/common/thread_pool.cpp), the
+        # very workers the GEMM just used, so a fan-out right after torch.mm finds them awake
+        C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h_, act, 0, nt)
         torch.mm(he, w2f[e], out=ys[s:t])
     del rows, hbuf
     wf = _f32(weights)
@@ -559,8 +559,7 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
             ae, be = a[s:t], (b[s:t] if glu else None)
             if recompute:
                 he = hbuf[:m]
-                # one thread, as in the forward (a pool fan-out contends with the GEMM's spinning workers)
-                C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h, act, 0, 1)
+                C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h, act, 0, nt)
             else:
                 he = hh[s:t]
             dhe, dae = dhbuf[:m], dabuf[:m]
@@ -568,7 +567,7 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
             torch.mm(dys[s:t], w2f[e].t(), out=dhe)
             torch.mm(he.t(), dys[s:t], out=dw2[e])
             C.moe_act_backward(ae.data_ptr(), be.data_ptr() if glu else 0, dhe.data_ptr(), dae.data_ptr(),
-                               dbe.data_ptr() if glu else 0, m, h, act, 0, 1)
+                               dbe.data_ptr() if glu else 0, m, h, act, 0, nt)
             dxs = dys[s:t]   # this expert's dys rows are consumed: its dxs rows go there
             torch.mm(dae, w1f[e].t(), out=dxs)
             torch.mm(rows[s:t].t(), dae, out=dw1[e])
