@@ -217,6 +217,29 @@ class Checkpoint:
             done += n
         return t
 
+    def map(self, name: str) -> torch.Tensor:
+        """A CPU tensor over a private, copy-on-write mapping of `name`'s bytes in the file (the
+        page cache, no copy): the mapping goes when the tensor does. Reading through it runs at
+        ~4x `read` into a buffer on the dev VM (17.6 vs 4.4 GB/s, one 1.1 GB file in the page
+        cache); a write to the tensor would touch a private copy, never the file. As with any
+        mapped checkpoint (safetensors' safe_open, mergekit), a file truncated by another process
+        while it is being merged ends the process with SIGBUS: `read` is the fallback for files
+        on a filesystem that cannot map them. (Mapping the next tensor's pages in ahead, on the
+        reader thread, gained nothing measurable and raised the peak RSS.)"""
+        import mmap
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        skip = info.offset - start
+        m = mmap.mmap(fd, skip + info.nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                      offset=start)
+        raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=skip)
+        return raw.view(info.dtype).view(info.shape)
+
     def close(self) -> None:
         fds, self._fds = self._fds, {}
         for fd in fds.values():
@@ -288,15 +311,88 @@ def shard_names(n: int) -> List[str]:
     return [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
 
 
-def encode_header(entries: Iterable[OutEntry], metadata: Optional[Dict[str, str]] = None) -> bytes:
+def encode_header(entries: Iterable[OutEntry], metadata: Optional[Dict[str, str]] = None, align: int = 8) -> bytes:
+    """The 8-byte length and the JSON header, padded with spaces (which the safetensors format
+    allows) so that the data starts `align`-byte aligned."""
     header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for e in entries:
         header[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    text += b" " * (-(8 + len(text)) % align)
     return struct.pack("<Q", len(text)) + text
+
+
+# Direct I/O: the output goes to the disk from a reused, page-aligned staging buffer instead of
+# through the page cache. A model-sized write into the page cache needs that many fresh pages, and
+# on VMs whose free memory is handed back to the host (the dev VM) first-touching them runs at
+# ~0.4 GB/s, against ~1.6 GB/s for O_DIRECT to the same disk (dd, 1 GiB); it also leaves the
+# inputs' cached pages alone, and the closing fsync has nothing left to flush.
+_DIRECT_BLOCK = 4096
+_STAGING_BYTES = 32 << 20
+
+
+class _DirectSink:
+    """Appends bytes to a file opened with O_DIRECT through an aligned staging buffer; `open` returns
+    None where the platform or file system has no O_DIRECT (tmpfs, macOS), and the caller then
+    writes through the page cache."""
+
+    @classmethod
+    def open(cls, path: Path) -> "Optional[_DirectSink]":
+        flag = getattr(os, "O_DIRECT", 0)
+        if not flag or os.environ.get("PYOPS_MERGE_DIRECT_IO", "1") == "0":
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | flag, 0o644)
+        except OSError:
+            return None
+        return cls(fd)
+
+    def __init__(self, fd: int):
+        import mmap
+        self.fd = fd
+        self._buf = mmap.mmap(-1, _STAGING_BYTES)  # page-aligned, as O_DIRECT wants
+        self._stage = torch.frombuffer(self._buf, dtype=torch.uint8)
+        self._fill = 0
+        self.size = 0
+
+    def write(self, data: torch.Tensor) -> None:
+        """data: a contiguous uint8 CPU tensor."""
+        n, pos = data.numel(), 0
+        while pos < n:
+            take = min(n - pos, _STAGING_BYTES - self._fill)
+            self._stage[self._fill:self._fill + take].copy_(data[pos:pos + take])
+            self._fill += take
+            pos += take
+            if self._fill == _STAGING_BYTES:
+                self._flush(_STAGING_BYTES)
+        self.size += n
+
+    def _flush(self, nbytes: int) -> None:
+        view = memoryview(self._buf)[:nbytes]
+        done = 0
+        while done < nbytes:
+            done += os.write(self.fd, view[done:])
+        view.release()
+        self._fill = 0
+
+    def close_data(self) -> None:
+        """Writes the tail (padded to the block size, then truncated to the exact size)."""
+        if self._fill:
+            tail = self._fill
+            padded = -(-tail // _DIRECT_BLOCK) * _DIRECT_BLOCK
+            self._stage[tail:padded].zero_()
+            self._flush(padded)
+            os.ftruncate(self.fd, self.size)
+
+    def abort(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        self._stage = None
+        if not self._buf.closed:
+            self._buf.close()
 
 
 class ShardWriter:
@@ -306,8 +402,16 @@ class ShardWriter:
         self.path = Path(path)
         self.entries = list(entries)
         self._next = 0
-        self._fh = open(self.path, "xb")  # never overwrites anything
-        self._fh.write(encode_header(self.entries, metadata))
+        self._direct = _DirectSink.open(self.path)  # never overwrites anything (O_EXCL / "xb")
+        self._fh = None if self._direct is not None else open(self.path, "xb")
+        header = encode_header(self.entries, metadata, align=_DIRECT_BLOCK if self._direct is not None else 8)
+        self._put(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+
+    def _put(self, data: torch.Tensor) -> None:
+        if self._direct is not None:
+            self._direct.write(data)
+        else:
+            self._fh.write(memoryview(data.numpy()).cast("B"))
 
     def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.entries):
@@ -321,7 +425,7 @@ class ShardWriter:
             t = t.cpu()
         t = t.contiguous()
         if e.nbytes:
-            self._fh.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            self._put(t.reshape(-1).view(torch.uint8))
         self._next += 1
 
     def close(self, sync: bool = True) -> None:
@@ -329,13 +433,24 @@ class ShardWriter:
         if self._next != len(self.entries):
             self.abort()
             raise RuntimeError(f"{self.path.name}: only {self._next} of {len(self.entries)} tensors were written")
+        if self._direct is not None:
+            fd = self._direct.fd
+            try:
+                self._direct.close_data()
+                if sync:
+                    os.fsync(fd)  # the metadata (size); the data went to the disk already
+            finally:
+                self._direct.abort()
+            return
         self._fh.flush()
         if sync:
             os.fsync(self._fh.fileno())
         self._fh.close()
 
     def abort(self) -> None:
-        if not self._fh.closed:
+        if self._direct is not None:
+            self._direct.abort()
+        elif not self._fh.closed:
             self._fh.close()
 
 

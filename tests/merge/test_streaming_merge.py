@@ -441,3 +441,63 @@ def test_cli_subprocess_merge(ckpt, subprocess_runs, tmp_path):
     assert _tree_hashes(tmp_path / "api") == _tree_hashes(d / "out")
     assert sorted(p.name for p in d.iterdir()) == ["good.yaml", "out"]
     _inputs_unchanged(ckpt)
+
+
+# ---- the output writer and the input mappings ------------------------------------------------
+
+def _odd_entries():
+    """Sizes that leave the data's end off any 4096-byte boundary (and one empty tensor)."""
+    g = torch.Generator().manual_seed(3)
+    return {"a": torch.randn(3, 5, generator=g).half(), "empty": torch.empty(0, 4),
+            "b": torch.randn(70001, generator=g), "c": torch.randn(2, 3, generator=g).bfloat16()}
+
+
+@pytest.mark.parametrize("direct", ["1", "0"], ids=["o_direct", "page-cache"])
+def test_shard_writer_output_loads_exactly(tmp_path, monkeypatch, direct):
+    monkeypatch.setenv("PYOPS_MERGE_DIRECT_IO", direct)
+    tensors = _odd_entries()
+    entries = [sio.OutEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    w = sio.ShardWriter(tmp_path / "x.safetensors", entries)
+    for n, t in tensors.items():
+        w.write_tensor(n, t)
+    w.close()
+    got = load_file(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for n, t in tensors.items():
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t), n
+    header_len = int.from_bytes((tmp_path / "x.safetensors").read_bytes()[:8], "little")
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    assert (tmp_path / "x.safetensors").stat().st_size == 8 + header_len + data  # no padding after the data
+
+
+def test_shard_writer_refuses_an_existing_file(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"keep")
+    with pytest.raises(FileExistsError):
+        sio.ShardWriter(tmp_path / "x.safetensors", [sio.OutEntry("a", torch.float32, (2,))])
+    assert (tmp_path / "x.safetensors").read_bytes() == b"keep"
+
+
+def test_mapped_tensor_matches_read_and_never_writes_the_file(tmp_path):
+    tensors = _odd_entries()
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    before = hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest()
+    c = sio.Checkpoint(tmp_path, "m")
+    try:
+        for n, t in tensors.items():
+            m = c.map(n)
+            assert m.dtype == t.dtype and tuple(m.shape) == tuple(t.shape)
+            assert torch.equal(m, c.read(n)) and torch.equal(m, t), n
+            if m.numel():
+                m.zero_()  # a private copy-on-write page: the file keeps its bytes
+    finally:
+        c.close()
+    assert hashlib.sha256((tmp_path / "model.safetensors").read_bytes()).hexdigest() == before
+
+
+def test_read_path_gives_the_same_merge_as_mapped_inputs(ckpt, tmp_path, monkeypatch):
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    run_merge(cfg, tmp_path / "mapped", progress=False)
+    monkeypatch.setenv("PYOPS_MERGE_MAP", "0")
+    run_merge(cfg, tmp_path / "read", progress=False)
+    a, b = _load_output(tmp_path / "mapped"), _load_output(tmp_path / "read")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
