@@ -1582,6 +1582,25 @@ const float* short_bias_lanes16(const Ctx& c, Scratch& w, int64_t b) {
   return w.bias.data();
 }
 
+// Four columns a, b, c, e of sixteen rows, stored as the first n rows of a row-major [16, 4] block
+// (a 4 x 16 transpose in registers: in-lane unpacks, then 128-bit blocks; no scatter).
+__attribute__((target("avx512f"))) static inline void store_rows4x16(float* dst, int64_t n, __m512 a, __m512 b,
+                                                                      __m512 c, __m512 e) {
+  const __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
+  const __m512 t2 = _mm512_unpacklo_ps(c, e), t3 = _mm512_unpackhi_ps(c, e);
+  const __m512 u0 = _mm512_shuffle_ps(t0, t2, 0x44), u1 = _mm512_shuffle_ps(t0, t2, 0xEE);  // rows 4k, 4k+1
+  const __m512 u2 = _mm512_shuffle_ps(t1, t3, 0x44), u3 = _mm512_shuffle_ps(t1, t3, 0xEE);  // rows 4k+2, 4k+3
+  const __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u2, u3, 0x44);
+  const __m512 v2 = _mm512_shuffle_f32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
+  const __m512 out[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD),
+                         _mm512_shuffle_f32x4(v2, v3, 0x88), _mm512_shuffle_f32x4(v2, v3, 0xDD)};
+  for (int k = 0; k < 4; ++k) {
+    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, 4 * n - 16 * k));  // floats of rows < n
+    if (valid == 0) break;
+    _mm512_mask_storeu_ps(dst + 16 * k, (__mmask16)((1u << valid) - 1u), out[k]);
+  }
+}
+
 // forward_lanes_item with the sixteen rows of a block in one AVX-512 vector (fp32, no dropout,
 // compile-time D == Dv): every lane takes the same steps in the same order, so the same bits.
 template <int DD>
@@ -1641,9 +1660,15 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
         _mm512_store_ps(lv, _mm512_mask_blend_ps(nz, _mm512_set1_ps(1.f), l));  // empty rows: no log of 0
         for (int64_t t = 0; t < kRows; t += kW) log_lanes(lv + t, logl + t);
         const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_load_ps(lv));
-        for (int cc = 0; cc < DD; ++cc)
-          _mm512_mask_i32scatter_ps(out + (row0 + i0) * DD, live, _mm512_add_epi32(idx, _mm512_set1_epi32(cc)),
-                                    _mm512_maskz_mul_ps(nz, acc[cc], inv), 4);
+        if constexpr (DD == 4) {  // an in-register transpose and contiguous stores, not four scatters
+          store_rows4x16(out + (row0 + i0) * DD, nr, _mm512_maskz_mul_ps(nz, acc[0], inv),
+                         _mm512_maskz_mul_ps(nz, acc[1], inv), _mm512_maskz_mul_ps(nz, acc[2], inv),
+                         _mm512_maskz_mul_ps(nz, acc[3], inv));
+        } else {
+          for (int cc = 0; cc < DD; ++cc)
+            _mm512_mask_i32scatter_ps(out + (row0 + i0) * DD, live, _mm512_add_epi32(idx, _mm512_set1_epi32(cc)),
+                                      _mm512_maskz_mul_ps(nz, acc[cc], inv), 4);
+        }
         _mm512_mask_storeu_ps(lse + row0 + i0, live,
                               _mm512_mask_blend_ps(nz, _mm512_set1_ps(kNegInf),
                                                    _mm512_add_ps(ms, _mm512_load_ps(logl))));
@@ -1665,25 +1690,6 @@ __attribute__((target("avx512f"))) static inline __m128 sum4x16(__m512 a, __m512
   return _mm512_castps512_ps128(_mm512_maskz_compress_ps((__mmask16)0x1111, x));
 }
 
-// Four columns a, b, c, e of sixteen rows, stored as the first n rows of a row-major [16, 4] block
-// (a 4 x 16 transpose in registers: in-lane unpacks, then 128-bit blocks; no scatter).
-__attribute__((target("avx512f"))) static inline void store_rows4x16(float* dst, int64_t n, __m512 a, __m512 b,
-                                                                      __m512 c, __m512 e) {
-  const __m512 t0 = _mm512_unpacklo_ps(a, b), t1 = _mm512_unpackhi_ps(a, b);
-  const __m512 t2 = _mm512_unpacklo_ps(c, e), t3 = _mm512_unpackhi_ps(c, e);
-  const __m512 u0 = _mm512_shuffle_ps(t0, t2, 0x44), u1 = _mm512_shuffle_ps(t0, t2, 0xEE);  // rows 4k, 4k+1
-  const __m512 u2 = _mm512_shuffle_ps(t1, t3, 0x44), u3 = _mm512_shuffle_ps(t1, t3, 0xEE);  // rows 4k+2, 4k+3
-  const __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x44), v1 = _mm512_shuffle_f32x4(u2, u3, 0x44);
-  const __m512 v2 = _mm512_shuffle_f32x4(u0, u1, 0xEE), v3 = _mm512_shuffle_f32x4(u2, u3, 0xEE);
-  const __m512 out[4] = {_mm512_shuffle_f32x4(v0, v1, 0x88), _mm512_shuffle_f32x4(v0, v1, 0xDD),
-                         _mm512_shuffle_f32x4(v2, v3, 0x88), _mm512_shuffle_f32x4(v2, v3, 0xDD)};
-  for (int k = 0; k < 4; ++k) {
-    const int64_t valid = std::max<int64_t>(0, std::min<int64_t>(16, 4 * n - 16 * k));  // floats of rows < n
-    if (valid == 0) break;
-    _mm512_mask_storeu_ps(dst + 16 * k, (__mmask16)((1u << valid) - 1u), out[k]);
-  }
-}
-
 // AVX-512 short-path backward for fp32, no dropout, compile-time D == Dv in {4, 8}: sixteen KEYS
 // per vector. A query row's q, dO, lse and D_i are broadcast; dK and dV accumulate lane-wise in
 // registers over all the rows (and all the query heads of the kv head), so no reduction crosses
@@ -1702,8 +1708,6 @@ __attribute__((target("avx512f"))) void backward_keylanes16_item(const Ctx& c, i
   const int64_t b = per_head ? item / p.Hkv : item;
   const int64_t hk_lo = per_head ? item % p.Hkv : 0, hk_hi = per_head ? hk_lo + 1 : p.Hkv;
   Scratch& w = scratch();
-  Scratch::grow(w.qs, rep * Lq * DD);
-  Scratch::grow(w.dq, rep * Lq * DD);
   Scratch::grow(w.lse, rep * Lq);
   Scratch::grow(w.di, rep * Lq);
   const float* bias = short_bias(c, w, b, nkp);
@@ -1714,13 +1718,9 @@ __attribute__((target("avx512f"))) void backward_keylanes16_item(const Ctx& c, i
     const int64_t kv0 = (b * p.Hkv + hk) * Lk;
     const float* K = static_cast<const float*>(p.k) + kv0 * DD;
     const float* V = static_cast<const float*>(p.v) + kv0 * DD;
-    // Per query head of this kv head: q * scale, lse (+inf for rows with no key: p = 0) and
-    // D_i = dO_i . O_i.
+    // Per query head of this kv head: lse (+inf for rows with no key: p = 0) and D_i = dO_i . O_i.
     for (int64_t r = 0; r < rep; ++r) {
       const int64_t row0 = (b * p.Hq + hk * rep + r) * Lq;
-      const float* q = static_cast<const float*>(p.q) + row0 * DD;
-      float* qs = w.qs.data() + r * Lq * DD;
-      for (int64_t x = 0; x < Lq * DD; ++x) qs[x] = p.scale * q[x];
       for (int64_t i = 0; i < Lq; ++i) {
         const float l = lse[row0 + i];
         w.lse[r * Lq + i] = l == kNegInf ? inf : l;
@@ -1732,12 +1732,16 @@ __attribute__((target("avx512f"))) void backward_keylanes16_item(const Ctx& c, i
     for (int64_t kb0 = 0; kb0 * L < Lk; kb0 += NKB) {
       __m512 KT[NKB][DD], VT[NKB][DD], DK[NKB][DD], DV[NKB][DD];
       __mmask16 live[NKB];
+      // K carries the softmax scale (s = q . (scale K), and dQ = dS (scale K) needs no rescaling);
+      // dK = scale dS^T Q gets it when stored.
+      const __m512 scale = _mm512_set1_ps(p.scale);
       for (int n = 0; n < NKB; ++n) {
         const int64_t j0 = (kb0 + n) * L, nr = std::max<int64_t>(0, std::min<int64_t>(L, Lk - j0));
         live[n] = (__mmask16)((1u << nr) - 1u);
         for (int d = 0; d < DD; ++d) {  // keys past Lk: 0 (their bias is -inf, so p = 0)
           const __m512i id = _mm512_add_epi32(kidx, _mm512_set1_epi32(d));
-          KT[n][d] = nr ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[n], id, K + j0 * DD, 4)
+          KT[n][d] = nr ? _mm512_mul_ps(scale, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[n], id,
+                                                                         K + j0 * DD, 4))
                         : _mm512_setzero_ps();
           VT[n][d] = nr ? _mm512_mask_i32gather_ps(_mm512_setzero_ps(), live[n], id, V + j0 * DD, 4)
                         : _mm512_setzero_ps();
@@ -1746,13 +1750,13 @@ __attribute__((target("avx512f"))) void backward_keylanes16_item(const Ctx& c, i
       }
       for (int64_t r = 0; r < rep; ++r) {
         const int64_t row0 = (b * p.Hq + hk * rep + r) * Lq;
-        const float* qs = w.qs.data() + r * Lq * DD;
+        const float* qh = static_cast<const float*>(p.q) + row0 * DD;
         const float* go = dout + row0 * DD;
         const float* ls = w.lse.data() + r * Lq;
         const float* dis = w.di.data() + r * Lq;
-        float* dqa = w.dq.data() + r * Lq * DD;
+        float* dqa = dq + row0 * DD;  // the output accumulates the sweeps
         for (int64_t i = 0; i < Lq; ++i) {
-          const float* qi = qs + i * DD;
+          const float* qi = qh + i * DD;
           const float* gi = go + i * DD;
           const __m512 lsev = _mm512_set1_ps(ls[i]), div = _mm512_set1_ps(dis[i]);
           const float* bi = bias + i * nkp + kb0 * L;
@@ -1783,22 +1787,17 @@ __attribute__((target("avx512f"))) void backward_keylanes16_item(const Ctx& c, i
         if (j0 >= Lk) break;
         if constexpr (DD == 4) {
           const int64_t nr = std::min<int64_t>(L, Lk - j0);
-          store_rows4x16(dk + (kv0 + j0) * DD, nr, DK[n][0], DK[n][1], DK[n][2], DK[n][3]);
+          store_rows4x16(dk + (kv0 + j0) * DD, nr, _mm512_mul_ps(scale, DK[n][0]), _mm512_mul_ps(scale, DK[n][1]),
+                         _mm512_mul_ps(scale, DK[n][2]), _mm512_mul_ps(scale, DK[n][3]));
           store_rows4x16(dv + (kv0 + j0) * DD, nr, DV[n][0], DV[n][1], DV[n][2], DV[n][3]);
           continue;
         }
         for (int d = 0; d < DD; ++d) {
           const __m512i id = _mm512_add_epi32(kidx, _mm512_set1_epi32(d));
-          _mm512_mask_i32scatter_ps(dk + (kv0 + j0) * DD, live[n], id, DK[n][d], 4);
+          _mm512_mask_i32scatter_ps(dk + (kv0 + j0) * DD, live[n], id, _mm512_mul_ps(scale, DK[n][d]), 4);
           _mm512_mask_i32scatter_ps(dv + (kv0 + j0) * DD, live[n], id, DV[n][d], 4);
         }
       }
-    }
-    // dQ carries the scale once more (dK already carries it through q * scale).
-    for (int64_t r = 0; r < rep; ++r) {
-      const int64_t row0 = (b * p.Hq + hk * rep + r) * Lq;
-      const float* dqa = w.dq.data() + r * Lq * DD;
-      for (int64_t x = 0; x < Lq * DD; ++x) dq[row0 * DD + x] = p.scale * dqa[x];
     }
   }
 }
