@@ -60,4 +60,11 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if sys.argv[1:2] == ["merge"]:
+        # The merge is on disk (synced, renamed) by now. Tearing down an interpreter that has torch
+        # loaded took 0.58 s of a 4.4 s whole-model merge, for nothing this process still needs.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc)
+    sys.exit(rc)
