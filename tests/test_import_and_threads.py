@@ -1,0 +1,81 @@
+"""Process-level behaviour of `import pyops` and of the CPU kernels' threads: the import does not
+pull in torch's inductor (the Triton kernel lists of the ops are found lazily, with the same
+result), it leaves the garbage collector as it found it, and the kernels share torch's OpenMP
+runtime instead of bringing a second one."""
+from __future__ import annotations
+
+import gc
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyops
+from pyops import _lazy_triton_kernels, _native
+
+TRITON_OPS = ["pyops::task_masked_attention_triton", "pyops::na_triton", "pyops::moe_experts_triton",
+              "pyops::task_arithmetic_triton", "pyops::merge_triton"]
+
+
+def _run(code: str) -> str:
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    return p.stdout.strip()
+
+
+def test_import_does_not_load_inductor():
+    out = _run("import sys, pyops; print('torch._inductor' in sys.modules, 'torch._dynamo' in sys.modules)")
+    assert out == "False False"
+
+
+def test_import_leaves_the_collector_as_it_found_it():
+    assert gc.isenabled()
+    assert _run("import gc; gc.disable(); import pyops; print(gc.isenabled())") == "False"
+
+
+@pytest.mark.parametrize("name", TRITON_OPS)
+def test_deferred_kernel_lists_match_torchs_own_discovery(name):
+    import torch._library.triton as lib
+    deferred = lib.get_triton_kernels_for_op(name)
+    assert isinstance(deferred, _lazy_triton_kernels._DeferredKernels)
+    fn = deferred._fn  # None once an earlier read computed the list
+    got = list(deferred)
+    if fn is not None:
+        assert got == list(lib.get_inner_triton_kernels(fn))
+    assert list(deferred) == got  # computed once, stable
+
+
+def test_deferred_kernels_compute_on_first_read_only():
+    calls = []
+
+    def find(fn):
+        calls.append(fn)
+        return ["k1", "k2"]
+
+    d = _lazy_triton_kernels._DeferredKernels(find, "fn")
+    assert calls == []
+    assert list(d) == ["k1", "k2"] and len(d) == 2 and d[1] == "k2" and bool(d)
+    assert calls == ["fn"]
+
+
+def test_triton_op_definition_uses_torchs_discovery_outside_pyops():
+    """The swap is scoped to pyops's own import: torch's function is back afterwards."""
+    import torch._library.triton as lib
+    with _lazy_triton_kernels.deferred():
+        assert lib.get_inner_triton_kernels.__name__ == "<lambda>"
+    assert lib.get_inner_triton_kernels.__name__ == "get_inner_triton_kernels"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_in_the_process():
+    if _native.cpu_module is None:
+        pytest.skip(_native.cpu_missing_reason)
+    with open(_native.cpu_module.__file__, "rb") as f:
+        if b"libgomp.so.1" not in f.read():
+            pytest.skip("built without OpenMP (PYOPS_OPENMP=OFF): the private thread pool is used")
+    pyops.task_masked_attention(torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4), torch.randn(2, 2, 9, 4),
+                                torch.zeros(9, dtype=torch.int32), backend="cpu")
+    with open("/proc/self/maps") as f:
+        gomp = {line.split()[-1] for line in f if "libgomp" in line}
+    assert len(gomp) == 1, gomp
