@@ -79,3 +79,24 @@ def test_one_openmp_runtime_in_the_process():
     with open("/proc/self/maps") as f:
         gomp = {line.split()[-1] for line in f if "libgomp" in line}
     assert len(gomp) == 1, gomp
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_with_one_thread_runs_the_kernels():
+    """DataLoader-style workers: the parent ran the kernels on two threads, the child sets one
+    thread (as torch's DataLoader does) and runs them again."""
+    code = """
+import os, torch, pyops
+torch.set_num_threads(2)
+g = torch.zeros(33, dtype=torch.int32)
+q = torch.randn(4, 2, 33, 4)
+want = pyops.task_masked_attention(q, q, q, g, backend="cpu")
+pid = os.fork()
+if pid == 0:
+    torch.set_num_threads(1)
+    got = pyops.task_masked_attention(q, q, q, g, backend="cpu")
+    os._exit(0 if torch.equal(got, want) else 3)
+_, status = os.waitpid(pid, 0)
+print(os.waitstatus_to_exitcode(status))
+"""
+    assert _run(code) == "0"
