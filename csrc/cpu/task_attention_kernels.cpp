@@ -1322,27 +1322,30 @@ void backward_fused_item(const Ctx& c, int64_t item, const T* out, const T* dout
 constexpr int64_t kLaneMaxDim = 32;
 
 
-// Transposed bias for the lane kernels: [ceil(Lq / 8), Lk, 8] of 0 / -inf (rows past Lq: -inf),
-// cached per thread and call like short_bias.
-const float* short_bias_lanes(const Ctx& c, Scratch& w, int64_t b) {
+// Transposed bias for the lane kernels: [nblk, Lk, lanes] of 0 / -inf, row i = blk * lanes + t at
+// [blk, j, t] (rows past Lq: -inf), so a key's bias for a block of rows is one vector load;
+// cached per thread and call like short_bias (one layout per call).
+const float* short_bias_lanes(const Ctx& c, Scratch& w, int64_t b, int64_t lanes, int64_t nblk) {
   const TaskAttentionProblem& p = *c.p;
   const int64_t row = c.qgr(b) * (p.B + 1) + c.kgr(b);
   if (w.bias_call == c.call_id && w.bias_row == row) return w.bias.data();
-  const int64_t nblk = round_up((p.Lq + kW - 1) / kW, 2);  // even: the forward reads pairs
-  Scratch::grow(w.bias, std::max<int64_t>(nblk * p.Lk * kW, 1));
+  Scratch::grow(w.bias, std::max<int64_t>(nblk * p.Lk * lanes, 1));
   const uint64_t* qr = c.qrow_of(b);
   const uint64_t* kb = c.kbit_of(b);
   for (int64_t blk = 0; blk < nblk; ++blk)
     for (int64_t j = 0; j < p.Lk; ++j)
-      for (int64_t t = 0; t < kW; ++t) {
-        const int64_t i = blk * kW + t;
+      for (int64_t t = 0; t < lanes; ++t) {
+        const int64_t i = blk * lanes + t;
         const bool ok = i < p.Lq && (qr[i] & kb[j]) != 0 && (!p.causal || j <= i);
-        w.bias[(blk * p.Lk + j) * kW + t] = ok ? 0.f : kNegInf;
+        w.bias[(blk * p.Lk + j) * lanes + t] = ok ? 0.f : kNegInf;
       }
   w.bias_call = c.call_id;
   w.bias_row = row;
   return w.bias.data();
 }
+
+// The eight-lane layout's blocks, an even count: the forward reads them in pairs.
+inline int64_t lane_blocks8(const TaskAttentionProblem& p) { return round_up((p.Lq + kW - 1) / kW, 2); }
 
 // Dropout scales of rows i0..i0+7 (lanes) at key j.
 inline V8 keep_lanes(const Ctx& c, int64_t b, int64_t h, int64_t i0, int64_t j) {
@@ -1382,7 +1385,7 @@ void forward_lanes_item(const Ctx& c, int64_t item, bool per_head, T* out, float
   Scratch::grow(w.kr, std::max<int64_t>(Lk * D, 1));
   Scratch::grow(w.vr, std::max<int64_t>(Lk * Dv, 1));
   Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
-  const float* biasT = short_bias_lanes(c, w, b);
+  const float* biasT = short_bias_lanes(c, w, b, kW, lane_blocks8(p));
   float* S = w.s.data();
   alignas(32) float qt[2][kLaneMaxDim * kW];
   alignas(32) float tmp[kLaneMaxDim];
@@ -1480,7 +1483,7 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
   Scratch::grow(w.dvt, std::max<int64_t>(Lk * Dv * kW, 1));
   Scratch::grow(w.acc, std::max<int64_t>(Dv, 1));
   Scratch::grow(w.dO, std::max<int64_t>(Lk * std::max(D, Dv), 1));
-  const float* biasT = short_bias_lanes(c, w, b);  // (dO: the lane sums of dK / dV)
+  const float* biasT = short_bias_lanes(c, w, b, kW, lane_blocks8(p));  // (dO: the lane sums of dK / dV)
   alignas(32) float qt[kLaneMaxDim * kW];
   alignas(32) float dot[kLaneMaxDim * kW];
   alignas(32) float tmp[kLaneMaxDim];
@@ -1558,30 +1561,6 @@ void backward_lanes_item(const Ctx& c, int64_t item, bool per_head, const T* out
 }
 
 #ifdef PYOPS_TA_AVX512
-// The short path's bias for the sixteen-row AVX-512 forward: [ceil(Lq / 16), Lk, 16] of 0 / -inf
-// (rows past Lq: -inf), so a key's bias for a row block is one load. Cached per thread and call
-// like short_bias (one layout per call).
-const float* short_bias_lanes16(const Ctx& c, Scratch& w, int64_t b) {
-  const TaskAttentionProblem& p = *c.p;
-  const int64_t row = c.qgr(b) * (p.B + 1) + c.kgr(b);
-  if (w.bias_call == c.call_id && w.bias_row == row) return w.bias.data();
-  constexpr int64_t L = 16;
-  const int64_t nblk = (p.Lq + L - 1) / L;
-  Scratch::grow(w.bias, std::max<int64_t>(nblk * p.Lk * L, 1));
-  const uint64_t* qr = c.qrow_of(b);
-  const uint64_t* kb = c.kbit_of(b);
-  for (int64_t blk = 0; blk < nblk; ++blk)
-    for (int64_t j = 0; j < p.Lk; ++j)
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t i = blk * L + t;
-        const bool ok = i < p.Lq && (qr[i] & kb[j]) != 0 && (!p.causal || j <= i);
-        w.bias[(blk * p.Lk + j) * L + t] = ok ? 0.f : kNegInf;
-      }
-  w.bias_call = c.call_id;
-  w.bias_row = row;
-  return w.bias.data();
-}
-
 // Four columns a, b, c, e of sixteen rows, stored as the first n rows of a row-major [16, 4] block
 // (a 4 x 16 transpose in registers: in-lane unpacks, then 128-bit blocks; no scatter).
 __attribute__((target("avx512f"))) static inline void store_rows4x16(float* dst, int64_t n, __m512 a, __m512 b,
@@ -1614,7 +1593,7 @@ __attribute__((target("avx512f"))) void forward_lanes16_item(const Ctx& c, int64
   Scratch& w = scratch();
   Scratch::grow(w.s, std::max<int64_t>(Lk, 1) * kRows);
   Scratch::grow(w.acc, kRows * (kLaneMaxDim + 2));
-  const float* bias16 = short_bias_lanes16(c, w, b);
+  const float* bias16 = short_bias_lanes(c, w, b, kRows, (Lq + kRows - 1) / kRows);
   float* S = w.s.data();
   const __m512i idx = _mm512_mullo_epi32(
       _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(DD));

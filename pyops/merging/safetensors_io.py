@@ -186,6 +186,13 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())
 
+    def _fd(self, file: Path) -> int:
+        """The read-only descriptor of one of the files, opened on first use."""
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        return fd
+
     def read(self, name: str, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A CPU tensor with the stored values of `name` (one `preadv`, no mapping kept).
 
@@ -205,9 +212,7 @@ class Checkpoint:
             t = buffer[:info.nbytes].view(info.dtype).view(info.shape)
         if info.nbytes == 0:
             return t
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = self._fd(info.file)
         buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
         done = 0
         while done < info.nbytes:
@@ -231,9 +236,7 @@ class Checkpoint:
         info = self.tensors[name]
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fd = self._fd(info.file)
         start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
         skip = info.offset - start
         m = mmap.mmap(fd, skip + info.nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,

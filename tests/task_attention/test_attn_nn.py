@@ -23,6 +23,18 @@ def pair(E=16, H=4, **kw):
     return ref, ours
 
 
+def assert_same_backward(ref, ours, out_r, out_o, xr, xo, rng):
+    """Backpropagate one random gradient through both modules: the input's and every parameter's
+    gradients agree (parameters matched by name)."""
+    g = randn(out_r.shape, FP32, rng)
+    out_r.backward(g)
+    out_o.backward(g)
+    assert_close(xo.grad, xr.grad, TOL, "grad of the input")
+    grads_r = dict(ref.named_parameters())
+    for n, po in ours.named_parameters():
+        assert_close(po.grad, grads_r[n].grad, TOL, f"grad of {n}")
+
+
 def test_state_dict_keys_and_shapes_match_nn_multihead_attention():
     for kw in ({}, {"bias": False}, {"kdim": 8, "vdim": 12}):
         ref = nn.MultiheadAttention(16, 4, batch_first=True, **kw)
@@ -41,12 +53,7 @@ def test_self_attention_matches_nn_with_same_mask(mode, rng):
     out_o, w_o = ours(xo, preset=(groups, allow), need_weights=True)
     assert_close(out_o, out_r, TOL, "output")
     assert_close(w_o, w_r, TOL, "averaged weights")
-    g = randn(out_r.shape, FP32, rng)
-    out_r.backward(g)
-    out_o.backward(g)
-    assert_close(xo.grad, xr.grad, TOL, "grad of x")
-    for (n, pr), (_, po) in zip(ref.named_parameters(), ours.named_parameters()):
-        assert_close(po.grad, pr.grad, TOL, f"grad of {n}")
+    assert_same_backward(ref, ours, out_r, out_o, xr, xo, rng)
 
 
 def test_cross_attention_kdim_vdim_and_key_padding_mask(rng):
@@ -90,13 +97,7 @@ def test_appended_key_tokens_match_nn(extra, rng):
     out_o, w_o = ours(xo, groups=groups, allow=allow, key_padding_mask=kpm, need_weights=True)
     assert_close(out_o, out_r, TOL, "output")
     assert_close(w_o, w_r, TOL, "averaged weights (the appended columns included)")
-    g = randn(out_r.shape, FP32, rng)
-    out_r.backward(g)
-    out_o.backward(g)
-    assert_close(xo.grad, xr.grad, TOL, "grad of x")
-    grads_r = dict(ref.named_parameters())
-    for n, po in ours.named_parameters():
-        assert_close(po.grad, grads_r[n].grad, TOL, f"grad of {n}")
+    assert_same_backward(ref, ours, out_r, out_o, xr, xo, rng)
 
 
 def test_appended_key_tokens_with_identity_rule_and_no_groups(rng):
@@ -148,12 +149,7 @@ def test_multitab_encoder_layer_matches_nn_version(backend, rng):
     xr, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
     yr, yo = ref(xr, groups, allow), ours(xo, groups, allow)
     assert_close(yo, yr, TOL, "layer output")
-    g = randn(yr.shape, FP32, rng)
-    yr.backward(g)
-    yo.backward(g)
-    assert_close(xo.grad, xr.grad, TOL, "grad of input")
-    for (n, pr), (_, po) in zip(ref.named_parameters(), ours.named_parameters()):
-        assert_close(po.grad, pr.grad, TOL, f"grad of {n}")
+    assert_same_backward(ref, ours, yr, yo, xr, xo, rng)
 
 
 def test_module_compiles_fullgraph_with_dropout_in_training(rng):
