@@ -96,7 +96,8 @@ pyops::MergeProblem make_merge_problem(uintptr_t base, const std::vector<const v
                                        uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
                                        const std::vector<float>& density, int64_t numel, int64_t block_size,
                                        bool from_models, int method, double lam, uint64_t seed, int64_t name_hash,
-                                       int64_t k, double tall_lambda, bool normalize) {
+                                       int64_t k, double tall_lambda, bool normalize, double gamma,
+                                       double epsilon) {
   if (density.size() != deltas.size())
     throw py::value_error("density: expected " + std::to_string(deltas.size()) + " values (one per task), got " +
                           std::to_string(density.size()));
@@ -113,6 +114,8 @@ pyops::MergeProblem make_merge_problem(uintptr_t base, const std::vector<const v
   p.k = k;
   p.tall_lambda = (float)tall_lambda;
   p.normalize = normalize;
+  p.gamma = gamma;
+  p.epsilon = epsilon;
   return p;
 }
 
@@ -120,12 +123,13 @@ void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vect
                    int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
                    const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
                    int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
-                   bool normalize, int n_threads) {
+                   bool normalize, double gamma, double epsilon, int n_threads) {
   const DType od = to_dtype(out_dtype, "out_dtype");
   const auto dptr = as_pointers<const void*>(deltas);
   const std::vector<float> dens(density.begin(), density.end());  // fp32, as the reference holds them
   const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
-                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize);
+                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
+                                    gamma, epsilon);
   Status st;
   {
     py::gil_scoped_release release;
@@ -138,8 +142,8 @@ void merge_backward(uintptr_t grad, int grad_dtype, uintptr_t base, const std::v
                     int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
                     const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
                     int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
-                    bool normalize, uintptr_t grad_base, const std::vector<uintptr_t>& grad_deltas,
-                    uintptr_t grad_coeffs, int n_threads) {
+                    bool normalize, double gamma, double epsilon, uintptr_t grad_base,
+                    const std::vector<uintptr_t>& grad_deltas, uintptr_t grad_coeffs, int n_threads) {
   const DType gd = to_dtype(grad_dtype, "grad_dtype");
   if (!grad_deltas.empty() && grad_deltas.size() != deltas.size())
     throw py::value_error("grad_deltas: expected " + std::to_string(deltas.size()) + " pointers or none, got " +
@@ -148,7 +152,8 @@ void merge_backward(uintptr_t grad, int grad_dtype, uintptr_t base, const std::v
   const auto gdptr = as_pointers<void*>(grad_deltas);
   const std::vector<float> dens(density.begin(), density.end());
   const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
-                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize);
+                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
+                                    gamma, epsilon);
   Status st;
   {
     py::gil_scoped_release release;
@@ -195,15 +200,18 @@ PYBIND11_MODULE(_C, m) {
         py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
         py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
         py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
-        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("n_threads"),
-        "Fused merge forward (ties, dare, dare_ties, consensus): out = base + lam * merged.");
+        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("gamma"),
+        py::arg("epsilon"), py::arg("n_threads"),
+        "Fused merge forward (ties, dare, dare_ties, breadcrumbs, della, della_linear, consensus): "
+        "out = base + lam * merged.");
   m.def("merge_backward", &merge_backward, py::arg("grad"), py::arg("grad_dtype"), py::arg("base"),
         py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
         py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
         py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
-        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("grad_base"), py::arg("grad_deltas"),
-        py::arg("grad_coeffs"), py::arg("n_threads"),
-        "Merge backward with the masks held fixed (ties, dare, dare_ties): grads to base, deltas, coeffs.");
+        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("gamma"),
+        py::arg("epsilon"), py::arg("grad_base"), py::arg("grad_deltas"), py::arg("grad_coeffs"),
+        py::arg("n_threads"),
+        "Merge backward with the masks held fixed (every method but consensus): grads to base, deltas, coeffs.");
   m.def("task_vector_gram", &task_vector_gram, py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
         py::arg("numel"), py::arg("from_models"), py::arg("n_threads"),
         "Gram matrix of the task vectors, N*N doubles row-major.");

@@ -1,4 +1,5 @@
-// Model merging over task vectors (TIES, DARE, DARE-TIES, consensus; model_stock's Gram matrix):
+// Model merging over task vectors (TIES, DARE, DARE-TIES, breadcrumbs, DELLA, consensus;
+// model_stock's Gram matrix):
 // fused CPU forward kernels, torch-free. The definitions are pyops/reference/merge.py; these
 // kernels reproduce them operation for operation in fp32:
 //
@@ -7,10 +8,15 @@
 //             k = max(1, floor(density_i * n_b)) (exact; ties kept); density_i >= 1 keeps all
 //   dare    : t_i = ([u_ij < density_i] / density_i) * tau_i, u from Philox4x32-10 with
 //             counter (g lo, g hi, i, name_hash), g = j >> 2, key (seed lo, seed hi), word j & 3
-//   electing (ties, dare_ties): s = (sum_i w_i t_i >= 0 ? +1 : -1), a_i = [sign t_i = s, t_i != 0],
+//   breadcrumbs: t_i = [n_bottom <= r_ij < n - n_top] * tau_i with r_ij the ascending rank of
+//             |tau_ij| in its block (ties by position), n_top = floor(gamma * n),
+//             n_bottom = n - floor(density_i * n) - n_top (fp64 products, as the reference)
+//   della   : p_ij = (density_i - eps) + (2 eps) * (n > 1 ? r_ij / (n - 1) : 0.5) in fp32,
+//             t_i = ([u_ij < p_ij] / p_ij) * tau_i, u as for dare
+//   electing (ties, dare_ties, della): s = (sum_i w_i t_i >= 0 ? +1 : -1), a_i = [sign t_i = s, t_i != 0],
 //             merged = sum_i a_i w_i t_i / sum_i a_i w_i (zero divisor -> 1; or the plain sum
 //             when !normalize)
-//   dare    : merged = sum_i w_i t_i
+//   dare, breadcrumbs, della_linear: merged = sum_i w_i t_i
 //   consensus: mtl = sum_i w_i tau_i, merged = [#{i : |tau_i| >= tall_lambda |mtl - tau_i|} >= k] * mtl
 //   out     = base + lam * merged
 //
@@ -32,6 +38,9 @@ enum MergeMethodCode : int {
   kMergeTies = 1,
   kMergeDare = 2,
   kMergeDareTies = 3,
+  kMergeBreadcrumbs = 4,
+  kMergeDella = 5,
+  kMergeDellaLinear = 6,
   kMergeConsensus = 7,
 };
 
@@ -45,6 +54,8 @@ struct MergeProblem : TaskArithmeticProblem {
   uint32_t name_hash = 0;
   int64_t k = 1;                        // consensus: tasks that must agree, in [1, n]
   float tall_lambda = 0.6f;             // consensus
+  double gamma = 0.01;                  // breadcrumbs: the dropped top fraction, in [0, 1)
+  double epsilon = 0.1;                 // della: the keep-probability spread
   bool normalize = true;                // electing methods: disjoint weighted mean
 };
 
@@ -52,7 +63,7 @@ struct MergeProblem : TaskArithmeticProblem {
 // is read before the same tile of out is written); it must not overlap a delta.
 Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads);
 
-// Backward with every mask held fixed (task_arithmetic, ties, dare, dare_ties; not consensus, whose
+// Backward with every mask held fixed (every method but consensus, whose
 // mask depends on the coefficients). grad [numel] in grad_dtype; each output may be null:
 //   grad_base [numel] and grad_deltas (n pointers to [numel]) in in_dtype, grad_coeffs [n, n_blocks]
 //   fp32 row-major. The same bits for every thread count.

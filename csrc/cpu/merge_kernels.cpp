@@ -1,4 +1,5 @@
-// CPU kernels for model merging (TIES, DARE, DARE-TIES, consensus; model_stock's Gram matrix).
+// CPU kernels for model merging (TIES, DARE, DARE-TIES, breadcrumbs, DELLA, consensus;
+// model_stock's Gram matrix).
 // Compiled once per ISA (see CMakeLists.txt); PYOPS_ISA names the namespace the build goes into.
 //
 // Floating-point contraction is off for this file: every a * b + c rounds twice, as the
@@ -23,6 +24,7 @@
 #include "common/isa.h"
 #include "common/thread_pool.h"
 #include "cpu/block_plan.h"
+#include "cpu/block_rank.h"
 #include "cpu/merge.h"
 
 #if defined(__AVX2__)
@@ -170,6 +172,10 @@ struct Ctx {
   Plan plan;
   PhiloxKeys keys;
   bool ties, dare, electing;
+  bool ranked, della;             // breadcrumbs / della / della_linear: per-element ranks
+  std::vector<float> della_lo;    // della: density - epsilon (fp32, as the reference forms it)
+  float della_span = 0.f;         // della: 2 * epsilon (fp64 product, then fp32)
+  std::vector<uint32_t> ranks;    // ranked methods, large blocks: [n][numel] rank within the block
   std::vector<uint8_t> keep_all;  // ties: density >= 1 keeps every entry
   std::vector<float> inv;         // dare: the reference's keep value 1 / density (fp32)
   std::vector<uint32_t> dare_lim; // dare: keep iff (word >> 8) < dare_lim  <=>  u < density
@@ -178,13 +184,18 @@ struct Ctx {
   Ctx(const MergeProblem& pp) : p(&pp), plan(pp.numel, pp.block_size), keys(pp.seed) {
     ties = p->method == kMergeTies;
     dare = p->method == kMergeDare || p->method == kMergeDareTies;
-    electing = p->method == kMergeTies || p->method == kMergeDareTies;
+    electing = p->method == kMergeTies || p->method == kMergeDareTies || p->method == kMergeDella;
+    della = p->method == kMergeDella || p->method == kMergeDellaLinear;
+    ranked = della || p->method == kMergeBreadcrumbs;
+    della_span = (float)(2.0 * p->epsilon);
     const int64_t n = p->n;
+    della_lo.assign((size_t)n, 0.f);
     keep_all.assign((size_t)n, 0);
     inv.assign((size_t)n, 1.f);
     dare_lim.assign((size_t)n, 0);
     for (int64_t i = 0; i < n; ++i) {
       if (ties) keep_all[i] = !(p->density[i] < 1.f);
+      if (della) della_lo[i] = p->density[i] - (float)p->epsilon;
       if (dare) {
         const float rho = p->density[i];
         inv[i] = 1.f / rho;
@@ -200,6 +211,17 @@ struct Ctx {
     const int64_t k = (int64_t)std::floor((double)p->density[i] * (double)len);
     return std::max<int64_t>(1, std::min(k, len));
   }
+
+  int64_t block_len(int64_t b) const {
+    return std::min(p->numel, (b + 1) * plan.block_size) - b * plan.block_size;
+  }
+};
+
+// Where the ranks of a segment live: rank of task i at element e = at[i * task_stride + e - origin].
+struct RankView {
+  const uint32_t* at = nullptr;
+  int64_t task_stride = 0, origin = 0;
+  const uint32_t* row(int64_t i, int64_t e) const { return at + i * task_stride + (e - origin); }
 };
 
 struct Scratch {
@@ -211,6 +233,8 @@ struct Scratch {
   std::vector<uint32_t> keys;  // small-block selection: |tau| bits of one task's block
   std::vector<uint32_t> cand;  // small-block selection: the keys of the threshold's bucket
   std::vector<uint32_t> hist;  // small-block selection: top-digit histogram
+  std::vector<uint64_t> ent, ent2;  // small-block ranking: (key, position) entries and scratch
+  std::vector<uint32_t> ranks;      // small-block ranking: [n][block] ranks of the current block
 
   void reserve(int64_t n) {
     const size_t rn = (size_t)(std::max<int64_t>(n, 1) * kTile);
@@ -254,6 +278,93 @@ inline const float* load_tau(const MergeProblem& p, int64_t i, int64_t t0, int64
   if (!FM) return x;
   for (int64_t j = 0; j < len; ++j) dst[j] = x[j] - bb[j];
   return dst;
+}
+
+// ------------------------------------------------------------------------------------------------
+// Ranks (breadcrumbs, DELLA)
+// ------------------------------------------------------------------------------------------------
+
+// ent[j - lo] = (rank key of tau_i[j]) << 32 | (j - origin) for j in [lo, hi): positions count
+// from the block's first element, origin.
+template <typename T, bool FM>
+void fill_rank_entries(const MergeProblem& p, int64_t i, int64_t lo, int64_t hi, int64_t origin, uint64_t* ent) {
+  const T* base = static_cast<const T*>(p.base);
+  alignas(64) float bbuf[kTile];
+  alignas(64) float xbuf[kTile];
+  alignas(64) float tbuf[kTile];
+  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    const int64_t len = std::min(kTile, hi - t0);
+    const float* bb = FM ? as_float_tile(base + t0, bbuf, len) : nullptr;
+    const float* tau = load_tau<T, FM>(p, i, t0, len, bb, xbuf, tbuf);
+    const uint64_t pos0 = (uint64_t)(t0 - origin);
+    for (int64_t j = 0; j < len; ++j) ent[t0 - lo + j] = rank_key(tau[j]) << 32 | (pos0 + (uint64_t)j);
+  }
+}
+
+// Ranks of every task over the short block [lo, hi) into s.ranks ([n][hi - lo]).
+template <typename T, bool FM>
+RankView small_block_ranks(const MergeProblem& p, int64_t lo, int64_t hi, Scratch& s) {
+  const int64_t len = hi - lo;
+  if (s.ent.size() < (size_t)len) {
+    s.ent.resize((size_t)len);
+    s.ent2.resize((size_t)len);
+  }
+  if (s.ranks.size() < (size_t)(len * p.n)) s.ranks.resize((size_t)(len * p.n));
+  for (int64_t i = 0; i < p.n; ++i) {
+    fill_rank_entries<T, FM>(p, i, lo, hi, lo, s.ent.data());
+    rank_entries_serial(s.ent.data(), s.ent2.data(), len, s.ranks.data() + i * len);
+  }
+  return RankView{s.ranks.data(), len, lo};
+}
+
+// Ranks of every task over every long block into ctx.ranks ([n][numel]); each block's sort runs
+// on all threads.
+template <typename T, bool FM>
+RankView large_block_ranks(Ctx& ctx, int n_threads) {
+  const MergeProblem& p = *ctx.p;
+  const Plan& plan = ctx.plan;
+  ctx.ranks.resize((size_t)(p.n * p.numel));
+  std::vector<uint64_t> ent((size_t)plan.block_size), tmp((size_t)plan.block_size);
+  for (int64_t b = 0; b < plan.n_blocks; ++b) {
+    const int64_t lo = b * plan.block_size, len = ctx.block_len(b);
+    for (int64_t i = 0; i < p.n; ++i) {
+      const int64_t n_fill = (len + kChunk - 1) / kChunk;
+      parallel_for(n_fill, n_threads, [&](int64_t c) {
+        const int64_t a = lo + c * kChunk;
+        fill_rank_entries<T, FM>(p, i, a, std::min(lo + len, a + kChunk), lo, ent.data() + (a - lo));
+      });
+      rank_entries_parallel(ent.data(), tmp.data(), len, ctx.ranks.data() + i * p.numel + lo, n_threads);
+    }
+  }
+  return RankView{ctx.ranks.data(), p.numel, 0};
+}
+
+// Keep multipliers of task i over one tile of block b (block length blen) from the ranks rk:
+//   breadcrumbs: 1 inside the rank band [n_bottom, blen - n_top), else 0
+//   della:       (u < p ? 1 : 0) / p, p = (density - eps) + (2 eps) * frac(rank), u from word
+// each formed with the reference's operations and roundings.
+inline void rank_multipliers(const Ctx& ctx, int64_t i, int64_t blen, const uint32_t* rk, const uint32_t* word,
+                             int64_t len, float* m) {
+  const MergeProblem& p = *ctx.p;
+  if (!ctx.della) {
+    const int64_t n_top = (int64_t)std::floor(p.gamma * (double)blen);
+    const int64_t n_keep = (int64_t)std::floor((double)p.density[i] * (double)blen);
+    const int64_t lo = blen - n_keep - n_top, hi = blen - n_top;
+    for (int64_t j = 0; j < len; ++j) m[j] = ((int64_t)rk[j] >= lo && (int64_t)rk[j] < hi) ? 1.f : 0.f;
+    return;
+  }
+  const float plo = ctx.della_lo[i], span = ctx.della_span;
+  if (blen > 1) {
+    const float denom = (float)(blen - 1);
+    for (int64_t j = 0; j < len; ++j) {
+      const float prob = plo + span * ((float)rk[j] / denom);
+      const float u = (float)(word[j] >> 8) * 0x1p-24f;
+      m[j] = (u < prob ? 1.f : 0.f) / prob;
+    }
+  } else {
+    const float prob = plo + span * 0.5f;
+    for (int64_t j = 0; j < len; ++j) m[j] = ((float)(word[j] >> 8) * 0x1p-24f < prob ? 1.f : 0.f) / prob;
+  }
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -752,10 +863,11 @@ void elect(const float* trows, const float* w, int64_t n, bool normalize, float*
   }
 }
 
-// out[lo, hi) of block b; thr: the n TIES thresholds of the block (ties only).
+// out[lo, hi) of block b; thr: the n TIES thresholds of the block (ties only); rv: the ranks
+// (ranked methods only).
 template <typename T, typename O, bool FM>
-void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, O* out,
-                     Scratch& s) {
+void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const RankView& rv,
+                     O* out, Scratch& s) {
   const MergeProblem& p = *ctx.p;
   const int64_t n = p.n;
   const T* base = static_cast<const T*>(p.base);
@@ -769,7 +881,9 @@ void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const fl
   alignas(64) float tbuf[kTile];
   alignas(64) float acc[kTile];
   alignas(64) float res[kTile];
+  alignas(64) float mbuf[kTile];
   alignas(64) uint32_t words[kTile + 8];
+  const int64_t blen = ctx.block_len(b);
 
   for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
     const int64_t len = std::min(kTile, hi - t0);
@@ -809,6 +923,14 @@ void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const fl
           row[j] = t;
           acc[j] += wi * t;
         }
+      } else if (ctx.ranked) {
+        if (ctx.della) philox_words(g0, ng, (uint32_t)i, p.name_hash, ctx.keys, words);
+        rank_multipliers(ctx, i, blen, rv.row(i, t0), word, len, mbuf);
+        for (int64_t j = 0; j < len; ++j) {
+          const float t = mbuf[j] * tau[j];
+          row[j] = t;
+          acc[j] += wi * t;
+        }
       } else {  // ties keeping everything, consensus, task arithmetic: t = tau
         if (keep_rows && tau != row)
           for (int64_t j = 0; j < len; ++j) row[j] = tau[j];
@@ -841,9 +963,13 @@ void merge_typed(Ctx& ctx, O* out, int n_threads) {
   const Plan& plan = ctx.plan;
   const bool large = ctx.ties && plan.block_size >= kRadixMin;
   if (large) large_thresholds<T, FM>(ctx, n_threads);
+  RankView large_rv;
+  if (ctx.ranked && plan.large) large_rv = large_block_ranks<T, FM>(ctx, n_threads);
   parallel_for(plan.n_items, n_threads, [&](int64_t item) {
     Scratch& s = thread_scratch(p.n);
     plan.for_segments(item, [&](int64_t b, int64_t lo, int64_t hi) {
+      RankView rv = large_rv;
+      if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(p, lo, hi, s);
       const float* thr = nullptr;
       if (ctx.ties) {
         if (large) {
@@ -854,7 +980,7 @@ void merge_typed(Ctx& ctx, O* out, int n_threads) {
           thr = s.thr.data();
         }
       }
-      combine_segment<T, O, FM>(ctx, b, lo, hi, thr, out, s);
+      combine_segment<T, O, FM>(ctx, b, lo, hi, thr, rv, out, s);
     });
   });
 }
@@ -883,8 +1009,8 @@ inline double dot_tile(const float* x, const float* y, int64_t len) {
 }
 
 template <typename T, typename G, bool FM>
-void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const G* grad,
-                      T* grad_base, T* const* grad_deltas, double* dots, Scratch& s) {
+void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const RankView& rv,
+                      const G* grad, T* grad_base, T* const* grad_deltas, double* dots, Scratch& s) {
   const MergeProblem& p = *ctx.p;
   const int64_t n = p.n;
   const T* base = static_cast<const T*>(p.base);
@@ -905,7 +1031,9 @@ void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const f
   alignas(64) float dtau[kTile];
   alignas(64) float gsum[kTile];   // sum_i d out / d tau_i (from_models: grad_base)
   alignas(64) uint32_t words[kTile + 8];
-  for (int64_t i = 0; i < n; ++i) dots[i] = 0.0;
+  const int64_t blen = ctx.block_len(b);
+  if (dots)
+    for (int64_t i = 0; i < n; ++i) dots[i] = 0.0;
 
   for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
     const int64_t len = std::min(kTile, hi - t0);
@@ -928,6 +1056,9 @@ void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const f
         const uint32_t lim = ctx.dare_lim[i];
         const float keep = ctx.inv[i];
         for (int64_t j = 0; j < len; ++j) m[j] = (word[j] >> 8) < lim ? keep : 0.f;
+      } else if (ctx.ranked) {
+        if (ctx.della) philox_words(g0, ng, (uint32_t)i, p.name_hash, ctx.keys, words);
+        rank_multipliers(ctx, i, blen, rv.row(i, t0), word, len, m);
       } else {
         for (int64_t j = 0; j < len; ++j) m[j] = 1.f;
       }
@@ -1008,6 +1139,8 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
   const int64_t n = p.n;
   const bool large = ctx.ties && plan.block_size >= kRadixMin;
   if (large) large_thresholds<T, FM>(ctx, n_threads);
+  RankView large_rv;
+  if (ctx.ranked && plan.large) large_rv = large_block_ranks<T, FM>(ctx, n_threads);
   // Per item, per segment: the n dot products. Small blocks: each block is one segment of one
   // item, written straight into grad_coeffs. Large blocks: one partial per item, summed in item
   // order afterwards (the same bits for every thread count).
@@ -1018,6 +1151,8 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
     std::vector<double> dots_local;  // one small allocation per 64K-element item
     dots_local.resize((size_t)std::max<int64_t>(n, 1));
     plan.for_segments(item, [&](int64_t b, int64_t lo, int64_t hi) {
+      RankView rv = large_rv;
+      if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(p, lo, hi, s);
       const float* thr = nullptr;
       if (ctx.ties) {
         if (large) {
@@ -1029,7 +1164,7 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
         }
       }
       double* dots = grad_coeffs ? dots_local.data() : nullptr;
-      backward_segment<T, G, FM>(ctx, b, lo, hi, thr, grad, grad_base, grad_deltas, dots, s);
+      backward_segment<T, G, FM>(ctx, b, lo, hi, thr, rv, grad, grad_base, grad_deltas, dots, s);
       if (grad_coeffs) {
         if (plan.large) {
           for (int64_t i = 0; i < n; ++i) partial[item * n + i] = dots[i];
@@ -1051,10 +1186,10 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
 
 Status check(const MergeProblem& p, bool need_out, const void* out) {
   const int m = p.method;
-  if (m != kMergeTaskArithmetic && m != kMergeTies && m != kMergeDare && m != kMergeDareTies &&
-      m != kMergeConsensus)
+  if (m < kMergeTaskArithmetic || m > kMergeConsensus)
     return Status::invalid("method: unknown merge method code " + std::to_string(m) +
-                           " (expected 0 task_arithmetic, 1 ties, 2 dare, 3 dare_ties or 7 consensus)");
+                           " (expected 0 task_arithmetic, 1 ties, 2 dare, 3 dare_ties, 4 breadcrumbs, 5 della, "
+                           "6 della_linear or 7 consensus)");
   if (p.numel < 0) return Status::invalid("numel must be >= 0, got " + std::to_string(p.numel));
   if (p.block_size <= 0) return Status::invalid("block_size must be > 0, got " + std::to_string(p.block_size));
   if (p.n < 0) return Status::invalid("number of deltas must be >= 0, got " + std::to_string(p.n));
@@ -1073,7 +1208,7 @@ Status check(const MergeProblem& p, bool need_out, const void* out) {
     return Status::invalid("deltas or coeffs is a null pointer");
   for (int64_t i = 0; i < p.n; ++i)
     if (p.deltas[i] == nullptr) return Status::invalid("delta " + std::to_string(i) + " is a null pointer");
-  const bool uses_density = m == kMergeTies || m == kMergeDare || m == kMergeDareTies;
+  const bool uses_density = m != kMergeTaskArithmetic && m != kMergeConsensus;
   if (uses_density && p.n > 0) {
     if (p.density == nullptr) return Status::invalid("density is a null pointer");
     for (int64_t i = 0; i < p.n; ++i)
@@ -1081,6 +1216,21 @@ Status check(const MergeProblem& p, bool need_out, const void* out) {
         return Status::invalid("density[" + std::to_string(i) + "] must be in (0, 1] (as fp32), got " +
                                std::to_string(p.density[i]));
   }
+  if (m == kMergeBreadcrumbs) {
+    if (!(p.gamma >= 0.0 && p.gamma < 1.0))
+      return Status::invalid("gamma must be in [0, 1), got " + std::to_string(p.gamma));
+  }
+  if (m == kMergeDella || m == kMergeDellaLinear) {
+    // Every keep probability must be positive (it divides); the op layer checks the full range.
+    for (int64_t i = 0; i < p.n; ++i)
+      if (!(p.epsilon >= 0.0 && p.density[i] - (float)p.epsilon > 0.f))
+        return Status::invalid("epsilon: della needs density - epsilon > 0, got density[" + std::to_string(i) +
+                               "]=" + std::to_string(p.density[i]) + ", epsilon=" + std::to_string(p.epsilon));
+  }
+  if ((m == kMergeBreadcrumbs || m == kMergeDella || m == kMergeDellaLinear) &&
+      std::min(p.block_size, p.numel) > (int64_t)0xffffffffLL)
+    return Status::invalid("block_size: the rank-based methods rank blocks of at most 2^32 - 1 elements, got " +
+                           std::to_string(std::min(p.block_size, p.numel)));
   return Status::ok();
 }
 

@@ -30,8 +30,11 @@ from pyops.reference import merge as ref
 OP = "merge"
 METHODS = ref.METHODS
 ALIASES = {"dare_linear": "dare"}
+# Methods that rank |τ| within each block (the C++ kernels sort; see csrc/cpu/block_rank.h).
+RANKED = ("breadcrumbs", "della", "della_linear")
 # Method codes of the C++ kernel (csrc/cpu/merge_kernels.h).
-NATIVE_METHODS = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "consensus": 7}
+NATIVE_METHODS = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4,
+                  "della": 5, "della_linear": 6, "consensus": 7}
 
 
 def _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n):
@@ -93,7 +96,9 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
         if dev.type != "cpu":
             return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
         if method not in NATIVE_METHODS and method != "model_stock":
-            return f"the C++ kernels do not implement {method!r} (it needs a full per-block ranking)"
+            return f"the C++ kernels do not implement {method!r}"
+        if method in RANKED and min(p.block_size, p.base.numel()) >= 2**32:
+            return f"the C++ kernels rank blocks of fewer than 2**32 elements ({method!r})"
         if needs_grad and method == "consensus":
             return f"gradients for {method!r} are computed by the reference backend"
         return dtype_reason
@@ -148,7 +153,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         return merge_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
                                 normalize=normalize, out=out)
     return merge_native.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
-                            tall_lambda=tall_lambda, normalize=normalize, out=out)
+                            tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
 
 
 def merge(

@@ -3,15 +3,17 @@
 `pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
 lays out the coefficients, allocates the output and calls the registered ops:
 
-    pyops::merge_native        functional: ties, dare / dare_linear, dare_ties, consensus
+    pyops::merge_native        functional: ties, dare / dare_linear, dare_ties, breadcrumbs, della,
+                               della_linear, consensus
     pyops::merge_native_out    the same, writing into `out`
     pyops::task_vector_gram    Gram matrix of the task vectors in fp64 (model_stock), with autograd
 
 model_stock is a Gram pass (cos and t exactly as the reference forms them) followed by
 `pyops.task_arithmetic` with coefficients t/N: θ = base + t·mean(τ). Gradients reach base and
-the models through t as well (the Gram op's backward), as in the reference. ties, dare / dare_linear and dare_ties have a
-native backward (`pyops::merge_native_backward`) with every mask held fixed, as the reference
-defines their gradients; consensus, whose mask depends on the coefficients, is forward only and
+the models through t as well (the Gram op's backward), as in the reference. ties, dare / dare_linear, dare_ties, breadcrumbs
+and della / della_linear have a native backward (`pyops::merge_native_backward`) with every mask
+held fixed, as the reference defines their gradients; breadcrumbs and DELLA rank |τ| per block
+with a stable radix sort (csrc/cpu/block_rank.h), the reference's `ascending_rank` exactly; consensus, whose mask depends on the coefficients, is forward only and
 the op layer sends calls that need its gradients to the reference.
 """
 from __future__ import annotations
@@ -26,7 +28,8 @@ from pyops.ops import task_merge as TM
 from pyops.reference import merge as ref
 
 # Method codes of the C++ kernel (csrc/cpu/merge.h); the same table as pyops.ops.merge.NATIVE_METHODS.
-METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "consensus": 7}
+METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4,
+                "della": 5, "della_linear": 6, "consensus": 7}
 
 _U64 = 1 << 64
 
@@ -42,7 +45,7 @@ def _seed_from_i64(seed: int) -> int:
 
 def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
                   block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                  tall_lambda: float, normalize: bool) -> None:
+                  tall_lambda: float, normalize: bool, gamma: float, epsilon: float) -> None:
     if out.numel() == 0:
         return
     base = base.detach().contiguous()
@@ -54,32 +57,32 @@ def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tenso
         coeff_stride_n=s_n, coeff_stride_block=s_b, density=[float(x) for x in density], numel=base.numel(),
         block_size=block_size, from_models=from_models, method=method, lam=float(lam),
         seed=_seed_from_i64(seed), name_hash=name_hash, k=k, tall_lambda=float(tall_lambda),
-        normalize=normalize, n_threads=torch.get_num_threads())
+        normalize=normalize, gamma=float(gamma), epsilon=float(epsilon), n_threads=torch.get_num_threads())
 
 
 @torch.library.custom_op("pyops::merge_native", mutates_args=(), device_types="cpu")
 def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
               from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int, tall_lambda: float,
-              normalize: bool, out_dtype: torch.dtype) -> Tensor:
+              normalize: bool, gamma: float, epsilon: float, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize)
+                  tall_lambda, normalize, gamma, epsilon)
     return out
 
 
 @torch.library.custom_op("pyops::merge_native_out", mutates_args=("out",), device_types="cpu")
 def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
                   from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                  tall_lambda: float, normalize: bool, out: Tensor) -> None:
+                  tall_lambda: float, normalize: bool, gamma: float, epsilon: float, out: Tensor) -> None:
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize)
+                  tall_lambda, normalize, gamma, epsilon)
 
 
 @torch.library.custom_op("pyops::merge_native_backward", mutates_args=(), device_types="cpu")
 def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
                        block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
-                       k: int, tall_lambda: float, normalize: bool, need_base: bool, need_deltas: bool,
-                       need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
+                       k: int, tall_lambda: float, normalize: bool, gamma: float, epsilon: float, need_base: bool,
+                       need_deltas: bool, need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
     """Gradients with every mask (trim, drop, election) held fixed: see csrc/cpu/merge.h."""
     gb, gd, gc = TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
     numel = base.numel()
@@ -97,8 +100,8 @@ def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs:
         deltas=[d.data_ptr() for d in ds], in_dtype=_native.dtype_code(b.dtype), coeffs=c.data_ptr(),
         coeff_stride_n=s_n, coeff_stride_block=s_b, density=[float(x) for x in density], numel=numel,
         block_size=block_size, from_models=from_models, method=method, lam=float(lam), seed=_seed_from_i64(seed),
-        name_hash=name_hash, k=k, tall_lambda=float(tall_lambda), normalize=normalize,
-        grad_base=gb.data_ptr() if need_base else 0, grad_deltas=[t.data_ptr() for t in gd],
+        name_hash=name_hash, k=k, tall_lambda=float(tall_lambda), normalize=normalize, gamma=float(gamma),
+        epsilon=float(epsilon), grad_base=gb.data_ptr() if need_base else 0, grad_deltas=[t.data_ptr() for t in gd],
         grad_coeffs=gc32.data_ptr() if gc32 is not None else 0, n_threads=torch.get_num_threads())
     if gc32 is not None:
         TM._finish_coeff_grad(gc32, coeffs, gc)
@@ -107,14 +110,15 @@ def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs:
 
 @_merge_backward_op.register_fake
 def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
-                         k, tall_lambda, normalize, need_base, need_deltas, need_coeffs):
+                         k, tall_lambda, normalize, gamma, epsilon, need_base, need_deltas, need_coeffs):
     return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
 
 
 def _merge_setup(ctx, inputs, output):
     base, deltas, coeffs, *params, _out_dtype = inputs
     ctx.save_for_backward(base, coeffs, *deltas)
-    ctx.params = params  # density, block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize
+    # density, block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize, gamma, epsilon
+    ctx.params = params
     ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
 
 
@@ -131,13 +135,13 @@ _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
 
 @_merge_op.register_fake
 def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                tall_lambda, normalize, out_dtype):
+                tall_lambda, normalize, gamma, epsilon, out_dtype):
     return torch.empty(base.shape, dtype=out_dtype, device=base.device)
 
 
 @_merge_out_op.register_fake
 def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                    tall_lambda, normalize, out):
+                    tall_lambda, normalize, gamma, epsilon, out):
     return None
 
 
@@ -215,7 +219,8 @@ def model_stock_coeffs(gram: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, seed: int, lam: float, name: str,
-        k: int, tall_lambda: float, normalize: Optional[bool], out: Optional[Tensor]) -> Tensor:
+        k: int, tall_lambda: float, normalize: Optional[bool], gamma: float, epsilon: float,
+        out: Optional[Tensor]) -> Tensor:
     """Runs `method` on the C++ CPU kernels; `p`, `dens` and the parameters are validated by the caller."""
     if method == "model_stock":
         gram = _gram_op(p.base, p.deltas, from_models)
@@ -227,7 +232,8 @@ def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, se
     if normalize is None:
         normalize = method in ref.ELECTING
     args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
-            float(lam), _seed_to_i64(seed), ref.name_hash(name), k, float(tall_lambda), bool(normalize))
+            float(lam), _seed_to_i64(seed), ref.name_hash(name), k, float(tall_lambda), bool(normalize), float(gamma),
+            float(epsilon))
     if out is None:
         return _merge_op(*args, p.out_dtype)
     _merge_out_op(*args, out)

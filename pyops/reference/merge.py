@@ -88,7 +88,8 @@ def ascending_rank(mag: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
     """Rank of each |τ| within its block, ascending, ties broken by position (0-based), and each
     element's block length. Both `[numel]`."""
     numel = mag.numel()
-    blocks = _blocked(mag, block_size, float("inf"))  # padding ranks last, never counted
+    # NaN padding ranks after every real key, NaN included (the sort holds NaNs equal, by position).
+    blocks = _blocked(mag, block_size, float("nan"))
     order = torch.sort(blocks, dim=1, stable=True).indices
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(block_size, device=mag.device).expand_as(order))

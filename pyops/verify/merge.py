@@ -1,8 +1,8 @@
-"""Verify cases for `pyops.merge`: every method the fast backends implement, odd shapes, every
-dtype, block layouts, per-task densities; forward (the coefficient gradients of these methods are
-computed by the reference, see pyops/ops/merge.py). The C++ kernels (`cpu`) take every case; the
-Triton kernels (`triton`: ties, dare, dare_ties) take theirs on CUDA tensors, or on CPU tensors
-under the interpreter."""
+"""Verify cases for `pyops.merge`: every method but task_arithmetic (that is `pyops.task_arithmetic`,
+verified as its own op), odd shapes, every dtype, block layouts, per-task densities; forward. The C++
+kernels (`cpu`) take every case; the Triton kernels (`triton`: ties, dare, dare_ties) take theirs on
+CUDA tensors, or on CPU tensors under the interpreter. Gradients are checked by the tests
+(tests/task_merge/test_merge_cpu_backward.py)."""
 from __future__ import annotations
 
 import itertools
@@ -16,7 +16,7 @@ from pyops.verify import Case
 
 SHAPES = [(1,), (7,), (3, 517), (64, 1031), (70_001,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-METHODS = ["ties", "dare", "dare_ties", "consensus", "model_stock"]
+METHODS = ["ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus", "model_stock"]
 LAYOUTS = [None, "rows", 7]
 TRITON_METHODS = ("ties", "dare", "dare_ties")
 

@@ -1,10 +1,12 @@
 """The C++ CPU merge kernels (`pyops.merge(..., backend="cpu")`, csrc/cpu/merge_kernels.cpp) against
-the reference (`backend="reference"`): ties, dare / dare_linear, dare_ties, consensus, model_stock.
+the reference (`backend="reference"`): ties, dare / dare_linear, dare_ties, breadcrumbs, della /
+della_linear, consensus, model_stock.
 
 The kernels reproduce the reference's fp32 operations one by one (contraction off, task sums in
 the reference's order), so besides the per-dtype tolerance of DESIGN rule 5 the selections and
 masks are checked for exact equality: TIES' kept set (ties with the k-th magnitude included), DARE's
-Philox drops, and the results for every thread count and instruction set.
+Philox drops, the breadcrumbs / DELLA ranks (ties broken by position), and the results for every
+thread count and instruction set.
 
 model_stock is compared with the reference evaluated in fp64 (then cast to the output dtype): its
 interpolation weight t comes from norms of whole task vectors, which the fp32 reference computes
@@ -24,7 +26,9 @@ from _support import assert_bitwise_equal, fmt_dtype
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [FP32, FP16, BF16]
-METHODS = ["ties", "dare", "dare_linear", "dare_ties", "consensus", "model_stock"]
+METHODS = ["ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus",
+           "model_stock"]
+RANKED = ["breadcrumbs", "della", "della_linear"]
 SHAPES = [(1,), (7,), (3, 517), (64, 1031), (200_000,)]  # 200k: one block above the large-block cut (65536)
 BLOCKS = [None, "rows", 7]
 
@@ -74,10 +78,20 @@ def _kwargs(method, shape, blocks, n, gen, density, per_block=None):
     if method == "consensus":
         kw["k"] = min(2, n)
     else:
-        kw["density"] = density
+        kw["density"] = _valid_density(method, density)
+        if method == "breadcrumbs":
+            kw["gamma"] = 0.05
         kw["seed"] = 2**63 + 12345  # beyond int64: exercises the seed's round trip through the op schema
         kw["name"] = "model.layers.0.mlp.weight"
     return kw
+
+
+def _valid_density(method, density):
+    """The densities the method accepts: breadcrumbs needs density + gamma (0.05) <= 1, DELLA
+    density ± epsilon (0.1) inside (0, 1]."""
+    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
+    clamp = lambda d: min(max(d, lo), hi)  # noqa: E731
+    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
 
 
 def _run(fn, base, deltas, backend, **kw):
@@ -167,7 +181,7 @@ def test_empty(method):
 @pytest.mark.parametrize("shape,blocks", [((7,), None), ((3, 517), "rows"), ((64, 1031), 7), ((200_000,), None),
                                           ((300_000,), 70_000)], ids=["7", "3x517-rows", "64x1031-b7", "200000",
                                                                       "300000-b70000"])
-@pytest.mark.parametrize("method", ["dare", "dare_linear", "ties", "dare_ties"])
+@pytest.mark.parametrize("method", ["dare", "dare_linear", "ties", "dare_ties", *RANKED])
 def test_bit_exact_fp32(method, shape, blocks, rng):
     """coeffs 1, fp32: the kept sets (and so the outputs) are the reference's, bit for bit."""
     base, deltas = _inputs(shape, 3, FP32, rng)
@@ -215,6 +229,51 @@ def test_ties_keeps_every_tied_entry(shape, blocks, density, rng):
         assert int(kept[lo:lo + bs].sum()) >= k
 
 
+@pytest.mark.parametrize("shape,blocks", [((3000,), None), ((1 << 20,), None), ((64, 1031), "rows"),
+                                          ((64, 1031), 7), ((300_000,), 70_000)],
+                         ids=["3000", "1M", "64x1031-rows", "64x1031-b7", "300000-b70000"])
+@pytest.mark.parametrize("method", RANKED)
+def test_ranked_methods_break_ties_by_position(method, shape, blocks, rng):
+    """Magnitudes in {1, 2}: the rank band (breadcrumbs) and the keep probabilities (DELLA) fall
+    inside runs of equal magnitudes, ordered by position as the reference's stable sort orders them."""
+    base, deltas = _inputs(shape, 3, FP32, rng, ties=True)
+    kw = dict(method=method, blocks=blocks, density=0.4, seed=3, name="w", gamma=0.3)
+    for fn in (pyops.merge, pyops.merge_from_models):
+        got = fn(base, deltas, backend="cpu", **kw)
+        assert_bitwise_equal(got, fn(base, deltas, backend="reference", **kw), f"{fn.__name__} {method}")
+
+
+def test_breadcrumbs_keeps_the_rank_band(rng):
+    """One task, zero base: exactly ⌊ρ·n⌋ entries survive per block, the ranks [n − ⌊ρn⌋ − ⌊γn⌋, n − ⌊γn⌋)
+    of a stable ascending sort of |τ|."""
+    delta = torch.randn(5, 4001, generator=rng)
+    delta[:, ::3] = 0.5  # a run of equal magnitudes across the band's lower edge
+    got = pyops.merge(torch.zeros_like(delta), [delta], method="breadcrumbs", blocks="rows", density=0.6, gamma=0.1,
+                      backend="cpu")
+    n = delta.shape[1]
+    n_top, n_keep = int(0.1 * n), int(float(torch.tensor(0.6)) * n)
+    for r in range(delta.shape[0]):
+        order = torch.sort(delta[r].abs(), stable=True).indices
+        band = torch.zeros(n, dtype=torch.bool)
+        band[order[n - n_keep - n_top:n - n_top]] = True
+        assert torch.equal(got[r] != 0, band), f"row {r}"
+        assert torch.equal(got[r][band], delta[r][band])
+
+
+@pytest.mark.parametrize("method", RANKED)
+def test_ranked_methods_with_nan_in_the_last_block(method, rng):
+    """A NaN ranks above every finite magnitude (and above the reference's padding): the outputs
+    agree with the reference, NaN where the reference has NaN."""
+    base, deltas = _inputs((1003,), 2, FP32, rng)
+    deltas[0][1001] = float("nan")
+    deltas[1][5] = float("nan")
+    kw = dict(method=method, blocks=100, density=0.5, seed=1)
+    got = pyops.merge(base, deltas, backend="cpu", **kw)
+    want = pyops.merge(base, deltas, backend="reference", **kw)
+    assert torch.equal(got.isnan(), want.isnan())
+    assert_bitwise_equal(got[~got.isnan()], want[~want.isnan()], method)
+
+
 # ------------------------------------------------------------------------------------------------
 # Determinism: thread counts and instruction sets
 # ------------------------------------------------------------------------------------------------
@@ -230,7 +289,7 @@ def restore_threads_and_isa():
 
 @pytest.mark.parametrize("shape,blocks", [((600, 500), None), ((600, 500), "rows"), ((600, 500), 70_000),
                                           ((1 << 20,), None)], ids=["whole", "rows", "b70000", "1M"])
-@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", "consensus", "model_stock"])
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", "breadcrumbs", "della", "consensus", "model_stock"])
 def test_same_bits_for_threads_and_isa(method, shape, blocks, rng, restore_threads_and_isa):
     ties = shape == (1 << 20,)
     base, deltas = _inputs(shape, 3, FP32, rng, ties=ties)
@@ -299,10 +358,10 @@ def _op_args(rng, dtype=FP32, n=2, shape=(5, 13), out_dtype=FP32, method=1):
     base, deltas = _inputs(shape, n, dtype, rng)
     coeffs = _coeffs(shape, "rows", n, rng, True)
     return (base, deltas, coeffs, [0.3] * n, shape[1], False, method, 0.9, MN._seed_to_i64(2**64 - 1),
-            R.name_hash("x"), min(2, n), 0.6, True)
+            R.name_hash("x"), min(2, n), 0.6, True, 0.05, 0.1)
 
 
-@pytest.mark.parametrize("method", [1, 2, 3, 7])
+@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 6, 7])
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=fmt_dtype)
 def test_opcheck_merge_ops(method, dtype, rng):
     args = _op_args(rng, dtype=dtype, method=method)
@@ -334,13 +393,12 @@ def _raw_args(**over):
     args = dict(out=out.data_ptr(), out_dtype=0, base=base.data_ptr(), deltas=[d.data_ptr()], in_dtype=0,
                 coeffs=c.data_ptr(), coeff_stride_n=1, coeff_stride_block=0, density=[0.5], numel=8, block_size=8,
                 from_models=False, method=1, lam=1.0, seed=0, name_hash=0, k=1, tall_lambda=0.6, normalize=True,
-                n_threads=1)
+                gamma=0.01, epsilon=0.1, n_threads=1)
     args.update(over)
     return args, (base, d, out, c)
 
 
 @pytest.mark.parametrize("over,match", [
-    (dict(method=5), "method"),
     (dict(method=-1), "method"),
     (dict(method=8), "method"),
     (dict(block_size=0), "block_size"),
@@ -352,6 +410,10 @@ def _raw_args(**over):
     (dict(method=7, k=0), "k"),
     (dict(method=7, k=2), "k"),
     (dict(method=7, tall_lambda=-1.0), "tall_lambda"),
+    (dict(method=4, gamma=1.0), "gamma"),
+    (dict(method=4, gamma=-0.1), "gamma"),
+    (dict(method=5, epsilon=0.5), "epsilon"),
+    (dict(method=6, epsilon=-0.1), "epsilon"),
     (dict(base=0), "null"),
     (dict(out=0), "null"),
     (dict(deltas=[0]), "null"),
@@ -375,10 +437,17 @@ def test_bad_gram_arguments_raise():
         _native.cpu_module.task_vector_gram(base.data_ptr(), [base.data_ptr()], 7, 4, False, 1)
 
 
-def test_run_rejects_methods_without_a_kernel(rng):
+def test_run_rejects_a_method_without_a_kernel(rng):
     from pyops.ops import task_merge as TM
     base, deltas = _inputs((4,), 2, FP32, rng)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
-    with pytest.raises(ValueError, match="breadcrumbs"):
-        MN.run(p, "breadcrumbs", [0.5, 0.5], from_models=False, seed=0, lam=1.0, name="", k=2, tall_lambda=0.6,
-               normalize=None, out=None)
+    with pytest.raises(ValueError, match="frankenmerge"):
+        MN.run(p, "frankenmerge", [0.5, 0.5], from_models=False, seed=0, lam=1.0, name="", k=2, tall_lambda=0.6,
+               normalize=None, gamma=0.01, epsilon=0.1, out=None)
+
+
+@pytest.mark.parametrize("method", RANKED)
+def test_ranked_methods_run_on_the_cpu_backend_by_default(method, rng):
+    base, deltas = _inputs((9, 40), 2, FP32, rng)
+    pyops.merge(base, deltas, method=method, density=0.5)
+    assert pyops.last_choice("merge").backend == "cpu"

@@ -1,6 +1,6 @@
 """The native backward of `pyops.merge` on the C++ CPU kernels (`pyops::merge_native_backward`):
 gradients to base, every delta / fine-tuned model and the coefficients, with every mask (TIES trim,
-DARE drop, the sign election) held fixed — the reference's definition of these gradients.
+DARE drop, the breadcrumbs rank band, DELLA's rank-dependent drop, the sign election) held fixed — the reference's definition of these gradients.
 
 Each case runs forward + backward on the cpu backend and on the reference with the same inputs and
 upstream gradient; outputs and input gradients are judged with the dtype's tolerance, coefficient
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
     _native.cpu_module is None or not hasattr(_native.cpu_module, "merge_backward"),
     reason="pyops._C without the merge backward")
 
-METHODS = ["ties", "dare", "dare_linear", "dare_ties"]
+METHODS = ["ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear"]
 SHAPES = [(1,), (5, 7), (3, 517), (70_001,)]   # 70001: one block above the large-block cut (65536)
 BLOCKS = [None, "rows", 13]
 
@@ -113,12 +113,13 @@ def test_consensus_gradients_come_from_the_reference(rng):
 def test_opcheck_backward_op(rng):
     from pyops.ops import merge_native as MN
     base, tasks, coeffs, grad = _inputs((6, 10), torch.float32, True, None, rng)
-    args = (grad, base, tasks, coeffs, [0.3, 0.5, 0.9], 60, True, 1, 0.7, 5, 123, 2, 0.6, True, True, True, True)
+    args = (grad, base, tasks, coeffs, [0.3, 0.5, 0.9], 60, True, 1, 0.7, 5, 123, 2, 0.6, True, 0.01, 0.1, True, True,
+            True)
     torch.library.opcheck(MN._merge_backward_op, args)
     b = base.clone().requires_grad_()
     c = coeffs.clone().requires_grad_()
     torch.library.opcheck(MN._merge_op, (b, tasks, c, [0.3, 0.5, 0.9], 60, True, 1, 0.7, 5, 123, 2, 0.6, True,
-                                         torch.float32))
+                                         0.01, 0.1, torch.float32))
 
 
 def test_compiled_merge_backward_has_no_graph_break(rng):
