@@ -1,4 +1,5 @@
-"""Triton kernels for TIES, DARE (dare_linear) and DARE-TIES merging (`pyops.kernels.merge`).
+"""Triton kernels for TIES, DARE (dare_linear), DARE-TIES, breadcrumbs and DELLA (della_linear)
+merging (`pyops.kernels.merge`).
 
 The math is in `pyops/reference/merge.py`; the registered op that calls `merge_forward` is in
 `pyops/ops/merge_triton.py`. With τᵢ = deltas[i] (or deltas[i] − base when `from_models`),
@@ -33,6 +34,10 @@ Design:
     [N, n_blocks, bins] buffer with atomics (integer counts: order-independent, deterministic);
     the bin holding the k-th largest and the remaining rank are found with torch ops on the
     small histograms (no host sync). Then `_combine_kernel` trims with the per-block thresholds.
+* Breadcrumbs / DELLA: every element's ascending rank of |τ| in its block comes from a stable
+  device sort of the blocks (`_block_ranks`, NaN padding ranking last, int32 ranks), then the
+  element-wise pass keeps the rank band (breadcrumbs) or draws the rank-dependent keep
+  probability with the same Philox words as DARE (DELLA), in the reference's operations.
 * Launchers use only tensor metadata and torch ops (no host syncs), and launch through
   `torch.library.wrap_triton`, so they run inside `triton_op` bodies and under `torch.compile`.
 """
@@ -62,8 +67,12 @@ ROWS_JOINT_MAX_COLS = 1024
 _I32_LIMIT = 2**31 - 1
 
 METHOD_TIES, METHOD_DARE, METHOD_DARE_TIES = 1, 2, 3
+METHOD_BREADCRUMBS, METHOD_DELLA, METHOD_DELLA_LINEAR = 4, 5, 6
 METHOD_CODES = {"ties": METHOD_TIES, "dare": METHOD_DARE, "dare_linear": METHOD_DARE,
-                "dare_ties": METHOD_DARE_TIES}
+                "dare_ties": METHOD_DARE_TIES, "breadcrumbs": METHOD_BREADCRUMBS, "della": METHOD_DELLA,
+                "della_linear": METHOD_DELLA_LINEAR}
+ELECTING_CODES = (METHOD_TIES, METHOD_DARE_TIES, METHOD_DELLA)
+RANKED_CODES = (METHOD_BREADCRUMBS, METHOD_DELLA, METHOD_DELLA_LINEAR)
 
 # Radix digits of the large-block selection: (shift, bits) from the top of the 31-bit key. Narrow
 # digits: `tl.histogram` costs about bins·log2(bins)/32 operations per element on a GPU (a
@@ -92,18 +101,47 @@ def _load_tau(d_ptr, b, offs, mask, FROM_MODELS: tl.constexpr):
 
 
 @triton.jit
-def _dare_trim(x, task, grp, col, fp_ptr, seed, name_hash):
-    """[u < ρ]·(1/ρ)·x with u from Philox(counter (grp lo, grp hi, task, name_hash), key seed)."""
-    rho = tl.load(fp_ptr + 2 * task)
-    inv = tl.load(fp_ptr + 2 * task + 1)
+def _uniform(task, grp, col, seed, name_hash):
+    """u ∈ [0, 1) from Philox(counter (grp lo, grp hi, task, name_hash), key seed), word col."""
     c0 = (grp & 0xFFFFFFFF).to(tl.uint32)
     c1 = (grp >> 32).to(tl.uint32)
     c2 = (grp * 0 + task).to(tl.uint32)
     c3 = (grp * 0 + name_hash).to(tl.uint32)
     w0, w1, w2, w3 = tl.philox(seed, c0, c1, c2, c3)
     word = tl.where(col == 0, w0, tl.where(col == 1, w1, tl.where(col == 2, w2, w3)))
-    u = (word >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return (word >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+@triton.jit
+def _dare_trim(x, task, grp, col, fp_ptr, seed, name_hash):
+    """[u < ρ]·(1/ρ)·x."""
+    rho = tl.load(fp_ptr + 2 * task)
+    inv = tl.load(fp_ptr + 2 * task + 1)
+    u = _uniform(task, grp, col, seed, name_hash)
     return tl.where(u < rho, inv, 0.0) * x
+
+
+@triton.jit
+def _ranked_trim(x, task, offs, mask, blk, numel, block_size, rank_ptr, fp_ptr, ip_ptr, grp, col, seed, name_hash,
+                 METHOD: tl.constexpr, RN: tl.constexpr):
+    """Breadcrumbs: [lo ≤ r < hi]·x with the band of the element's block (the last block may be
+    shorter: its own band). DELLA: ([u < p]/p)·x, p = (ρ − ε) + (2ε)·r/(n − 1) (0.5 for n = 1).
+    r: the element's ascending rank of |τ| in its block (ranks [N, numel] int32)."""
+    row = offs.to(tl.int64) * 0 + task  # int64 whatever task and numel specialise to
+    r = tl.load(rank_ptr + (row * numel + offs), mask=mask, other=0)
+    last = blk == (numel - 1) // block_size
+    if METHOD == 4:
+        lo = tl.where(last, tl.load(ip_ptr + 2 + 4 * task + 2), tl.load(ip_ptr + 2 + 4 * task))
+        hi = tl.where(last, tl.load(ip_ptr + 2 + 4 * task + 3), tl.load(ip_ptr + 2 + 4 * task + 1))
+        return tl.where((r >= lo) & (r < hi), 1.0, 0.0) * x
+    else:
+        plo = tl.load(fp_ptr + 4 * task)
+        span = tl.load(fp_ptr + 4 * task + 1)
+        denom = tl.where(last, tl.load(fp_ptr + 4 * task + 3), tl.load(fp_ptr + 4 * task + 2))
+        frac = tl.where(denom > 0.0, tl.math.div_rn(r.to(tl.float32), tl.where(denom > 0.0, denom, 1.0)), 0.5)
+        p = plo + _mul(span, frac, RN)
+        u = _uniform(task, grp, col, seed, name_hash)
+        return tl.math.div_rn(tl.where(u < p, 1.0, 0.0), p) * x
 
 
 @triton.jit
@@ -137,8 +175,8 @@ def _finish(tot, div, NORMALIZE: tl.constexpr):
 
 @triton.jit
 def _trim_term(d_ptr, b, offs, mask, slot, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx, thr_stride_n,
-               fp_ptr, grp, col, seed, name_hash,
-               FROM_MODELS: tl.constexpr, METHOD: tl.constexpr, UNIFORM: tl.constexpr):
+               fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel, block_size,
+               FROM_MODELS: tl.constexpr, METHOD: tl.constexpr, UNIFORM: tl.constexpr, RN: tl.constexpr):
     """(tᵢ, wᵢ) of task `task_off + slot` over the tile."""
     x = _load_tau(d_ptr, b, offs, mask, FROM_MODELS)
     if UNIFORM:
@@ -151,6 +189,9 @@ def _trim_term(d_ptr, b, offs, mask, slot, task_off, c_ptr, c_idx, c_stride_n, t
         else:
             th = tl.load(thr_ptr + thr_idx + slot * thr_stride_n, mask=mask, other=0.0)
         t = tl.where(tl.abs(x) >= th, 1.0, 0.0) * x
+    elif METHOD >= 4:
+        t = _ranked_trim(x, task_off + slot, offs, mask, blk, numel, block_size, thr_ptr, fp_ptr, ip_ptr, grp, col,
+                         seed, name_hash, METHOD, RN)
     else:
         t = _dare_trim(x, task_off + slot, grp, col, fp_ptr, seed, name_hash)
     return t, w
@@ -187,7 +228,7 @@ def _combine_kernel(
         blk = offs // block_size
     c_idx = c_off + blk * c_stride_block
     thr_idx = task_off * thr_stride_n + blk
-    ELECT: tl.constexpr = METHOD != 2
+    ELECT: tl.constexpr = METHOD == 1 or METHOD == 3 or METHOD == 5
     zero = tl.zeros([G, 4], tl.float32)
     t0 = zero
     t1 = zero
@@ -207,28 +248,36 @@ def _combine_kernel(
     w7 = zero
     if N_TASKS > 0:
         t0, w0 = _trim_term(d0, b, offs, mask, 0, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 1:
         t1, w1 = _trim_term(d1, b, offs, mask, 1, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 2:
         t2, w2 = _trim_term(d2, b, offs, mask, 2, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 3:
         t3, w3 = _trim_term(d3, b, offs, mask, 3, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 4:
         t4, w4 = _trim_term(d4, b, offs, mask, 4, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 5:
         t5, w5 = _trim_term(d5, b, offs, mask, 5, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 6:
         t6, w6 = _trim_term(d6, b, offs, mask, 6, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
     if N_TASKS > 7:
         t7, w7 = _trim_term(d7, b, offs, mask, 7, task_off, c_ptr, c_idx, c_stride_n, thr_ptr, thr_idx,
-                            thr_stride_n, fp_ptr, grp, col, seed, name_hash, FROM_MODELS, METHOD, UNIFORM)
+                            thr_stride_n, fp_ptr, ip_ptr, grp, col, seed, name_hash, blk, numel,
+                            block_size, FROM_MODELS, METHOD, UNIFORM, RN)
 
     if PHASE == 1:
         acc = tl.load(acc_ptr + offs, mask=mask, other=0.0)
@@ -645,12 +694,14 @@ def _combine(out, base, deltas, coeffs, s_n, s_b, block_size, from_models, metho
              normalize):
     numel = base.numel()
     n = len(deltas)
-    block, uniform = _flat_block(numel, block_size, s_b, method == METHOD_TIES and thr.dim() == 2 and thr.shape[1] > 1)
+    # Ranked methods: the last block has its own band, so a program must not straddle blocks.
+    per_block = (method == METHOD_TIES and thr.dim() == 2 and thr.shape[1] > 1) or method in RANKED_CODES
+    block, uniform = _flat_block(numel, block_size, s_b, per_block)
     i64 = numel + block > _I32_LIMIT
     grid = (triton.cdiv(numel, block),)
     kernel = torch.library.wrap_triton(_combine_kernel)
     chunks = _chunks(n)
-    electing = method != METHOD_DARE
+    electing = method in ELECTING_CODES
     single = len(chunks) == 1
     f32 = dict(dtype=torch.float32, device=base.device)
     # Scratch only with several launches; otherwise a small read-only tensor stands in (never
@@ -659,7 +710,7 @@ def _combine(out, base, deltas, coeffs, s_n, s_b, block_size, from_models, metho
     tot = div = fparams
     if electing and not single:
         tot, div = torch.empty(numel, **f32), torch.empty(numel, **f32)
-    thr_stride = thr.shape[1] if thr.dim() == 2 else 0
+    thr_stride = thr.shape[1] if thr.dim() == 2 and method not in RANKED_CODES else 0
 
     def launch(i0, i1, phase, acc_in, final):
         kernel[grid](
@@ -730,10 +781,48 @@ def _large_thresholds(base, deltas, block_size, from_models, rho: Tensor) -> Ten
     return prefix.to(torch.int32).view(torch.float32)
 
 
+def _block_ranks(base: Tensor, deltas: Sequence[Tensor], block_size: int, from_models: bool) -> Tensor:
+    """[N, numel] int32: the ascending rank of each |τᵢ| within its block, ties by position (a
+    stable device sort of every block, NaN padding ranking last: the reference's `ascending_rank`)."""
+    numel = base.numel()
+    bs = min(block_size, numel)
+    n_blocks = triton.cdiv(numel, bs)
+    pad = n_blocks * bs - numel
+    ranks = torch.empty((len(deltas), numel), dtype=torch.int32, device=base.device)
+    pos = torch.arange(bs, dtype=torch.int32, device=base.device).expand(n_blocks, bs)
+    for i, d in enumerate(deltas):
+        tau = d.reshape(-1).float() - base.reshape(-1).float() if from_models else d.reshape(-1).float()
+        mag = torch.nn.functional.pad(tau.abs(), (0, pad), value=float("nan")).view(n_blocks, bs)
+        order = torch.sort(mag, dim=1, stable=True).indices
+        r = torch.empty((n_blocks, bs), dtype=torch.int32, device=base.device)
+        r.scatter_(1, order, pos)
+        ranks[i] = r.view(-1)[:numel]
+    return ranks
+
+
+def _ranked_params(method: int, density: Sequence[float], numel: int, block_size: int, gamma: float,
+                   epsilon: float) -> tuple[list, list]:
+    """Per task: the breadcrumbs rank bands [lo, hi) of a full block and of the last block (ints),
+    and DELLA's ρ − ε, 2ε and n − 1 of both block lengths (fp32 values; n − 1 = 0 means n = 1)."""
+    bs = min(block_size, numel)
+    lengths = (bs, numel - (triton.cdiv(numel, bs) - 1) * bs)
+    ints, floats = [], []
+    for d in density:
+        rho = _fp32(d)
+        for length in lengths:
+            n_top = math.floor(gamma * length)
+            n_keep = math.floor(rho * length)
+            ints += [length - n_keep - n_top, length - n_top]
+        floats += [_fp32(rho - _fp32(epsilon)), _fp32(2.0 * epsilon), float(lengths[0] - 1), float(lengths[1] - 1)]
+    return ints, floats
+
+
 def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: Tensor, coeff_stride_n: int,
                   coeff_stride_block: int, density: Sequence[float], block_size: int, from_models: bool,
-                  method: int, lam: float, seed: int, name_hash: int, normalize: bool) -> None:
-    """out = the merge of `method` (METHOD_TIES / METHOD_DARE / METHOD_DARE_TIES).
+                  method: int, lam: float, seed: int, name_hash: int, normalize: bool, gamma: float = 0.01,
+                  epsilon: float = 0.1) -> None:
+    """out = the merge of `method` (METHOD_TIES / METHOD_DARE / METHOD_DARE_TIES / METHOD_BREADCRUMBS /
+    METHOD_DELLA / METHOD_DELLA_LINEAR).
 
     All tensors contiguous on one device, base.numel() > 0, len(deltas) >= 1; `coeffs` fp32 with
     c[i, b] at i·coeff_stride_n + b·coeff_stride_block; `seed` in [0, 2⁶⁴) (its bits as int64 are
@@ -744,6 +833,14 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
     dev = base.device
     n_blocks = triton.cdiv(numel, block_size)
     seed_i64 = seed - (1 << 64) if seed >= 1 << 63 else seed
+    if method in RANKED_CODES:
+        ints, floats = _ranked_params(method, density, numel, block_size, gamma, epsilon)
+        iparams = torch.tensor([seed_i64, name_hash] + ints, dtype=torch.int64, device=dev)
+        fparams = torch.tensor(floats, dtype=torch.float32, device=dev)
+        thr = _block_ranks(base, deltas, block_size, from_models)
+        _combine(out, base, deltas, coeffs, coeff_stride_n, coeff_stride_block, block_size, from_models, method, lam,
+                 thr, fparams, iparams, normalize)
+        return
     iparams = torch.tensor([seed_i64, name_hash], dtype=torch.int64, device=dev)
     if method == METHOD_TIES:
         rho = torch.tensor([_fp32(d) for d in density], dtype=torch.float32, device=dev)

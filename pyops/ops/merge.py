@@ -3,13 +3,15 @@
 The definitions of every method are in `pyops/reference/merge.py`. Backends:
 * ``reference`` — every method, forward and gradients (masks held fixed).
 * ``cpu`` — the fused C++ kernels (`csrc/cpu/merge_kernels.cpp`): one pass per block after an
-  exact per-block magnitude selection (TIES), Philox masks generated in the pass (DARE), for
-  task_arithmetic, ties, dare / dare_linear, dare_ties, consensus and model_stock (a Gram
-  pass, then task arithmetic). Backward with the masks held fixed for every method but
-  consensus (its mask depends on the coefficients: its gradients come from the reference).
-* ``triton`` — kernels/merge.py (`pyops/ops/merge_triton.py`) for ties, dare / dare_linear and
-  dare_ties on CUDA tensors (CPU tensors under TRITON_INTERPRET=1): exact per-block radix
-  selection for TIES, Philox masks in the pass for DARE. Forward only: a call that needs
+  exact per-block magnitude selection (TIES) or a stable radix ranking of |τ| (breadcrumbs,
+  DELLA; `csrc/cpu/block_rank.h`), Philox masks generated in the pass (DARE, DELLA), for every
+  method (model_stock: a Gram pass, then task arithmetic). Backward with the masks held fixed
+  for every method but consensus (its mask depends on the coefficients: its gradients come from
+  the reference).
+* ``triton`` — kernels/merge.py (`pyops/ops/merge_triton.py`) for ties, dare / dare_linear,
+  dare_ties, breadcrumbs and della / della_linear on CUDA tensors (CPU tensors under
+  TRITON_INTERPRET=1): exact per-block radix selection for TIES, Philox masks in the pass,
+  ranks from a stable device sort for breadcrumbs / DELLA. Forward only: a call that needs
   gradients goes to ``cpu`` (CPU tensors) or the reference, with that reason.
 """
 from __future__ import annotations
@@ -151,7 +153,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
             return out.copy_(result)
     if chosen == "triton":
         return merge_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
-                                normalize=normalize, out=out)
+                                normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
     return merge_native.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
                             tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
 

@@ -1,4 +1,5 @@
-"""The Triton path of `pyops.merge` (kernels/merge.py): ties, dare / dare_linear, dare_ties.
+"""The Triton path of `pyops.merge` (kernels/merge.py): ties, dare / dare_linear, dare_ties,
+breadcrumbs, della / della_linear (their per-block ranks from a stable device sort).
 
 `pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
 lays out the coefficients, allocates the output and calls the registered ops:
@@ -20,9 +21,10 @@ from torch import Tensor
 from pyops.ops import task_merge as TM
 from pyops.reference import merge as ref
 
-METHODS = ("ties", "dare", "dare_linear", "dare_ties")
-# Method codes of kernels/merge.py (METHOD_TIES, METHOD_DARE, METHOD_DARE_TIES).
-METHOD_CODES = {"ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3}
+METHODS = ("ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear")
+# Method codes of kernels/merge.py (METHOD_TIES ... METHOD_DELLA_LINEAR).
+METHOD_CODES = {"ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4, "della": 5,
+                "della_linear": 6}
 
 _U64 = 1 << 64
 
@@ -34,47 +36,47 @@ def _kernels():
 
 def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
                   block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
-                  normalize: bool) -> None:
+                  normalize: bool, gamma: float, epsilon: float) -> None:
     if out.numel() == 0:
         return
     c, s_n, s_b = TM._coeff_layout(coeffs)
     _kernels().merge_forward(out, base.detach().contiguous(), [d.detach().contiguous() for d in deltas], c, s_n,
                              s_b, [float(d) for d in density], block_size, from_models, method, lam,
-                             seed & (_U64 - 1), name_hash, normalize)
+                             seed & (_U64 - 1), name_hash, normalize, gamma=float(gamma), epsilon=float(epsilon))
 
 
 @torch.library.triton_op("pyops::merge_triton", mutates_args=())
 def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
-              from_models: bool, method: int, lam: float, seed: int, name_hash: int, normalize: bool,
-              out_dtype: torch.dtype) -> Tensor:
+              from_models: bool, method: int, lam: float, seed: int, name_hash: int, normalize: bool, gamma: float,
+              epsilon: float, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
-                  normalize)
+                  normalize, gamma, epsilon)
     return out
 
 
 @torch.library.triton_op("pyops::merge_triton_out", mutates_args=("out",))
 def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
                   from_models: bool, method: int, lam: float, seed: int, name_hash: int, normalize: bool,
-                  out: Tensor) -> None:
+                  gamma: float, epsilon: float, out: Tensor) -> None:
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
-                  normalize)
+                  normalize, gamma, epsilon)
 
 
 @_merge_op.register_fake
 def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, normalize,
-                out_dtype):
+                gamma, epsilon, out_dtype):
     return torch.empty(base.shape, dtype=out_dtype, device=base.device)
 
 
 @_merge_out_op.register_fake
 def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
-                    normalize, out):
+                    normalize, gamma, epsilon, out):
     return None
 
 
 def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, seed: int, lam: float, name: str,
-        normalize: Optional[bool], out: Optional[Tensor]) -> Tensor:
+        normalize: Optional[bool], gamma: float, epsilon: float, out: Optional[Tensor]) -> Tensor:
     """Runs `method` on the Triton kernels; `p`, `dens` and the parameters are validated by the caller."""
     if method not in METHOD_CODES:
         raise ValueError(f"method: the Triton kernels implement {', '.join(METHODS)}, got {method!r}")
@@ -82,7 +84,7 @@ def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, se
         normalize = method in ref.ELECTING
     seed_i64 = seed - _U64 if seed >= 1 << 63 else seed  # the op schema's int is int64
     args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
-            float(lam), seed_i64, ref.name_hash(name), bool(normalize))
+            float(lam), seed_i64, ref.name_hash(name), bool(normalize), float(gamma), float(epsilon))
     if out is None:
         return _merge_op(*args, p.out_dtype)
     _merge_out_op(*args, out)

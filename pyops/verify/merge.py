@@ -1,6 +1,6 @@
 """Verify cases for `pyops.merge`: every method but task_arithmetic (that is `pyops.task_arithmetic`,
 verified as its own op), odd shapes, every dtype, block layouts, per-task densities; forward. The C++
-kernels (`cpu`) take every case; the Triton kernels (`triton`: ties, dare, dare_ties) take theirs on
+kernels (`cpu`) take every case; the Triton kernels (`triton`: all but consensus and model_stock) take theirs on
 CUDA tensors, or on CPU tensors under the interpreter. Gradients are checked by the tests
 (tests/task_merge/test_merge_cpu_backward.py)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ SHAPES = [(1,), (7,), (3, 517), (64, 1031), (70_001,)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHODS = ["ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus", "model_stock"]
 LAYOUTS = [None, "rows", 7]
-TRITON_METHODS = ("ties", "dare", "dare_ties")
+TRITON_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear")
 
 
 def _make(shape, n, dtype):

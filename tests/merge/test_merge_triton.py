@@ -1,9 +1,11 @@
 """The Triton merge kernels (`pyops.merge(..., backend="triton")`, kernels/merge.py) against the
-reference: ties, dare / dare_linear, dare_ties; forward only (gradients go to the reference).
+reference: ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear; forward only
+(gradients go to the cpu or reference backend).
 
 Besides the per-dtype tolerance of DESIGN rule 5, the selections and masks are checked exactly:
-TIES' kept set (every entry tied with the k-th magnitude kept) and DARE's Philox drops, bit for bit
-against the reference's uniforms and the C++ CPU kernels. Shapes are small: on CPU the kernels
+TIES' kept set (every entry tied with the k-th magnitude kept), DARE's Philox drops and the
+breadcrumbs / DELLA rank masks (ties broken by position), bit for bit against the reference and
+the C++ CPU kernels. Shapes are small: on CPU the kernels
 run under the Triton interpreter. On a GPU the same tests run on CUDA tensors.
 """
 from __future__ import annotations
@@ -24,7 +26,8 @@ from _support import CUDA, assert_bitwise_equal, fmt_dtype
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [FP32, FP16, BF16]
-METHODS = ["ties", "dare", "dare_linear", "dare_ties"]
+RANKED = ["breadcrumbs", "della", "della_linear"]
+METHODS = ["ties", "dare", "dare_linear", "dare_ties", *RANKED]
 DEV = torch.device("cuda" if CUDA else "cpu")
 
 
@@ -50,10 +53,22 @@ def _inputs(shape, n, dtype, gen, ties=False):
     return base, [torch.randn(shape, generator=gen).to(DEV, dtype) for _ in range(n)]
 
 
+def _valid_density(method, density):
+    """The densities the method accepts: breadcrumbs density + gamma (0.05) <= 1, DELLA density ±
+    epsilon (0.1) inside (0, 1]."""
+    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
+    clamp = lambda d: min(max(d, lo), hi)  # noqa: E731
+    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
+
+
 def _kwargs(method, shape, blocks, n, gen, density, per_block):
     cshape = (n, _n_blocks(shape, blocks)) if per_block else (n,)
-    return dict(method=method, blocks=blocks, density=density, coeffs=(0.25 + torch.rand(cshape, generator=gen)).to(DEV),
-                lam=0.9, seed=2**63 + 12345, name="model.layers.0.mlp.weight")
+    kw = dict(method=method, blocks=blocks, density=_valid_density(method, density),
+              coeffs=(0.25 + torch.rand(cshape, generator=gen)).to(DEV), lam=0.9, seed=2**63 + 12345,
+              name="model.layers.0.mlp.weight")
+    if method == "breadcrumbs":
+        kw["gamma"] = 0.05
+    return kw
 
 
 def _reference(fn, base, deltas, **kw):
@@ -90,7 +105,7 @@ def test_matches_reference(method, blocks, dtype, rng):
 @pytest.mark.parametrize("shape,blocks", [((1,), None), ((7,), None), ((2, 3, 5), "rows"), ((9,), 1), ((5, 1), "rows"),
                                           ((33,), 32)],
                          ids=["1", "7", "2x3x5-rows", "9-b1", "5x1-rows", "33-b32"])
-@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", *RANKED])
 def test_odd_shapes_and_one_element_blocks(method, shape, blocks, rng):
     base, deltas = _inputs(shape, 2, FP32, rng)
     kw = _kwargs(method, shape, blocks, 2, rng, density=0.5, per_block=blocks is not None)
@@ -251,6 +266,24 @@ def test_ties_keeps_every_tied_entry(shape, blocks, density, rng):
         assert torch.equal(kept[lo:lo + bs], seg >= thr), f"block at {lo}"
 
 
+RANKED_CASES = [((300,), None), ((6, 50), "rows"), ((64, 31), 7), ((2, 3000), 2048)]
+
+
+@pytest.mark.parametrize("shape,blocks", RANKED_CASES, ids=["300", "6x50-rows", "64x31-b7", "2x3000-b2048"])
+@pytest.mark.parametrize("method", RANKED)
+def test_ranked_masks_bit_exact(method, shape, blocks, rng):
+    """Magnitudes in {1, 2} (runs of equal ranks keys, broken by position), coefficients 1: the
+    reference's bits, and the C++ kernels' (the last block is shorter in the chunked layouts)."""
+    base, deltas = _inputs(shape, 3, FP32, rng, ties=True)
+    kw = dict(method=method, blocks=blocks, density=0.4, gamma=0.2, seed=5, name="w")
+    for fn in (pyops.merge, pyops.merge_from_models):
+        got = fn(base, deltas, backend="triton", **kw).cpu()
+        assert_bitwise_equal(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {method} vs reference")
+        if _cpu_reason() is None:
+            want = fn(base.cpu(), [d.cpu() for d in deltas], backend="cpu", **kw)
+            assert_bitwise_equal(got, want, f"{fn.__name__} {method} vs cpu")
+
+
 def test_ties_threshold_is_exact_kth_magnitude(rng):
     """Distinct magnitudes: exactly k entries per block survive (k = max(1, ⌊ρ·n⌋), ρ in fp32)."""
     shape, density = (4, 1000), 0.3
@@ -268,7 +301,8 @@ def test_can_run_reasons(rng):
     base, deltas = _inputs((4, 5), 2, FP32, rng)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
     assert M._can_run(p, "ties", False)["triton"]() is None
-    assert "breadcrumbs" in M._can_run(p, "breadcrumbs", False)["triton"]()
+    assert M._can_run(p, "della", False)["triton"]() is None
+    assert "consensus" in M._can_run(p, "consensus", False)["triton"]()
     assert "gradients" in M._can_run(p, "dare", True)["triton"]()
     c = torch.ones(2, requires_grad=True, device=DEV)
     with pytest.raises(_backend.BackendUnavailableError, match="gradients"):
@@ -289,7 +323,7 @@ def test_auto_picks_triton_on_cuda(rng):
 def _op_args(rng, dtype=FP32, method=1, n=2, shape=(5, 13)):
     base, deltas = _inputs(shape, n, dtype, rng)
     coeffs = (0.25 + torch.rand(n, shape[0], generator=rng)).to(DEV)
-    return (base, deltas, coeffs, [0.3] * n, shape[1], False, method, 0.9, -3, R.name_hash("x"), True)
+    return (base, deltas, coeffs, [0.3] * n, shape[1], False, method, 0.9, -3, R.name_hash("x"), True, 0.05, 0.1)
 
 
 INTERPRETER_AOT_REASON = (
@@ -298,7 +332,7 @@ INTERPRETER_AOT_REASON = (
 
 
 @pytest.mark.parametrize("util", ["test_schema", "test_faketensor", "test_aot_dispatch_dynamic"])
-@pytest.mark.parametrize("method", [1, 2, 3], ids=["ties", "dare", "dare_ties"])
+@pytest.mark.parametrize("method", [1, 2, 3, 4, 5], ids=["ties", "dare", "dare_ties", "breadcrumbs", "della"])
 def test_opcheck_merge_triton_ops(method, util, rng):
     if util == "test_aot_dispatch_dynamic" and not CUDA:
         pytest.skip(INTERPRETER_AOT_REASON)
@@ -326,11 +360,12 @@ def test_compile_fullgraph(compiler, rng, fresh_dynamo):
         y = pyops.merge(b, ds, method="ties", blocks="rows", density=0.3, backend="triton")
         z = pyops.merge_from_models(b, ds, method="dare_ties", density=0.5, seed=3, name="w", backend="triton")
         pyops.merge(b, ds, method="dare", density=0.5, seed=3, name="w", out=out, backend="triton")
-        return y, z, out
+        r = pyops.merge_from_models(b, ds, method="della", blocks=7, density=0.5, seed=3, name="w", backend="triton")
+        return y, z, out, r
 
     want = f(base, deltas, torch.empty_like(base))
     got = torch.compile(f, fullgraph=True, backend=compiler)(base, deltas, torch.empty_like(base))
-    for g, w, what in zip(got, want, ("ties", "dare_ties from_models", "dare out=")):
+    for g, w, what in zip(got, want, ("ties", "dare_ties from_models", "dare out=", "della from_models")):
         _check(g, w.cpu(), what)
 
 
@@ -339,4 +374,5 @@ def test_run_rejects_other_methods(rng):
     base, deltas = _inputs((4,), 2, FP32, rng)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
     with pytest.raises(ValueError, match="consensus"):
-        MT.run(p, "consensus", [0.5, 0.5], from_models=False, seed=0, lam=1.0, name="", normalize=None, out=None)
+        MT.run(p, "consensus", [0.5, 0.5], from_models=False, seed=0, lam=1.0, name="", normalize=None, gamma=0.01,
+               epsilon=0.1, out=None)
