@@ -35,29 +35,36 @@ inline uint64_t rank_key(float x) {
 }
 
 // Sorts ent[0, len) (entries as above) with tmp as scratch and writes ranks[position] = rank.
-// ent and tmp are both overwritten. Serial: for the short blocks each work item owns.
+// ent and tmp are both overwritten. Serial: for the short blocks each work item owns. The last
+// radix pass writes the ranks themselves (an entry's destination is its rank), so no sorted copy
+// is read back.
 inline void rank_entries_serial(uint64_t* ent, uint64_t* tmp, int64_t len, uint32_t* ranks) {
   uint64_t* a = ent;
   uint64_t* b = tmp;
   if (len < kRankSortMin) {
     std::sort(a, a + len);
-  } else {
-    int64_t hist[2048];
-    for (int d = 0; d < kRankPasses; ++d) {
-      const int sh = kRankShift[d];
-      const uint64_t mask = (uint64_t)kRankBins[d] - 1;
-      std::fill(hist, hist + kRankBins[d], int64_t(0));
-      for (int64_t j = 0; j < len; ++j) ++hist[(a[j] >> sh) & mask];
-      if (hist[(a[0] >> sh) & mask] == len) continue;  // one digit value: the pass would copy
-      int64_t run = 0;
-      for (int q = 0; q < kRankBins[d]; ++q) {
-        const int64_t c = hist[q];
-        hist[q] = run;
-        run += c;
-      }
-      for (int64_t j = 0; j < len; ++j) b[hist[(a[j] >> sh) & mask]++] = a[j];
-      std::swap(a, b);
+    for (int64_t r = 0; r < len; ++r) ranks[(uint32_t)a[r]] = (uint32_t)r;
+    return;
+  }
+  int64_t hist[2048];
+  for (int d = 0; d < kRankPasses; ++d) {
+    const int sh = kRankShift[d];
+    const uint64_t mask = (uint64_t)kRankBins[d] - 1;
+    std::fill(hist, hist + kRankBins[d], int64_t(0));
+    for (int64_t j = 0; j < len; ++j) ++hist[(a[j] >> sh) & mask];
+    if (hist[(a[0] >> sh) & mask] == len) continue;  // one digit value: the pass would copy
+    int64_t run = 0;
+    for (int q = 0; q < kRankBins[d]; ++q) {
+      const int64_t c = hist[q];
+      hist[q] = run;
+      run += c;
     }
+    if (d == kRankPasses - 1) {
+      for (int64_t j = 0; j < len; ++j) ranks[(uint32_t)a[j]] = (uint32_t)hist[(a[j] >> sh) & mask]++;
+      return;
+    }
+    for (int64_t j = 0; j < len; ++j) b[hist[(a[j] >> sh) & mask]++] = a[j];
+    std::swap(a, b);
   }
   for (int64_t r = 0; r < len; ++r) ranks[(uint32_t)a[r]] = (uint32_t)r;
 }
@@ -96,12 +103,18 @@ inline void rank_entries_parallel(uint64_t* ent, uint64_t* tmp, int64_t len, uin
         c = run;
         run += v;
       }
+    const bool last = d == kRankPasses - 1;
     uint64_t* dst = b;
     parallel_for(n_slices, n_threads, [&](int64_t s) {
       int64_t* h = hist.data() + s * 2048;
       const int64_t lo = s * per, hi = std::min(len, lo + per);
-      for (int64_t j = lo; j < hi; ++j) dst[h[(src[j] >> sh) & mask]++] = src[j];
+      if (last) {
+        for (int64_t j = lo; j < hi; ++j) ranks[(uint32_t)src[j]] = (uint32_t)h[(src[j] >> sh) & mask]++;
+      } else {
+        for (int64_t j = lo; j < hi; ++j) dst[h[(src[j] >> sh) & mask]++] = src[j];
+      }
     });
+    if (last) return;
     std::swap(a, b);
   }
   const uint64_t* sorted = a;

@@ -17,8 +17,14 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
+#include <new>
 #include <string>
 #include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "common/convert.h"
 #include "common/isa.h"
@@ -167,6 +173,82 @@ inline void philox_words(uint64_t g0, int64_t ng, uint32_t c2, uint32_t c3, cons
 // Per-call constants and per-thread scratch
 // ------------------------------------------------------------------------------------------------
 
+// Scratch of the long-block ranking: (key, position) entries twice the block, and the ranks of
+// every task. Fresh memory costs a page fault per 4 KiB at first touch, about as much as the
+// sort itself at these sizes, so one call's buffers are kept for the next (a streaming merge
+// repeats a few tensor shapes) unless they exceed kRankKeepBytes.
+// Uninitialised memory for the ranking, on transparent huge pages where Linux offers them: the
+// radix scatter writes into 2048 buckets spread over the whole buffer and the rank writes go to
+// random positions, so with 4 KiB pages nearly every store misses the TLB.
+template <typename T>
+class RankArray {
+ public:
+  RankArray() = default;
+  RankArray(const RankArray&) = delete;
+  RankArray& operator=(const RankArray&) = delete;
+  ~RankArray() { release(); }
+  T* get() const { return ptr_; }
+  int64_t size() const { return n_; }
+  void reset(int64_t n) {
+    release();
+#if defined(__linux__)
+    constexpr size_t kHuge = size_t(1) << 21;
+    bytes_ = ((size_t)n * sizeof(T) + kHuge - 1) / kHuge * kHuge;
+    void* m = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED) throw std::bad_alloc();
+    madvise(m, bytes_, MADV_HUGEPAGE);  // advice only: 4 KiB pages if refused
+    ptr_ = static_cast<T*>(m);
+#else
+    ptr_ = new T[(size_t)n];
+#endif
+    n_ = n;
+  }
+
+ private:
+  void release() {
+    if (!ptr_) return;
+#if defined(__linux__)
+    munmap(ptr_, bytes_);
+#else
+    delete[] ptr_;
+#endif
+    ptr_ = nullptr;
+    n_ = 0;
+  }
+  T* ptr_ = nullptr;
+  int64_t n_ = 0;
+  size_t bytes_ = 0;
+};
+
+struct RankBuffers {
+  RankArray<uint64_t> ent, tmp;
+  RankArray<uint32_t> ranks;
+
+  int64_t bytes() const { return ent.size() * 16 + ranks.size() * 4; }
+  void reserve(int64_t entries, int64_t rank_count) {
+    if (ent.size() < entries) {
+      ent.reset(entries);
+      tmp.reset(entries);
+    }
+    if (ranks.size() < rank_count) ranks.reset(rank_count);
+  }
+};
+constexpr int64_t kRankKeepBytes = int64_t(1) << 30;
+std::mutex g_rank_mu;
+std::unique_ptr<RankBuffers> g_rank_cache;
+
+std::unique_ptr<RankBuffers> take_rank_buffers() {
+  std::lock_guard<std::mutex> lock(g_rank_mu);
+  if (g_rank_cache) return std::move(g_rank_cache);
+  return std::unique_ptr<RankBuffers>(new RankBuffers());
+}
+
+void keep_rank_buffers(std::unique_ptr<RankBuffers> b) {
+  if (!b || b->bytes() > kRankKeepBytes) return;
+  std::lock_guard<std::mutex> lock(g_rank_mu);
+  if (!g_rank_cache || g_rank_cache->bytes() < b->bytes()) g_rank_cache = std::move(b);
+}
+
 struct Ctx {
   const MergeProblem* p;
   Plan plan;
@@ -175,7 +257,7 @@ struct Ctx {
   bool ranked, della;             // breadcrumbs / della / della_linear: per-element ranks
   std::vector<float> della_lo;    // della: density - epsilon (fp32, as the reference forms it)
   float della_span = 0.f;         // della: 2 * epsilon (fp64 product, then fp32)
-  std::vector<uint32_t> ranks;    // ranked methods, large blocks: [n][numel] rank within the block
+  std::unique_ptr<RankBuffers> rank_bufs;  // ranked methods, large blocks (ranks: [n][numel])
   std::vector<uint8_t> keep_all;  // ties: density >= 1 keeps every entry
   std::vector<float> inv;         // dare: the reference's keep value 1 / density (fp32)
   std::vector<uint32_t> dare_lim; // dare: keep iff (word >> 8) < dare_lim  <=>  u < density
@@ -211,6 +293,10 @@ struct Ctx {
     const int64_t k = (int64_t)std::floor((double)p->density[i] * (double)len);
     return std::max<int64_t>(1, std::min(k, len));
   }
+
+  ~Ctx() { keep_rank_buffers(std::move(rank_bufs)); }
+  Ctx(const Ctx&) = delete;
+  Ctx& operator=(const Ctx&) = delete;
 
   int64_t block_len(int64_t b) const {
     return std::min(p->numel, (b + 1) * plan.block_size) - b * plan.block_size;
@@ -323,20 +409,23 @@ template <typename T, bool FM>
 RankView large_block_ranks(Ctx& ctx, int n_threads) {
   const MergeProblem& p = *ctx.p;
   const Plan& plan = ctx.plan;
-  ctx.ranks.resize((size_t)(p.n * p.numel));
-  std::vector<uint64_t> ent((size_t)plan.block_size), tmp((size_t)plan.block_size);
+  ctx.rank_bufs = take_rank_buffers();
+  ctx.rank_bufs->reserve(plan.block_size, p.n * p.numel);
+  uint64_t* ent = ctx.rank_bufs->ent.get();
+  uint64_t* tmp = ctx.rank_bufs->tmp.get();
+  uint32_t* ranks = ctx.rank_bufs->ranks.get();
   for (int64_t b = 0; b < plan.n_blocks; ++b) {
     const int64_t lo = b * plan.block_size, len = ctx.block_len(b);
     for (int64_t i = 0; i < p.n; ++i) {
       const int64_t n_fill = (len + kChunk - 1) / kChunk;
       parallel_for(n_fill, n_threads, [&](int64_t c) {
         const int64_t a = lo + c * kChunk;
-        fill_rank_entries<T, FM>(p, i, a, std::min(lo + len, a + kChunk), lo, ent.data() + (a - lo));
+        fill_rank_entries<T, FM>(p, i, a, std::min(lo + len, a + kChunk), lo, ent + (a - lo));
       });
-      rank_entries_parallel(ent.data(), tmp.data(), len, ctx.ranks.data() + i * p.numel + lo, n_threads);
+      rank_entries_parallel(ent, tmp, len, ranks + i * p.numel + lo, n_threads);
     }
   }
-  return RankView{ctx.ranks.data(), p.numel, 0};
+  return RankView{ranks, p.numel, 0};
 }
 
 // Keep multipliers of task i over one tile of block b (block length blen) from the ranks rk:
