@@ -54,12 +54,12 @@ void moe_act_forward(uintptr_t a, uintptr_t b, uintptr_t h_out, int64_t n_rows, 
 }
 
 void moe_act_backward(uintptr_t a, uintptr_t b, uintptr_t dh, uintptr_t da, uintptr_t db,
-                      int64_t n_rows, int64_t hdim, int act, int dtype, int n_threads) {
+                      int64_t n_rows, int64_t hdim, int act, int dtype, int n_threads, uintptr_t h) {
   const DType dt = to_dtype(dtype, "dtype");
   run_released([&] {
     return PYOPS_ISA_CALL(moe_act_backward, ptr<const void*>(a), ptr<const void*>(b),
                           ptr<const void*>(dh), ptr<void*>(da), ptr<void*>(db), n_rows, hdim, act,
-                          dt, n_threads);
+                          dt, n_threads, ptr<void*>(h));
   });
 }
 
@@ -114,8 +114,9 @@ void bind_moe(py::module_& m) {
         "h_out = gate(a) * b (act 0 swiglu, 1 geglu) or act(a) (2 gelu, 3 silu, 4 relu; b = 0).");
   m.def("moe_act_backward", &moe_act_backward, py::arg("a"), py::arg("b"), py::arg("dh"),
         py::arg("da"), py::arg("db"), py::arg("n_rows"), py::arg("hdim"), py::arg("act"),
-        py::arg("dtype"), py::arg("n_threads"),
-        "da (and db for the GLU activations; else b = db = 0) from dh.");
+        py::arg("dtype"), py::arg("n_threads"), py::arg("h") = 0,
+        "da (and db for the GLU activations; else b = db = 0) from dh; with h != 0 also the forward's\n"
+        "h = act(a, b), from the same pass (the backward needs it for dW2 and does not save it).");
   m.def("moe_combine", &moe_combine, py::arg("ys"), py::arg("order"), py::arg("weights"),
         py::arg("dropped"), py::arg("k"), py::arg("T"), py::arg("d"), py::arg("y"),
         py::arg("dtype"), py::arg("n_threads"),

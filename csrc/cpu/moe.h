@@ -44,7 +44,8 @@ enum class MoeAct : int { kSwiglu = 0, kGeglu = 1, kGelu = 2, kSilu = 3, kRelu =
   Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, int64_t hdim,    \
                          int act, DType dtype, int n_threads);                                   \
   Status moe_act_backward(const void* a, const void* b, const void* dh, void* da, void* db,      \
-                          int64_t n_rows, int64_t hdim, int act, DType dtype, int n_threads);    \
+                          int64_t n_rows, int64_t hdim, int act, DType dtype, int n_threads,     \
+                          void* h);                                                              \
   Status moe_combine(const void* ys, const int64_t* order, const float* weights,                 \
                      const uint8_t* dropped, int64_t k, int64_t T, int64_t d, void* y,           \
                      DType dtype, int n_threads);                                                \

@@ -520,7 +520,8 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
                      w1: Tensor, w2: Tensor, w3: Optional[Tensor], a: Tensor, b: Tensor, hh: Tensor, ys: Tensor,
                      activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The mirror image, one expert at a time after the global combine-backward and gather:
-    h = act(a, b) (recomputed unless given), dh = dys·w2ᵀ, dW2 = hᵀ·dys, (da, db) = act'(dh),
+    dh = dys·w2ᵀ, (da, db) = act'(dh) and h = act(a, b) in one pass (h recomputed unless given),
+    dW2 = hᵀ·dys,
     dxs = da·w1ᵀ + db·w3ᵀ (into dys's rows, consumed by then), dW1 = rowsᵀ·da, dW3 = rowsᵀ·db;
     then one scatter-add. Scratch: two [T·k, d] buffers and four of one expert's rows × hidden."""
     C = _native.cpu_module
@@ -569,17 +570,14 @@ def _cpu_backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
                 continue
             m = t - s
             ae, be = a[s:t], (b[s:t] if glu else None)
-            if recompute:
-                he = hbuf[:m]
-                C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h, act, 0, nt)
-            else:
-                he = hh[s:t]
+            he = hbuf[:m] if recompute else hh[s:t]
             dhe, dae = dhbuf[:m], dabuf[:m]
             dbe = dbbuf[:m] if glu else None
             torch.mm(dys[s:t], w2f[e].t(), out=dhe)
-            torch.mm(he.t(), dys[s:t], out=dw2[e])
+            # (da, db) = act'(dh); h = act(a, b) recomputed in the same pass, as dW2 needs it
             C.moe_act_backward(ae.data_ptr(), be.data_ptr() if glu else 0, dhe.data_ptr(), dae.data_ptr(),
-                               dbe.data_ptr() if glu else 0, m, h, act, 0, nt)
+                               dbe.data_ptr() if glu else 0, m, h, act, 0, nt, he.data_ptr() if recompute else 0)
+            torch.mm(he.t(), dys[s:t], out=dw2[e])
             dxs = dys[s:t]   # this expert's dys rows are consumed: its dxs rows go there
             torch.mm(dae, w1f[e].t(), out=dxs)
             torch.mm(rows[s:t].t(), dae, out=dw1[e])

@@ -306,6 +306,59 @@ def test_act_backward(act, dtype, rng):
         assert cmp.ok, f"db {cmp}"
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_act_backward_also_writes_the_forward_h(act, dtype, rng):
+    """With h, the backward pass writes the forward's h = act(a, b) too (the CPU backward needs
+    it for dW2 and saves none): the forward's bits, and da, db unchanged."""
+    a, b = act_inputs(act, dtype, rng)
+    dh = torch.randn(a.shape, generator=rng).to(dtype)
+    da, db = act_backward(act, a, b, dh)
+    da2, db2, h = torch.empty_like(a), (torch.empty_like(a) if b is not None else None), torch.empty_like(a)
+    C.moe_act_backward(a=a.data_ptr(), b=_p(b), dh=dh.data_ptr(), da=da2.data_ptr(), db=_p(db2),
+                       n_rows=a.shape[0], hdim=a.shape[1], act=ACT_CODE[act],
+                       dtype=_native.dtype_code(a.dtype), n_threads=2, h=h.data_ptr())
+    assert torch.equal(h, act_forward(act, a, b))
+    assert torch.equal(da2, da)
+    if b is not None:
+        assert torch.equal(db2, db)
+
+
+_LANES_SCRIPT = """
+import sys, torch
+from pyops import _native
+C = _native.cpu_module
+g = torch.Generator().manual_seed(3)
+a = torch.randn(37, 1029, generator=g) * 9
+a.view(-1)[:6] = torch.tensor([0.0, -0.0, 95.0, -110.0, float("nan"), float("inf")])
+b, dh = torch.randn(37, 1029, generator=g), torch.randn(37, 1029, generator=g)
+h, h2, da, db = (torch.empty_like(a) for _ in range(4))
+C.moe_act_forward(a=a.data_ptr(), b=b.data_ptr(), h_out=h.data_ptr(), n_rows=37, hdim=1029, act=0, dtype=0,
+                  n_threads=1)
+C.moe_act_backward(a=a.data_ptr(), b=b.data_ptr(), dh=dh.data_ptr(), da=da.data_ptr(), db=db.data_ptr(),
+                   n_rows=37, hdim=1029, act=0, dtype=0, n_threads=1, h=h2.data_ptr())
+torch.save([h, h2, da, db], sys.argv[1])
+"""
+
+
+def test_swiglu_16_lane_path_matches_the_8_lane_loops(tmp_path):
+    """On AVX-512 machines SwiGLU runs 16 lanes wide; PYOPS_MOE_NO_AVX512=1 selects the 8-lane loops.
+    Both perform exp_f's operations in the same order: the same bits, NaN, inf and clamps included."""
+    import os
+    import subprocess
+    import sys
+    outs = []
+    for flag in ("0", "1"):
+        path = tmp_path / f"lanes{flag}.pt"
+        env = dict(os.environ, PYOPS_MOE_NO_AVX512="1") if flag == "1" else {
+            k: v for k, v in os.environ.items() if k != "PYOPS_MOE_NO_AVX512"}
+        subprocess.run([sys.executable, "-c", _LANES_SCRIPT, str(path)], check=True, env=env, timeout=120)
+        outs.append(torch.load(path))
+    for name, x, y in zip(("h", "h from the backward", "da", "db"), *outs):
+        assert torch.equal(x.isnan(), y.isnan()), name
+        assert torch.equal(x[~x.isnan()], y[~y.isnan()]), name
+
+
 def test_act_empty_and_bad_code():
     z = torch.empty(0, 4)
     act_forward("silu", z, None)
