@@ -10,7 +10,8 @@ Cases (issue 6; quick mode shrinks every size):
       — what multi-task MoE code (Mod-Squad style) runs.
     - ``sort + torch._grouped_mm``: softmax, topk, stable argsort by expert, bincount offsets, gather,
       three `torch._grouped_mm`, index_add combine.
-    - ``plain mm`` (yardstick): one [T·k × d] @ [d × hidden] mm; its GFLOP/s is the GEMM speed of this
+    - ``plain mm`` (yardstick): one [T·k × d] @ [d × hidden] mm into a preallocated output (no page
+      faults in the timing); its GFLOP/s is the GEMM speed of this
       machine in this run. GEMM share = pyops GFLOP/s (the MLP's GEMM FLOPs only) / plain-mm GFLOP/s.
 * ``routing``: T=65536, E=64, k=4: pyops moe_route vs softmax + topk + argsort + bincount (+ cumsum).
 
@@ -114,6 +115,7 @@ def _layer_case(dev, dtype, backends, backward: bool, T, d, h, E, k, repeats, ma
     leaves = [t.requires_grad_(backward) for t in (x, z, w1, w2, w3)]
     gemm_flops = 3 * 2 * T * k * d * h * (3 if backward else 1)
     a_mm, b_mm = rnd(T * k, d), rnd(d, h)
+    c_mm = torch.empty(T * k, h, device=dev, dtype=dtype)  # preallocated: the yardstick times the GEMM, not page faults
 
     def pyops_layer(backend):
         def layer(x, z, w1, w2, w3):
@@ -139,8 +141,10 @@ def _layer_case(dev, dtype, backends, backward: bool, T, d, h, E, k, repeats, ma
     gm_skip = None if hasattr(torch, "_grouped_mm") else f"torch {torch.__version__} has no torch._grouped_mm"
     entries.append(Entry("sort + torch._grouped_mm", timed(lambda *a: grouped_mm_moe(*a, k)), flops=gemm_flops,
                          skip=gm_skip, note="argsort by expert, bincount offsets, 3× torch._grouped_mm, index_add"))
-    entries.append(Entry("plain mm", lambda: a_mm @ b_mm, flops=2 * T * k * d * h, group="reference",
-                         note=f"one [{T * k}x{d}]@[{d}x{h}] mm: this machine's GEMM speed in this run"))
+    entries.append(Entry("plain mm", lambda: torch.mm(a_mm, b_mm, out=c_mm), flops=2 * T * k * d * h,
+                         group="reference",
+                         note=f"one [{T * k}x{d}]@[{d}x{h}] mm into a preallocated output: this machine's GEMM "
+                              "speed in this run"))
 
     gpu = dev.type == "cuda"
 
