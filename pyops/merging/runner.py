@@ -548,7 +548,11 @@ def run_merge(
         # collected; they hold tensors, and mapped ones pin their pages).
         gc.freeze()
         try:
-            rss_seen = _stream(cfg, order, shards, files, tmp, ref, tasks, dev, backend, report, bar, prefetch)
+            # No tracing or autograd here: the kernels run without the op dispatcher, whose first
+            # call would import torch._dynamo (~0.9 s).
+            with _backend.direct_kernels():
+                rss_seen = _stream(cfg, order, shards, files, tmp, ref, tasks, dev, backend, report, bar,
+                                   prefetch)
         finally:
             gc.unfreeze()
         if len(shards) > 1:

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from pyops import _native
+from pyops import _backend, _native
 from pyops.ops import task_merge as TM
 from pyops.reference import merge as ref
 
@@ -149,8 +149,7 @@ def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, meth
 # model_stock: the Gram matrix of the task vectors
 # --------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pyops::task_vector_gram", mutates_args=(), device_types="cpu")
-def _gram_op(base: Tensor, deltas: List[Tensor], from_models: bool) -> Tensor:
+def _gram(base: Tensor, deltas: List[Tensor], from_models: bool) -> Tensor:
     n = len(deltas)
     if base.numel() == 0 or n == 0:
         return torch.zeros((n, n), dtype=torch.float64, device=base.device)
@@ -159,6 +158,11 @@ def _gram_op(base: Tensor, deltas: List[Tensor], from_models: bool) -> Tensor:
     g = _native.cpu_module.task_vector_gram(b.data_ptr(), [d.data_ptr() for d in ds], _native.dtype_code(b.dtype),
                                             b.numel(), from_models, torch.get_num_threads())
     return torch.tensor(g, dtype=torch.float64, device=base.device).view(n, n)
+
+
+@torch.library.custom_op("pyops::task_vector_gram", mutates_args=(), device_types="cpu")
+def _gram_op(base: Tensor, deltas: List[Tensor], from_models: bool) -> Tensor:
+    return _gram(base, deltas, from_models)
 
 
 @_gram_op.register_fake
@@ -222,8 +226,9 @@ def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, se
         k: int, tall_lambda: float, normalize: Optional[bool], gamma: float, epsilon: float,
         out: Optional[Tensor]) -> Tensor:
     """Runs `method` on the C++ CPU kernels; `p`, `dens` and the parameters are validated by the caller."""
+    direct = out is not None and _backend.direct()  # the streaming merge: no dispatcher (see direct_kernels)
     if method == "model_stock":
-        gram = _gram_op(p.base, p.deltas, from_models)
+        gram = (_gram if direct else _gram_op)(p.base, p.deltas, from_models)
         coeffs = model_stock_coeffs(gram)
         fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
         return fn(p.base, p.deltas, coeffs, out=out, out_dtype=p.out_dtype if out is None else None, backend="cpu")
@@ -236,5 +241,8 @@ def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, se
             float(epsilon))
     if out is None:
         return _merge_op(*args, p.out_dtype)
-    _merge_out_op(*args, out)
+    if direct:
+        _forward_into(out, *args)
+    else:
+        _merge_out_op(*args, out)
     return out

@@ -390,6 +390,8 @@ def _run(p: Prepared, from_models: bool, out: Optional[Tensor], backend: str) ->
         with torch.no_grad():
             out.copy_(ref.task_arithmetic(p.base, p.deltas, p.coeffs, block_size=p.block_size,
                                           from_models=from_models, out_dtype=out.dtype))
+    elif name == "cpu" and _backend.direct():  # the streaming merge: no dispatcher (see direct_kernels)
+        _native_forward_into(out, p.base, p.deltas, p.coeffs, p.block_size, from_models)
     else:
         _OUT[name](p.base, p.deltas, p.coeffs, p.block_size, from_models, out)
     return out

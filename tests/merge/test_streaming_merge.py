@@ -255,6 +255,37 @@ def test_api_matches_in_memory_merge(ckpt, tmp_path, method):
     _inputs_unchanged(ckpt)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties", "della", "model_stock"])
+def test_stream_runs_the_kernels_without_the_op_dispatcher(ckpt, tmp_path, method):
+    """The streaming merge calls the C++ kernels directly (`pyops._backend.direct_kernels`): the
+    first call of a torch.library op imports torch._dynamo (~0.9 s of a whole-model merge), and a
+    fresh process merging a model never loads it. The tensors are those of the in-memory merge."""
+    cfg = _write(tmp_path, _config_text(ckpt, method))
+    code = ("import sys; from pyops.merging import run_merge; "
+            f"r = run_merge({str(cfg)!r}, {str(tmp_path / 'out')!r}, progress=False); "
+            "print(dict(r.backends), 'torch._dynamo' in sys.modules)")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip() == f"{{'cpu': {len(FLOATS)}}} False"
+    _assert_same(_load_output(tmp_path / "out"), _expected(ckpt, method))
+
+
+def test_direct_kernels_is_per_thread_and_restores():
+    from pyops import _backend
+    import threading
+    assert not _backend.direct()
+    seen = []
+    with _backend.direct_kernels():
+        assert _backend.direct()
+        t = threading.Thread(target=lambda: seen.append(_backend.direct()))
+        t.start()
+        t.join()
+        with _backend.direct_kernels():
+            assert _backend.direct()
+        assert _backend.direct()
+    assert not _backend.direct() and seen == [False]
+
+
 def test_api_dict_config_sharded_output(ckpt, tmp_path):
     """A dict config, a tiny shard size: an index JSON and the same tensors as one file."""
     import yaml
