@@ -311,6 +311,34 @@ def test_same_bits_for_threads_and_isa(method, shape, blocks, rng, restore_threa
             assert_bitwise_equal(val, results[(isas[0], 1)], f"{method} isa={isa} threads={threads}")
 
 
+_PHILOX_SCRIPT = """
+import sys, torch, pyops
+g = torch.Generator().manual_seed(5)
+base, ds = torch.randn(100_003, generator=g), [torch.randn(100_003, generator=g) for _ in range(3)]
+outs = [pyops.merge(base, ds, method=m, density=0.4, seed=2**64 - 9, name="w", backend="cpu")
+        for m in ("dare", "dare_ties", "della")]
+torch.save(outs, sys.argv[1])
+"""
+
+
+def test_philox_paths_give_the_same_bits(tmp_path):
+    """The AVX2 build draws its Philox words 16 groups per step on AVX-512 machines and 8 per step
+    otherwise (PYOPS_MERGE_NO_AVX512=1 forces the latter): DARE, DARE-TIES and DELLA agree bit for bit."""
+    import os
+    import subprocess
+    import sys
+    outs = []
+    for flag in ("", "1"):
+        path = tmp_path / f"philox{flag or 0}.pt"
+        env = {k: v for k, v in os.environ.items() if k != "PYOPS_MERGE_NO_AVX512"}
+        if flag:
+            env["PYOPS_MERGE_NO_AVX512"] = flag
+        subprocess.run([sys.executable, "-c", _PHILOX_SCRIPT, str(path)], check=True, env=env, timeout=300)
+        outs.append(torch.load(path))
+    for m, x, y in zip(("dare", "dare_ties", "della"), *outs):
+        assert_bitwise_equal(x, y, m)
+
+
 # ------------------------------------------------------------------------------------------------
 # model_stock: the Gram pass and gradients
 # ------------------------------------------------------------------------------------------------
