@@ -127,7 +127,8 @@ inline void philox_portable(uint64_t g0, int64_t ng, uint32_t c2, uint32_t c3, c
 // masked off at the end). Two vectors are in flight to hide the multiply latency.
 #if defined(__GNUC__) && !defined(__clang__)
 #define PYOPS_MERGE_AVX512_PHILOX 1
-const bool g_merge_avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("PYOPS_MERGE_NO_AVX512");
+const bool g_merge_avx512 =
+    (__builtin_cpu_init(), __builtin_cpu_supports("avx512f")) && !std::getenv("PYOPS_MERGE_NO_AVX512");
 
 // The same on 512-bit vectors: sixteen groups per step (the Philox words of DARE and DELLA are
 // most of their kernels' arithmetic). Identical words: integer operations only.

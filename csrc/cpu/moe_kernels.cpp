@@ -109,7 +109,8 @@ inline float silu_grad_f(float x) {
 // results are the same bits as the 8-lane loops.
 #if defined(__AVX2__) && defined(__GNUC__) && !defined(__clang__)
 #define PYOPS_MOE_AVX512 1
-const bool g_moe_avx512 = __builtin_cpu_supports("avx512f") && !std::getenv("PYOPS_MOE_NO_AVX512");
+const bool g_moe_avx512 =
+    (__builtin_cpu_init(), __builtin_cpu_supports("avx512f")) && !std::getenv("PYOPS_MOE_NO_AVX512");
 
 __attribute__((target("avx512f"))) inline __m512 pow2i16(__m512i n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(n, _mm512_set1_epi32(127)), 23));
