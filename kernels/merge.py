@@ -809,6 +809,10 @@ def _ranked_params(method: int, density: Sequence[float], numel: int, block_size
     ints, floats = [], []
     for d in density:
         rho = _fp32(d)
+        if rho >= 1.0:  # density 1 keeps every entry, unscaled: the band is every rank, p = 1
+            ints += [0, lengths[0], 0, lengths[1]]
+            floats += [1.0, 0.0, float(lengths[0] - 1), float(lengths[1] - 1)]
+            continue
         for length in lengths:
             n_top = math.floor(gamma * length)
             n_keep = math.floor(rho * length)

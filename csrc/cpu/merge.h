@@ -13,6 +13,7 @@
 //             n_bottom = n - floor(density_i * n) - n_top (fp64 products, as the reference)
 //   della   : p_ij = (density_i - eps) + (2 eps) * (n > 1 ? r_ij / (n - 1) : 0.5) in fp32,
 //             t_i = ([u_ij < p_ij] / p_ij) * tau_i, u as for dare
+//   breadcrumbs, della: density_i >= 1 keeps every entry (t_i = tau_i, nothing ranked or drawn)
 //   electing (ties, dare_ties, della): s = (sum_i w_i t_i >= 0 ? +1 : -1), a_i = [sign t_i = s, t_i != 0],
 //             merged = sum_i a_i w_i t_i / sum_i a_i w_i (zero divisor -> 1; or the plain sum
 //             when !normalize)

@@ -309,7 +309,7 @@ struct Ctx {
   std::vector<float> della_lo;    // della: density - epsilon (fp32, as the reference forms it)
   float della_span = 0.f;         // della: 2 * epsilon (fp64 product, then fp32)
   std::unique_ptr<RankBuffers> rank_bufs;  // ranked methods, large blocks (ranks: [n][numel])
-  std::vector<uint8_t> keep_all;  // ties: density >= 1 keeps every entry
+  std::vector<uint8_t> keep_all;  // ties, breadcrumbs, della: density >= 1 keeps every entry
   std::vector<float> inv;         // dare: the reference's keep value 1 / density (fp32)
   std::vector<uint32_t> dare_lim; // dare: keep iff (word >> 8) < dare_lim  <=>  u < density
   std::vector<float> thr;         // ties, large blocks: [n_blocks][n] thresholds on |tau|
@@ -327,7 +327,7 @@ struct Ctx {
     inv.assign((size_t)n, 1.f);
     dare_lim.assign((size_t)n, 0);
     for (int64_t i = 0; i < n; ++i) {
-      if (ties) keep_all[i] = !(p->density[i] < 1.f);
+      if (ties || ranked) keep_all[i] = !(p->density[i] < 1.f);  // ranked: density 1 keeps all, unscaled
       if (della) della_lo[i] = p->density[i] - (float)p->epsilon;
       if (dare) {
         const float rho = p->density[i];
@@ -438,9 +438,11 @@ void fill_rank_entries(const MergeProblem& p, int64_t i, int64_t lo, int64_t hi,
   }
 }
 
-// Ranks of every task over the short block [lo, hi) into s.ranks ([n][hi - lo]).
+// Ranks of every task over the short block [lo, hi) into s.ranks ([n][hi - lo]); tasks that keep
+// every entry are not ranked.
 template <typename T, bool FM>
-RankView small_block_ranks(const MergeProblem& p, int64_t lo, int64_t hi, Scratch& s) {
+RankView small_block_ranks(const Ctx& ctx, int64_t lo, int64_t hi, Scratch& s) {
+  const MergeProblem& p = *ctx.p;
   const int64_t len = hi - lo;
   if (s.ent.size() < (size_t)len) {
     s.ent.resize((size_t)len);
@@ -448,6 +450,7 @@ RankView small_block_ranks(const MergeProblem& p, int64_t lo, int64_t hi, Scratc
   }
   if (s.ranks.size() < (size_t)(len * p.n)) s.ranks.resize((size_t)(len * p.n));
   for (int64_t i = 0; i < p.n; ++i) {
+    if (ctx.keep_all[i]) continue;
     fill_rank_entries<T, FM>(p, i, lo, hi, lo, s.ent.data());
     rank_entries_serial(s.ent.data(), s.ent2.data(), len, s.ranks.data() + i * len);
   }
@@ -468,6 +471,7 @@ RankView large_block_ranks(Ctx& ctx, int n_threads) {
   for (int64_t b = 0; b < plan.n_blocks; ++b) {
     const int64_t lo = b * plan.block_size, len = ctx.block_len(b);
     for (int64_t i = 0; i < p.n; ++i) {
+      if (ctx.keep_all[i]) continue;
       const int64_t n_fill = (len + kChunk - 1) / kChunk;
       parallel_for(n_fill, n_threads, [&](int64_t c) {
         const int64_t a = lo + c * kChunk;
@@ -486,6 +490,10 @@ RankView large_block_ranks(Ctx& ctx, int n_threads) {
 inline void rank_multipliers(const Ctx& ctx, int64_t i, int64_t blen, const uint32_t* rk, const uint32_t* word,
                              int64_t len, float* m) {
   const MergeProblem& p = *ctx.p;
+  if (ctx.keep_all[i]) {
+    for (int64_t j = 0; j < len; ++j) m[j] = 1.f;
+    return;
+  }
   if (!ctx.della) {
     const int64_t n_top = (int64_t)std::floor(p.gamma * (double)blen);
     const int64_t n_keep = (int64_t)std::floor((double)p.density[i] * (double)blen);
@@ -1109,7 +1117,7 @@ void merge_typed(Ctx& ctx, O* out, int n_threads) {
     Scratch& s = thread_scratch(p.n);
     plan.for_segments(item, [&](int64_t b, int64_t lo, int64_t hi) {
       RankView rv = large_rv;
-      if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(p, lo, hi, s);
+      if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(ctx, lo, hi, s);
       const float* thr = nullptr;
       if (ctx.ties) {
         if (large) {
@@ -1292,7 +1300,7 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
     dots_local.resize((size_t)std::max<int64_t>(n, 1));
     plan.for_segments(item, [&](int64_t b, int64_t lo, int64_t hi) {
       RankView rv = large_rv;
-      if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(p, lo, hi, s);
+      if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(ctx, lo, hi, s);
       const float* thr = nullptr;
       if (ctx.ties) {
         if (large) {
@@ -1362,8 +1370,9 @@ Status check(const MergeProblem& p, bool need_out, const void* out) {
   }
   if (m == kMergeDella || m == kMergeDellaLinear) {
     // Every keep probability must be positive (it divides); the op layer checks the full range.
+    // Density 1 keeps every entry and draws nothing.
     for (int64_t i = 0; i < p.n; ++i)
-      if (!(p.epsilon >= 0.0 && p.density[i] - (float)p.epsilon > 0.f))
+      if (!(p.epsilon >= 0.0) || (p.density[i] < 1.f && !(p.density[i] - (float)p.epsilon > 0.f)))
         return Status::invalid("epsilon: della needs density - epsilon > 0, got density[" + std::to_string(i) +
                                "]=" + std::to_string(p.density[i]) + ", epsilon=" + std::to_string(p.epsilon));
   }

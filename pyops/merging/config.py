@@ -244,13 +244,13 @@ class MergeConfig:
             kw[key] = values.pop()
         if m == "breadcrumbs":
             for x, d in zip(self.models, densities):
-                if d + kw["gamma"] > 1.0 + 1e-12:
+                if d < 1.0 and d + kw["gamma"] > 1.0 + 1e-12:  # density 1 keeps everything (as mergekit)
                     raise ConfigError(f"{self.source}: {x.key}: density + gamma must be <= 1 for breadcrumbs, got "
                                       f"{d} + {kw['gamma']} for tensor {tensor!r}")
         if m in ("della", "della_linear"):
             eps = kw["epsilon"]
             for x, d in zip(self.models, densities):
-                if not (d - eps > 0.0 and d + eps <= 1.0):
+                if d < 1.0 and not (d - eps > 0.0 and d + eps <= 1.0):  # density 1 keeps everything
                     raise ConfigError(f"{self.source}: {x.key}: della needs 0 < density - epsilon and density + "
                                       f"epsilon <= 1, got density={d}, epsilon={eps} for tensor {tensor!r}")
         if m == "consensus":

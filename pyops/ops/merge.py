@@ -69,11 +69,13 @@ def _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lamb
         if not (0.0 <= gamma < 1.0):
             raise ValueError(f"gamma: expected a value in [0, 1), got {gamma}")
         for i, d in enumerate(dens):
-            if d + gamma > 1.0 + 1e-12:
+            if d < 1.0 and d + gamma > 1.0 + 1e-12:  # density 1 keeps everything (as mergekit)
                 raise ValueError(f"gamma: density + gamma must be <= 1 for breadcrumbs, got {d} + {gamma} (task {i})")
     if method in ("della", "della_linear"):
+        if not epsilon >= 0.0:
+            raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
         for i, d in enumerate(dens):
-            if not (0.0 <= epsilon and d - epsilon > 0.0 and d + epsilon <= 1.0):
+            if d < 1.0 and not (d - epsilon > 0.0 and d + epsilon <= 1.0):  # density 1 keeps everything
                 raise ValueError(f"epsilon: della needs 0 < density - epsilon and density + epsilon <= 1, "
                                  f"got density={d}, epsilon={epsilon} (task {i})")
     if method == "consensus":
@@ -113,6 +115,8 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
             return (f"the Triton kernels implement {', '.join(merge_triton.METHODS)}, not {method!r}")
         if needs_grad:
             return "the Triton merge kernels are forward only (gradients: the cpu or reference backend)"
+        if method in RANKED and min(p.block_size, p.base.numel()) >= 2**31:
+            return f"the Triton kernels rank blocks of fewer than 2**31 elements (int32 ranks; {method!r})"
         return dtype_reason
 
     return {"reference": lambda: None, "cpu": cpu, "triton": triton}

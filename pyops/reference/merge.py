@@ -16,11 +16,13 @@ run per block, with n the block's length. wᵢ = coeffs[i, block], ρᵢ = densi
 * ``dare_ties``: the DARE-rescaled τᵢ' = mᵢ·τᵢ/ρᵢ, then TIES' election and disjoint mean.
 * ``breadcrumbs`` (Davari & Belilovsky, "Model Breadcrumbs", ECCV 2024): per block, rank |τᵢ|
   ascending (ties broken by position), drop the top ⌊γ·n⌋ and the bottom n − ⌊ρᵢ·n⌋ − ⌊γ·n⌋,
-  θ = base + λ·Σᵢ wᵢ·keepᵢ·τᵢ (no rescale, as mergekit).
+  θ = base + λ·Σᵢ wᵢ·keepᵢ·τᵢ (no rescale, as mergekit). ρᵢ = 1 keeps every entry (mergekit's
+  `density >= 1`); otherwise ρᵢ + γ ≤ 1.
 * ``della`` (Deep et al., "DELLA-Merging", 2024; mergekit's ``rank_magnitude_sampling``): keep
   probability pⱼ = ρᵢ − ε + 2ε·rⱼ/(n − 1) from the ascending magnitude rank rⱼ in the block
   (pⱼ = ρᵢ when n = 1), τᵢ' = keep·τᵢ/pⱼ, then TIES' election and disjoint mean;
-  ``della_linear`` stops before the election: θ = base + λ·Σᵢ wᵢ·τᵢ'.
+  ``della_linear`` stops before the election: θ = base + λ·Σᵢ wᵢ·τᵢ'. ρᵢ = 1 keeps every entry
+  unscaled (mergekit's `density >= 1`); otherwise 0 < ρᵢ − ε and ρᵢ + ε ≤ 1.
 * ``model_stock`` (Jang et al., "Model Stock", ECCV 2024; mergekit's definition, per tensor,
   needs N ≥ 2): cos = mean over pairs i<j of ⟨τᵢ,τⱼ⟩ / max(‖τᵢ‖‖τⱼ‖, 1e-6), clamped to [−1, 1];
   t = N·cos / (1 + (N − 1)·cos); θ = base + t·mean(τᵢ). Coefficients and λ do not apply.
@@ -198,7 +200,9 @@ def merge(
             masks = []  # the kept fraction of each task vector, and its rescale
             for i in range(n):
                 mag = taus[i].abs()
-                if method == "ties":
+                if method in ("breadcrumbs", "della", "della_linear") and rho[i] >= 1:
+                    keep = torch.ones_like(mag)
+                elif method == "ties":
                     keep = topk_keep(mag, float(rho[i]), block_size).to(acc) if rho[i] < 1 else torch.ones_like(mag)
                 elif method in ("dare", "dare_linear", "dare_ties"):
                     u = keep_uniforms(numel, i, seed, name, base.device).to(acc)

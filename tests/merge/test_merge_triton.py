@@ -54,10 +54,10 @@ def _inputs(shape, n, dtype, gen, ties=False):
 
 
 def _valid_density(method, density):
-    """The densities the method accepts: breadcrumbs density + gamma (0.05) <= 1, DELLA density ±
-    epsilon (0.1) inside (0, 1]."""
+    """The densities the method accepts: 1, or for breadcrumbs density + gamma (0.05) <= 1, for DELLA
+    density ± epsilon (0.1) inside (0, 1]."""
     lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
-    clamp = lambda d: min(max(d, lo), hi)  # noqa: E731
+    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731  (density 1 keeps everything)
     return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
 
 
@@ -126,8 +126,10 @@ def test_ties_large_blocks(shape, blocks, rng):
 
 @pytest.mark.parametrize("method,shape,blocks", [("ties", (5, 11), "rows"), ("dare", (5, 11), "rows"),
                                                  ("dare_ties", (5, 11), "rows"), ("ties", (12_000,), None),
-                                                 ("dare_ties", (12_000,), None)],
-                         ids=["ties-5x11-rows", "dare-5x11-rows", "dare_ties-5x11-rows", "ties-12000", "dare_ties-12000"])
+                                                 ("dare_ties", (12_000,), None), ("breadcrumbs", (5, 11), "rows"),
+                                                 ("della", (300,), 7)],
+                         ids=["ties-5x11-rows", "dare-5x11-rows", "dare_ties-5x11-rows", "ties-12000", "dare_ties-12000",
+                              "breadcrumbs-5x11-rows", "della-300-b7"])
 def test_more_tasks_than_one_launch(method, shape, blocks, rng):
     """10 tasks: two launches of at most 8 task pointers, accumulating in fp32 scratch."""
     n = 10

@@ -87,10 +87,10 @@ def _kwargs(method, shape, blocks, n, gen, density, per_block=None):
 
 
 def _valid_density(method, density):
-    """The densities the method accepts: breadcrumbs needs density + gamma (0.05) <= 1, DELLA
+    """The densities the method accepts: 1, or for breadcrumbs density + gamma (0.05) <= 1, for DELLA
     density ± epsilon (0.1) inside (0, 1]."""
     lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
-    clamp = lambda d: min(max(d, lo), hi)  # noqa: E731
+    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731  (density 1 keeps everything)
     return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
 
 
@@ -166,7 +166,7 @@ def test_out_and_in_place(rng):
     assert_bitwise_equal(inplace, want, "out=base (in place)")
 
 
-@pytest.mark.parametrize("method", ["ties", "dare", "consensus", "model_stock"])
+@pytest.mark.parametrize("method", ["ties", "dare", "breadcrumbs", "della", "consensus", "model_stock"])
 def test_empty(method):
     base = torch.empty(0, 4)
     deltas = [torch.empty(0, 4), torch.empty(0, 4)]

@@ -153,6 +153,17 @@ def test_della_keep_probability_tracks_the_magnitude_rank():
     _close(got[idx].double(), (delta.double() / p)[idx])
 
 
+@pytest.mark.parametrize("method", ["breadcrumbs", "della", "della_linear"])
+def test_density_one_keeps_every_entry_of_the_ranked_methods(method, rng):
+    """As mergekit (`density >= 1` returns the task vector unchanged): no drop, no rescale, whatever
+    gamma / epsilon; the defaults (density 1, gamma 0.01, epsilon 0.1) are a valid call."""
+    base, deltas = _inputs((7, 30), 3, rng)
+    got = pyops.merge(base, deltas, method=method, coeffs=[0.5, 0.2, 0.9], backend="reference")
+    want_method = "ties" if method == "della" else "task_arithmetic"
+    want = pyops.merge(base, deltas, method=want_method, coeffs=[0.5, 0.2, 0.9], density=1.0, backend="reference")
+    _close(got, want)
+
+
 def test_model_stock_matches_mergekit_formula(rng):
     base, fts = _inputs((9, 5), 3, rng)
     got = pyops.merge_from_models(base, fts, method="model_stock", backend="reference")
@@ -196,6 +207,7 @@ def test_coeff_gradient_holds_masks_fixed(method, rng):
     (dict(method="ties", density=[0.5]), TypeError, "density"),
     (dict(method="breadcrumbs", density=0.95, gamma=0.1), ValueError, "gamma"),
     (dict(method="della", density=0.05, epsilon=0.1), ValueError, "epsilon"),
+    (dict(method="della", density=1.0, epsilon=-0.1), ValueError, "epsilon"),
     (dict(method="consensus", k=4), ValueError, "k"),
     (dict(method="model_stock", coeffs=[1.0, 1.0]), ValueError, "coeffs"),
     (dict(method="dare", seed=-1), ValueError, "seed"),
