@@ -34,50 +34,25 @@ inline uint64_t rank_key(float x) {
   return u > 0x7f800000u ? 0x7fc00000u : u;
 }
 
-// Sorts ent[0, len) (entries as above) with tmp as scratch and writes ranks[position] = rank.
-// ent and tmp are both overwritten. Serial: for the short blocks each work item owns. The last
-// radix pass writes the ranks themselves (an entry's destination is its rank), so no sorted copy
-// is read back.
-inline void rank_entries_serial(uint64_t* ent, uint64_t* tmp, int64_t len, uint32_t* ranks) {
-  uint64_t* a = ent;
-  uint64_t* b = tmp;
+// Sorts ent[0, len) (entries as above) with tmp as scratch and writes ranks[position] = rank;
+// ent and tmp are both overwritten. Each radix pass is split into slices counted and scattered on
+// n_threads (one slice for the short blocks a work item owns): slice s's entries of digit q go
+// after every slice's smaller digits and after slices < s' q's, so the scatter is stable whatever
+// the number of slices. The last pass writes the ranks themselves (an entry's destination is its
+// rank), so no sorted copy is read back.
+inline void rank_entries(uint64_t* ent, uint64_t* tmp, int64_t len, uint32_t* ranks, int n_threads) {
   if (len < kRankSortMin) {
-    std::sort(a, a + len);
-    for (int64_t r = 0; r < len; ++r) ranks[(uint32_t)a[r]] = (uint32_t)r;
+    std::sort(ent, ent + len);
+    for (int64_t r = 0; r < len; ++r) ranks[(uint32_t)ent[r]] = (uint32_t)r;
     return;
   }
-  int64_t hist[2048];
-  for (int d = 0; d < kRankPasses; ++d) {
-    const int sh = kRankShift[d];
-    const uint64_t mask = (uint64_t)kRankBins[d] - 1;
-    std::fill(hist, hist + kRankBins[d], int64_t(0));
-    for (int64_t j = 0; j < len; ++j) ++hist[(a[j] >> sh) & mask];
-    if (hist[(a[0] >> sh) & mask] == len) continue;  // one digit value: the pass would copy
-    int64_t run = 0;
-    for (int q = 0; q < kRankBins[d]; ++q) {
-      const int64_t c = hist[q];
-      hist[q] = run;
-      run += c;
-    }
-    if (d == kRankPasses - 1) {
-      for (int64_t j = 0; j < len; ++j) ranks[(uint32_t)a[j]] = (uint32_t)hist[(a[j] >> sh) & mask]++;
-      return;
-    }
-    for (int64_t j = 0; j < len; ++j) b[hist[(a[j] >> sh) & mask]++] = a[j];
-    std::swap(a, b);
-  }
-  for (int64_t r = 0; r < len; ++r) ranks[(uint32_t)a[r]] = (uint32_t)r;
-}
-
-// The same for one long block, each pass split into slices counted and scattered in parallel:
-// slice s's entries of digit q go after every slice's smaller digits and after slices < s' q's,
-// so the scatter is stable whatever the number of slices.
-inline void rank_entries_parallel(uint64_t* ent, uint64_t* tmp, int64_t len, uint32_t* ranks, int n_threads) {
   constexpr int64_t kMinSlice = int64_t(1) << 16;
   const int64_t n_slices = std::max<int64_t>(1, std::min<int64_t>(4 * (int64_t)std::max(n_threads, 1),
                                                                  len / kMinSlice));
   const int64_t per = (len + n_slices - 1) / n_slices;
-  std::vector<int64_t> hist((size_t)(n_slices * 2048));
+  thread_local std::vector<int64_t> hist_buf;  // n_slices x 2048 counters, kept between calls
+  if (hist_buf.size() < (size_t)(n_slices * 2048)) hist_buf.resize((size_t)(n_slices * 2048));
+  int64_t* hist = hist_buf.data();
   uint64_t* a = ent;
   uint64_t* b = tmp;
   for (int d = 0; d < kRankPasses; ++d) {
@@ -86,19 +61,19 @@ inline void rank_entries_parallel(uint64_t* ent, uint64_t* tmp, int64_t len, uin
     const uint64_t mask = (uint64_t)bins - 1;
     const uint64_t* src = a;
     parallel_for(n_slices, n_threads, [&](int64_t s) {
-      int64_t* h = hist.data() + s * 2048;
+      int64_t* h = hist + s * 2048;
       std::fill(h, h + bins, int64_t(0));
       const int64_t lo = s * per, hi = std::min(len, lo + per);
       for (int64_t j = lo; j < hi; ++j) ++h[(src[j] >> sh) & mask];
     });
     const uint64_t first = (a[0] >> sh) & mask;
     int64_t same = 0;
-    for (int64_t s = 0; s < n_slices; ++s) same += hist[(size_t)(s * 2048 + first)];
-    if (same == len) continue;
+    for (int64_t s = 0; s < n_slices; ++s) same += hist[s * 2048 + first];
+    if (same == len) continue;  // one digit value: the pass would copy
     int64_t run = 0;
     for (int q = 0; q < bins; ++q)
       for (int64_t s = 0; s < n_slices; ++s) {
-        int64_t& c = hist[(size_t)(s * 2048 + q)];
+        int64_t& c = hist[s * 2048 + q];
         const int64_t v = c;
         c = run;
         run += v;
@@ -106,7 +81,7 @@ inline void rank_entries_parallel(uint64_t* ent, uint64_t* tmp, int64_t len, uin
     const bool last = d == kRankPasses - 1;
     uint64_t* dst = b;
     parallel_for(n_slices, n_threads, [&](int64_t s) {
-      int64_t* h = hist.data() + s * 2048;
+      int64_t* h = hist + s * 2048;
       const int64_t lo = s * per, hi = std::min(len, lo + per);
       if (last) {
         for (int64_t j = lo; j < hi; ++j) ranks[(uint32_t)src[j]] = (uint32_t)h[(src[j] >> sh) & mask]++;
@@ -117,6 +92,7 @@ inline void rank_entries_parallel(uint64_t* ent, uint64_t* tmp, int64_t len, uin
     if (last) return;
     std::swap(a, b);
   }
+  // The last digit was the same for every entry: a already holds the sorted order.
   const uint64_t* sorted = a;
   parallel_for(n_slices, n_threads, [&](int64_t s) {
     const int64_t lo = s * per, hi = std::min(len, lo + per);

@@ -224,10 +224,6 @@ inline void philox_words(uint64_t g0, int64_t ng, uint32_t c2, uint32_t c3, cons
 // Per-call constants and per-thread scratch
 // ------------------------------------------------------------------------------------------------
 
-// Scratch of the long-block ranking: (key, position) entries twice the block, and the ranks of
-// every task. Fresh memory costs a page fault per 4 KiB at first touch, about as much as the
-// sort itself at these sizes, so one call's buffers are kept for the next (a streaming merge
-// repeats a few tensor shapes) unless they exceed kRankKeepBytes.
 // Uninitialised memory for the ranking, on transparent huge pages where Linux offers them: the
 // radix scatter writes into 2048 buckets spread over the whole buffer and the rank writes go to
 // random positions, so with 4 KiB pages nearly every store misses the TLB.
@@ -271,6 +267,10 @@ class RankArray {
   size_t bytes_ = 0;
 };
 
+// Scratch of the long-block ranking: (key, position) entries twice the block, and the ranks of
+// every task. Fresh memory costs a page fault per 4 KiB at first touch, about as much as the
+// sort itself at these sizes, so one call's buffers are kept for the next (a streaming merge
+// repeats a few tensor shapes) unless they exceed kRankKeepBytes.
 struct RankBuffers {
   RankArray<uint64_t> ent, tmp;
   RankArray<uint32_t> ranks;
@@ -452,7 +452,7 @@ RankView small_block_ranks(const Ctx& ctx, int64_t lo, int64_t hi, Scratch& s) {
   for (int64_t i = 0; i < p.n; ++i) {
     if (ctx.keep_all[i]) continue;
     fill_rank_entries<T, FM>(p, i, lo, hi, lo, s.ent.data());
-    rank_entries_serial(s.ent.data(), s.ent2.data(), len, s.ranks.data() + i * len);
+    rank_entries(s.ent.data(), s.ent2.data(), len, s.ranks.data() + i * len, 1);
   }
   return RankView{s.ranks.data(), len, lo};
 }
@@ -477,7 +477,7 @@ RankView large_block_ranks(Ctx& ctx, int n_threads) {
         const int64_t a = lo + c * kChunk;
         fill_rank_entries<T, FM>(p, i, a, std::min(lo + len, a + kChunk), lo, ent + (a - lo));
       });
-      rank_entries_parallel(ent, tmp, len, ranks + i * p.numel + lo, n_threads);
+      rank_entries(ent, tmp, len, ranks + i * p.numel + lo, n_threads);
     }
   }
   return RankView{ranks, p.numel, 0};
