@@ -800,7 +800,7 @@ def _block_ranks(base: Tensor, deltas: Sequence[Tensor], block_size: int, from_m
     return ranks
 
 
-def _ranked_params(method: int, density: Sequence[float], numel: int, block_size: int, gamma: float,
+def _ranked_params(density: Sequence[float], numel: int, block_size: int, gamma: float,
                    epsilon: float) -> tuple[list, list]:
     """Per task: the breadcrumbs rank bands [lo, hi) of a full block and of the last block (ints),
     and DELLA's ρ − ε, 2ε and n − 1 of both block lengths (fp32 values; n − 1 = 0 means n = 1)."""
@@ -837,16 +837,12 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
     dev = base.device
     n_blocks = triton.cdiv(numel, block_size)
     seed_i64 = seed - (1 << 64) if seed >= 1 << 63 else seed
+    ints: list = []  # int parameters after (seed, name hash): the breadcrumbs rank bands
     if method in RANKED_CODES:
-        ints, floats = _ranked_params(method, density, numel, block_size, gamma, epsilon)
-        iparams = torch.tensor([seed_i64, name_hash] + ints, dtype=torch.int64, device=dev)
+        ints, floats = _ranked_params(density, numel, block_size, gamma, epsilon)
         fparams = torch.tensor(floats, dtype=torch.float32, device=dev)
-        thr = _block_ranks(base, deltas, block_size, from_models)
-        _combine(out, base, deltas, coeffs, coeff_stride_n, coeff_stride_block, block_size, from_models, method, lam,
-                 thr, fparams, iparams, normalize)
-        return
-    iparams = torch.tensor([seed_i64, name_hash], dtype=torch.int64, device=dev)
-    if method == METHOD_TIES:
+        thr = _block_ranks(base, deltas, block_size, from_models)  # the ranks, [N, numel] int32
+    elif method == METHOD_TIES:
         rho = torch.tensor([_fp32(d) for d in density], dtype=torch.float32, device=dev)
         if min(block_size, numel) <= SMALL_MAX:
             rows, cols = _rows_tiling(numel, block_size, n_blocks)
@@ -878,5 +874,6 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
             vals += [_fp32(d), _fp32(1.0 / _fp32(d))]
         fparams = torch.tensor(vals, dtype=torch.float32, device=dev)
         thr = fparams  # unused by DARE
+    iparams = torch.tensor([seed_i64, name_hash] + ints, dtype=torch.int64, device=dev)
     _combine(out, base, deltas, coeffs, coeff_stride_n, coeff_stride_block, block_size, from_models, method, lam,
              thr, fparams, iparams, normalize)

@@ -33,10 +33,9 @@ OP = "merge"
 METHODS = ref.METHODS
 ALIASES = {"dare_linear": "dare"}
 # Methods that rank |τ| within each block (the C++ kernels sort; see csrc/cpu/block_rank.h).
-RANKED = ("breadcrumbs", "della", "della_linear")
-# Method codes of the C++ kernel (csrc/cpu/merge_kernels.h).
-NATIVE_METHODS = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4,
-                  "della": 5, "della_linear": 6, "consensus": 7}
+RANKED = ref.RANKED
+# Method codes of the C++ kernel (csrc/cpu/merge.h).
+NATIVE_METHODS = merge_native.METHOD_CODES
 
 
 def _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n):

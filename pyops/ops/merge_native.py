@@ -10,11 +10,13 @@ lays out the coefficients, allocates the output and calls the registered ops:
 
 model_stock is a Gram pass (cos and t exactly as the reference forms them) followed by
 `pyops.task_arithmetic` with coefficients t/N: θ = base + t·mean(τ). Gradients reach base and
-the models through t as well (the Gram op's backward), as in the reference. ties, dare / dare_linear, dare_ties, breadcrumbs
-and della / della_linear have a native backward (`pyops::merge_native_backward`) with every mask
-held fixed, as the reference defines their gradients; breadcrumbs and DELLA rank |τ| per block
-with a stable radix sort (csrc/cpu/block_rank.h), the reference's `ascending_rank` exactly; consensus, whose mask depends on the coefficients, is forward only and
-the op layer sends calls that need its gradients to the reference.
+the models through t as well (the Gram op's backward), as in the reference. ties, dare /
+dare_linear, dare_ties, breadcrumbs and della / della_linear have a native backward
+(`pyops::merge_native_backward`) with every mask held fixed, as the reference defines their
+gradients; breadcrumbs and DELLA rank |τ| per block with a stable radix sort
+(csrc/cpu/block_rank.h), the reference's `ascending_rank` exactly. consensus, whose mask depends
+on the coefficients, is forward only and the op layer sends calls that need its gradients to the
+reference.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from pyops import _backend, _native
 from pyops.ops import task_merge as TM
 from pyops.reference import merge as ref
 
-# Method codes of the C++ kernel (csrc/cpu/merge.h); the same table as pyops.ops.merge.NATIVE_METHODS.
+# Method codes of the C++ kernel (csrc/cpu/merge.h).
 METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4,
                 "della": 5, "della_linear": 6, "consensus": 7}
 

@@ -52,6 +52,8 @@ METHODS = ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "bread
 # Methods that end with TIES' sign election and disjoint mean, and their default `normalize`.
 ELECTING = {"ties", "dare_ties", "della"}
 RANDOM = {"dare", "dare_linear", "dare_ties", "della", "della_linear"}
+# Methods whose masks come from each |τ|'s rank within its block.
+RANKED = ("breadcrumbs", "della", "della_linear")
 
 
 def name_hash(name: str) -> int:
@@ -200,7 +202,7 @@ def merge(
             masks = []  # the kept fraction of each task vector, and its rescale
             for i in range(n):
                 mag = taus[i].abs()
-                if method in ("breadcrumbs", "della", "della_linear") and rho[i] >= 1:
+                if method in RANKED and rho[i] >= 1:
                     keep = torch.ones_like(mag)
                 elif method == "ties":
                     keep = topk_keep(mag, float(rho[i]), block_size).to(acc) if rho[i] < 1 else torch.ones_like(mag)
