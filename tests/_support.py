@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import subprocess
+import sys
 from typing import Iterable, List, Optional, Sequence, Union
 
 import pytest
@@ -177,6 +180,30 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert not bool(diff.any()), f"{what}: {int(diff.sum())} of {diff.numel()} elements differ bitwise"
 
 
+def merge_density(method: str, density):
+    """`density` made acceptable to `method` (a float or a list): 1 stays 1 (keeps everything);
+    below 1, breadcrumbs needs density + gamma (0.05 in the tests) <= 1 and DELLA density ± epsilon
+    (0.1) inside (0, 1]."""
+    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
+    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731
+    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
+
+
+def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[list]:
+    """Runs `script` (which `torch.save`s a list of tensors to sys.argv[1]) in a fresh process
+    without `env_var` and with `env_var=1`; returns the two lists, in that order. For switches read
+    once at load time (the ISA paths of the C++ kernels)."""
+    outs = []
+    for flag in ("", "1"):
+        path = tmp_path / f"out{flag or 0}.pt"
+        env = {k: v for k, v in os.environ.items() if k != env_var}
+        if flag:
+            env[env_var] = flag
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True, env=env, timeout=300)
+        outs.append(torch.load(path))
+    return outs
+
+
 def snapshot(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
     """Bit-exact copies (same strides) of `tensors`, to prove later that they were not modified."""
     return [t.detach().clone() for t in tensors]
@@ -185,6 +212,6 @@ def snapshot(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
 __all__ = [
     "BACKENDS", "BIG_BLOCK", "CUDA", "REDUCTION_TOL", "assert_bitwise_equal", "assert_close", "assert_close_dtype",
     "available_backends", "backend_reason", "block_size_for", "device_for", "fmt_blocks", "fmt_dtype", "fmt_shape",
-    "interpreted", "make_inputs", "n_blocks_for", "public_fn", "randn", "reference", "require_backend", "snapshot",
-    "tolerance_for",
+    "interpreted", "make_inputs", "merge_density", "n_blocks_for", "public_fn", "randn", "reference",
+    "require_backend", "saved_outputs_with_and_without", "snapshot", "tolerance_for",
 ]

@@ -22,7 +22,7 @@ from pyops.ops import merge as M
 from pyops.ops import merge_triton as MT
 from pyops.reference import merge as R
 from pyops.testing import compare, tolerance_for
-from _support import CUDA, assert_bitwise_equal, fmt_dtype
+from _support import CUDA, assert_bitwise_equal, fmt_dtype, merge_density
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [FP32, FP16, BF16]
@@ -53,17 +53,9 @@ def _inputs(shape, n, dtype, gen, ties=False):
     return base, [torch.randn(shape, generator=gen).to(DEV, dtype) for _ in range(n)]
 
 
-def _valid_density(method, density):
-    """The densities the method accepts: 1, or for breadcrumbs density + gamma (0.05) <= 1, for DELLA
-    density ± epsilon (0.1) inside (0, 1]."""
-    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
-    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731  (density 1 keeps everything)
-    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
-
-
 def _kwargs(method, shape, blocks, n, gen, density, per_block):
     cshape = (n, _n_blocks(shape, blocks)) if per_block else (n,)
-    kw = dict(method=method, blocks=blocks, density=_valid_density(method, density),
+    kw = dict(method=method, blocks=blocks, density=merge_density(method, density),
               coeffs=(0.25 + torch.rand(cshape, generator=gen)).to(DEV), lam=0.9, seed=2**63 + 12345,
               name="model.layers.0.mlp.weight")
     if method == "breadcrumbs":

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from pyops import _native
 from pyops.testing import REDUCTION_TOL, compare, tolerance_for
+from _support import saved_outputs_with_and_without
 
 C = _native.cpu_module
 pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "moe_route"),
@@ -344,16 +345,7 @@ torch.save([h, h2, da, db], sys.argv[1])
 def test_swiglu_16_lane_path_matches_the_8_lane_loops(tmp_path):
     """On AVX-512 machines SwiGLU runs 16 lanes wide; PYOPS_MOE_NO_AVX512=1 selects the 8-lane loops.
     Both perform exp_f's operations in the same order: the same bits, NaN, inf and clamps included."""
-    import os
-    import subprocess
-    import sys
-    outs = []
-    for flag in ("0", "1"):
-        path = tmp_path / f"lanes{flag}.pt"
-        env = dict(os.environ, PYOPS_MOE_NO_AVX512="1") if flag == "1" else {
-            k: v for k, v in os.environ.items() if k != "PYOPS_MOE_NO_AVX512"}
-        subprocess.run([sys.executable, "-c", _LANES_SCRIPT, str(path)], check=True, env=env, timeout=120)
-        outs.append(torch.load(path))
+    outs = saved_outputs_with_and_without("PYOPS_MOE_NO_AVX512", _LANES_SCRIPT, tmp_path)
     for name, x, y in zip(("h", "h from the backward", "da", "db"), *outs):
         assert torch.equal(x.isnan(), y.isnan()), name
         assert torch.equal(x[~x.isnan()], y[~y.isnan()]), name

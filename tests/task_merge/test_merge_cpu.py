@@ -22,7 +22,7 @@ from pyops import _native
 from pyops.ops import merge_native as MN
 from pyops.reference import merge as R
 from pyops.testing import REDUCTION_TOL, compare, tolerance_for
-from _support import assert_bitwise_equal, fmt_dtype
+from _support import assert_bitwise_equal, fmt_dtype, merge_density, saved_outputs_with_and_without
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = [FP32, FP16, BF16]
@@ -78,20 +78,12 @@ def _kwargs(method, shape, blocks, n, gen, density, per_block=None):
     if method == "consensus":
         kw["k"] = min(2, n)
     else:
-        kw["density"] = _valid_density(method, density)
+        kw["density"] = merge_density(method, density)
         if method == "breadcrumbs":
             kw["gamma"] = 0.05
         kw["seed"] = 2**63 + 12345  # beyond int64: exercises the seed's round trip through the op schema
         kw["name"] = "model.layers.0.mlp.weight"
     return kw
-
-
-def _valid_density(method, density):
-    """The densities the method accepts: 1, or for breadcrumbs density + gamma (0.05) <= 1, for DELLA
-    density ± epsilon (0.1) inside (0, 1]."""
-    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
-    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731  (density 1 keeps everything)
-    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
 
 
 def _run(fn, base, deltas, backend, **kw):
@@ -324,17 +316,7 @@ torch.save(outs, sys.argv[1])
 def test_philox_paths_give_the_same_bits(tmp_path):
     """The AVX2 build draws its Philox words 16 groups per step on AVX-512 machines and 8 per step
     otherwise (PYOPS_MERGE_NO_AVX512=1 forces the latter): DARE, DARE-TIES and DELLA agree bit for bit."""
-    import os
-    import subprocess
-    import sys
-    outs = []
-    for flag in ("", "1"):
-        path = tmp_path / f"philox{flag or 0}.pt"
-        env = {k: v for k, v in os.environ.items() if k != "PYOPS_MERGE_NO_AVX512"}
-        if flag:
-            env["PYOPS_MERGE_NO_AVX512"] = flag
-        subprocess.run([sys.executable, "-c", _PHILOX_SCRIPT, str(path)], check=True, env=env, timeout=300)
-        outs.append(torch.load(path))
+    outs = saved_outputs_with_and_without("PYOPS_MERGE_NO_AVX512", _PHILOX_SCRIPT, tmp_path)
     for m, x, y in zip(("dare", "dare_ties", "della"), *outs):
         assert_bitwise_equal(x, y, m)
 
