@@ -100,3 +100,9 @@ _, status = os.waitpid(pid, 0)
 print(os.waitstatus_to_exitcode(status))
 """
     assert _run(code) == "0"
+
+
+def test_from_models_spellings_are_the_same_functions():
+    """The issue's `from_models` form of `pyops.merge` (and of the pilot op) is reachable as an attribute."""
+    assert pyops.merge.from_models is pyops.merge_from_models
+    assert pyops.task_arithmetic.from_models is pyops.task_arithmetic_from_models

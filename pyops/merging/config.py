@@ -13,10 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-import torch
-
 from pyops.merging.errors import ConfigError
-from pyops.reference.merge import METHODS
+from pyops.ops.merge_params import METHODS
 
 # --------------------------------------------------------------------------------------------
 # What is accepted
@@ -52,9 +50,9 @@ USES = {
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "tokenizer_source",
             "tokenizer", "chat_template", "slices")
 MODEL_KEYS = ("model", "parameters")
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+# The config's dtype names -> safetensors dtype codes (pyops.merging.safetensors_io).
+DTYPES = {"float32": "F32", "fp32": "F32", "float": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
+          "bfloat16": "BF16", "bf16": "BF16"}
 
 
 Path_ = Tuple[Union[str, int], ...]
@@ -176,7 +174,7 @@ class MergeConfig:
     k: int
     tall_lambda: float
     blocks: Union[None, str, int]
-    out_dtype: Optional[torch.dtype]
+    out_dtype: Optional[str]  # a safetensors code ("F32", "F16", "BF16"); None: the base's
     seed: int
     tokenizer_source: Optional[Path]  # None: the base model (or the first model for linear without base)
     text: str  # the configuration, to store next to the merged model
@@ -306,7 +304,7 @@ def _resolve_path(doc: _Doc, path: Path_, written: Any) -> Path:
     return Path(os.path.abspath(p))
 
 
-def _dtype(doc: _Doc, cfg: dict, key: str) -> Optional[torch.dtype]:
+def _dtype(doc: _Doc, cfg: dict, key: str) -> Optional[str]:
     v = cfg.get(key)
     if v is None:
         return None

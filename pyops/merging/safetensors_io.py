@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -31,23 +32,44 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
-import torch
-
 from pyops.merging.errors import CheckpointError
 
-# safetensors dtype codes <-> torch dtypes (little-endian, as the format prescribes).
-DTYPES: Dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
+# Safetensors dtype codes (little-endian, as the format prescribes) and their sizes. Tensors'
+# dtypes are kept as these codes, so that headers are read and shards written without torch
+# (the native engine of `python -m pyops merge` never imports it); `torch_dtype` maps a code.
+ITEMSIZES: Dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
 }
-for _code, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2"), ("U16", "uint16"),
-                     ("U32", "uint32"), ("U64", "uint64")):
-    if hasattr(torch, _attr):
-        DTYPES[_code] = getattr(torch, _attr)
-CODES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
+_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
+                "U64": "uint64"}
 # The dtypes pyops merges; every other dtype (ints, bool, fp8) is copied from the base model.
-MERGEABLE = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+MERGEABLE = ("F32", "F16", "BF16", "F64")
+
+
+def torch_dtype(code: str):
+    """The torch dtype of a safetensors code (imports torch)."""
+    import torch
+    dtype = getattr(torch, _TORCH_NAMES[code], None)
+    if dtype is None:
+        raise CheckpointError(f"dtype {code!r} has no torch dtype in torch {torch.__version__}")
+    return dtype
+
+
+def dtype_code(dtype) -> str:
+    """The safetensors code of a torch dtype, or a code given as is."""
+    if isinstance(dtype, str):
+        if dtype not in ITEMSIZES:
+            raise ValueError(f"dtype: expected one of the safetensors codes {', '.join(ITEMSIZES)}, got {dtype!r}")
+        return dtype
+    name = str(dtype).rpartition(".")[2]
+    for code, torch_name in _TORCH_NAMES.items():
+        if torch_name == name:
+            return code
+    raise ValueError(f"dtype: {dtype} has no safetensors code")
+
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -57,7 +79,7 @@ MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
 @dataclass(frozen=True)
 class TensorInfo:
     name: str
-    dtype: torch.dtype
+    dtype: str  # safetensors code ("F32", "BF16", ...)
     shape: Tuple[int, ...]
     file: Path
     offset: int  # absolute byte offset of the data in `file`
@@ -68,14 +90,28 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-_ITEMSIZE: Dict[torch.dtype, int] = {}
+class RawBuffer:
+    """Page-aligned anonymous memory of `nbytes` bytes (the native engine's reusable buffers): pages
+    are touched on first write, as with torch.empty."""
+
+    __slots__ = ("mmap", "address", "nbytes", "_anchor")
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self.mmap = mmap.mmap(-1, max(nbytes, 1))
+        self._anchor = ctypes.c_char.from_buffer(self.mmap)
+        self.address = ctypes.addressof(self._anchor)
 
 
-def itemsize(dtype: torch.dtype) -> int:
-    size = _ITEMSIZE.get(dtype)
-    if size is None:
-        size = _ITEMSIZE[dtype] = torch.empty((), dtype=dtype).element_size()
-    return size
+class RawTensor:
+    """The bytes of one tensor: a safetensors dtype code, a shape, and `nbytes` bytes at `address`,
+    kept alive by `owner` (a mapping's anchor or a `RawBuffer`). What the native engine reads,
+    merges and writes instead of torch tensors."""
+
+    __slots__ = ("dtype", "shape", "address", "nbytes", "owner")
+
+    def __init__(self, dtype: str, shape: Tuple[int, ...], address: int, nbytes: int, owner: object):
+        self.dtype, self.shape, self.address, self.nbytes, self.owner = dtype, tuple(shape), address, nbytes, owner
 
 
 def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
@@ -107,15 +143,14 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
             code, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
         except (TypeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({exc!r})") from None
-        if code not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which this torch cannot represent "
-                                  f"(known: {', '.join(DTYPES)})")
-        dtype = DTYPES[code]
-        expected = math.prod(shape) * itemsize(dtype)
+        if code not in ITEMSIZES:
+            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which pyops does not know "
+                                  f"(known: {', '.join(ITEMSIZES)})")
+        expected = math.prod(shape) * ITEMSIZES[code]
         if any(s < 0 for s in shape) or not (0 <= begin <= end <= data_len) or end - begin != expected:
             raise CheckpointError(f"{path}: tensor {name!r} ({code} {list(shape)}) has byte range [{begin}, {end}) "
                                   f"that does not match its size {expected} or the file's {data_len} data bytes")
-        out[name] = TensorInfo(name, dtype, shape, Path(path), data_start + begin, expected)
+        out[name] = TensorInfo(name, code, shape, Path(path), data_start + begin, expected)
     # File order: reading tensors in this order is sequential on disk.
     ordered = dict(sorted(out.items(), key=lambda kv: kv[1].offset))
     return ordered, metadata
@@ -193,7 +228,27 @@ class Checkpoint:
             fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
         return fd
 
-    def read(self, name: str, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def _pread(self, info: TensorInfo, dest: memoryview) -> None:
+        """The stored bytes of `info` into `dest` (one `preadv`, no mapping kept)."""
+        fd = self._fd(info.file)
+        done = 0
+        while done < info.nbytes:
+            n = os.preadv(fd, [dest[done:]], info.offset + done)
+            if n <= 0:
+                raise CheckpointError(f"{info.file}: ended while reading tensor {info.name!r} (was it truncated "
+                                      f"or modified during the merge?)")
+            done += n
+
+    def _mapping(self, info: TensorInfo) -> Tuple[mmap.mmap, int]:
+        """A private, copy-on-write mapping holding `info`'s bytes, and their offset in it."""
+        fd = self._fd(info.file)
+        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
+        skip = info.offset - start
+        m = mmap.mmap(fd, skip + info.nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                      offset=start)
+        return m, skip
+
+    def read(self, name: str, buffer=None):
         """A CPU tensor with the stored values of `name` (one `preadv`, no mapping kept).
 
         Without `buffer` the tensor is newly allocated. With `buffer` (a contiguous uint8 CPU
@@ -201,29 +256,22 @@ class Checkpoint:
         is a view of it: a merge that reuses its buffers touches no fresh pages, and a fresh page
         costs about as much as reading it (the first write of new memory runs at ~1 GB/s here).
         """
+        import torch
         info = self.tensors[name]
+        dtype = torch_dtype(info.dtype)
         if buffer is None:
-            t = torch.empty(info.shape, dtype=info.dtype)
+            t = torch.empty(info.shape, dtype=dtype)
         else:
             if buffer.dtype != torch.uint8 or buffer.device.type != "cpu" or not buffer.is_contiguous() \
                     or buffer.numel() < info.nbytes:
                 raise ValueError(f"buffer: expected a contiguous CPU uint8 tensor of at least {info.nbytes} bytes "
                                  f"for {name!r}, got {buffer.dtype} {list(buffer.shape)} on {buffer.device}")
-            t = buffer[:info.nbytes].view(info.dtype).view(info.shape)
-        if info.nbytes == 0:
-            return t
-        fd = self._fd(info.file)
-        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
-        done = 0
-        while done < info.nbytes:
-            n = os.preadv(fd, [buf[done:]], info.offset + done)
-            if n <= 0:
-                raise CheckpointError(f"{info.file}: ended while reading tensor {name!r} (was it truncated "
-                                      f"or modified during the merge?)")
-            done += n
+            t = buffer[:info.nbytes].view(dtype).view(info.shape)
+        if info.nbytes:
+            self._pread(info, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         return t
 
-    def map(self, name: str) -> torch.Tensor:
+    def map(self, name: str):
         """A CPU tensor over a private, copy-on-write mapping of `name`'s bytes in the file (the
         page cache, no copy): the mapping goes when the tensor does. Reading through it runs at
         ~4x `read` into a buffer on the dev VM (17.6 vs 4.4 GB/s, one 1.1 GB file in the page
@@ -232,17 +280,32 @@ class Checkpoint:
         while it is being merged ends the process with SIGBUS: `read` is the fallback for files
         on a filesystem that cannot map them. (Mapping the next tensor's pages in ahead, on the
         reader thread, gained nothing measurable and raised the peak RSS.)"""
-        import mmap
+        import torch
+        info = self.tensors[name]
+        dtype = torch_dtype(info.dtype)
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        m, skip = self._mapping(info)
+        raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=skip)
+        return raw.view(dtype).view(info.shape)
+
+    def map_raw(self, name: str) -> "RawTensor":
+        """`map` without torch: the tensor's bytes in a private mapping, as a `RawTensor`."""
         info = self.tensors[name]
         if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        fd = self._fd(info.file)
-        start = info.offset - info.offset % mmap.ALLOCATIONGRANULARITY
-        skip = info.offset - start
-        m = mmap.mmap(fd, skip + info.nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                      offset=start)
-        raw = torch.frombuffer(m, dtype=torch.uint8, count=info.nbytes, offset=skip)
-        return raw.view(info.dtype).view(info.shape)
+            return RawTensor(info.dtype, info.shape, 0, 0, None)
+        m, skip = self._mapping(info)
+        anchor = ctypes.c_char.from_buffer(m, skip)  # keeps the mapping alive as long as the RawTensor
+        return RawTensor(info.dtype, info.shape, ctypes.addressof(anchor), info.nbytes, anchor)
+
+    def read_raw(self, name: str, buffer: "RawBuffer") -> "RawTensor":
+        """`read` without torch: the tensor's bytes in the first bytes of `buffer`."""
+        info = self.tensors[name]
+        if buffer.nbytes < info.nbytes:
+            raise ValueError(f"buffer: expected at least {info.nbytes} bytes for {name!r}, got {buffer.nbytes}")
+        if info.nbytes:
+            self._pread(info, memoryview(buffer.mmap)[:info.nbytes])
+        return RawTensor(info.dtype, info.shape, buffer.address, info.nbytes, buffer)
 
     def close(self) -> None:
         fds, self._fds = self._fds, {}
@@ -265,13 +328,19 @@ class Checkpoint:
 
 @dataclass(frozen=True)
 class OutEntry:
+    """One tensor of an output shard. `dtype`: a safetensors code; a torch dtype is taken too and
+    stored as its code."""
     name: str
-    dtype: torch.dtype
+    dtype: str
     shape: Tuple[int, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "dtype", dtype_code(self.dtype))
+        object.__setattr__(self, "shape", tuple(int(x) for x in self.shape))
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return math.prod(self.shape) * ITEMSIZES[self.dtype]
 
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(I?)B?\s*$", re.IGNORECASE)
@@ -321,7 +390,7 @@ def encode_header(entries: Iterable[OutEntry], metadata: Optional[Dict[str, str]
     header: Dict[str, object] = {"__metadata__": dict(metadata or {"format": "pt"})}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": CODES[e.dtype], "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
         offset += e.nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-(8 + len(text)) % align)
@@ -354,22 +423,21 @@ class _DirectSink:
         return cls(fd)
 
     def __init__(self, fd: int):
-        import mmap
         self.fd = fd
-        self._buf = mmap.mmap(-1, _STAGING_BYTES)  # page-aligned, as O_DIRECT wants
-        self._stage = torch.frombuffer(self._buf, dtype=torch.uint8)
+        self._stage = RawBuffer(_STAGING_BYTES)  # page-aligned, as O_DIRECT wants
+        self._buf = self._stage.mmap
         self._fill = 0
         self.size = 0
 
-    def write(self, data: torch.Tensor) -> None:
-        """data: a contiguous uint8 CPU tensor."""
-        n, pos = data.numel(), 0
+    def write(self, address: int, n: int) -> None:
+        """Appends the n bytes at `address`."""
+        pos = 0
         while pos < n:
             take = min(n - pos, _STAGING_BYTES - self._fill)
             # A plain memcpy (ctypes releases the GIL), not Tensor.copy_: this runs on the merge's
             # writer thread, and a torch op there starts a second OpenMP team that spins against
             # the merge kernel's team on the same cores (the kernels ran ~3x slower).
-            ctypes.memmove(self._stage.data_ptr() + self._fill, data.data_ptr() + pos, take)
+            ctypes.memmove(self._stage.address + self._fill, address + pos, take)
             self._fill += take
             pos += take
             if self._fill == _STAGING_BYTES:
@@ -389,7 +457,7 @@ class _DirectSink:
         if self._fill:
             tail = self._fill
             padded = -(-tail // _DIRECT_BLOCK) * _DIRECT_BLOCK
-            ctypes.memset(self._stage.data_ptr() + tail, 0, padded - tail)
+            ctypes.memset(self._stage.address + tail, 0, padded - tail)
             self._flush(padded)
             os.ftruncate(self.fd, self.size)
 
@@ -397,7 +465,7 @@ class _DirectSink:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self._stage = None
+        self._stage = None  # drops the buffer's ctypes anchor, which would keep the mapping from closing
         if not self._buf.closed:
             self._buf.close()
 
@@ -412,27 +480,35 @@ class ShardWriter:
         self._direct = _DirectSink.open(self.path)  # never overwrites anything (O_EXCL / "xb")
         self._fh = None if self._direct is not None else open(self.path, "xb")
         header = encode_header(self.entries, metadata, align=_DIRECT_BLOCK if self._direct is not None else 8)
-        self._put(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        staged = ctypes.create_string_buffer(header, len(header))
+        self._put(ctypes.addressof(staged), len(header))
 
-    def _put(self, data: torch.Tensor) -> None:
+    def _put(self, address: int, n: int) -> None:
         if self._direct is not None:
-            self._direct.write(data)
+            self._direct.write(address, n)
         else:
-            self._fh.write(memoryview(data.numpy()).cast("B"))
+            self._fh.write((ctypes.c_char * n).from_address(address))
 
-    def write_tensor(self, name: str, tensor: torch.Tensor) -> None:
+    def write_tensor(self, name: str, tensor) -> None:
+        """Appends the next planned tensor: a torch tensor (any device; copied to the host if
+        needed) or a `RawTensor`."""
         if self._next >= len(self.entries):
             raise RuntimeError(f"{self.path.name}: got tensor {name!r} after the last planned tensor")
         e = self.entries[self._next]
-        if name != e.name or tensor.dtype != e.dtype or tuple(tensor.shape) != e.shape:
+        raw = isinstance(tensor, RawTensor)
+        code = tensor.dtype if raw else dtype_code(tensor.dtype)
+        if name != e.name or code != e.dtype or tuple(tensor.shape) != e.shape:
             raise RuntimeError(f"{self.path.name}: expected tensor {e.name!r} {e.dtype} {list(e.shape)}, "
-                               f"got {name!r} {tensor.dtype} {list(tensor.shape)}")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        t = t.contiguous()
+                               f"got {name!r} {code} {list(tensor.shape)}")
         if e.nbytes:
-            self._put(t.reshape(-1).view(torch.uint8))
+            if raw:
+                self._put(tensor.address, e.nbytes)
+            else:
+                t = tensor.detach()
+                if t.device.type != "cpu":
+                    t = t.cpu()
+                t = t.contiguous()
+                self._put(t.data_ptr(), e.nbytes)
         self._next += 1
 
     def close(self, sync: bool = True) -> None:

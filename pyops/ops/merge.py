@@ -23,10 +23,10 @@ from torch import Tensor
 
 from pyops import _backend, _native
 from pyops._triton import triton_family_reason
-from pyops.ops import _validate as V
 from pyops.ops import merge_native  # the C++ path; importing registers its ops before any tracing
 from pyops.ops import merge_triton  # the Triton path (its ops register without importing Triton)
 from pyops.ops import task_merge as TM
+from pyops.ops.merge_params import check_params
 from pyops.reference import merge as ref
 
 OP = "merge"
@@ -36,55 +36,6 @@ ALIASES = {"dare_linear": "dare"}
 RANKED = ref.RANKED
 # Method codes of the C++ kernel (csrc/cpu/merge.h).
 NATIVE_METHODS = merge_native.METHOD_CODES
-
-
-def _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n):
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
-    if isinstance(density, (int, float)) and not isinstance(density, bool):
-        dens = [float(density)] * n
-    elif isinstance(density, torch.Tensor):
-        if density.dim() == 0:
-            dens = [float(density)] * n
-        elif density.shape == (n,):
-            dens = [float(x) for x in density.tolist()]
-        else:
-            raise ValueError(f"density: expected a float or shape [{n}] (one per task), got {V.fmt_shape(density.shape)}")
-    elif isinstance(density, (list, tuple)) and len(density) == n and all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) for x in density):
-        dens = [float(x) for x in density]
-    else:
-        raise TypeError(f"density: expected a float or a sequence of {n} floats, got {density!r}")
-    for i, d in enumerate(dens):
-        if not (0.0 < d <= 1.0):
-            raise ValueError(f"density: expected values in (0, 1], got {d} (task {i})")
-    if not isinstance(lam, (int, float)) or isinstance(lam, bool):
-        raise TypeError(f"lam: expected a float, got {type(lam).__name__}")
-    if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**64):
-        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
-    if not isinstance(name, str):
-        raise TypeError(f"name: expected a str (the tensor's name, part of the random key), got {type(name).__name__}")
-    if method == "breadcrumbs":
-        if not (0.0 <= gamma < 1.0):
-            raise ValueError(f"gamma: expected a value in [0, 1), got {gamma}")
-        for i, d in enumerate(dens):
-            if d < 1.0 and d + gamma > 1.0 + 1e-12:  # density 1 keeps everything (as mergekit)
-                raise ValueError(f"gamma: density + gamma must be <= 1 for breadcrumbs, got {d} + {gamma} (task {i})")
-    if method in ("della", "della_linear"):
-        if not epsilon >= 0.0:
-            raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
-        for i, d in enumerate(dens):
-            if d < 1.0 and not (d - epsilon > 0.0 and d + epsilon <= 1.0):  # density 1 keeps everything
-                raise ValueError(f"epsilon: della needs 0 < density - epsilon and density + epsilon <= 1, "
-                                 f"got density={d}, epsilon={epsilon} (task {i})")
-    if method == "consensus":
-        if not isinstance(k, int) or isinstance(k, bool) or not (1 <= k <= n):
-            raise ValueError(f"k: expected an int in [1, {n}] (tasks that must agree), got {k!r}")
-        if tall_lambda < 0:
-            raise ValueError(f"tall_lambda: expected >= 0, got {tall_lambda}")
-    if normalize is not None and not isinstance(normalize, bool):
-        raise TypeError(f"normalize: expected None or a bool, got {normalize!r}")
-    return dens
 
 
 def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
@@ -131,7 +82,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         coeffs = [1.0] * max(n_guess, 0)
     p = TM.prepare(base, deltas, coeffs, blocks, TM._output_dtype(out, out_dtype), deltas_name=deltas_name)
     n = len(p.deltas)
-    dens = _check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n)
+    dens = check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n)
     if method == "model_stock" and n < 2:
         raise ValueError(f"{deltas_name}: model_stock needs at least 2 fine-tuned models, got {n}")
     if out is not None:

@@ -27,11 +27,11 @@ from torch import Tensor
 
 from pyops import _backend, _native
 from pyops.ops import task_merge as TM
+from pyops.ops.merge_params import NATIVE_METHOD_CODES
 from pyops.reference import merge as ref
 
 # Method codes of the C++ kernel (csrc/cpu/merge.h).
-METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4,
-                "della": 5, "della_linear": 6, "consensus": 7}
+METHOD_CODES = NATIVE_METHOD_CODES
 
 _U64 = 1 << 64
 

@@ -13,7 +13,6 @@ Registered ops (DESIGN rule 2):
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
@@ -23,12 +22,12 @@ from torch import Tensor
 from pyops import _backend, _native
 from pyops._triton import triton_family_reason
 from pyops.ops import _validate as V
+from pyops.ops.merge_params import Blocks, resolve_blocks  # noqa: F401 (part of this module's API)
 from pyops.reference import task_merge as ref
 
 OP = "task_arithmetic"
 GPU_ORDER = ("cuda", "triton")
 
-Blocks = Union[None, str, int]
 
 
 # --------------------------------------------------------------------------------------------
@@ -43,25 +42,6 @@ class Prepared:
     block_size: int
     n_blocks: int
     out_dtype: torch.dtype
-
-
-def resolve_blocks(blocks: Blocks, shape: Sequence[int]) -> tuple[int, int]:
-    """(block_size, n_blocks) of the flattened tensor for a `blocks` argument."""
-    numel = math.prod(shape)
-    if blocks is None:
-        return max(numel, 1), 1
-    if isinstance(blocks, str):
-        if blocks != "rows":
-            raise ValueError(f"blocks: expected None, 'rows' or a positive int, got {blocks!r}")
-        if len(shape) == 0:
-            raise ValueError("blocks: 'rows' needs a tensor with at least one dimension, got a 0-d tensor")
-        n_rows = int(shape[0])
-        return max(numel // n_rows, 1) if n_rows > 0 else 1, n_rows
-    if isinstance(blocks, bool) or not isinstance(blocks, int):
-        raise TypeError(f"blocks: expected None, 'rows' or a positive int, got {type(blocks).__name__}")
-    if blocks <= 0:
-        raise ValueError(f"blocks: block size must be > 0, got {blocks}")
-    return blocks, (numel + blocks - 1) // blocks
 
 
 def _as_delta_list(deltas: object, base: Tensor, name: str) -> List[Tensor]:

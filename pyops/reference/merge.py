@@ -44,24 +44,10 @@ from typing import Optional, Sequence
 
 import torch
 
+# The method names and the random key, shared with the kernels' callers (a torch-free module).
+from pyops.ops.merge_params import ELECTING, METHODS, RANDOM, RANKED, name_hash  # noqa: F401
 from pyops.reference.philox import philox4x32_10, uniform_from_word
 from pyops.reference.task_merge import accumulation_dtype
-
-METHODS = ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della",
-           "della_linear", "model_stock", "consensus")
-# Methods that end with TIES' sign election and disjoint mean, and their default `normalize`.
-ELECTING = {"ties", "dare_ties", "della"}
-RANDOM = {"dare", "dare_linear", "dare_ties", "della", "della_linear"}
-# Methods whose masks come from each |τ|'s rank within its block.
-RANKED = ("breadcrumbs", "della", "della_linear")
-
-
-def name_hash(name: str) -> int:
-    """32-bit FNV-1a of the UTF-8 bytes of `name` (the tensor's name in a checkpoint)."""
-    h = 0x811C9DC5
-    for byte in name.encode("utf-8"):
-        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return h
 
 
 def keep_uniforms(numel: int, task: int, seed: int, name: str, device) -> torch.Tensor:

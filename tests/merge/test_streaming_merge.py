@@ -213,11 +213,18 @@ def subprocess_runs(ckpt, tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
     good = _write(d, _config_text(ckpt, "dare_ties") + "dtype: bfloat16\n", "good.yaml")
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    ta = _write(d, _config_text(ckpt, "task_arithmetic"), "ta.yaml")
+    stock = _write(d, _config_text(ckpt, "model_stock"), "stock.yaml")
     cmds = {"good": [sys.executable, "-m", "pyops", "merge", str(good), "--out", str(d / "out"),
-                     "--shard-size", "1KB", "--threads", "1"]}
+                     "--shard-size", "1KB", "--threads", "1"],
+            # -X importtime lists every module imported, on stderr
+            "ta": [sys.executable, "-X", "importtime", "-m", "pyops", "merge", str(ta), "--out", str(d / "out-ta"),
+                   "--no-progress"],
+            "stock": [sys.executable, "-m", "pyops", "merge", str(stock), "--out", str(d / "out-stock"),
+                      "--no-progress"]}
     procs = {k: subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for k, c in cmds.items()}
-    yield {"dir": d, "procs": procs, "good": good}
+    yield {"dir": d, "procs": procs, "good": good, "ta": ta, "stock": stock}
     for proc in procs.values():  # not collected when only some tests ran
         if proc.poll() is None:
             proc.kill()
@@ -268,6 +275,109 @@ def test_stream_runs_the_kernels_without_the_op_dispatcher(ckpt, tmp_path, metho
     assert p.returncode == 0, p.stderr[-2000:]
     assert p.stdout.strip() == f"{{'cpu': {len(FLOATS)}}} False"
     _assert_same(_load_output(tmp_path / "out"), _expected(ckpt, method))
+
+
+# ---- the native engine (no torch) and the torch engine ------------------------------------------
+
+def _with_parameters(text: str, extra: dict) -> str:
+    """The config with `extra` merged into its top-level parameters."""
+    import yaml
+    cfg = yaml.safe_load(text)
+    cfg["parameters"] = {**(cfg.get("parameters") or {}), **extra}
+    return yaml.safe_dump(cfg)
+
+
+ENGINE_CASES = {m: (lambda c, m=m: _config_text(c, m)) for m in CASES if m != "model_stock"}
+ENGINE_CASES.update({
+    "ties-rows-bf16-out": lambda c: _with_parameters(_config_text(c, "ties"), {"blocks": "rows"}) + "dtype: bfloat16\n",
+    "della-blocks-7-fp16-out": lambda c: _with_parameters(_config_text(c, "della"), {"blocks": 7}) + "dtype: float16\n",
+    "linear": lambda c: "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(c["paths"], (1.0, 2.0, 1.0))),
+})
+
+
+@pytest.mark.parametrize("case", list(ENGINE_CASES))
+def test_native_engine_writes_the_torch_engines_bytes(ckpt, tmp_path, monkeypatch, case):
+    """A CPU merge runs on the native engine (the C++ kernels on raw memory, no torch); forcing the
+    torch engine (pyops.merge_from_models) must give the same files, byte for byte."""
+    cfg = _write(tmp_path, ENGINE_CASES[case](ckpt))
+    native = run_merge(cfg, tmp_path / "native", shard_size="1KB", progress=False)
+    monkeypatch.setenv("PYOPS_MERGE_ENGINE", "torch")
+    via_torch = run_merge(cfg, tmp_path / "torch", shard_size="1KB", progress=False)
+    assert (native.engine, via_torch.engine) == ("native", "torch")
+    assert native.backends == via_torch.backends == {"cpu": len(FLOATS)}
+    assert _tree_hashes(tmp_path / "native") == _tree_hashes(tmp_path / "torch")
+    _inputs_unchanged(ckpt)
+
+
+def test_native_engine_half_precision_checkpoints(tmp_path):
+    """bfloat16 / float16 inputs (the kernels' other input dtypes) merge to the in-memory result."""
+    gen = torch.Generator().manual_seed(7)
+    shapes = {"w": (33, 9), "b": (13,)}
+    for dtype, tag in ((torch.bfloat16, "bf16"), (torch.float16, "fp16")):
+        base = {n: torch.randn(s, generator=gen).to(dtype) for n, s in shapes.items()}
+        models = [{n: (t.float() + 0.05 * torch.randn(t.shape, generator=gen)).to(dtype) for n, t in base.items()}
+                  for _ in range(2)]
+        _save_model(tmp_path / tag / "base", base)
+        for i, m in enumerate(models):
+            _save_model(tmp_path / tag / f"m{i}", m)
+        text = (f"merge_method: dare_ties\nbase_model: {tmp_path / tag / 'base'}\nseed: 3\nmodels:\n" + "".join(
+            f"  - model: {tmp_path / tag / f'm{i}'}\n    parameters: {{weight: {w}, density: 0.5}}\n"
+            for i, w in enumerate((0.6, 0.9))))
+        report = run_merge(_write(tmp_path, text, f"{tag}.yaml"), tmp_path / f"out-{tag}", progress=False)
+        assert report.engine == "native"
+        got = load_file(str(tmp_path / f"out-{tag}" / "model.safetensors"))
+        for n in shapes:
+            want = pyops.merge_from_models(base[n], [m[n] for m in models], method="dare_ties", coeffs=[0.6, 0.9],
+                                           density=0.5, seed=3, name=n, normalize=False)
+            assert got[n].dtype == dtype and torch.equal(got[n], want), (tag, n)
+
+
+def test_merges_the_native_engine_cannot_run_go_to_torch(ckpt, tmp_path):
+    """model_stock (a Gram pass first), another backend, and a model stored in another dtype (converted
+    by torch, as mergekit does) run on the torch engine, with the same results as in memory."""
+    report = run_merge(_write(tmp_path, _config_text(ckpt, "model_stock")), tmp_path / "stock", progress=False)
+    assert report.engine == "torch"
+    _assert_same(_load_output(tmp_path / "stock"), _expected(ckpt, "model_stock"))
+    report = run_merge(_write(tmp_path, _config_text(ckpt, "ties"), "ref.yaml"), tmp_path / "ref",
+                       backend="reference", progress=False)
+    assert report.engine == "torch" and report.backends == {"reference": len(FLOATS)}
+    half = {n: t.half() if t.is_floating_point() else t for n, t in ckpt["models"][2].items()}
+    _save_model(tmp_path / "ft2-half", half)
+    text = _yaml(ckpt, "ties", CASES["ties"][0], paths=[*ckpt["paths"][:2], tmp_path / "ft2-half"])
+    report = run_merge(_write(tmp_path, text, "mixed.yaml"), tmp_path / "mixed", progress=False)
+    assert report.engine == "torch" and any("converted to the base's dtype" in n for n in report.notes)
+
+
+class _CountingEngine:
+    def __init__(self):
+        self.allocated = []
+
+    def alloc(self, nbytes):
+        self.allocated.append(nbytes)
+        return bytearray(nbytes)
+
+    @staticmethod
+    def size(buf):
+        return len(buf)
+
+
+def test_byte_pool_keeps_the_recently_used_sizes():
+    """Two big buffers idle since the first tensor must not keep every later size out of the pool:
+    the least recently released idle buffers are dropped first."""
+    from pyops.merging.runner import _BytePool
+    eng = _CountingEngine()
+    pool = _BytePool(max_idle=100, engine=eng)
+    big = [pool.acquire(45), pool.acquire(45)]
+    for b in big:
+        pool.release(b)
+    for _ in range(10):  # the layers: two sizes, one buffer each in flight
+        a, b = pool.acquire(30), pool.acquire(20)
+        pool.release(a)
+        pool.release(b)
+    assert eng.allocated == [45, 45, 30, 20]
+    pool.release(bytearray(101))  # larger than the cap: not kept
+    assert pool.acquire(101) is not None and eng.allocated[-1] == 101
 
 
 def test_direct_kernels_is_per_thread_and_restores():
@@ -470,8 +580,27 @@ def test_cli_subprocess_merge(ckpt, subprocess_runs, tmp_path):
     # The same merge through the API gives the same bytes, file for file.
     run_merge(subprocess_runs["good"], tmp_path / "api", shard_size="1KB", progress=False)
     assert _tree_hashes(tmp_path / "api") == _tree_hashes(d / "out")
-    assert sorted(p.name for p in d.iterdir()) == ["good.yaml", "out"]
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(("good", "out."))) == ["good.yaml"]
     _inputs_unchanged(ckpt)
+
+
+def test_cli_subprocess_cpu_merge_never_imports_torch(ckpt, subprocess_runs):
+    """`python -m pyops merge` on the native engine: pyops' API (and torch) is never imported."""
+    rc, out, err = _finish(subprocess_runs["procs"]["ta"])
+    assert rc == 0, err[-3000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")}
+    assert "pyops.merging.native_engine" in imported and f"backends: cpu ({len(FLOATS)} tensors)" in out
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "torch was imported"
+    _assert_same(_load_output(subprocess_runs["dir"] / "out-ta"), _expected(ckpt, "task_arithmetic"))
+
+
+def test_cli_subprocess_torch_engine_loads_the_api_on_demand(ckpt, subprocess_runs):
+    """model_stock needs the torch engine: the API that `python -m pyops merge` did not import at
+    start is imported when the merge asks for it."""
+    rc, out, err = _finish(subprocess_runs["procs"]["stock"])
+    assert rc == 0, err[-3000:]
+    assert "merged 6 tensors (model_stock" in out
+    _assert_same(_load_output(subprocess_runs["dir"] / "out-stock"), _expected(ckpt, "model_stock"))
 
 
 # ---- the output writer and the input mappings ------------------------------------------------
