@@ -277,3 +277,56 @@ def test_cpu_saved_buffers_are_recycled_only_once_dead(rng):
     # results (y, dx, dW) come from the pool too: g1 / g2 of one step are still alive during the next
     # step's backward (and `kept` for good), so the pool takes a few steps to settle, then stops growing
     assert sizes[-3] == sizes[-1] > 0
+
+
+class _GatherCounter:
+    """pyops._C with its moe_gather calls counted."""
+
+    def __init__(self, real):
+        self.real, self.gathers = real, 0
+
+    def __getattr__(self, name):
+        fn = getattr(self.real, name)
+        if name != "moe_gather":
+            return fn
+
+        def counted(*args):
+            self.gathers += 1
+            return fn(*args)
+        return counted
+
+
+@pytest.mark.parametrize("dtype", [FP32, BF16], ids=fmt_dtype)
+def test_cpu_backward_reuses_the_forwards_gathered_rows_only_when_they_are_its_own(dtype, rng, monkeypatch):
+    """The backward skips its gather of x when the per-thread rows buffer still holds its forward's
+    gather (fp32 x; same x and order, nothing gathered since); with a second layer in between, or a
+    converted (bf16) x, it gathers again. Gradients are the same bits either way."""
+    from pyops import _native
+    from pyops.ops import moe as M
+    dev = require("cpu")
+    T, d, h, E, k = 21, 8, 12, 4, 2
+    x = randn((T, d), dtype, rng, dev).requires_grad_(True)
+    r = pyops.moe_route(make_logits(T, E, rng, dev), k, backend="reference")
+    layers = [make_weights(E, d, h, "swiglu", dtype, rng, dev, requires_grad=True) for _ in range(2)]
+    dy = randn((T, d), dtype, rng, dev)
+
+    def step(n_layers, release_between):
+        y = x
+        for w1, w2, w3 in layers[:n_layers]:
+            y = pyops.moe_experts(y, r, w1, w2, w3, backend="cpu")
+        if release_between:
+            M.release_workspace()
+        leaves = [x] + [w for trio in layers[:n_layers] for w in trio]
+        return torch.autograd.grad(y, leaves, dy)
+
+    for n_layers in (1, 2):
+        want = step(n_layers, release_between=True)   # every backward gathers
+        counter = _GatherCounter(_native.cpu_module)
+        monkeypatch.setattr(_native, "cpu_module", counter)
+        got = step(n_layers, release_between=False)
+        monkeypatch.setattr(_native, "cpu_module", counter.real)
+        for a, b in zip(got, want):
+            assert_bitwise_equal(a, b)
+        # forwards gather once each; the last layer's backward finds its rows, the others gather
+        expected = n_layers + (n_layers - 1) if dtype == FP32 else 2 * n_layers
+        assert counter.gathers == expected, (n_layers, counter.gathers)
