@@ -28,7 +28,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--copy-tokenizer", action=argparse.BooleanOptionalAction, default=True,
                    help="copy the tokenizer files of the base model (or tokenizer_source) (default: yes)")
     m.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="pyops backend (default: auto)")
-    m.add_argument("--threads", type=int, default=None, help="CPU threads for the merge (default: torch's)")
+    m.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the merge (default: OMP_NUM_THREADS, else the CPUs available)")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     return m
 

@@ -407,7 +407,10 @@ _STAGING_BYTES = 32 << 20
 
 
 class _DirectSink:
-    """Appends bytes to a file opened with O_DIRECT through an aligned staging buffer; `open` returns
+    """Appends bytes to a file opened with O_DIRECT through two aligned staging buffers: while one
+    is on its way to the disk (a helper thread blocks in `write`), the other is filled, so the
+    copy into staging and the disk transfer overlap (they took turns before: 0.28 s of copying
+    and 0.63 s of writes in a 1.08 GB output, the disk idle during every copy). `open` returns
     None where the platform or file system has no O_DIRECT (tmpfs, macOS), and the caller then
     writes through the page cache."""
 
@@ -423,9 +426,12 @@ class _DirectSink:
         return cls(fd)
 
     def __init__(self, fd: int):
+        from concurrent.futures import ThreadPoolExecutor
         self.fd = fd
-        self._stage = RawBuffer(_STAGING_BYTES)  # page-aligned, as O_DIRECT wants
-        self._buf = self._stage.mmap
+        self._stages = [RawBuffer(_STAGING_BYTES), None]  # page-aligned, as O_DIRECT wants; the 2nd on demand
+        self._cur = 0
+        self._pending = [None, None]  # the Future of each stage's disk write
+        self._disk = ThreadPoolExecutor(1, thread_name_prefix="pyops-merge-disk")
         self._fill = 0
         self.size = 0
 
@@ -433,41 +439,74 @@ class _DirectSink:
         """Appends the n bytes at `address`."""
         pos = 0
         while pos < n:
+            stage = self._stages[self._cur]
             take = min(n - pos, _STAGING_BYTES - self._fill)
             # A plain memcpy (ctypes releases the GIL), not Tensor.copy_: this runs on the merge's
             # writer thread, and a torch op there starts a second OpenMP team that spins against
             # the merge kernel's team on the same cores (the kernels ran ~3x slower).
-            ctypes.memmove(self._stage.address + self._fill, address + pos, take)
+            ctypes.memmove(stage.address + self._fill, address + pos, take)
             self._fill += take
             pos += take
             if self._fill == _STAGING_BYTES:
                 self._flush(_STAGING_BYTES)
         self.size += n
 
+    def _write_stage(self, i: int, nbytes: int) -> None:
+        view = memoryview(self._stages[i].mmap)[:nbytes]
+        try:
+            done = 0
+            while done < nbytes:
+                done += os.write(self.fd, view[done:])
+        finally:
+            view.release()
+
     def _flush(self, nbytes: int) -> None:
-        view = memoryview(self._buf)[:nbytes]
-        done = 0
-        while done < nbytes:
-            done += os.write(self.fd, view[done:])
-        view.release()
+        """Hands the current stage to the disk thread and switches to the other one (once its own
+        write is done: a write error surfaces here)."""
+        self._pending[self._cur] = self._disk.submit(self._write_stage, self._cur, nbytes)
+        self._cur ^= 1
+        if self._pending[self._cur] is not None:
+            self._pending[self._cur].result()
+            self._pending[self._cur] = None
+        if self._stages[self._cur] is None:
+            self._stages[self._cur] = RawBuffer(_STAGING_BYTES)
         self._fill = 0
+
+    def _drain(self) -> None:
+        for i, f in enumerate(self._pending):
+            if f is not None:
+                self._pending[i] = None
+                f.result()
 
     def close_data(self) -> None:
         """Writes the tail (padded to the block size, then truncated to the exact size)."""
         if self._fill:
             tail = self._fill
             padded = -(-tail // _DIRECT_BLOCK) * _DIRECT_BLOCK
-            ctypes.memset(self._stage.address + tail, 0, padded - tail)
+            ctypes.memset(self._stages[self._cur].address + tail, 0, padded - tail)
             self._flush(padded)
+        self._drain()
+        if self.size % _DIRECT_BLOCK:
             os.ftruncate(self.fd, self.size)
 
     def abort(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        self._stage = None  # drops the buffer's ctypes anchor, which would keep the mapping from closing
-        if not self._buf.closed:
-            self._buf.close()
+        try:
+            self._drain()
+        except OSError:
+            pass  # the caller is failing already
+        finally:
+            self._disk.shutdown(wait=True)
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+            # drop the buffers (and their ctypes anchors, which would keep the mappings from closing)
+            maps = [stage.mmap for stage in self._stages if stage is not None]
+            self._stages = [None, None]
+            for m in maps:
+                try:
+                    m.close()
+                except BufferError:  # still exported (a traceback's frame holds a buffer): freed with it
+                    pass
 
 
 class ShardWriter:

@@ -630,6 +630,44 @@ def test_shard_writer_output_loads_exactly(tmp_path, monkeypatch, direct):
     assert (tmp_path / "x.safetensors").stat().st_size == 8 + header_len + data  # no padding after the data
 
 
+@pytest.mark.parametrize("stage_blocks", [1, 3, 64], ids=lambda b: f"stage{b}x4KiB")
+def test_shard_writer_double_buffered_direct_io_across_many_flushes(tmp_path, monkeypatch, stage_blocks):
+    """Small staging buffers: every tensor spans several stage switches (one stage filled while
+    the other is on its way to the disk); the file holds exactly the tensors' bytes."""
+    monkeypatch.setenv("PYOPS_MERGE_DIRECT_IO", "1")
+    monkeypatch.setattr(sio, "_STAGING_BYTES", stage_blocks * 4096)
+    tensors = _odd_entries()
+    tensors["d"] = torch.arange(300_001, dtype=torch.float32)
+    entries = [sio.OutEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
+    w = sio.ShardWriter(tmp_path / "x.safetensors", entries)
+    for n, t in tensors.items():
+        w.write_tensor(n, t)
+    w.close()
+    got = load_file(tmp_path / "x.safetensors")
+    for n, t in tensors.items():
+        assert got[n].dtype == t.dtype and torch.equal(got[n], t), n
+
+
+def test_shard_writer_disk_error_surfaces_and_aborts(tmp_path, monkeypatch):
+    """A write error on the disk thread is raised to the writer (not lost), and abort closes up."""
+    monkeypatch.setenv("PYOPS_MERGE_DIRECT_IO", "1")
+    monkeypatch.setattr(sio, "_STAGING_BYTES", 4096)
+    t = torch.arange(10_000, dtype=torch.float32)
+    w = sio.ShardWriter(tmp_path / "x.safetensors", [sio.OutEntry("t", t.dtype, tuple(t.shape))])
+    if w._direct is None:
+        pytest.skip("this file system has no O_DIRECT")
+
+    def failing(fd, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sio.os, "write", failing)
+    with pytest.raises(OSError, match="No space left"):
+        w.write_tensor("t", t)
+        w.close()
+    w.abort()
+    assert w._direct.fd == -1
+
+
 def test_shard_writer_refuses_an_existing_file(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"keep")
     with pytest.raises(FileExistsError):
