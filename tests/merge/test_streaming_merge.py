@@ -612,10 +612,20 @@ def _odd_entries():
             "b": torch.randn(70001, generator=g), "c": torch.randn(2, 3, generator=g).bfloat16()}
 
 
-@pytest.mark.parametrize("direct", ["1", "0"], ids=["o_direct", "page-cache"])
-def test_shard_writer_output_loads_exactly(tmp_path, monkeypatch, direct):
+WRITER_MODES = {"o_direct": ("1", None), "page-cache": ("0", None),
+                # small staging buffers: each tensor spans several stage switches (one stage filled
+                # while the other is on its way to the disk)
+                "o_direct-stage4KiB": ("1", 1), "o_direct-stage12KiB": ("1", 3), "o_direct-stage256KiB": ("1", 64)}
+
+
+@pytest.mark.parametrize("mode", list(WRITER_MODES))
+def test_shard_writer_output_loads_exactly(tmp_path, monkeypatch, mode):
+    direct, stage_blocks = WRITER_MODES[mode]
     monkeypatch.setenv("PYOPS_MERGE_DIRECT_IO", direct)
+    if stage_blocks is not None:
+        monkeypatch.setattr(sio, "_STAGING_BYTES", stage_blocks * 4096)
     tensors = _odd_entries()
+    tensors["d"] = torch.arange(300_001, dtype=torch.float32)
     entries = [sio.OutEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
     w = sio.ShardWriter(tmp_path / "x.safetensors", entries)
     for n, t in tensors.items():
@@ -628,24 +638,6 @@ def test_shard_writer_output_loads_exactly(tmp_path, monkeypatch, direct):
     header_len = int.from_bytes((tmp_path / "x.safetensors").read_bytes()[:8], "little")
     data = sum(t.numel() * t.element_size() for t in tensors.values())
     assert (tmp_path / "x.safetensors").stat().st_size == 8 + header_len + data  # no padding after the data
-
-
-@pytest.mark.parametrize("stage_blocks", [1, 3, 64], ids=lambda b: f"stage{b}x4KiB")
-def test_shard_writer_double_buffered_direct_io_across_many_flushes(tmp_path, monkeypatch, stage_blocks):
-    """Small staging buffers: every tensor spans several stage switches (one stage filled while
-    the other is on its way to the disk); the file holds exactly the tensors' bytes."""
-    monkeypatch.setenv("PYOPS_MERGE_DIRECT_IO", "1")
-    monkeypatch.setattr(sio, "_STAGING_BYTES", stage_blocks * 4096)
-    tensors = _odd_entries()
-    tensors["d"] = torch.arange(300_001, dtype=torch.float32)
-    entries = [sio.OutEntry(n, t.dtype, tuple(t.shape)) for n, t in tensors.items()]
-    w = sio.ShardWriter(tmp_path / "x.safetensors", entries)
-    for n, t in tensors.items():
-        w.write_tensor(n, t)
-    w.close()
-    got = load_file(tmp_path / "x.safetensors")
-    for n, t in tensors.items():
-        assert got[n].dtype == t.dtype and torch.equal(got[n], t), n
 
 
 def test_shard_writer_disk_error_surfaces_and_aborts(tmp_path, monkeypatch):
