@@ -80,7 +80,8 @@ class MergeReport:
             f"output: {self.out_dir}",
         ]
         if self.backends:
-            lines.append("backends: " + ", ".join(f"{b} ({n} tensors)" for b, n in sorted(self.backends.items())))
+            lines.append("backends: " + ", ".join(f"{b} ({n} tensors)" for b, n in sorted(self.backends.items()))
+                         + (f"; {self.engine} engine" if self.engine else ""))
         if self.copied:
             shown = ", ".join(self.copied[:8]) + (f", ... ({len(self.copied)} in all)" if len(self.copied) > 8 else "")
             lines.append(f"not merged (not floating point), copied from the base: {shown}")

@@ -589,7 +589,7 @@ def test_cli_subprocess_cpu_merge_never_imports_torch(ckpt, subprocess_runs):
     rc, out, err = _finish(subprocess_runs["procs"]["ta"])
     assert rc == 0, err[-3000:]
     imported = {line.rsplit("|", 1)[1].strip() for line in err.splitlines() if line.startswith("import time:")}
-    assert "pyops.merging.native_engine" in imported and f"backends: cpu ({len(FLOATS)} tensors)" in out
+    assert "pyops.merging.native_engine" in imported and f"backends: cpu ({len(FLOATS)} tensors); native engine" in out
     assert not {m for m in imported if m == "torch" or m.startswith("torch.")}, "torch was imported"
     _assert_same(_load_output(subprocess_runs["dir"] / "out-ta"), _expected(ckpt, "task_arithmetic"))
 
@@ -599,7 +599,7 @@ def test_cli_subprocess_torch_engine_loads_the_api_on_demand(ckpt, subprocess_ru
     start is imported when the merge asks for it."""
     rc, out, err = _finish(subprocess_runs["procs"]["stock"])
     assert rc == 0, err[-3000:]
-    assert "merged 6 tensors (model_stock" in out
+    assert "merged 6 tensors (model_stock" in out and "; torch engine" in out
     _assert_same(_load_output(subprocess_runs["dir"] / "out-stock"), _expected(ckpt, "model_stock"))
 
 
