@@ -24,7 +24,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from pyops.merging.safetensors_io import Checkpoint, RawBuffer, RawTensor
+from pyops.merging.safetensors_io import ITEMSIZES, Checkpoint, RawBuffer, RawTensor
 from pyops.ops.merge_params import ELECTING, NATIVE_METHOD_CODES, RANKED, check_params, name_hash, resolve_blocks
 
 # The safetensors codes the kernels take, as csrc/common/dtype.h numbers them.
@@ -142,7 +142,7 @@ class NativeEngine:
         models = tensors[1:]
         cfg, kw = self.cfg, item.kwargs
         method = kw["method"]
-        numel = base.nbytes // (4 if base.dtype == "F32" else 2)
+        numel = base.nbytes // ITEMSIZES[base.dtype]
         base_addr = self._zero_base(base.nbytes) if cfg.method == "linear" else base.address
         n = len(models)
         lam = kw.get("lam", 1.0)
