@@ -25,7 +25,8 @@ import sys
 from typing import List, Optional, Sequence
 
 from pyops.merging.safetensors_io import ITEMSIZES, Checkpoint, RawBuffer, RawTensor
-from pyops.ops.merge_params import ELECTING, NATIVE_METHOD_CODES, RANKED, check_params, name_hash, resolve_blocks
+from pyops.ops.merge_params import (NATIVE_METHOD_CODES, RANKED, check_params, name_hash, resolve_blocks,
+                                     resolve_normalize)
 
 # The safetensors codes the kernels take, as csrc/common/dtype.h numbers them.
 NATIVE_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
@@ -168,7 +169,7 @@ class NativeEngine:
                 coeffs=c32.buffer_info()[0], density=dens, method=NATIVE_METHOD_CODES[method], lam=float(lam),
                 seed=kw["seed"], name_hash=name_hash(kw["name"]), k=kw.get("k", 2),
                 tall_lambda=float(kw.get("tall_lambda", 0.6)),
-                normalize=bool(method in ELECTING if normalize is None else normalize),
+                normalize=resolve_normalize(method, normalize),
                 gamma=float(kw.get("gamma", 0.01)), epsilon=float(kw.get("epsilon", 0.1)), **common)
         tally["cpu"] = tally.get("cpu", 0) + 1
         return out

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from pyops import _backend, _native
 from pyops.ops import task_merge as TM
-from pyops.ops.merge_params import NATIVE_METHOD_CODES
+from pyops.ops.merge_params import NATIVE_METHOD_CODES, resolve_normalize
 from pyops.reference import merge as ref
 
 # Method codes of the C++ kernel (csrc/cpu/merge.h).
@@ -236,8 +236,7 @@ def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, se
         return fn(p.base, p.deltas, coeffs, out=out, out_dtype=p.out_dtype if out is None else None, backend="cpu")
     if method not in METHOD_CODES:
         raise ValueError(f"method: the C++ kernels implement {', '.join(METHOD_CODES)} and model_stock, got {method!r}")
-    if normalize is None:
-        normalize = method in ref.ELECTING
+    normalize = resolve_normalize(method, normalize)
     args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
             float(lam), _seed_to_i64(seed), ref.name_hash(name), k, float(tall_lambda), bool(normalize), float(gamma),
             float(epsilon))

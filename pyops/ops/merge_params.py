@@ -24,6 +24,11 @@ NATIVE_METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear"
 Blocks = Union[None, str, int]
 
 
+def resolve_normalize(method: str, normalize) -> bool:
+    """`normalize=None` means the method's default: the disjoint mean for the electing methods."""
+    return method in ELECTING if normalize is None else bool(normalize)
+
+
 def name_hash(name: str) -> int:
     """32-bit FNV-1a of the UTF-8 bytes of `name` (the tensor's name in a checkpoint)."""
     h = 0x811C9DC5

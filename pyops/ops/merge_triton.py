@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from pyops.ops import task_merge as TM
+from pyops.ops.merge_params import resolve_normalize
 from pyops.reference import merge as ref
 
 METHODS = ("ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear")
@@ -80,8 +81,7 @@ def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, se
     """Runs `method` on the Triton kernels; `p`, `dens` and the parameters are validated by the caller."""
     if method not in METHOD_CODES:
         raise ValueError(f"method: the Triton kernels implement {', '.join(METHODS)}, got {method!r}")
-    if normalize is None:
-        normalize = method in ref.ELECTING
+    normalize = resolve_normalize(method, normalize)
     seed_i64 = seed - _U64 if seed >= 1 << 63 else seed  # the op schema's int is int64
     args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
             float(lam), seed_i64, ref.name_hash(name), bool(normalize), float(gamma), float(epsilon))

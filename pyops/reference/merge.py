@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import torch
 
 # The method names and the random key, shared with the kernels' callers (a torch-free module).
-from pyops.ops.merge_params import ELECTING, METHODS, RANDOM, RANKED, name_hash  # noqa: F401
+from pyops.ops.merge_params import ELECTING, METHODS, RANDOM, RANKED, name_hash, resolve_normalize  # noqa: F401
 from pyops.reference.philox import philox4x32_10, uniform_from_word
 from pyops.reference.task_merge import accumulation_dtype
 
@@ -159,8 +159,7 @@ def merge(
     n = taus.shape[0]
     w = _per_element(coeffs.to(acc), numel, block_size)
     rho = density.to(acc)
-    if normalize is None:
-        normalize = method in ELECTING
+    normalize = resolve_normalize(method, normalize)
 
     if method == "model_stock":
         if n < 2:
