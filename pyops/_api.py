@@ -1,0 +1,33 @@
+"""pyops' public functions and modules, imported by `pyops/__init__.py` (eagerly, except under
+`python -m pyops merge`, whose CPU merges need no torch): importing them imports torch and
+registers the ops with torch.library."""
+import gc as _gc
+
+from pyops._lazy_triton_kernels import deferred as _deferred_triton_kernels
+
+# Importing torch and defining the ops allocates ~10^6 objects and almost no garbage: the cyclic
+# collector's passes over them were ~10% of a `python -m pyops merge` run's samples. It is off for
+# the import only.
+_gc_was_enabled = _gc.isenabled()
+_gc.disable()
+try:
+    with _deferred_triton_kernels():  # the ops' Triton kernels are found when torch.compile asks
+        from pyops import masks, nn
+        from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
+        from pyops import moe_losses
+        from pyops.ops.merge import merge, merge_from_models
+        from pyops.ops.moe import Routing, moe_experts, moe_route
+        from pyops.ops.neighborhood import na1d, na2d, na3d
+        from pyops.ops.task_attention import task_masked_attention
+        from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
+finally:
+    if _gc_was_enabled:
+        _gc.enable()
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "last_choice", "masks", "merge", "merge_from_models", "moe_experts",
+           "moe_losses", "moe_route", "Routing", "na1d", "na2d", "na3d", "nn", "task_arithmetic",
+           "task_arithmetic_from_models", "task_masked_attention"]
+
+# The issue's spelling of the fine-tuned-weights form: pyops.merge.from_models(base, finetuned, ...).
+merge.from_models = merge_from_models
+task_arithmetic.from_models = task_arithmetic_from_models
