@@ -49,7 +49,7 @@ if _sys.argv[:2] == ["-m", "merge"]:
                 from pyops import _api
             finally:
                 _binding.clear()
-            globals().update({n: getattr(_api, n) for n in __all__ if n != "info"})
+            globals().update({n: getattr(_api, n) for n in _api.__all__})
             return globals()[name]
         raise AttributeError(f"module 'pyops' has no attribute {name!r}")
 else:

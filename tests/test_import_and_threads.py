@@ -106,3 +106,11 @@ def test_from_models_spellings_are_the_same_functions():
     """The issue's `from_models` form of `pyops.merge` (and of the pilot op) is reachable as an attribute."""
     assert pyops.merge.from_models is pyops.merge_from_models
     assert pyops.task_arithmetic.from_models is pyops.task_arithmetic_from_models
+
+
+def test_public_names_are_the_api_modules_names():
+    """pyops.__all__ (info aside) is what pyops._api binds: the lazy binding under `python -m pyops
+    merge` and the eager import give the same names."""
+    from pyops import _api
+    assert set(pyops.__all__) - {"info"} == set(_api.__all__)
+    assert all(getattr(pyops, n) is getattr(_api, n) for n in _api.__all__)
