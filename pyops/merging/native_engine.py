@@ -25,8 +25,8 @@ import sys
 from typing import List, Optional, Sequence
 
 from pyops.merging.safetensors_io import ITEMSIZES, Checkpoint, RawBuffer, RawTensor
-from pyops.ops.merge_params import (NATIVE_METHOD_CODES, RANKED, check_params, name_hash, resolve_blocks,
-                                     resolve_normalize)
+from pyops.ops.merge_params import (MERGE_DEFAULTS, NATIVE_METHOD_CODES, RANKED, check_params, name_hash,
+                                     resolve_blocks, resolve_normalize)
 
 # The safetensors codes the kernels take, as csrc/common/dtype.h numbers them.
 NATIVE_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
@@ -141,19 +141,17 @@ class NativeEngine:
         if base.nbytes == 0:
             return RawTensor(item.entry.dtype, item.entry.shape, 0, 0, None)
         models = tensors[1:]
-        cfg, kw = self.cfg, item.kwargs
-        method = kw["method"]
+        kw = {**MERGE_DEFAULTS, **item.kwargs}
+        method, lam = kw["method"], kw["lam"]
         numel = base.nbytes // ITEMSIZES[base.dtype]
-        base_addr = self._zero_base(base.nbytes) if cfg.method == "linear" else base.address
+        base_addr = self._zero_base(base.nbytes) if self.cfg.method == "linear" else base.address
         n = len(models)
-        lam = kw.get("lam", 1.0)
-        dens = check_params(method, kw.get("density", 1.0), lam, kw["seed"], kw["name"], kw.get("gamma", 0.01),
-                            kw.get("epsilon", 0.1), kw.get("k", 2), kw.get("tall_lambda", 0.6), kw.get("normalize"), n)
-        coeffs = kw.get("coeffs")
-        coeffs = [1.0] * n if coeffs is None else list(coeffs)
+        dens = check_params(method, kw["density"], lam, kw["seed"], kw["name"], kw["gamma"], kw["epsilon"], kw["k"],
+                            kw["tall_lambda"], kw["normalize"], n)
+        coeffs = [1.0] * n if kw["coeffs"] is None else list(kw["coeffs"])
         if len(coeffs) != n:
             raise ValueError(f"coeffs: expected {n} weights, got {len(coeffs)}")
-        block_size, _ = resolve_blocks(kw.get("blocks"), base.shape)
+        block_size, _ = resolve_blocks(kw["blocks"], base.shape)
         common = dict(out=out.address, out_dtype=NATIVE_DTYPES[out.dtype], base=base_addr,
                       deltas=[m.address for m in models], in_dtype=NATIVE_DTYPES[base.dtype], coeff_stride_n=1,
                       coeff_stride_block=0, numel=numel, block_size=block_size, from_models=True,
@@ -163,13 +161,11 @@ class NativeEngine:
             c32 = array.array("f", [_fp32(c) * _fp32(lam) for c in coeffs])
             self.mod.task_arithmetic_forward(coeffs=c32.buffer_info()[0], **common)
         else:
-            normalize = kw.get("normalize")
             c32 = array.array("f", coeffs)
             self.mod.merge_forward(
                 coeffs=c32.buffer_info()[0], density=dens, method=NATIVE_METHOD_CODES[method], lam=float(lam),
-                seed=kw["seed"], name_hash=name_hash(kw["name"]), k=kw.get("k", 2),
-                tall_lambda=float(kw.get("tall_lambda", 0.6)),
-                normalize=resolve_normalize(method, normalize),
-                gamma=float(kw.get("gamma", 0.01)), epsilon=float(kw.get("epsilon", 0.1)), **common)
+                seed=kw["seed"], name_hash=name_hash(kw["name"]), k=kw["k"], tall_lambda=float(kw["tall_lambda"]),
+                normalize=resolve_normalize(method, kw["normalize"]), gamma=float(kw["gamma"]),
+                epsilon=float(kw["epsilon"]), **common)
         tally["cpu"] = tally.get("cpu", 0) + 1
         return out

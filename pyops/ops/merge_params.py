@@ -22,6 +22,10 @@ NATIVE_METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear"
                        "breadcrumbs": 4, "della": 5, "della_linear": 6, "consensus": 7}
 
 Blocks = Union[None, str, int]
+# The defaults of `pyops.merge` / `merge_from_models` (their signatures spell them out; a test
+# checks that they agree), for callers that fill in absent parameters without torch.
+MERGE_DEFAULTS = {"density": 1.0, "seed": 0, "lam": 1.0, "name": "", "gamma": 0.01, "epsilon": 0.1, "k": 2,
+                  "tall_lambda": 0.6, "normalize": None, "coeffs": None, "blocks": None}
 
 
 def resolve_normalize(method: str, normalize) -> bool:

@@ -691,3 +691,13 @@ def test_read_path_gives_the_same_merge_as_mapped_inputs(ckpt, tmp_path, monkeyp
     run_merge(cfg, tmp_path / "read", progress=False)
     a, b = _load_output(tmp_path / "mapped"), _load_output(tmp_path / "read")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("fn", [pyops.merge, pyops.merge_from_models], ids=lambda f: f.__name__)
+def test_merge_defaults_table_matches_the_signatures(fn):
+    """The native engine fills absent parameters from merge_params.MERGE_DEFAULTS: the same values
+    as pyops.merge's own defaults."""
+    import inspect
+    from pyops.ops.merge_params import MERGE_DEFAULTS
+    params = inspect.signature(fn).parameters
+    assert {k: params[k].default for k in MERGE_DEFAULTS} == MERGE_DEFAULTS
