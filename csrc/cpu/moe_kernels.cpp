@@ -803,8 +803,8 @@ Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, in
   const int64_t items = (n + kElemItem - 1) / kElemItem;
 #ifdef PYOPS_MOE_AVX512
   if (g_moe_avx512 && dtype == DType::kFloat32 && (MoeAct)act == MoeAct::kSwiglu) {
-    // fp32 needs no conversion tiles: the 16-lane loop reads and writes the arrays in place (the
-    // copies through L1 tiles were ~10% of this memory-bound pass), with the same bits.
+    // fp32 needs no conversion tiles: the 16-lane loop reads and writes the arrays in place, with
+    // the same bits (the copies through L1 tiles cost 12% of this pass and 30% of the backward's).
     const float* A = static_cast<const float*>(a);
     const float* B = static_cast<const float*>(b);
     float* H = static_cast<float*>(h);

@@ -31,8 +31,8 @@ from pyops.merging.cli import BACKEND_CHOICES
 from pyops.merging.config import MergeConfig, load_config
 from pyops.merging.errors import CheckpointError, MergeError
 from pyops.merging.safetensors_io import (
-    INDEX_FILE, MERGEABLE, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards, shard_names, torch_dtype,
-    write_index)
+    INDEX_FILE, MERGEABLE, TORCH_NAMES, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards, shard_names,
+    torch_dtype, write_index)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -44,7 +44,6 @@ _POOL_IDLE_BYTES = 256 << 20
 # being the slower one from tensor to tensor, and a queue of two lets each run ahead of the other
 # (one more result buffer of memory).
 _WRITES_IN_FLIGHT = 2
-DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}  # config.json's torch_dtype
 
 
 @dataclass
@@ -485,7 +484,7 @@ def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: Merge
                 except (UnicodeDecodeError, json.JSONDecodeError):
                     conf = None
                 if isinstance(conf, dict):
-                    conf["torch_dtype"] = DTYPE_NAMES[cfg.out_dtype]
+                    conf["torch_dtype"] = TORCH_NAMES[cfg.out_dtype]
                     with open(dst, "x", encoding="utf-8") as fh:
                         json.dump(conf, fh, indent=2)
                         fh.write("\n")

@@ -37,14 +37,14 @@ from pyops.merging.errors import CheckpointError
 # Safetensors dtype codes (little-endian, as the format prescribes) and their sizes. Tensors'
 # dtypes are kept as these codes, so that headers are read and shards written without torch
 # (the native engine of `python -m pyops merge` never imports it); `torch_dtype` maps a code.
-ITEMSIZES: Dict[str, int] = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-    "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+_DTYPES: Dict[str, Tuple[int, str]] = {  # code -> (bytes per element, torch's name)
+    "F64": (8, "float64"), "F32": (4, "float32"), "F16": (2, "float16"), "BF16": (2, "bfloat16"),
+    "I64": (8, "int64"), "I32": (4, "int32"), "I16": (2, "int16"), "I8": (1, "int8"), "U8": (1, "uint8"),
+    "BOOL": (1, "bool"), "F8_E4M3": (1, "float8_e4m3fn"), "F8_E5M2": (1, "float8_e5m2"), "U16": (2, "uint16"),
+    "U32": (4, "uint32"), "U64": (8, "uint64"),
 }
-_TORCH_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-                "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "U16": "uint16", "U32": "uint32",
-                "U64": "uint64"}
+ITEMSIZES: Dict[str, int] = {code: size for code, (size, _) in _DTYPES.items()}
+TORCH_NAMES: Dict[str, str] = {code: name for code, (_, name) in _DTYPES.items()}  # also config.json's torch_dtype
 # The dtypes pyops merges; every other dtype (ints, bool, fp8) is copied from the base model.
 MERGEABLE = ("F32", "F16", "BF16", "F64")
 
@@ -52,7 +52,7 @@ MERGEABLE = ("F32", "F16", "BF16", "F64")
 def torch_dtype(code: str):
     """The torch dtype of a safetensors code (imports torch)."""
     import torch
-    dtype = getattr(torch, _TORCH_NAMES[code], None)
+    dtype = getattr(torch, TORCH_NAMES[code], None)
     if dtype is None:
         raise CheckpointError(f"dtype {code!r} has no torch dtype in torch {torch.__version__}")
     return dtype
@@ -65,7 +65,7 @@ def dtype_code(dtype) -> str:
             raise ValueError(f"dtype: expected one of the safetensors codes {', '.join(ITEMSIZES)}, got {dtype!r}")
         return dtype
     name = str(dtype).rpartition(".")[2]
-    for code, torch_name in _TORCH_NAMES.items():
+    for code, torch_name in TORCH_NAMES.items():
         if torch_name == name:
             return code
     raise ValueError(f"dtype: {dtype} has no safetensors code")
