@@ -11,6 +11,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cuda/merge_cuda.h"
 #include "cuda/moe_cuda.h"
 #include "cuda/task_merge_cuda.h"
 
@@ -73,6 +74,29 @@ void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base, ui
   raise_if_error(st);
 }
 
+int64_t merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method) {
+  int64_t bytes = 0;
+  raise_if_error(pyops::cuda_ops::merge_workspace_bytes(numel, block_size, n, method, &bytes));
+  return bytes;
+}
+
+void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, uintptr_t delta_ptrs, int64_t n, int in_dtype,
+                   uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, uintptr_t density,
+                   int64_t numel, int64_t block_size, bool from_models, int method, float lam, uint64_t seed,
+                   uint32_t name_hash, int64_t k, float tall_lambda, bool normalize, uintptr_t workspace,
+                   int64_t workspace_bytes, uintptr_t stream) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::cuda_ops::merge_forward(
+        as_ptr<void*>(out), out_dtype, as_ptr<const void*>(base), as_ptr<const void*>(delta_ptrs), n, in_dtype,
+        as_ptr<const void*>(coeffs), coeff_stride_n, coeff_stride_block, as_ptr<const void*>(density), numel,
+        block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
+        as_ptr<void*>(workspace), workspace_bytes, as_ptr<void*>(stream));
+  }
+  raise_if_error(st);
+}
+
 void moe_route(uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t k, int score,
                bool renormalize, uintptr_t bias, int64_t capacity, uintptr_t weights,
                uintptr_t experts, uintptr_t order, uintptr_t offsets, uintptr_t dropped,
@@ -114,6 +138,16 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("stream"),
         "One pass over grad; grad_base, grad_delta_ptrs (device int64 array) and grad_coeffs\n"
         "([n, n_blocks] fp32) may each be 0 (not wanted). Deterministic.");
+  m.def("merge_workspace_bytes", &merge_workspace_bytes, py::arg("numel"), py::arg("block_size"), py::arg("n"),
+        py::arg("method"), "Device workspace (bytes) merge_forward needs (cuda/merge_cuda.h).");
+  m.def("merge_forward", &merge_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"),
+        py::arg("delta_ptrs"), py::arg("n"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
+        py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
+        py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
+        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("workspace"),
+        py::arg("workspace_bytes"), py::arg("stream"),
+        "pyops.merge forward for ties (1), dare (2), dare_ties (3) and consensus (7), bit-identical to\n"
+        "pyops._C.merge_forward (cuda/merge_cuda.h). delta_ptrs and density are device arrays.");
   m.def("moe_route", &moe_route, py::arg("logits"), py::arg("dtype"), py::arg("T"), py::arg("E"),
         py::arg("k"), py::arg("score"), py::arg("renormalize"), py::arg("bias"),
         py::arg("capacity"), py::arg("weights"), py::arg("experts"), py::arg("order"),

@@ -39,6 +39,7 @@
 #include <string>
 #include <utility>
 
+#include "cuda/launch_util.h"
 #include "cuda/task_merge_cuda.h"
 
 namespace pyops {
@@ -586,47 +587,14 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- host side -------------------------------------------------------------------------------
 
-// Turns a failed runtime call into a Status, and resets the runtime's last-error state so that
-// a non-sticky error is not reported a second time by whoever calls cudaGetLastError next.
-Status cuda_error(const std::string& what, cudaError_t e) {
-  (void)cudaGetLastError();
-  return Status{StatusCode::kInternal, what + ": " + cudaGetErrorString(e)};
-}
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// Resident CTAs of `kernel` on the current device (SMs x CTAs per SM), cached per device.
-Status grid_limit(const void* kernel, int64_t* limit) {
-  int dev = 0;
-  cudaError_t e = cudaGetDevice(&dev);
-  if (e != cudaSuccess) return cuda_error("cudaGetDevice", e);
-  static std::mutex mu;
-  static std::map<std::pair<const void*, int>, int64_t> cache;
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    auto it = cache.find({kernel, dev});
-    if (it != cache.end()) {
-      *limit = it->second;
-      return Status::ok();
-    }
-  }
-  int sms = 0, per_sm = 0;
-  e = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (e != cudaSuccess) return cuda_error("cudaDeviceGetAttribute", e);
-  e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
-  if (e != cudaSuccess) return cuda_error("cudaOccupancyMaxActiveBlocksPerMultiprocessor", e);
-  *limit = (int64_t)std::max(sms, 1) * std::max(per_sm, 1);
-  std::lock_guard<std::mutex> lock(mu);
-  cache[{kernel, dev}] = *limit;
-  return Status::ok();
-}
 
 // Launches kernel<<<min(ctas, resident limit), kThreads>>> and reports launch errors.
 template <typename Args>
 Status launch(void (*kernel)(Args), int64_t ctas, const Args& a, cudaStream_t stream,
               const char* name) {
   int64_t limit = 1;
-  Status st = grid_limit(reinterpret_cast<const void*>(kernel), &limit);
+  Status st = grid_limit(reinterpret_cast<const void*>(kernel), kThreads, &limit);
   if (!st.is_ok()) return st;
   const unsigned grid = (unsigned)std::max<int64_t>(1, std::min(ctas, limit));
   kernel<<<grid, kThreads, 0, stream>>>(a);
@@ -817,7 +785,7 @@ Status task_arithmetic_backward(const void* grad, int grad_dtype, const void* ba
     });
     if (!st.is_ok() || a.ws == nullptr) return st;
     int64_t limit = 1;
-    st = grid_limit(reinterpret_cast<const void*>(bwd_finish_kernel), &limit);
+    st = grid_limit(reinterpret_cast<const void*>(bwd_finish_kernel), kThreads, &limit);
     if (!st.is_ok()) return st;
     const unsigned grid =
         (unsigned)std::max<int64_t>(1, std::min(ceil_div(n * plan.n_blocks, kThreads), limit));

@@ -13,6 +13,11 @@ The definitions of every method are in `pyops/reference/merge.py`. Backends:
   TRITON_INTERPRET=1): exact per-block radix selection for TIES, Philox masks in the pass,
   ranks from a stable device sort for breadcrumbs / DELLA. Forward only: a call that needs
   gradients goes to ``cpu`` (CPU tensors) or the reference, with that reason.
+* ``cuda`` — hand-written CUDA kernels (`csrc/cuda/merge_kernels.cuh`, `pyops/ops/merge_cuda.py`)
+  for ties, dare / dare_linear, dare_ties and consensus: an exact three-digit radix select of the
+  per-block TIES threshold, then one combine pass with the Philox masks drawn in it; the C++
+  kernels' bits. Forward only, like ``triton``. First in the GPU order for the methods it
+  implements; breadcrumbs and DELLA go on to ``triton``.
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from torch import Tensor
 
 from pyops import _backend, _native
 from pyops._triton import triton_family_reason
+from pyops.ops import merge_cuda  # the CUDA path (its ops register without a GPU)
 from pyops.ops import merge_native  # the C++ path; importing registers its ops before any tracing
 from pyops.ops import merge_triton  # the Triton path (its ops register without importing Triton)
 from pyops.ops import task_merge as TM
@@ -69,7 +75,22 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
             return f"the Triton kernels rank blocks of fewer than 2**31 elements (int32 ranks; {method!r})"
         return dtype_reason
 
-    return {"reference": lambda: None, "cpu": cpu, "triton": triton}
+    def cuda() -> Optional[str]:
+        if _native.cuda_module is None:
+            return _native.cuda_missing_reason
+        if not hasattr(_native.cuda_module, "merge_forward"):
+            return "pyops._C_cuda was built without the merge kernels"
+        if dev.type != "cuda":
+            return f"tensors are on {dev.type}, the CUDA kernels take CUDA tensors"
+        if method not in merge_cuda.METHOD_CODES:
+            return f"the CUDA kernels implement {', '.join(merge_cuda.METHODS)}, not {method!r}"
+        if needs_grad:
+            return "the CUDA merge kernels are forward only (gradients: the cpu or reference backend)"
+        if method == "ties" and min(p.block_size, p.base.numel()) >= 2**32:
+            return "the CUDA TIES selection counts blocks of fewer than 2**32 elements"
+        return dtype_reason
+
+    return {"reference": lambda: None, "cpu": cpu, "cuda": cuda, "triton": triton}
 
 
 def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, lam, name, gamma, epsilon, k,
@@ -95,7 +116,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
         return fn(p.base, p.deltas, p.coeffs * lam, blocks=blocks, out=out, out_dtype=out_dtype, backend=backend)
     chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad),
-                             _backend.default_order(p.base.device, ("triton",)))
+                             _backend.default_order(p.base.device, ("cuda", "triton")))
     if chosen == "reference":
         result = ref.merge(p.base, p.deltas, p.coeffs, method=method, block_size=p.block_size,
                            density=torch.tensor(dens, dtype=torch.float64), lam=lam, seed=seed, name=name,
@@ -105,6 +126,9 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
             return result
         with torch.no_grad():
             return out.copy_(result)
+    if chosen == "cuda":
+        return merge_cuda.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
+                              tall_lambda=tall_lambda, normalize=normalize, out=out)
     if chosen == "triton":
         return merge_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
                                 normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)

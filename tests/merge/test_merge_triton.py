@@ -307,10 +307,10 @@ def test_can_run_reasons(rng):
     assert c.grad is not None
 
 
-@pytest.mark.skipif(not CUDA, reason="the GPU order (triton, then reference) applies to CUDA tensors")
-def test_auto_picks_triton_on_cuda(rng):
+@pytest.mark.skipif(not CUDA, reason="the GPU order (cuda, triton, then reference) applies to CUDA tensors")
+def test_auto_picks_triton_on_cuda_for_methods_without_cuda_kernels(rng):
     base, deltas = _inputs((4, 5), 2, FP32, rng)
-    pyops.merge(base, deltas, method="dare_ties", density=0.5)
+    pyops.merge(base, deltas, method="della", density=0.5)
     assert _backend.last_choice("merge").backend == "triton"
 
 

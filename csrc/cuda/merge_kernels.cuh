@@ -1,0 +1,560 @@
+// CUDA kernels of `pyops.merge` for ties, dare / dare_linear, dare_ties and consensus (forward),
+// written against cuda/simt.h so that the same source runs on a GPU (cuda/merge.cu) and, for
+// tests on machines without one, on host threads (tests/merge/test_merge_cuda_emulated.py).
+//
+// Semantics: csrc/cpu/merge.h, operation for operation; the C++ CPU kernels are the bit-level
+// reference these kernels are tested against (every product and sum rounded separately, tasks
+// summed i = 0..N-1 from 0, the exact per-block TIES threshold).
+//
+// Work layout
+// -----------
+// * TIES threshold of (block b, task i): the k-th largest key |tau_i| (fp32 bits & 0x7fffffff,
+//   monotone for non-negative floats), k = max(1, floor(density_i * len_b)), by a radix select over
+//   three digits (bits 30..20, 19..9, 8..0). Each digit pass histograms the keys that match the
+//   prefix chosen so far; the bucket holding the need-th largest key extends the prefix. After the
+//   third pass the prefix is the threshold itself: exact, whatever the data (ties, zeros, NaN
+//   keys), and independent of the grid, since histogram counts are integers.
+//   - many blocks (n_blocks >= kCtaBlocks): one CTA owns a block and runs the three passes over
+//     it with a shared-memory histogram (select_blocks);
+//   - few blocks (a whole tensor, a few large chunks): each pass spreads the block over many CTAs
+//     (select_count: work items of kItem elements, shared histograms flushed into a global
+//     [n_blocks, n, kBins] histogram with integer atomics), then select_pick finds the bucket per
+//     (block, task) and clears the histogram for the next pass.
+// * The combine (every method): one thread per group of 4 consecutive elements, which is also one
+//   Philox4x32-10 call per task for DARE (counter (g lo, g hi, i, name_hash), g = j >> 2, word
+//   j & 3, key (seed lo, seed hi): common/philox.h). The first kRegTasks tasks' trimmed values stay
+//   in registers for the election; further tasks are recomputed (the same operations, so the same
+//   bits).
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "common/philox.h"
+#include "common/status.h"
+#include "cuda/simt.h"
+
+#if defined(PYOPS_SIMT_EMULATE)
+#define PYOPS_UNROLL _Pragma("GCC unroll 8")
+#else
+#define PYOPS_UNROLL _Pragma("unroll")
+#endif
+
+namespace pyops {
+namespace cuda_merge {
+
+// The three sizes below can be overridden at compile time; only the emulated tests do, so that
+// small tensors reach every path (several work items per block, one CTA per block) quickly.
+#ifndef PYOPS_MERGE_CTA_THREADS
+#define PYOPS_MERGE_CTA_THREADS 256
+#endif
+#ifndef PYOPS_MERGE_ITEM
+#define PYOPS_MERGE_ITEM 16384
+#endif
+#ifndef PYOPS_MERGE_CTA_BLOCKS
+#define PYOPS_MERGE_CTA_BLOCKS 256
+#endif
+constexpr int kThreads = PYOPS_MERGE_CTA_THREADS;    // threads per CTA, every kernel
+constexpr int kRegTasks = 8;           // tasks whose trimmed values the combine keeps in registers
+constexpr int64_t kItem = PYOPS_MERGE_ITEM;          // elements per work item of the few-blocks selection
+constexpr int64_t kCtaBlocks = PYOPS_MERGE_CTA_BLOCKS;  // at least this many blocks: one CTA selects each
+constexpr int kPasses = 3;
+constexpr int kBins = 2048;            // the widest digit (11 bits)
+static_assert(kThreads >= 32 && kThreads <= 512 && (kThreads & (kThreads - 1)) == 0,
+              "find_bucket_cta splits 512 and 2048 bins evenly over the CTA's threads");
+constexpr int64_t kMaxSelectLen = int64_t(1) << 32;  // histogram counts are uint32
+
+// Method codes (csrc/cpu/merge.h) these kernels implement.
+constexpr int kTies = 1, kDare = 2, kDareTies = 3, kConsensus = 7;
+
+inline bool implements(int method) {
+  return method == kTies || method == kDare || method == kDareTies || method == kConsensus;
+}
+
+// Digit p of a key: (key >> shift) & mask.
+PYOPS_DEVICE int pass_shift(int p) { return p == 0 ? 20 : (p == 1 ? 9 : 0); }
+PYOPS_DEVICE uint32_t pass_mask(int p) { return p == 2 ? 0x1ffu : 0x7ffu; }
+
+// Radix-select progress of one (block, task) between passes of the few-blocks path.
+struct SelState {
+  uint32_t prefix, pmask;  // digits chosen so far, and the bits they cover
+  int64_t need;            // rank of the threshold among the keys matching prefix (from the top)
+};
+
+struct Args {
+  void* out;
+  const void* base;
+  const void* const* deltas;  // device array of n device addresses
+  int64_t n;
+  const float* coeffs;        // c[i, b] = coeffs[i * s_n + b * s_b]
+  int64_t s_n, s_b;
+  const float* density;       // [n], device
+  int64_t numel, block_size, n_blocks;
+  int method;
+  float lam;
+  uint32_t seed_lo, seed_hi, name_hash;
+  int64_t k;                  // consensus
+  float tall_lambda;          // consensus
+  bool normalize;             // electing methods
+  float* thr;                 // ties: [n_blocks, n] thresholds
+  uint32_t* hist;             // ties, few blocks: [n_blocks, n, kBins]
+  SelState* state;            // ties, few blocks: [n_blocks, n]
+  int pass;                   // selection pass of select_count / select_pick
+};
+
+PYOPS_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+PYOPS_DEVICE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// k = max(1, floor(density * len)) as the reference computes it (fp32 density, fp64 product).
+PYOPS_DEVICE int64_t topk(float density, int64_t len) {
+  const int64_t k = (int64_t)floor((double)density * (double)len);
+  return max64(1, min64(k, len));
+}
+
+PYOPS_DEVICE bool keeps_all(float density) { return !(density < 1.f); }
+
+template <class T, bool FM>
+PYOPS_DEVICE float tau_at(const Args& a, int64_t i, int64_t j) {
+  using S = typename T::S;
+  const float x = T::to_f(static_cast<const S*>(a.deltas[i])[j]);
+  if (!FM) return x;
+  return simt::fsub(x, T::to_f(static_cast<const S*>(a.base)[j]));
+}
+
+PYOPS_DEVICE uint32_t key_of(float tau) { return simt::float_as_uint(tau) & 0x7fffffffu; }
+
+// Called by every thread of the CTA. hist[0..nbins) counts the keys matching the current prefix
+// by digit; returns in *digit the bucket that holds the need-th largest of them (counting from the
+// top digit down) and in *need_out that key's rank inside the bucket. nbins is a multiple of
+// kThreads; the total count must be >= need.
+PYOPS_DEVICE void find_bucket_cta(const uint32_t* hist, int nbins, int64_t need, uint32_t* digit,
+                                  int64_t* need_out) {
+  PYOPS_SHARED int64_t scan[kThreads];
+  PYOPS_SHARED uint32_t s_digit;
+  PYOPS_SHARED int64_t s_need;
+  const int t = simt::tid();
+  const int per = nbins / kThreads;
+  const int top = nbins - 1 - t * per;  // this thread's bins: top, top - 1, ..., top - per + 1
+  int64_t part = 0;
+  for (int q = 0; q < per; ++q) part += hist[top - q];
+  scan[t] = part;
+  if (t == 0) {
+    s_digit = 0;
+    s_need = need;
+  }
+  simt::sync();
+  for (int off = 1; off < kThreads; off <<= 1) {  // inclusive scan, thread order = descending bins
+    const int64_t v = t >= off ? scan[t - off] : 0;
+    simt::sync();
+    scan[t] += v;
+    simt::sync();
+  }
+  const int64_t incl = scan[t], excl = incl - part;
+  if (excl < need && need <= incl) {  // exactly one thread
+    int64_t rem = need - excl;
+    for (int q = 0; q < per; ++q) {
+      const int64_t c = hist[top - q];
+      if (c >= rem) {
+        s_digit = (uint32_t)(top - q);
+        s_need = rem;
+        break;
+      }
+      rem -= c;
+    }
+  }
+  simt::sync();
+  *digit = s_digit;
+  *need_out = s_need;
+  simt::sync();  // every thread has read the result (and hist) before anyone reuses them
+}
+
+// ---- TIES thresholds, many blocks: one CTA per block ------------------------------------------
+template <class T, bool FM>
+PYOPS_KERNEL void select_blocks(Args a) {
+  PYOPS_SHARED uint32_t hist[kBins];
+  const int t = simt::tid();
+  for (int64_t b = simt::bid(); b < a.n_blocks; b += simt::gdim()) {
+    const int64_t lo = b * a.block_size, hi = min64(a.numel, lo + a.block_size);
+    for (int64_t i = 0; i < a.n; ++i) {
+      const float rho = a.density[i];
+      if (keeps_all(rho)) {
+        if (t == 0) a.thr[b * a.n + i] = 0.f;
+        continue;
+      }
+      int64_t need = topk(rho, hi - lo);
+      uint32_t prefix = 0, pmask = 0;
+      for (int p = 0; p < kPasses; ++p) {
+        const int shift = pass_shift(p);
+        const uint32_t dm = pass_mask(p);
+        for (int h = t; h < kBins; h += kThreads) hist[h] = 0;
+        simt::sync();
+        for (int64_t j = lo + t; j < hi; j += kThreads) {
+          const uint32_t key = key_of(tau_at<T, FM>(a, i, j));
+          if ((key & pmask) == prefix) simt::atomic_add(&hist[(key >> shift) & dm], 1u);
+        }
+        simt::sync();
+        uint32_t digit;
+        find_bucket_cta(hist, (int)dm + 1, need, &digit, &need);
+        prefix |= digit << shift;
+        pmask |= dm << shift;
+      }
+      if (t == 0) a.thr[b * a.n + i] = simt::uint_as_float(prefix);
+    }
+  }
+}
+
+// ---- TIES thresholds, few blocks: pass a.pass over work items of kItem elements -----------------
+template <class T, bool FM>
+PYOPS_KERNEL void select_count(Args a) {
+  PYOPS_SHARED uint32_t hist[kBins];
+  const int t = simt::tid();
+  const int p = a.pass, shift = pass_shift(p);
+  const uint32_t dm = pass_mask(p);
+  const int64_t per_block = (a.block_size + kItem - 1) / kItem;
+  const int64_t n_items = a.n_blocks * per_block;
+  for (int64_t it = simt::bid(); it < n_items; it += simt::gdim()) {
+    const int64_t b = it / per_block;
+    const int64_t lo = b * a.block_size + (it - b * per_block) * kItem;
+    const int64_t hi = min64(min64(lo + kItem, (b + 1) * a.block_size), a.numel);  // lo >= hi: empty
+    for (int64_t i = 0; i < a.n; ++i) {
+      if (keeps_all(a.density[i])) continue;
+      const SelState st = a.state[b * a.n + i];
+      const uint32_t prefix = p == 0 ? 0u : st.prefix, pmask = p == 0 ? 0u : st.pmask;
+      for (int h = t; h < kBins; h += kThreads) hist[h] = 0;
+      simt::sync();
+      for (int64_t j = lo + t; j < hi; j += kThreads) {
+        const uint32_t key = key_of(tau_at<T, FM>(a, i, j));
+        if ((key & pmask) == prefix) simt::atomic_add(&hist[(key >> shift) & dm], 1u);
+      }
+      simt::sync();
+      uint32_t* gh = a.hist + (b * a.n + i) * kBins;
+      for (int h = t; h <= (int)dm; h += kThreads)
+        if (hist[h] != 0) simt::atomic_add(&gh[h], hist[h]);
+      simt::sync();
+    }
+  }
+}
+
+// One CTA per (block, task): the bucket of pass a.pass, the new prefix, and the cleared histogram.
+PYOPS_KERNEL void select_pick(Args a) {
+  const int t = simt::tid();
+  const int p = a.pass, shift = pass_shift(p);
+  const uint32_t dm = pass_mask(p);
+  for (int64_t q = simt::bid(); q < a.n_blocks * a.n; q += simt::gdim()) {
+    const int64_t b = q / a.n, i = q - b * a.n;
+    const float rho = a.density[i];
+    if (keeps_all(rho)) {
+      if (t == 0 && p == kPasses - 1) a.thr[q] = 0.f;
+      continue;
+    }
+    SelState st = a.state[q];
+    if (p == 0) {
+      const int64_t lo = b * a.block_size;
+      st = SelState{0u, 0u, topk(rho, min64(a.numel, lo + a.block_size) - lo)};
+    }
+    uint32_t* gh = a.hist + q * kBins;
+    uint32_t digit;
+    int64_t need;
+    find_bucket_cta(gh, (int)dm + 1, st.need, &digit, &need);
+    if (t == 0) {
+      st.prefix |= digit << shift;
+      st.pmask |= dm << shift;
+      st.need = need;
+      a.state[q] = st;
+      if (p == kPasses - 1) a.thr[q] = simt::uint_as_float(st.prefix);
+    }
+    for (int h = t; h < kBins; h += kThreads) gh[h] = 0;  // find_bucket_cta's last sync: all read
+  }
+}
+
+// ---- The combine -------------------------------------------------------------------------------
+
+// t_i over the group's elements e < cnt (tv[e] for e >= cnt is unspecified).
+template <class T, bool FM>
+PYOPS_DEVICE void task_values(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const float* bb,
+                              const int64_t* blk, float* tv) {
+  using S = typename T::S;
+  const S* d = static_cast<const S*>(a.deltas[i]);
+  float tau[4];
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    const float x = e < cnt ? T::to_f(d[j0 + e]) : 0.f;
+    tau[e] = FM ? simt::fsub(x, bb[e]) : x;
+  }
+  const float rho = a.density[i];
+  if (a.method == kTies && !keeps_all(rho)) {
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const float th = a.thr[blk[e] * a.n + i];
+      tv[e] = simt::fmul(fabsf(tau[e]) >= th ? 1.f : 0.f, tau[e]);
+    }
+  } else if (a.method == kDare || a.method == kDareTies) {
+    const Philox4 r = philox4x32_10((uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)i, a.name_hash,
+                                    a.seed_lo, a.seed_hi);
+    const float keep = simt::fdiv(1.f, rho);
+    // u = (word >> 8) * 2^-24 < rho  <=>  (word >> 8) < ceil(rho * 2^24) (exact in double).
+    const uint32_t lim = (uint32_t)ceil((double)rho * 16777216.0);
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) tv[e] = simt::fmul((r.v[e] >> 8) < lim ? keep : 0.f, tau[e]);
+  } else {
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) tv[e] = tau[e];
+  }
+}
+
+template <class T, class O, bool FM>
+PYOPS_KERNEL void combine(Args a) {
+  using S = typename T::S;
+  using SO = typename O::S;
+  const S* base = static_cast<const S*>(a.base);
+  SO* out = static_cast<SO*>(a.out);
+  const bool electing = a.method == kTies || a.method == kDareTies;
+  const bool consensus = a.method == kConsensus;
+  const int64_t n_groups = (a.numel + 3) >> 2;
+  const int64_t stride = (int64_t)simt::gdim() * simt::bdim();
+  for (int64_t g = (int64_t)simt::bid() * simt::bdim() + simt::tid(); g < n_groups; g += stride) {
+    const int64_t j0 = g << 2;
+    const int cnt = (int)min64(4, a.numel - j0);
+    // Blocks of the group's elements: one division, then at most one step per element (a block of
+    // fewer than 4 elements divides each).
+    const int64_t b0 = j0 / a.block_size, r0 = j0 - b0 * a.block_size;
+    float bb[4], acc[4], w[4];
+    int64_t blk[4];
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      blk[e] = e >= cnt ? b0 : (a.block_size >= 4 ? b0 + (r0 + e >= a.block_size ? 1 : 0) : (j0 + e) / a.block_size);
+      bb[e] = e < cnt ? T::to_f(base[j0 + e]) : 0.f;
+      acc[e] = 0.f;
+    }
+    float rows[kRegTasks][4];
+    PYOPS_UNROLL
+    for (int i = 0; i < kRegTasks; ++i) {
+      if (i < a.n) {
+        task_values<T, FM>(a, i, g, j0, cnt, bb, blk, rows[i]);
+        PYOPS_UNROLL
+        for (int e = 0; e < 4; ++e)
+          acc[e] = simt::fadd(acc[e], simt::fmul(a.coeffs[i * a.s_n + blk[e] * a.s_b], rows[i][e]));
+      }
+    }
+    for (int64_t i = kRegTasks; i < a.n; ++i) {
+      float tv[4];
+      task_values<T, FM>(a, i, g, j0, cnt, bb, blk, tv);
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) acc[e] = simt::fadd(acc[e], simt::fmul(a.coeffs[i * a.s_n + blk[e] * a.s_b], tv[e]));
+    }
+
+    if (electing) {
+      // s = sign of sum_i w_i t_i (+ for 0); a_i = [t_i * s > 0]; merged = sum a_i (w_i t_i) / sum a_i w_i.
+      float sg[4], tot[4], div[4];
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        sg[e] = acc[e] >= 0.f ? 1.f : -1.f;
+        tot[e] = div[e] = 0.f;
+      }
+      PYOPS_UNROLL
+      for (int i = 0; i < kRegTasks; ++i) {
+        if (i < a.n) {
+          PYOPS_UNROLL
+          for (int e = 0; e < 4; ++e) {
+            w[e] = a.coeffs[i * a.s_n + blk[e] * a.s_b];
+            const float t = rows[i][e];
+            const float am = simt::fmul(t, sg[e]) > 0.f ? 1.f : 0.f;
+            tot[e] = simt::fadd(tot[e], simt::fmul(am, simt::fmul(w[e], t)));
+            div[e] = simt::fadd(div[e], simt::fmul(am, w[e]));
+          }
+        }
+      }
+      for (int64_t i = kRegTasks; i < a.n; ++i) {
+        float tv[4];
+        task_values<T, FM>(a, i, g, j0, cnt, bb, blk, tv);
+        PYOPS_UNROLL
+        for (int e = 0; e < 4; ++e) {
+          w[e] = a.coeffs[i * a.s_n + blk[e] * a.s_b];
+          const float am = simt::fmul(tv[e], sg[e]) > 0.f ? 1.f : 0.f;
+          tot[e] = simt::fadd(tot[e], simt::fmul(am, simt::fmul(w[e], tv[e])));
+          div[e] = simt::fadd(div[e], simt::fmul(am, w[e]));
+        }
+      }
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) acc[e] = a.normalize ? simt::fdiv(tot[e], div[e] == 0.f ? 1.f : div[e]) : tot[e];
+    } else if (consensus) {
+      // TALL masks: keep the weighted sum where at least k tasks satisfy |tau_i| >= lambda |mtl - tau_i|.
+      int cntk[4] = {0, 0, 0, 0};
+      PYOPS_UNROLL
+      for (int i = 0; i < kRegTasks; ++i) {
+        if (i < a.n) {
+          PYOPS_UNROLL
+          for (int e = 0; e < 4; ++e)
+            cntk[e] += fabsf(rows[i][e]) >= simt::fmul(a.tall_lambda, fabsf(simt::fsub(acc[e], rows[i][e]))) ? 1 : 0;
+        }
+      }
+      for (int64_t i = kRegTasks; i < a.n; ++i) {
+        float tv[4];
+        task_values<T, FM>(a, i, g, j0, cnt, bb, blk, tv);
+        PYOPS_UNROLL
+        for (int e = 0; e < 4; ++e)
+          cntk[e] += fabsf(tv[e]) >= simt::fmul(a.tall_lambda, fabsf(simt::fsub(acc[e], tv[e]))) ? 1 : 0;
+      }
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) acc[e] = simt::fmul((int64_t)cntk[e] >= a.k ? 1.f : 0.f, acc[e]);
+    }
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e)
+      if (e < cnt) out[j0 + e] = O::from_f(simt::fadd(bb[e], simt::fmul(a.lam, acc[e])));
+  }
+}
+
+// ---- Host side: workspace and the sequence of launches -----------------------------------------
+
+struct Problem {
+  void* out;
+  int out_dtype;             // 0 fp32, 1 fp16, 2 bf16 (common/dtype.h)
+  const void* base;
+  const void* delta_ptrs;    // device int64 array of n addresses
+  int64_t n;
+  int in_dtype;
+  const float* coeffs;
+  int64_t coeff_stride_n, coeff_stride_block;
+  const float* density;      // device [n]
+  int64_t numel, block_size;
+  bool from_models;
+  int method;
+  float lam;
+  uint64_t seed;
+  uint32_t name_hash;
+  int64_t k;
+  float tall_lambda;
+  bool normalize;
+  void* workspace;
+  int64_t workspace_bytes;
+};
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+struct Layout {
+  int64_t block_size = 1, n_blocks = 0;
+  bool per_block = true;     // ties: one CTA per block
+  int64_t thr_off = 0, hist_off = 0, state_off = 0, bytes = 0;
+};
+
+inline Layout layout(int64_t numel, int64_t block_size, int64_t n, int method) {
+  Layout l;
+  if (numel <= 0 || block_size <= 0 || n <= 0) return l;
+  l.block_size = block_size < numel ? block_size : numel;
+  l.n_blocks = (numel + l.block_size - 1) / l.block_size;
+  l.per_block = l.n_blocks >= kCtaBlocks;
+  if (method != kTies) return l;
+  const int64_t pairs = l.n_blocks * n;
+  l.thr_off = 0;
+  l.bytes = round_up(pairs * (int64_t)sizeof(float), 256);
+  if (!l.per_block) {
+    l.hist_off = l.bytes;
+    l.bytes += round_up(pairs * kBins * (int64_t)sizeof(uint32_t), 256);
+    l.state_off = l.bytes;
+    l.bytes += round_up(pairs * (int64_t)sizeof(SelState), 256);
+  }
+  return l;
+}
+
+// L: launch(kernel, ctas wanted, args) -> Status (the launcher may cap the grid: every kernel
+// strides), zero(ptr, bytes) -> Status.
+template <class L, class T, class O, bool FM>
+Status run_typed(Args a, const Layout& l, L& launcher) {
+  Status st;
+  if (a.method == kTies) {
+    if (l.per_block) {
+      st = launcher.launch(&select_blocks<T, FM>, a.n_blocks, a);
+      if (!st.is_ok()) return st;
+    } else {
+      st = launcher.zero(a.hist, a.n_blocks * a.n * kBins * (int64_t)sizeof(uint32_t));
+      if (!st.is_ok()) return st;
+      const int64_t items = a.n_blocks * ((a.block_size + kItem - 1) / kItem);
+      for (int p = 0; p < kPasses; ++p) {
+        a.pass = p;
+        st = launcher.launch(&select_count<T, FM>, items, a);
+        if (!st.is_ok()) return st;
+        st = launcher.launch(&select_pick, a.n_blocks * a.n, a);
+        if (!st.is_ok()) return st;
+      }
+    }
+  }
+  return launcher.launch(&combine<T, O, FM>, ((a.numel + 3) / 4 + kThreads - 1) / kThreads, a);
+}
+
+template <class L, class T, class O>
+Status run_fm(const Args& a, const Layout& l, bool fm, L& launcher) {
+  return fm ? run_typed<L, T, O, true>(a, l, launcher) : run_typed<L, T, O, false>(a, l, launcher);
+}
+
+template <class L, class T>
+Status run_out(const Args& a, const Layout& l, int out_dtype, bool fm, L& launcher) {
+  switch (out_dtype) {
+    case 0: return run_fm<L, T, simt::F32>(a, l, fm, launcher);
+    case 1: return run_fm<L, T, simt::F16>(a, l, fm, launcher);
+    default: return run_fm<L, T, simt::BF16>(a, l, fm, launcher);
+  }
+}
+
+inline Status check(const Problem& p) {
+  if (!implements(p.method))
+    return Status::invalid("method: the CUDA merge kernels implement codes 1 (ties), 2 (dare), 3 (dare_ties) "
+                           "and 7 (consensus), got " + std::to_string(p.method));
+  if (p.in_dtype < 0 || p.in_dtype > 2) return Status::invalid("in_dtype: unknown dtype code " + std::to_string(p.in_dtype));
+  if (p.out_dtype < 0 || p.out_dtype > 2) return Status::invalid("out_dtype: unknown dtype code " + std::to_string(p.out_dtype));
+  if (p.numel < 0) return Status::invalid("numel: expected >= 0, got " + std::to_string(p.numel));
+  if (p.block_size <= 0) return Status::invalid("block_size: expected > 0, got " + std::to_string(p.block_size));
+  if (p.n < 1) return Status::invalid("n: expected at least one task vector, got " + std::to_string(p.n));
+  if (p.method == kConsensus && (p.k < 1 || p.k > p.n))
+    return Status::invalid("k: expected 1 <= k <= n = " + std::to_string(p.n) + ", got " + std::to_string(p.k));
+  if (p.numel == 0) return Status::ok();
+  if (p.out == nullptr || p.base == nullptr || p.delta_ptrs == nullptr || p.coeffs == nullptr || p.density == nullptr)
+    return Status::invalid("out, base, delta_ptrs, coeffs and density must be non-null device pointers");
+  const Layout l = layout(p.numel, p.block_size, p.n, p.method);
+  if (p.method == kTies && l.block_size >= kMaxSelectLen)
+    return Status::invalid("block_size: the CUDA TIES selection counts blocks of fewer than 2**32 elements, got " +
+                           std::to_string(l.block_size));
+  if (p.workspace_bytes < l.bytes || (l.bytes > 0 && p.workspace == nullptr))
+    return Status::invalid("workspace: expected at least " + std::to_string(l.bytes) + " bytes, got " +
+                           std::to_string(p.workspace_bytes));
+  return Status::ok();
+}
+
+template <class L>
+Status run(const Problem& p, L& launcher) {
+  Status st = check(p);
+  if (!st.is_ok() || p.numel == 0) return st;
+  const Layout l = layout(p.numel, p.block_size, p.n, p.method);
+  char* ws = static_cast<char*>(p.workspace);
+  Args a{};
+  a.out = p.out;
+  a.base = p.base;
+  a.deltas = static_cast<const void* const*>(p.delta_ptrs);
+  a.n = p.n;
+  a.coeffs = p.coeffs;
+  a.s_n = p.coeff_stride_n;
+  a.s_b = p.coeff_stride_block;
+  a.density = p.density;
+  a.numel = p.numel;
+  a.block_size = l.block_size;
+  a.n_blocks = l.n_blocks;
+  a.method = p.method;
+  a.lam = p.lam;
+  a.seed_lo = (uint32_t)p.seed;
+  a.seed_hi = (uint32_t)(p.seed >> 32);
+  a.name_hash = p.name_hash;
+  a.k = p.k;
+  a.tall_lambda = p.tall_lambda;
+  a.normalize = p.normalize;
+  a.thr = p.method == kTies ? reinterpret_cast<float*>(ws + l.thr_off) : nullptr;
+  a.hist = p.method == kTies && !l.per_block ? reinterpret_cast<uint32_t*>(ws + l.hist_off) : nullptr;
+  a.state = p.method == kTies && !l.per_block ? reinterpret_cast<SelState*>(ws + l.state_off) : nullptr;
+  a.pass = 0;
+  switch (p.in_dtype) {
+    case 0: return run_out<L, simt::F32>(a, l, p.out_dtype, p.from_models, launcher);
+    case 1: return run_out<L, simt::F16>(a, l, p.out_dtype, p.from_models, launcher);
+    default: return run_out<L, simt::BF16>(a, l, p.out_dtype, p.from_models, launcher);
+  }
+}
+
+}  // namespace cuda_merge
+}  // namespace pyops

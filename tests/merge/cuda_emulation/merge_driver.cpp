@@ -1,0 +1,58 @@
+// Host build of the CUDA merge kernels (csrc/cuda/merge_kernels.cuh) on the SIMT emulation of
+// csrc/cuda/simt.h: every CTA runs as real threads with barriers, "device" pointers are host
+// pointers. Built by tests/merge/test_merge_cuda_emulated.py with g++ -std=c++20
+// -ffp-contract=off and loaded through ctypes.
+#define PYOPS_SIMT_EMULATE 1
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include "cuda/merge_kernels.cuh"
+
+namespace {
+
+struct EmuLauncher {
+  int max_grid;
+  template <class A>
+  pyops::Status launch(void (*kernel)(A), int64_t ctas, const A& args) {
+    const int grid = (int)std::max<int64_t>(1, std::min<int64_t>(ctas, max_grid));
+    pyops::simt::launch(kernel, grid, pyops::cuda_merge::kThreads, args);
+    return pyops::Status::ok();
+  }
+  pyops::Status zero(void* p, int64_t bytes) {
+    std::memset(p, 0, (size_t)bytes);
+    return pyops::Status::ok();
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+int64_t emu_merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method) {
+  return pyops::cuda_merge::layout(numel, block_size, n, method).bytes;
+}
+
+int emu_merge_threads() { return pyops::cuda_merge::kThreads; }
+
+// Returns 0 on success; otherwise the status code, with the message in err[0..err_len).
+int emu_merge_forward(void* out, int out_dtype, const void* base, const void* delta_ptrs, int64_t n, int in_dtype,
+                      const float* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const float* density,
+                      int64_t numel, int64_t block_size, int from_models, int method, float lam, uint64_t seed,
+                      uint32_t name_hash, int64_t k, float tall_lambda, int normalize, void* workspace,
+                      int64_t workspace_bytes, int max_grid, char* err, int err_len) {
+  pyops::cuda_merge::Problem p{out, out_dtype, base, delta_ptrs, n, in_dtype, coeffs, coeff_stride_n,
+                               coeff_stride_block, density, numel, block_size, from_models != 0, method, lam, seed,
+                               name_hash, k, tall_lambda, normalize != 0, workspace, workspace_bytes};
+  EmuLauncher launcher{max_grid};
+  const pyops::Status st = pyops::cuda_merge::run(p, launcher);
+  if (st.is_ok()) return 0;
+  if (err != nullptr && err_len > 0) {
+    std::strncpy(err, st.message.c_str(), (size_t)err_len - 1);
+    err[err_len - 1] = '\0';
+  }
+  return (int)st.code;
+}
+
+}  // extern "C"

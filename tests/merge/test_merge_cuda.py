@@ -1,0 +1,122 @@
+"""`pyops.merge(..., backend="cuda")`: the hand-written CUDA kernels for ties, dare / dare_linear,
+dare_ties and consensus (csrc/cuda/merge_kernels.cuh).
+
+On a GPU: the C++ CPU kernels' bits on every method, dtype and block layout (both TIES selection
+paths: one CTA per block, and a histogram spread over the device), the auto order, opcheck and
+torch.compile. Without one, only the backend's refusals run here; the kernels' logic is tested on
+host threads by test_merge_cuda_emulated.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyops
+from pyops import _backend, _native
+from pyops.ops import merge as M
+from pyops.ops import merge_cuda as MC
+from pyops.ops import task_merge as TM
+from pyops.reference import merge as R
+from _support import CUDA, assert_bitwise_equal
+
+FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
+HAVE = CUDA and _native.cuda_module is not None and hasattr(_native.cuda_module, "merge_forward")
+gpu = pytest.mark.skipif(not HAVE, reason="needs a CUDA device and pyops._C_cuda with the merge kernels")
+
+
+def _inputs(shape, n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base.to(dtype), [(torch.randn(shape, generator=g) * 0.1).to(dtype) for _ in range(n)]
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    base, deltas = _inputs((4, 5), 2, FP32, 0)
+    p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
+    reason = M._can_run(p, "ties", False)["cuda"]()
+    assert reason is not None and ("cuda" in reason.lower() or "CUDA" in reason)
+    with pytest.raises(_backend.BackendUnavailableError, match="backend 'cuda' cannot run this call"):
+        pyops.merge(base, deltas, method="ties", density=0.5, backend="cuda")
+
+
+@gpu
+@pytest.mark.parametrize("method", ["breadcrumbs", "della", "della_linear", "model_stock"])
+def test_cuda_backend_names_the_methods_it_implements(method):
+    base, deltas = _inputs((4, 5), 2, FP32, 0)
+    p = TM.prepare(base.cuda(), [d.cuda() for d in deltas], [1.0, 1.0], None, None)
+    assert "ties, dare, dare_linear, dare_ties, consensus" in M._can_run(p, method, False)["cuda"]()
+
+
+@gpu
+def test_cuda_backend_is_forward_only():
+    base, deltas = _inputs((4, 5), 2, FP32, 0)
+    p = TM.prepare(base.cuda(), [d.cuda() for d in deltas], [1.0, 1.0], None, None)
+    assert "forward only" in M._can_run(p, "ties", True)["cuda"]()
+
+
+LAYOUTS = [((37,), None), ((3, 70001), None), ((300, 65), "rows"), ((1000, 33), 7), ((50021,), 3)]
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("shape,blocks", LAYOUTS, ids=[f"{'x'.join(map(str, s))}-{b}" for s, b in LAYOUTS])
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_linear", "dare_ties", "consensus"])
+def test_cuda_matches_cpu_kernels_bitwise(method, shape, blocks, dtype):
+    base, deltas = _inputs(shape, 3, dtype, seed=len(shape) * 7 + shape[-1])
+    kw = dict(method=method, blocks=blocks, density=[0.3, 0.6, 1.0], coeffs=[0.8, -0.3, 1.2], lam=0.9, seed=11,
+              name="w", k=2)
+    want = pyops.merge(base, deltas, backend="cpu", **kw)
+    got = pyops.merge(base.cuda(), [d.cuda() for d in deltas], backend="cuda", **kw)
+    assert_bitwise_equal(got.cpu(), want)
+
+
+@gpu
+@pytest.mark.parametrize("n", [1, 9])
+def test_cuda_from_models_and_many_tasks(n):
+    base, ft = _inputs((257, 129), n, BF16, seed=n)
+    kw = dict(method="ties", blocks="rows", density=0.25, coeffs=torch.linspace(0.1, 1.0, n))
+    want = pyops.merge_from_models(base, ft, backend="cpu", **kw)
+    got = pyops.merge_from_models(base.cuda(), [f.cuda() for f in ft], backend="cuda",
+                                  **{**kw, "coeffs": kw["coeffs"].cuda()})
+    assert_bitwise_equal(got.cpu(), want)
+
+
+@gpu
+def test_auto_picks_cuda_for_ties():
+    base, deltas = _inputs((64, 33), 2, FP32, 1)
+    pyops.merge(base.cuda(), [d.cuda() for d in deltas], method="ties", density=0.5)
+    assert _backend.last_choice("merge").backend == "cuda"
+
+
+@gpu
+def test_cuda_out_variant_writes_in_place():
+    base, deltas = _inputs((128, 40), 2, FP32, 2)
+    base, deltas = base.cuda(), [d.cuda() for d in deltas]
+    out = torch.empty_like(base)
+    res = pyops.merge(base, deltas, method="dare_ties", density=0.4, out=out, backend="cuda")
+    assert res.data_ptr() == out.data_ptr()
+    assert_bitwise_equal(out, pyops.merge(base, deltas, method="dare_ties", density=0.4, backend="cuda"))
+
+
+@gpu
+@pytest.mark.parametrize("method", [1, 2, 3, 7], ids=["ties", "dare", "dare_ties", "consensus"])
+def test_opcheck_merge_cuda_ops(method):
+    base, deltas = _inputs((6, 13), 3, FP32, 3)
+    base, deltas = base.cuda(), [d.cuda() for d in deltas]
+    coeffs = torch.rand(3, 6, device="cuda") + 0.25
+    args = (base, deltas, coeffs, [0.3] * 3, 13, False, method, 0.9, -3, R.name_hash("x"), 2, 0.6, True)
+    torch.library.opcheck(MC._merge_op, args + (FP32,))
+    torch.library.opcheck(MC._merge_out_op, args + (torch.empty_like(base),))
+
+
+@gpu
+def test_cuda_merge_compiles_fullgraph():
+    base, deltas = _inputs((32, 17), 2, FP32, 4)
+    base, deltas = base.cuda(), [d.cuda() for d in deltas]
+
+    def f(b, d0, d1):
+        return pyops.merge(b, [d0, d1], method="ties", density=0.4, blocks="rows", backend="cuda") * 2
+
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True)(base, *deltas)
+    assert_bitwise_equal(got, f(base, *deltas))
