@@ -11,7 +11,8 @@
 # Every step runs even if an earlier one failed; the exit status is non-zero if any step failed.
 # $OUT holds 6 files (the device tool returns at most 8): build.log, nvidia-smi.txt, info.log,
 # verify.log, bench.log and results.tar.gz (<family>-<device>.{json,png}, repacked after every
-# family). FAMILIES, VERIFY_TIMEOUT and BENCH_TIMEOUT (seconds per family) bound the run.
+# family). FAMILIES, VERIFY_TIMEOUT and BENCH_TIMEOUT (seconds per family) bound the run; on a
+# GPU, GPU_TESTS (pytest paths; default the CUDA merge kernels' tests) run first under TESTS_TIMEOUT.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -91,6 +92,11 @@ fi
 : >"$OUT/bench.log"
 RESULTS=${RESULTS_DIR:-/tmp/pyops-gpu-results}
 mkdir -p "$RESULTS"
+# GPU-only tests of kernels that have never run on a GPU before (their logs go to verify.log).
+if [ "$DEVICE" = "cuda" ] && [ -n "${GPU_TESTS:-tests/merge/test_merge_cuda.py}" ]; then
+    step "tests" "$OUT/verify.log" --append timeout -k 10 "${TESTS_TIMEOUT:-150}" \
+        "$PYTHON" -m pytest -q -x -p no:cacheprovider ${GPU_TESTS:-tests/merge/test_merge_cuda.py}
+fi
 for fam in $FAMILIES; do
     step "verify:$fam" "$OUT/verify.log" --append timeout -k 10 "$VERIFY_TIMEOUT" \
         "$PYTHON" -m pyops verify --op "$fam" --device "$DEVICE" "${VERIFY_EXTRA[@]}"

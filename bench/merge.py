@@ -77,21 +77,24 @@ def _mergekit_style(method: str, base: torch.Tensor, deltas: list, gen: torch.Ge
 def cases(device: str, quick: bool = False) -> Iterator[Case]:
     dev = torch.device(device)
     numel = (4 if quick else 64) * M
-    backends = ("cpu",) if dev.type == "cpu" else ("cuda", "triton")
+    gpu_backends = ("cuda", "triton")  # cuda: ties, dare, dare_ties, consensus (pyops/ops/merge_cuda.py)
+    backends = ("cpu",) if dev.type == "cpu" else gpu_backends
     for method in ("ties", "dare_ties", "dare"):
         yield _make_case(dev, backends, method, numel, repeats=3 if quick else 3,
                          max_seconds=30.0 if quick else 120.0)
+    if dev.type == "cuda":  # TIES trimmed per row of 4096: the one-CTA-per-block selection
+        yield _make_case(dev, backends, "ties", numel, repeats=3, max_seconds=30.0 if quick else 120.0, blocks=4096)
     # The rank-based methods sort every block: a quarter of the size keeps the argsort peer's
     # run time in bounds. No issue target; the ratio is reported.
     for method in ("breadcrumbs", "della"):
-        yield _make_case(dev, backends, method, numel // 4, repeats=3, max_seconds=30.0 if quick else 120.0,
-                         target=None)
+        yield _make_case(dev, ("cpu",) if dev.type == "cpu" else ("triton",), method, numel // 4, repeats=3,
+                         max_seconds=30.0 if quick else 120.0, target=None)
     if not quick and dev.type == "cpu":
         import tempfile
         yield from whole_model_cases(tempfile.gettempdir())
 
 
-def _make_case(dev, backends, method, numel, repeats, max_seconds, target=SPEEDUP_TARGET) -> Case:
+def _make_case(dev, backends, method, numel, repeats, max_seconds, target=SPEEDUP_TARGET, blocks=None) -> Case:
     import pyops
 
     gen = torch.Generator(device=dev).manual_seed(7)
@@ -104,7 +107,7 @@ def _make_case(dev, backends, method, numel, repeats, max_seconds, target=SPEEDU
     def pyops_entry(backend: str) -> Entry:
         def fn():
             return pyops.merge(base, deltas, method=method, coeffs=list(WEIGHTS), density=DENSITY, seed=1,
-                               name="bench", out=out, backend=backend, gamma=GAMMA, epsilon=EPSILON)
+                               name="bench", out=out, backend=backend, gamma=GAMMA, epsilon=EPSILON, blocks=blocks)
 
         def info():
             ch = pyops.last_choice("merge")
@@ -153,9 +156,10 @@ def _make_case(dev, backends, method, numel, repeats, max_seconds, target=SPEEDU
         return {"elements_differing_from_mergekit_style": n_bad, "of_which_at_threshold_ties": n_explained,
                 "ok": n_bad == n_explained}
 
-    return Case(name=f"{method} fp32 {numel // M}M N={len(WEIGHTS)} density={DENSITY}", entries=entries,
+    rows = "" if blocks is None else f" blocks={blocks}"  # the peer still trims whole tensors
+    return Case(name=f"{method} fp32 {numel // M}M N={len(WEIGHTS)} density={DENSITY}{rows}", entries=entries,
                 baseline="mergekit-style torch", params={"method": method, "numel": numel, "n_tasks": len(WEIGHTS),
-                                                          "density": DENSITY, "device": str(dev)},
+                                                          "density": DENSITY, "blocks": blocks, "device": str(dev)},
                 repeats=repeats, max_seconds=max_seconds, warmup=1, checks=checks, verify=verify)
 
 
