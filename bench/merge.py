@@ -15,7 +15,6 @@ CPU; task arithmetic is benchmarked by the ``task_arithmetic`` family.
 """
 from __future__ import annotations
 
-import math
 from typing import Iterator
 
 import torch
