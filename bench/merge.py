@@ -76,7 +76,7 @@ def _mergekit_style(method: str, base: torch.Tensor, deltas: list, gen: torch.Ge
 def cases(device: str, quick: bool = False) -> Iterator[Case]:
     dev = torch.device(device)
     numel = (4 if quick else 64) * M
-    gpu_backends = ("cuda", "triton")  # cuda: ties, dare, dare_ties, consensus (pyops/ops/merge_cuda.py)
+    gpu_backends = ("cuda", "triton")
     backends = ("cpu",) if dev.type == "cpu" else gpu_backends
     for method in ("ties", "dare_ties", "dare"):
         yield _make_case(dev, backends, method, numel, repeats=3 if quick else 3,
@@ -86,8 +86,8 @@ def cases(device: str, quick: bool = False) -> Iterator[Case]:
     # The rank-based methods sort every block: a quarter of the size keeps the argsort peer's
     # run time in bounds. No issue target; the ratio is reported.
     for method in ("breadcrumbs", "della"):
-        yield _make_case(dev, ("cpu",) if dev.type == "cpu" else ("triton",), method, numel // 4, repeats=3,
-                         max_seconds=30.0 if quick else 120.0, target=None)
+        yield _make_case(dev, backends, method, numel // 4, repeats=3, max_seconds=30.0 if quick else 120.0,
+                         target=None)
     if not quick and dev.type == "cpu":
         import tempfile
         yield from whole_model_cases(tempfile.gettempdir())

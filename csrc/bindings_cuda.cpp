@@ -83,16 +83,17 @@ int64_t merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int 
 void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, uintptr_t delta_ptrs, int64_t n, int in_dtype,
                    uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, uintptr_t density,
                    int64_t numel, int64_t block_size, bool from_models, int method, float lam, uint64_t seed,
-                   uint32_t name_hash, int64_t k, float tall_lambda, bool normalize, uintptr_t workspace,
-                   int64_t workspace_bytes, uintptr_t stream) {
+                   uint32_t name_hash, int64_t k, float tall_lambda, double gamma, double epsilon,
+                   uintptr_t ranks, bool normalize, uintptr_t workspace, int64_t workspace_bytes,
+                   uintptr_t stream) {
   Status st;
   {
     py::gil_scoped_release release;
     st = pyops::cuda_ops::merge_forward(
         as_ptr<void*>(out), out_dtype, as_ptr<const void*>(base), as_ptr<const void*>(delta_ptrs), n, in_dtype,
         as_ptr<const void*>(coeffs), coeff_stride_n, coeff_stride_block, as_ptr<const void*>(density), numel,
-        block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
-        as_ptr<void*>(workspace), workspace_bytes, as_ptr<void*>(stream));
+        block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, gamma, epsilon,
+        as_ptr<const void*>(ranks), normalize, as_ptr<void*>(workspace), workspace_bytes, as_ptr<void*>(stream));
   }
   raise_if_error(st);
 }
@@ -144,10 +145,12 @@ PYBIND11_MODULE(_C_cuda, m) {
         py::arg("delta_ptrs"), py::arg("n"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
         py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
         py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
-        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("workspace"),
+        py::arg("k"), py::arg("tall_lambda"), py::arg("gamma"), py::arg("epsilon"), py::arg("ranks"),
+        py::arg("normalize"), py::arg("workspace"),
         py::arg("workspace_bytes"), py::arg("stream"),
-        "pyops.merge forward for ties (1), dare (2), dare_ties (3) and consensus (7), bit-identical to\n"
-        "pyops._C.merge_forward (cuda/merge_cuda.h). delta_ptrs and density are device arrays.");
+        "pyops.merge forward for ties (1), dare (2), dare_ties (3), breadcrumbs (4), della (5),\n"
+        "della_linear (6) and consensus (7), bit-identical to pyops._C.merge_forward\n"
+        "(cuda/merge_cuda.h). delta_ptrs, density and ranks (0 but for 4-6) are device arrays.");
   m.def("moe_route", &moe_route, py::arg("logits"), py::arg("dtype"), py::arg("T"), py::arg("E"),
         py::arg("k"), py::arg("score"), py::arg("renormalize"), py::arg("bias"),
         py::arg("capacity"), py::arg("weights"), py::arg("experts"), py::arg("order"),

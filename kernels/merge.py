@@ -35,8 +35,8 @@ Design:
     the bin holding the k-th largest and the remaining rank are found with torch ops on the
     small histograms (no host sync). Then `_combine_kernel` trims with the per-block thresholds.
 * Breadcrumbs / DELLA: every element's ascending rank of |τ| in its block comes from a stable
-  device sort of the blocks (`_block_ranks`, NaN padding ranking last, int32 ranks), then the
-  element-wise pass keeps the rank band (breadcrumbs) or draws the rank-dependent keep
+  device sort of the blocks (`pyops.ops.merge_ranks.block_ranks`, NaN padding ranking last, int32
+  ranks), then the element-wise pass keeps the rank band (breadcrumbs) or draws the rank-dependent keep
   probability with the same Philox words as DARE (DELLA), in the reference's operations.
 * Launchers use only tensor metadata and torch ops (no host syncs), and launch through
   `torch.library.wrap_triton`, so they run inside `triton_op` bodies and under `torch.compile`.
@@ -54,6 +54,7 @@ from torch import Tensor
 from triton.language.extra import libdevice
 
 from pyops._triton import interpreting
+from pyops.ops.merge_ranks import block_ranks
 
 MAX_TASKS = 8
 SMALL_MAX = 8192  # blocks up to this many elements: one program per block (or per ROWS blocks)
@@ -781,25 +782,6 @@ def _large_thresholds(base, deltas, block_size, from_models, rho: Tensor) -> Ten
     return prefix.to(torch.int32).view(torch.float32)
 
 
-def _block_ranks(base: Tensor, deltas: Sequence[Tensor], block_size: int, from_models: bool) -> Tensor:
-    """[N, numel] int32: the ascending rank of each |τᵢ| within its block, ties by position (a
-    stable device sort of every block, NaN padding ranking last: the reference's `ascending_rank`)."""
-    numel = base.numel()
-    bs = min(block_size, numel)
-    n_blocks = triton.cdiv(numel, bs)
-    pad = n_blocks * bs - numel
-    ranks = torch.empty((len(deltas), numel), dtype=torch.int32, device=base.device)
-    pos = torch.arange(bs, dtype=torch.int32, device=base.device).expand(n_blocks, bs)
-    for i, d in enumerate(deltas):
-        tau = d.reshape(-1).float() - base.reshape(-1).float() if from_models else d.reshape(-1).float()
-        mag = torch.nn.functional.pad(tau.abs(), (0, pad), value=float("nan")).view(n_blocks, bs)
-        order = torch.sort(mag, dim=1, stable=True).indices
-        r = torch.empty((n_blocks, bs), dtype=torch.int32, device=base.device)
-        r.scatter_(1, order, pos)
-        ranks[i] = r.view(-1)[:numel]
-    return ranks
-
-
 def _ranked_params(density: Sequence[float], numel: int, block_size: int, gamma: float,
                    epsilon: float) -> tuple[list, list]:
     """Per task: the breadcrumbs rank bands [lo, hi) of a full block and of the last block (ints),
@@ -841,7 +823,7 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
     if method in RANKED_CODES:
         ints, floats = _ranked_params(density, numel, block_size, gamma, epsilon)
         fparams = torch.tensor(floats, dtype=torch.float32, device=dev)
-        thr = _block_ranks(base, deltas, block_size, from_models)  # the ranks, [N, numel] int32
+        thr = block_ranks(base, deltas, block_size, from_models)  # the ranks, [N, numel] int32
     elif method == METHOD_TIES:
         rho = torch.tensor([_fp32(d) for d in density], dtype=torch.float32, device=dev)
         if min(block_size, numel) <= SMALL_MAX:

@@ -50,16 +50,17 @@ Status merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int m
 Status merge_forward(void* out, int out_dtype, const void* base, const void* delta_ptrs, int64_t n, int in_dtype,
                      const void* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const void* density,
                      int64_t numel, int64_t block_size, bool from_models, int method, float lam, uint64_t seed,
-                     uint32_t name_hash, int64_t k, float tall_lambda, bool normalize, void* workspace,
-                     int64_t workspace_bytes, void* stream) {
+                     uint32_t name_hash, int64_t k, float tall_lambda, double gamma, double epsilon,
+                     const void* ranks, bool normalize, void* workspace, int64_t workspace_bytes, void* stream) {
   if (reinterpret_cast<uintptr_t>(delta_ptrs) % 8 != 0)
     return Status::invalid("delta_ptrs must be 8-byte aligned (an int64 array)");
+  if (reinterpret_cast<uintptr_t>(ranks) % 4 != 0) return Status::invalid("ranks must be 4-byte aligned (int32)");
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::invalid("workspace must be 16-byte aligned");
   const cuda_merge::Problem p{out, out_dtype, base, delta_ptrs, n, in_dtype, static_cast<const float*>(coeffs),
                               coeff_stride_n, coeff_stride_block, static_cast<const float*>(density), numel,
-                              block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
-                              workspace, workspace_bytes};
+                              block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, gamma,
+                              epsilon, static_cast<const int32_t*>(ranks), normalize, workspace, workspace_bytes};
   StreamLauncher launcher{static_cast<cudaStream_t>(stream)};
   return cuda_merge::run(p, launcher);
 }

@@ -1,5 +1,5 @@
-// Model merging (`pyops.merge`) on the GPU: ties, dare / dare_linear, dare_ties and consensus,
-// forward (kernels: cuda/merge_kernels.cuh; semantics and bits: csrc/cpu/merge.h).
+// Model merging (`pyops.merge`) on the GPU: ties, dare / dare_linear, dare_ties, breadcrumbs,
+// della / della_linear and consensus, forward (kernels: cuda/merge_kernels.cuh; semantics and bits: csrc/cpu/merge.h).
 //
 // Plain C++ (no CUDA headers), for csrc/bindings_cuda.cpp. Every pointer is a device address and
 // `stream` a cudaStream_t; kernels run on the current device, which must hold the tensors.
@@ -16,15 +16,17 @@ namespace cuda_ops {
 Status merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method, int64_t* bytes);
 
 // out [numel] (out_dtype) = base + lam * merged, method codes as csrc/cpu/merge.h (1 ties,
-// 2 dare, 3 dare_ties, 7 consensus). delta_ptrs: device int64 array of n addresses of [numel] in
+// 2 dare, 3 dare_ties, 4 breadcrumbs, 5 della, 6 della_linear, 7 consensus). ranks: device int32
+// [n, numel], each element's ascending rank of |tau_i| in its block (ties by position), for
+// breadcrumbs and della (null otherwise). delta_ptrs: device int64 array of n addresses of [numel] in
 // in_dtype (fine-tuned weights when from_models); coeffs: fp32, c[i, b] = coeffs[i * coeff_stride_n
 // + b * coeff_stride_block]; density: device fp32 [n]. out may be base itself; it must not overlap
 // a delta. workspace: merge_workspace_bytes(...) bytes, 16-byte aligned, contents ignored.
 Status merge_forward(void* out, int out_dtype, const void* base, const void* delta_ptrs, int64_t n, int in_dtype,
                      const void* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const void* density,
                      int64_t numel, int64_t block_size, bool from_models, int method, float lam, uint64_t seed,
-                     uint32_t name_hash, int64_t k, float tall_lambda, bool normalize, void* workspace,
-                     int64_t workspace_bytes, void* stream);
+                     uint32_t name_hash, int64_t k, float tall_lambda, double gamma, double epsilon,
+                     const void* ranks, bool normalize, void* workspace, int64_t workspace_bytes, void* stream);
 
 }  // namespace cuda_ops
 }  // namespace pyops

@@ -1,4 +1,5 @@
-// CUDA kernels of `pyops.merge` for ties, dare / dare_linear, dare_ties and consensus (forward),
+// CUDA kernels of `pyops.merge` for ties, dare / dare_linear, dare_ties, breadcrumbs, della /
+// della_linear and consensus (forward),
 // written against cuda/simt.h so that the same source runs on a GPU (cuda/merge.cu) and, for
 // tests on machines without one, on host threads (tests/merge/test_merge_cuda_emulated.py).
 //
@@ -25,6 +26,9 @@
 //   j & 3, key (seed lo, seed hi): common/philox.h). The first kRegTasks tasks' trimmed values stay
 //   in registers for the election; further tasks are recomputed (the same operations, so the same
 //   bits).
+// * Breadcrumbs / DELLA take each element's ascending rank of |tau_i| in its block as an input
+//   ([n, numel] int32, from a stable device sort: pyops/ops/merge_ranks.py) and form the keep
+//   multiplier from it in the combine, with the CPU kernels' operations (rank_multipliers).
 #pragma once
 #include <cmath>
 #include <cstdint>
@@ -65,11 +69,12 @@ static_assert(kThreads >= 32 && kThreads <= 512 && (kThreads & (kThreads - 1)) =
 constexpr int64_t kMaxSelectLen = int64_t(1) << 32;  // histogram counts are uint32
 
 // Method codes (csrc/cpu/merge.h) these kernels implement.
-constexpr int kTies = 1, kDare = 2, kDareTies = 3, kConsensus = 7;
+constexpr int kTies = 1, kDare = 2, kDareTies = 3, kBreadcrumbs = 4, kDella = 5, kDellaLinear = 6,
+              kConsensus = 7;
 
-inline bool implements(int method) {
-  return method == kTies || method == kDare || method == kDareTies || method == kConsensus;
-}
+inline bool implements(int method) { return method >= kTies && method <= kConsensus; }
+PYOPS_DEVICE bool is_ranked(int method) { return method >= kBreadcrumbs && method <= kDellaLinear; }
+PYOPS_DEVICE bool is_electing(int method) { return method == kTies || method == kDareTies || method == kDella; }
 
 // Digit p of a key: (key >> shift) & mask.
 PYOPS_DEVICE int pass_shift(int p) { return p == 0 ? 20 : (p == 1 ? 9 : 0); }
@@ -95,6 +100,9 @@ struct Args {
   uint32_t seed_lo, seed_hi, name_hash;
   int64_t k;                  // consensus
   float tall_lambda;          // consensus
+  double gamma;               // breadcrumbs: the dropped top fraction
+  double epsilon;             // della: the keep-probability spread
+  const int32_t* ranks;       // breadcrumbs, della: [n, numel] ascending ranks of |tau| per block
   bool normalize;             // electing methods
   float* thr;                 // ties: [n_blocks, n] thresholds
   uint32_t* hist;             // ties, few blocks: [n_blocks, n, kBins]
@@ -269,6 +277,53 @@ PYOPS_KERNEL void select_pick(Args a) {
 
 // ---- The combine -------------------------------------------------------------------------------
 
+// Breadcrumbs / DELLA: t = m * tau with the keep multiplier m of the element's rank r in its block
+// (length blen):
+//   breadcrumbs: m = [blen - n_keep - n_top <= r < blen - n_top], n_top = floor(gamma blen),
+//                n_keep = floor(density blen) (fp64 products)
+//   della:       p = (density - eps) + (2 eps) * (blen > 1 ? r / (blen - 1) : 0.5) in fp32,
+//                m = [u < p] / p, u from the element's Philox word as for DARE
+//   density >= 1: m = 1.
+PYOPS_DEVICE void ranked_values(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const int64_t* blk,
+                                const float* tau, float* tv) {
+  const float rho = a.density[i];
+  float m[4];
+  if (keeps_all(rho)) {
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) m[e] = 1.f;
+  } else {
+    const int32_t* rk = a.ranks + i * a.numel;
+    int64_t r[4];
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) r[e] = e < cnt ? (int64_t)rk[j0 + e] : 0;
+    if (a.method == kBreadcrumbs) {
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int64_t lo_b = blk[e] * a.block_size;
+        const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
+        const int64_t n_top = (int64_t)floor(a.gamma * (double)blen);
+        const int64_t n_keep = (int64_t)floor((double)rho * (double)blen);
+        m[e] = (r[e] >= blen - n_keep - n_top && r[e] < blen - n_top) ? 1.f : 0.f;
+      }
+    } else {
+      const Philox4 w = philox4x32_10((uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)i, a.name_hash,
+                                      a.seed_lo, a.seed_hi);
+      const float plo = simt::fsub(rho, (float)a.epsilon), span = (float)(2.0 * a.epsilon);
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const int64_t lo_b = blk[e] * a.block_size;
+        const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
+        const float frac = blen > 1 ? simt::fdiv((float)r[e], (float)(blen - 1)) : 0.5f;
+        const float prob = simt::fadd(plo, simt::fmul(span, frac));
+        const float u = simt::fmul((float)(w.v[e] >> 8), 0x1p-24f);
+        m[e] = simt::fdiv(u < prob ? 1.f : 0.f, prob);
+      }
+    }
+  }
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e) tv[e] = simt::fmul(m[e], tau[e]);
+}
+
 // t_i over the group's elements e < cnt (tv[e] for e >= cnt is unspecified).
 template <class T, bool FM>
 PYOPS_DEVICE void task_values(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const float* bb,
@@ -296,6 +351,8 @@ PYOPS_DEVICE void task_values(const Args& a, int64_t i, int64_t g, int64_t j0, i
     const uint32_t lim = (uint32_t)ceil((double)rho * 16777216.0);
     PYOPS_UNROLL
     for (int e = 0; e < 4; ++e) tv[e] = simt::fmul((r.v[e] >> 8) < lim ? keep : 0.f, tau[e]);
+  } else if (is_ranked(a.method)) {
+    ranked_values(a, i, g, j0, cnt, blk, tau, tv);
   } else {
     PYOPS_UNROLL
     for (int e = 0; e < 4; ++e) tv[e] = tau[e];
@@ -308,7 +365,7 @@ PYOPS_KERNEL void combine(Args a) {
   using SO = typename O::S;
   const S* base = static_cast<const S*>(a.base);
   SO* out = static_cast<SO*>(a.out);
-  const bool electing = a.method == kTies || a.method == kDareTies;
+  const bool electing = is_electing(a.method);
   const bool consensus = a.method == kConsensus;
   const int64_t n_groups = (a.numel + 3) >> 2;
   const int64_t stride = (int64_t)simt::gdim() * simt::bdim();
@@ -424,6 +481,9 @@ struct Problem {
   uint32_t name_hash;
   int64_t k;
   float tall_lambda;
+  double gamma;
+  double epsilon;
+  const int32_t* ranks;      // device [n, numel]: breadcrumbs, della, della_linear
   bool normalize;
   void* workspace;
   int64_t workspace_bytes;
@@ -497,8 +557,9 @@ Status run_out(const Args& a, const Layout& l, int out_dtype, bool fm, L& launch
 
 inline Status check(const Problem& p) {
   if (!implements(p.method))
-    return Status::invalid("method: the CUDA merge kernels implement codes 1 (ties), 2 (dare), 3 (dare_ties) "
-                           "and 7 (consensus), got " + std::to_string(p.method));
+    return Status::invalid("method: the CUDA merge kernels implement codes 1 (ties), 2 (dare), 3 (dare_ties), "
+                           "4 (breadcrumbs), 5 (della), 6 (della_linear) and 7 (consensus), got " +
+                           std::to_string(p.method));
   if (p.in_dtype < 0 || p.in_dtype > 2) return Status::invalid("in_dtype: unknown dtype code " + std::to_string(p.in_dtype));
   if (p.out_dtype < 0 || p.out_dtype > 2) return Status::invalid("out_dtype: unknown dtype code " + std::to_string(p.out_dtype));
   if (p.numel < 0) return Status::invalid("numel: expected >= 0, got " + std::to_string(p.numel));
@@ -509,7 +570,13 @@ inline Status check(const Problem& p) {
   if (p.numel == 0) return Status::ok();
   if (p.out == nullptr || p.base == nullptr || p.delta_ptrs == nullptr || p.coeffs == nullptr || p.density == nullptr)
     return Status::invalid("out, base, delta_ptrs, coeffs and density must be non-null device pointers");
+  const bool ranked = p.method >= kBreadcrumbs && p.method <= kDellaLinear;
+  if (ranked && p.ranks == nullptr)
+    return Status::invalid("ranks: breadcrumbs and della need the [n, numel] int32 ranks (a null pointer)");
   const Layout l = layout(p.numel, p.block_size, p.n, p.method);
+  if (ranked && l.block_size >= (int64_t(1) << 31))
+    return Status::invalid("block_size: ranks are int32, blocks must have fewer than 2**31 elements, got " +
+                           std::to_string(l.block_size));
   if (p.method == kTies && l.block_size >= kMaxSelectLen)
     return Status::invalid("block_size: the CUDA TIES selection counts blocks of fewer than 2**32 elements, got " +
                            std::to_string(l.block_size));
@@ -544,6 +611,9 @@ Status run(const Problem& p, L& launcher) {
   a.name_hash = p.name_hash;
   a.k = p.k;
   a.tall_lambda = p.tall_lambda;
+  a.gamma = p.gamma;
+  a.epsilon = p.epsilon;
+  a.ranks = p.ranks;
   a.normalize = p.normalize;
   a.thr = p.method == kTies ? reinterpret_cast<float*>(ws + l.thr_off) : nullptr;
   a.hist = p.method == kTies && !l.per_block ? reinterpret_cast<uint32_t*>(ws + l.hist_off) : nullptr;

@@ -14,10 +14,10 @@ The definitions of every method are in `pyops/reference/merge.py`. Backends:
   ranks from a stable device sort for breadcrumbs / DELLA. Forward only: a call that needs
   gradients goes to ``cpu`` (CPU tensors) or the reference, with that reason.
 * ``cuda`` — hand-written CUDA kernels (`csrc/cuda/merge_kernels.cuh`, `pyops/ops/merge_cuda.py`)
-  for ties, dare / dare_linear, dare_ties and consensus: an exact three-digit radix select of the
-  per-block TIES threshold, then one combine pass with the Philox masks drawn in it; the C++
-  kernels' bits. Forward only, like ``triton``. First in the GPU order for the methods it
-  implements; breadcrumbs and DELLA go on to ``triton``.
+  for every method but model_stock: an exact three-digit radix select of the per-block TIES
+  threshold, ranks from a stable device sort for breadcrumbs / DELLA, then one combine pass with
+  the Philox masks drawn in it; the C++ kernels' bits. Forward only, like ``triton``; first in the
+  GPU order.
 """
 from __future__ import annotations
 
@@ -88,6 +88,8 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
             return "the CUDA merge kernels are forward only (gradients: the cpu or reference backend)"
         if method == "ties" and min(p.block_size, p.base.numel()) >= 2**32:
             return "the CUDA TIES selection counts blocks of fewer than 2**32 elements"
+        if method in RANKED and min(p.block_size, p.base.numel()) >= 2**31:
+            return f"the CUDA kernels rank blocks of fewer than 2**31 elements (int32 ranks; {method!r})"
         return dtype_reason
 
     return {"reference": lambda: None, "cpu": cpu, "cuda": cuda, "triton": triton}
@@ -128,7 +130,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
             return out.copy_(result)
     if chosen == "cuda":
         return merge_cuda.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
-                              tall_lambda=tall_lambda, normalize=normalize, out=out)
+                              tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
     if chosen == "triton":
         return merge_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
                                 normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)

@@ -1,5 +1,5 @@
 """The CUDA path of `pyops.merge` (csrc/cuda/merge.cu, kernels in csrc/cuda/merge_kernels.cuh):
-ties, dare / dare_linear, dare_ties and consensus, forward.
+ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear and consensus, forward.
 
 `pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
 lays out the coefficients, allocates the output and the kernels' workspace and calls the
@@ -10,8 +10,9 @@ registered ops:
 
 TIES' per-block threshold is an exact three-digit radix select of |τ| on the device (one CTA per
 block when there are many blocks, a histogram spread over the GPU when there are few), then one
-combine pass; DARE's Philox masks are drawn in the combine. The bits are the C++ CPU kernels'
-(csrc/cpu/merge.h). Forward only: calls that need gradients go to ``cpu`` (CPU tensors) or the
+combine pass; DARE's and DELLA's Philox masks are drawn in the combine; breadcrumbs and DELLA
+take their per-block ranks of |τ| from a stable device sort (`merge_ranks.block_ranks`, as the
+Triton path). The bits are the C++ CPU kernels' (csrc/cpu/merge.h). Forward only: calls that need gradients go to ``cpu`` (CPU tensors) or the
 reference, as for the Triton path.
 """
 from __future__ import annotations
@@ -24,18 +25,21 @@ from torch import Tensor
 from pyops import _native
 from pyops.ops import task_merge as TM
 from pyops.ops.merge_params import resolve_normalize
+from pyops.ops.merge_ranks import block_ranks
 from pyops.reference import merge as ref
 
-METHODS = ("ties", "dare", "dare_linear", "dare_ties", "consensus")
+METHODS = ("ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus")
 # Method codes of csrc/cpu/merge.h, which the CUDA kernels share.
-METHOD_CODES = {"ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "consensus": 7}
+METHOD_CODES = {"ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3, "breadcrumbs": 4, "della": 5,
+                "della_linear": 6, "consensus": 7}
+RANKED_CODES = (4, 5, 6)
 
 _U64 = 1 << 64
 
 
 def kernel_args(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
                 block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                tall_lambda: float, normalize: bool) -> tuple[dict, list]:
+                tall_lambda: float, normalize: bool, gamma: float, epsilon: float) -> tuple[dict, list]:
     """The kernel's arguments (pointers as ints; the pointer array and densities are tensors on
     base's device) and the tensors that must stay alive while it runs. Shared with the emulated
     test of the same kernels (tests/merge/test_merge_cuda_emulated.py)."""
@@ -44,23 +48,25 @@ def kernel_args(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor,
     c, s_n, s_b = TM._coeff_layout(coeffs)
     ptrs = TM._device_pointer_array(deltas, base.device)
     dens = torch.tensor([float(x) for x in density], dtype=torch.float32, device=base.device)
+    ranks = block_ranks(base, deltas, block_size, from_models) if method in RANKED_CODES else None
     args = dict(out=out.data_ptr(), out_dtype=_native.dtype_code(out.dtype), base=base.data_ptr(),
                 delta_ptrs=ptrs.data_ptr(), n=len(deltas), in_dtype=_native.dtype_code(base.dtype),
                 coeffs=c.data_ptr(), coeff_stride_n=s_n, coeff_stride_block=s_b, density=dens.data_ptr(),
                 numel=base.numel(), block_size=int(block_size), from_models=bool(from_models), method=int(method),
                 lam=float(lam), seed=int(seed) & (_U64 - 1), name_hash=int(name_hash), k=int(k),
-                tall_lambda=float(tall_lambda), normalize=bool(normalize))
-    return args, [base, *deltas, c, ptrs, dens]
+                tall_lambda=float(tall_lambda), gamma=float(gamma), epsilon=float(epsilon),
+                ranks=0 if ranks is None else ranks.data_ptr(), normalize=bool(normalize))
+    return args, [base, *deltas, c, ptrs, dens, ranks]
 
 
 def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
                   block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                  tall_lambda: float, normalize: bool) -> None:
+                  tall_lambda: float, normalize: bool, gamma: float, epsilon: float) -> None:
     if out.numel() == 0:
         return
     mod = _native.cuda_module
     args, keep = kernel_args(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
-                             name_hash, k, tall_lambda, normalize)
+                             name_hash, k, tall_lambda, normalize, gamma, epsilon)
     nbytes = mod.merge_workspace_bytes(args["numel"], args["block_size"], args["n"], args["method"])
     ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=out.device)
     with torch.cuda.device(out.device):  # the kernels run on the current device
@@ -72,42 +78,44 @@ def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tenso
 @torch.library.custom_op("pyops::merge_cuda", mutates_args=(), device_types="cuda")
 def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
               from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int, tall_lambda: float,
-              normalize: bool, out_dtype: torch.dtype) -> Tensor:
+              normalize: bool, gamma: float, epsilon: float, out_dtype: torch.dtype) -> Tensor:
     out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize)
+                  tall_lambda, normalize, gamma, epsilon)
     return out
 
 
 @torch.library.custom_op("pyops::merge_cuda_out", mutates_args=("out",), device_types="cuda")
 def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
                   from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                  tall_lambda: float, normalize: bool, out: Tensor) -> None:
+                  tall_lambda: float, normalize: bool, gamma: float, epsilon: float, out: Tensor) -> None:
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize)
+                  tall_lambda, normalize, gamma, epsilon)
 
 
 @_merge_op.register_fake
 def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                tall_lambda, normalize, out_dtype):
+                tall_lambda, normalize, gamma, epsilon, out_dtype):
     return torch.empty(base.shape, dtype=out_dtype, device=base.device)
 
 
 @_merge_out_op.register_fake
 def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                    tall_lambda, normalize, out):
+                    tall_lambda, normalize, gamma, epsilon, out):
     return None
 
 
 def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, seed: int, lam: float, name: str,
-        k: int, tall_lambda: float, normalize: Optional[bool], out: Optional[Tensor]) -> Tensor:
+        k: int, tall_lambda: float, normalize: Optional[bool], gamma: float, epsilon: float,
+        out: Optional[Tensor]) -> Tensor:
     """Runs `method` on the CUDA kernels; `p`, `dens` and the parameters are validated by the caller."""
     if method not in METHOD_CODES:
         raise ValueError(f"method: the CUDA kernels implement {', '.join(METHODS)}, got {method!r}")
     normalize = resolve_normalize(method, normalize)
     seed_i64 = seed - _U64 if seed >= 1 << 63 else seed  # the op schema's int is int64
     args = (p.base, p.deltas, p.coeffs, [float(d) for d in dens], p.block_size, from_models, METHOD_CODES[method],
-            float(lam), seed_i64, ref.name_hash(name), int(k), float(tall_lambda), bool(normalize))
+            float(lam), seed_i64, ref.name_hash(name), int(k), float(tall_lambda), bool(normalize), float(gamma),
+            float(epsilon))
     if out is None:
         return _merge_op(*args, p.out_dtype)
     _merge_out_op(*args, out)

@@ -1,8 +1,8 @@
 """Verify cases for `pyops.merge`: every method but task_arithmetic (that is `pyops.task_arithmetic`,
 verified as its own op), odd shapes, every dtype, block layouts, per-task densities; forward. The C++
 kernels (`cpu`) take every case; the Triton kernels (`triton`: all but consensus and model_stock) take theirs on
-CUDA tensors, or on CPU tensors under the interpreter; the CUDA kernels (`cuda`: ties, dare, dare_ties,
-consensus) take theirs on CUDA tensors. Gradients are checked by the tests
+CUDA tensors, or on CPU tensors under the interpreter; the CUDA kernels (`cuda`: all but model_stock) take
+theirs on CUDA tensors. Gradients are checked by the tests
 (tests/task_merge/test_merge_cpu_backward.py)."""
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 METHODS = ["ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus", "model_stock"]
 LAYOUTS = [None, "rows", 7]
 TRITON_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear")
-CUDA_METHODS = ("ties", "dare", "dare_ties", "consensus")
+CUDA_METHODS = ("ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus")
 
 
 def _make(shape, n, dtype):

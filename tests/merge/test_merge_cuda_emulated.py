@@ -45,8 +45,9 @@ class Emu:
         lib.emu_merge_workspace_bytes.argtypes = [i64, i64, i64, i32]
         lib.emu_merge_workspace_bytes.restype = i64
         lib.emu_merge_threads.restype = i32
+        f64 = ctypes.c_double
         lib.emu_merge_forward.argtypes = [vp, i32, vp, vp, i64, i32, vp, i64, i64, vp, i64, i64, i32, i32, f32, u64,
-                                          u32, i64, f32, i32, vp, i64, i32, ctypes.c_char_p, i32]
+                                          u32, i64, f32, f64, f64, vp, i32, vp, i64, i32, ctypes.c_char_p, i32]
         lib.emu_merge_forward.restype = i32
         self.lib = lib
 
@@ -60,7 +61,8 @@ class Emu:
             a["out"], a["out_dtype"], a["base"], a["delta_ptrs"], a["n"], a["in_dtype"], a["coeffs"],
             a["coeff_stride_n"], a["coeff_stride_block"], a["density"], a["numel"], a["block_size"],
             int(a["from_models"]), a["method"], a["lam"], a["seed"], a["name_hash"], a["k"], a["tall_lambda"],
-            int(a["normalize"]), ws.data_ptr(), nbytes, max_grid, err, len(err))
+            a["gamma"], a["epsilon"], a["ranks"], int(a["normalize"]), ws.data_ptr(), nbytes, max_grid, err,
+            len(err))
         if rc != 0:
             raise ValueError(err.value.decode())
 
@@ -94,7 +96,8 @@ def _data(shape, n, dtype, seed, dup=False):
 
 
 def _emulated(emu: Emu, base, deltas, *, method, coeffs=None, blocks=None, density=1.0, seed=0, lam=1.0, name="",
-              k=2, tall_lambda=0.6, normalize=None, from_models=False, out_dtype=None, max_grid=3):
+              k=2, tall_lambda=0.6, normalize=None, from_models=False, out_dtype=None, gamma=0.01, epsilon=0.1,
+              max_grid=3):
     n = len(deltas)
     if coeffs is None:
         coeffs = [1.0] * n
@@ -104,7 +107,7 @@ def _emulated(emu: Emu, base, deltas, *, method, coeffs=None, blocks=None, densi
     out = torch.full(base.shape, float("nan"), dtype=p.out_dtype)
     args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, dens, p.block_size, from_models,
                                         merge_cuda.METHOD_CODES[method], lam, seed, ref.name_hash(name), k,
-                                        tall_lambda, resolve_normalize(method, normalize))
+                                        tall_lambda, resolve_normalize(method, normalize), gamma, epsilon)
     emu.forward(args, max_grid=max_grid)
     del keep
     return out
@@ -133,7 +136,8 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape,blocks", LAYOUTS, ids=LAYOUT_IDS)
-@pytest.mark.parametrize("method", ["ties", "dare", "dare_linear", "dare_ties", "consensus"])
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della",
+                                    "della_linear", "consensus"])
 def test_emulated_matches_cpu_kernels(emu, method, shape, blocks, dtype):
     base, deltas = _data(shape, 3, dtype, seed=hash((method, shape, blocks)) % 1000)
     kw = dict(method=method, blocks=blocks, density=[0.3, 0.55, 1.0], seed=7, name="layer.w", lam=0.9,
@@ -142,12 +146,12 @@ def test_emulated_matches_cpu_kernels(emu, method, shape, blocks, dtype):
 
 
 @pytest.mark.parametrize("n", [1, 9, 11])
-@pytest.mark.parametrize("method", ["ties", "dare_ties", "consensus"])
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "consensus"])
 def test_emulated_task_counts_beyond_registers(emu, method, n):
     base, deltas = _data((611,), n, torch.float32, seed=n)
     n_blocks = -(-611 // 63)  # blocks of 63: boundaries fall inside the kernels' 4-element groups
     coeffs = torch.linspace(1.0, -0.5, n * n_blocks).view(n, n_blocks)
-    kw = dict(method=method, blocks=63, density=[0.2 + 0.07 * i for i in range(n)], seed=3, name="t",
+    kw = dict(method=method, blocks=63, density=[0.2 + 0.06 * i for i in range(n)], seed=3, name="t",
               coeffs=coeffs, k=max(1, n // 2))
     assert_bitwise_equal(_emulated(emu["small"], base, deltas, **kw), _cpu(base, deltas, **kw))
 
@@ -221,8 +225,8 @@ def test_emulated_rejects_a_method_it_does_not_implement(emu):
     base, deltas = _data((16,), 2, torch.float32, seed=0)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, torch.float32, deltas_name="deltas")
     out = torch.empty_like(base)
-    args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 4, 1.0,
-                                        0, 0, 2, 0.6, False)
+    args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 0, 1.0,
+                                        0, 0, 2, 0.6, False, 0.01, 0.1)
     with pytest.raises(ValueError, match="method: the CUDA merge kernels implement"):
         emu["small"].forward(args)
 
@@ -232,6 +236,16 @@ def test_emulated_rejects_a_short_workspace(emu):
     p = TM.prepare(base, deltas, [1.0, 1.0], None, torch.float32, deltas_name="deltas")
     out = torch.empty_like(base)
     args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 1, 1.0,
-                                        0, 0, 2, 0.6, True)
+                                        0, 0, 2, 0.6, True, 0.01, 0.1)
     with pytest.raises(ValueError, match="workspace: expected at least"):
         emu["small"].forward(args, workspace_bytes=16)
+
+
+def test_emulated_ranked_methods_require_ranks(emu):
+    base, deltas = _data((64,), 2, torch.float32, seed=0)
+    p = TM.prepare(base, deltas, [1.0, 1.0], None, torch.float32, deltas_name="deltas")
+    out = torch.empty_like(base)
+    args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 4, 1.0,
+                                        0, 0, 2, 0.6, False, 0.01, 0.1)
+    with pytest.raises(ValueError, match="ranks: breadcrumbs and della need"):
+        emu["small"].forward({**args, "ranks": 0})

@@ -414,7 +414,7 @@ def test_api_dict_config_sharded_output(ckpt, tmp_path):
 
 
 def test_linear_is_the_weighted_average(ckpt, tmp_path):
-    text = (f"merge_method: linear\nmodels:\n" + "".join(
+    text = ("merge_method: linear\nmodels:\n" + "".join(
         f"  - model: {p}\n    parameters: {{weight: {w}}}\n" for p, w in zip(ckpt["paths"], (1.0, 2.0, 1.0))))
     run_merge(_write(tmp_path, text), tmp_path / "out", progress=False)
     got = _load_output(tmp_path / "out")

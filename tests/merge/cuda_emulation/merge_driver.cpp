@@ -40,11 +40,13 @@ int emu_merge_threads() { return pyops::cuda_merge::kThreads; }
 int emu_merge_forward(void* out, int out_dtype, const void* base, const void* delta_ptrs, int64_t n, int in_dtype,
                       const float* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const float* density,
                       int64_t numel, int64_t block_size, int from_models, int method, float lam, uint64_t seed,
-                      uint32_t name_hash, int64_t k, float tall_lambda, int normalize, void* workspace,
-                      int64_t workspace_bytes, int max_grid, char* err, int err_len) {
+                      uint32_t name_hash, int64_t k, float tall_lambda, double gamma, double epsilon,
+                      const int32_t* ranks, int normalize, void* workspace, int64_t workspace_bytes, int max_grid,
+                      char* err, int err_len) {
   pyops::cuda_merge::Problem p{out, out_dtype, base, delta_ptrs, n, in_dtype, coeffs, coeff_stride_n,
                                coeff_stride_block, density, numel, block_size, from_models != 0, method, lam, seed,
-                               name_hash, k, tall_lambda, normalize != 0, workspace, workspace_bytes};
+                               name_hash, k, tall_lambda, gamma, epsilon, ranks, normalize != 0, workspace,
+                               workspace_bytes};
   EmuLauncher launcher{max_grid};
   const pyops::Status st = pyops::cuda_merge::run(p, launcher);
   if (st.is_ok()) return 0;
