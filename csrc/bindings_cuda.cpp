@@ -74,10 +74,29 @@ void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base, ui
   raise_if_error(st);
 }
 
-int64_t merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method) {
+int64_t merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method, bool grad_coeffs) {
   int64_t bytes = 0;
-  raise_if_error(pyops::cuda_ops::merge_workspace_bytes(numel, block_size, n, method, &bytes));
+  raise_if_error(pyops::cuda_ops::merge_workspace_bytes(numel, block_size, n, method, grad_coeffs, &bytes));
   return bytes;
+}
+
+void merge_backward(uintptr_t grad, int grad_dtype, uintptr_t base, uintptr_t delta_ptrs, int64_t n, int in_dtype,
+                    uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, uintptr_t density,
+                    int64_t numel, int64_t block_size, bool from_models, int method, float lam, uint64_t seed,
+                    uint32_t name_hash, double gamma, double epsilon, uintptr_t ranks, bool normalize,
+                    uintptr_t grad_base, uintptr_t grad_delta_ptrs, uintptr_t grad_coeffs, uintptr_t workspace,
+                    int64_t workspace_bytes, uintptr_t stream) {
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = pyops::cuda_ops::merge_backward(
+        as_ptr<const void*>(grad), grad_dtype, as_ptr<const void*>(base), as_ptr<const void*>(delta_ptrs), n,
+        in_dtype, as_ptr<const void*>(coeffs), coeff_stride_n, coeff_stride_block, as_ptr<const void*>(density),
+        numel, block_size, from_models, method, lam, seed, name_hash, gamma, epsilon, as_ptr<const void*>(ranks),
+        normalize, as_ptr<void*>(grad_base), as_ptr<const void*>(grad_delta_ptrs), as_ptr<void*>(grad_coeffs),
+        as_ptr<void*>(workspace), workspace_bytes, as_ptr<void*>(stream));
+  }
+  raise_if_error(st);
 }
 
 void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, uintptr_t delta_ptrs, int64_t n, int in_dtype,
@@ -140,7 +159,18 @@ PYBIND11_MODULE(_C_cuda, m) {
         "One pass over grad; grad_base, grad_delta_ptrs (device int64 array) and grad_coeffs\n"
         "([n, n_blocks] fp32) may each be 0 (not wanted). Deterministic.");
   m.def("merge_workspace_bytes", &merge_workspace_bytes, py::arg("numel"), py::arg("block_size"), py::arg("n"),
-        py::arg("method"), "Device workspace (bytes) merge_forward needs (cuda/merge_cuda.h).");
+        py::arg("method"), py::arg("grad_coeffs") = false,
+        "Device workspace (bytes) merge_forward (grad_coeffs=False) or merge_backward needs.");
+  m.def("merge_backward", &merge_backward, py::arg("grad"), py::arg("grad_dtype"), py::arg("base"),
+        py::arg("delta_ptrs"), py::arg("n"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
+        py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
+        py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
+        py::arg("gamma"), py::arg("epsilon"), py::arg("ranks"), py::arg("normalize"), py::arg("grad_base"),
+        py::arg("grad_delta_ptrs"), py::arg("grad_coeffs"), py::arg("workspace"), py::arg("workspace_bytes"),
+        py::arg("stream"),
+        "pyops.merge backward with the masks held fixed (all methods but consensus; cuda/merge_cuda.h).\n"
+        "grad_base, grad_delta_ptrs (device int64 array) and grad_coeffs ([n, n_blocks] fp32) may each\n"
+        "be 0 (not wanted).");
   m.def("merge_forward", &merge_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"),
         py::arg("delta_ptrs"), py::arg("n"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
         py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),

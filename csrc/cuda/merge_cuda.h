@@ -11,9 +11,10 @@
 namespace pyops {
 namespace cuda_ops {
 
-// Device workspace (bytes) merge_forward needs; depends only on the sizes and the method (0 but
-// for ties).
-Status merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method, int64_t* bytes);
+// Device workspace (bytes) merge_forward (grad_coeffs = false) or merge_backward needs; depends
+// only on the sizes, the method and whether the coefficients' gradient is wanted.
+Status merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method, bool grad_coeffs,
+                             int64_t* bytes);
 
 // out [numel] (out_dtype) = base + lam * merged, method codes as csrc/cpu/merge.h (1 ties,
 // 2 dare, 3 dare_ties, 4 breadcrumbs, 5 della, 6 della_linear, 7 consensus). ranks: device int32
@@ -27,6 +28,18 @@ Status merge_forward(void* out, int out_dtype, const void* base, const void* del
                      int64_t numel, int64_t block_size, bool from_models, int method, float lam, uint64_t seed,
                      uint32_t name_hash, int64_t k, float tall_lambda, double gamma, double epsilon,
                      const void* ranks, bool normalize, void* workspace, int64_t workspace_bytes, void* stream);
+
+// The backward with every mask held fixed (every method but consensus), for the forward described
+// by the same arguments: grad [numel] in grad_dtype; each output may be null (not wanted):
+//   grad_base [numel] and grad_delta_ptrs (device int64 array of n addresses of [numel]) in
+//   in_dtype: the C++ CPU kernels' bits; grad_coeffs [n, n_blocks] fp32, reduced in a fixed order
+//   (deterministic; fp32 products summed in double).
+Status merge_backward(const void* grad, int grad_dtype, const void* base, const void* delta_ptrs, int64_t n,
+                      int in_dtype, const void* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
+                      const void* density, int64_t numel, int64_t block_size, bool from_models, int method,
+                      float lam, uint64_t seed, uint32_t name_hash, double gamma, double epsilon, const void* ranks,
+                      bool normalize, void* grad_base, const void* grad_delta_ptrs, void* grad_coeffs,
+                      void* workspace, int64_t workspace_bytes, void* stream);
 
 }  // namespace cuda_ops
 }  // namespace pyops

@@ -33,6 +33,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "common/philox.h"
 #include "common/status.h"
@@ -277,72 +278,62 @@ PYOPS_KERNEL void select_pick(Args a) {
 
 // ---- The combine -------------------------------------------------------------------------------
 
-// Breadcrumbs / DELLA: t = m * tau with the keep multiplier m of the element's rank r in its block
+// Breadcrumbs / DELLA: the keep multiplier m of each element from its rank r in its block
 // (length blen):
 //   breadcrumbs: m = [blen - n_keep - n_top <= r < blen - n_top], n_top = floor(gamma blen),
 //                n_keep = floor(density blen) (fp64 products)
 //   della:       p = (density - eps) + (2 eps) * (blen > 1 ? r / (blen - 1) : 0.5) in fp32,
 //                m = [u < p] / p, u from the element's Philox word as for DARE
-//   density >= 1: m = 1.
-PYOPS_DEVICE void ranked_values(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const int64_t* blk,
-                                const float* tau, float* tv) {
-  const float rho = a.density[i];
-  float m[4];
-  if (keeps_all(rho)) {
-    PYOPS_UNROLL
-    for (int e = 0; e < 4; ++e) m[e] = 1.f;
-  } else {
-    const int32_t* rk = a.ranks + i * a.numel;
-    int64_t r[4];
-    PYOPS_UNROLL
-    for (int e = 0; e < 4; ++e) r[e] = e < cnt ? (int64_t)rk[j0 + e] : 0;
-    if (a.method == kBreadcrumbs) {
-      PYOPS_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int64_t lo_b = blk[e] * a.block_size;
-        const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
-        const int64_t n_top = (int64_t)floor(a.gamma * (double)blen);
-        const int64_t n_keep = (int64_t)floor((double)rho * (double)blen);
-        m[e] = (r[e] >= blen - n_keep - n_top && r[e] < blen - n_top) ? 1.f : 0.f;
-      }
-    } else {
-      const Philox4 w = philox4x32_10((uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)i, a.name_hash,
-                                      a.seed_lo, a.seed_hi);
-      const float plo = simt::fsub(rho, (float)a.epsilon), span = (float)(2.0 * a.epsilon);
-      PYOPS_UNROLL
-      for (int e = 0; e < 4; ++e) {
-        const int64_t lo_b = blk[e] * a.block_size;
-        const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
-        const float frac = blen > 1 ? simt::fdiv((float)r[e], (float)(blen - 1)) : 0.5f;
-        const float prob = simt::fadd(plo, simt::fmul(span, frac));
-        const float u = simt::fmul((float)(w.v[e] >> 8), 0x1p-24f);
-        m[e] = simt::fdiv(u < prob ? 1.f : 0.f, prob);
-      }
-    }
-  }
+// (density >= 1 is handled by the caller: m = 1).
+PYOPS_DEVICE void ranked_mult(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const int64_t* blk,
+                              float rho, float* m) {
+  const int32_t* rk = a.ranks + i * a.numel;
+  int64_t r[4];
   PYOPS_UNROLL
-  for (int e = 0; e < 4; ++e) tv[e] = simt::fmul(m[e], tau[e]);
+  for (int e = 0; e < 4; ++e) r[e] = e < cnt ? (int64_t)rk[j0 + e] : 0;
+  if (a.method == kBreadcrumbs) {
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const int64_t lo_b = blk[e] * a.block_size;
+      const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
+      const int64_t n_top = (int64_t)floor(a.gamma * (double)blen);
+      const int64_t n_keep = (int64_t)floor((double)rho * (double)blen);
+      m[e] = (r[e] >= blen - n_keep - n_top && r[e] < blen - n_top) ? 1.f : 0.f;
+    }
+    return;
+  }
+  const Philox4 w = philox4x32_10((uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)i, a.name_hash, a.seed_lo,
+                                  a.seed_hi);
+  const float plo = simt::fsub(rho, (float)a.epsilon), span = (float)(2.0 * a.epsilon);
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    const int64_t lo_b = blk[e] * a.block_size;
+    const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
+    const float frac = blen > 1 ? simt::fdiv((float)r[e], (float)(blen - 1)) : 0.5f;
+    const float prob = simt::fadd(plo, simt::fmul(span, frac));
+    const float u = simt::fmul((float)(w.v[e] >> 8), 0x1p-24f);
+    m[e] = simt::fdiv(u < prob ? 1.f : 0.f, prob);
+  }
 }
 
-// t_i over the group's elements e < cnt (tv[e] for e >= cnt is unspecified).
+// tau_i and the keep multiplier m_i of the group's elements e < cnt (entries e >= cnt are
+// unspecified): TIES 1 kept / 0 trimmed, DARE 1/density kept / 0 dropped, breadcrumbs / DELLA
+// from the rank, 1 otherwise (and wherever density >= 1 keeps every entry). t_i = m_i * tau_i.
 template <class T, bool FM>
-PYOPS_DEVICE void task_values(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const float* bb,
-                              const int64_t* blk, float* tv) {
+PYOPS_DEVICE void task_mult(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const float* bb,
+                            const int64_t* blk, float* tau, float* m) {
   using S = typename T::S;
   const S* d = static_cast<const S*>(a.deltas[i]);
-  float tau[4];
   PYOPS_UNROLL
   for (int e = 0; e < 4; ++e) {
     const float x = e < cnt ? T::to_f(d[j0 + e]) : 0.f;
     tau[e] = FM ? simt::fsub(x, bb[e]) : x;
+    m[e] = 1.f;
   }
   const float rho = a.density[i];
   if (a.method == kTies && !keeps_all(rho)) {
     PYOPS_UNROLL
-    for (int e = 0; e < 4; ++e) {
-      const float th = a.thr[blk[e] * a.n + i];
-      tv[e] = simt::fmul(fabsf(tau[e]) >= th ? 1.f : 0.f, tau[e]);
-    }
+    for (int e = 0; e < 4; ++e) m[e] = fabsf(tau[e]) >= a.thr[blk[e] * a.n + i] ? 1.f : 0.f;
   } else if (a.method == kDare || a.method == kDareTies) {
     const Philox4 r = philox4x32_10((uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)i, a.name_hash,
                                     a.seed_lo, a.seed_hi);
@@ -350,13 +341,20 @@ PYOPS_DEVICE void task_values(const Args& a, int64_t i, int64_t g, int64_t j0, i
     // u = (word >> 8) * 2^-24 < rho  <=>  (word >> 8) < ceil(rho * 2^24) (exact in double).
     const uint32_t lim = (uint32_t)ceil((double)rho * 16777216.0);
     PYOPS_UNROLL
-    for (int e = 0; e < 4; ++e) tv[e] = simt::fmul((r.v[e] >> 8) < lim ? keep : 0.f, tau[e]);
-  } else if (is_ranked(a.method)) {
-    ranked_values(a, i, g, j0, cnt, blk, tau, tv);
-  } else {
-    PYOPS_UNROLL
-    for (int e = 0; e < 4; ++e) tv[e] = tau[e];
+    for (int e = 0; e < 4; ++e) m[e] = (r.v[e] >> 8) < lim ? keep : 0.f;
+  } else if (is_ranked(a.method) && !keeps_all(rho)) {
+    ranked_mult(a, i, g, j0, cnt, blk, rho, m);
   }
+}
+
+// t_i = m_i * tau_i over the group (1 * tau is tau itself, bit for bit).
+template <class T, bool FM>
+PYOPS_DEVICE void task_values(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const float* bb,
+                              const int64_t* blk, float* tv) {
+  float tau[4], m[4];
+  task_mult<T, FM>(a, i, g, j0, cnt, bb, blk, tau, m);
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e) tv[e] = simt::fmul(m[e], tau[e]);
 }
 
 template <class T, class O, bool FM>
@@ -461,6 +459,237 @@ PYOPS_KERNEL void combine(Args a) {
   }
 }
 
+// ---- Backward (masks held fixed; every method but consensus) -----------------------------------
+//
+// With the keep multipliers m_i and the election a_i = [t_i * s > 0] (all 1 without one) held
+// constant (csrc/cpu/merge.h):
+//   d out / d w_i   = lam * a_i * (t_i - [normalize] merged) / D
+//   d out / d tau_i = lam * a_i * w_i * m_i / D
+// grad_deltas[i] = grad * d out / d tau_i and grad_base (grad, or grad - sum_i of those when
+// from_models) are the CPU kernels' bits: the same operations in the same order. grad_coeffs[i, b],
+// the sum over block b of grad * d out / d w_i, is reduced in a fixed order (fp32 products summed
+// in double), so its bits depend on the sizes only, never on the grid:
+//   - blocks of at most kSerialMax elements: one thread sums a whole block, element by element;
+//   - longer blocks: items of kRedItem elements inside a block, each summed by one CTA (threads
+//     over 4-element groups, then a fixed tree), the items of a block added in order afterwards.
+// Tasks' gradients are accumulated kRegTasks at a time (more tasks: one pass over the item per
+// kRegTasks of them; grad_deltas and grad_base are written in the first).
+#ifndef PYOPS_MERGE_RED_ITEM
+#define PYOPS_MERGE_RED_ITEM 4096
+#endif
+constexpr int64_t kSerialMax = 128;
+constexpr int64_t kRedItem = PYOPS_MERGE_RED_ITEM;
+
+struct BwdArgs {
+  const void* grad;
+  void* grad_base;                // null: not wanted
+  void* const* grad_deltas;       // device array of n addresses; null: not wanted
+  float* grad_coeffs;             // [n, n_blocks]; null: not wanted
+  double* partial;                // long blocks with grad_coeffs: [n_items, n]
+};
+
+struct BwdKernelArgs {
+  Args a;
+  BwdArgs bw;
+};
+
+PYOPS_DEVICE bool serial_blocks(const Args& a) { return a.block_size <= kSerialMax; }
+PYOPS_DEVICE int64_t red_items_per_block(const Args& a) { return (a.block_size + kRedItem - 1) / kRedItem; }
+
+// The group g's elements inside [lo, hi): writes grad_deltas / grad_base (when `write`) and adds
+// grad * d out / d w_i for tasks c0 .. c0 + kRegTasks - 1 into dots (when grad_coeffs is wanted).
+template <class T, class G, bool FM>
+PYOPS_DEVICE void group_backward(const Args& a, const BwdArgs& bw, int64_t g, int64_t lo, int64_t hi, int64_t c0,
+                                 bool write, double* dots) {
+  using S = typename T::S;
+  const int64_t j0 = g << 2;
+  const int cnt = (int)min64(4, a.numel - j0);
+  bool valid[4];
+  int64_t blk[4];
+  float bb[4], gr[4];
+  const int64_t b0 = j0 / a.block_size, r0 = j0 - b0 * a.block_size;
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    valid[e] = e < cnt && j0 + e >= lo && j0 + e < hi;
+    blk[e] = e >= cnt ? b0 : (a.block_size >= 4 ? b0 + (r0 + e >= a.block_size ? 1 : 0) : (j0 + e) / a.block_size);
+    bb[e] = (FM && e < cnt) ? T::to_f(static_cast<const S*>(a.base)[j0 + e]) : 0.f;
+    gr[e] = valid[e] ? G::to_f(static_cast<const typename G::S*>(bw.grad)[j0 + e]) : 0.f;
+  }
+  const bool electing = is_electing(a.method);
+  const bool norm = electing && a.normalize;
+  float tr[kRegTasks][4], mr[kRegTasks][4], acc[4] = {0.f, 0.f, 0.f, 0.f};
+  auto coeff = [&](int64_t i, int e) { return a.coeffs[i * a.s_n + blk[e] * a.s_b]; };
+  // t_i and m_i of task i, from registers or recomputed (tasks past kRegTasks).
+  auto load = [&](int64_t i, float* t, float* m) {
+    float tau[4];
+    task_mult<T, FM>(a, i, g, j0, cnt, bb, blk, tau, m);
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) t[e] = simt::fmul(m[e], tau[e]);
+  };
+  PYOPS_UNROLL
+  for (int i = 0; i < kRegTasks; ++i) {
+    if (i < a.n) {
+      load(i, tr[i], mr[i]);
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) acc[e] = simt::fadd(acc[e], simt::fmul(coeff(i, e), tr[i][e]));
+    }
+  }
+  for (int64_t i = kRegTasks; i < a.n; ++i) {
+    float t[4], m[4];
+    load(i, t, m);
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) acc[e] = simt::fadd(acc[e], simt::fmul(coeff(i, e), t[e]));
+  }
+  float sg[4], invd[4], merged[4];
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e) {
+    sg[e] = acc[e] >= 0.f ? 1.f : -1.f;
+    invd[e] = merged[e] = 0.f;
+  }
+  // The election folded into t and m (a_i = 0 where task i disagrees), and D.
+  auto elect = [&](int64_t i, float* t, float* m, bool sums) {
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const float am = simt::fmul(t[e], sg[e]) > 0.f ? 1.f : 0.f;
+      t[e] = simt::fmul(t[e], am);
+      m[e] = simt::fmul(m[e], am);
+      if (sums) {
+        const float w = coeff(i, e);
+        invd[e] = simt::fadd(invd[e], simt::fmul(am, w));
+        merged[e] = simt::fadd(merged[e], simt::fmul(am, simt::fmul(w, t[e])));
+      }
+    }
+  };
+  if (electing) {
+    PYOPS_UNROLL
+    for (int i = 0; i < kRegTasks; ++i)
+      if (i < a.n) elect(i, tr[i], mr[i], true);
+    for (int64_t i = kRegTasks; i < a.n; ++i) {
+      float t[4], m[4];
+      load(i, t, m);
+      elect(i, t, m, true);
+    }
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) {
+      const float d = norm ? (invd[e] == 0.f ? 1.f : invd[e]) : 1.f;
+      merged[e] = norm ? simt::fdiv(merged[e], d) : merged[e];
+      invd[e] = simt::fdiv(a.lam, d);
+    }
+  } else {
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e) invd[e] = a.lam;
+  }
+  const bool deltas_out = write && bw.grad_deltas != nullptr;
+  const bool base_out = write && bw.grad_base != nullptr;
+  float gsum[4] = {0.f, 0.f, 0.f, 0.f};
+  auto outputs = [&](int64_t i, const float* t, const float* m) {
+    if (bw.grad_coeffs != nullptr && i >= c0 && i < c0 + kRegTasks) {
+      double s = 0.0;
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        if (!valid[e]) continue;
+        const float a1 = m[e] != 0.f ? 1.f : 0.f;
+        const float dw = simt::fmul(invd[e], simt::fsub(t[e], norm ? simt::fmul(a1, merged[e]) : 0.f));
+        s += (double)simt::fmul(gr[e], dw);
+      }
+      dots[i - c0] += s;
+    }
+    if (deltas_out || (FM && base_out)) {
+      S* gd = deltas_out ? static_cast<S*>(bw.grad_deltas[i]) : nullptr;
+      PYOPS_UNROLL
+      for (int e = 0; e < 4; ++e) {
+        const float dtau = simt::fmul(simt::fmul(simt::fmul(invd[e], coeff(i, e)), m[e]), gr[e]);
+        if (valid[e] && gd != nullptr) gd[j0 + e] = T::from_f(dtau);
+        gsum[e] = simt::fadd(gsum[e], dtau);
+      }
+    }
+  };
+  PYOPS_UNROLL
+  for (int i = 0; i < kRegTasks; ++i)
+    if (i < a.n) outputs(i, tr[i], mr[i]);
+  for (int64_t i = kRegTasks; i < a.n; ++i) {
+    float t[4], m[4];
+    load(i, t, m);
+    if (electing) elect(i, t, m, false);
+    outputs(i, t, m);
+  }
+  if (base_out) {
+    S* gb = static_cast<S*>(bw.grad_base);
+    PYOPS_UNROLL
+    for (int e = 0; e < 4; ++e)
+      if (valid[e]) gb[j0 + e] = T::from_f(FM ? simt::fsub(gr[e], gsum[e]) : gr[e]);
+  }
+}
+
+// Blocks of at most kSerialMax elements: thread q owns block q (grid-stride).
+template <class T, class G, bool FM>
+PYOPS_KERNEL void backward_serial(BwdKernelArgs k) {
+  const Args& a = k.a;
+  const BwdArgs& bw = k.bw;
+  const int64_t stride = (int64_t)simt::gdim() * simt::bdim();
+  const int64_t passes = bw.grad_coeffs != nullptr ? (a.n + kRegTasks - 1) / kRegTasks : 1;
+  for (int64_t b = (int64_t)simt::bid() * simt::bdim() + simt::tid(); b < a.n_blocks; b += stride) {
+    const int64_t lo = b * a.block_size, hi = min64(a.numel, lo + a.block_size);
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t c0 = p * kRegTasks;
+      double dots[kRegTasks];
+      for (int q = 0; q < kRegTasks; ++q) dots[q] = 0.0;
+      for (int64_t g = lo >> 2; g <= (hi - 1) >> 2; ++g) group_backward<T, G, FM>(a, bw, g, lo, hi, c0, p == 0, dots);
+      if (bw.grad_coeffs != nullptr)
+        for (int64_t i = c0; i < min64(a.n, c0 + kRegTasks); ++i) bw.grad_coeffs[i * a.n_blocks + b] = (float)dots[i - c0];
+    }
+  }
+}
+
+// Longer blocks: one CTA per item of kRedItem elements; per-item sums into bw.partial.
+template <class T, class G, bool FM>
+PYOPS_KERNEL void backward_items(BwdKernelArgs k) {
+  PYOPS_SHARED double red[kRegTasks][kThreads];
+  const Args& a = k.a;
+  const BwdArgs& bw = k.bw;
+  const int t = simt::tid();
+  const int64_t per_block = red_items_per_block(a), n_items = a.n_blocks * per_block;
+  const int64_t passes = bw.grad_coeffs != nullptr ? (a.n + kRegTasks - 1) / kRegTasks : 1;
+  for (int64_t it = simt::bid(); it < n_items; it += simt::gdim()) {
+    const int64_t b = it / per_block;
+    const int64_t lo = b * a.block_size + (it - b * per_block) * kRedItem;
+    const int64_t hi = min64(min64(lo + kRedItem, (b + 1) * a.block_size), a.numel);  // lo >= hi: empty
+    for (int64_t p = 0; p < passes; ++p) {
+      const int64_t c0 = p * kRegTasks;
+      double dots[kRegTasks];
+      for (int q = 0; q < kRegTasks; ++q) dots[q] = 0.0;
+      if (lo < hi)
+        for (int64_t g = (lo >> 2) + t; g <= (hi - 1) >> 2; g += kThreads)
+          group_backward<T, G, FM>(a, bw, g, lo, hi, c0, p == 0, dots);
+      if (bw.grad_coeffs == nullptr) continue;
+      for (int q = 0; q < kRegTasks; ++q) red[q][t] = dots[q];
+      simt::sync();
+      for (int half = kThreads / 2; half > 0; half >>= 1) {
+        if (t < half)
+          for (int q = 0; q < kRegTasks; ++q) red[q][t] += red[q][t + half];
+        simt::sync();
+      }
+      if (t == 0)
+        for (int64_t i = c0; i < min64(a.n, c0 + kRegTasks); ++i) bw.partial[it * a.n + i] = red[i - c0][0];
+      simt::sync();  // red is reused by the next pass
+    }
+  }
+}
+
+// grad_coeffs[i, b] = the items of block b added in order.
+PYOPS_KERNEL void backward_finish(BwdKernelArgs k) {
+  const Args& a = k.a;
+  const BwdArgs& bw = k.bw;
+  const int64_t per_block = red_items_per_block(a);
+  const int64_t stride = (int64_t)simt::gdim() * simt::bdim();
+  for (int64_t q = (int64_t)simt::bid() * simt::bdim() + simt::tid(); q < a.n_blocks * a.n; q += stride) {
+    const int64_t b = q / a.n, i = q - b * a.n;
+    double s = 0.0;
+    for (int64_t c = 0; c < per_block; ++c) s += bw.partial[(b * per_block + c) * a.n + i];
+    bw.grad_coeffs[i * a.n_blocks + b] = (float)s;
+  }
+}
+
 // ---- Host side: workspace and the sequence of launches -----------------------------------------
 
 struct Problem {
@@ -494,34 +723,42 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct Layout {
   int64_t block_size = 1, n_blocks = 0;
   bool per_block = true;     // ties: one CTA per block
-  int64_t thr_off = 0, hist_off = 0, state_off = 0, bytes = 0;
+  int64_t thr_off = 0, hist_off = 0, state_off = 0, partial_off = 0, bytes = 0;
 };
 
-inline Layout layout(int64_t numel, int64_t block_size, int64_t n, int method) {
+// The workspace: TIES thresholds (and the few-blocks selection's histograms and states); for a
+// backward with grad_coeffs over blocks longer than kSerialMax, the per-item partial sums.
+inline Layout layout(int64_t numel, int64_t block_size, int64_t n, int method, bool grad_coeffs = false) {
   Layout l;
   if (numel <= 0 || block_size <= 0 || n <= 0) return l;
   l.block_size = block_size < numel ? block_size : numel;
   l.n_blocks = (numel + l.block_size - 1) / l.block_size;
   l.per_block = l.n_blocks >= kCtaBlocks;
-  if (method != kTies) return l;
   const int64_t pairs = l.n_blocks * n;
-  l.thr_off = 0;
-  l.bytes = round_up(pairs * (int64_t)sizeof(float), 256);
-  if (!l.per_block) {
-    l.hist_off = l.bytes;
-    l.bytes += round_up(pairs * kBins * (int64_t)sizeof(uint32_t), 256);
-    l.state_off = l.bytes;
-    l.bytes += round_up(pairs * (int64_t)sizeof(SelState), 256);
+  if (method == kTies) {
+    l.thr_off = 0;
+    l.bytes = round_up(pairs * (int64_t)sizeof(float), 256);
+    if (!l.per_block) {
+      l.hist_off = l.bytes;
+      l.bytes += round_up(pairs * kBins * (int64_t)sizeof(uint32_t), 256);
+      l.state_off = l.bytes;
+      l.bytes += round_up(pairs * (int64_t)sizeof(SelState), 256);
+    }
+  }
+  if (grad_coeffs && l.block_size > kSerialMax) {
+    l.partial_off = l.bytes;
+    l.bytes += round_up(pairs * ((l.block_size + kRedItem - 1) / kRedItem) * (int64_t)sizeof(double), 256);
   }
   return l;
 }
 
 // L: launch(kernel, ctas wanted, args) -> Status (the launcher may cap the grid: every kernel
 // strides), zero(ptr, bytes) -> Status.
-template <class L, class T, class O, bool FM>
-Status run_typed(Args a, const Layout& l, L& launcher) {
+// TIES: the per-block thresholds into a.thr.
+template <class L, class T, bool FM>
+Status select_thresholds(Args a, const Layout& l, L& launcher) {
   Status st;
-  if (a.method == kTies) {
+  {
     if (l.per_block) {
       st = launcher.launch(&select_blocks<T, FM>, a.n_blocks, a);
       if (!st.is_ok()) return st;
@@ -538,42 +775,52 @@ Status run_typed(Args a, const Layout& l, L& launcher) {
       }
     }
   }
+  return st;
+}
+
+template <class L, class T, class O, bool FM>
+Status run_typed(const Args& a, const Layout& l, L& launcher) {
+  if (a.method == kTies) {
+    const Status st = select_thresholds<L, T, FM>(a, l, launcher);
+    if (!st.is_ok()) return st;
+  }
   return launcher.launch(&combine<T, O, FM>, ((a.numel + 3) / 4 + kThreads - 1) / kThreads, a);
 }
 
-template <class L, class T, class O>
-Status run_fm(const Args& a, const Layout& l, bool fm, L& launcher) {
-  return fm ? run_typed<L, T, O, true>(a, l, launcher) : run_typed<L, T, O, false>(a, l, launcher);
-}
+// The backward's outputs (each may be null: not wanted) and its incoming gradient; the Problem
+// describes the forward (its out / out_dtype are ignored).
+struct BwdOutputs {
+  const void* grad;          // [numel] in grad_dtype
+  int grad_dtype;
+  void* grad_base;           // [numel] in in_dtype
+  const void* grad_delta_ptrs;  // device int64 array of n addresses of [numel] in in_dtype
+  float* grad_coeffs;        // [n, n_blocks] fp32
+};
 
-template <class L, class T>
-Status run_out(const Args& a, const Layout& l, int out_dtype, bool fm, L& launcher) {
-  switch (out_dtype) {
-    case 0: return run_fm<L, T, simt::F32>(a, l, fm, launcher);
-    case 1: return run_fm<L, T, simt::F16>(a, l, fm, launcher);
-    default: return run_fm<L, T, simt::BF16>(a, l, fm, launcher);
-  }
-}
-
-inline Status check(const Problem& p) {
+inline Status check(const Problem& p, bool backward, bool grad_coeffs) {
   if (!implements(p.method))
     return Status::invalid("method: the CUDA merge kernels implement codes 1 (ties), 2 (dare), 3 (dare_ties), "
                            "4 (breadcrumbs), 5 (della), 6 (della_linear) and 7 (consensus), got " +
                            std::to_string(p.method));
+  if (backward && p.method == kConsensus)
+    return Status::invalid("method: consensus has no backward with masks held fixed (its mask depends on the "
+                           "coefficients)");
   if (p.in_dtype < 0 || p.in_dtype > 2) return Status::invalid("in_dtype: unknown dtype code " + std::to_string(p.in_dtype));
-  if (p.out_dtype < 0 || p.out_dtype > 2) return Status::invalid("out_dtype: unknown dtype code " + std::to_string(p.out_dtype));
+  if (!backward && (p.out_dtype < 0 || p.out_dtype > 2))
+    return Status::invalid("out_dtype: unknown dtype code " + std::to_string(p.out_dtype));
   if (p.numel < 0) return Status::invalid("numel: expected >= 0, got " + std::to_string(p.numel));
   if (p.block_size <= 0) return Status::invalid("block_size: expected > 0, got " + std::to_string(p.block_size));
   if (p.n < 1) return Status::invalid("n: expected at least one task vector, got " + std::to_string(p.n));
   if (p.method == kConsensus && (p.k < 1 || p.k > p.n))
     return Status::invalid("k: expected 1 <= k <= n = " + std::to_string(p.n) + ", got " + std::to_string(p.k));
   if (p.numel == 0) return Status::ok();
-  if (p.out == nullptr || p.base == nullptr || p.delta_ptrs == nullptr || p.coeffs == nullptr || p.density == nullptr)
+  if ((!backward && p.out == nullptr) || p.base == nullptr || p.delta_ptrs == nullptr || p.coeffs == nullptr ||
+      p.density == nullptr)
     return Status::invalid("out, base, delta_ptrs, coeffs and density must be non-null device pointers");
   const bool ranked = p.method >= kBreadcrumbs && p.method <= kDellaLinear;
   if (ranked && p.ranks == nullptr)
     return Status::invalid("ranks: breadcrumbs and della need the [n, numel] int32 ranks (a null pointer)");
-  const Layout l = layout(p.numel, p.block_size, p.n, p.method);
+  const Layout l = layout(p.numel, p.block_size, p.n, p.method, backward && grad_coeffs);
   if (ranked && l.block_size >= (int64_t(1) << 31))
     return Status::invalid("block_size: ranks are int32, blocks must have fewer than 2**31 elements, got " +
                            std::to_string(l.block_size));
@@ -586,11 +833,7 @@ inline Status check(const Problem& p) {
   return Status::ok();
 }
 
-template <class L>
-Status run(const Problem& p, L& launcher) {
-  Status st = check(p);
-  if (!st.is_ok() || p.numel == 0) return st;
-  const Layout l = layout(p.numel, p.block_size, p.n, p.method);
+inline Args make_args(const Problem& p, const Layout& l) {
   char* ws = static_cast<char*>(p.workspace);
   Args a{};
   a.out = p.out;
@@ -619,11 +862,76 @@ Status run(const Problem& p, L& launcher) {
   a.hist = p.method == kTies && !l.per_block ? reinterpret_cast<uint32_t*>(ws + l.hist_off) : nullptr;
   a.state = p.method == kTies && !l.per_block ? reinterpret_cast<SelState*>(ws + l.state_off) : nullptr;
   a.pass = 0;
-  switch (p.in_dtype) {
-    case 0: return run_out<L, simt::F32>(a, l, p.out_dtype, p.from_models, launcher);
-    case 1: return run_out<L, simt::F16>(a, l, p.out_dtype, p.from_models, launcher);
-    default: return run_out<L, simt::BF16>(a, l, p.out_dtype, p.from_models, launcher);
+  return a;
+}
+
+// Calls f(T-tag, G-tag or O-tag, FM) with the dtype codes resolved to types.
+template <class F>
+Status dispatch(int in_dtype, int second_dtype, bool fm, F&& f) {
+  auto with_second = [&](auto t) -> Status {
+    auto with_fm = [&](auto t2) -> Status {
+      return fm ? f(t, t2, std::true_type{}) : f(t, t2, std::false_type{});
+    };
+    switch (second_dtype) {
+      case 0: return with_fm(simt::F32{});
+      case 1: return with_fm(simt::F16{});
+      default: return with_fm(simt::BF16{});
+    }
+  };
+  switch (in_dtype) {
+    case 0: return with_second(simt::F32{});
+    case 1: return with_second(simt::F16{});
+    default: return with_second(simt::BF16{});
   }
+}
+
+template <class L>
+Status run(const Problem& p, L& launcher) {
+  Status st = check(p, false, false);
+  if (!st.is_ok() || p.numel == 0) return st;
+  const Layout l = layout(p.numel, p.block_size, p.n, p.method);
+  const Args a = make_args(p, l);
+  return dispatch(p.in_dtype, p.out_dtype, p.from_models, [&](auto t, auto o, auto fm) -> Status {
+    return run_typed<L, decltype(t), decltype(o), decltype(fm)::value>(a, l, launcher);
+  });
+}
+
+template <class L, class T, class G, bool FM>
+Status run_backward_typed(const Args& a, const BwdArgs& bw, const Layout& l, L& launcher) {
+  Status st;
+  if (a.method == kTies) {
+    st = select_thresholds<L, T, FM>(a, l, launcher);
+    if (!st.is_ok()) return st;
+  }
+  const BwdKernelArgs k{a, bw};
+  if (a.block_size <= kSerialMax)
+    return launcher.launch(&backward_serial<T, G, FM>, (a.n_blocks + kThreads - 1) / kThreads, k);
+  st = launcher.launch(&backward_items<T, G, FM>, a.n_blocks * ((a.block_size + kRedItem - 1) / kRedItem), k);
+  if (!st.is_ok() || bw.grad_coeffs == nullptr) return st;
+  return launcher.launch(&backward_finish, (a.n_blocks * a.n + kThreads - 1) / kThreads, k);
+}
+
+template <class L>
+Status run_backward(const Problem& p, const BwdOutputs& o, L& launcher) {
+  const bool want_coeffs = o.grad_coeffs != nullptr;
+  Status st = check(p, true, want_coeffs);
+  if (!st.is_ok() || p.numel == 0) return st;
+  if (o.grad == nullptr) return Status::invalid("grad must be a non-null device pointer");
+  if (o.grad_dtype < 0 || o.grad_dtype > 2)
+    return Status::invalid("grad_dtype: unknown dtype code " + std::to_string(o.grad_dtype));
+  const Layout l = layout(p.numel, p.block_size, p.n, p.method, want_coeffs);
+  const Args a = make_args(p, l);
+  BwdArgs bw{};
+  bw.grad = o.grad;
+  bw.grad_base = o.grad_base;
+  bw.grad_deltas = static_cast<void* const*>(const_cast<void*>(o.grad_delta_ptrs));
+  bw.grad_coeffs = o.grad_coeffs;
+  bw.partial = want_coeffs && l.block_size > kSerialMax
+                   ? reinterpret_cast<double*>(static_cast<char*>(p.workspace) + l.partial_off)
+                   : nullptr;
+  return dispatch(p.in_dtype, o.grad_dtype, p.from_models, [&](auto t, auto g, auto fm) -> Status {
+    return run_backward_typed<L, decltype(t), decltype(g), decltype(fm)::value>(a, bw, l, launcher);
+  });
 }
 
 }  // namespace cuda_merge

@@ -16,8 +16,8 @@ The definitions of every method are in `pyops/reference/merge.py`. Backends:
 * ``cuda`` — hand-written CUDA kernels (`csrc/cuda/merge_kernels.cuh`, `pyops/ops/merge_cuda.py`)
   for every method but model_stock: an exact three-digit radix select of the per-block TIES
   threshold, ranks from a stable device sort for breadcrumbs / DELLA, then one combine pass with
-  the Philox masks drawn in it; the C++ kernels' bits. Forward only, like ``triton``; first in the
-  GPU order.
+  the Philox masks drawn in it; the C++ kernels' bits. Backward with the masks held fixed for every
+  method but consensus (deterministic coefficient gradients). First in the GPU order.
 """
 from __future__ import annotations
 
@@ -84,8 +84,8 @@ def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
             return f"tensors are on {dev.type}, the CUDA kernels take CUDA tensors"
         if method not in merge_cuda.METHOD_CODES:
             return f"the CUDA kernels implement {', '.join(merge_cuda.METHODS)}, not {method!r}"
-        if needs_grad:
-            return "the CUDA merge kernels are forward only (gradients: the cpu or reference backend)"
+        if needs_grad and method == "consensus":
+            return f"gradients for {method!r} are computed by the reference backend"
         if method == "ties" and min(p.block_size, p.base.numel()) >= 2**32:
             return "the CUDA TIES selection counts blocks of fewer than 2**32 elements"
         if method in RANKED and min(p.block_size, p.base.numel()) >= 2**31:

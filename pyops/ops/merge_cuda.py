@@ -1,19 +1,23 @@
 """The CUDA path of `pyops.merge` (csrc/cuda/merge.cu, kernels in csrc/cuda/merge_kernels.cuh):
-ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear and consensus, forward.
+ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear and consensus, forward, and
+the backward with every mask held fixed for all of them but consensus.
 
 `pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
 lays out the coefficients, allocates the output and the kernels' workspace and calls the
 registered ops:
 
-    pyops::merge_cuda        functional
-    pyops::merge_cuda_out    the same, writing into `out`
+    pyops::merge_cuda            functional, with autograd
+    pyops::merge_cuda_out        the same, writing into `out`
+    pyops::merge_cuda_backward   grad_base, grad_deltas, grad_coeffs (masks held fixed)
 
 TIES' per-block threshold is an exact three-digit radix select of |τ| on the device (one CTA per
 block when there are many blocks, a histogram spread over the GPU when there are few), then one
 combine pass; DARE's and DELLA's Philox masks are drawn in the combine; breadcrumbs and DELLA
 take their per-block ranks of |τ| from a stable device sort (`merge_ranks.block_ranks`, as the
-Triton path). The bits are the C++ CPU kernels' (csrc/cpu/merge.h). Forward only: calls that need gradients go to ``cpu`` (CPU tensors) or the
-reference, as for the Triton path.
+Triton path). The forward's bits, and the backward's grad_base / grad_deltas, are the C++ CPU
+kernels' (csrc/cpu/merge.h); grad_coeffs is reduced in a fixed order (fp32 products summed in
+double), so it is deterministic but not the CPU's bits. consensus, whose mask depends on the
+coefficients, takes its gradients from the reference.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from torch import Tensor
 
 from pyops import _native
 from pyops.ops import task_merge as TM
+from pyops.ops.merge_native import register_masks_fixed_autograd
 from pyops.ops.merge_params import resolve_normalize
 from pyops.ops.merge_ranks import block_ranks
 from pyops.reference import merge as ref
@@ -37,26 +42,54 @@ RANKED_CODES = (4, 5, 6)
 _U64 = 1 << 64
 
 
-def kernel_args(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
-                block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                tall_lambda: float, normalize: bool, gamma: float, epsilon: float) -> tuple[dict, list]:
-    """The kernel's arguments (pointers as ints; the pointer array and densities are tensors on
-    base's device) and the tensors that must stay alive while it runs. Shared with the emulated
-    test of the same kernels (tests/merge/test_merge_cuda_emulated.py)."""
+def _common_args(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
+                 from_models: bool, method: int, lam: float, seed: int, name_hash: int, normalize: bool,
+                 gamma: float, epsilon: float) -> tuple[dict, list]:
     base = base.detach().contiguous()
     deltas = [d.detach().contiguous() for d in deltas]
     c, s_n, s_b = TM._coeff_layout(coeffs)
     ptrs = TM._device_pointer_array(deltas, base.device)
     dens = torch.tensor([float(x) for x in density], dtype=torch.float32, device=base.device)
     ranks = block_ranks(base, deltas, block_size, from_models) if method in RANKED_CODES else None
-    args = dict(out=out.data_ptr(), out_dtype=_native.dtype_code(out.dtype), base=base.data_ptr(),
-                delta_ptrs=ptrs.data_ptr(), n=len(deltas), in_dtype=_native.dtype_code(base.dtype),
-                coeffs=c.data_ptr(), coeff_stride_n=s_n, coeff_stride_block=s_b, density=dens.data_ptr(),
-                numel=base.numel(), block_size=int(block_size), from_models=bool(from_models), method=int(method),
-                lam=float(lam), seed=int(seed) & (_U64 - 1), name_hash=int(name_hash), k=int(k),
-                tall_lambda=float(tall_lambda), gamma=float(gamma), epsilon=float(epsilon),
+    args = dict(base=base.data_ptr(), delta_ptrs=ptrs.data_ptr(), n=len(deltas),
+                in_dtype=_native.dtype_code(base.dtype), coeffs=c.data_ptr(), coeff_stride_n=s_n,
+                coeff_stride_block=s_b, density=dens.data_ptr(), numel=base.numel(), block_size=int(block_size),
+                from_models=bool(from_models), method=int(method), lam=float(lam), seed=int(seed) & (_U64 - 1),
+                name_hash=int(name_hash), gamma=float(gamma), epsilon=float(epsilon),
                 ranks=0 if ranks is None else ranks.data_ptr(), normalize=bool(normalize))
     return args, [base, *deltas, c, ptrs, dens, ranks]
+
+
+def kernel_args(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
+                tall_lambda: float, normalize: bool, gamma: float, epsilon: float) -> tuple[dict, list]:
+    """The forward kernel's arguments (pointers as ints; the pointer array, densities and ranks are
+    tensors on base's device) and the tensors that must stay alive while it runs. Shared with the
+    emulated test of the same kernels (tests/merge/test_merge_cuda_emulated.py)."""
+    args, keep = _common_args(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                              normalize, gamma, epsilon)
+    args.update(out=out.data_ptr(), out_dtype=_native.dtype_code(out.dtype), k=int(k), tall_lambda=float(tall_lambda))
+    return args, keep
+
+
+def backward_args(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                  block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
+                  normalize: bool, gamma: float, epsilon: float, grad_base: Optional[Tensor],
+                  grad_deltas: Optional[List[Tensor]], grad_coeffs: Optional[Tensor]) -> tuple[dict, list]:
+    """The backward kernel's arguments, as `kernel_args`; grad_coeffs is [N, n_blocks] fp32."""
+    args, keep = _common_args(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                              normalize, gamma, epsilon)
+    grad = grad.detach().contiguous()
+    gptrs = TM._device_pointer_array(grad_deltas, base.device) if grad_deltas else None
+    args.update(grad=grad.data_ptr(), grad_dtype=_native.dtype_code(grad.dtype),
+                grad_base=grad_base.data_ptr() if grad_base is not None else 0,
+                grad_delta_ptrs=gptrs.data_ptr() if gptrs is not None else 0,
+                grad_coeffs=grad_coeffs.data_ptr() if grad_coeffs is not None else 0)
+    return args, keep + [grad, gptrs]
+
+
+def _workspace(device: torch.device, nbytes: int) -> Tensor:
+    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
 
 
 def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
@@ -67,8 +100,8 @@ def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tenso
     mod = _native.cuda_module
     args, keep = kernel_args(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
                              name_hash, k, tall_lambda, normalize, gamma, epsilon)
-    nbytes = mod.merge_workspace_bytes(args["numel"], args["block_size"], args["n"], args["method"])
-    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=out.device)
+    nbytes = mod.merge_workspace_bytes(args["numel"], args["block_size"], args["n"], args["method"], False)
+    ws = _workspace(out.device, nbytes)
     with torch.cuda.device(out.device):  # the kernels run on the current device
         mod.merge_forward(**args, workspace=ws.data_ptr(), workspace_bytes=nbytes,
                           stream=torch.cuda.current_stream(out.device).cuda_stream)
@@ -91,6 +124,44 @@ def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: L
                   tall_lambda: float, normalize: bool, gamma: float, epsilon: float, out: Tensor) -> None:
     _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
                   tall_lambda, normalize, gamma, epsilon)
+
+
+@torch.library.custom_op("pyops::merge_cuda_backward", mutates_args=(), device_types="cuda")
+def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                       block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
+                       k: int, tall_lambda: float, normalize: bool, gamma: float, epsilon: float, need_base: bool,
+                       need_deltas: bool, need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
+    """Gradients with every mask (trim, drop, rank band, election) held fixed: csrc/cpu/merge.h."""
+    gb, gd, gc = TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+    numel = base.numel()
+    if numel == 0:
+        if gc.numel():
+            gc.zero_()
+        return gb, gd, gc
+    mod = _native.cuda_module
+    gc32 = (torch.empty(TM._coeff_grad_shape(len(deltas), numel, block_size), dtype=torch.float32,
+                        device=base.device) if need_coeffs else None)
+    args, keep = backward_args(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
+                               name_hash, normalize, gamma, epsilon, gb if need_base else None,
+                               gd if need_deltas else None, gc32)
+    nbytes = mod.merge_workspace_bytes(numel, args["block_size"], len(deltas), method, need_coeffs)
+    ws = _workspace(base.device, nbytes)
+    with torch.cuda.device(base.device):
+        mod.merge_backward(**args, workspace=ws.data_ptr(), workspace_bytes=nbytes,
+                           stream=torch.cuda.current_stream(base.device).cuda_stream)
+    del keep, ws
+    if gc32 is not None:
+        TM._finish_coeff_grad(gc32, coeffs, gc)
+    return gb, gd, gc
+
+
+@_merge_backward_op.register_fake
+def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
+                         k, tall_lambda, normalize, gamma, epsilon, need_base, need_deltas, need_coeffs):
+    return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+
+
+register_masks_fixed_autograd(_merge_op, _merge_backward_op)
 
 
 @_merge_op.register_fake

@@ -116,23 +116,29 @@ def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_m
     return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
 
 
-def _merge_setup(ctx, inputs, output):
-    base, deltas, coeffs, *params, _out_dtype = inputs
-    ctx.save_for_backward(base, coeffs, *deltas)
-    # density, block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize, gamma, epsilon
-    ctx.params = params
-    ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
+def register_masks_fixed_autograd(forward_op, backward_op) -> None:
+    """Autograd for a merge forward op (base, deltas, coeffs, *params, out_dtype) through its
+    backward op (grad, base, deltas, coeffs, *params, need_base, need_deltas, need_coeffs); shared
+    by the C++ and the CUDA paths."""
+
+    def setup(ctx, inputs, output):
+        base, deltas, coeffs, *params, _out_dtype = inputs
+        ctx.save_for_backward(base, coeffs, *deltas)
+        # density, block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize, gamma, epsilon
+        ctx.params = params
+        ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
+
+    def backward(ctx, grad):
+        base, coeffs, *deltas = ctx.saved_tensors
+        need_base, need_deltas, need_coeffs = ctx.need
+        gb, gd, gc = backward_op(grad, base, deltas, coeffs, *ctx.params, need_base, need_deltas, need_coeffs)
+        return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
+                gc if need_coeffs else None) + (None,) * (len(ctx.params) + 1)
+
+    forward_op.register_autograd(backward, setup_context=setup)
 
 
-def _merge_backward(ctx, grad):
-    base, coeffs, *deltas = ctx.saved_tensors
-    need_base, need_deltas, need_coeffs = ctx.need
-    gb, gd, gc = _merge_backward_op(grad, base, deltas, coeffs, *ctx.params, need_base, need_deltas, need_coeffs)
-    return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
-            gc if need_coeffs else None) + (None,) * (len(ctx.params) + 1)
-
-
-_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+register_masks_fixed_autograd(_merge_op, _merge_backward_op)
 
 
 @_merge_op.register_fake

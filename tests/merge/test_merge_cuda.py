@@ -2,8 +2,8 @@
 (csrc/cuda/merge_kernels.cuh).
 
 On a GPU: the C++ CPU kernels' bits on every method, dtype and block layout (both TIES selection
-paths: one CTA per block, and a histogram spread over the device), the auto order, opcheck and
-torch.compile. Without one, only the backend's refusals run here; the kernels' logic is tested on
+paths: one CTA per block, and a histogram spread over the device), the gradients (masks held
+fixed), the auto order, opcheck and torch.compile. Without one, only the backend's refusals run here; the kernels' logic is tested on
 host threads by test_merge_cuda_emulated.py.
 """
 from __future__ import annotations
@@ -47,10 +47,35 @@ def test_cuda_backend_names_the_methods_it_implements():
 
 
 @gpu
-def test_cuda_backend_is_forward_only():
+def test_cuda_backend_leaves_consensus_gradients_to_the_reference():
     base, deltas = _inputs((4, 5), 2, FP32, 0)
     p = TM.prepare(base.cuda(), [d.cuda() for d in deltas], [1.0, 1.0], None, None)
-    assert "forward only" in M._can_run(p, "ties", True)["cuda"]()
+    assert "reference" in M._can_run(p, "consensus", True)["cuda"]()
+    assert M._can_run(p, "ties", True)["cuda"]() is None
+
+
+@gpu
+@pytest.mark.parametrize("shape,blocks", [((3, 70001), None), ((300, 65), "rows"), ((1000, 33), 7)],
+                         ids=["whole", "rows", "chunk7"])
+@pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", "breadcrumbs", "della"])
+def test_cuda_gradients_match_cpu_kernels(method, shape, blocks):
+    base, ft = _inputs(shape, 3, FP32, seed=5)
+    n_blocks = TM.resolve_blocks(blocks, shape)[1]
+    coeffs = torch.linspace(0.2, 1.4, 3 * n_blocks).view(3, n_blocks)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(6))
+    kw = dict(method=method, blocks=blocks, density=0.4, seed=3, name="w")
+
+    def grads(device, backend):
+        b = base.to(device).requires_grad_()
+        f = [x.to(device).requires_grad_() for x in ft]
+        c = coeffs.to(device).requires_grad_()
+        out = pyops.merge_from_models(b, f, coeffs=c, backend=backend, **kw)
+        return [t.cpu() for t in torch.autograd.grad(out, [b, *f, c], g.to(device))]
+
+    got, want = grads("cuda", "cuda"), grads("cpu", "cpu")
+    for a, b in zip(got[:-1], want[:-1]):
+        assert_bitwise_equal(a, b)
+    torch.testing.assert_close(got[-1], want[-1], rtol=2e-5, atol=1e-4)
 
 
 LAYOUTS = [((37,), None), ((3, 70001), None), ((300, 65), "rows"), ((1000, 33), 7), ((50021,), 3)]
@@ -107,6 +132,8 @@ def test_opcheck_merge_cuda_ops(method):
     coeffs = torch.rand(3, 6, device="cuda") + 0.25
     args = (base, deltas, coeffs, [0.3] * 3, 13, False, method, 0.9, -3, R.name_hash("x"), 2, 0.6, True, 0.01, 0.1)
     torch.library.opcheck(MC._merge_op, args + (FP32,))
+    if method != 7:  # consensus has no backward with the masks held fixed
+        torch.library.opcheck(MC._merge_backward_op, (torch.randn_like(base),) + args + (True, True, True))
     torch.library.opcheck(MC._merge_out_op, args + (torch.empty_like(base),))
 
 
