@@ -177,6 +177,21 @@ PYOPS_DEVICE void find_bucket_cta(const uint32_t* hist, int nbins, int64_t need,
   simt::sync();  // every thread has read the result (and hist) before anyone reuses them
 }
 
+// Called by every thread of the CTA: hist[0..kBins) = the counts of digit (key >> shift) & dm over
+// the keys of task i in [lo, hi) that match prefix on the bits pmask (complete when it returns).
+template <class T, bool FM>
+PYOPS_DEVICE void count_digits(const Args& a, int64_t i, int64_t lo, int64_t hi, uint32_t prefix, uint32_t pmask,
+                               int shift, uint32_t dm, uint32_t* hist) {
+  const int t = simt::tid();
+  for (int h = t; h < kBins; h += kThreads) hist[h] = 0;
+  simt::sync();
+  for (int64_t j = lo + t; j < hi; j += kThreads) {
+    const uint32_t key = key_of(tau_at<T, FM>(a, i, j));
+    if ((key & pmask) == prefix) simt::atomic_add(&hist[(key >> shift) & dm], 1u);
+  }
+  simt::sync();
+}
+
 // ---- TIES thresholds, many blocks: one CTA per block ------------------------------------------
 template <class T, bool FM>
 PYOPS_KERNEL void select_blocks(Args a) {
@@ -195,13 +210,7 @@ PYOPS_KERNEL void select_blocks(Args a) {
       for (int p = 0; p < kPasses; ++p) {
         const int shift = pass_shift(p);
         const uint32_t dm = pass_mask(p);
-        for (int h = t; h < kBins; h += kThreads) hist[h] = 0;
-        simt::sync();
-        for (int64_t j = lo + t; j < hi; j += kThreads) {
-          const uint32_t key = key_of(tau_at<T, FM>(a, i, j));
-          if ((key & pmask) == prefix) simt::atomic_add(&hist[(key >> shift) & dm], 1u);
-        }
-        simt::sync();
+        count_digits<T, FM>(a, i, lo, hi, prefix, pmask, shift, dm, hist);
         uint32_t digit;
         find_bucket_cta(hist, (int)dm + 1, need, &digit, &need);
         prefix |= digit << shift;
@@ -229,13 +238,7 @@ PYOPS_KERNEL void select_count(Args a) {
       if (keeps_all(a.density[i])) continue;
       const SelState st = a.state[b * a.n + i];
       const uint32_t prefix = p == 0 ? 0u : st.prefix, pmask = p == 0 ? 0u : st.pmask;
-      for (int h = t; h < kBins; h += kThreads) hist[h] = 0;
-      simt::sync();
-      for (int64_t j = lo + t; j < hi; j += kThreads) {
-        const uint32_t key = key_of(tau_at<T, FM>(a, i, j));
-        if ((key & pmask) == prefix) simt::atomic_add(&hist[(key >> shift) & dm], 1u);
-      }
-      simt::sync();
+      count_digits<T, FM>(a, i, lo, hi, prefix, pmask, shift, dm, hist);
       uint32_t* gh = a.hist + (b * a.n + i) * kBins;
       for (int h = t; h <= (int)dm; h += kThreads)
         if (hist[h] != 0) simt::atomic_add(&gh[h], hist[h]);

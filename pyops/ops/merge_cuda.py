@@ -28,7 +28,7 @@ from torch import Tensor
 
 from pyops import _native
 from pyops.ops import task_merge as TM
-from pyops.ops.merge_native import register_masks_fixed_autograd
+from pyops.ops.merge_registry import define_merge_ops
 from pyops.ops.merge_params import resolve_normalize
 from pyops.ops.merge_ranks import block_ranks
 from pyops.reference import merge as ref
@@ -108,43 +108,17 @@ def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tenso
     del keep, ws  # the caching allocator keeps them for this stream's later work
 
 
-@torch.library.custom_op("pyops::merge_cuda", mutates_args=(), device_types="cuda")
-def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
-              from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int, tall_lambda: float,
-              normalize: bool, gamma: float, epsilon: float, out_dtype: torch.dtype) -> Tensor:
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize, gamma, epsilon)
-    return out
-
-
-@torch.library.custom_op("pyops::merge_cuda_out", mutates_args=("out",), device_types="cuda")
-def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
-                  from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                  tall_lambda: float, normalize: bool, gamma: float, epsilon: float, out: Tensor) -> None:
-    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize, gamma, epsilon)
-
-
-@torch.library.custom_op("pyops::merge_cuda_backward", mutates_args=(), device_types="cuda")
-def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
-                       block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
-                       k: int, tall_lambda: float, normalize: bool, gamma: float, epsilon: float, need_base: bool,
-                       need_deltas: bool, need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
-    """Gradients with every mask (trim, drop, rank band, election) held fixed: csrc/cpu/merge.h."""
-    gb, gd, gc = TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
-    numel = base.numel()
-    if numel == 0:
-        if gc.numel():
-            gc.zero_()
-        return gb, gd, gc
+def _backward_into(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                   block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
+                   tall_lambda: float, normalize: bool, gamma: float, epsilon: float, gb: Optional[Tensor],
+                   gd: Optional[List[Tensor]], gc: Optional[Tensor]) -> None:
     mod = _native.cuda_module
-    gc32 = (torch.empty(TM._coeff_grad_shape(len(deltas), numel, block_size), dtype=torch.float32,
-                        device=base.device) if need_coeffs else None)
+    numel = base.numel()
+    gc32 = None if gc is None else torch.empty(TM._coeff_grad_shape(len(deltas), numel, block_size),
+                                                dtype=torch.float32, device=base.device)
     args, keep = backward_args(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
-                               name_hash, normalize, gamma, epsilon, gb if need_base else None,
-                               gd if need_deltas else None, gc32)
-    nbytes = mod.merge_workspace_bytes(numel, args["block_size"], len(deltas), method, need_coeffs)
+                               name_hash, normalize, gamma, epsilon, gb, gd, gc32)
+    nbytes = mod.merge_workspace_bytes(numel, args["block_size"], len(deltas), method, gc is not None)
     ws = _workspace(base.device, nbytes)
     with torch.cuda.device(base.device):
         mod.merge_backward(**args, workspace=ws.data_ptr(), workspace_bytes=nbytes,
@@ -152,28 +126,9 @@ def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs:
     del keep, ws
     if gc32 is not None:
         TM._finish_coeff_grad(gc32, coeffs, gc)
-    return gb, gd, gc
 
 
-@_merge_backward_op.register_fake
-def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
-                         k, tall_lambda, normalize, gamma, epsilon, need_base, need_deltas, need_coeffs):
-    return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
-
-
-register_masks_fixed_autograd(_merge_op, _merge_backward_op)
-
-
-@_merge_op.register_fake
-def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                tall_lambda, normalize, gamma, epsilon, out_dtype):
-    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
-
-
-@_merge_out_op.register_fake
-def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                    tall_lambda, normalize, gamma, epsilon, out):
-    return None
+_merge_op, _merge_out_op, _merge_backward_op = define_merge_ops("merge_cuda", "cuda", _forward_into, _backward_into)
 
 
 def run(p: TM.Prepared, method: str, dens: List[float], *, from_models: bool, seed: int, lam: float, name: str,

@@ -1,7 +1,8 @@
 """The C++ CPU path of `pyops.merge` (csrc/cpu/merge_kernels.cpp), kept apart from validation.
 
 `pyops.ops.merge` validates and chooses the backend; `run` here makes the inputs contiguous,
-lays out the coefficients, allocates the output and calls the registered ops:
+lays out the coefficients, allocates the output and calls the registered ops (functional, out and
+backward: `merge_registry.define_merge_ops`, shared with the CUDA path):
 
     pyops::merge_native        functional: ties, dare / dare_linear, dare_ties, breadcrumbs, della,
                                della_linear, consensus
@@ -28,6 +29,7 @@ from torch import Tensor
 from pyops import _backend, _native
 from pyops.ops import task_merge as TM
 from pyops.ops.merge_params import NATIVE_METHOD_CODES, resolve_normalize
+from pyops.ops.merge_registry import define_merge_ops
 from pyops.reference import merge as ref
 
 # Method codes of the C++ kernel (csrc/cpu/merge.h).
@@ -62,95 +64,30 @@ def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tenso
         normalize=normalize, gamma=float(gamma), epsilon=float(epsilon), n_threads=torch.get_num_threads())
 
 
-@torch.library.custom_op("pyops::merge_native", mutates_args=(), device_types="cpu")
-def _merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
-              from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int, tall_lambda: float,
-              normalize: bool, gamma: float, epsilon: float, out_dtype: torch.dtype) -> Tensor:
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize, gamma, epsilon)
-    return out
-
-
-@torch.library.custom_op("pyops::merge_native_out", mutates_args=("out",), device_types="cpu")
-def _merge_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
-                  from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
-                  tall_lambda: float, normalize: bool, gamma: float, epsilon: float, out: Tensor) -> None:
-    _forward_into(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                  tall_lambda, normalize, gamma, epsilon)
-
-
-@torch.library.custom_op("pyops::merge_native_backward", mutates_args=(), device_types="cpu")
-def _merge_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
-                       block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int,
-                       k: int, tall_lambda: float, normalize: bool, gamma: float, epsilon: float, need_base: bool,
-                       need_deltas: bool, need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
-    """Gradients with every mask (trim, drop, election) held fixed: see csrc/cpu/merge.h."""
-    gb, gd, gc = TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
-    numel = base.numel()
-    if numel == 0:
-        if gc.numel():
-            gc.zero_()
-        return gb, gd, gc
+def _backward_into(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
+                   block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
+                   tall_lambda: float, normalize: bool, gamma: float, epsilon: float, gb: Optional[Tensor],
+                   gd: Optional[List[Tensor]], gc: Optional[Tensor]) -> None:
     grad = grad.detach().contiguous()
     b = base.detach().contiguous()
     ds = [d.detach().contiguous() for d in deltas]
     c, s_n, s_b = TM._coeff_layout(coeffs)
-    gc32 = torch.empty(TM._coeff_grad_shape(len(ds), numel, block_size), dtype=torch.float32) if need_coeffs else None
+    gc32 = None if gc is None else torch.empty(TM._coeff_grad_shape(len(ds), base.numel(), block_size),
+                                                dtype=torch.float32)
     _native.cpu_module.merge_backward(
         grad=grad.data_ptr(), grad_dtype=_native.dtype_code(grad.dtype), base=b.data_ptr(),
         deltas=[d.data_ptr() for d in ds], in_dtype=_native.dtype_code(b.dtype), coeffs=c.data_ptr(),
-        coeff_stride_n=s_n, coeff_stride_block=s_b, density=[float(x) for x in density], numel=numel,
+        coeff_stride_n=s_n, coeff_stride_block=s_b, density=[float(x) for x in density], numel=base.numel(),
         block_size=block_size, from_models=from_models, method=method, lam=float(lam), seed=_seed_from_i64(seed),
         name_hash=name_hash, k=k, tall_lambda=float(tall_lambda), normalize=normalize, gamma=float(gamma),
-        epsilon=float(epsilon), grad_base=gb.data_ptr() if need_base else 0, grad_deltas=[t.data_ptr() for t in gd],
+        epsilon=float(epsilon), grad_base=gb.data_ptr() if gb is not None else 0,
+        grad_deltas=[t.data_ptr() for t in gd] if gd is not None else [],
         grad_coeffs=gc32.data_ptr() if gc32 is not None else 0, n_threads=torch.get_num_threads())
     if gc32 is not None:
         TM._finish_coeff_grad(gc32, coeffs, gc)
-    return gb, gd, gc
 
 
-@_merge_backward_op.register_fake
-def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash,
-                         k, tall_lambda, normalize, gamma, epsilon, need_base, need_deltas, need_coeffs):
-    return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
-
-
-def register_masks_fixed_autograd(forward_op, backward_op) -> None:
-    """Autograd for a merge forward op (base, deltas, coeffs, *params, out_dtype) through its
-    backward op (grad, base, deltas, coeffs, *params, need_base, need_deltas, need_coeffs); shared
-    by the C++ and the CUDA paths."""
-
-    def setup(ctx, inputs, output):
-        base, deltas, coeffs, *params, _out_dtype = inputs
-        ctx.save_for_backward(base, coeffs, *deltas)
-        # density, block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize, gamma, epsilon
-        ctx.params = params
-        ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
-
-    def backward(ctx, grad):
-        base, coeffs, *deltas = ctx.saved_tensors
-        need_base, need_deltas, need_coeffs = ctx.need
-        gb, gd, gc = backward_op(grad, base, deltas, coeffs, *ctx.params, need_base, need_deltas, need_coeffs)
-        return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
-                gc if need_coeffs else None) + (None,) * (len(ctx.params) + 1)
-
-    forward_op.register_autograd(backward, setup_context=setup)
-
-
-register_masks_fixed_autograd(_merge_op, _merge_backward_op)
-
-
-@_merge_op.register_fake
-def _merge_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                tall_lambda, normalize, gamma, epsilon, out_dtype):
-    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
-
-
-@_merge_out_op.register_fake
-def _merge_out_fake(base, deltas, coeffs, density, block_size, from_models, method, lam, seed, name_hash, k,
-                    tall_lambda, normalize, gamma, epsilon, out):
-    return None
+_merge_op, _merge_out_op, _merge_backward_op = define_merge_ops("merge_native", "cpu", _forward_into, _backward_into)
 
 
 # --------------------------------------------------------------------------------------------
