@@ -760,23 +760,13 @@ inline Layout layout(int64_t numel, int64_t block_size, int64_t n, int method, b
 // TIES: the per-block thresholds into a.thr.
 template <class L, class T, bool FM>
 Status select_thresholds(Args a, const Layout& l, L& launcher) {
-  Status st;
-  {
-    if (l.per_block) {
-      st = launcher.launch(&select_blocks<T, FM>, a.n_blocks, a);
-      if (!st.is_ok()) return st;
-    } else {
-      st = launcher.zero(a.hist, a.n_blocks * a.n * kBins * (int64_t)sizeof(uint32_t));
-      if (!st.is_ok()) return st;
-      const int64_t items = a.n_blocks * ((a.block_size + kItem - 1) / kItem);
-      for (int p = 0; p < kPasses; ++p) {
-        a.pass = p;
-        st = launcher.launch(&select_count<T, FM>, items, a);
-        if (!st.is_ok()) return st;
-        st = launcher.launch(&select_pick, a.n_blocks * a.n, a);
-        if (!st.is_ok()) return st;
-      }
-    }
+  if (l.per_block) return launcher.launch(&select_blocks<T, FM>, a.n_blocks, a);
+  Status st = launcher.zero(a.hist, a.n_blocks * a.n * kBins * (int64_t)sizeof(uint32_t));
+  const int64_t items = a.n_blocks * ((a.block_size + kItem - 1) / kItem);
+  for (int p = 0; p < kPasses && st.is_ok(); ++p) {
+    a.pass = p;
+    st = launcher.launch(&select_count<T, FM>, items, a);
+    if (st.is_ok()) st = launcher.launch(&select_pick, a.n_blocks * a.n, a);
   }
   return st;
 }
