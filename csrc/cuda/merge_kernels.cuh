@@ -281,6 +281,15 @@ PYOPS_KERNEL void select_pick(Args a) {
 
 // ---- The combine -------------------------------------------------------------------------------
 
+// blk[e]: the block of element j0 + e of a 4-element group (e < cnt; the others get the first's).
+// One division, then at most one step per element; blocks shorter than 4 elements divide each.
+PYOPS_DEVICE void group_blocks(const Args& a, int64_t j0, int cnt, int64_t* blk) {
+  const int64_t b0 = j0 / a.block_size, r0 = j0 - b0 * a.block_size;
+  PYOPS_UNROLL
+  for (int e = 0; e < 4; ++e)
+    blk[e] = e >= cnt ? b0 : (a.block_size >= 4 ? b0 + (r0 + e >= a.block_size ? 1 : 0) : (j0 + e) / a.block_size);
+}
+
 // Breadcrumbs / DELLA: the keep multiplier m of each element from its rank r in its block
 // (length blen):
 //   breadcrumbs: m = [blen - n_keep - n_top <= r < blen - n_top], n_top = floor(gamma blen),
@@ -373,14 +382,11 @@ PYOPS_KERNEL void combine(Args a) {
   for (int64_t g = (int64_t)simt::bid() * simt::bdim() + simt::tid(); g < n_groups; g += stride) {
     const int64_t j0 = g << 2;
     const int cnt = (int)min64(4, a.numel - j0);
-    // Blocks of the group's elements: one division, then at most one step per element (a block of
-    // fewer than 4 elements divides each).
-    const int64_t b0 = j0 / a.block_size, r0 = j0 - b0 * a.block_size;
     float bb[4], acc[4], w[4];
     int64_t blk[4];
+    group_blocks(a, j0, cnt, blk);
     PYOPS_UNROLL
     for (int e = 0; e < 4; ++e) {
-      blk[e] = e >= cnt ? b0 : (a.block_size >= 4 ? b0 + (r0 + e >= a.block_size ? 1 : 0) : (j0 + e) / a.block_size);
       bb[e] = e < cnt ? T::to_f(base[j0 + e]) : 0.f;
       acc[e] = 0.f;
     }
@@ -510,11 +516,10 @@ PYOPS_DEVICE void group_backward(const Args& a, const BwdArgs& bw, int64_t g, in
   bool valid[4];
   int64_t blk[4];
   float bb[4], gr[4];
-  const int64_t b0 = j0 / a.block_size, r0 = j0 - b0 * a.block_size;
+  group_blocks(a, j0, cnt, blk);
   PYOPS_UNROLL
   for (int e = 0; e < 4; ++e) {
     valid[e] = e < cnt && j0 + e >= lo && j0 + e < hi;
-    blk[e] = e >= cnt ? b0 : (a.block_size >= 4 ? b0 + (r0 + e >= a.block_size ? 1 : 0) : (j0 + e) / a.block_size);
     bb[e] = (FM && e < cnt) ? T::to_f(static_cast<const S*>(a.base)[j0 + e]) : 0.f;
     gr[e] = valid[e] ? G::to_f(static_cast<const typename G::S*>(bw.grad)[j0 + e]) : 0.f;
   }

@@ -88,8 +88,16 @@ def backward_args(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tens
     return args, keep + [grad, gptrs]
 
 
-def _workspace(device: torch.device, nbytes: int) -> Tensor:
-    return torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+def _launch(kernel: str, args: dict, device: torch.device, grad_coeffs: bool) -> None:
+    """Calls `pyops._C_cuda.<kernel>` on the current stream of `device` with its workspace. The
+    caching allocator keeps the workspace (and the caller's argument tensors, dropped after this
+    returns) for the stream's later work, so freeing them before the kernel ends is safe."""
+    mod = _native.cuda_module
+    nbytes = mod.merge_workspace_bytes(args["numel"], args["block_size"], args["n"], args["method"], grad_coeffs)
+    ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=device)
+    with torch.cuda.device(device):  # the kernels run on the current device
+        getattr(mod, kernel)(**args, workspace=ws.data_ptr(), workspace_bytes=nbytes,
+                             stream=torch.cuda.current_stream(device).cuda_stream)
 
 
 def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
@@ -97,33 +105,20 @@ def _forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tenso
                   tall_lambda: float, normalize: bool, gamma: float, epsilon: float) -> None:
     if out.numel() == 0:
         return
-    mod = _native.cuda_module
     args, keep = kernel_args(out, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
                              name_hash, k, tall_lambda, normalize, gamma, epsilon)
-    nbytes = mod.merge_workspace_bytes(args["numel"], args["block_size"], args["n"], args["method"], False)
-    ws = _workspace(out.device, nbytes)
-    with torch.cuda.device(out.device):  # the kernels run on the current device
-        mod.merge_forward(**args, workspace=ws.data_ptr(), workspace_bytes=nbytes,
-                          stream=torch.cuda.current_stream(out.device).cuda_stream)
-    del keep, ws  # the caching allocator keeps them for this stream's later work
+    _launch("merge_forward", args, out.device, False)
 
 
 def _backward_into(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float],
                    block_size: int, from_models: bool, method: int, lam: float, seed: int, name_hash: int, k: int,
                    tall_lambda: float, normalize: bool, gamma: float, epsilon: float, gb: Optional[Tensor],
                    gd: Optional[List[Tensor]], gc: Optional[Tensor]) -> None:
-    mod = _native.cuda_module
-    numel = base.numel()
-    gc32 = None if gc is None else torch.empty(TM._coeff_grad_shape(len(deltas), numel, block_size),
+    gc32 = None if gc is None else torch.empty(TM._coeff_grad_shape(len(deltas), base.numel(), block_size),
                                                 dtype=torch.float32, device=base.device)
     args, keep = backward_args(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
                                name_hash, normalize, gamma, epsilon, gb, gd, gc32)
-    nbytes = mod.merge_workspace_bytes(numel, args["block_size"], len(deltas), method, gc is not None)
-    ws = _workspace(base.device, nbytes)
-    with torch.cuda.device(base.device):
-        mod.merge_backward(**args, workspace=ws.data_ptr(), workspace_bytes=nbytes,
-                           stream=torch.cuda.current_stream(base.device).cuda_stream)
-    del keep, ws
+    _launch("merge_backward", args, base.device, gc is not None)
     if gc32 is not None:
         TM._finish_coeff_grad(gc32, coeffs, gc)
 

@@ -244,32 +244,29 @@ def test_emulated_empty_tensor_writes_nothing(emu):
     assert out.shape == (0,)
 
 
-def test_emulated_rejects_a_method_it_does_not_implement(emu):
-    base, deltas = _data((16,), 2, torch.float32, seed=0)
+def _raw_forward_args(numel: int, method_code: int, normalize: bool):
+    """Forward kernel arguments for 2 fp32 task vectors of `numel` elements, one block, density 0.5,
+    with a raw method code (the kernels' own checks, not the op layer's); (args, tensors to keep)."""
+    base, deltas = _data((numel,), 2, torch.float32, seed=0)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, torch.float32, deltas_name="deltas")
-    out = torch.empty_like(base)
-    args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 0, 1.0,
-                                        0, 0, 2, 0.6, False, 0.01, 0.1)
+    return merge_cuda.kernel_args(torch.empty_like(base), p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False,
+                                  method_code, 1.0, 0, 0, 2, 0.6, normalize, 0.01, 0.1)
+
+
+def test_emulated_rejects_a_method_it_does_not_implement(emu):
+    args, keep = _raw_forward_args(16, 0, False)
     with pytest.raises(ValueError, match="method: the CUDA merge kernels implement"):
         emu["small"].forward(args)
 
 
 def test_emulated_rejects_a_short_workspace(emu):
-    base, deltas = _data((5000,), 2, torch.float32, seed=0)
-    p = TM.prepare(base, deltas, [1.0, 1.0], None, torch.float32, deltas_name="deltas")
-    out = torch.empty_like(base)
-    args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 1, 1.0,
-                                        0, 0, 2, 0.6, True, 0.01, 0.1)
+    args, keep = _raw_forward_args(5000, 1, True)
     with pytest.raises(ValueError, match="workspace: expected at least"):
         emu["small"].forward(args, workspace_bytes=16)
 
 
 def test_emulated_ranked_methods_require_ranks(emu):
-    base, deltas = _data((64,), 2, torch.float32, seed=0)
-    p = TM.prepare(base, deltas, [1.0, 1.0], None, torch.float32, deltas_name="deltas")
-    out = torch.empty_like(base)
-    args, keep = merge_cuda.kernel_args(out, p.base, p.deltas, p.coeffs, [0.5, 0.5], p.block_size, False, 4, 1.0,
-                                        0, 0, 2, 0.6, False, 0.01, 0.1)
+    args, keep = _raw_forward_args(64, 4, False)
     with pytest.raises(ValueError, match="ranks: breadcrumbs and della need"):
         emu["small"].forward({**args, "ranks": 0})
 
