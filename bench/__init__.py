@@ -20,8 +20,8 @@ from typing import Optional
 # family name -> module (relative to this package). Each module defines FAMILY, OPS (the public
 # op names it measures) and cases(device, quick) -> iterable of harness.Case.
 FAMILIES: dict[str, str] = {
-    "task_arithmetic": ".task_merge",
-    "merge": ".merge",
+    "task_arithmetic": ".merging",
+    "merge": ".merging_methods",
     "moe": ".moe",
     "neighborhood": ".neighborhood",
     "task_attention": ".task_attention",

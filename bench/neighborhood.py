@@ -46,7 +46,7 @@ def _useful_flops(B, spatial, H, D, Dv, kernel):
 
 def _flex_mask_mod(spatial, kernel, dilation, device):
     """A FlexAttention mask_mod for the NA windows (non-causal, stride 1), from the window tables."""
-    from pyops.reference.neighborhood import window_indices
+    from pyops.neighborhood.reference import window_indices
 
     n = len(spatial)
     lo, hi = [], []

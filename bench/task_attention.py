@@ -63,7 +63,7 @@ class _Problem:
                 t.requires_grad_(True)
         self.backward = backward
         self.groups, self.allow = groups.to(dev), allow.to(dev)
-        from pyops.masks import dense
+        from pyops.task_attention.masks import dense
         self.attend = dense(self.groups, None, self.allow)                      # [L, L], True = attend
         self.additive = torch.zeros(L, L, device=dev, dtype=dtype).masked_fill(~self.attend, float("-inf"))
         pairs = int(self.attend.sum())
@@ -174,7 +174,7 @@ def _verify(p: _Problem, backends, expected_fn) -> dict:
 
 
 def _multitab_case(dev, dtype, backends, quick, backward) -> Case:
-    from pyops.masks import multitab
+    from pyops.task_attention.masks import multitab
     B = 64 if quick else 2048
     g, allow = multitab(5, 24, "TxT")
     p = _Problem(dev, dtype, B, 4, 29, 4, g, allow, backward)
@@ -220,7 +220,7 @@ def _multitab_case(dev, dtype, backends, quick, backward) -> Case:
 
 
 def _blockdiag_case(dev, dtype, backends, quick, backward) -> Case:
-    from pyops.masks import block_diagonal
+    from pyops.task_attention.masks import block_diagonal
     B, H, L, D = (1, 2, 512, 64) if quick else (2, 8, 4096, 64)
     n_groups = 4
     g, allow = block_diagonal([L // n_groups] * n_groups)

@@ -19,7 +19,7 @@ Design (flash-attention style, online softmax, fp32 accumulation):
   visited. Everything else gets the per-element test allow[q_groups[i], kv_groups[j]].
 * the summary granularity (16) is independent of BM/BN (multiples of 16), so block sizes can
   be autotuned on a GPU; the interpreter uses fixed 32×32 tiles.
-* dropout: Philox4x32-10 (the same bits as `pyops.reference.philox`), regenerated in backward.
+* dropout: Philox4x32-10 (the same bits as `pyops._philox`), regenerated in backward.
 * under TRITON_INTERPRET=1 operands are upcast to fp32 before `tl.dot` (bf16 dot is wrong there).
   fp32 dots use input_precision="ieee" (no TF32), so fp32 matches the reference.
 """

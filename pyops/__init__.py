@@ -40,7 +40,7 @@ if _sys.argv[:2] == ["-m", "merge"]:
     # the C++ kernels needs no torch (pyops.merging.native_engine), and importing it took half of a
     # 3 x 1 GB merge. The API (pyops._api) is bound on first use instead, e.g. when the merge needs
     # the torch engine.
-    _binding = []  # non-empty while pyops._api imports: its `from pyops import masks` must find the submodule
+    _binding = []  # non-empty while pyops._api imports: its imports must find the submodules
 
     def __getattr__(name: str):
         if name in __all__ and not _binding:

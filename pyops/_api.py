@@ -2,6 +2,7 @@
 `python -m pyops merge`, whose CPU merges need no torch): importing them imports torch and
 registers the ops with torch.library."""
 import gc as _gc
+import sys as _sys
 
 from pyops._lazy_triton_kernels import deferred as _deferred_triton_kernels
 
@@ -12,14 +13,15 @@ _gc_was_enabled = _gc.isenabled()
 _gc.disable()
 try:
     with _deferred_triton_kernels():  # the ops' Triton kernels are found when torch.compile asks
-        from pyops import masks, nn
+        from pyops import nn
+        from pyops.task_attention import masks
         from pyops._backend import BACKENDS, BackendUnavailableError, last_choice
-        from pyops import moe_losses
-        from pyops.ops.merge import merge, merge_from_models
-        from pyops.ops.moe import Routing, moe_experts, moe_route
-        from pyops.ops.neighborhood import na1d, na2d, na3d
-        from pyops.ops.task_attention import task_masked_attention
-        from pyops.ops.task_merge import task_arithmetic, task_arithmetic_from_models
+        from pyops.moe import losses as moe_losses
+        from pyops.merging.merge import merge, merge_from_models
+        from pyops.moe.ops import Routing, moe_experts, moe_route
+        from pyops.neighborhood.ops import na1d, na2d, na3d
+        from pyops.task_attention.ops import task_masked_attention
+        from pyops.merging.task_arithmetic import task_arithmetic, task_arithmetic_from_models
 finally:
     if _gc_was_enabled:
         _gc.enable()
@@ -30,4 +32,8 @@ __all__ = ["BACKENDS", "BackendUnavailableError", "last_choice", "masks", "merge
 
 # The issue's spelling of the fine-tuned-weights form: pyops.merge.from_models(base, finetuned, ...).
 merge.from_models = merge_from_models
+# `pyops.masks` and `pyops.moe_losses` are public modules that live in their families' packages;
+# the aliases make `import pyops.masks` and `from pyops.moe_losses import ...` work as before.
+_sys.modules.setdefault("pyops.masks", masks)
+_sys.modules.setdefault("pyops.moe_losses", moe_losses)
 task_arithmetic.from_models = task_arithmetic_from_models

@@ -24,6 +24,8 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
+from pyops import _native
+
 BACKENDS = ("reference", "cpu", "triton", "cuda")
 ENV_VAR = "PYOPS_BACKEND"
 
@@ -74,6 +76,85 @@ def direct_kernels():
 def direct() -> bool:
     """Whether `direct_kernels()` is active on this thread."""
     return getattr(_direct, "on", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a backend can do, declared as data
+# ---------------------------------------------------------------------------------------------
+
+_KERNELS = {"cpu": "the C++ kernels", "cuda": "the CUDA kernels", "triton": "the Triton kernels"}
+_DEVICE_WORD = {"cpu": "CPU", "cuda": "CUDA"}
+
+
+@dataclass(frozen=True)
+class Capability:
+    """What one backend of one op can run: devices, dtypes, native entry points and size limits.
+
+    Each family declares one `Capability` per backend next to its glue (e.g.
+    ``Capability("cpu", functions=("task_attention_forward",), limits={"groups": 64})``);
+    `reason` turns the declaration into `can_run`'s answer, so every family words a refusal the
+    same way. Checks that depend on more than a size (a head dim that must fit a tile, a method a
+    kernel lacks) stay beside the backend and run after `reason` returns None.
+
+    Attributes:
+        backend: ``"cpu"`` (pyops._C), ``"cuda"`` (pyops._C_cuda) or ``"triton"``.
+        devices: device types the kernels take. Triton on ``"cpu"`` means under the interpreter.
+        dtypes: input dtypes the kernels take (default fp32, fp16, bf16).
+        functions: entry points the native module must export (a build without a family's
+            kernels then degrades with a reason instead of an AttributeError).
+        kernels: for Triton, the module under `pyops.kernels` holding the family's kernels.
+        limits: inclusive upper bounds of named sizes, checked by `reason(**sizes)`.
+    """
+    backend: str
+    devices: tuple[str, ...] = ()
+    dtypes: tuple[torch.dtype, ...] = _native.NATIVE_DTYPES
+    functions: tuple[str, ...] = ()
+    kernels: Optional[str] = None
+    limits: Mapping[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.backend not in _KERNELS:
+            raise ValueError(f"backend: expected one of {tuple(_KERNELS)}, got {self.backend!r}")
+        if not self.devices:
+            object.__setattr__(self, "devices", ("cuda",) if self.backend == "cuda" else
+                               ("cpu",) if self.backend == "cpu" else ("cuda", "cpu"))
+
+    def _loaded(self, device: torch.device) -> Optional[str]:
+        if self.backend == "triton":
+            from pyops._triton import triton_family_reason
+
+            return triton_family_reason(device, self.kernels or "")
+        module, missing, name = ((_native.cpu_module, _native.cpu_missing_reason, "pyops._C")
+                                 if self.backend == "cpu" else
+                                 (_native.cuda_module, _native.cuda_missing_reason, "pyops._C_cuda"))
+        if module is None:
+            return missing
+        for fn in self.functions:
+            if not hasattr(module, fn):
+                return f"{name} has no {fn} (built without these kernels)"
+        return None
+
+    def reason(self, device: torch.device, *tensors: torch.Tensor, **sizes: Optional[int]) -> Optional[str]:
+        """None if this backend can take tensors on `device` with these dtypes and sizes, else why not.
+
+        `sizes` name entries of `limits`; a size given as None is not checked."""
+        if self.backend != "triton" and device.type not in self.devices:
+            return (f"tensors are on {device.type}, {_KERNELS[self.backend]} take "
+                    f"{' or '.join(_DEVICE_WORD.get(d, d) for d in self.devices)} tensors")
+        loaded = self._loaded(device)
+        if loaded is not None:
+            return loaded
+        if self.backend == "triton" and device.type not in self.devices:
+            return f"tensors are on {device.type}, {_KERNELS[self.backend]} take {' or '.join(self.devices)} tensors"
+        for t in tensors:
+            if t.dtype not in self.dtypes:
+                names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+                return f"dtype {t.dtype} is not supported by {_KERNELS[self.backend]} ({names})"
+        for key, value in sizes.items():
+            limit = self.limits[key]
+            if value is not None and value > limit:
+                return f"{_KERNELS[self.backend]} take up to {limit} {key}, got {value}"
+        return None
 
 
 def check_backend_name(backend: str) -> None:

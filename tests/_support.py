@@ -1,7 +1,7 @@
 """Helpers shared by the test suite (imported by conftest.py and the test modules).
 
 Backend availability is asked of the package itself (the `can_run` checks in
-`pyops.ops.task_merge`), so a test skips with exactly the reason the library would give.
+`pyops.merging.task_arithmetic`), so a test skips with exactly the reason the library would give.
 Numerical comparisons use the one tolerance table in `pyops.testing` (DESIGN rule 5): tests never
 carry their own looser numbers.
 """
@@ -40,15 +40,15 @@ def device_for(backend: str) -> torch.device:
 
 def _triton_kernels_reason() -> Optional[str]:
     try:
-        importlib.import_module("pyops.kernels.task_merge")
+        importlib.import_module("pyops.kernels.merging.task_arithmetic")
     except Exception as exc:  # the Triton kernels are optional and may not be written/shipped yet
-        return f"pyops.kernels.task_merge cannot be imported ({type(exc).__name__}: {exc})"
+        return f"pyops.kernels.merging.task_arithmetic cannot be imported ({type(exc).__name__}: {exc})"
     return None
 
 
 def backend_reason(backend: str, device: Union[str, torch.device, None] = None) -> Optional[str]:
     """None if `backend` can run task_arithmetic on `device` (fp32), else the library's reason."""
-    from pyops.ops import task_merge as tm
+    from pyops.merging import task_arithmetic as tm
 
     dev = torch.device(device) if device is not None else device_for(backend)
     if dev.type == "cuda" and not CUDA:
@@ -135,8 +135,8 @@ def make_inputs(shape, n: int, dtype, blocks, coeff_kind: str, gen: torch.Genera
 
 
 def reference(base, deltas, coeffs, blocks, from_models: bool, out_dtype=None) -> torch.Tensor:
-    """The definition (pyops.reference) on CPU copies of the inputs."""
-    from pyops.reference.task_merge import task_arithmetic as ref
+    """The definition (pyops.<family>.reference) on CPU copies of the inputs."""
+    from pyops.merging.reference import task_arithmetic as ref
 
     items = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
     return ref(base.cpu(), [d.cpu() for d in items], coeffs.cpu(), block_size=block_size_for(blocks, base.shape),

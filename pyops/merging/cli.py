@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda")
+from pyops.merging.spec import BACKEND_CHOICES
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 from pyops.merging.errors import ConfigError
-from pyops.ops.merge_params import METHODS
+from pyops.merging.spec import METHODS
 
 # --------------------------------------------------------------------------------------------
 # What is accepted

@@ -11,7 +11,7 @@ torch engine instead (model_stock, a model in another dtype, float64, a GPU, ano
 ``PYOPS_MERGE_ENGINE=torch`` forces the torch engine.
 
 The kernels are the ones `pyops.merge_from_models` reaches on CPU tensors, called with the
-same arguments as `pyops.ops.merge_native` / `pyops.ops.task_merge` form them (coefficients
+same arguments as `pyops.merging.backend_cpu` / `pyops.merging.task_arithmetic` form them (coefficients
 rounded to fp32, λ folded into task arithmetic's coefficients in fp32, the same block layout,
 name hash and seed), so both engines write the same bytes; the tests compare them file for file.
 """
@@ -25,7 +25,7 @@ import sys
 from typing import List, Optional, Sequence
 
 from pyops.merging.safetensors_io import ITEMSIZES, Checkpoint, RawBuffer, RawTensor
-from pyops.ops.merge_params import (MERGE_DEFAULTS, NATIVE_METHOD_CODES, RANKED, check_params, name_hash,
+from pyops.merging.spec import (MERGE_DEFAULTS, NATIVE_METHOD_CODES, RANKED, check_params, name_hash,
                                      resolve_blocks, resolve_normalize)
 
 # The safetensors codes the kernels take, as csrc/common/dtype.h numbers them.

@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 from pyops.merging import native_engine
-from pyops.merging.cli import BACKEND_CHOICES
 from pyops.merging.config import MergeConfig, load_config
 from pyops.merging.errors import CheckpointError, MergeError
+from pyops.merging.spec import BACKEND_CHOICES
 from pyops.merging.safetensors_io import (
     INDEX_FILE, MERGEABLE, TORCH_NAMES, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards, shard_names,
     torch_dtype, write_index)

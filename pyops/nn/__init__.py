@@ -6,10 +6,10 @@
 * `TaskMoE` — mixture-of-experts MLP with per-task routers on `pyops.moe_route` / `moe_experts`.
 * `TaskMaskedMultiheadAttention` — `nn.MultiheadAttention` with a group rule instead of a dense mask.
 """
-from pyops.nn.moe import TaskMoE
-from pyops.nn.neighborhood import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
-from pyops.nn.task_attention import TaskMaskedMultiheadAttention
-from pyops.nn.task_vector_composition import TaskVectorComposition
+from pyops.moe.nn import TaskMoE
+from pyops.neighborhood.nn import NeighborhoodAttention1D, NeighborhoodAttention2D, NeighborhoodAttention3D
+from pyops.task_attention.nn import TaskMaskedMultiheadAttention
+from pyops.merging.nn import TaskVectorComposition
 
 __all__ = ["NeighborhoodAttention1D", "NeighborhoodAttention2D", "NeighborhoodAttention3D",
            "TaskMaskedMultiheadAttention", "TaskMoE", "TaskVectorComposition"]

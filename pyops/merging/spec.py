@@ -1,0 +1,117 @@
+"""The merge methods' names, parameter checks, block layout and random key, without torch.
+
+`pyops.merge` (pyops/merging/merge.py), the reference (pyops/merging/reference.py) and the
+checkpoint command's engines (pyops/merging/runner.py, native_engine.py) all take these from here. The module
+imports nothing heavy, so that `python -m pyops merge` can plan and run a CPU merge on the C++
+kernels without importing torch (~1.3 s of a ~2.6 s whole-model merge on the dev VM).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Union
+
+METHODS = ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della",
+           "della_linear", "model_stock", "consensus")
+# Methods that end with TIES' sign election and disjoint mean, and their default `normalize`.
+ELECTING = {"ties", "dare_ties", "della"}
+RANDOM = {"dare", "dare_linear", "dare_ties", "della", "della_linear"}
+# Methods whose masks come from each |τ|'s rank within its block.
+RANKED = ("breadcrumbs", "della", "della_linear")
+# Method codes of the C++ kernel (csrc/cpu/merge.h); task_arithmetic also has its own kernel.
+NATIVE_METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3,
+                       "breadcrumbs": 4, "della": 5, "della_linear": 6, "consensus": 7}
+
+# The `backend=` values the checkpoint command accepts (pyops._backend.BACKENDS and "auto").
+BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda")
+
+Blocks = Union[None, str, int]
+# The defaults of `pyops.merge` / `merge_from_models` (their signatures spell them out; a test
+# checks that they agree), for callers that fill in absent parameters without torch.
+MERGE_DEFAULTS = {"density": 1.0, "seed": 0, "lam": 1.0, "name": "", "gamma": 0.01, "epsilon": 0.1, "k": 2,
+                  "tall_lambda": 0.6, "normalize": None, "coeffs": None, "blocks": None}
+
+
+def resolve_normalize(method: str, normalize) -> bool:
+    """`normalize=None` means the method's default: the disjoint mean for the electing methods."""
+    return method in ELECTING if normalize is None else bool(normalize)
+
+
+def name_hash(name: str) -> int:
+    """32-bit FNV-1a of the UTF-8 bytes of `name` (the tensor's name in a checkpoint)."""
+    h = 0x811C9DC5
+    for byte in name.encode("utf-8"):
+        h = ((h ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return h
+
+
+def resolve_blocks(blocks: Blocks, shape: Sequence[int]) -> tuple[int, int]:
+    """(block_size, n_blocks) of the flattened tensor for a `blocks` argument."""
+    numel = math.prod(shape)
+    if blocks is None:
+        return max(numel, 1), 1
+    if isinstance(blocks, str):
+        if blocks != "rows":
+            raise ValueError(f"blocks: expected None, 'rows' or a positive int, got {blocks!r}")
+        if len(shape) == 0:
+            raise ValueError("blocks: 'rows' needs a tensor with at least one dimension, got a 0-d tensor")
+        n_rows = int(shape[0])
+        return max(numel // n_rows, 1) if n_rows > 0 else 1, n_rows
+    if isinstance(blocks, bool) or not isinstance(blocks, int):
+        raise TypeError(f"blocks: expected None, 'rows' or a positive int, got {type(blocks).__name__}")
+    if blocks <= 0:
+        raise ValueError(f"blocks: block size must be > 0, got {blocks}")
+    return blocks, (numel + blocks - 1) // blocks
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n: int) -> List[float]:
+    """Validates the method and its parameters for n tasks; returns the per-task densities.
+    `density` is a float, a sequence of n floats, or a tensor (0-d or [n])."""
+    if not isinstance(method, str) or method not in METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if _is_real(density):
+        dens = [float(density)] * n
+    elif hasattr(density, "tolist") and hasattr(density, "dim"):  # a tensor (no torch import here)
+        if density.dim() == 0:
+            dens = [float(density)] * n
+        elif tuple(density.shape) == (n,):
+            dens = [float(x) for x in density.tolist()]
+        else:
+            raise ValueError(f"density: expected a float or shape [{n}] (one per task), got {list(density.shape)}")
+    elif isinstance(density, (list, tuple)) and len(density) == n and all(_is_real(x) for x in density):
+        dens = [float(x) for x in density]
+    else:
+        raise TypeError(f"density: expected a float or a sequence of {n} floats, got {density!r}")
+    for i, d in enumerate(dens):
+        if not (0.0 < d <= 1.0):
+            raise ValueError(f"density: expected values in (0, 1], got {d} (task {i})")
+    if not _is_real(lam):
+        raise TypeError(f"lam: expected a float, got {type(lam).__name__}")
+    if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2**64):
+        raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
+    if not isinstance(name, str):
+        raise TypeError(f"name: expected a str (the tensor's name, part of the random key), got {type(name).__name__}")
+    if method == "breadcrumbs":
+        if not (0.0 <= gamma < 1.0):
+            raise ValueError(f"gamma: expected a value in [0, 1), got {gamma}")
+        for i, d in enumerate(dens):
+            if d < 1.0 and d + gamma > 1.0 + 1e-12:  # density 1 keeps everything (as mergekit)
+                raise ValueError(f"gamma: density + gamma must be <= 1 for breadcrumbs, got {d} + {gamma} (task {i})")
+    if method in ("della", "della_linear"):
+        if not epsilon >= 0.0:
+            raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
+        for i, d in enumerate(dens):
+            if d < 1.0 and not (d - epsilon > 0.0 and d + epsilon <= 1.0):  # density 1 keeps everything
+                raise ValueError(f"epsilon: della needs 0 < density - epsilon and density + epsilon <= 1, "
+                                 f"got density={d}, epsilon={epsilon} (task {i})")
+    if method == "consensus":
+        if not isinstance(k, int) or isinstance(k, bool) or not (1 <= k <= n):
+            raise ValueError(f"k: expected an int in [1, {n}] (tasks that must agree), got {k!r}")
+        if tall_lambda < 0:
+            raise ValueError(f"tall_lambda: expected >= 0, got {tall_lambda}")
+    if normalize is not None and not isinstance(normalize, bool):
+        raise TypeError(f"normalize: expected None or a bool, got {normalize!r}")
+    return dens

@@ -1,1 +1,0 @@
-"""One module per op family: validation, torch.library registration, fake kernels, autograd."""
