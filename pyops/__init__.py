@@ -35,11 +35,20 @@ __all__ = [
     "task_masked_attention",
 ]
 
-if _sys.argv[:2] == ["-m", "merge"]:
-    # `python -m pyops merge ...` (runpy imports this package while argv[0] is "-m"): a CPU merge on
-    # the C++ kernels needs no torch (pyops.merging.native_engine), and importing it took half of a
-    # 3 x 1 GB merge. The API (pyops._api) is bound on first use instead, e.g. when the merge needs
-    # the torch engine.
+
+def _running_as_command() -> bool:
+    """True while `python -m pyops ...` imports this package (runpy sets argv[0] to "-m" until
+    pyops.__main__ runs)."""
+    argv = list(getattr(_sys, "orig_argv", ()))
+    if _sys.argv[:1] != ["-m"] or "-m" not in argv:
+        return False
+    return argv[argv.index("-m") + 1:argv.index("-m") + 2] == ["pyops"]
+
+
+if _running_as_command():
+    # `python -m pyops ...`: the command line answers --help and parses arguments without torch, and a
+    # CPU merge on the C++ kernels needs no torch at all (pyops.merging.native_engine). The API
+    # (pyops._api, which imports torch and registers the ops) is bound on first use instead.
     _binding = []  # non-empty while pyops._api imports: its imports must find the submodules
 
     def __getattr__(name: str):

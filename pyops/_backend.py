@@ -64,7 +64,7 @@ def direct_kernels():
     directly instead of through the registered torch.library ops: the same kernels and results,
     without the op dispatcher. For internal callers that never trace, transform or differentiate
     (the streaming model merge): the first call of any custom op in a process imports
-    torch._dynamo, ~0.9 s of a ~3.8 s `python -m pyops merge` run."""
+    torch._dynamo, a cost a one-shot command should not pay."""
     prev = getattr(_direct, "on", False)
     _direct.on = True
     try:

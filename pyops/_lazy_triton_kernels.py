@@ -1,9 +1,8 @@
 """Deferred discovery of the Triton kernels inside pyops's `torch.library.triton_op`s.
 
 `triton_op` finds the kernels a wrapped function launches by parsing its source, and that parser
-imports `torch._inductor` (~1 s of the ~3 s `import pyops`, measured on the dev VM) at op
-definition time, even in processes that never compile or launch Triton (`python -m pyops merge`,
-CPU-only use). The kernel list is only read when torch.compile builds an AOTAutograd cache key
+imports `torch._inductor` (a large share of `import pyops`) at op definition time, even in
+processes that never compile or launch Triton (`python -m pyops merge`, CPU-only use). The kernel list is only read when torch.compile builds an AOTAutograd cache key
 (`torch._library.triton.get_triton_kernels_for_op`), where inductor is loaded anyway. While
 pyops defines its ops, `deferred()` swaps in a discovery that returns a list computing the real
 one (with torch's own function) the first time it is read. Nothing else changes; a torch

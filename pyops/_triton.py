@@ -17,7 +17,7 @@ _cache: Dict[str, Optional[str]] = {}
 
 def _constant_under_compile(fn):
     """What `torch.compiler.assume_constant_result` does (it sets this one attribute), without
-    importing torch._dynamo when pyops is imported: that import alone costs ~1.3 s."""
+    importing torch._dynamo when pyops is imported (a large import that most processes never need)."""
     fn._dynamo_marked_constant = True
     return fn
 
