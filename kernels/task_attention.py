@@ -1,7 +1,7 @@
 """Triton kernels for task-masked attention (`pyops.kernels.task_attention`).
 
-The math is in `pyops/reference/task_attention.py`; the registered ops that call `forward` and
-`backward` are in `pyops/ops/task_attention.py`.
+The math is in `pyops/task_attention/reference.py`; the registered ops that call `forward` and
+`backward` are in `pyops/task_attention/backend_triton.py`.
 
 Design (flash-attention style, online softmax, fp32 accumulation):
 * forward: one program per (BM query rows, batch·query head); it walks the key tiles, keeping

@@ -73,7 +73,8 @@ def prefix(prefix_len: int, suffix_len: int, *, chunk: int = 1, device=None) -> 
     bidirectional inside a chunk). Prefix = group 0, suffix chunk c = group 1 + c, so
     G = 1 + ceil(suffix_len / chunk): ``allow[a, b] = b == 0 or 1 <= b <= a``. Do not also pass
     ``causal=True`` (it would make the prefix causal). For long suffixes with chunk=1 the group
-    count grows with the length; the kernels accept any G, but a larger ``chunk`` keeps the rule small.
+    count grows with the length: the Triton kernels and the reference accept any G, the C++ kernels
+    up to 64 (``backend="auto"`` passes them over beyond that); a larger ``chunk`` keeps the rule small.
     """
     if prefix_len < 0 or suffix_len < 0 or chunk < 1:
         raise ValueError(f"prefix: expected prefix_len >= 0, suffix_len >= 0, chunk >= 1, got "

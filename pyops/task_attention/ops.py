@@ -1,13 +1,13 @@
-"""Task-masked attention: validation, backend choice, registered ops and autograd.
+"""Task-masked attention: validation, backend choice and autograd.
 
-Public entry point: `pyops.task_masked_attention`; the math is in
-`pyops/reference/task_attention.py`.
+Public entry point: `pyops.task_masked_attention`; the math is in `pyops/task_attention/reference.py`.
 
-Registered ops (DESIGN rule 2):
-    pyops::task_masked_attention                  C++ CPU (`pyops._C.task_attention_forward`)
+Registered ops (DESIGN rule 2), each defined with its fake kernel in its backend's module and
+made differentiable here (forward op -> backward op):
+    pyops::task_masked_attention                  C++ CPU (`backend_cpu`, csrc/task_attention/)
     pyops::task_masked_attention_backward         its backward (dq, dk, dv)
-    pyops::task_masked_attention_triton           Triton (`kernels/task_attention.py`)
-    pyops::task_masked_attention_triton_backward
+    pyops::task_masked_attention_triton           Triton (`backend_triton`, kernels/task_attention.py)
+    pyops::task_masked_attention_triton_backward  its backward
 
 Each forward op returns ``(out, lse)``; lse is not differentiable (its gradient is not
 propagated: use the reference backend to differentiate through lse). The dropout seed travels
@@ -23,19 +23,16 @@ from typing import Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from pyops import _backend, _native
-from pyops._triton import triton_family_reason
+from pyops import _backend
 from pyops import _validate as V
+from pyops.task_attention import backend_cpu  # the C++ path; importing registers its ops before any tracing
+from pyops.task_attention import backend_triton  # the Triton path (its ops register without importing Triton)
 from pyops.task_attention import reference as ref
 
 OP = "task_masked_attention"
 GPU_ORDER = ("triton",)
-MAX_HEAD_DIM_TRITON = 256
 INT_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
 _U64 = (1 << 64) - 1
-# The C++ kernels' group limit, read once at import (a pybind call cannot be traced by Dynamo).
-_CPU_HAS_KERNELS = _native.cpu_module is not None and hasattr(_native.cpu_module, "task_attention_forward")
-_CPU_MAX_GROUPS = int(_native.cpu_module.task_attention_max_groups()) if _CPU_HAS_KERNELS else 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,33 +162,21 @@ def prepare(q: object, k: object, v: object, q_groups: object, kv_groups: object
 
 
 # --------------------------------------------------------------------------------------------
-# Backends: can_run
+# Backends: can_run (declarations and tile bounds: backend_cpu.CPU, backend_triton.TRITON)
 # --------------------------------------------------------------------------------------------
 
+def _n_groups(p: Prepared) -> Optional[int]:
+    """G, the side of the rule: allow's, or the largest id + 1 for the identity rule (None under
+    torch.compile, where the ids are not read; the C++ kernels then check G themselves)."""
+    if p.allow is not None:
+        return p.allow.shape[0]
+    return None if p.max_id is None else p.max_id + 1
+
+
 def _can_run(p: Prepared) -> dict:
-    dev = p.q.device
-    dtype_reason = _native.native_dtype_reason(p.q)
-
-    def cpu() -> Optional[str]:
-        if _native.cpu_module is None:
-            return _native.cpu_missing_reason
-        if not _CPU_HAS_KERNELS:
-            return "pyops._C has no task_attention_forward (built without the task-attention kernels)"
-        if dev.type != "cpu":
-            return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
-        limit = _CPU_MAX_GROUPS
-        n_groups = p.allow.shape[0] if p.allow is not None else (None if p.max_id is None else p.max_id + 1)
-        if n_groups is not None and n_groups > limit:
-            return f"the C++ kernels take up to {limit} groups, got {n_groups}"
-        return dtype_reason
-
-    def triton() -> Optional[str]:
-        reason = triton_family_reason(dev, "task_attention") or dtype_reason
-        if reason is None and max(p.q.shape[3], p.v.shape[3]) > MAX_HEAD_DIM_TRITON:
-            reason = f"head dims up to {MAX_HEAD_DIM_TRITON} (got D={p.q.shape[3]}, Dv={p.v.shape[3]})"
-        return reason
-
-    return {"reference": lambda: None, "cpu": cpu, "triton": triton}
+    return {"reference": lambda: None,
+            "cpu": lambda: backend_cpu.reason(p.q, _n_groups(p)),
+            "triton": lambda: backend_triton.reason(p.q, p.v)}
 
 
 def choose_backend(p: Prepared, backend: str) -> str:
@@ -199,110 +184,8 @@ def choose_backend(p: Prepared, backend: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Native (C++ CPU) ops
+# Autograd: each backend's forward op differentiated by its backward op
 # --------------------------------------------------------------------------------------------
-
-def _native_allow(q_groups: Tensor, kv_groups: Tensor, allow: Optional[Tensor]) -> Tensor:
-    """uint8 [G, G]; None (identity rule) becomes eye(max id + 1)."""
-    if allow is None:
-        hi = max(int(q_groups.max()) if q_groups.numel() else -1, int(kv_groups.max()) if kv_groups.numel() else -1)
-        return torch.eye(max(hi + 1, 1), dtype=torch.uint8)
-    return allow.to(torch.uint8).contiguous()
-
-
-def _seed_u64(seed: Tensor) -> int:
-    return int(seed.reshape(-1)[0]) & _U64
-
-
-def _native_common(q, k, v, q_groups, kv_groups, allow):
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk, Dv = k.shape[1], k.shape[2], v.shape[3]
-    al = _native_allow(q_groups, kv_groups, allow)
-    qg = q_groups.to(torch.int32).contiguous()
-    kg = kv_groups.to(torch.int32).contiguous()
-    return (B, Hq, Hkv, Lq, Lk, D, Dv, al.shape[0], Lq if qg.dim() == 2 else 0, Lk if kg.dim() == 2 else 0), al, qg, kg
-
-
-@torch.library.custom_op("pyops::task_masked_attention", mutates_args=(), device_types=("cpu",))
-def _native_op(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Tensor, allow: Optional[Tensor],
-               causal: bool, dropout_p: float, scale: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
-    B, Hq, Lq, _ = q.shape
-    out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    if out.numel() == 0 and lse.numel() == 0:
-        return out, lse
-    sizes, al, qg, kg = _native_common(q, k, v, q_groups, kv_groups, allow)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    _native.cpu_module.task_attention_forward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), qg.data_ptr(), kg.data_ptr(),
-        al.data_ptr(), *sizes, causal, scale, dropout_p, _seed_u64(seed), _native.dtype_code(q.dtype),
-        torch.get_num_threads())
-    return out, lse
-
-
-@torch.library.custom_op("pyops::task_masked_attention_backward", mutates_args=(), device_types=("cpu",))
-def _native_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_groups: Tensor,
-                        kv_groups: Tensor, allow: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
-                        seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    sizes, al, qg, kg = _native_common(q, k, v, q_groups, kv_groups, allow)
-    q, k, v, out, dout, lse = (t.contiguous() for t in (q, k, v, out, dout, lse))
-    _native.cpu_module.task_attention_backward(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
-        dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), qg.data_ptr(), kg.data_ptr(), al.data_ptr(), *sizes,
-        causal, scale, dropout_p, _seed_u64(seed), _native.dtype_code(q.dtype), torch.get_num_threads())
-    return dq, dk, dv
-
-
-# --------------------------------------------------------------------------------------------
-# Triton ops (kernels/task_attention.py)
-# --------------------------------------------------------------------------------------------
-
-def _triton_kernels():
-    from pyops.kernels import task_attention as kern  # imported lazily: Triton is optional
-    return kern
-
-
-@torch.library.triton_op("pyops::task_masked_attention_triton", mutates_args=())
-def _triton_op(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Tensor, allow: Optional[Tensor],
-               causal: bool, dropout_p: float, scale: float, seed: Tensor) -> Tuple[Tensor, Tensor]:
-    B, Hq, Lq, _ = q.shape
-    out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
-    lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    _triton_kernels().forward(q.contiguous(), k.contiguous(), v.contiguous(), out, lse, q_groups.contiguous(),
-                              kv_groups.contiguous(), allow, causal, scale, dropout_p, seed)
-    return out, lse
-
-
-@torch.library.triton_op("pyops::task_masked_attention_triton_backward", mutates_args=())
-def _triton_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, q_groups: Tensor,
-                        kv_groups: Tensor, allow: Optional[Tensor], causal: bool, dropout_p: float, scale: float,
-                        seed: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    _triton_kernels().backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
-                               lse.contiguous(), dq, dk, dv, q_groups.contiguous(), kv_groups.contiguous(), allow,
-                               causal, scale, dropout_p, seed)
-    return dq, dk, dv
-
-
-# --------------------------------------------------------------------------------------------
-# Fake kernels and autograd (shared by the native and Triton pairs)
-# --------------------------------------------------------------------------------------------
-
-def _fake_forward(q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed):
-    B, Hq, Lq, _ = q.shape
-    return (q.new_empty((B, Hq, Lq, v.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32))
-
-
-def _fake_backward(dout, q, k, v, out, lse, q_groups, kv_groups, allow, causal, dropout_p, scale, seed):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
 
 def _setup_context(ctx, inputs, output):
     q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed = inputs
@@ -324,12 +207,10 @@ def _make_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in ((_native_op, _native_backward_op), (_triton_op, _triton_backward_op)):
-    _fwd.register_fake(_fake_forward)
-    _bwd.register_fake(_fake_backward)
-    _fwd.register_autograd(_make_backward(_bwd), setup_context=_setup_context)
+backend_cpu.forward_op.register_autograd(_make_backward(backend_cpu.backward_op), setup_context=_setup_context)
+backend_triton.forward_op.register_autograd(_make_backward(backend_triton.backward_op), setup_context=_setup_context)
 
-_OPS = {"cpu": _native_op, "triton": _triton_op}
+_OPS = {"cpu": backend_cpu.forward_op, "triton": backend_triton.forward_op}
 
 
 # --------------------------------------------------------------------------------------------
@@ -365,7 +246,10 @@ def task_masked_attention(
     ``out = softmax(scale·q·kᵀ + mask)·v`` with query i allowed to attend key j iff
     ``allow[q_groups[i], kv_groups[j]]`` (and ``j <= i`` when causal); the mask is computed on the
     fly from the ids, never materialised, and fully masked tiles are skipped by the kernels.
-    Definition: `pyops.task_attention.reference`.
+    Definition: `pyops.task_attention.reference`. Semantics: those of
+    `torch.nn.functional.scaled_dot_product_attention` with the dense boolean mask the rule
+    stands for (True = attend, `pyops.masks.dense`), except that a row with no allowed key
+    outputs zeros where SDPA gives NaN.
 
     Args:
         q: `[B, Hq, Lq, D]`; k: `[B, Hkv, Lk, D]`; v: `[B, Hkv, Lk, Dv]`. float32/float16/bfloat16

@@ -30,7 +30,7 @@ def _multitab_expected(T, F, mode):
 
 
 @pytest.mark.parametrize("mode", ["TxT", "FxT", "FxT_TxT", "none"])
-@pytest.mark.parametrize("T,F", [(1, 1), (3, 26), (4, 0)], ids=lambda x: str(x))
+@pytest.mark.parametrize("T,F", [(1, 1), (3, 26), (4, 0)], ids=["T1-F1", "T3-F26", "T4-F0"])
 def test_multitab_matches_token_pair_definition(T, F, mode):
     groups, allow = masks.multitab(T, F, mode)
     assert groups.tolist() == list(range(T)) + [T] * F
@@ -38,7 +38,8 @@ def test_multitab_matches_token_pair_definition(T, F, mode):
     assert torch.equal(masks.dense(groups, None, allow), _multitab_expected(T, F, mode))
 
 
-@pytest.mark.parametrize("P,S,chunk", [(3, 4, 1), (0, 5, 1), (4, 0, 1), (2, 7, 3)])
+@pytest.mark.parametrize("P,S,chunk", [(3, 4, 1), (0, 5, 1), (4, 0, 1), (2, 7, 3)],
+                         ids=["P3-S4-chunk1", "P0-S5-chunk1", "P4-S0-chunk1", "P2-S7-chunk3"])
 def test_prefix_is_bidirectional_prefix_plus_block_causal_suffix(P, S, chunk):
     groups, allow = masks.prefix(P, S, chunk=chunk)
     L = P + S

@@ -1,11 +1,12 @@
 """The native CPU kernels (`pyops._C.task_attention_forward` / `_backward`) called directly.
 
-The oracle here is a dense fp64 formulation written in this file (not pyops.reference): scores
-for every (i, j), the group rule as a boolean [B, Lq, Lk] mask, softmax, and torch autograd for
-the gradients. Shapes cover both native paths — the whole-block path for short sequences (Lq, Lk
-<= `task_attention_short_max()`; query-lane kernels for head dims <= 32, row kernels above) and
-the flash tiles beyond — with odd sizes, length 1, GQA,
-Dv != D, causal, padding, per-batch groups and dropout (mask rebuilt with the Philox reference).
+The oracle here is a dense fp64 formulation written in this file (not
+`pyops.task_attention.reference`): scores for every (i, j), the group rule as a boolean
+[B, Lq, Lk] mask, softmax, and torch autograd for the gradients. Shapes cover both native paths
+— the whole-block path for short sequences (Lq, Lk <= `task_attention_short_max()`; query-lane
+kernels for head dims <= 32, row kernels above) and the flash tiles beyond — with odd sizes,
+length 1, GQA, Dv != D, causal, padding, per-batch groups and dropout (mask rebuilt with the
+Philox reference).
 """
 from __future__ import annotations
 
