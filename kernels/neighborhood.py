@@ -1,8 +1,9 @@
 """Triton kernels for neighbourhood attention (`pyops.kernels.neighborhood`).
 
-The math is in `pyops/reference/neighborhood.py`; the registered ops that call these launchers are
-in `pyops/ops/neighborhood.py`. Every problem arrives in the 3D form q/k ``[B, S0, S1, S2, H, D]``,
-v/out ``[B, S0, S1, S2, H, Dv]`` (1D/2D problems have leading extents 1 with kernel 1).
+The math is in `pyops/neighborhood/reference.py`; the registered ops that call these launchers are
+in `pyops/neighborhood/backend_triton.py`. Every problem arrives in the 3D form q/k
+``[B, S0, S1, S2, H, D]``, v/out ``[B, S0, S1, S2, H, Dv]`` (1D/2D problems have leading extents 1
+with kernel 1), contiguous; rpb (when given) ``[H, 2k₀−1, 2k₁−1, 2k₂−1]`` fp32, lse fp32.
 
 Design:
 * Window tables. Per dimension the window rule is evaluated once on the host (a few int32 vectors
@@ -28,13 +29,14 @@ Design:
 """
 from __future__ import annotations
 
-import os
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from pyops._triton import interpreting
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,12 +360,8 @@ def _na_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, RPB, DK, DV_, T0, T1, T2,
 # Launchers
 # --------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks(S2: int, d2: int, D: int, Dv: int):
-    interp = _interpreting()
+    interp = interpreting()
     Lg = -(-S2 // d2)
     if interp:
         bq = 16

@@ -1,38 +1,36 @@
-"""Neighbourhood attention (1D/2D/3D): validation, backend choice, registered ops and autograd.
+"""Neighbourhood attention (1D/2D/3D): the public functions, validation, backend choice and autograd.
 
 Public entry points (re-exported as `pyops.na1d`, `pyops.na2d`, `pyops.na3d`); the math is in
-`pyops/reference/neighborhood.py`.
+`pyops/neighborhood/reference.py`.
 
 Every kernel works on the 3D form: a 1D/2D problem gets leading spatial extents of 1 with kernel 1,
 stride 1, dilation 1, non-causal (the window rule then gives exactly the one key there), and its rpb
 gets extents of 1 there. Tensors in that form: q/k ``[B, S0, S1, S2, H, D]``, v ``[..., H, Dv]``.
 
-Registered ops (DESIGN rule 2):
-    pyops::na_native            C++ CPU (`pyops._C.na_forward`) -> (out, lse)
-    pyops::na_native_backward   its backward (`pyops._C.na_backward`) -> (dq, dk, dv, drpb)
-    pyops::na_triton            Triton (`torch.library.triton_op`, kernels/neighborhood.py)
-    pyops::na_triton_backward
-`lse` is returned for `return_lse` and used by the backward; it is not differentiable (a gradient
-flowing into it is ignored — documented on the public functions).
+Registered ops (DESIGN rule 2), one module per backend, both imported here so every op is
+registered once `import pyops` returns:
+    pyops::na_native, pyops::na_native_backward     the C++ kernels: `pyops.neighborhood.backend_cpu`
+    pyops::na_triton, pyops::na_triton_backward     the Triton kernels: `pyops.neighborhood.backend_triton`
+This module ties each forward op to its backward for autograd. `lse` is returned for `return_lse`
+and used by the backward; it is not differentiable (a gradient flowing into it is ignored —
+documented on the public functions).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
-import torch
 from torch import Tensor
 
-from pyops import _backend, _native
-from pyops._triton import triton_family_reason
+from pyops import _backend
 from pyops import _validate as V
+from pyops.neighborhood import backend_cpu  # the C++ path; importing registers its ops before any tracing
+from pyops.neighborhood import backend_triton  # the Triton path (its ops register without importing Triton)
 from pyops.neighborhood import reference as ref
 
 GPU_ORDER = ("triton",)
 IntOrTuple = Union[int, Sequence[int]]
 BoolOrTuple = Union[bool, Sequence[bool]]
-TRITON_MAX_HEAD_DIM = 256
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,29 +131,14 @@ def prepare(n: int, q: object, k: object, v: object, kernel_size: object, stride
 
 
 # --------------------------------------------------------------------------------------------
-# Backends: can_run
+# Backend choice
 # --------------------------------------------------------------------------------------------
 
 def _can_run(p: Prepared) -> dict:
-    dev = p.q.device
-    dtype_reason = _native.native_dtype_reason(p.q)
-
-    def cpu() -> Optional[str]:
-        if _native.cpu_module is None:
-            return _native.cpu_missing_reason
-        if not hasattr(_native.cpu_module, "na_forward"):
-            return "pyops._C has no na_forward (the neighbourhood C++ kernels are not built into this module)"
-        if dev.type != "cpu":
-            return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
-        return dtype_reason
-
-    def triton() -> Optional[str]:
-        reason = triton_family_reason(dev, "neighborhood") or dtype_reason
-        if reason is None and max(p.q.shape[-1], p.v.shape[-1]) > TRITON_MAX_HEAD_DIM:
-            reason = f"head dimension {max(p.q.shape[-1], p.v.shape[-1])} > {TRITON_MAX_HEAD_DIM} is not supported by the Triton kernels"
-        return reason
-
-    return {"reference": lambda: None, "cpu": cpu, "triton": triton}
+    """Each backend's `can_run` for this call: None or the reason it cannot run it."""
+    return {"reference": lambda: None,
+            "cpu": lambda: backend_cpu.reason(p.q),
+            "triton": lambda: backend_triton.reason(p.q, p.v)}
 
 
 def choose_backend(p: Prepared, backend: str) -> str:
@@ -167,6 +150,9 @@ def choose_backend(p: Prepared, backend: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 def _to3d(p: Prepared):
+    """The problem in the 3D form the kernels take (see `pyops.neighborhood.layout`): q, k, v, rpb
+    reshaped with leading extents of 1, and per-dimension lists padded with kernel 1, stride 1,
+    dilation 1, non-causal (the window rule then gives exactly the one key there)."""
     pad = 3 - p.n
     B, H = p.q.shape[0], p.q.shape[-2]
     sp = (1,) * pad + p.spatial
@@ -178,111 +164,9 @@ def _to3d(p: Prepared):
             [False] * pad + list(p.causal))
 
 
-def _dims(q: Tensor, v: Tensor):
-    B, S0, S1, S2, H, D = q.shape
-    return B, S0, S1, S2, H, D, v.shape[-1]
-
-
-def _rpb32(rpb: Optional[Tensor]) -> Optional[Tensor]:
-    return None if rpb is None else rpb.detach().to(torch.float32).contiguous()
-
-
 # --------------------------------------------------------------------------------------------
-# Native (C++ CPU) ops
+# Autograd: each backend's forward op differentiates through its own backward op
 # --------------------------------------------------------------------------------------------
-
-def _native_args(q, v, kernel_size, stride, dilation, is_causal, has_rpb, scale):
-    return (*_dims(q, v), *kernel_size, *stride, *dilation, *[int(c) for c in is_causal], bool(has_rpb),
-            float(scale), _native.dtype_code(q.dtype), torch.get_num_threads())
-
-
-@torch.library.custom_op("pyops::na_native", mutates_args=(), device_types=("cpu",))
-def _native_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: List[int], stride: List[int],
-               dilation: List[int], is_causal: List[bool], scale: float) -> Tuple[Tensor, Tensor]:
-    out = q.new_empty(v.shape)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or lse.numel() == 0:
-        return out.zero_(), lse.zero_()
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    r = _rpb32(rpb)
-    _native.cpu_module.na_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
-                                  0 if r is None else r.data_ptr(),
-                                  *_native_args(q, v, kernel_size, stride, dilation, is_causal, r is not None, scale))
-    return out, lse
-
-
-def _empty_drpb(rpb: Optional[Tensor], q: Tensor) -> Tensor:
-    return q.new_empty(0, dtype=torch.float32) if rpb is None else torch.empty(rpb.shape, dtype=rpb.dtype, device=rpb.device)
-
-
-@torch.library.custom_op("pyops::na_native_backward", mutates_args=(), device_types=("cpu",))
-def _native_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        rpb: Optional[Tensor], kernel_size: List[int], stride: List[int], dilation: List[int],
-                        is_causal: List[bool], scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drpb = _empty_drpb(rpb, q)
-    if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), drpb.zero_()
-    q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
-    r = _rpb32(rpb)
-    d32 = None if r is None else torch.empty(r.shape, dtype=torch.float32, device=q.device)
-    _native.cpu_module.na_backward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(),
-                                   lse.contiguous().data_ptr(), 0 if r is None else r.data_ptr(),
-                                   dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), 0 if d32 is None else d32.data_ptr(),
-                                   *_native_args(q, v, kernel_size, stride, dilation, is_causal, r is not None, scale))
-    if d32 is not None:
-        drpb.copy_(d32)
-    return dq, dk, dv, drpb
-
-
-# --------------------------------------------------------------------------------------------
-# Triton ops (kernels/neighborhood.py)
-# --------------------------------------------------------------------------------------------
-
-def _triton_kernels():
-    from pyops.kernels import neighborhood as kn  # imported lazily: Triton is optional
-    return kn
-
-
-@torch.library.triton_op("pyops::na_triton", mutates_args=())
-def _triton_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_size: List[int], stride: List[int],
-               dilation: List[int], is_causal: List[bool], scale: float) -> Tuple[Tensor, Tensor]:
-    out = q.new_empty(v.shape)
-    lse = torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-    if out.numel() == 0 or lse.numel() == 0:
-        return out.zero_(), lse.zero_()
-    _triton_kernels().na_forward(q.contiguous(), k.contiguous(), v.contiguous(), _rpb32(rpb), out, lse,
-                                 kernel_size, stride, dilation, is_causal, scale)
-    return out, lse
-
-
-@torch.library.triton_op("pyops::na_triton_backward", mutates_args=())
-def _triton_backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                        rpb: Optional[Tensor], kernel_size: List[int], stride: List[int], dilation: List[int],
-                        is_causal: List[bool], scale: float) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    drpb = _empty_drpb(rpb, q)
-    if q.numel() == 0 or v.numel() == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_(), drpb.zero_()
-    d32 = _triton_kernels().na_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
-                                        out.contiguous(), lse.contiguous(), _rpb32(rpb), dq, dk, dv,
-                                        kernel_size, stride, dilation, is_causal, scale)
-    if d32 is not None:
-        drpb.copy_(d32)
-    return dq, dk, dv, drpb
-
-
-# --------------------------------------------------------------------------------------------
-# Fake kernels and autograd (shared by the native and Triton pairs)
-# --------------------------------------------------------------------------------------------
-
-def _fake_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale):
-    return q.new_empty(v.shape), torch.empty(q.shape[:-1], dtype=torch.float32, device=q.device)
-
-
-def _fake_backward(dout, q, k, v, out, lse, rpb, kernel_size, stride, dilation, is_causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), _empty_drpb(rpb, q)
-
 
 def _setup_context(ctx, inputs, output):
     q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale = inputs
@@ -300,12 +184,10 @@ def _make_backward(backward_op):
     return backward
 
 
-for _fwd, _bwd in ((_native_op, _native_backward_op), (_triton_op, _triton_backward_op)):
-    _fwd.register_fake(_fake_forward)
-    _bwd.register_fake(_fake_backward)
-    _fwd.register_autograd(_make_backward(_bwd), setup_context=_setup_context)
+for _mod in (backend_cpu, backend_triton):
+    _mod.forward_op.register_autograd(_make_backward(_mod.backward_op), setup_context=_setup_context)
 
-_FUNCTIONAL = {"cpu": _native_op, "triton": _triton_op}
+_FUNCTIONAL = {"cpu": backend_cpu.forward_op, "triton": backend_triton.forward_op}
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,7 +208,8 @@ def _run(n: int, q, k, v, kernel_size, stride, dilation, is_causal, rpb, scale, 
     return out
 
 
-_DOC = """{n}D neighbourhood attention (NATTEN semantics; DESIGN "Neighbourhood attention").
+_DOC = """{n}D neighbourhood attention with NATTEN's semantics (Hassani et al., "Neighborhood Attention
+    Transformer", CVPR 2023; dilation as in DiNAT, Hassani & Shi 2022; docs/neighborhood.md).
 
     Each query attends to the keys of its window (the product over the {n} spatial dimensions of
     the per-dimension windows: dilation groups, windows shifted to stay inside the input, stride

@@ -3,8 +3,9 @@
 Layout (heads last, as NATTEN): q, k ``[B, *spatial, H, D]``, v ``[B, *spatial, H, Dv]``,
 ``n = len(spatial)`` in 1, 2, 3.
 
-Window rule, per spatial dimension of extent S, independently (DESIGN "Neighbourhood attention");
-a key counts only if it passes in every dimension:
+Semantics of NATTEN (Hassani et al., "Neighborhood Attention Transformer", CVPR 2023; dilation as
+in DiNAT, Hassani & Shi 2022), written out in docs/neighborhood.md. Window rule, per spatial
+dimension of extent S, independently; a key counts only if it passes in every dimension:
 
 * dilation d splits positions into d groups by ``x mod d``; a query sees only keys of its own
   group, and the rules below run on in-group indices ``i = x // d`` with the group's length
@@ -36,6 +37,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+
+from pyops._philox import philox4x32_10, uniform_from_word
 
 __all__ = ["window_rule", "window_indices", "rel_indices", "neighborhood_attention", "na1d", "na2d", "na3d"]
 
@@ -110,8 +113,6 @@ def dropout_keep(shape: Sequence[int], p: float, seed: int, device) -> Tensor:
     """Philox keep mask (DESIGN rule 6) of the attention probabilities ``[B, N, H, K]``: element
     index j (row-major) is kept iff uniform(philox(c0 = j low, c1 = j high, c2 = 0,
     c3 = 0x4E41 "NA"; key = seed)[word 0]) >= p."""
-    from pyops._philox import philox4x32_10, uniform_from_word
-
     j = torch.arange(math.prod(shape), dtype=torch.int64, device=device)
     word = philox4x32_10(j & 0xFFFFFFFF, j >> 32, torch.zeros_like(j), torch.full_like(j, 0x4E41),
                          seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF)[0]

@@ -1,11 +1,14 @@
-"""Shared helpers of the neighbourhood-attention tests: problem cases, an independent brute-force
-implementation of the window rule (written from DESIGN's text, python loops over positions), and
-backend availability asked of the package itself."""
+"""Shared helpers of the neighbourhood-attention tests: problem cases (`NACase`, whose id shows the
+shape, e.g. ``B2-L9-H2-D8-k4-d2``), an independent brute-force implementation of the window rule
+(written from the text of docs/neighborhood.md, python loops over positions), and backend
+availability asked of the package itself (the backends' `can_run`, so a test skips with the
+library's own reason)."""
 from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import pytest
@@ -46,6 +49,27 @@ class NACase:
 
     @property
     def id(self) -> str:
+        """The shape first, then what differs from the defaults: ``B2-L9-H2-D8-k4-d2``,
+        ``B1-S5x9-H2-D8-k3x4-d1x2``, ``B1-S3x4x7-H1-D8-k2x3x3-s1x2x1-d1x1x2-causalFTF``."""
+        x = lambda t: "x".join(map(str, t))  # noqa: E731
+        parts = [f"B{self.B}", ("L" if self.n == 1 else "S") + x(self.spatial), f"H{self.H}", f"D{self.D}"]
+        if self.Dv:
+            parts.append(f"Dv{self.Dv}")
+        parts.append("k" + x(self.kernel))
+        if any(s != 1 for s in self.st()):
+            parts.append("s" + x(self.st()))
+        if any(d != 1 for d in self.dl()):
+            parts.append("d" + x(self.dl()))
+        if any(self.ca()):
+            parts.append("causal" + "".join("T" if c else "F" for c in self.ca()))
+        if self.rpb:
+            parts.append("rpb")
+        return "-".join(parts)
+
+    @property
+    def seed(self) -> int:
+        """A seed for this case's inputs, from a compact key of its parameters (spatial, kernel,
+        stride, dilation, causal, rpb, B, H, D, Dv), independent of how `id` spells them."""
         parts = ["x".join(map(str, self.spatial)), "k" + "x".join(map(str, self.kernel))]
         if any(s != 1 for s in self.st()):
             parts.append("s" + "x".join(map(str, self.st())))
@@ -58,7 +82,7 @@ class NACase:
         if self.B != 1:
             parts.append(f"B{self.B}")
         parts.append(f"H{self.H}D{self.D}" + (f"Dv{self.Dv}" if self.Dv else ""))
-        return "-".join(parts)
+        return zlib.crc32("-".join(parts).encode())
 
     def kwargs(self):
         return dict(stride=self.st(), dilation=self.dl(), is_causal=self.ca())
@@ -77,11 +101,11 @@ class NACase:
 
 
 # ------------------------------------------------------------------------------------------------
-# Brute force, from DESIGN's text
+# Brute force, from the text of docs/neighborhood.md
 # ------------------------------------------------------------------------------------------------
 
 def in_window(x: int, y: int, L: int, k: int, s: int, d: int, causal: bool) -> bool:
-    """Does query x see key y along one dimension of extent L? DESIGN: dilation d splits positions into
+    """Does query x see key y along one dimension of extent L? The rule: dilation d splits positions into
     d groups by x mod d; rules run on in-group indices with the group's length."""
     if x % d != y % d:
         return False

@@ -1,17 +1,16 @@
 """The C++ neighbourhood-attention kernels (`pyops._C.na_forward / na_backward`) called directly,
-against an independent brute-force formulation of DESIGN.md's window rule written here.
+against an independent brute-force formulation of the window rule (docs/neighborhood.md) written here.
 
 The brute force builds, per spatial dimension and by plain Python loops over positions, the
 boolean "query x may attend key y" matrix and the relative-position offset (y - x) + k - 1 in
 in-group coordinates; the 3D mask is their product. Attention is then dense masked softmax in fp64
-(autograd for the gradients). It shares no code with pyops.reference or the kernels.
+(autograd for the gradients). It shares no code with pyops.neighborhood.reference or the kernels.
 
 The native layer is always 3D: 1D and 2D problems are passed as 3D with leading extents of 1,
-kernel 1, stride 1, dilation 1, non-causal (as pyops.neighborhood.ops does).
+kernel 1, stride 1, dilation 1, non-causal (as pyops.neighborhood.ops does). The bindings' own
+argument checks (ValueError naming the argument) are tested at the end.
 """
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
@@ -42,7 +41,7 @@ pytestmark = pytest.mark.skipif(_cpu_reason() is not None, reason=f"cpu backend 
 
 def window_1d(S: int, k: int, s: int, d: int, causal: bool):
     """allowed[x][y] (query position x may attend key position y) and offset[x][y] = (j - i) + k - 1
-    with i, j the in-group indices, by loops over positions (DESIGN.md, one dimension)."""
+    with i, j the in-group indices, by loops over positions (docs/neighborhood.md, one dimension)."""
     allowed = [[False] * S for _ in range(S)]
     offset = [[0] * S for _ in range(S)]
     for x in range(S):
@@ -166,8 +165,14 @@ def _case(case, dtype, gen):
     return q, k, v, rpb, kernel, stride, dilation, tuple(bool(c) for c in causal), D ** -0.5
 
 
+def _id(case) -> str:
+    """The case's name followed by its batch, heads and head dims: ``2d-7x9-k3-B2-H3-D8``."""
+    name, B, _, H, D, Dv = case[:6]
+    return f"{name}-B{B}-H{H}-D{D}" + (f"-Dv{Dv}" if Dv != D else "")
+
+
 def _ids(cases):
-    return [c[0] for c in cases]
+    return [_id(c) for c in cases]
 
 
 def _check(actual, expected, tol, what):
@@ -194,7 +199,7 @@ def _brute(q, k, v, rpb, kernel, stride, dilation, causal, scale, grad=False):
 
 
 def test_brute_force_window_rule_examples():
-    """Spot checks of the window rule itself (hand-derived from DESIGN.md)."""
+    """Spot checks of the window rule itself (hand-derived from docs/neighborhood.md)."""
     a, _ = window_1d(7, 3, 1, 1, False)
     assert [y for y in range(7) if a[0][y]] == [0, 1, 2]  # shifted to stay inside
     assert [y for y in range(7) if a[3][y]] == [2, 3, 4]
@@ -238,7 +243,7 @@ def test_backward_matches_brute_force(case, dtype, isa, rng):
 THREAD_CASES = ["1d-L150-k21", "1d-L90-k41-s5-wide", "2d-10x19-k3x11-tiles", "3d-4x5x6-k3", "3d-6x5x7-k3-d2-s2-causal"]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c[0] in THREAD_CASES], ids=lambda c: c[0])
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in THREAD_CASES], ids=_id)
 def test_bit_identical_for_any_thread_count(case, isa, rng):
     q, k, v, rpb, kernel, stride, dilation, causal, scale = _case(case, FP32, rng)
     if rpb is None:

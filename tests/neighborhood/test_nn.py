@@ -13,7 +13,7 @@ from pyops.testing import compare, tolerance_for
 MODULES = {1: NeighborhoodAttention1D, 2: NeighborhoodAttention2D, 3: NeighborhoodAttention3D}
 
 
-@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("n", [1, 2, 3], ids=["1d", "2d", "3d"])
 def test_state_dict_keys_and_shapes_match_natten_017(n):
     m = MODULES[n](embed_dim=24, num_heads=3, kernel_size=5, dilation=2, rel_pos_bias=True)
     sd = m.state_dict()
@@ -36,11 +36,16 @@ def test_loads_a_dinat_style_checkpoint():
     assert torch.equal(dst.rpb.detach(), sd["rpb"])
 
 
-@pytest.mark.parametrize("n,spatial,kwargs", [
+FORWARD = [
     (1, (11,), dict(kernel_size=5, dilation=2, rel_pos_bias=True)),
     (2, (7, 9), dict(kernel_size=(3, 5), stride=(1, 2), is_causal=(True, False))),
     (3, (3, 5, 6), dict(kernel_size=3, rel_pos_bias=True, qk_scale=0.2)),
-])
+]
+FORWARD_IDS = ["1d-B2-L11-C24-H3-k5-d2-rpb", "2d-B2-S7x9-C24-H3-k3x5-s1x2-causalTF",
+               "3d-B2-S3x5x6-C24-H3-k3-rpb-scale0.2"]
+
+
+@pytest.mark.parametrize("n,spatial,kwargs", FORWARD, ids=FORWARD_IDS)
 def test_forward_matches_manual_qkv_na_proj(n, spatial, kwargs):
     torch.manual_seed(0)
     C, H = 24, 3

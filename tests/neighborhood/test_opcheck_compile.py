@@ -11,6 +11,7 @@ import torch
 import pyops
 from .cases import NACase, fmt_dtype, interpreted, require_backend
 from pyops.neighborhood import ops as ops_na
+from pyops.neighborhood import reference as ref
 from pyops.testing import compare, tolerance_for
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -32,7 +33,7 @@ def op_args(kind, case, dtype, dev):
     if kind == "forward":
         return (q3, k3, v3, r3, ks, st, dl, ca, p.scale)
     with torch.no_grad():
-        out, lse = ops_na.ref.neighborhood_attention(q3, k3, v3, ks, st, dl, ca, r3, p.scale, True)
+        out, lse = ref.neighborhood_attention(q3, k3, v3, ks, st, dl, ca, r3, p.scale, True)
     dout = torch.randn_like(out)
     return (dout, q3, k3, v3, out, lse.float(), r3, ks, st, dl, ca, p.scale)
 

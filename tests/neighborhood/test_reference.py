@@ -1,5 +1,5 @@
 """The reference is the definition: it must agree with an independent brute-force reading of
-DESIGN's window rule (python loops over positions) on small, deliberately awkward shapes, and its
+the window rule (docs/neighborhood.md) (python loops over positions) on small, deliberately awkward shapes, and its
 gradients must pass an fp64 gradcheck."""
 from __future__ import annotations
 
@@ -60,7 +60,10 @@ def test_window_indices_match_the_rule(case):
                     assert int(r) == int(j) // d - x // d + kk - 1
 
 
-@pytest.mark.parametrize("L,k,d", [(7, 3, 1), (9, 4, 2), (5, 5, 1), (13, 3, 4)])
+WINDOWS = [(7, 3, 1), (9, 4, 2), (5, 5, 1), (13, 3, 4)]
+
+
+@pytest.mark.parametrize("L,k,d", WINDOWS, ids=[f"L{L}-k{k}-d{d}" for L, k, d in WINDOWS])
 def test_non_causal_windows_always_hold_k_keys(L, k, d):
     """Windows shift to stay inside the input: never zero padding, always exactly k keys."""
     for x in range(L):
