@@ -1,8 +1,8 @@
 """Triton kernels of the routed expert MLP (`pyops.kernels.moe`).
 
-The math is in `pyops/reference/moe.py`; the registered ops that call these launchers are in
-`pyops/ops/moe.py`. Rows are assignments in `order` (row r belongs to assignment order[r], token
-order[r] // k); expert e owns rows offsets[e]:offsets[e+1].
+The math is in `pyops/moe/reference.py`; the registered ops that call these launchers are in
+`pyops/moe/backend_triton.py`. Rows are assignments in `order` (row r belongs to assignment
+order[r], token order[r] // k); expert e owns rows offsets[e]:offsets[e+1].
 
 Forward
     1. grouped GEMM, gather fused: a = x[order // k] @ w1[e] (and b = ... @ w3[e] for GLU, both in

@@ -72,7 +72,7 @@ def test_token_count_mismatch(backend):
     ("w1", (2, 4, 3), r"routing.offsets: expected shape \[3\]"),
     ("w2", (3, 4, 4), r"w2: expected shape \[3, 3, 4\]"),
     ("w3", (3, 4, 5), r"w3: expected shape \[3, 4, 3\]"),
-])
+], ids=["w1-3x5x3", "w1-2x4x3", "w2-3x4x4", "w3-3x4x5"])
 def test_weight_shapes_disagree(which, shape, msg):
     x, z, w1, w2, w3 = problem()
     r = pyops.moe_route(z, 2, backend="reference")

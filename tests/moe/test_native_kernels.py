@@ -1,11 +1,12 @@
-"""The moe native CPU kernels (pyops._C.moe_*), called directly through their bindings and checked
-against independent PyTorch formulations of csrc/cpu/moe.h.
+"""The moe native kernels (pyops._C.moe_*, pyops._C_cuda.moe_route), called directly through their
+bindings and checked against independent PyTorch formulations of their contract (csrc/moe/).
 
 Routing: top-k (ties: lower expert index first), softmax / sigmoid, bias moving the choice but not
 the weights, renormalisation, capacity drops in token order, odd sizes, NaN/inf errors naming the
 token, bit-identical results for every thread count and both ISA builds. Expert-MLP helpers:
 gather, the five activations forward and backward (fp32/fp16/bf16), combine, its backward and
 scatter_add; out-of-range or duplicate order entries raise ValueError, never write out of bounds.
+CUDA routing: the CPU kernel's bits, non-finite logits reported through offsets[E].
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 
 from pyops import _native
 from pyops.testing import REDUCTION_TOL, compare, tolerance_for
-from _support import saved_outputs_with_and_without
+from _support import fmt_dtype, saved_outputs_with_and_without
 
 C = _native.cpu_module
 pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "moe_route"),
@@ -92,7 +93,11 @@ def assert_route_equal(got, want, exact_weights=False):
 SHAPES = [(1, 1, 1), (1, 8, 8), (2, 3, 1), (37, 5, 2), (300, 64, 4), (1500, 17, 3), (129, 40, 12)]
 
 
-@pytest.mark.parametrize("T,E,k", SHAPES, ids=lambda v: str(v))
+def route_ids(shapes):
+    return [f"T{T}-E{E}-k{k}" for T, E, k in shapes]
+
+
+@pytest.mark.parametrize("T,E,k", SHAPES, ids=route_ids(SHAPES))
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_route_matches_torch(T, E, k, score, rng):
     logits = torch.randn(T, E, generator=rng) * 2
@@ -100,7 +105,7 @@ def test_route_matches_torch(T, E, k, score, rng):
         assert_route_equal(route(logits, k, score, renormalize), route_torch(logits, k, score, renormalize))
 
 
-@pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=fmt_dtype)
 def test_route_half_logits(dtype, rng):
     logits = (torch.randn(257, 24, generator=rng) * 3).to(dtype)  # many exact ties in half precision
     assert_route_equal(route(logits, 5), route_torch(logits, 5))
@@ -231,6 +236,14 @@ def test_route_bit_identical_across_threads_and_isas(rng):
 # ---- gather / activations / combine / scatter --------------------------------------------------
 
 
+GATHER_SHAPES = [(1, 1, 1), (7, 3, 33), (130, 2, 600)]
+COMBINE_SHAPES = [(1, 1, 1), (9, 4, 17), (300, 2, 520)]
+
+
+def rows_ids(shapes):
+    return [f"T{T}-k{k}-d{d}" for T, k, d in shapes]
+
+
 def perm_order(T, k, rng):
     return torch.randperm(T * k, generator=rng)
 
@@ -243,8 +256,8 @@ def gather(x, order, k, n_threads=2):
     return rows
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,k,d", [(1, 1, 1), (7, 3, 33), (130, 2, 600)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
+@pytest.mark.parametrize("T,k,d", GATHER_SHAPES, ids=rows_ids(GATHER_SHAPES))
 def test_gather(T, k, d, dtype, rng):
     x = torch.randn(T, d, generator=rng).to(dtype)
     order = perm_order(T, k, rng)
@@ -283,7 +296,7 @@ def act_inputs(act, dtype, rng, shape=(37, 1029)):
     return a, b
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
 @pytest.mark.parametrize("act", ACTS)
 def test_act_forward(act, dtype, rng):
     a, b = act_inputs(act, dtype, rng)
@@ -291,7 +304,7 @@ def test_act_forward(act, dtype, rng):
     assert cmp.ok, cmp
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
 @pytest.mark.parametrize("act", ACTS)
 def test_act_backward(act, dtype, rng):
     a, b = act_inputs(act, dtype, rng)
@@ -307,7 +320,7 @@ def test_act_backward(act, dtype, rng):
         assert cmp.ok, f"db {cmp}"
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
 @pytest.mark.parametrize("act", ACTS)
 def test_act_backward_also_writes_the_forward_h(act, dtype, rng):
     """With h, the backward pass writes the forward's h = act(a, b) too (the CPU backward needs
@@ -383,11 +396,8 @@ def combine(ys, order, w, dropped, k, n_threads=2):
     return y
 
 
-COMBINE_SHAPES = [(1, 1, 1), (9, 4, 17), (300, 2, 520)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,k,d", COMBINE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
+@pytest.mark.parametrize("T,k,d", COMBINE_SHAPES, ids=rows_ids(COMBINE_SHAPES))
 def test_combine(T, k, d, dtype, rng):
     order, ys, w, dropped = combine_inputs(T, k, d, dtype, rng)
     for dr in (dropped, None):
@@ -401,8 +411,8 @@ def test_combine_all_dropped_is_zero(rng):
     assert torch.equal(y, torch.zeros(5, 8))
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,k,d", COMBINE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
+@pytest.mark.parametrize("T,k,d", COMBINE_SHAPES, ids=rows_ids(COMBINE_SHAPES))
 def test_combine_backward(T, k, d, dtype, rng):
     order, ys, w, dropped = combine_inputs(T, k, d, dtype, rng)
     dy = torch.randn(T, d, generator=rng).to(dtype)
@@ -428,8 +438,8 @@ def scatter_add(dxs, order, k, T, n_threads=2):
     return dx
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,k,d", COMBINE_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
+@pytest.mark.parametrize("T,k,d", COMBINE_SHAPES, ids=rows_ids(COMBINE_SHAPES))
 def test_scatter_add(T, k, d, dtype, rng):
     order, dxs, _, _ = combine_inputs(T, k, d, dtype, rng, drop=False)
     want = torch.zeros(T, d).index_add_(0, order // k, dxs.float())
@@ -444,7 +454,7 @@ def test_combine_and_scatter_bit_identical_across_threads(rng):
     assert torch.equal(scatter_add(ys, order, k, T, 1), scatter_add(ys, order, k, T, 2))
 
 
-@pytest.mark.parametrize("entry", [-1, 12, 1 << 40])
+@pytest.mark.parametrize("entry", [-1, 12, 1 << 40], ids=["-1", "12", "2^40"])
 @pytest.mark.parametrize("op", ["gather", "combine", "combine_backward", "scatter_add"])
 def test_out_of_range_order_entry(op, entry, rng):
     T, k, d = 4, 3, 5
@@ -478,7 +488,7 @@ def test_bad_dtype_code():
         C.moe_gather(x=0, order=0, k=1, T=0, d=0, rows=0, dtype=7, n_threads=1)
 
 
-@pytest.mark.parametrize("dtype", [FP32, FP16], ids=str)
+@pytest.mark.parametrize("dtype", [FP32, FP16], ids=fmt_dtype)
 def test_expert_helpers_base_isa(dtype, rng):
     """The baseline (non-AVX2) build of gather, activations, combine and scatter_add."""
     T, k, d = 50, 3, 70
@@ -520,6 +530,7 @@ def test_expert_helpers_base_isa(dtype, rng):
 # ---- CUDA routing (pyops._C_cuda.moe_route): bit-identical to the CPU kernel -------------------
 
 G = _native.cuda_module
+CUDA_SHAPES = [(4096, 256, 8), (300, 64, 64)]
 needs_cuda_route = pytest.mark.skipif(
     G is None or not hasattr(G, "moe_route") or not torch.cuda.is_available(),
     reason=_native.cuda_missing_reason or "CUDA is not available (or pyops._C_cuda has no moe_route)")
@@ -543,7 +554,7 @@ def route_cuda(logits, k, score="softmax", renormalize=True, bias=None, capacity
 
 
 @needs_cuda_route
-@pytest.mark.parametrize("T,E,k", SHAPES + [(4096, 256, 8), (300, 64, 64)], ids=lambda v: str(v))
+@pytest.mark.parametrize("T,E,k", SHAPES + CUDA_SHAPES, ids=route_ids(SHAPES + CUDA_SHAPES))
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 def test_cuda_route_bit_identical_to_cpu(T, E, k, score, rng):
     logits = torch.randn(T, E, generator=rng) * 2
@@ -553,7 +564,7 @@ def test_cuda_route_bit_identical_to_cpu(T, E, k, score, rng):
 
 
 @needs_cuda_route
-@pytest.mark.parametrize("dtype", [FP16, BF16], ids=str)
+@pytest.mark.parametrize("dtype", [FP16, BF16], ids=fmt_dtype)
 def test_cuda_route_half_logits(dtype, rng):
     logits = (torch.randn(3000, 24, generator=rng) * 3).to(dtype)
     assert_route_equal(route_cuda(logits, 5), route(logits, 5), exact_weights=True)

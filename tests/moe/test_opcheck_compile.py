@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pyops
-from _support import CUDA, assert_close, randn
+from _support import CUDA, assert_close, fmt_dtype, randn
 from .cases import FP32, BF16, backend_reason, grads_tol, interpreted, make_logits, make_weights, require
 from pyops.testing import tolerance_for
 
@@ -43,11 +43,12 @@ CASES = []
 for _util in OPCHECK_UTILS:
     for _op in ("moe_route", "moe_route_backward"):
         for _cf in (None, 0.5):
-            CASES.append(pytest.param(_op, None, FP32, _cf, _util, id=f"{_op}-cf{_cf}-{_util}"))
+            CASES.append(pytest.param(_op, None, FP32, _cf, _util,
+                                      id=f"{_op}-{'nocap' if _cf is None else f'cap{_cf}'}-{_util}"))
     for _op in ("moe_experts_cpu", "moe_experts_cpu_backward", "moe_experts_cpu_inference", "moe_experts_triton",
                 "moe_experts_triton_backward"):
         for _act, _dt in (("swiglu", FP32), ("relu", BF16)):
-            CASES.append(pytest.param(_op, _act, _dt, 0.8, _util, id=f"{_op}-{_act}-{_dt}-{_util}"))
+            CASES.append(pytest.param(_op, _act, _dt, 0.8, _util, id=f"{_op}-{_act}-{fmt_dtype(_dt)}-{_util}"))
 
 
 @pytest.mark.parametrize("name,act,dtype,cf,util", CASES)

@@ -55,7 +55,8 @@ def check_route(z, k, **kw):
     return r
 
 
-@pytest.mark.parametrize("T,E,k", [(1, 1, 1), (7, 5, 2), (9, 4, 4), (13, 6, 3)], ids=lambda v: str(v))
+@pytest.mark.parametrize("T,E,k", [(1, 1, 1), (7, 5, 2), (9, 4, 4), (13, 6, 3)],
+                         ids=["T1-E1-k1", "T7-E5-k2", "T9-E4-k4", "T13-E6-k3"])
 @pytest.mark.parametrize("score", ["softmax", "sigmoid"])
 @pytest.mark.parametrize("renormalize", [True, False], ids=["renorm", "raw"])
 def test_route_matches_literal_rules(T, E, k, score, renormalize, rng):

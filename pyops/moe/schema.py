@@ -1,0 +1,90 @@
+"""What the registered moe ops exchange with their kernels, shared by every backend module.
+
+* The integer codes of the `score` and `activation` arguments, as the native kernels (csrc/moe/)
+  and the Triton kernels (kernels/moe.py) read them.
+* The outputs of the ops, which their fake kernels return too:
+
+      moe_route     (weights [T, k] fp32 → logits' dtype, experts [T, k] int32, order [T*k] int64,
+                     offsets [E+1] int64, dropped [T, k] bool)
+      moe_experts_* (y [T, d] x's dtype, a [T*k, hidden], b [T*k, hidden] or [0] (GLU only),
+                     h [T*k, hidden] or [0], ys [T*k, d]; the intermediates fp32, rows in `order`)
+      backward      (dx like x, dweights like weights, dw1 like w1, dw2 like w2, dw3 like w1 or [0])
+
+* `run_native_route`, the body both native routing kernels (C++ and CUDA) share.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from pyops import _native
+from pyops.moe import reference as ref
+
+GLU = ref.GLU_ACTIVATIONS
+ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "silu": 3, "relu": 4}
+SCORE_CODES = {"softmax": 0, "sigmoid": 1}
+
+
+# --------------------------------------------------------------------------------------------
+# moe_route
+# --------------------------------------------------------------------------------------------
+
+def route_outputs(logits: Tensor, k: int):
+    """Uninitialised kernel outputs: weights fp32, experts, order, offsets, dropped as uint8."""
+    T, E = logits.shape
+    dev = logits.device
+    return (torch.empty(T, k, dtype=torch.float32, device=dev), torch.empty(T, k, dtype=torch.int32, device=dev),
+            torch.empty(T * k, dtype=torch.int64, device=dev), torch.empty(E + 1, dtype=torch.int64, device=dev),
+            torch.empty(T, k, dtype=torch.uint8, device=dev))
+
+
+def route_result(logits: Tensor, w: Tensor, ex: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor):
+    """The kernel outputs as the op returns them: weights in the logits' dtype, dropped as bool."""
+    return w.to(logits.dtype), ex, order, offsets, dropped.view(torch.bool)
+
+
+def route_fake(logits, k, score, renormalize, capacity, bias):
+    return route_result(logits, *route_outputs(logits, k))
+
+
+def run_native_route(logits: Tensor, k: int, score: int, renormalize: bool, capacity: int, bias: Optional[Tensor],
+                     kernel: Callable[..., None]):
+    """Contiguous inputs (bias as fp32), outputs allocated, then `kernel(*args)` with the leading
+    arguments of the bindings' moe_route (logits, dtype code, T, E, k, score, renormalize, bias or 0,
+    capacity, the five outputs, all pointers as ints; the caller appends its threads or stream).
+    No tokens: no kernel call, every offset 0."""
+    T, E = logits.shape
+    z = logits.detach().contiguous()
+    w, ex, order, offsets, dropped = route_outputs(logits, k)
+    b = bias.detach().to(torch.float32).contiguous() if bias is not None else None
+    if T == 0:
+        offsets.zero_()
+    else:
+        kernel(z.data_ptr(), _native.dtype_code(z.dtype), T, E, k, score, renormalize,
+               b.data_ptr() if b is not None else 0, capacity,
+               w.data_ptr(), ex.data_ptr(), order.data_ptr(), offsets.data_ptr(), dropped.data_ptr())
+    return route_result(logits, w, ex, order, offsets, dropped)
+
+
+# --------------------------------------------------------------------------------------------
+# moe_experts_*
+# --------------------------------------------------------------------------------------------
+
+def experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool, with_h: bool = True):
+    """(y, a, b, h, ys). with_h=False (the CPU op): h is an empty placeholder, recomputed by the backward."""
+    T, d = x.shape
+    n = order.shape[0]
+    h = w1.shape[2]
+    f32 = dict(dtype=torch.float32, device=x.device)
+    return (torch.empty(T, d, dtype=x.dtype, device=x.device), torch.empty(n, h, **f32),
+            torch.empty(n, h, **f32) if glu else torch.empty(0, **f32),
+            torch.empty(n, h, **f32) if with_h else torch.empty(0, **f32),
+            torch.empty(n, d, **f32))
+
+
+def experts_backward_fake(dy, x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys, activation):
+    glu = activation in GLU
+    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1), torch.empty_like(w2),
+            torch.empty_like(w1) if glu else w1.new_empty(0))
