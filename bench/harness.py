@@ -2,11 +2,14 @@
 
 Model
 -----
-A family module (``bench/<family>.py``) yields `Case` objects: one problem size each. A case holds
-`Entry` objects: the pyops backends and the peers a user would pick instead (plain PyTorch, an
-in-place PyTorch version, a copy as the machine's bandwidth reference, ...). Each entry is a
-zero-argument callable, with optional untimed `setup`/`teardown`, the bytes it must move and
-the FLOPs it must do (for the GB/s and GFLOP/s columns).
+A family module (``bench/<stem>.py``) starts with ``CASES``: a table of `CaseSpec` records, one
+per benchmark case (the op, the sizes and their quick variant, the dtype, forward or
+forward+backward, the peers measured, the targets, the timing). Its ``build(spec, device)`` turns
+one spec into a `Case` through one of a few short builders. A case holds `Entry` objects: the
+pyops backends and the peers a user would pick instead (plain PyTorch, an in-place PyTorch
+version, a copy as the machine's bandwidth reference, ...). Each entry is a zero-argument
+callable, with optional untimed `setup`/`teardown`, the bytes it must move and the FLOPs it must
+do (for the GB/s and GFLOP/s columns).
 
 Method
 ------
@@ -29,8 +32,8 @@ Method
 4. Ratios against the named baseline entry: speed-up = baseline median / entry median (> 1 is
    faster than the baseline). Effective GB/s = ``bytes`` / median.
 
-Output: `<results_dir>/<family>-<device>.json` (machine, versions, commit, every sample), a
-printed table, and `<results_dir>/<family>-<device>.png` when matplotlib is installed.
+Output: `<results_dir>/<stem>-<device>.json` (machine, versions, commit, every sample), a
+printed table, and `<results_dir>/<stem>-<device>.png` when matplotlib is installed.
 """
 from __future__ import annotations
 
@@ -48,13 +51,16 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, TextIO
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO, Union
 
 import torch
 
 SCHEMA = 1
 MIB = 1 << 20
-DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+M = 1 << 20
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,6 +81,8 @@ class Entry:
     note:      one line that says what the entry does, kept in the JSON.
     skip:      a reason not to run this entry at all (recorded, not timed).
     info:      called after the warm-up; its dict goes into the JSON (e.g. which backend ran).
+    measure_memory: False leaves out the peak-memory call (for an entry that runs in a child
+               process, whose memory this process cannot see: it reports its own in `info`).
     """
     name: str
     fn: Optional[Callable[[], Any]]
@@ -86,6 +94,7 @@ class Entry:
     note: str = ""
     skip: Optional[str] = None
     info: Optional[Callable[[], dict]] = None
+    measure_memory: bool = True
 
 
 @dataclass
@@ -124,6 +133,8 @@ class Case:
     checks:      called with the `CaseResult` after timing; returns the `Check`s to report.
     verify:      untimed, called once after timing; returns a dict for the JSON (e.g. max error
                  of the pyops output against a reference). A key "ok": False marks a failure.
+    spec, op:    the `CaseSpec` (its name) the case was built from and the op it measures.
+    cleanup:     called by `release()`, last added first (e.g. remove the files the case wrote).
     """
     name: str
     entries: list[Entry]
@@ -136,12 +147,24 @@ class Case:
     min_sample_s: Optional[float] = None     # default: 10 ms on CPU, 2 ms on CUDA
     checks: Optional[Callable[["CaseResult"], list[Check]]] = None
     verify: Optional[Callable[[], dict]] = None
+    spec: Optional[str] = None
+    op: Optional[str] = None
+    cleanup: list = field(default_factory=list)
 
     def release(self) -> None:
-        """Drop every reference to the case's tensors (entries close over them)."""
+        """Drop every reference to the case's tensors (entries close over them) and run `cleanup`."""
         self.entries = []
         self.checks = None
         self.verify = None
+        todo, self.cleanup = self.cleanup, []
+        first: Optional[BaseException] = None
+        for fn in reversed(todo):
+            try:
+                fn()
+            except Exception as exc:  # the others still run; the first failure is raised after
+                first = first or exc
+        if first is not None:
+            raise first
 
 
 @dataclass
@@ -219,6 +242,8 @@ class CaseResult:
     wall_s: float = 0.0
     checks: list[Check] = field(default_factory=list)
     verify: dict = field(default_factory=dict)
+    spec: Optional[str] = None
+    op: Optional[str] = None
 
     def get(self, name: str) -> Optional[EntryResult]:
         for e in self.entries:
@@ -232,7 +257,7 @@ class CaseResult:
         return e if (e is not None and e.status == "ok" and e.samples_s) else None
 
     def to_json(self) -> dict:
-        return {"name": self.name, "params": self.params, "baseline": self.baseline,
+        return {"name": self.name, "spec": self.spec, "op": self.op, "params": self.params, "baseline": self.baseline,
                 "rounds": self.rounds, "wall_s": self.wall_s,
                 "entries": [e.to_json() for e in self.entries],
                 "checks": [c.to_json() for c in self.checks], "verify": self.verify}
@@ -247,10 +272,11 @@ class FamilyResult:
     cases: list[CaseResult] = field(default_factory=list)
     wall_s: float = 0.0
     errors: list[str] = field(default_factory=list)
+    selection: Optional[list] = None       # the ops asked for (--op an op name); None: the whole family
 
     def to_json(self) -> dict:
         return {"schema": SCHEMA, "family": self.family, "device": self.device, "quick": self.quick,
-                "machine": self.machine, "wall_s": self.wall_s, "errors": self.errors,
+                "selection": self.selection, "machine": self.machine, "wall_s": self.wall_s, "errors": self.errors,
                 "cases": [c.to_json() for c in self.cases]}
 
     @property
@@ -259,6 +285,167 @@ class FamilyResult:
         return bool(self.errors) or any(
             e.status == "error" for c in self.cases for e in c.entries) or any(
             c.verify.get("ok") is False for c in self.cases)
+
+
+# --------------------------------------------------------------------------------------------
+# Case specs: the data every family module starts with
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Timing:
+    """How long a case is timed (see Method above).
+
+    expect_s: the case's expected wall time (setup, warm-up, timing and checks) on a 2-core CPU
+              machine; only the estimate line printed before a run reads it. None: unknown (the
+              estimate then counts ``max_seconds``, a bound on the timed rounds).
+    """
+    repeats: int = 15
+    min_repeats: int = 3
+    max_seconds: float = 60.0
+    warmup: int = 2
+    min_sample_s: Optional[float] = None     # default: 10 ms on CPU, 2 ms on CUDA
+    expect_s: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class CaseSpec:
+    """One benchmark case as data; its family module's ``build(spec, device)`` makes the `Case`.
+
+    name:     stable id, unique in its family (selection, test ids); the printed case name is
+              made from the sizes by the builder, so that it says what ran.
+    op:       the public op the case measures; ``also``: other public ops it stands for.
+    kind:     which builder of the family module turns the spec into a `Case`.
+    sizes:    the full-size problem; ``quick`` overrides some of them for the quick (default)
+              run, None: the case runs at full size only (``--full``).
+    dtype:    "fp32" | "fp16" | "bf16".
+    backward: forward+backward (True) or forward only.
+    backends: device type -> the pyops backends measured there; the case runs only on the
+              device types listed.
+    peers:    the entries measured besides pyops, in their order in the table; the token "pyops"
+              marks where the pyops entries go. `baseline`: the peer the speed-ups are taken
+              against.
+    targets:  device type (or "<device type> quick") -> {check key: target}; a key present with
+              None reports the figure without a target; a key absent leaves the check out.
+    timing:   "full" | "quick" (or "<device type> full|quick") -> `Timing`.
+    """
+    name: str
+    op: str
+    kind: str
+    sizes: Mapping[str, Any]
+    quick: Optional[Mapping[str, Any]] = field(default_factory=dict)
+    dtype: str = "fp32"
+    backward: bool = False
+    backends: Mapping[str, tuple] = field(default_factory=lambda: {"cpu": ("cpu",)})
+    peers: tuple = ()
+    baseline: str = ""
+    targets: Mapping[str, Mapping[str, Optional[float]]] = field(default_factory=dict)
+    timing: Mapping[str, Timing] = field(default_factory=dict)
+    also: tuple = ()
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"CaseSpec {self.name!r}: dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.baseline and self.baseline not in self.peers:
+            raise ValueError(f"CaseSpec {self.name!r}: baseline {self.baseline!r} is not one of its peers {self.peers}")
+
+    @property
+    def ops(self) -> tuple:
+        return (self.op, *self.also)
+
+    @property
+    def devices(self) -> tuple:
+        return tuple(self.backends)
+
+    def runs(self, device_type: str, full: bool) -> bool:
+        return device_type in self.backends and (full or self.quick is not None)
+
+    def sizes_for(self, full: bool) -> dict:
+        out = dict(self.sizes)
+        if not full:
+            out.update(self.quick or {})
+        return out
+
+    def timing_for(self, device_type: str, full: bool) -> Timing:
+        mode = "full" if full else "quick"
+        return self.timing.get(f"{device_type} {mode}") or self.timing.get(mode) or Timing()
+
+    def targets_for(self, device_type: str, full: bool) -> dict:
+        mode = "full" if full else "quick"
+        got = self.targets.get(f"{device_type} {mode}")
+        return dict(got if got is not None else self.targets.get(device_type, {}))
+
+
+PYOPS = "pyops"   # the token in CaseSpec.peers where the pyops entries go
+
+
+@dataclass
+class Build:
+    """A `CaseSpec` resolved for one device and size: what a family's builder works from."""
+    spec: CaseSpec
+    device: torch.device
+    full: bool
+    sizes: dict
+    backends: tuple
+    targets: dict
+    timing: Timing
+    workdir: Optional[str] = None
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.spec.dtype]
+
+    @property
+    def tag(self) -> str:
+        return "fwd+bwd" if self.spec.backward else "fwd"
+
+    def target(self, key: str) -> Optional[float]:
+        return self.targets.get(key)
+
+    def generator(self, seed: int, device: Optional[Union[str, torch.device]] = None) -> torch.Generator:
+        return torch.Generator(device=device or self.device).manual_seed(seed)
+
+    def entries(self, make: Mapping[str, Callable[[], Union[Entry, Sequence[Entry]]]]) -> list:
+        """The entries of `spec.peers` (and the pyops ones at the "pyops" token), in that order;
+        `make` maps each key to a factory, so that a peer left out allocates nothing."""
+        missing = [p for p in self.spec.peers if p not in make]
+        if missing:
+            raise ValueError(f"case {self.spec.name!r}: no builder for peers {missing}; known: {sorted(make)}")
+        out: list[Entry] = []
+        for key in self.spec.peers:
+            got = make[key]()
+            out.extend([got] if isinstance(got, Entry) else got)
+        return out
+
+    def case(self, name: str, entries: list, baseline: str, params: dict,
+             checks: Optional[Callable[["CaseResult"], list]] = None,
+             verify: Optional[Callable[[], dict]] = None) -> "Case":
+        t = self.timing
+        return Case(name=name, entries=entries, baseline=baseline, params=params, repeats=t.repeats,
+                    min_repeats=t.min_repeats, max_seconds=t.max_seconds, warmup=t.warmup,
+                    min_sample_s=t.min_sample_s, checks=checks, verify=verify, spec=self.spec.name,
+                    op=self.spec.op)
+
+
+def prepare(spec: CaseSpec, device: Union[str, torch.device], full: bool = False,
+            workdir: Optional[str] = None) -> Build:
+    """Resolve `spec` for `device` at full or quick size; ValueError if it does not run there."""
+    dev = torch.device(device)
+    if dev.type not in spec.backends:
+        raise ValueError(f"case {spec.name!r} runs on {', '.join(spec.backends)}, not on {dev.type}")
+    if not full and spec.quick is None:
+        raise ValueError(f"case {spec.name!r} has no quick size: it runs with full=True only")
+    return Build(spec, dev, full, spec.sizes_for(full), tuple(spec.backends[dev.type]),
+                 spec.targets_for(dev.type, full), spec.timing_for(dev.type, full), workdir)
+
+
+def select(specs: Iterable[CaseSpec], device_type: str, full: bool, ops: Optional[Iterable[str]] = None) -> list:
+    """The specs that run on `device_type` at this size, measuring one of `ops` (None: all)."""
+    wanted = None if ops is None else set(ops)
+    return [s for s in specs if s.runs(device_type, full) and (wanted is None or wanted & set(s.ops))]
 
 
 # --------------------------------------------------------------------------------------------
@@ -541,7 +728,7 @@ def run_case(case: Case, device: str, stream: TextIO = sys.stdout, prefix: str =
     cuda = is_cuda(device)
     min_sample = case.min_sample_s if case.min_sample_s is not None else (0.002 if cuda else 0.01)
     results = [EntryResult(e.name, e.group, e.note, bytes=e.bytes, flops=e.flops) for e in case.entries]
-    res = CaseResult(case.name, dict(case.params), case.baseline, results)
+    res = CaseResult(case.name, dict(case.params), case.baseline, results, spec=case.spec, op=case.op)
     tag = f"{prefix}{case.name}"
     _emit(stream, f"{tag}: {len(case.entries)} entries, baseline '{case.baseline}'")
 
@@ -562,8 +749,9 @@ def run_case(case: Case, device: str, stream: TextIO = sys.stdout, prefix: str =
             r.number = max(1, min(100_000, math.ceil(min_sample / max(per_call, 1e-9))))
             if e.info is not None:
                 r.info.update(e.info() or {})
-            r.peak_rss_bytes, r.peak_rss_method = measure_peak_rss(e.fn, device)
-            r.peak_dev_bytes = measure_peak_device(e.fn, device)
+            if e.measure_memory:
+                r.peak_rss_bytes, r.peak_rss_method = measure_peak_rss(e.fn, device)
+                r.peak_dev_bytes = measure_peak_device(e.fn, device)
         except Exception as exc:
             r.status, r.reason = _classify(exc)
             if r.status == "error":
@@ -640,33 +828,34 @@ def run_case(case: Case, device: str, stream: TextIO = sys.stdout, prefix: str =
     return res
 
 
-def run_family(family: str, cases: Iterable[Case], device: str, quick: bool,
-               stream: TextIO = sys.stdout) -> FamilyResult:
-    """Run the cases one after another; each case's tensors are released before the next is built."""
+def run_family(family: str, builds: Iterable[tuple[str, Callable[[], Case]]], device: str, quick: bool,
+               stream: TextIO = sys.stdout, selection: Optional[list] = None) -> FamilyResult:
+    """Build and run the cases one after another: `builds` yields (spec name, a function that
+    builds its `Case`), so that each case allocates its tensors only when its turn comes and
+    releases them before the next is built. A case that fails to build is recorded and skipped."""
     t0 = time.perf_counter()
-    result = FamilyResult(family, device, quick, machine_info(device))
+    result = FamilyResult(family, device, quick, machine_info(device), selection=selection)
     _emit(stream, f"[{family}] device {device} ({result.machine.get('device_name')}), "
                   f"torch {result.machine['torch']}, {result.machine['torch_threads']} threads"
                   + (", quick" if quick else ""))
-    it = iter(cases)
-    while True:
+    for spec_name, make in builds:
+        case = None
         try:
-            case = next(it, None)
-        except Exception as exc:
-            msg = f"building a case failed: {type(exc).__name__}: {exc}"
-            result.errors.append(msg)
-            _emit(stream, f"[{family}] {msg}")
-            break
-        if case is None:
-            break
-        try:
+            case = make()
             result.cases.append(run_case(case, device, stream, prefix=f"[{family}] "))
-        except Exception as exc:  # a harness failure in one case should not lose the others
-            msg = f"case {case.name!r} failed: {type(exc).__name__}: {exc}"
+        except Exception as exc:  # one broken case must not lose the others
+            what = f"case {spec_name!r}" if case is not None else f"building case {spec_name!r}"
+            msg = f"{what} failed: {type(exc).__name__}: {exc}"
             result.errors.append(msg)
             _emit(stream, f"[{family}] {msg}\n{traceback.format_exc(limit=6)}")
         finally:
-            case.release()
+            if case is not None:
+                try:
+                    case.release()
+                except Exception as exc:
+                    msg = f"case {spec_name!r}: cleanup failed: {type(exc).__name__}: {exc}"
+                    result.errors.append(msg)
+                    _emit(stream, f"[{family}] {msg}")
             case = None
             gc.collect()
             if is_cuda(device):
@@ -727,12 +916,14 @@ def format_table(result: FamilyResult) -> str:
     lines.append("speed-up = baseline median / entry median (>1: faster than the baseline); "
                  "±% = half the inter-quartile range of the samples; peak RSS = extra host memory of one call"
                  + (" (~ = sampled)" if any(e.peak_rss_method == "sampled" for c in result.cases for e in c.entries) else ""))
+    if result.quick:
+        lines.append("quick sizes: a smoke test of every case; the targets are set for the full sizes (--full)")
     for c in result.cases:
         if c.checks or c.verify:
             lines.append(f"{c.name}:")
             lines += [f"  {ch.line()}" for ch in c.checks]
             if c.verify:
-                lines.append(f"  verify: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                lines.append("  verify: " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                         for k, v in c.verify.items()))
     if notes:
         lines.append("not timed:")
@@ -834,3 +1025,83 @@ def write_chart(result: FamilyResult, results_dir: os.PathLike | str,
     except Exception as exc:  # a chart must never cost the results
         _emit(stream, f"chart not written: {type(exc).__name__}: {exc}")
         return None
+
+
+# --------------------------------------------------------------------------------------------
+# Building blocks of the family builders
+# --------------------------------------------------------------------------------------------
+
+def randn(shape: Sequence[int], dtype: torch.dtype, device: Union[str, torch.device], gen: torch.Generator,
+          scale: float = 1.0) -> torch.Tensor:
+    """Normal samples drawn in fp32 on the generator's device, times `scale`, then moved to
+    `device` and cast to `dtype` (the same values for every dtype and device of one seed)."""
+    t = torch.randn(tuple(shape), generator=gen, device=gen.device, dtype=torch.float32)
+    if scale != 1.0:
+        t = t * scale
+    return t.to(device=device, dtype=dtype)
+
+
+def uniform(shape: Sequence[int], dtype: torch.dtype, device: Union[str, torch.device], gen: torch.Generator,
+            lo: float = -1.0, hi: float = 1.0) -> torch.Tensor:
+    """U(lo, hi) drawn in place: every page is written, so no page fault is left for the timing."""
+    return torch.empty(tuple(shape), dtype=dtype, device=device).uniform_(lo, hi, generator=gen)
+
+
+def nbytes(numel: int, dtype: torch.dtype) -> int:
+    return numel * torch.empty(0, dtype=dtype).element_size()
+
+
+def fmt_count(n: int) -> str:
+    """4194304 -> "4M", 3072 -> "3K", else the number."""
+    return f"{n // M}M" if n % M == 0 else (f"{n // 1024}K" if n % 1024 == 0 else str(n))
+
+
+def choice_info(op: str) -> Callable[[], dict]:
+    """An `Entry.info` that records which pyops backend ran `op` last, and why."""
+    def info() -> dict:
+        import pyops
+        ch = pyops.last_choice(op)
+        return {"backend_ran": ch.backend if ch else None, "choice": ch.explain() if ch else None}
+    return info
+
+
+def mm_entry(name: str, device: torch.device, dtype: torch.dtype, note: str, n: int = 1024) -> Entry:
+    """A plain n×n×n `torch.mm`: the machine's GFLOP/s yardstick, measured in the same run."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    return Entry(name, lambda: torch.mm(a, b), flops=2 * n ** 3, group="reference", note=note)
+
+
+def peak_mib(e: Optional[EntryResult], device: torch.device) -> Optional[float]:
+    """The entry's peak extra memory: device memory on CUDA, host RSS on CPU."""
+    if e is None:
+        return None
+    return e.peak_dev_mib if device.type == "cuda" else e.peak_rss_mib
+
+
+def ratio(r: CaseResult, slow: str, fast: str) -> Optional[float]:
+    """median(slow) / median(fast), when both ran: how many times faster `fast` is."""
+    a, b = r.ok(slow), r.ok(fast)
+    return a.median_s / b.median_s if (a and b) else None
+
+
+def not_run(r: CaseResult, name: str) -> str:
+    e = r.get(name)
+    return (e.reason or e.status) if e else "not measured"
+
+
+def verify_backends(backends: Iterable[str], figures: Callable[[str], tuple[dict, bool]], **extra) -> dict:
+    """{**extra, the figures of every backend that could run, "ok": all of them passed}; a backend
+    that is unavailable here (`pyops.BackendUnavailableError`) is left out."""
+    from pyops import BackendUnavailableError
+
+    out, ok = dict(extra), True
+    for b in backends:
+        try:
+            got, good = figures(b)
+        except BackendUnavailableError:
+            continue
+        out.update(got)
+        ok = ok and bool(good)
+    out["ok"] = ok
+    return out

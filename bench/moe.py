@@ -1,50 +1,73 @@
-"""Benchmark of fused expert routing (`pyops.moe_route` + `pyops.moe_experts`), family ``moe``.
+"""Benchmarks of fused expert routing (`pyops.moe_route` + `pyops.moe_experts`), family ``moe``.
 
-Cases (issue 6; quick mode shrinks every size):
+Cases (the quick run shrinks every size):
 
-* ``layer fwd`` / ``layer fwd+bwd``: T=4096 tokens, d=512, hidden=1024, E=16 experts, k=2, SwiGLU,
-  fp32 on CPU (bf16 on CUDA), from router logits to y (and, for fwd+bwd, the gradients of x,
-  logits, w1, w2, w3 via `torch.autograd.grad` with a fixed random dy). Entries:
+* ``layer fwd`` / ``layer fwd+bwd`` (builder ``layer``): T=4096 tokens, d=512, hidden=1024,
+  E=16 experts, k=2, SwiGLU, fp32 on CPU (bf16 on CUDA), from router logits to y (and, for
+  fwd+bwd, the gradients of x, logits, w1, w2, w3 via `torch.autograd.grad` with a fixed random
+  dy). Entries:
     - ``pyops <backend>``: moe_route + moe_experts.
-    - ``per-expert loop`` (the baseline): softmax, topk, one matmul chain per expert, index_add combine
-      — what multi-task MoE code (Mod-Squad style) runs.
-    - ``sort + torch._grouped_mm``: softmax, topk, stable argsort by expert, bincount offsets, gather,
-      three `torch._grouped_mm`, index_add combine.
-    - ``plain mm`` (yardstick): one [T·k × d] @ [d × hidden] mm into a preallocated output (no page
-      faults in the timing); its GFLOP/s is the GEMM speed of this
-      machine in this run. GEMM share = pyops GFLOP/s (the MLP's GEMM FLOPs only) / plain-mm GFLOP/s.
-* ``routing``: T=65536, E=64, k=4: pyops moe_route vs softmax + topk + argsort + bincount (+ cumsum).
+    - ``per-expert loop`` (the baseline): softmax, topk, one matmul chain per expert, index_add
+      combine — what multi-task MoE code (Mod-Squad style) runs.
+    - ``sort + torch._grouped_mm``: softmax, topk, stable argsort by expert, bincount offsets,
+      gather, three `torch._grouped_mm`, index_add combine.
+    - ``plain mm`` (yardstick): one [T·k × d] @ [d × hidden] mm into a preallocated output (no
+      page faults in the timing); its GFLOP/s is the GEMM speed of this machine in this run.
+      GEMM share = pyops GFLOP/s (the MLP's GEMM FLOPs only) / plain-mm GFLOP/s.
+* ``routing`` (builder ``routing``): T=65536, E=64, k=4: pyops moe_route vs softmax + topk +
+  argsort + bincount (+ cumsum).
 
-Checks (targets from the issue): CPU fwd+bwd ≥ 2× the loop and ≥ 1.1× grouped_mm; forward no slower
-than the loop (≥ 1×); GEMM share ≥ 0.85; peak memory ≤ both peers; routing ≥ 5× the torch chain.
-CUDA: ≥ 1× the grouped_mm peer, forward and fwd+bwd.
+Checks: speed-up against the loop and against grouped_mm, the GEMM share, peak memory against
+both peers (pyops may use no more than the leaner of them), routing against the torch chain.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from dataclasses import replace
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from .harness import Case, CaseResult, Check, Entry
+from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, peak_mib, prepare, randn,
+                      verify_backends)
 
 FAMILY = "moe"
 OPS = ("moe_route", "moe_experts")
 
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+_LAYER = dict(T=4096, d=512, h=1024, E=16, k=2)
+_LAYER_QUICK = dict(T=128, d=64, h=128, E=4, k=2)
 
 
-def cases(device: str, quick: bool = False) -> Iterator[Case]:
-    dev = torch.device(device)
-    gpu = dev.type == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    backends = ("triton",) if gpu else ("cpu",)
-    shape = dict(T=512, d=128, h=256, E=8, k=2) if quick else dict(T=4096, d=512, h=1024, E=16, k=2)
-    reps = dict(repeats=5, max_seconds=8.0) if quick else dict(repeats=11, max_seconds=90.0)
-    for backward in (False, True):
-        yield _layer_case(dev, dtype, backends, backward, **shape, **reps)
-    rt = dict(T=4096, E=64, k=4) if quick else dict(T=65536, E=64, k=4)
-    yield _routing_case(dev, **rt, **reps)
+def _timing(quick_s: float, full_s: float) -> dict:
+    return {"full": Timing(repeats=11, max_seconds=90.0, warmup=1, expect_s=full_s),
+            "quick": Timing(repeats=3, min_repeats=2, max_seconds=3.0, warmup=1, expect_s=quick_s)}
+
+
+def _layer(name, backward, targets, quick_s, full_s) -> CaseSpec:
+    return CaseSpec(name, "moe_experts", "layer", _LAYER, _LAYER_QUICK, backward=backward,
+                    backends={"cpu": ("cpu",)}, peers=(PYOPS, "loop", "grouped_mm", "mm"), baseline="loop",
+                    targets=targets, timing=_timing(quick_s, full_s), also=("moe_route",))
+
+
+_CPU_LAYERS = [
+    _layer("layer-fwd", False, {"cpu": {"vs_loop": 1.0, "vs_grouped_mm": None, "gemm_share": 0.85}}, 7, 8),
+    _layer("layer-bwd", True, {"cpu": {"vs_loop": 2.0, "vs_grouped_mm": 1.1, "gemm_share": 0.85}}, 10, 22),
+]
+CASES = [
+    *_CPU_LAYERS,
+    # The same layers in bf16 on CUDA (the Triton grouped GEMM), against grouped_mm only.
+    *(replace(s, name=f"{s.name}-bf16", dtype="bf16", backends={"cuda": ("triton",)},
+              targets={"cuda": {"vs_grouped_mm": 1.0}}) for s in _CPU_LAYERS),
+    CaseSpec("routing", "moe_route", "routing", dict(T=65536, E=64, k=4), dict(T=4096),
+             backends={"cpu": ("cpu",), "cuda": ("cuda",)}, peers=(PYOPS, "torch"), baseline="torch",
+             targets={"cpu": {"vs_torch": 5.0}, "cuda": {"vs_torch": 5.0}}, timing=_timing(2, 1)),
+]
+
+
+def build(spec: CaseSpec, device, *, full: bool = False, workdir: Optional[str] = None) -> Case:
+    """The `Case` of `spec` on `device` (quick size unless `full`)."""
+    b = prepare(spec, device, full, workdir)
+    return {"layer": _layer_case, "routing": _routing_case}[spec.kind](b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -99,13 +122,15 @@ def torch_routing(z, k):
 # Cases
 # --------------------------------------------------------------------------------------------
 
-def _layer_case(dev, dtype, backends, backward: bool, T, d, h, E, k, repeats, max_seconds) -> Case:
+def _layer_case(b: Build) -> Case:
     import pyops
 
-    g = torch.Generator(device="cpu").manual_seed(0)
+    dev, dtype, backward = b.device, b.dtype, b.spec.backward
+    T, d, h, E, k = (b.sizes[n] for n in ("T", "d", "h", "E", "k"))
+    g = b.generator(0, device="cpu")
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(shape, generator=g) * scale).to(device=dev, dtype=dtype)
+        return randn(shape, dtype, dev, g, scale)
 
     x = rnd(T, d)
     z = rnd(T, E)
@@ -114,8 +139,6 @@ def _layer_case(dev, dtype, backends, backward: bool, T, d, h, E, k, repeats, ma
     dy = rnd(T, d)
     leaves = [t.requires_grad_(backward) for t in (x, z, w1, w2, w3)]
     gemm_flops = 3 * 2 * T * k * d * h * (3 if backward else 1)
-    a_mm, b_mm = rnd(T * k, d), rnd(d, h)
-    c_mm = torch.empty(T * k, h, device=dev, dtype=dtype)  # preallocated: the yardstick times the GEMM, not page faults
 
     def pyops_layer(backend):
         def layer(x, z, w1, w2, w3):
@@ -134,109 +157,97 @@ def _layer_case(dev, dtype, backends, backward: bool, T, d, h, E, k, repeats, ma
                 return torch.autograd.grad(y, leaves, dy)
         return run
 
-    entries = [Entry(f"pyops {b}", timed(pyops_layer(b)), flops=gemm_flops, group="pyops",
-                     note=f"moe_route + moe_experts(backend={b!r}), SwiGLU") for b in backends]
-    entries.append(Entry("per-expert loop", timed(lambda *a: loop_moe(*a, k)), flops=gemm_flops,
-                         note="softmax, topk, per-expert matmuls on x[tok], index_add combine"))
+    def plain_mm() -> Entry:
+        a_mm, b_mm = rnd(T * k, d), rnd(d, h)
+        c_mm = torch.empty(T * k, h, device=dev, dtype=dtype)  # preallocated: the yardstick times the GEMM, not page faults
+        return Entry("plain mm", lambda: torch.mm(a_mm, b_mm, out=c_mm), flops=2 * T * k * d * h, group="reference",
+                     note=f"one [{T * k}x{d}]@[{d}x{h}] mm into a preallocated output: this machine's GEMM "
+                          "speed in this run")
+
     gm_skip = None if hasattr(torch, "_grouped_mm") else f"torch {torch.__version__} has no torch._grouped_mm"
-    entries.append(Entry("sort + torch._grouped_mm", timed(lambda *a: grouped_mm_moe(*a, k)), flops=gemm_flops,
-                         skip=gm_skip, note="argsort by expert, bincount offsets, 3× torch._grouped_mm, index_add"))
-    entries.append(Entry("plain mm", lambda: torch.mm(a_mm, b_mm, out=c_mm), flops=2 * T * k * d * h,
-                         group="reference",
-                         note=f"one [{T * k}x{d}]@[{d}x{h}] mm into a preallocated output: this machine's GEMM "
-                              "speed in this run"))
+    entries = b.entries({
+        PYOPS: lambda: [Entry(f"pyops {x}", timed(pyops_layer(x)), flops=gemm_flops, group="pyops",
+                              note=f"moe_route + moe_experts(backend={x!r}), SwiGLU") for x in b.backends],
+        "loop": lambda: Entry("per-expert loop", timed(lambda *a: loop_moe(*a, k)), flops=gemm_flops,
+                              note="softmax, topk, per-expert matmuls on x[tok], index_add combine"),
+        "grouped_mm": lambda: Entry("sort + torch._grouped_mm", timed(lambda *a: grouped_mm_moe(*a, k)),
+                                    flops=gemm_flops, skip=gm_skip,
+                                    note="argsort by expert, bincount offsets, 3× torch._grouped_mm, index_add"),
+        "mm": plain_mm,
+    })
 
-    gpu = dev.type == "cuda"
-
-    def checks(r: CaseResult) -> list[Check]:
+    def checks(r: CaseResult) -> list:
         res = []
         loop, gm, mm = r.ok("per-expert loop"), r.ok("sort + torch._grouped_mm"), r.ok("plain mm")
-
-        def mem(e):
-            if e is None:
-                return None
-            return e.peak_dev_mib if gpu else e.peak_rss_mib
-
-        for b in backends:
-            p = r.ok(f"pyops {b}")
+        for x in b.backends:
+            p = r.ok(f"pyops {x}")
             if p is None:
-                res.append(Check(f"pyops {b}", None, note="did not run"))
+                res.append(Check(f"pyops {x}", None, note="did not run"))
                 continue
-            if not gpu:
-                res.append(Check(f"speed-up pyops {b} vs per-expert loop", p.speedup, 2.0 if backward else 1.0,
-                                 ">=", "x"))
-            if gm is not None:
-                res.append(Check(f"speed-up pyops {b} vs sort + torch._grouped_mm", gm.median_s / p.median_s,
-                                 (1.1 if backward else None) if not gpu else 1.0, ">=", "x"))
-            if mm is not None and not gpu:
-                res.append(Check(f"GEMM share pyops {b} (GFLOP/s / plain mm GFLOP/s)", p.gflops / mm.gflops, 0.85,
-                                 ">=", "x", note=f"{p.gflops:.1f} vs {mm.gflops:.1f} GFLOP/s"))
-            peers = [m for m in (mem(loop), mem(gm)) if m is not None]
-            if mem(p) is not None and peers:
-                res.append(Check(f"peak memory pyops {b}", mem(p), min(peers), "<=", " MiB",
-                                 note=f"loop {mem(loop)}, grouped_mm {mem(gm)} MiB"))
+            if "vs_loop" in b.targets:
+                res.append(Check(f"speed-up pyops {x} vs per-expert loop", p.speedup, b.target("vs_loop"), ">=", "x"))
+            if gm is not None and "vs_grouped_mm" in b.targets:
+                res.append(Check(f"speed-up pyops {x} vs sort + torch._grouped_mm", gm.median_s / p.median_s,
+                                 b.target("vs_grouped_mm"), ">=", "x"))
+            if mm is not None and "gemm_share" in b.targets:
+                res.append(Check(f"GEMM share pyops {x} (GFLOP/s / plain mm GFLOP/s)", p.gflops / mm.gflops,
+                                 b.target("gemm_share"), ">=", "x", note=f"{p.gflops:.1f} vs {mm.gflops:.1f} GFLOP/s"))
+            # pyops may use no more memory than the leaner peer
+            peers = [m for m in (peak_mib(loop, dev), peak_mib(gm, dev)) if m is not None]
+            if peak_mib(p, dev) is not None and peers:
+                res.append(Check(f"peak memory pyops {x}", peak_mib(p, dev), min(peers), "<=", " MiB",
+                                 note=f"loop {peak_mib(loop, dev)}, grouped_mm {peak_mib(gm, dev)} MiB"))
         return res
 
     def verify() -> dict:
         from pyops.testing import compare, tolerance_for
+        tol = tolerance_for(dtype) if dtype != torch.float32 else type(tolerance_for(dtype))(atol=2e-5, rtol=2e-5)
         with torch.no_grad():
-            want = loop_moe(x.detach(), z.detach(), w1.detach(), w2.detach(), w3.detach(), k)
-            out = {}
-            ok = True
-            for b in backends:
-                try:
-                    got = pyops_layer(b)(x.detach(), z.detach(), w1.detach(), w2.detach(), w3.detach())
-                except pyops.BackendUnavailableError:
-                    continue
-                c = compare(got, want, tolerance_for(dtype) if dtype != torch.float32 else
-                            type(tolerance_for(dtype))(atol=2e-5, rtol=2e-5))
-                out[f"pyops_{b}_max_abs_vs_loop"] = c.max_abs
-                ok = ok and c.ok
-        out["ok"] = ok
-        return out
+            args = [t.detach() for t in (x, z, w1, w2, w3)]
+            want = loop_moe(*args, k)
 
-    params = dict(T=T, d=d, hidden=h, E=E, k=k, activation="swiglu", dtype=_DT[dtype], backward=backward,
+            def figures(backend: str) -> tuple:
+                c = compare(pyops_layer(backend)(*args), want, tol)
+                return {f"pyops_{backend}_max_abs_vs_loop": c.max_abs}, c.ok
+            return verify_backends(b.backends, figures)
+
+    params = dict(T=T, d=d, hidden=h, E=E, k=k, activation="swiglu", dtype=b.spec.dtype, backward=backward,
                   device=str(dev), threads=torch.get_num_threads())
-    return Case(f"layer {'fwd+bwd' if backward else 'fwd'} {_DT[dtype]} T={T} d={d} h={h} E={E} k={k}", entries,
-                baseline="per-expert loop", params=params, repeats=repeats, max_seconds=max_seconds, warmup=1,
-                checks=checks, verify=verify)
+    return b.case(f"layer {b.tag} {b.spec.dtype} T={T} d={d} h={h} E={E} k={k}", entries, "per-expert loop", params,
+                  checks, verify)
 
 
-def _routing_case(dev, T, E, k, repeats, max_seconds) -> Case:
+def _routing_case(b: Build) -> Case:
     import pyops
 
-    z = torch.randn(T, E, generator=torch.Generator().manual_seed(1)).to(dev)
-    backends = ("cuda",) if dev.type == "cuda" else ("cpu",)
-    entries = [Entry(f"pyops {b}", (lambda b=b: pyops.moe_route(z, k, backend=b)), group="pyops",
-                     note=f"moe_route(backend={b!r}): top-k, counts, offsets, stable permutation")
-               for b in backends]
-    entries.append(Entry("torch softmax+topk+argsort+bincount", lambda: torch_routing(z, k),
-                         note="softmax, topk, renormalise, stable argsort by expert, bincount, cumsum"))
+    T, E, k = b.sizes["T"], b.sizes["E"], b.sizes["k"]
+    z = torch.randn(T, E, generator=torch.Generator().manual_seed(1)).to(b.device)
+    entries = b.entries({
+        PYOPS: lambda: [Entry(f"pyops {x}", (lambda x=x: pyops.moe_route(z, k, backend=x)), group="pyops",
+                              note=f"moe_route(backend={x!r}): top-k, counts, offsets, stable permutation")
+                        for x in b.backends],
+        "torch": lambda: Entry("torch softmax+topk+argsort+bincount", lambda: torch_routing(z, k),
+                               note="softmax, topk, renormalise, stable argsort by expert, bincount, cumsum"),
+    })
 
-    def checks(r: CaseResult) -> list[Check]:
+    def checks(r: CaseResult) -> list:
         res = []
-        for b in backends:
-            p = r.ok(f"pyops {b}")
-            res.append(Check(f"routing speed-up pyops {b} vs torch chain", p and p.speedup, 5.0, ">=", "x",
-                             note="" if p else "did not run"))
+        for x in b.backends:
+            p = r.ok(f"pyops {x}")
+            res.append(Check(f"routing speed-up pyops {x} vs torch chain", p and p.speedup, b.target("vs_torch"),
+                             ">=", "x", note="" if p else "did not run"))
         return res
 
     def verify() -> dict:
-        out, ok = {}, True
         w, e, order, offsets = torch_routing(z, k)
-        for b in backends:
-            try:
-                r = pyops.moe_route(z, k, backend=b)
-            except pyops.BackendUnavailableError:
-                continue
+
+        def figures(x: str) -> tuple:
+            r = pyops.moe_route(z, k, backend=x)
             same = bool(torch.equal(r.experts.long(), e)) and bool(torch.equal(r.order, order)) and \
                 bool(torch.equal(r.offsets[1:], offsets))
-            out[f"pyops_{b}_same_selection"] = same
-            out[f"pyops_{b}_weights_max_abs"] = float((r.weights - w).abs().max())
-            ok = ok and same
-        out["ok"] = ok
-        return out
+            return {f"pyops_{x}_same_selection": same,
+                    f"pyops_{x}_weights_max_abs": float((r.weights - w).abs().max())}, same
+        return verify_backends(b.backends, figures)
 
-    return Case(f"routing fp32 T={T} E={E} k={k}", entries, baseline="torch softmax+topk+argsort+bincount",
-                params=dict(T=T, E=E, k=k, device=str(dev), threads=torch.get_num_threads()),
-                repeats=repeats, max_seconds=max_seconds, warmup=1, checks=checks, verify=verify)
+    return b.case(f"routing fp32 T={T} E={E} k={k}", entries, "torch softmax+topk+argsort+bincount",
+                  dict(T=T, E=E, k=k, device=str(b.device), threads=torch.get_num_threads()), checks, verify)

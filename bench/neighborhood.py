@@ -1,38 +1,91 @@
-"""Benchmark of neighbourhood attention (`pyops.na1d/na2d/na3d`), family ``neighborhood``.
+"""Benchmarks of neighbourhood attention (`pyops.na1d/na2d/na3d`), family ``neighborhood``.
 
-Cases (issue 5), fp32 on CPU (fp16/bf16 on CUDA), heads-last layout [B, *spatial, H, D]:
+Cases, fp32 on CPU (bf16 on CUDA), heads-last layout [B, *spatial, H, D], forward and
+forward+backward (one builder, ``na``):
 
-* 2D, B=2, 56×56, H=4, D=32, k=7, dilation 1 and 4 — forward, and forward+backward:
+* 2D, B=2, 56×56, H=4, D=32, k=7, dilation 1 and 4:
     - ``reference`` (the baseline): the gather-based PyTorch definition (`pyops.reference`),
       autograd for the backward;
     - ``pyops <backend>``: the fused kernel (C++ on CPU, Triton on CUDA);
     - ``flex_attention compiled (NA mask)``: `torch.compile(flex_attention)` with a `mask_mod`
-      that encodes the same windows (compile time reported separately; skipped if it fails;
-      forward only on CPU, where FlexAttention has no backward);
+      that encodes the same windows (compile time reported separately; skipped if it fails, and
+      in the quick run; forward only on CPU, where FlexAttention has no backward);
     - ``natten flex-fna``: NATTEN's own path, when `natten` is installed.
-* 1D L=16384, k=129 and 3D 8×32×32, k=(3,7,7) — forward and forward+backward, with useful
-  GFLOP/s (2·N·H·K·(D+Dv) per forward; 2.5× that for forward+backward) against a plain
-  `torch.mm` measured in the same run.
+* 1D L=16384, k=129 and 3D 8×32×32, k=(3,7,7), with useful GFLOP/s (2·N·H·K·(D+Dv) per forward;
+  2.5× that for forward+backward) against a plain `torch.mm` measured in the same run.
 
-Checks (targets from the issue, CPU): forward ≥ 5× compiled FlexAttention with the NA mask,
-≥ 20× NATTEN's CPU path, ≥ 20× the gather reference; forward+backward ≥ 10× autograd through the
-reference. On CUDA: forward and forward+backward ≥ NATTEN flex-fna (≥ 1×).
+Checks: forward against compiled FlexAttention with the NA mask, NATTEN's CPU path and the gather
+reference; forward+backward against autograd through the reference; on CUDA, forward and
+forward+backward against NATTEN flex-fna.
 """
 from __future__ import annotations
 
 import math
 import time
 import warnings
-from typing import Iterator, Optional
+from dataclasses import replace
+from typing import Optional
 
 import torch
 
-from .harness import Case, CaseResult, Check, Entry
+from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, choice_info, mm_entry, prepare,
+                      randn)
 
 FAMILY = "neighborhood"
 OPS = ("na1d", "na2d", "na3d")
 
-_DT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+# check key -> (name after "<fwd|fwd+bwd> ", the peer pyops is compared with)
+_CHECKS = {
+    "vs_reference": ("speed-up vs reference", "reference"),
+    "vs_reference_autograd": ("speed-up vs reference autograd", "reference"),
+    "vs_flex": ("speed-up vs compiled flex_attention", "flex_attention compiled (NA mask)"),
+    "vs_natten": ("speed-up vs natten flex-fna", "natten flex-fna"),
+}
+_FWD = {"cpu": {"vs_reference": 20.0, "vs_flex": 5.0, "vs_natten": 20.0},
+        "cuda": {"vs_reference": None, "vs_flex": None, "vs_natten": 1.0}}
+_BWD = {"cpu": {"vs_reference_autograd": 10.0}, "cuda": {"vs_reference_autograd": None, "vs_natten": 1.0}}
+# 1D and 3D are measured against the reference and torch.mm only.
+_FWD_MM = {"cpu": {"vs_reference": 20.0}, "cuda": {"vs_reference": None}}
+_BWD_MM = {"cpu": {"vs_reference_autograd": 10.0}, "cuda": {"vs_reference_autograd": None}}
+
+_NA2D_PEERS = ("reference", PYOPS, "flex", "natten")
+_MM_PEERS = ("reference", PYOPS, "mm")
+_NA2D = dict(B=2, spatial=(56, 56), H=4, D=32, kernel=7)
+_NA1D = dict(B=1, spatial=(16384,), H=4, D=32, kernel=129, dilation=1)
+_NA1D_QUICK = dict(spatial=(1024,), kernel=33)
+_NA3D = dict(B=1, spatial=(8, 32, 32), H=4, D=32, kernel=(3, 7, 7), dilation=1)
+_NA3D_QUICK = dict(spatial=(4, 12, 12), kernel=(3, 5, 5))
+
+
+def _spec(name, op, sizes, quick, backward, peers, targets, quick_s, full_s) -> CaseSpec:
+    timing = {"full": Timing(repeats=9, max_seconds=60.0, warmup=1, expect_s=full_s),
+              "quick": Timing(repeats=5, min_repeats=2, max_seconds=3.0, warmup=1, expect_s=quick_s),
+              "cuda full": Timing(repeats=9, max_seconds=60.0, warmup=2)}
+    return CaseSpec(name, op, "na", sizes, quick, backward=backward, backends={"cpu": ("cpu",)}, peers=peers,
+                    baseline="reference", targets=targets, timing=timing)
+
+
+_CPU_CASES = [
+    _spec("na2d-d1-fwd", "na2d", {**_NA2D, "dilation": 1}, {"spatial": (24, 24)}, False, _NA2D_PEERS, _FWD, 6, 26),
+    _spec("na2d-d1-bwd", "na2d", {**_NA2D, "dilation": 1}, {"spatial": (24, 24)}, True, _NA2D_PEERS, _BWD, 5, 9),
+    _spec("na2d-d4-fwd", "na2d", {**_NA2D, "dilation": 4}, {"spatial": (24, 24), "dilation": 2}, False,
+          _NA2D_PEERS, _FWD, 5, 24),
+    _spec("na2d-d4-bwd", "na2d", {**_NA2D, "dilation": 4}, {"spatial": (24, 24), "dilation": 2}, True,
+          _NA2D_PEERS, _BWD, 5, 9),
+    _spec("na1d-fwd", "na1d", _NA1D, _NA1D_QUICK, False, _MM_PEERS, _FWD_MM, 4, 19),
+    _spec("na3d-fwd", "na3d", _NA3D, _NA3D_QUICK, False, _MM_PEERS, _FWD_MM, 4, 12),
+    _spec("na1d-bwd", "na1d", _NA1D, _NA1D_QUICK, True, _MM_PEERS, _BWD_MM, 6, 61),
+    _spec("na3d-bwd", "na3d", _NA3D, _NA3D_QUICK, True, _MM_PEERS, _BWD_MM, 6, 34),
+]
+# The same cases in bf16 on CUDA (the Triton kernels).
+CASES = _CPU_CASES + [replace(s, name=f"{s.name}-bf16", dtype="bf16", backends={"cuda": ("triton",)})
+                      for s in _CPU_CASES]
+
+
+def build(spec: CaseSpec, device, *, full: bool = False, workdir: Optional[str] = None) -> Case:
+    """The `Case` of `spec` on `device` (quick size unless `full`)."""
+    b = prepare(spec, device, full, workdir)
+    return {"na": _na_case}[spec.kind](b)
 
 
 def _fn(n):
@@ -80,18 +133,18 @@ def _unavailable(msg):
     return pyops.BackendUnavailableError(msg)
 
 
-def _make_case(dev, dtype, n, B, spatial, H, D, kernel, dilation, backward, quick, mm_peer, peers=True) -> Case:
-    import pyops
+def _na_case(b: Build) -> Case:
+    s, dev, dtype, backward, tag = b.sizes, b.device, b.dtype, b.spec.backward, b.tag
+    spatial, B, H, D = tuple(s["spatial"]), s["B"], s["H"], s["D"]
+    n = len(spatial)
     fn = _fn(n)
-    kernel = tuple(kernel) if isinstance(kernel, (tuple, list)) else (kernel,) * n
-    dilation = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,) * n
-    gen = torch.Generator(device=dev).manual_seed(0)
+    kernel = tuple(s["kernel"]) if isinstance(s["kernel"], (tuple, list)) else (s["kernel"],) * n
+    dilation = tuple(s["dilation"]) if isinstance(s["dilation"], (tuple, list)) else (s["dilation"],) * n
+    gen = b.generator(0)
     shp = (B, *spatial, H, D)
-    q, k, v = (torch.randn(shp, generator=gen, device=dev, dtype=torch.float32).to(dtype) for _ in range(3))
-    dout = torch.randn(shp, generator=gen, device=dev, dtype=torch.float32).to(dtype)
+    q, k, v = (randn(shp, dtype, dev, gen) for _ in range(3))
+    dout = randn(shp, dtype, dev, gen)
     flops = _useful_flops(B, spatial, H, D, D, kernel) * (5 if backward else 2) // 2
-    backends = ("triton",) if dev.type == "cuda" else ("cpu",)
-    tag = "fwd+bwd" if backward else "fwd"
     kw = dict(dilation=dilation)
 
     def call(f, **extra):
@@ -105,18 +158,15 @@ def _make_case(dev, dtype, n, B, spatial, H, D, kernel, dilation, backward, quic
             out.backward(dout)
         return run
 
-    entries = [Entry("reference", call(fn, backend="reference"),
-                     flops=flops, group="peer", note=f"gather-based PyTorch reference ({tag}, autograd)")]
-    for b in backends:
-        def info(b=b):
-            ch = pyops.last_choice(f"na{n}d")
-            return {"backend_ran": ch.backend if ch else None}
-        entries.append(Entry(f"pyops {b}", call(fn, backend=b), flops=flops, group="pyops",
-                             note=f"pyops.na{n}d(..., backend={b!r}) {tag}", info=info))
+    compile_s: dict = {}
 
-    compile_s = {}
-    if peers and not (backward and dev.type == "cpu"):
-        # compiled FlexAttention with an NA mask_mod ([B, H, N, D] layout)
+    def flex() -> list:
+        # compiled FlexAttention with an NA mask_mod ([B, H, N, D] layout); no backward on CPU
+        if backward and b.cpu:
+            return []
+        if not b.full:
+            return [Entry("flex_attention compiled (NA mask)", None, group="peer",
+                          skip="quick mode: left out (its compile alone takes tens of seconds)")]
         state = {}
 
         def flex_setup():
@@ -139,108 +189,73 @@ def _make_case(dev, dtype, n, B, spatial, H, D, kernel, dilation, backward, quic
             except Exception as exc:  # noqa: BLE001 - a peer that cannot run is skipped, not an error
                 raise _unavailable(f"compiled flex_attention failed: {type(exc).__name__}: {str(exc)[:200]}")
 
-        entries.append(Entry("flex_attention compiled (NA mask)", lambda: state["fn"](), setup=flex_setup,
-                             flops=flops, group="peer",
-                             note="torch.compile(flex_attention) with an NA mask_mod; compile time in info",
-                             info=lambda: {"compile_and_first_call_s": compile_s.get("flex")}))
-    if peers:
+        return [Entry("flex_attention compiled (NA mask)", lambda: state["fn"](), setup=flex_setup,
+                      flops=flops, group="peer",
+                      note="torch.compile(flex_attention) with an NA mask_mod; compile time in info",
+                      info=lambda: {"compile_and_first_call_s": compile_s.get("flex")})]
+
+    def natten_entry() -> Entry:
         try:
-            import natten  # noqa: F401
-            have_natten = None
-        except Exception as exc:  # noqa: BLE001
-            have_natten = f"natten is not installed ({type(exc).__name__})"
-        nat = None
-        if have_natten is None and not (backward and dev.type == "cpu"):
             import natten
+        except Exception as exc:  # noqa: BLE001
+            return Entry("natten flex-fna", None, skip=f"natten is not installed ({type(exc).__name__})", group="peer")
+        if backward and b.cpu:
+            return Entry("natten flex-fna", None, skip="NATTEN has no backward on CPU", group="peer")
+        nf = getattr(natten, f"na{n}d")
+        extra = {}
+        if not b.cpu:   # NATTEN's flex path compiled, as NATTEN recommends on GPU
+            natten.allow_flex_compile(True, backprop=True)
+            extra = {"torch_compile": True}
 
-            def nat_call(f_unused=None):
-                nf = getattr(natten, f"na{n}d")
-                extra = {}
-                if dev.type == "cuda":   # NATTEN's flex path compiled, as NATTEN recommends on GPU
-                    natten.allow_flex_compile(True, backprop=True)
-                    extra = {"torch_compile": True}
+        def f(q_, k_, v_, kernel_, **kw_):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return nf(q_, k_, v_, kernel_size=kernel_, backend="flex-fna", **kw_, **extra)
+        return Entry("natten flex-fna", call(f), flops=flops, group="peer",
+                     note=f"natten {natten.__version__} na{n}d(..., backend='flex-fna')")
 
-                def f(q_, k_, v_, kernel_, **kw_):
-                    with warnings.catch_warnings():
-                        warnings.simplefilter("ignore")
-                        return nf(q_, k_, v_, kernel_size=kernel_, backend="flex-fna", **kw_, **extra)
-                return call(f)
-            nat = Entry("natten flex-fna", nat_call(), flops=flops, group="peer",
-                        note=f"natten {natten.__version__} na{n}d(..., backend='flex-fna')")
-        elif have_natten is not None:
-            nat = Entry("natten flex-fna", None, skip=have_natten, group="peer")
-        else:
-            nat = Entry("natten flex-fna", None, skip="NATTEN has no backward on CPU", group="peer")
-        entries.append(nat)
-    if mm_peer:
-        m = 1024
-        a = torch.randn(m, m, device=dev, dtype=dtype)
-        bmat = torch.randn(m, m, device=dev, dtype=dtype)
-        entries.append(Entry("torch.mm 1024³", lambda: torch.mm(a, bmat), flops=2 * m ** 3, group="reference",
-                             note="plain torch.mm, the machine's GFLOP/s yardstick in this run"))
+    entries = b.entries({
+        "reference": lambda: Entry("reference", call(fn, backend="reference"), flops=flops, group="peer",
+                                   note=f"gather-based PyTorch reference ({tag}, autograd)"),
+        PYOPS: lambda: [Entry(f"pyops {x}", call(fn, backend=x), flops=flops, group="pyops",
+                              note=f"pyops.na{n}d(..., backend={x!r}) {tag}", info=choice_info(f"na{n}d"))
+                        for x in b.backends],
+        "flex": flex,
+        "natten": natten_entry,
+        "mm": lambda: mm_entry("torch.mm 1024³", dev, dtype,
+                               note="plain torch.mm, the machine's GFLOP/s yardstick in this run"),
+    })
 
-    def checks(r: CaseResult) -> list[Check]:
+    def checks(r: CaseResult) -> list:
         out = []
-        cpu = dev.type == "cpu"
-        for b in backends:
-            p = r.ok(f"pyops {b}")
+        for x in b.backends:
+            p = r.ok(f"pyops {x}")
             if p is None:
-                e = r.get(f"pyops {b}")
-                out.append(Check(f"pyops {b}", None, note=f"did not run: {e.reason if e else '?'}"))
+                e = r.get(f"pyops {x}")
+                out.append(Check(f"pyops {x}", None, note=f"did not run: {e.reason if e else '?'}"))
                 continue
-
-            def ratio(name):
-                e = r.ok(name)
-                return e.median_s / p.median_s if e else None
-
-            def has(name):
-                return r.get(name) is not None
-            if backward:
-                out.append(Check(f"{tag} speed-up vs reference autograd", ratio("reference"), 10.0 if cpu else None, ">=", "x"))
-                if not cpu and has("natten flex-fna"):
-                    out.append(Check(f"{tag} speed-up vs natten flex-fna", ratio("natten flex-fna"), 1.0, ">=", "x"))
-            else:
-                out.append(Check(f"{tag} speed-up vs reference", ratio("reference"), 20.0 if cpu else None, ">=", "x"))
-                if has("flex_attention compiled (NA mask)"):
-                    out.append(Check(f"{tag} speed-up vs compiled flex_attention", ratio("flex_attention compiled (NA mask)"),
-                                     5.0 if cpu else None, ">=", "x"))
-                if has("natten flex-fna"):
-                    out.append(Check(f"{tag} speed-up vs natten flex-fna", ratio("natten flex-fna"), 20.0 if cpu else 1.0, ">=", "x"))
+            for key, target in b.targets.items():
+                label, peer = _CHECKS[key]
+                e = r.ok(peer)
+                out.append(Check(f"{tag} {label}", e.median_s / p.median_s if e else None, target, ">=", "x"))
             mm = r.ok("torch.mm 1024³")
             if mm:
-                out.append(Check(f"pyops {b} useful GFLOP/s / torch.mm GFLOP/s", p.gflops / mm.gflops, None, ">=", "x",
-                                 note=f"{p.gflops:.1f} vs {mm.gflops:.1f} GFLOP/s"))
+                out.append(Check(f"pyops {x} useful GFLOP/s / torch.mm GFLOP/s", p.gflops / mm.gflops, None, ">=",
+                                 "x", note=f"{p.gflops:.1f} vs {mm.gflops:.1f} GFLOP/s"))
         if "flex" in compile_s:
             out.append(Check("flex_attention compile + first call", compile_s["flex"], None, "<=", " s"))
         return out
 
     def verify():
         with torch.no_grad():
-            got = fn(q, k, v, kernel, **kw, backend=backends[0])
+            got = fn(q, k, v, kernel, **kw, backend=b.backends[0])
             exp = fn(q, k, v, kernel, **kw, backend="reference")
         from pyops.testing import compare, tolerance_for
         c = compare(got, exp, tolerance_for(dtype))
         return {"max_abs": c.max_abs, "ok": c.ok}
 
-    name = f"na{n}d {tag} {'x'.join(map(str, spatial))} k={'x'.join(map(str, kernel))} d={'x'.join(map(str, dilation))} B={B} H={H} D={D} {_DT[dtype]}"
-    params = dict(B=B, spatial=list(spatial), H=H, D=D, kernel=kernel, dilation=dilation, dtype=_DT[dtype],
+    name = (f"na{n}d {tag} {'x'.join(map(str, spatial))} k={'x'.join(map(str, kernel))} "
+            f"d={'x'.join(map(str, dilation))} B={B} H={H} D={D} {b.spec.dtype}")
+    params = dict(B=B, spatial=list(spatial), H=H, D=D, kernel=kernel, dilation=dilation, dtype=b.spec.dtype,
                   backward=backward, useful_flops=flops)
-    return Case(name, entries, baseline="reference", params=params, checks=checks, verify=verify,
-                repeats=5 if quick else 9, min_repeats=2 if quick else 3, max_seconds=10.0 if quick else 60.0,
-                warmup=1 if (quick or dev.type == "cpu") else 2)
-
-
-def cases(device: str, quick: bool = False) -> Iterator[Case]:
-    dev = torch.device(device)
-    dtypes = (torch.float32,) if dev.type == "cpu" else (torch.bfloat16,)
-    side = 24 if quick else 56
-    for dtype in dtypes:
-        for dil in (1, 4) if not quick else (1, 2):
-            for backward in (False, True):
-                yield _make_case(dev, dtype, 2, 2, (side, side), 4, 32, 7, dil, backward, quick, mm_peer=False)
-    L, k1 = (1024, 33) if quick else (16384, 129)
-    sp3, k3 = ((4, 12, 12), (3, 5, 5)) if quick else ((8, 32, 32), (3, 7, 7))
-    for dtype in dtypes[:1]:
-        for backward in (False, True):
-            yield _make_case(dev, dtype, 1, 1, (L,), 4, 32, k1, 1, backward, quick, mm_peer=True, peers=False)
-            yield _make_case(dev, dtype, 3, 1, sp3, 4, 32, k3, 1, backward, quick, mm_peer=True, peers=False)
+    return b.case(name, entries, "reference", params, checks, verify)

@@ -35,13 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="microbenchmarks with the peers side by side",
                        description="Benchmark each family against the peers a user would pick instead, measured in the "
                                    "same process.")
-    if hasattr(bench, "add_arguments"):
-        bench.add_arguments(b)
-    else:  # TRANSITIONAL
-        b.add_argument("--op", default=None)
-        b.add_argument("--quick", action="store_true")
-        b.add_argument("--device", default=None)
-        b.add_argument("--results-dir", default=None)
+    bench.add_arguments(b)
     add_merge_parser(sub)
     return p
 
@@ -79,9 +73,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command == "bench":
         from pyops import bench
 
-        if hasattr(bench, "main"):
-            return bench.main(args)
-        return bench.run(args.op, quick=args.quick, device=args.device, results_dir=args.results_dir)
+        return bench.main(args)
     return 2
 
 

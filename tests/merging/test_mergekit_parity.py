@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from pyops.bench.merging_methods import write_llama_checkpoint
+from pyops.bench.merging import write_llama_checkpoint
 from pyops.testing import compare, tolerance_for
 
 MERGEKIT = os.environ.get("PYOPS_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
