@@ -1,8 +1,8 @@
 """Triton kernels for TIES, DARE (dare_linear), DARE-TIES, breadcrumbs and DELLA (della_linear)
 merging (`pyops.kernels.merging.methods`).
 
-The math is in `pyops/reference/merge.py`; the registered op that calls `merge_forward` is in
-`pyops/ops/merge_triton.py`. With τᵢ = deltas[i] (or deltas[i] − base when `from_models`),
+The math is in `pyops/merging/reference.py`; the registered ops that call `merge_forward` are in
+`pyops/merging/backend_triton.py`. With τᵢ = deltas[i] (or deltas[i] − base when `from_models`),
 w = coeffs[i, block], ρᵢ = density[i]:
 
     trim        ties:       tᵢ = [|τᵢ| ≥ thrᵢ(block)]·τᵢ   (thr = k-th largest |τᵢ| of the block)
@@ -60,9 +60,9 @@ MAX_TASKS = 8
 SMALL_MAX = 8192  # blocks up to this many elements: one program per block (or per ROWS blocks)
 # Small-block TIES: up to this many tasks per launch search their thresholds in one joint loop
 # (keys of every task held in registers) when the rows are at most ROWS_JOINT_MAX_COLS wide;
-# otherwise one task after the other. Measured on an H200 (64M fp32, N=3, density 0.3): rows of
-# 64: joint 2.31 ms vs 2.77 ms; rows of 1024: equal (2.39 / 2.40); rows of 4096: joint 3.59 ms vs
-# 2.33 ms (register pressure).
+# otherwise one task after the other. The tasks' searches are independent, so the joint loop pays
+# each step's reduction latency once for all of them; on wider rows the keys of several tasks no
+# longer fit in registers and the spills cost more than that saves.
 ROWS_JOINT_MAX_TASKS = 4
 ROWS_JOINT_MAX_COLS = 1024
 _I32_LIMIT = 2**31 - 1

@@ -1,8 +1,9 @@
 """Per-block ascending ranks of |τ| on any device, for the GPU paths of breadcrumbs and DELLA
-(kernels/merge.py and csrc/cuda/merge_kernels.cuh take them as an input).
+(the Triton kernels in `pyops.kernels.merging.methods` and the CUDA kernels in csrc/merging/ take
+them as an input).
 
 The rank of an element is its position in its block sorted by |τ| ascending, ties broken by
-position: the reference's `ascending_rank` (pyops/reference/merge.py), here by a stable device
+position: the reference's `ascending_rank` (pyops/merging/reference.py), here by a stable device
 sort of every block, the last block padded with NaN (which sorts last and is cut off).
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Triton kernels for block-wise task arithmetic (`pyops.kernels.merging.task_arithmetic`).
 
 The math is in `pyops/merging/reference.py`; the registered ops that call these launchers are
-in `pyops/merging/task_arithmetic.py`. With the flattened tensor cut into blocks of `block_size` elements
+in `pyops/merging/backend_triton.py`. With the flattened tensor cut into blocks of `block_size` elements
 and c[i, b] = coeffs[i * coeff_stride_n + b * coeff_stride_block]:
 
     forward     out[j]          = base[j] + Σᵢ c[i, j // block_size] · τᵢ[j]

@@ -1,7 +1,16 @@
-"""Streaming merge of whole checkpoints: `python -m pyops merge CONFIG.yaml --out DIR`.
+"""The merging family's home: its ops and the checkpoint command.
 
-(DESIGN.md's layout calls this package ``merge/``; it is ``pyops.merging`` because
-``pyops.merge`` is already the merge function.)
+The ops (public as `pyops.task_arithmetic`, `pyops.task_arithmetic_from_models`, `pyops.merge`,
+`pyops.merge_from_models`): `reference.py` is the definition; `task_arithmetic.py` and `merge.py`
+validate, choose the backend and register the autograd; `backend_cpu.py`, `backend_triton.py` and
+`backend_cuda.py` hold each backend's registered ops and glue, `registry.py` what they share;
+`spec.py` the method tables, defaults and random key without torch; `nn.py` the learned-merging
+module (`pyops.nn.TaskVectorComposition`); `verify.py` the cases of `python -m pyops verify`. The
+package is ``pyops.merging`` because ``pyops.merge`` is the merge function.
+
+The checkpoint command (`cli.py`, `config.py`, `runner.py`, `native_engine.py`,
+`safetensors_io.py`, `errors.py`) streams a merge of whole checkpoints:
+`python -m pyops merge CONFIG.yaml --out DIR`.
 
     from pyops.merging import run_merge
     report = run_merge("merge.yaml", "out/merged", device="cpu", shard_size="5GB")

@@ -1,23 +1,27 @@
 """Model merging over task vectors: `pyops.merge` / `pyops.merge_from_models`.
 
-The definitions of every method are in `pyops/reference/merge.py`. Backends:
+Validation, backend choice and autograd; the definitions of every method are in
+`pyops/merging/reference.py`, each backend's glue in backend_cpu.py, backend_triton.py and
+backend_cuda.py. Backends:
+
 * ``reference`` — every method, forward and gradients (masks held fixed).
-* ``cpu`` — the fused C++ kernels (`csrc/cpu/merge_kernels.cpp`): one pass per block after an
-  exact per-block magnitude selection (TIES) or a stable radix ranking of |τ| (breadcrumbs,
-  DELLA; `csrc/cpu/block_rank.h`), Philox masks generated in the pass (DARE, DELLA), for every
-  method (model_stock: a Gram pass, then task arithmetic). Backward with the masks held fixed
-  for every method but consensus (its mask depends on the coefficients: its gradients come from
-  the reference).
-* ``triton`` — kernels/merge.py (`pyops/ops/merge_triton.py`) for ties, dare / dare_linear,
-  dare_ties, breadcrumbs and della / della_linear on CUDA tensors (CPU tensors under
-  TRITON_INTERPRET=1): exact per-block radix selection for TIES, Philox masks in the pass,
-  ranks from a stable device sort for breadcrumbs / DELLA. Forward only: a call that needs
-  gradients goes to ``cpu`` (CPU tensors) or the reference, with that reason.
-* ``cuda`` — hand-written CUDA kernels (`csrc/cuda/merge_kernels.cuh`, `pyops/ops/merge_cuda.py`)
-  for every method but model_stock: an exact three-digit radix select of the per-block TIES
-  threshold, ranks from a stable device sort for breadcrumbs / DELLA, then one combine pass with
-  the Philox masks drawn in it; the C++ kernels' bits. Backward with the masks held fixed for every
-  method but consensus (deterministic coefficient gradients). First in the GPU order.
+* ``cpu`` — the fused C++ kernels (csrc/merging/): one pass per block after an exact per-block
+  magnitude selection (TIES) or a stable radix ranking of |τ| (breadcrumbs, DELLA), Philox masks
+  generated in the pass (DARE, DELLA), for every method; model_stock is a Gram pass, then task
+  arithmetic (composed here). Backward with the masks held fixed for every method but consensus
+  (its mask depends on the coefficients: its gradients come from the reference).
+* ``triton`` — pyops.kernels.merging.methods for ties, dare / dare_linear, dare_ties, breadcrumbs
+  and della / della_linear on CUDA tensors (CPU tensors under TRITON_INTERPRET=1): exact
+  per-block radix selection for TIES, Philox masks in the pass, ranks from a stable device sort
+  for breadcrumbs / DELLA. Forward only: a call that needs gradients goes to ``cpu`` (CPU
+  tensors) or the reference, with that reason.
+* ``cuda`` — hand-written CUDA kernels (csrc/merging/) for every method but model_stock: an exact
+  three-digit radix select of the per-block TIES threshold, ranks from a stable device sort for
+  breadcrumbs / DELLA, then one combine pass with the Philox masks drawn in it; the C++ kernels'
+  bits. Backward with the masks held fixed for every method but consensus (deterministic
+  coefficient gradients). First in the GPU order.
+
+method="task_arithmetic" is `pyops.task_arithmetic` with λ folded into the coefficients.
 """
 from __future__ import annotations
 
@@ -26,74 +30,118 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from pyops import _backend, _native
-from pyops._triton import triton_family_reason
-from pyops.merging import backend_cuda as merge_cuda  # the CUDA path (its ops register without a GPU)
-from pyops.merging import backend_cpu as merge_native  # the C++ path; importing registers its ops before any tracing
-from pyops.merging import backend_triton as merge_triton  # the Triton path (its ops register without importing Triton)
+from pyops import _backend
+from pyops.merging import backend_cpu, backend_cuda, backend_triton  # importing them registers their ops
+from pyops.merging import reference as ref
 from pyops.merging import task_arithmetic as TM
 from pyops.merging.spec import check_params
-from pyops.merging import reference as ref
 
 OP = "merge"
 METHODS = ref.METHODS
 ALIASES = {"dare_linear": "dare"}
-# Methods that rank |τ| within each block (the C++ kernels sort; see csrc/cpu/block_rank.h).
+# Methods that rank |τ| within each block.
 RANKED = ref.RANKED
-# Method codes of the C++ kernel (csrc/cpu/merge.h).
-NATIVE_METHODS = merge_native.METHOD_CODES
+GPU_ORDER = ("cuda", "triton")
 
 
 def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
-    dev = p.base.device
-    dtype_reason = _native.native_dtype_reason(p.base, torch.empty(0, dtype=p.out_dtype))
+    """Each backend's `can_run` for this call: None, or the reason it cannot run it."""
+    return {"reference": lambda: None,
+            "cpu": lambda: backend_cpu.merge_reason(p, method, needs_grad),
+            "cuda": lambda: backend_cuda.merge_reason(p, method, needs_grad),
+            "triton": lambda: backend_triton.merge_reason(p, method, needs_grad)}
 
-    def cpu() -> Optional[str]:
-        if _native.cpu_module is None:
-            return _native.cpu_missing_reason
-        if not hasattr(_native.cpu_module, "merge_forward"):
-            return "pyops._C was built without the merge kernels"
-        if dev.type != "cpu":
-            return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
-        if method not in NATIVE_METHODS and method != "model_stock":
-            return f"the C++ kernels do not implement {method!r}"
-        if method in RANKED and min(p.block_size, p.base.numel()) >= 2**32:
-            return f"the C++ kernels rank blocks of fewer than 2**32 elements ({method!r})"
-        if needs_grad and method == "consensus":
-            return f"gradients for {method!r} are computed by the reference backend"
-        return dtype_reason
 
-    def triton() -> Optional[str]:
-        reason = triton_family_reason(dev, "merging.methods")
-        if reason is not None:
-            return reason
-        if method not in merge_triton.METHOD_CODES:
-            return (f"the Triton kernels implement {', '.join(merge_triton.METHODS)}, not {method!r}")
-        if needs_grad:
-            return "the Triton merge kernels are forward only (gradients: the cpu or reference backend)"
-        if method in RANKED and min(p.block_size, p.base.numel()) >= 2**31:
-            return f"the Triton kernels rank blocks of fewer than 2**31 elements (int32 ranks; {method!r})"
-        return dtype_reason
+# --------------------------------------------------------------------------------------------
+# Autograd of the native merge ops (C++ and CUDA): every mask held fixed
+# --------------------------------------------------------------------------------------------
 
-    def cuda() -> Optional[str]:
-        if _native.cuda_module is None:
-            return _native.cuda_missing_reason
-        if not hasattr(_native.cuda_module, "merge_forward"):
-            return "pyops._C_cuda was built without the merge kernels"
-        if dev.type != "cuda":
-            return f"tensors are on {dev.type}, the CUDA kernels take CUDA tensors"
-        if method not in merge_cuda.METHOD_CODES:
-            return f"the CUDA kernels implement {', '.join(merge_cuda.METHODS)}, not {method!r}"
-        if needs_grad and method == "consensus":
-            return f"gradients for {method!r} are computed by the reference backend"
-        if method == "ties" and min(p.block_size, p.base.numel()) >= 2**32:
-            return "the CUDA TIES selection counts blocks of fewer than 2**32 elements"
-        if method in RANKED and min(p.block_size, p.base.numel()) >= 2**31:
-            return f"the CUDA kernels rank blocks of fewer than 2**31 elements (int32 ranks; {method!r})"
-        return dtype_reason
+def _merge_setup(ctx, inputs, output):
+    base, deltas, coeffs, *params, _out_dtype = inputs
+    ctx.save_for_backward(base, coeffs, *deltas)
+    ctx.params = params
+    ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
 
-    return {"reference": lambda: None, "cpu": cpu, "cuda": cuda, "triton": triton}
 
+def _make_merge_backward(backward_op):
+    def backward(ctx, grad):
+        base, coeffs, *deltas = ctx.saved_tensors
+        need_base, need_deltas, need_coeffs = ctx.need
+        gb, gd, gc = backward_op(grad, base, deltas, coeffs, *ctx.params, need_base, need_deltas, need_coeffs)
+        return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
+                gc if need_coeffs else None) + (None,) * (len(ctx.params) + 1)
+    return backward
+
+
+for _path in (backend_cpu, backend_cuda):
+    _path.merge_op.register_autograd(_make_merge_backward(_path.merge_backward_op), setup_context=_merge_setup)
+
+
+# --------------------------------------------------------------------------------------------
+# model_stock on the C++ kernels: the Gram matrix, then task arithmetic
+# --------------------------------------------------------------------------------------------
+
+def _gram_setup(ctx, inputs, output):
+    base, deltas, from_models = inputs
+    ctx.save_for_backward(base, *deltas)
+    ctx.from_models = from_models
+    ctx.need_base = from_models and base.requires_grad
+    ctx.need = [d.requires_grad for d in deltas]
+
+
+def _gram_backward(ctx, grad):
+    # G = T Tᵀ with T the [N, numel] task vectors: dL/dτ_k = Σ_j (g + gᵀ)[k, j] τ_j.
+    base, *deltas = ctx.saved_tensors
+    sym = (grad + grad.transpose(0, 1)).to(torch.float32)
+    b32 = base.reshape(-1).to(torch.float32)
+    taus = [d.reshape(-1).to(torch.float32) - b32 if ctx.from_models else d.reshape(-1).to(torch.float32)
+            for d in deltas]
+    n = len(taus)
+    grad_taus = []
+    for k in range(n):
+        acc = torch.zeros_like(b32)
+        for j in range(n):
+            acc = acc + sym[k, j] * taus[j]
+        grad_taus.append(acc)
+    grad_deltas = [g.view(base.shape).to(base.dtype) if need else None for g, need in zip(grad_taus, ctx.need)]
+    grad_base = None
+    if ctx.need_base:
+        total = torch.zeros_like(b32)
+        for g in grad_taus:
+            total = total - g
+        grad_base = total.view(base.shape).to(base.dtype)
+    return grad_base, grad_deltas, None
+
+
+backend_cpu.gram_op.register_autograd(_gram_backward, setup_context=_gram_setup)
+
+
+def model_stock_coeffs(gram: Tensor) -> Tensor:
+    """t/N per task ([N], fp32) from the Gram matrix, as the reference forms t:
+    cos = mean over i<j of clamp(G_ij / max(‖τᵢ‖‖τⱼ‖, 1e-6), −1, 1), t = N·cos / (1 + (N − 1)·cos)."""
+    n = gram.shape[0]
+    norms = torch.sqrt(torch.diagonal(gram))
+    iu = torch.triu_indices(n, n, offset=1, device=gram.device)
+    prods = (norms[:, None] * norms[None, :])[iu[0], iu[1]].clamp_min(1e-6)
+    cos = (gram[iu[0], iu[1]] / prods).clamp(-1.0, 1.0).mean()
+    t = n * cos / (1 + (n - 1) * cos)
+    return (t / n).to(torch.float32).expand(n)
+
+
+def _model_stock_cpu(p: TM.Prepared, from_models: bool, out: Optional[Tensor]) -> Tensor:
+    """θ = base + t·mean(τ): a Gram pass (cos and t exactly as the reference forms them), then
+    `pyops.task_arithmetic` on the C++ kernels with coefficients t/N. Gradients reach base and the
+    models through t as well (the Gram op's backward), as in the reference."""
+    direct = out is not None and _backend.direct()  # the streaming merge: no dispatcher (see direct_kernels)
+    gram = (backend_cpu.gram if direct else backend_cpu.gram_op)(p.base, p.deltas, from_models)
+    coeffs = model_stock_coeffs(gram)
+    fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
+    return fn(p.base, p.deltas, coeffs, out=out, out_dtype=p.out_dtype if out is None else None, backend="cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------
 
 def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, lam, name, gamma, epsilon, k,
            tall_lambda, normalize, out, out_dtype, backend) -> Tensor:
@@ -118,7 +166,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
         return fn(p.base, p.deltas, p.coeffs * lam, blocks=blocks, out=out, out_dtype=out_dtype, backend=backend)
     chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad),
-                             _backend.default_order(p.base.device, ("cuda", "triton")))
+                             _backend.default_order(p.base.device, GPU_ORDER))
     if chosen == "reference":
         result = ref.merge(p.base, p.deltas, p.coeffs, method=method, block_size=p.block_size,
                            density=torch.tensor(dens, dtype=torch.float64), lam=lam, seed=seed, name=name,
@@ -129,13 +177,15 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         with torch.no_grad():
             return out.copy_(result)
     if chosen == "cuda":
-        return merge_cuda.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
-                              tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
+        return backend_cuda.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
+                                tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
     if chosen == "triton":
-        return merge_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
-                                normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
-    return merge_native.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
-                            tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
+        return backend_triton.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name,
+                                  normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
+    if method == "model_stock":
+        return _model_stock_cpu(p, from_models, out)
+    return backend_cpu.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
+                           tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
 
 
 def merge(

@@ -1,17 +1,16 @@
 """The streaming merge's native engine: the C++ CPU kernels called on raw memory, without torch.
 
-`python -m pyops merge` spent about half of a whole-model merge of three 1 GB checkpoints
-importing torch (1.3 of 2.6 s on the dev VM), and a CPU merge on the C++ kernels needs nothing
-from torch: the tensors are bytes in file mappings and reusable anonymous buffers, and
-`pyops._C` takes addresses (it links no torch). This engine runs those merges: device cpu,
-backend auto or cpu, every method with a C++ kernel (task_arithmetic, linear, ties, dare,
-dare_linear, dare_ties, breadcrumbs, della, della_linear, consensus), float32 / float16 /
-bfloat16 tensors whose dtype is the same in every model. `reason` says why a merge needs the
+Importing torch is a large share of a whole-model merge of a few GB of checkpoints, and a CPU
+merge on the C++ kernels needs nothing from torch: the tensors are bytes in file mappings and
+reusable anonymous buffers, and `pyops._C` takes addresses (it links no torch). This engine runs
+those merges: device cpu, backend auto or cpu, every method with a C++ kernel (task_arithmetic,
+linear, ties, dare, dare_linear, dare_ties, breadcrumbs, della, della_linear, consensus),
+float32 / float16 / bfloat16 tensors whose dtype is the same in every model. `reason` says why a merge needs the
 torch engine instead (model_stock, a model in another dtype, float64, a GPU, another backend);
 ``PYOPS_MERGE_ENGINE=torch`` forces the torch engine.
 
 The kernels are the ones `pyops.merge_from_models` reaches on CPU tensors, called with the
-same arguments as `pyops.merging.backend_cpu` / `pyops.merging.task_arithmetic` form them (coefficients
+same arguments as `pyops.merging.merge` and `pyops.merging.backend_cpu` form them (coefficients
 rounded to fp32, λ folded into task arithmetic's coefficients in fp32, the same block layout,
 name hash and seed), so both engines write the same bytes; the tests compare them file for file.
 """

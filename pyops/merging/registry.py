@@ -1,28 +1,137 @@
-"""Registration of a native merge path's three ops (`define_merge_ops`), shared by the C++
-(`merge_native.py`) and the CUDA (`merge_cuda.py`) paths, which take the same arguments:
+"""What the merging family's backend modules share (backend_cpu.py, backend_cuda.py, backend_triton.py).
 
-    pyops::<name>            functional, with autograd (every mask held fixed)
-    pyops::<name>_out        the same, writing into `out`
-    pyops::<name>_backward   grad_base, grad_deltas, grad_coeffs
+* `Prepared`: the validated arguments the op layer (task_arithmetic.py, merge.py) hands a backend.
+* The layout of the kernels' arguments: fp32 contiguous coefficients with their (task, block)
+  strides, device arrays of task pointers, the seed as the op schema's int64, the allocations of
+  a backward and the reduction of its [N, n_blocks] fp32 coefficient gradient.
+* The fake kernels of the task arithmetic ops, whose C++ / CUDA and Triton variants share a schema.
+* The names of the block sizes the backends declare limits on (`Capability.limits`).
+* `define_merge_ops`: the three registered ops of a native merge path, shared by the C++ and the
+  CUDA paths, which take the same arguments:
 
-The path supplies `forward_into(out, base, deltas, coeffs, *params)` and
-`backward_into(grad, base, deltas, coeffs, *params, grad_base, grad_deltas, grad_coeffs)`, whose
-outputs are None when not wanted (grad_coeffs has coeffs' shape); params are (density, block_size,
-from_models, method, lam, seed, name_hash, k, tall_lambda, normalize, gamma, epsilon), as the C++
-kernels' MergeProblem holds them.
+      pyops::<name>            functional (its autograd is registered by merge.py)
+      pyops::<name>_out        the same, writing into `out`
+      pyops::<name>_backward   grad_base, grad_deltas, grad_coeffs
+
+  The path supplies `forward_into(out, base, deltas, coeffs, *params)` and
+  `backward_into(grad, base, deltas, coeffs, *params, grad_base, grad_deltas, grad_coeffs)`, whose
+  outputs are None when not wanted (grad_coeffs has coeffs' shape); params are (density,
+  block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize, gamma,
+  epsilon), as the C++ kernels' MergeProblem holds them.
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from pyops.merging import task_arithmetic as TM
+from pyops.merging.spec import RANKED
 
+_U64 = 1 << 64
+
+
+@dataclass
+class Prepared:
+    """Validated arguments of one call: `base` [*shape], N task tensors of base's shape, dtype and
+    device, `coeffs` [N] or [N, n_blocks] (any float dtype), the block layout and the output dtype."""
+    base: Tensor
+    deltas: List[Tensor]
+    coeffs: Tensor
+    block_size: int
+    n_blocks: int
+    out_dtype: torch.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# Argument layout
+# --------------------------------------------------------------------------------------------
+
+def coeff_layout(coeffs: Tensor) -> tuple[Tensor, int, int]:
+    """fp32 contiguous coefficients and their (task, block) strides; a [N] vector broadcasts."""
+    c = coeffs.detach().to(torch.float32).contiguous()
+    return (c, c.shape[1], 1) if c.dim() == 2 else (c, 1, 0)
+
+
+def device_pointer_array(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
+    """int64 [N] of the tensors' data pointers on `device` (the CUDA kernels read the task list there)."""
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
+
+
+def seed_to_i64(seed: int) -> int:
+    """A seed in [0, 2**64) as the signed int64 the op schema carries (two's complement)."""
+    return seed - _U64 if seed >= 1 << 63 else seed
+
+
+def seed_from_i64(seed: int) -> int:
+    """The schema's int64 back to the kernels' uint64 seed."""
+    return seed & (_U64 - 1)
+
+
+def empty_grads(base: Tensor, deltas: List[Tensor], coeffs: Tensor, need_base: bool, need_deltas: bool,
+                need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
+    """Allocations for the backward; outputs that are not needed are empty tensors."""
+    gb = torch.empty_like(base, memory_format=torch.contiguous_format) if need_base else base.new_empty(0)
+    gd = [torch.empty_like(d, memory_format=torch.contiguous_format) for d in deltas] if need_deltas else []
+    gc = coeffs.new_empty(coeffs.shape) if need_coeffs else coeffs.new_empty(0)
+    return gb, gd, gc
+
+
+def coeff_grad_shape(n: int, numel: int, block_size: int) -> tuple[int, int]:
+    """[N, n_blocks]: the kernels' fp32 coefficient gradient, one sum per task and block."""
+    return n, (numel + block_size - 1) // block_size
+
+
+def finish_coeff_grad(gc32: Tensor, coeffs: Tensor, out: Tensor) -> None:
+    """gc32 is [N, n_blocks] fp32; a [N] coefficient vector gets the sum over blocks."""
+    out.copy_(gc32.sum(dim=1) if coeffs.dim() == 1 else gc32)
+
+
+# --------------------------------------------------------------------------------------------
+# Fake kernels of the task arithmetic ops (the C++ / CUDA ops and the Triton ops share a schema)
+# --------------------------------------------------------------------------------------------
+
+def task_arithmetic_fake(base, deltas, coeffs, block_size, from_models, out_dtype):
+    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+
+
+def task_arithmetic_out_fake(base, deltas, coeffs, block_size, from_models, out):
+    return None
+
+
+def task_arithmetic_backward_fake(grad, base, deltas, coeffs, block_size, from_models, need_base, need_deltas,
+                                  need_coeffs):
+    return empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+
+
+# --------------------------------------------------------------------------------------------
+# Sizes the backends declare limits on
+# --------------------------------------------------------------------------------------------
+
+# Elements of the longest block of a method that ranks |τ| within each block (breadcrumbs, DELLA).
+RANKED_BLOCK = "elements per ranked block"
+# Elements of the longest block whose TIES threshold is selected.
+TIES_BLOCK = "elements per TIES block"
+
+
+def longest_block(p: Prepared) -> int:
+    """Elements of the longest block (the whole tensor when it is shorter than one block)."""
+    return min(p.block_size, p.base.numel())
+
+
+def ranked_block(p: Prepared, method: str) -> Optional[int]:
+    """The size `RANKED_BLOCK` names for this call, or None when the method ranks nothing."""
+    return longest_block(p) if method in RANKED else None
+
+
+# --------------------------------------------------------------------------------------------
+# The ops of a native merge path
+# --------------------------------------------------------------------------------------------
 
 def define_merge_ops(name: str, device_types: str, forward_into: Callable, backward_into: Callable):
-    """Registers the three ops of one path; returns (functional, out variant, backward)."""
+    """Registers the three ops of one path with their fake kernels; returns (functional, out
+    variant, backward). merge.py ties the functional op to the backward op for autograd."""
 
     @torch.library.custom_op(f"pyops::{name}", mutates_args=(), device_types=device_types)
     def merge_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: List[float], block_size: int,
@@ -46,8 +155,9 @@ def define_merge_ops(name: str, device_types: str, forward_into: Callable, backw
                           k: int, tall_lambda: float, normalize: bool, gamma: float, epsilon: float,
                           need_base: bool, need_deltas: bool,
                           need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
-        """Gradients with every mask (trim, drop, rank band, election) held fixed: csrc/cpu/merge.h."""
-        gb, gd, gc = TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+        """Gradients with every mask (trim, drop, rank band, election) held fixed, as the C++
+        kernels define them (csrc/merging/)."""
+        gb, gd, gc = empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
         if base.numel() == 0:
             if gc.numel():
                 gc.zero_()
@@ -71,20 +181,6 @@ def define_merge_ops(name: str, device_types: str, forward_into: Callable, backw
     def _merge_backward_fake(grad, base, deltas, coeffs, density, block_size, from_models, method, lam, seed,
                              name_hash, k, tall_lambda, normalize, gamma, epsilon, need_base, need_deltas,
                              need_coeffs):
-        return TM._empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
+        return empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
 
-    def setup(ctx, inputs, output):
-        base, deltas, coeffs, *params, _out_dtype = inputs
-        ctx.save_for_backward(base, coeffs, *deltas)
-        ctx.params = params
-        ctx.need = (base.requires_grad, any(d.requires_grad for d in deltas), coeffs.requires_grad)
-
-    def backward(ctx, grad):
-        base, coeffs, *deltas = ctx.saved_tensors
-        need_base, need_deltas, need_coeffs = ctx.need
-        gb, gd, gc = merge_backward_op(grad, base, deltas, coeffs, *ctx.params, need_base, need_deltas, need_coeffs)
-        return (gb if need_base else None, list(gd) if need_deltas else [None] * len(deltas),
-                gc if need_coeffs else None) + (None,) * (len(ctx.params) + 1)
-
-    merge_op.register_autograd(backward, setup_context=setup)
     return merge_op, merge_out_op, merge_backward_op

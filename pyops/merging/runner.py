@@ -40,9 +40,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 CONFIG_COPY = "pyops_merge.yaml"
 # Idle reusable buffers kept by the merge (at least two of the largest tensor).
 _POOL_IDLE_BYTES = 256 << 20
-# Results queued for the writer thread: the disk (O_DIRECT, ~1 GB/s here) and the merge take turns
-# being the slower one from tensor to tensor, and a queue of two lets each run ahead of the other
-# (one more result buffer of memory).
+# Results queued for the writer thread: the disk (O_DIRECT) and the merge take turns being the
+# slower one from tensor to tensor, and a queue of two lets each run ahead of the other (one more
+# result buffer of memory).
 _WRITES_IN_FLIGHT = 2
 
 
@@ -322,7 +322,7 @@ class _TorchEngine:
             torch.set_num_threads(threads)
         try:
             # No tracing or autograd here: the kernels run without the op dispatcher, whose first
-            # call would import torch._dynamo (~0.9 s).
+            # call would import torch._dynamo, a large import a one-shot command need not pay.
             with _backend.direct_kernels():
                 yield
         finally:
@@ -333,15 +333,14 @@ class _TorchEngine:
 class _BytePool:
     """Reusable byte buffers, kept by exact size.
 
-    Reading every tensor into fresh memory costs a page fault per 4 KiB: on these machines the
-    first write of new memory runs at ~1 GB/s, slower than the read itself. A transformer's
-    tensors repeat a handful of shapes layer after layer, so buffers released after a tensor is
-    merged (inputs) or written (outputs) are handed out again for the next tensor of that size and
-    their pages are touched once. Idle buffers are capped at `max_idle` bytes, the least recently
-    released going back to the allocator first: the embedding's two big buffers, idle from the
-    first tensor to the last, used to fill the cap so that every layer's buffers were fresh (77
-    allocations, 0.92 of the 1.08 GB written, in a 147-tensor merge). The memory stays a few
-    tensors' worth whatever the model size. The engine allocates and sizes the buffers (torch
+    Reading every tensor into fresh memory costs a page fault per 4 KiB, and the first write of
+    new memory can be slower than the read itself. A transformer's tensors repeat a handful of
+    shapes layer after layer, so buffers released after a tensor is merged (inputs) or written
+    (outputs) are handed out again for the next tensor of that size and their pages are touched
+    once. Idle buffers are capped at `max_idle` bytes, the least recently released going back to
+    the allocator first, so that buffers idle from the first tensor to the last (the embedding's)
+    cannot fill the cap and leave every layer's buffers fresh. The memory stays a few tensors'
+    worth whatever the model size. The engine allocates and sizes the buffers (torch
     uint8 tensors, or native RawBuffers)."""
 
     def __init__(self, max_idle: int, engine):
@@ -623,11 +622,11 @@ def run_merge(
         bar = _Progress(len(items), total_in, progress)
         by_name = {it.name: it for it in items}
         order = [by_name[e.name] for shard in shards for e in shard]
-        # The collector's passes over every object alive before the merge (torch, pyops) showed up
-        # at ~5% of a whole-model merge's samples: freeze those (the merge's own cycles are still
-        # collected; they hold tensors, and mapped ones pin their pages). A few hundred small
-        # objects per tensor triggered ~2 young collections per tensor: 20 000 allocations
-        # between them (0.16 -> 0.06 s of collection in a 147-tensor merge).
+        # The collector's passes over every object alive before the merge (torch, pyops) would be
+        # pure overhead: freeze those (the merge's own cycles are still collected; they hold
+        # tensors, and mapped ones pin their pages). A merge allocates a few hundred small objects
+        # per tensor, so the young generation's threshold is raised to 20 000 allocations: a
+        # collection every several tensors instead of a few per tensor.
         gc.freeze()
         _gc_threshold = gc.get_threshold()
         gc.set_threshold(20_000, *_gc_threshold[1:])

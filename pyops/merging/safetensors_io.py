@@ -254,7 +254,7 @@ class Checkpoint:
         Without `buffer` the tensor is newly allocated. With `buffer` (a contiguous uint8 CPU
         tensor of at least the tensor's byte size) the bytes land in its first bytes and the result
         is a view of it: a merge that reuses its buffers touches no fresh pages, and a fresh page
-        costs about as much as reading it (the first write of new memory runs at ~1 GB/s here).
+        costs about as much as reading it (the first write of new memory faults the page in).
         """
         import torch
         info = self.tensors[name]
@@ -273,13 +273,13 @@ class Checkpoint:
 
     def map(self, name: str):
         """A CPU tensor over a private, copy-on-write mapping of `name`'s bytes in the file (the
-        page cache, no copy): the mapping goes when the tensor does. Reading through it runs at
-        ~4x `read` into a buffer on the dev VM (17.6 vs 4.4 GB/s, one 1.1 GB file in the page
-        cache); a write to the tensor would touch a private copy, never the file. As with any
-        mapped checkpoint (safetensors' safe_open, mergekit), a file truncated by another process
-        while it is being merged ends the process with SIGBUS: `read` is the fallback for files
-        on a filesystem that cannot map them. (Mapping the next tensor's pages in ahead, on the
-        reader thread, gained nothing measurable and raised the peak RSS.)"""
+        page cache, no copy): the mapping goes when the tensor does. Reading through it copies
+        nothing, where `read` copies every byte out of the page cache into a buffer; a write to
+        the tensor would touch a private copy, never the file. As with any mapped checkpoint
+        (safetensors' safe_open, mergekit), a file truncated by another process while it is being
+        merged ends the process with SIGBUS: `read` is the fallback for files on a filesystem that
+        cannot map them. The next tensor's pages are not faulted in ahead on the reader thread: that
+        raises the peak RSS without a measurable gain."""
         import torch
         info = self.tensors[name]
         dtype = torch_dtype(info.dtype)
@@ -399,9 +399,9 @@ def encode_header(entries: Iterable[OutEntry], metadata: Optional[Dict[str, str]
 
 # Direct I/O: the output goes to the disk from a reused, page-aligned staging buffer instead of
 # through the page cache. A model-sized write into the page cache needs that many fresh pages, and
-# on VMs whose free memory is handed back to the host (the dev VM) first-touching them runs at
-# ~0.4 GB/s, against ~1.6 GB/s for O_DIRECT to the same disk (dd, 1 GiB); it also leaves the
-# inputs' cached pages alone, and the closing fsync has nothing left to flush.
+# on VMs whose free memory is handed back to the host first-touching them is slower than O_DIRECT
+# to the same disk; direct I/O also leaves the inputs' cached pages alone, and the closing fsync
+# has nothing left to flush.
 _DIRECT_BLOCK = 4096
 _STAGING_BYTES = 32 << 20
 
@@ -409,8 +409,8 @@ _STAGING_BYTES = 32 << 20
 class _DirectSink:
     """Appends bytes to a file opened with O_DIRECT through two aligned staging buffers: while one
     is on its way to the disk (a helper thread blocks in `write`), the other is filled, so the
-    copy into staging and the disk transfer overlap (they took turns before: 0.28 s of copying
-    and 0.63 s of writes in a 1.08 GB output, the disk idle during every copy). `open` returns
+    copy into staging and the disk transfer overlap (with one buffer they would take turns, the
+    disk idle during every copy). `open` returns
     None where the platform or file system has no O_DIRECT (tmpfs, macOS), and the caller then
     writes through the page cache."""
 
@@ -443,7 +443,7 @@ class _DirectSink:
             take = min(n - pos, _STAGING_BYTES - self._fill)
             # A plain memcpy (ctypes releases the GIL), not Tensor.copy_: this runs on the merge's
             # writer thread, and a torch op there starts a second OpenMP team that spins against
-            # the merge kernel's team on the same cores (the kernels ran ~3x slower).
+            # the merge kernel's team on the same cores and slows the kernels down several times.
             ctypes.memmove(stage.address + self._fill, address + pos, take)
             self._fill += take
             pos += take

@@ -1,9 +1,10 @@
 """The merge methods' names, parameter checks, block layout and random key, without torch.
 
-`pyops.merge` (pyops/merging/merge.py), the reference (pyops/merging/reference.py) and the
-checkpoint command's engines (pyops/merging/runner.py, native_engine.py) all take these from here. The module
-imports nothing heavy, so that `python -m pyops merge` can plan and run a CPU merge on the C++
-kernels without importing torch (~1.3 s of a ~2.6 s whole-model merge on the dev VM).
+`pyops.merge` (pyops/merging/merge.py), the reference (pyops/merging/reference.py), the backend
+modules and the checkpoint command's engines (pyops/merging/runner.py, native_engine.py) all take
+these from here. The module imports nothing heavy, so that `python -m pyops merge` can plan and
+run a CPU merge on the C++ kernels without importing torch, whose import would otherwise be a
+large share of a whole-model merge.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ ELECTING = {"ties", "dare_ties", "della"}
 RANDOM = {"dare", "dare_linear", "dare_ties", "della", "della_linear"}
 # Methods whose masks come from each |τ|'s rank within its block.
 RANKED = ("breadcrumbs", "della", "della_linear")
-# Method codes of the C++ kernel (csrc/cpu/merge.h); task_arithmetic also has its own kernel.
+# Method codes of the C++ kernels (csrc/merging/); task_arithmetic also has its own kernel.
 NATIVE_METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3,
                        "breadcrumbs": 4, "della": 5, "della_linear": 6, "consensus": 7}
 

@@ -1,48 +1,38 @@
-"""Block-wise task arithmetic: validation, backend choice, registered ops and autograd.
+"""Block-wise task arithmetic: validation, backend choice and autograd.
 
 Public entry points (re-exported as `pyops.task_arithmetic` and
-`pyops.task_arithmetic_from_models`); the math is in `pyops/merging/reference.py`.
+`pyops.task_arithmetic_from_models`); the math is in `pyops/merging/reference.py`. `prepare` and
+`check_out` also validate the tensors of `pyops.merge`.
 
-Registered ops (DESIGN rule 2):
-    pyops::task_arithmetic               functional, C++ CPU (`pyops._C`) or CUDA (`pyops._C_cuda`)
+Registered ops (DESIGN rule 2), each with its backward op as its gradient (registered here):
+    pyops::task_arithmetic               functional: C++ CPU (backend_cpu.py) or CUDA (backend_cuda.py)
     pyops::task_arithmetic_backward      its backward, same devices
     pyops::task_arithmetic_out           writes into `out` (no autograd, like torch's out= ops)
-    pyops::task_arithmetic_triton        Triton (`torch.library.triton_op`)
+    pyops::task_arithmetic_triton        Triton (backend_triton.py, `torch.library.triton_op`)
     pyops::task_arithmetic_triton_backward
     pyops::task_arithmetic_triton_out
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from pyops import _backend, _native
-from pyops._triton import triton_family_reason
+from pyops import _backend
 from pyops import _validate as V
-from pyops.merging.spec import Blocks, resolve_blocks  # noqa: F401 (part of this module's API)
+from pyops.merging import backend_cpu, backend_cuda, backend_triton  # importing them registers their ops
 from pyops.merging import reference as ref
+from pyops.merging.registry import Prepared
+from pyops.merging.spec import Blocks, resolve_blocks  # noqa: F401 (part of this module's API)
 
 OP = "task_arithmetic"
 GPU_ORDER = ("cuda", "triton")
 
 
-
 # --------------------------------------------------------------------------------------------
 # Validation and normalisation
 # --------------------------------------------------------------------------------------------
-
-@dataclass
-class Prepared:
-    base: Tensor
-    deltas: List[Tensor]
-    coeffs: Tensor
-    block_size: int
-    n_blocks: int
-    out_dtype: torch.dtype
-
 
 def _as_delta_list(deltas: object, base: Tensor, name: str) -> List[Tensor]:
     if isinstance(deltas, torch.Tensor):
@@ -109,208 +99,20 @@ def check_out(out: object, p: Prepared, out_dtype: object) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------
-# Backends: can_run
+# Backend choice and autograd
 # --------------------------------------------------------------------------------------------
 
 def _can_run(p: Prepared, out_dtype: torch.dtype) -> dict:
-    dev = p.base.device
-    dtype_reason = _native.native_dtype_reason(p.base, torch.empty(0, dtype=out_dtype))
-
-    def cpu() -> Optional[str]:
-        if _native.cpu_module is None:
-            return _native.cpu_missing_reason
-        if dev.type != "cpu":
-            return f"tensors are on {dev.type}, the C++ kernels take CPU tensors"
-        return dtype_reason
-
-    def cuda() -> Optional[str]:
-        if _native.cuda_module is None:
-            return _native.cuda_missing_reason
-        if dev.type != "cuda":
-            return f"tensors are on {dev.type}, the CUDA kernels take CUDA tensors"
-        return dtype_reason
-
-    def triton() -> Optional[str]:
-        return triton_family_reason(dev, "merging.task_arithmetic") or dtype_reason
-
-    return {"reference": lambda: None, "cpu": cpu, "cuda": cuda, "triton": triton}
+    """Each backend's `can_run` for this call: None, or the reason it cannot run it."""
+    return {"reference": lambda: None,
+            "cpu": lambda: backend_cpu.task_arithmetic_reason(p.base, out_dtype),
+            "cuda": lambda: backend_cuda.task_arithmetic_reason(p.base, out_dtype),
+            "triton": lambda: backend_triton.task_arithmetic_reason(p.base, out_dtype)}
 
 
 def choose_backend(p: Prepared, backend: str) -> str:
     return _backend.select(OP, backend, _can_run(p, p.out_dtype),
                            _backend.default_order(p.base.device, GPU_ORDER))
-
-
-# --------------------------------------------------------------------------------------------
-# Native (C++ CPU / CUDA) ops
-# --------------------------------------------------------------------------------------------
-
-def _coeff_layout(coeffs: Tensor) -> tuple[Tensor, int, int]:
-    """fp32 contiguous coefficients and their (task, block) strides; a [N] vector broadcasts."""
-    c = coeffs.detach().to(torch.float32).contiguous()
-    return (c, c.shape[1], 1) if c.dim() == 2 else (c, 1, 0)
-
-
-def _device_pointer_array(tensors: Sequence[Tensor], device: torch.device) -> Tensor:
-    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=device)
-
-
-def _native_forward_into(out: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor,
-                         block_size: int, from_models: bool) -> None:
-    if out.numel() == 0:
-        return
-    base = base.contiguous()
-    deltas = [d.contiguous() for d in deltas]
-    c, s_n, s_b = _coeff_layout(coeffs)
-    args = dict(out_dtype=_native.dtype_code(out.dtype), base=base.data_ptr(),
-                in_dtype=_native.dtype_code(base.dtype), coeffs=c.data_ptr(), coeff_stride_n=s_n,
-                coeff_stride_block=s_b, numel=base.numel(), block_size=block_size, from_models=from_models)
-    if out.device.type == "cpu":
-        _native.cpu_module.task_arithmetic_forward(
-            out=out.data_ptr(), deltas=[d.data_ptr() for d in deltas], n_threads=torch.get_num_threads(), **args)
-    else:
-        ptrs = _device_pointer_array(deltas, out.device)
-        with torch.cuda.device(out.device):  # the kernels run on the current device
-            _native.cuda_module.task_arithmetic_forward(
-                out.data_ptr(), args["out_dtype"], args["base"], ptrs.data_ptr(), len(deltas), args["in_dtype"],
-                args["coeffs"], s_n, s_b, args["numel"], block_size, from_models,
-                torch.cuda.current_stream(out.device).cuda_stream)
-
-
-@torch.library.custom_op("pyops::task_arithmetic", mutates_args=(), device_types=("cpu", "cuda"))
-def _native_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
-               from_models: bool, out_dtype: torch.dtype) -> Tensor:
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    _native_forward_into(out, base, deltas, coeffs, block_size, from_models)
-    return out
-
-
-@torch.library.custom_op("pyops::task_arithmetic_out", mutates_args=("out",), device_types=("cpu", "cuda"))
-def _native_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
-                   from_models: bool, out: Tensor) -> None:
-    _native_forward_into(out, base, deltas, coeffs, block_size, from_models)
-
-
-def _empty_grads(base: Tensor, deltas: List[Tensor], coeffs: Tensor, need_base: bool, need_deltas: bool,
-                 need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
-    """Allocations for the backward; outputs that are not needed are empty tensors."""
-    gb = torch.empty_like(base, memory_format=torch.contiguous_format) if need_base else base.new_empty(0)
-    gd = [torch.empty_like(d, memory_format=torch.contiguous_format) for d in deltas] if need_deltas else []
-    gc = coeffs.new_empty(coeffs.shape) if need_coeffs else coeffs.new_empty(0)
-    return gb, gd, gc
-
-
-def _coeff_grad_shape(n: int, numel: int, block_size: int) -> tuple[int, int]:
-    return n, (numel + block_size - 1) // block_size
-
-
-def _finish_coeff_grad(gc32: Tensor, coeffs: Tensor, out: Tensor) -> None:
-    """gc32 is [N, n_blocks] fp32; a [N] coefficient vector gets the sum over blocks."""
-    out.copy_(gc32.sum(dim=1) if coeffs.dim() == 1 else gc32)
-
-
-def _native_backward_into(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor,
-                          block_size: int, from_models: bool, gb: Tensor, gd: List[Tensor], gc: Tensor) -> None:
-    numel = base.numel()
-    if numel == 0:
-        if gc.numel():
-            gc.zero_()
-        return
-    grad = grad.contiguous()
-    base = base.contiguous()
-    deltas = [d.contiguous() for d in deltas]
-    c, s_n, s_b = _coeff_layout(coeffs)
-    gc32 = torch.empty(_coeff_grad_shape(len(deltas), numel, block_size), dtype=torch.float32,
-                       device=base.device) if gc.numel() else None
-    common = (_native.dtype_code(grad.dtype), base.data_ptr())
-    if base.device.type == "cpu":
-        _native.cpu_module.task_arithmetic_backward(
-            grad.data_ptr(), *common, [d.data_ptr() for d in deltas], _native.dtype_code(base.dtype),
-            c.data_ptr(), s_n, s_b, numel, block_size, from_models,
-            gb.data_ptr() if gb.numel() else 0, [t.data_ptr() for t in gd],
-            gc32.data_ptr() if gc32 is not None else 0, torch.get_num_threads())
-    else:
-        mod = _native.cuda_module
-        ptrs = _device_pointer_array(deltas, base.device)
-        gptrs = _device_pointer_array(gd, base.device) if gd else None
-        ws_bytes = mod.task_arithmetic_backward_workspace_bytes(numel, block_size, len(deltas)) if gc32 is not None else 0
-        ws = torch.empty(max(ws_bytes, 1), dtype=torch.uint8, device=base.device)
-        with torch.cuda.device(base.device):
-            mod.task_arithmetic_backward(
-                grad.data_ptr(), *common, ptrs.data_ptr(), len(deltas), _native.dtype_code(base.dtype),
-                c.data_ptr(), s_n, s_b, numel, block_size, from_models,
-                gb.data_ptr() if gb.numel() else 0, gptrs.data_ptr() if gptrs is not None else 0,
-                gc32.data_ptr() if gc32 is not None else 0, ws.data_ptr(), ws_bytes,
-                torch.cuda.current_stream(base.device).cuda_stream)
-    if gc32 is not None:
-        _finish_coeff_grad(gc32, coeffs, gc)
-
-
-@torch.library.custom_op("pyops::task_arithmetic_backward", mutates_args=(), device_types=("cpu", "cuda"))
-def _native_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
-                        from_models: bool, need_base: bool, need_deltas: bool,
-                        need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
-    gb, gd, gc = _empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
-    _native_backward_into(grad, base, deltas, coeffs, block_size, from_models, gb, gd, gc)
-    return gb, gd, gc
-
-
-# --------------------------------------------------------------------------------------------
-# Triton ops (kernels/merging/task_arithmetic.py)
-# --------------------------------------------------------------------------------------------
-
-def _triton_kernels():
-    from pyops.kernels.merging import task_arithmetic as k  # imported lazily: Triton is optional
-    return k
-
-
-@torch.library.triton_op("pyops::task_arithmetic_triton", mutates_args=())
-def _triton_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
-               from_models: bool, out_dtype: torch.dtype) -> Tensor:
-    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    _triton_kernels().task_arithmetic_forward(out, base.contiguous(), [d.contiguous() for d in deltas],
-                                              *_coeff_layout(coeffs), block_size, from_models)
-    return out
-
-
-@torch.library.triton_op("pyops::task_arithmetic_triton_out", mutates_args=("out",))
-def _triton_out_op(base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
-                   from_models: bool, out: Tensor) -> None:
-    _triton_kernels().task_arithmetic_forward(out, base.contiguous(), [d.contiguous() for d in deltas],
-                                              *_coeff_layout(coeffs), block_size, from_models)
-
-
-@torch.library.triton_op("pyops::task_arithmetic_triton_backward", mutates_args=())
-def _triton_backward_op(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
-                        from_models: bool, need_base: bool, need_deltas: bool,
-                        need_coeffs: bool) -> tuple[Tensor, List[Tensor], Tensor]:
-    gb, gd, gc = _empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
-    numel = base.numel()
-    gc32 = torch.zeros(_coeff_grad_shape(len(deltas), numel, block_size), dtype=torch.float32,
-                       device=base.device) if need_coeffs else None
-    if numel > 0:
-        _triton_kernels().task_arithmetic_backward(
-            grad.contiguous(), base.contiguous(), [d.contiguous() for d in deltas], *_coeff_layout(coeffs),
-            block_size, from_models, gb if need_base else None, gd if need_deltas else None, gc32)
-    if gc32 is not None:
-        _finish_coeff_grad(gc32, coeffs, gc)
-    return gb, gd, gc
-
-
-# --------------------------------------------------------------------------------------------
-# Fake kernels and autograd (shared by the native and Triton pairs)
-# --------------------------------------------------------------------------------------------
-
-def _fake_forward(base, deltas, coeffs, block_size, from_models, out_dtype):
-    return torch.empty(base.shape, dtype=out_dtype, device=base.device)
-
-
-def _fake_out(base, deltas, coeffs, block_size, from_models, out):
-    return None
-
-
-def _fake_backward(grad, base, deltas, coeffs, block_size, from_models, need_base, need_deltas, need_coeffs):
-    return _empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
 
 
 def _setup_context(ctx, inputs, output):
@@ -332,20 +134,21 @@ def _make_backward(backward_op):
     return backward
 
 
-for _fwd, _out, _bwd in ((_native_op, _native_out_op, _native_backward_op),
-                         (_triton_op, _triton_out_op, _triton_backward_op)):
-    _fwd.register_fake(_fake_forward)
-    _out.register_fake(_fake_out)
-    _bwd.register_fake(_fake_backward)
-    _fwd.register_autograd(_make_backward(_bwd), setup_context=_setup_context)
+# The C++ / CUDA ops (one op for both devices) and the Triton ops: each functional op's gradient
+# is its backward op.
+for _path in (backend_cpu, backend_triton):
+    _path.task_arithmetic_op.register_autograd(_make_backward(_path.task_arithmetic_backward_op),
+                                               setup_context=_setup_context)
 
 
 # --------------------------------------------------------------------------------------------
 # Public API
 # --------------------------------------------------------------------------------------------
 
-_FUNCTIONAL = {"cpu": _native_op, "cuda": _native_op, "triton": _triton_op}
-_OUT = {"cpu": _native_out_op, "cuda": _native_out_op, "triton": _triton_out_op}
+_FUNCTIONAL = {"cpu": backend_cpu.task_arithmetic_op, "cuda": backend_cpu.task_arithmetic_op,
+               "triton": backend_triton.task_arithmetic_op}
+_OUT = {"cpu": backend_cpu.task_arithmetic_out_op, "cuda": backend_cpu.task_arithmetic_out_op,
+        "triton": backend_triton.task_arithmetic_out_op}
 
 
 def _output_dtype(out: object, out_dtype: object) -> object:
@@ -371,7 +174,7 @@ def _run(p: Prepared, from_models: bool, out: Optional[Tensor], backend: str) ->
             out.copy_(ref.task_arithmetic(p.base, p.deltas, p.coeffs, block_size=p.block_size,
                                           from_models=from_models, out_dtype=out.dtype))
     elif name == "cpu" and _backend.direct():  # the streaming merge: no dispatcher (see direct_kernels)
-        _native_forward_into(out, p.base, p.deltas, p.coeffs, p.block_size, from_models)
+        backend_cpu.task_arithmetic_forward_into(out, p.base, p.deltas, p.coeffs, p.block_size, from_models)
     else:
         _OUT[name](p.base, p.deltas, p.coeffs, p.block_size, from_models, out)
     return out

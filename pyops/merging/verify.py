@@ -26,7 +26,7 @@ TA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 TA_LAYOUTS = [None, "rows", 7, 4096]
 
 
-def _ta_ta_make(shape, n, blocks, dtype, per_block):
+def _ta_make(shape, n, blocks, dtype, per_block):
     def make(device):
         _, n_blocks = resolve_blocks(blocks, shape)
         base = torch.randn(shape, device=device).to(dtype)

@@ -2,7 +2,8 @@
 
 Forward on deliberately odd shapes and block layouts, every dtype, stacked and list deltas,
 non-contiguous inputs, `out=`; backward for base, every delta and coeffs (DESIGN rule 8).
-The Triton backend gets a reduced matrix: under TRITON_INTERPRET=1 each program costs ~1-2 ms.
+The Triton backend gets a reduced matrix on CPU: under TRITON_INTERPRET=1 every program runs in
+the Python interpreter.
 """
 from __future__ import annotations
 

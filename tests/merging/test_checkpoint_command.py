@@ -9,7 +9,8 @@ the inputs untouched.
 
 The CLI is exercised in-process through `pyops.__main__.main(argv)` for every method and for
 bad input (its parser, messages and exit codes), and once as a real `python -m pyops merge`
-subprocess, started before the first test and checked last: it pays ~6 s of `import pyops`.
+subprocess, started before the first test and checked last, so that its `import pyops` overlaps
+the other tests.
 """
 from __future__ import annotations
 
@@ -265,8 +266,8 @@ def test_api_matches_in_memory_merge(ckpt, tmp_path, method):
 @pytest.mark.parametrize("method", ["task_arithmetic", "dare_ties", "della", "model_stock"])
 def test_stream_runs_the_kernels_without_the_op_dispatcher(ckpt, tmp_path, method):
     """The streaming merge calls the C++ kernels directly (`pyops._backend.direct_kernels`): the
-    first call of a torch.library op imports torch._dynamo (~0.9 s of a whole-model merge), and a
-    fresh process merging a model never loads it. The tensors are those of the in-memory merge."""
+    first call of a torch.library op imports torch._dynamo (a large import for a one-shot command),
+    and a fresh process merging a model never loads it. The tensors are those of the in-memory merge."""
     cfg = _write(tmp_path, _config_text(ckpt, method))
     code = ("import sys; from pyops.merging import run_merge; "
             f"r = run_merge({str(cfg)!r}, {str(tmp_path / 'out')!r}, progress=False); "

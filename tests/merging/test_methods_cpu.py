@@ -1,4 +1,4 @@
-"""The C++ CPU merge kernels (`pyops.merge(..., backend="cpu")`, csrc/cpu/merge_kernels.cpp) against
+"""The C++ CPU merge kernels (`pyops.merge(..., backend="cpu")`, csrc/merging/) against
 the reference (`backend="reference"`): ties, dare / dare_linear, dare_ties, breadcrumbs, della /
 della_linear, consensus, model_stock.
 
@@ -20,52 +20,26 @@ import torch
 import pyops
 from pyops import _native
 from pyops.merging import backend_cpu as MN
+from pyops.merging import registry
 from pyops.merging import reference as R
-from pyops.testing import REDUCTION_TOL, compare, tolerance_for
+from pyops.merging import task_arithmetic as TM
+from pyops.testing import REDUCTION_TOL, compare
 from _support import assert_bitwise_equal, fmt_dtype, merge_density, saved_outputs_with_and_without
+from .cases import (BF16, DTYPES, FP32, FROM_MODELS_IDS, RANKED, block_size, check_close, merge_inputs as _inputs,
+                    merge_reason, n_blocks, shape_id)
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-DTYPES = [FP32, FP16, BF16]
 METHODS = ["ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus",
            "model_stock"]
-RANKED = ["breadcrumbs", "della", "della_linear"]
 SHAPES = [(1,), (7,), (3, 517), (64, 1031), (200_000,)]  # 200k: one block above the large-block cut (65536)
 BLOCKS = [None, "rows", 7]
+CPU_REASON = merge_reason("cpu", torch.device("cpu"))
 
-
-def _cpu_reason():
-    if _native.cpu_module is None:
-        return _native.cpu_missing_reason
-    if not hasattr(_native.cpu_module, "merge_forward"):
-        return "pyops._C was built without the merge kernels"
-    return None
-
-
-pytestmark = pytest.mark.skipif(_cpu_reason() is not None, reason=f"cpu backend unavailable: {_cpu_reason()}")
-
-
-def _shape_id(s):
-    return "x".join(map(str, s))
-
-
-def _n_blocks(shape, blocks):
-    from pyops.merging.task_arithmetic import resolve_blocks
-    return resolve_blocks(blocks, shape)[1]
-
-
-def _inputs(shape, n, dtype, gen, ties=False):
-    """base, n deltas (or fine-tuned weights) drawn in fp32 then cast: the same values per dtype."""
-    if ties:  # many exact ties: magnitudes 1 and 2 only
-        vals = torch.tensor([-2.0, -1.0, 1.0, 2.0])
-        pick = lambda: vals[torch.randint(0, 4, shape, generator=gen)]  # noqa: E731
-        return pick().to(dtype), [pick().to(dtype) for _ in range(n)]
-    base = torch.randn(shape, generator=gen).to(dtype)
-    return base, [torch.randn(shape, generator=gen).to(dtype) for _ in range(n)]
+pytestmark = pytest.mark.skipif(CPU_REASON is not None, reason=f"cpu backend unavailable: {CPU_REASON}")
 
 
 def _coeffs(shape, blocks, n, gen, per_block):
     """Positive weights in [0.25, 1.25): [n] or [n, n_blocks]."""
-    cshape = (n, _n_blocks(shape, blocks)) if per_block else (n,)
+    cshape = (n, n_blocks(shape, blocks)) if per_block else (n,)
     return 0.25 + torch.rand(cshape, generator=gen)
 
 
@@ -97,20 +71,14 @@ def _expected(fn, base, deltas, **kw):
     return out.to(base.dtype)
 
 
-def _check(actual, expected, dtype, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    res = compare(actual, expected, tolerance_for(dtype))
-    assert res.ok, f"{what}: {res}"
-
-
 # ------------------------------------------------------------------------------------------------
 # Every method against the reference: odd shapes, block layouts, dtypes, both entry points
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("from_models", [False, True], ids=["deltas", "from_models"])
+@pytest.mark.parametrize("from_models", [False, True], ids=FROM_MODELS_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
 @pytest.mark.parametrize("blocks", BLOCKS, ids=lambda b: f"blocks-{b}")
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 @pytest.mark.parametrize("method", METHODS)
 def test_matches_reference(method, shape, blocks, dtype, from_models, rng):
     n = 3
@@ -118,11 +86,11 @@ def test_matches_reference(method, shape, blocks, dtype, from_models, rng):
     kw = _kwargs(method, shape, blocks, n, rng, density=[0.1, 0.3, 1.0])
     fn = pyops.merge_from_models if from_models else pyops.merge
     got = _run(fn, base, deltas, "cpu", **kw)
-    _check(got, _expected(fn, base, deltas, **kw), dtype, f"{method} {shape} blocks={blocks}")
+    check_close(got, _expected(fn, base, deltas, **kw), f"{method} {shape} blocks={blocks}")
 
 
-@pytest.mark.parametrize("density", [0.1, 0.3, 1.0, "per-task"])
-@pytest.mark.parametrize("n", [1, 2, 3, 5, 10])  # 10: past the election's unrolled task counts
+@pytest.mark.parametrize("density", [0.1, 0.3, 1.0, "per-task"], ids=lambda d: f"density-{d}")
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 10], ids=lambda n: f"N{n}")  # 10: past the election's unrolled task counts
 @pytest.mark.parametrize("method", METHODS)
 def test_task_counts_and_densities(method, n, density, rng):
     if method == "model_stock" and n < 2:
@@ -133,7 +101,7 @@ def test_task_counts_and_densities(method, n, density, rng):
     kw = _kwargs(method, shape, blocks, n, rng, density=dens)
     for fn in (pyops.merge, pyops.merge_from_models):
         got = _run(fn, base, deltas, "cpu", **kw)
-        _check(got, _expected(fn, base, deltas, **kw), FP32, f"{fn.__name__} {method} n={n} density={dens}")
+        check_close(got, _expected(fn, base, deltas, **kw), f"{fn.__name__} {method} n={n} density={dens}")
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
@@ -208,8 +176,7 @@ def test_ties_keeps_every_tied_entry(shape, blocks, density, rng):
         got = fn(base, deltas, backend="cpu", **kw)
         assert_bitwise_equal(got, fn(base, deltas, backend="reference", **kw), f"{fn.__name__} ties")
     # The kept set itself, one task at a time (zero base, one delta: out = trimmed delta).
-    from pyops.merging.task_arithmetic import resolve_blocks
-    bs = resolve_blocks(blocks, shape)[0]
+    bs = block_size(shape, blocks)
     d = deltas[0].reshape(-1)
     kept = pyops.merge(torch.zeros_like(deltas[0]), [deltas[0]], method="ties", blocks=blocks, density=density,
                        backend="cpu").reshape(-1) != 0
@@ -298,7 +265,7 @@ def test_same_bits_for_threads_and_isa(method, shape, blocks, rng, restore_threa
         if method == "model_stock":
             # Its final pass is pyops.task_arithmetic, whose AVX2 build contracts to FMA: ISAs agree
             # within the tolerance (tests/merging/test_determinism.py); the Gram pass is exact.
-            _check(val, results[(isas[0], 1)], FP32, f"model_stock isa={isa}")
+            check_close(val, results[(isas[0], 1)], f"model_stock isa={isa}")
         else:
             assert_bitwise_equal(val, results[(isas[0], 1)], f"{method} isa={isa} threads={threads}")
 
@@ -325,11 +292,11 @@ def test_philox_paths_give_the_same_bits(tmp_path):
 # model_stock: the Gram pass and gradients
 # ------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("from_models", [False, True])
+@pytest.mark.parametrize("from_models", [False, True], ids=FROM_MODELS_IDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=fmt_dtype)
 def test_gram_matches_fp64(from_models, dtype, rng):
     base, deltas = _inputs((300_001,), 4, dtype, rng)
-    g = MN._gram_op(base, deltas, from_models)
+    g = MN.gram_op(base, deltas, from_models)
     # tau is formed in fp32, as the kernels (and the reference) define it; its products summed in fp64.
     taus = torch.stack([d.float() - base.float() if from_models else d.float() for d in deltas]).double()
     want = taus @ taus.T
@@ -338,7 +305,7 @@ def test_gram_matches_fp64(from_models, dtype, rng):
     assert torch.equal(g, g.T)
 
 
-@pytest.mark.parametrize("from_models", [False, True])
+@pytest.mark.parametrize("from_models", [False, True], ids=FROM_MODELS_IDS)
 def test_model_stock_gradients(from_models, rng):
     """Gradients reach base and the models through t (the Gram op's backward), as in the reference."""
     base, deltas = _inputs((37, 29), 3, FP32, rng)
@@ -367,11 +334,12 @@ def test_model_stock_gradients(from_models, rng):
 def _op_args(rng, dtype=FP32, n=2, shape=(5, 13), out_dtype=FP32, method=1):
     base, deltas = _inputs(shape, n, dtype, rng)
     coeffs = _coeffs(shape, "rows", n, rng, True)
-    return (base, deltas, coeffs, [0.3] * n, shape[1], False, method, 0.9, MN._seed_to_i64(2**64 - 1),
+    return (base, deltas, coeffs, [0.3] * n, shape[1], False, method, 0.9, registry.seed_to_i64(2**64 - 1),
             R.name_hash("x"), min(2, n), 0.6, True, 0.05, 0.1)
 
 
-@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 6, 7])
+@pytest.mark.parametrize("method", [1, 2, 3, 4, 5, 6, 7],
+                         ids=["ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus"])
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=fmt_dtype)
 def test_opcheck_merge_ops(method, dtype, rng):
     args = _op_args(rng, dtype=dtype, method=method)
@@ -380,7 +348,7 @@ def test_opcheck_merge_ops(method, dtype, rng):
     torch.library.opcheck(torch.ops.pyops.merge_native_out.default, (*args, out))
 
 
-@pytest.mark.parametrize("from_models", [False, True])
+@pytest.mark.parametrize("from_models", [False, True], ids=FROM_MODELS_IDS)
 def test_opcheck_gram(from_models, rng):
     base, deltas = _inputs((6, 11), 3, FP32, rng)
     base.requires_grad_()
@@ -390,8 +358,8 @@ def test_opcheck_gram(from_models, rng):
 
 def test_seed_round_trip():
     for seed in (0, 1, 2**31, 2**63 - 1, 2**63, 2**64 - 1):
-        s = MN._seed_to_i64(seed)
-        assert -2**63 <= s < 2**63 and MN._seed_from_i64(s) == seed
+        s = registry.seed_to_i64(seed)
+        assert -2**63 <= s < 2**63 and registry.seed_from_i64(s) == seed
 
 
 def _raw_args(**over):
@@ -408,7 +376,7 @@ def _raw_args(**over):
     return args, (base, d, out, c)
 
 
-@pytest.mark.parametrize("over,match", [
+BAD_NATIVE_ARGUMENTS = [
     (dict(method=-1), "method"),
     (dict(method=8), "method"),
     (dict(block_size=0), "block_size"),
@@ -432,7 +400,11 @@ def _raw_args(**over):
     (dict(out_dtype=-2), "dtype"),
     (dict(name_hash=2**32), "name_hash"),
     (dict(coeff_stride_n=-1), "stride"),
-])
+]
+
+
+@pytest.mark.parametrize("over,match", BAD_NATIVE_ARGUMENTS,
+                         ids=[",".join(f"{k}={v}" for k, v in over.items()) for over, _ in BAD_NATIVE_ARGUMENTS])
 def test_bad_native_arguments_raise(over, match):
     args, _keep = _raw_args(**over)
     with pytest.raises(ValueError, match=match):
@@ -448,7 +420,6 @@ def test_bad_gram_arguments_raise():
 
 
 def test_run_rejects_a_method_without_a_kernel(rng):
-    from pyops.merging import task_arithmetic as TM
     base, deltas = _inputs((4,), 2, FP32, rng)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
     with pytest.raises(ValueError, match="frankenmerge"):

@@ -115,10 +115,10 @@ def test_opcheck_backward_op(rng):
     base, tasks, coeffs, grad = _inputs((6, 10), torch.float32, True, None, rng)
     args = (grad, base, tasks, coeffs, [0.3, 0.5, 0.9], 60, True, 1, 0.7, 5, 123, 2, 0.6, True, 0.01, 0.1, True, True,
             True)
-    torch.library.opcheck(MN._merge_backward_op, args)
+    torch.library.opcheck(MN.merge_backward_op, args)
     b = base.clone().requires_grad_()
     c = coeffs.clone().requires_grad_()
-    torch.library.opcheck(MN._merge_op, (b, tasks, c, [0.3, 0.5, 0.9], 60, True, 1, 0.7, 5, 123, 2, 0.6, True,
+    torch.library.opcheck(MN.merge_op, (b, tasks, c, [0.3, 0.5, 0.9], 60, True, 1, 0.7, 5, 123, 2, 0.6, True,
                                          0.01, 0.1, torch.float32))
 
 

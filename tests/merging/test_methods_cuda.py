@@ -1,10 +1,10 @@
 """`pyops.merge(..., backend="cuda")`: the hand-written CUDA kernels for every method but model_stock
-(csrc/cuda/merge_kernels.cuh).
+(csrc/merging/, glue in pyops/merging/backend_cuda.py).
 
 On a GPU: the C++ CPU kernels' bits on every method, dtype and block layout (both TIES selection
 paths: one CTA per block, and a histogram spread over the device), the gradients (masks held
-fixed), the auto order, opcheck and torch.compile. Without one, only the backend's refusals run here; the kernels' logic is tested on
-host threads by test_merge_cuda_emulated.py.
+fixed), the auto order, opcheck and torch.compile. Without one, only the backend's refusals run
+here; the kernels' logic is tested on host threads by test_methods_cuda_emulated.py.
 """
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from pyops.merging import backend_cuda as MC
 from pyops.merging import task_arithmetic as TM
 from pyops.merging import reference as R
 from _support import CUDA, assert_bitwise_equal
+from .cases import BF16, FP16, FP32, shape_id
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 HAVE = CUDA and _native.cuda_module is not None and hasattr(_native.cuda_module, "merge_forward")
 gpu = pytest.mark.skipif(not HAVE, reason="needs a CUDA device and pyops._C_cuda with the merge kernels")
 
@@ -87,7 +87,7 @@ LAYOUTS = [((37,), None), ((3, 70001), None), ((300, 65), "rows"), ((1000, 33), 
 
 @gpu
 @pytest.mark.parametrize("dtype", [FP32, FP16, BF16], ids=["fp32", "fp16", "bf16"])
-@pytest.mark.parametrize("shape,blocks", LAYOUTS, ids=[f"{'x'.join(map(str, s))}-{b}" for s, b in LAYOUTS])
+@pytest.mark.parametrize("shape,blocks", LAYOUTS, ids=[f"{shape_id(s)}-blocks{b}" for s, b in LAYOUTS])
 @pytest.mark.parametrize("method", ["ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear",
                                     "consensus"])
 def test_cuda_matches_cpu_kernels_bitwise(method, shape, blocks, dtype):
@@ -100,7 +100,7 @@ def test_cuda_matches_cpu_kernels_bitwise(method, shape, blocks, dtype):
 
 
 @gpu
-@pytest.mark.parametrize("n", [1, 9])
+@pytest.mark.parametrize("n", [1, 9], ids=lambda n: f"N{n}")
 def test_cuda_from_models_and_many_tasks(n):
     base, ft = _inputs((257, 129), n, BF16, seed=n)
     kw = dict(method="ties", blocks="rows", density=0.25, coeffs=torch.linspace(0.1, 1.0, n))
@@ -135,10 +135,10 @@ def test_opcheck_merge_cuda_ops(method):
     base, deltas = base.cuda(), [d.cuda() for d in deltas]
     coeffs = torch.rand(3, 6, device="cuda") + 0.25
     args = (base, deltas, coeffs, [0.3] * 3, 13, False, method, 0.9, -3, R.name_hash("x"), 2, 0.6, True, 0.01, 0.1)
-    torch.library.opcheck(MC._merge_op, args + (FP32,))
+    torch.library.opcheck(MC.merge_op, args + (FP32,))
     if method != 7:  # consensus has no backward with the masks held fixed
-        torch.library.opcheck(MC._merge_backward_op, (torch.randn_like(base),) + args + (True, True, True))
-    torch.library.opcheck(MC._merge_out_op, args + (torch.empty_like(base),))
+        torch.library.opcheck(MC.merge_backward_op, (torch.randn_like(base),) + args + (True, True, True))
+    torch.library.opcheck(MC.merge_out_op, args + (torch.empty_like(base),))
 
 
 @gpu

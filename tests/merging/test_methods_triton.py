@@ -1,5 +1,5 @@
-"""The Triton merge kernels (`pyops.merge(..., backend="triton")`, kernels/merge.py) against the
-reference: ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear; forward only
+"""The Triton merge kernels (`pyops.merge(..., backend="triton")`, pyops.kernels.merging.methods)
+against the reference: ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear; forward only
 (gradients go to the cpu or reference backend).
 
 Besides the per-dtype tolerance of DESIGN rule 5, the selections and masks are checked exactly:
@@ -16,45 +16,31 @@ import pytest
 import torch
 
 import pyops
-from pyops import _backend, _native
-from pyops._triton import triton_family_reason
+from pyops import _backend
 from pyops.merging import merge as M
 from pyops.merging import backend_triton as MT
 from pyops.merging import reference as R
-from pyops.testing import compare, tolerance_for
+from pyops.merging import task_arithmetic as TM
 from _support import CUDA, assert_bitwise_equal, fmt_dtype, merge_density
+from .cases import (BF16, DTYPES, FP16, FP32, INTERPRETER_AOT_REASON, RANKED, block_size, check_close, merge_inputs,
+                    merge_reason, n_blocks)
+from .cases import fresh_dynamo  # noqa: F401 (a fixture)
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
-DTYPES = [FP32, FP16, BF16]
-RANKED = ["breadcrumbs", "della", "della_linear"]
 METHODS = ["ties", "dare", "dare_linear", "dare_ties", *RANKED]
 DEV = torch.device("cuda" if CUDA else "cpu")
+TRITON_REASON = merge_reason("triton", DEV)
+CPU_REASON = merge_reason("cpu", torch.device("cpu"))
 
-
-def _triton_reason():
-    return triton_family_reason(DEV, "merging.methods")
-
-
-pytestmark = pytest.mark.skipif(_triton_reason() is not None, reason=f"triton backend unavailable: {_triton_reason()}")
-
-
-def _n_blocks(shape, blocks):
-    from pyops.merging.task_arithmetic import resolve_blocks
-    return resolve_blocks(blocks, shape)[1]
+pytestmark = pytest.mark.skipif(TRITON_REASON is not None, reason=f"triton backend unavailable: {TRITON_REASON}")
 
 
 def _inputs(shape, n, dtype, gen, ties=False):
     """base and n deltas (or fine-tuned weights), drawn in fp32 on the CPU, then cast and moved."""
-    if ties:  # magnitudes 1 and 2 only: masses of entries tied with the k-th
-        vals = torch.tensor([-2.0, -1.0, 1.0, 2.0])
-        pick = lambda: vals[torch.randint(0, 4, shape, generator=gen)]  # noqa: E731
-        return pick().to(DEV, dtype), [pick().to(DEV, dtype) for _ in range(n)]
-    base = torch.randn(shape, generator=gen).to(DEV, dtype)
-    return base, [torch.randn(shape, generator=gen).to(DEV, dtype) for _ in range(n)]
+    return merge_inputs(shape, n, dtype, gen, ties=ties, device=DEV)
 
 
 def _kwargs(method, shape, blocks, n, gen, density, per_block):
-    cshape = (n, _n_blocks(shape, blocks)) if per_block else (n,)
+    cshape = (n, n_blocks(shape, blocks)) if per_block else (n,)
     kw = dict(method=method, blocks=blocks, density=merge_density(method, density),
               coeffs=(0.25 + torch.rand(cshape, generator=gen)).to(DEV), lam=0.9, seed=2**63 + 12345,
               name="model.layers.0.mlp.weight")
@@ -66,12 +52,6 @@ def _kwargs(method, shape, blocks, n, gen, density, per_block):
 def _reference(fn, base, deltas, **kw):
     kw = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
     return fn(base.cpu(), [d.cpu() for d in deltas], backend="reference", **kw)
-
-
-def _check(actual, expected, what):
-    assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
-    res = compare(actual.cpu(), expected, tolerance_for(expected.dtype))
-    assert res.ok, f"{what}: {res}"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -88,10 +68,10 @@ def test_matches_reference(method, blocks, dtype, rng):
     kw = _kwargs(method, shape, blocks, n, rng, density=[0.1, 0.3, 1.0], per_block=per_block)
     for fn in (pyops.merge, pyops.merge_from_models):
         got = fn(base, deltas, backend="triton", **kw)
-        _check(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {method} blocks={blocks}")
+        check_close(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {method} blocks={blocks}")
         if dtype != FP32:  # the fp32 result before the final rounding
             got32 = fn(base, deltas, backend="triton", out_dtype=FP32, **kw)
-            _check(got32, _reference(fn, base, deltas, out_dtype=FP32, **kw), f"{fn.__name__} {method} -> fp32")
+            check_close(got32, _reference(fn, base, deltas, out_dtype=FP32, **kw), f"{fn.__name__} {method} -> fp32")
 
 
 @pytest.mark.parametrize("shape,blocks", [((1,), None), ((7,), None), ((2, 3, 5), "rows"), ((9,), 1), ((5, 1), "rows"),
@@ -102,7 +82,7 @@ def test_odd_shapes_and_one_element_blocks(method, shape, blocks, rng):
     base, deltas = _inputs(shape, 2, FP32, rng)
     kw = _kwargs(method, shape, blocks, 2, rng, density=0.5, per_block=blocks is not None)
     got = pyops.merge_from_models(base, deltas, backend="triton", **kw)
-    _check(got, _reference(pyops.merge_from_models, base, deltas, **kw), f"{method} {shape} blocks={blocks}")
+    check_close(got, _reference(pyops.merge_from_models, base, deltas, **kw), f"{method} {shape} blocks={blocks}")
 
 
 @pytest.mark.parametrize("shape,blocks", [((20_000,), None), ((3, 9_001), "rows"), ((25_000,), 10_000)],
@@ -113,7 +93,7 @@ def test_ties_large_blocks(shape, blocks, rng):
     kw = _kwargs("ties", shape, blocks, 3, rng, density=[0.1, 0.3, 0.77], per_block=blocks is not None)
     for fn in (pyops.merge, pyops.merge_from_models):
         got = fn(base, deltas, backend="triton", **kw)
-        _check(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {shape} blocks={blocks}")
+        check_close(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {shape} blocks={blocks}")
 
 
 @pytest.mark.parametrize("method,shape,blocks", [("ties", (5, 11), "rows"), ("dare", (5, 11), "rows"),
@@ -129,7 +109,7 @@ def test_more_tasks_than_one_launch(method, shape, blocks, rng):
     dens = [0.05 + 0.9 * i / (n - 1) for i in range(n)]
     kw = _kwargs(method, shape, blocks, n, rng, density=dens, per_block=True)
     got = pyops.merge_from_models(base, deltas, backend="triton", **kw)
-    _check(got, _reference(pyops.merge_from_models, base, deltas, **kw), f"{method} n={n}")
+    check_close(got, _reference(pyops.merge_from_models, base, deltas, **kw), f"{method} n={n}")
 
 
 def test_ties_large_block_mostly_zero(rng):
@@ -149,7 +129,7 @@ def test_normalize_false(method, rng):
     for normalize in (False, True):
         got = pyops.merge(base, deltas, normalize=normalize, out_dtype=FP32, backend="triton", **kw)
         want = _reference(pyops.merge, base, deltas, normalize=normalize, out_dtype=FP32, **kw)
-        _check(got, want, f"{method} normalize={normalize}")
+        check_close(got, want, f"{method} normalize={normalize}")
 
 
 def test_density_one_keeps_everything(rng):
@@ -157,7 +137,7 @@ def test_density_one_keeps_everything(rng):
     base, deltas = _inputs((4, 33), 3, FP32, rng)
     for blocks in (None, "rows", 5):
         got = pyops.merge(base, deltas, method="ties", density=1.0, blocks=blocks, backend="triton")
-        _check(got, _reference(pyops.merge, base, deltas, method="ties", density=1.0, blocks=blocks), f"blocks={blocks}")
+        check_close(got, _reference(pyops.merge, base, deltas, method="ties", density=1.0, blocks=blocks), f"blocks={blocks}")
 
 
 def test_out_out_dtype_and_in_place(rng):
@@ -167,12 +147,12 @@ def test_out_out_dtype_and_in_place(rng):
         want = _reference(pyops.merge, base, deltas, **kw)
         out = torch.empty_like(base)
         assert pyops.merge(base, deltas, out=out, backend="triton", **kw) is out
-        _check(out, want, f"{method} out=")
+        check_close(out, want, f"{method} out=")
         inplace = base.clone()
         pyops.merge(inplace, deltas, out=inplace, backend="triton", **kw)
-        _check(inplace, want, f"{method} out=base (in place)")
+        check_close(inplace, want, f"{method} out=base (in place)")
         half = pyops.merge(base, deltas, out_dtype=FP16, backend="triton", **kw)
-        _check(half, _reference(pyops.merge, base, deltas, out_dtype=FP16, **kw), f"{method} out_dtype=fp16")
+        check_close(half, _reference(pyops.merge, base, deltas, out_dtype=FP16, **kw), f"{method} out_dtype=fp16")
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -186,16 +166,8 @@ def test_empty(method):
 # Exactness of the masks and selections
 # ------------------------------------------------------------------------------------------------
 
-def _cpu_reason():
-    if _native.cpu_module is None:
-        return _native.cpu_missing_reason
-    if not hasattr(_native.cpu_module, "merge_forward"):
-        return "pyops._C was built without the merge kernels"
-    return None
-
-
 @pytest.mark.parametrize("method", ["dare", "dare_ties"])
-@pytest.mark.parametrize("task", [0, 2])
+@pytest.mark.parametrize("task", [0, 2], ids=lambda t: f"task{t}")
 def test_dare_mask_bit_exact(method, task, rng):
     """One non-zero task among three, zero base, coefficients 1: the output is that task's
     trimmed τ, so its kept positions must be exactly u < ρ with the reference's uniforms (counter =
@@ -210,15 +182,15 @@ def test_dare_mask_bit_exact(method, task, rng):
     assert torch.equal(got != 0, keep & (delta != 0))
     inv = 1.0 / torch.tensor(rho, dtype=FP32)
     assert torch.equal(got[keep], (inv * delta)[keep])
-    if _cpu_reason() is None:
+    if CPU_REASON is None:
         assert_bitwise_equal(got, pyops.merge(torch.zeros(numel), deltas, backend="cpu", **kw), "triton vs cpu")
     assert_bitwise_equal(got, pyops.merge(torch.zeros(numel), deltas, backend="reference", **kw), "triton vs reference")
 
 
 def test_dare_same_bits_as_cpu(rng):
     """Three tasks, per-block coefficients, fine-tuned weights: the same result as the C++ kernels."""
-    if _cpu_reason() is not None:
-        pytest.skip(f"cpu backend unavailable: {_cpu_reason()}")
+    if CPU_REASON is not None:
+        pytest.skip(f"cpu backend unavailable: {CPU_REASON}")
     shape = (7, 123)
     base, deltas = _inputs(shape, 3, FP32, rng)
     kw = _kwargs("dare", shape, "rows", 3, rng, density=[0.2, 0.5, 0.9], per_block=True)
@@ -226,7 +198,7 @@ def test_dare_same_bits_as_cpu(rng):
     want = pyops.merge_from_models(base.cpu(), [d.cpu() for d in deltas], backend="cpu",
                                    **{k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()})
     if CUDA:  # the GPU may contract w·t + acc to one FMA: equal within the fp32 tolerance
-        _check(got, want, "triton vs cpu")
+        check_close(got, want, "triton vs cpu")
     else:
         assert_bitwise_equal(got, want, "triton vs cpu")
 
@@ -248,8 +220,7 @@ def test_ties_keeps_every_tied_entry(shape, blocks, density, rng):
         got = fn(base, deltas, backend="triton", **kw)
         # Sums of ±1, ±2 are exact: the same bits as the reference on any device.
         assert_bitwise_equal(got.cpu(), _reference(fn, base, deltas, **kw), f"{fn.__name__} ties")
-    from pyops.merging.task_arithmetic import resolve_blocks
-    bs = resolve_blocks(blocks, shape)[0]
+    bs = block_size(shape, blocks)
     d = deltas[0].reshape(-1).cpu()
     kept = pyops.merge(torch.zeros_like(deltas[0]), [deltas[0]], method="ties", blocks=blocks, density=density,
                        backend="triton").reshape(-1).cpu() != 0
@@ -273,7 +244,7 @@ def test_ranked_masks_bit_exact(method, shape, blocks, rng):
     for fn in (pyops.merge, pyops.merge_from_models):
         got = fn(base, deltas, backend="triton", **kw).cpu()
         assert_bitwise_equal(got, _reference(fn, base, deltas, **kw), f"{fn.__name__} {method} vs reference")
-        if _cpu_reason() is None:
+        if CPU_REASON is None:
             want = fn(base.cpu(), [d.cpu() for d in deltas], backend="cpu", **kw)
             assert_bitwise_equal(got, want, f"{fn.__name__} {method} vs cpu")
 
@@ -291,7 +262,6 @@ def test_ties_threshold_is_exact_kth_magnitude(rng):
 # ------------------------------------------------------------------------------------------------
 
 def test_can_run_reasons(rng):
-    from pyops.merging import task_arithmetic as TM
     base, deltas = _inputs((4, 5), 2, FP32, rng)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
     assert M._can_run(p, "ties", False)["triton"]() is None
@@ -320,11 +290,6 @@ def _op_args(rng, dtype=FP32, method=1, n=2, shape=(5, 13)):
     return (base, deltas, coeffs, [0.3] * n, shape[1], False, method, 0.9, -3, R.name_hash("x"), True, 0.05, 0.1)
 
 
-INTERPRETER_AOT_REASON = (
-    "Triton under TRITON_INTERPRET=1: torch.library.wrap_triton returns the raw InterpretedFunction, so AOT "
-    "dispatch would run the interpreter on FakeTensors; checked on a GPU")
-
-
 @pytest.mark.parametrize("util", ["test_schema", "test_faketensor", "test_aot_dispatch_dynamic"])
 @pytest.mark.parametrize("method", [1, 2, 3, 4, 5], ids=["ties", "dare", "dare_ties", "breadcrumbs", "della"])
 def test_opcheck_merge_triton_ops(method, util, rng):
@@ -334,14 +299,6 @@ def test_opcheck_merge_triton_ops(method, util, rng):
     torch.library.opcheck(torch.ops.pyops.merge_triton.default, (*args, FP32), test_utils=util)
     out = torch.empty(args[0].shape, dtype=args[0].dtype, device=DEV)
     torch.library.opcheck(torch.ops.pyops.merge_triton_out.default, (*args, out), test_utils=util)
-
-
-@pytest.fixture
-def fresh_dynamo():
-    import torch._dynamo
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("compiler", ["eager", "aot_eager", "inductor"])
@@ -360,11 +317,10 @@ def test_compile_fullgraph(compiler, rng, fresh_dynamo):
     want = f(base, deltas, torch.empty_like(base))
     got = torch.compile(f, fullgraph=True, backend=compiler)(base, deltas, torch.empty_like(base))
     for g, w, what in zip(got, want, ("ties", "dare_ties from_models", "dare out=", "della from_models")):
-        _check(g, w.cpu(), what)
+        check_close(g, w.cpu(), what)
 
 
 def test_run_rejects_other_methods(rng):
-    from pyops.merging import task_arithmetic as TM
     base, deltas = _inputs((4,), 2, FP32, rng)
     p = TM.prepare(base, deltas, [1.0, 1.0], None, None)
     with pytest.raises(ValueError, match="consensus"):

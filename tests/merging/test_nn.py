@@ -448,7 +448,7 @@ def test_model_architecture_mismatch(rng):
     (("chunks", 2.5), TypeError, r"^granularity: \('chunks', n\) needs an int chunk size n, got float"),
     (("blocks", 4), ValueError, r"^granularity: expected"),
     (7, ValueError, r"^granularity: expected"),
-])
+], ids=["layer", "chunks-0", "chunks-2.5", "blocks-4", "int-7"])
 def test_bad_granularity(granularity, exc, msg, rng):
     base, taus = make_setup(rng)
     with pytest.raises(exc, match=msg):
@@ -460,7 +460,7 @@ def test_bad_granularity(granularity, exc, msg, rng):
     ("0.3", TypeError, r"^init: expected a float or a list of 3 floats, got str"),
     ([0.1, None, 0.2], TypeError, r"^init: expected a float or a list of 3 floats"),
     (torch.zeros(2, 2), ValueError, r"^init: expected a float or 3 values .*got a tensor of shape \[2, 2\]"),
-])
+], ids=["2-values", "str", "None-item", "tensor-2x2"])
 def test_bad_init(init, exc, msg, rng):
     base, taus = make_setup(rng)
     with pytest.raises(exc, match=msg):

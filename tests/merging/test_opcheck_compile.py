@@ -14,13 +14,10 @@ import torch
 import pyops
 from _support import (REDUCTION_TOL, assert_close, assert_close_dtype, backend_reason, block_size_for, device_for,
                       fmt_dtype, interpreted, randn, require_backend)
+from .cases import BF16, FP16, FP32, INTERPRETER_AOT_REASON, shape_id
+from .cases import fresh_dynamo  # noqa: F401 (a fixture)
 
-FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-INTERPRETER_AOT_REASON = (
-    "Triton under TRITON_INTERPRET=1: torch.library.wrap_triton returns the raw InterpretedFunction "
-    "(torch/_library/triton.py), so AOT dispatch would run the interpreter on FakeTensors "
-    "('Attempted to access the data pointer on an invalid python storage'); checked on a GPU")
 
 # (shape, n, blocks, coeff kind, dtype, out dtype)
 ARGSETS = [
@@ -32,7 +29,7 @@ ARGSETS = [
 
 def argset_id(a):
     shape, n, blocks, ck, dt, od = a
-    return f"{'x'.join(map(str, shape))}-N{n}-{blocks}-c{ck}-{fmt_dtype(dt)}-to-{fmt_dtype(od)}"
+    return f"{shape_id(shape)}-N{n}-{blocks}-c{ck}-{fmt_dtype(dt)}-to-{fmt_dtype(od)}"
 
 
 def make_args(argset, gen, dev, requires_grad=False):
@@ -122,13 +119,6 @@ def merged_loss(base, deltas, coeffs, wy, wz, *, backend):
     y = pyops.task_arithmetic(base, deltas, coeffs, blocks=7, backend=backend)
     z = pyops.task_arithmetic_from_models(base, list(deltas.unbind(0)), coeffs.sum(dim=1), backend=backend)
     return y, z, (y.float() * wy).sum() + (z.float() * wz).sum()
-
-
-@pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("dtype", [FP32, BF16], ids=fmt_dtype)

@@ -211,7 +211,8 @@ def test_coeff_gradient_holds_masks_fixed(method, rng):
     (dict(method="consensus", k=4), ValueError, "k"),
     (dict(method="model_stock", coeffs=[1.0, 1.0]), ValueError, "coeffs"),
     (dict(method="dare", seed=-1), ValueError, "seed"),
-], ids=lambda v: str(v) if not isinstance(v, dict) else "-".join(f"{k}={v[k]}" for k in v))
+], ids=lambda v: "-".join(f"{k}={v[k]}" for k in v) if isinstance(v, dict) else v.__name__ if isinstance(v, type)
+   else None)
 def test_bad_parameters_are_named(kwargs, exc, match, rng):
     base, deltas = _inputs((6,), 2, rng)
     with pytest.raises(exc, match=match):
