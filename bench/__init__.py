@@ -1,6 +1,6 @@
 """Microbenchmarks on one shared harness (shipped as `pyops.bench`); run with `python -m pyops bench`.
 
-One module per family stem (DESIGN rule 9): `merging`, `task_attention`, `neighborhood`, `moe`.
+One module per family stem (docs/design.md#benchmarks): `merging`, `task_attention`, `neighborhood`, `moe`.
 Each starts with ``CASES``, a table of `harness.CaseSpec` records, and has ``build(spec, device,
 *, full=False, workdir=None)``, which turns one spec into a `harness.Case`; the peers a user
 would pick instead are measured in the same process, alternating with pyops.

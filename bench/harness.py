@@ -1,4 +1,4 @@
-"""The shared benchmark harness (DESIGN rule 9): every op family's benchmark runs on it.
+"""The shared benchmark harness (docs/design.md#benchmarks): every op family's benchmark runs on it.
 
 Model
 -----

@@ -394,7 +394,7 @@ def _method_case(b: Build) -> Case:
         if method != "ties":
             return {"note": "random masks differ by construction between pyops (Philox) and torch.bernoulli"}
         # TIES is deterministic: pyops equals the per-tensor formulation except where some |τᵢ|
-        # equals its task's k-th largest magnitude (pyops keeps every tied entry, as DESIGN
+        # equals its task's k-th largest magnitude (pyops keeps every tied entry, as docs/merging.md
         # defines; torch.topk keeps exactly k). At 64M fp32 samples such ties do occur.
         ref = mergekit_style("ties", base, deltas, gen)
         bad = (got - ref).abs() > 1e-5 * max(1.0, float(ref.abs().max()))

@@ -1,4 +1,4 @@
-"""Backend registry and selection (DESIGN rule 4).
+"""Backend registry and selection (docs/design.md#backend-choice).
 
 Every op offers some of the backends below. For a given call, each backend's `can_run` returns
 None (it can run) or the reason it cannot. `select` then picks one:

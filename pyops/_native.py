@@ -2,7 +2,7 @@
 
 `pyops._C` (CPU kernels) and `pyops._C_cuda` (CUDA kernels) are optional at import time: a
 missing or broken build degrades to the next backend with a stated reason, never to an
-ImportError (DESIGN rule 4). The dtype codes below are the ones `csrc/common/dtype.h` defines.
+ImportError (docs/design.md#backend-choice). The dtype codes below are the ones `csrc/common/dtype.h` defines.
 """
 from __future__ import annotations
 

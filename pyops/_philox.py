@@ -2,7 +2,7 @@
 
 Salmon, Moraes, Dror, Shaw, "Parallel Random Numbers: As Easy as 1, 2, 3" (SC'11). A
 counter-based generator: the output is a pure function of a 128-bit counter and a 64-bit key,
-so every backend draws the same bits for the same (seed, stream, element) (DESIGN rule 6).
+so every backend draws the same bits for the same (seed, stream, element) (docs/design.md#determinism).
 
 Arithmetic is on int64 tensors holding 32-bit values: the 32×32-bit products wrap modulo 2⁶⁴,
 and an arithmetic right shift followed by a 32-bit mask still yields the correct high word.

@@ -1,4 +1,4 @@
-"""Argument checks shared by every op family (DESIGN rule 7).
+"""Argument checks shared by every op family (docs/design.md#errors).
 
 Each check raises TypeError (wrong type or dtype) or ValueError (wrong shape, range, device)
 with a message that names the argument and says what was expected and what was received.

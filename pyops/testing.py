@@ -1,6 +1,6 @@
 """Comparison rules shared by the test suite and `python -m pyops verify`.
 
-This is the one tolerance table of the project (DESIGN rule 5): tests/ and the verify command
+This is the one tolerance table of the project (docs/design.md#numerics): tests/ and the verify command
 both import it, so a kernel that passes one passes the other. Errors are measured against the
 reference run on the same inputs; the bound is
 

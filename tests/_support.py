@@ -2,7 +2,7 @@
 
 Backend availability is asked of the package itself (the `can_run` checks in
 `pyops.merging.task_arithmetic`), so a test skips with exactly the reason the library would give.
-Numerical comparisons use the one tolerance table in `pyops.testing` (DESIGN rule 5): tests never
+Numerical comparisons use the one tolerance table in `pyops.testing` (docs/design.md#numerics): tests never
 carry their own looser numbers.
 """
 from __future__ import annotations

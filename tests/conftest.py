@@ -1,6 +1,6 @@
 """Suite-wide setup.
 
-Without CUDA, Triton kernels run under its CPU interpreter (DESIGN rule 8). `triton.jit` reads
+Without CUDA, Triton kernels run under its CPU interpreter (docs/design.md#testing). `triton.jit` reads
 TRITON_INTERPRET when a kernel is decorated, so it is set here, before anything imports triton
 or pyops. The helpers themselves live in tests/_support.py (importable from every test folder).
 """

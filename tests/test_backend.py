@@ -1,4 +1,4 @@
-"""Backend selection rules (DESIGN rule 4): auto order, PYOPS_BACKEND, reasons, graceful degradation."""
+"""Backend selection rules (docs/design.md#backend-choice): auto order, PYOPS_BACKEND, reasons, graceful degradation."""
 from __future__ import annotations
 
 import logging

@@ -53,7 +53,7 @@ run per block, with n the block's length. wᵢ = coeffs[i, block], ρᵢ = densi
 Randomness (DARE, DELLA) is Philox4x32-10 keyed by the seed, with counter
 (⌊j/4⌋ low word, ⌊j/4⌋ high word, task i, FNV-1a hash of `name`) and word j mod 4 for element j
 of the flattened tensor; uᵢⱼ = (word >> 8)·2⁻²⁴, kept iff uᵢⱼ < p. The same bits on every
-backend, thread count and shard layout (DESIGN rule 6).
+backend, thread count and shard layout (docs/design.md#determinism).
 
 Gradients flow to the coefficients (and base / deltas); every mask — trimming, drops, the
 elected sign — is computed without gradient and held fixed in the backward.

@@ -4,7 +4,7 @@ Public entry points (re-exported as `pyops.task_arithmetic` and
 `pyops.task_arithmetic_from_models`); the math is in `pyops/merging/reference.py`. `prepare` and
 `check_out` also validate the tensors of `pyops.merge`.
 
-Registered ops (DESIGN rule 2), each with its backward op as its gradient (registered here):
+Registered ops (docs/design.md#registration), each with its backward op as its gradient (registered here):
     pyops::task_arithmetic               functional: C++ CPU (backend_cpu.py) or CUDA (backend_cuda.py)
     pyops::task_arithmetic_backward      its backward, same devices
     pyops::task_arithmetic_out           writes into `out` (no autograd, like torch's out= ops)

@@ -1,7 +1,7 @@
 """Fused expert routing: validation, backend choice, autograd and the public functions.
 
 Public entry points (re-exported as `pyops.moe_route`, `pyops.moe_experts`, `pyops.Routing`);
-the math is in `pyops/moe/reference.py`. Registered ops (DESIGN rule 2), one module per backend's
+the math is in `pyops/moe/reference.py`. Registered ops (docs/design.md#registration), one module per backend's
 glue, each imported here so that every op is registered once `import pyops` returns:
 
     backend_cpu.py     the C++ path: pyops::moe_route (defined there, with its C++ kernel),

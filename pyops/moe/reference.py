@@ -1,4 +1,4 @@
-"""Fused expert routing: the definition (DESIGN "Fused expert routing").
+"""Fused expert routing: the definition (docs/moe.md#definition).
 
 Routing, for router logits ``z [T, E]`` and ``k`` experts per token:
 

@@ -7,7 +7,7 @@ Every kernel works on the 3D form: a 1D/2D problem gets leading spatial extents 
 stride 1, dilation 1, non-causal (the window rule then gives exactly the one key there), and its rpb
 gets extents of 1 there. Tensors in that form: q/k ``[B, S0, S1, S2, H, D]``, v ``[..., H, Dv]``.
 
-Registered ops (DESIGN rule 2), one module per backend, both imported here so every op is
+Registered ops (docs/design.md#registration), one module per backend, both imported here so every op is
 registered once `import pyops` returns:
     pyops::na_native, pyops::na_native_backward     the C++ kernels: `pyops.neighborhood.backend_cpu`
     pyops::na_triton, pyops::na_triton_backward     the Triton kernels: `pyops.neighborhood.backend_triton`

@@ -110,7 +110,7 @@ def _flat_windows(spatial: Sequence[int], kernel: Sequence[int], stride: Sequenc
 
 
 def dropout_keep(shape: Sequence[int], p: float, seed: int, device) -> Tensor:
-    """Philox keep mask (DESIGN rule 6) of the attention probabilities ``[B, N, H, K]``: element
+    """Philox keep mask (docs/design.md#determinism) of the attention probabilities ``[B, N, H, K]``: element
     index j (row-major) is kept iff uniform(philox(c0 = j low, c1 = j high, c2 = 0,
     c3 = 0x4E41 "NA"; key = seed)[word 0]) >= p."""
     j = torch.arange(math.prod(shape), dtype=torch.int64, device=device)

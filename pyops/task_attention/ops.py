@@ -2,7 +2,7 @@
 
 Public entry point: `pyops.task_masked_attention`; the math is in `pyops/task_attention/reference.py`.
 
-Registered ops (DESIGN rule 2), each defined with its fake kernel in its backend's module and
+Registered ops (docs/design.md#registration), each defined with its fake kernel in its backend's module and
 made differentiable here (forward op -> backward op):
     pyops::task_masked_attention                  C++ CPU (`backend_cpu`, csrc/task_attention/)
     pyops::task_masked_attention_backward         its backward (dq, dk, dv)

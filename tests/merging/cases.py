@@ -61,7 +61,7 @@ def merge_reason(backend: str, device: torch.device, method: str = "ties") -> Op
 
 
 def check_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
-    """Same dtype and shape, values within the tolerance of expected's dtype (DESIGN rule 5)."""
+    """Same dtype and shape, values within the tolerance of expected's dtype (docs/design.md#numerics)."""
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, what
     res = compare(actual.cpu(), expected.cpu(), tolerance_for(expected.dtype))
     assert res.ok, f"{what}: {res}"

@@ -1,7 +1,7 @@
 """pyops.task_arithmetic / task_arithmetic_from_models: every backend against the reference.
 
 Forward on deliberately odd shapes and block layouts, every dtype, stacked and list deltas,
-non-contiguous inputs, `out=`; backward for base, every delta and coeffs (DESIGN rule 8).
+non-contiguous inputs, `out=`; backward for base, every delta and coeffs (docs/design.md#testing).
 The Triton backend gets a reduced matrix on CPU: under TRITON_INTERPRET=1 every program runs in
 the Python interpreter.
 """

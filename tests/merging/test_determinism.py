@@ -1,4 +1,4 @@
-"""The C++ CPU kernels are deterministic (DESIGN rule 6): the split into work items depends on the
+"""The C++ CPU kernels are deterministic (docs/design.md#determinism): the split into work items depends on the
 sizes alone, so the forward and the coefficient gradient (a long reduction) have the same bits
 for every thread count. Across instruction sets (base vs AVX2 with FMA) the bits may differ, but
 both stay within the project tolerance of each other.

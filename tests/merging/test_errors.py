@@ -1,5 +1,5 @@
 """Bad input to task_arithmetic / task_arithmetic_from_models: a ValueError or TypeError whose
-message names the argument and says what was expected and what was received (DESIGN rule 7).
+message names the argument and says what was expected and what was received (docs/design.md#errors).
 
 Validation runs before a backend is chosen, so these tests use the default backend; the last
 ones check the backend argument itself.

@@ -3,7 +3,7 @@ the reference (`backend="reference"`): ties, dare / dare_linear, dare_ties, brea
 della_linear, consensus, model_stock.
 
 The kernels reproduce the reference's fp32 operations one by one (contraction off, task sums in
-the reference's order), so besides the per-dtype tolerance of DESIGN rule 5 the selections and
+the reference's order), so besides the per-dtype tolerance of docs/design.md#numerics the selections and
 masks are checked for exact equality: TIES' kept set (ties with the k-th magnitude included), DARE's
 Philox drops, the breadcrumbs / DELLA ranks (ties broken by position), and the results for every
 thread count and instruction set.

@@ -2,7 +2,7 @@
 against the reference: ties, dare / dare_linear, dare_ties, breadcrumbs, della / della_linear; forward only
 (gradients go to the cpu or reference backend).
 
-Besides the per-dtype tolerance of DESIGN rule 5, the selections and masks are checked exactly:
+Besides the per-dtype tolerance of docs/design.md#numerics, the selections and masks are checked exactly:
 TIES' kept set (every entry tied with the k-th magnitude kept), DARE's Philox drops and the
 breadcrumbs / DELLA rank masks (ties broken by position), bit for bit against the reference and
 the C++ CPU kernels. Shapes are small: on CPU the kernels

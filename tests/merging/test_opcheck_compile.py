@@ -1,4 +1,4 @@
-"""Registration checks (DESIGN rules 2 and 8): `torch.library.opcheck` on every registered op and
+"""Registration checks (docs/design.md#registration, #testing): `torch.library.opcheck` on every registered op and
 `torch.compile(fullgraph=True)` of the public functions, compared with eager.
 
 Under TRITON_INTERPRET=1, torch's `wrap_triton` hands back the raw InterpretedFunction

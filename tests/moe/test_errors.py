@@ -1,4 +1,4 @@
-"""Bad input gets a clear error naming the argument (DESIGN rule 7), on every backend's path."""
+"""Bad input gets a clear error naming the argument (docs/design.md#errors), on every backend's path."""
 from __future__ import annotations
 
 import pytest

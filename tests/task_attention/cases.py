@@ -1,7 +1,7 @@
 """Helpers of the task-attention tests: inputs, the independent dense oracle, backend availability.
 
 The oracle (`dense_attention`) is written independently of `pyops.task_attention.reference`:
-it builds the boolean mask element by element in Python loops from the definition in DESIGN.md
+it builds the boolean mask element by element in Python loops from the definition in docs/task_attention.md
 and runs torch's SDPA math on it, patching rows that have no allowed key.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Bad input: a clear TypeError/ValueError naming the argument, never a crash (DESIGN rule 7)."""
+"""Bad input: a clear TypeError/ValueError naming the argument, never a crash (docs/design.md#errors)."""
 from __future__ import annotations
 
 import pytest

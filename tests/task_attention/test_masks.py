@@ -16,7 +16,7 @@ def test_block_diagonal_groups_and_identity_rule():
 
 
 def _multitab_expected(T, F, mode):
-    """MultiTab-Net's masks written out per token pair (DESIGN: TxT, FxT, FxT_TxT)."""
+    """MultiTab-Net's masks written out per token pair (TxT, FxT, FxT_TxT: docs/task_attention.md#definition)."""
     L = T + F
     m = torch.ones(L, L, dtype=torch.bool)
     for i in range(L):

@@ -1,4 +1,4 @@
-"""Registration checks (DESIGN rules 2 and 8): `torch.library.opcheck` on every registered
+"""Registration checks (docs/design.md#registration, #testing): `torch.library.opcheck` on every registered
 task-attention op and `torch.compile(fullgraph=True)` of `pyops.task_masked_attention`.
 
 Under TRITON_INTERPRET=1 `wrap_triton` hands back the raw InterpretedFunction, so AOT dispatch of

@@ -1,5 +1,5 @@
-"""The reference (the definition) against an independent dense formulation built from DESIGN.md
-with Python loops; fp64 gradcheck; the dropout rule; empty rows."""
+"""The reference (the definition) against an independent dense formulation built from
+docs/task_attention.md#definition with Python loops; fp64 gradcheck; the dropout rule; empty rows."""
 from __future__ import annotations
 
 import pytest
