@@ -1,220 +1,31 @@
-// pyops._C: thin pybind11 bindings over the torch-free CPU kernels. No logic lives here: the
-// Python op layer (pyops/ops/) validates, allocates and makes inputs contiguous; these functions
-// convert integers to pointers, release the GIL and turn a Status into a Python exception.
+// pyops._C, the CPU module: the run-time ISA switch and the thread count, then one bind_<stem> per
+// op family (csrc/<stem>/bind.cpp). The bindings are thin: the Python op layer (pyops/<stem>/)
+// validates, allocates and makes inputs contiguous; a binding converts integers to pointers,
+// releases the GIL, reaches the per-ISA kernel through PYOPS_ISA_CALL and turns a Status into a
+// Python exception.
 #include <pybind11/pybind11.h>
-#include <pybind11/stl.h>
 
-#include <cstdint>
-#include <stdexcept>
-#include <vector>
+#include <string>
 
-#include "bind/bind_util.h"
+#include "common/isa_dispatch.h"
 #include "common/thread_pool.h"
-#include "cpu/merge.h"
-#include "cpu/task_merge.h"
 
 namespace py = pybind11;
 
 namespace pyops {
-bool set_isa(const char* name);
-// Per-family bindings (csrc/bind/<family>.cpp).
+void bind_merging(py::module_& m);
 void bind_task_attention(py::module_& m);
 void bind_neighborhood(py::module_& m);
 void bind_moe(py::module_& m);
-}
-
-namespace {
-
-using pyops::DType;
-using pyops::Status;
-
-using pyops::bind::as_pointers;
-using pyops::bind::raise_if_error;
-using pyops::bind::to_dtype;
-
-pyops::TaskArithmeticProblem make_problem(uintptr_t base, const std::vector<const void*>& deltas,
-                                          int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n,
-                                          int64_t coeff_stride_block, int64_t numel,
-                                          int64_t block_size, bool from_models) {
-  pyops::TaskArithmeticProblem p;
-  p.base = reinterpret_cast<const void*>(base);
-  p.deltas = deltas.data();
-  p.n = (int64_t)deltas.size();
-  p.in_dtype = to_dtype(in_dtype, "in_dtype");
-  p.coeffs = reinterpret_cast<const float*>(coeffs);
-  p.coeff_stride_n = coeff_stride_n;
-  p.coeff_stride_block = coeff_stride_block;
-  p.numel = numel;
-  p.block_size = block_size;
-  p.from_models = from_models;
-  return p;
-}
-
-void task_arithmetic_forward(uintptr_t out, int out_dtype, uintptr_t base,
-                             const std::vector<uintptr_t>& deltas, int in_dtype, uintptr_t coeffs,
-                             int64_t coeff_stride_n, int64_t coeff_stride_block, int64_t numel,
-                             int64_t block_size, bool from_models, int n_threads) {
-  const DType od = to_dtype(out_dtype, "out_dtype");
-  const auto dptr = as_pointers<const void*>(deltas);
-  const auto p = make_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block,
-                              numel, block_size, from_models);
-  Status st;
-  {
-    py::gil_scoped_release release;
-    st = pyops::task_arithmetic_forward(p, reinterpret_cast<void*>(out), od, n_threads);
-  }
-  raise_if_error(st);
-}
-
-void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base,
-                              const std::vector<uintptr_t>& deltas, int in_dtype, uintptr_t coeffs,
-                              int64_t coeff_stride_n, int64_t coeff_stride_block, int64_t numel,
-                              int64_t block_size, bool from_models, uintptr_t grad_base,
-                              const std::vector<uintptr_t>& grad_deltas, uintptr_t grad_coeffs,
-                              int n_threads) {
-  const DType gd = to_dtype(grad_dtype, "grad_dtype");
-  if (!grad_deltas.empty() && grad_deltas.size() != deltas.size())
-    throw py::value_error("grad_deltas: expected " + std::to_string(deltas.size()) +
-                          " pointers or none, got " + std::to_string(grad_deltas.size()));
-  const auto dptr = as_pointers<const void*>(deltas);
-  const auto gdptr = as_pointers<void*>(grad_deltas);
-  const auto p = make_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block,
-                              numel, block_size, from_models);
-  Status st;
-  {
-    py::gil_scoped_release release;
-    st = pyops::task_arithmetic_backward(
-        p, reinterpret_cast<const void*>(grad), gd, reinterpret_cast<void*>(grad_base),
-        gdptr.empty() ? nullptr : gdptr.data(), reinterpret_cast<float*>(grad_coeffs), n_threads);
-  }
-  raise_if_error(st);
-}
-
-// ---- model merging (cpu/merge.h) ----
-
-pyops::MergeProblem make_merge_problem(uintptr_t base, const std::vector<const void*>& deltas, int in_dtype,
-                                       uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
-                                       const std::vector<float>& density, int64_t numel, int64_t block_size,
-                                       bool from_models, int method, double lam, uint64_t seed, int64_t name_hash,
-                                       int64_t k, double tall_lambda, bool normalize, double gamma,
-                                       double epsilon) {
-  if (density.size() != deltas.size())
-    throw py::value_error("density: expected " + std::to_string(deltas.size()) + " values (one per task), got " +
-                          std::to_string(density.size()));
-  if (name_hash < 0 || name_hash > 0xffffffffLL)
-    throw py::value_error("name_hash: expected a 32-bit unsigned value, got " + std::to_string(name_hash));
-  pyops::MergeProblem p;
-  static_cast<pyops::TaskArithmeticProblem&>(p) = make_problem(
-      base, deltas, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, numel, block_size, from_models);
-  p.density = density.data();
-  p.method = method;
-  p.lam = (float)lam;
-  p.seed = seed;
-  p.name_hash = (uint32_t)name_hash;
-  p.k = k;
-  p.tall_lambda = (float)tall_lambda;
-  p.normalize = normalize;
-  p.gamma = gamma;
-  p.epsilon = epsilon;
-  return p;
-}
-
-void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& deltas,
-                   int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
-                   const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
-                   int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
-                   bool normalize, double gamma, double epsilon, int n_threads) {
-  const DType od = to_dtype(out_dtype, "out_dtype");
-  const auto dptr = as_pointers<const void*>(deltas);
-  const std::vector<float> dens(density.begin(), density.end());  // fp32, as the reference holds them
-  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
-                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
-                                    gamma, epsilon);
-  Status st;
-  {
-    py::gil_scoped_release release;
-    st = pyops::merge_forward(p, reinterpret_cast<void*>(out), od, n_threads);
-  }
-  raise_if_error(st);
-}
-
-void merge_backward(uintptr_t grad, int grad_dtype, uintptr_t base, const std::vector<uintptr_t>& deltas,
-                    int in_dtype, uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
-                    const std::vector<double>& density, int64_t numel, int64_t block_size, bool from_models,
-                    int method, double lam, uint64_t seed, int64_t name_hash, int64_t k, double tall_lambda,
-                    bool normalize, double gamma, double epsilon, uintptr_t grad_base,
-                    const std::vector<uintptr_t>& grad_deltas, uintptr_t grad_coeffs, int n_threads) {
-  const DType gd = to_dtype(grad_dtype, "grad_dtype");
-  if (!grad_deltas.empty() && grad_deltas.size() != deltas.size())
-    throw py::value_error("grad_deltas: expected " + std::to_string(deltas.size()) + " pointers or none, got " +
-                          std::to_string(grad_deltas.size()));
-  const auto dptr = as_pointers<const void*>(deltas);
-  const auto gdptr = as_pointers<void*>(grad_deltas);
-  const std::vector<float> dens(density.begin(), density.end());
-  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
-                                    block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
-                                    gamma, epsilon);
-  Status st;
-  {
-    py::gil_scoped_release release;
-    st = pyops::merge_backward(p, reinterpret_cast<const void*>(grad), gd, reinterpret_cast<void*>(grad_base),
-                               gdptr.empty() ? nullptr : gdptr.data(), reinterpret_cast<float*>(grad_coeffs),
-                               n_threads);
-  }
-  raise_if_error(st);
-}
-
-std::vector<double> task_vector_gram(uintptr_t base, const std::vector<uintptr_t>& deltas, int in_dtype,
-                                     int64_t numel, bool from_models, int n_threads) {
-  const DType id = to_dtype(in_dtype, "in_dtype");
-  const auto dptr = as_pointers<const void*>(deltas);
-  std::vector<double> gram(dptr.size() * dptr.size());
-  Status st;
-  {
-    py::gil_scoped_release release;
-    st = pyops::task_vector_gram(reinterpret_cast<const void*>(base), dptr.data(), (int64_t)dptr.size(), id,
-                                 numel, from_models, gram.data(), n_threads);
-  }
-  raise_if_error(st);
-  return gram;
-}
-
-}  // namespace
+}  // namespace pyops
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "pyops CPU kernels (torch-free; see pyops/ops for the operators)";
+  m.doc() = "pyops CPU kernels (torch-free; see pyops/<family>/ops.py for the operators)";
   m.def("active_isa", &pyops::active_isa, "Instruction set the CPU kernels dispatch to.");
   m.def("set_isa", [](const std::string& name) { return pyops::set_isa(name.c_str()); },
         py::arg("name"), "Force 'base', 'avx2' or 'auto'; returns False if unavailable.");
   m.def("hardware_threads", &pyops::hardware_threads);
-  m.def("task_arithmetic_forward", &task_arithmetic_forward, py::arg("out"), py::arg("out_dtype"),
-        py::arg("base"), py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"),
-        py::arg("coeff_stride_n"), py::arg("coeff_stride_block"), py::arg("numel"),
-        py::arg("block_size"), py::arg("from_models"), py::arg("n_threads"));
-  m.def("task_arithmetic_backward", &task_arithmetic_backward, py::arg("grad"),
-        py::arg("grad_dtype"), py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
-        py::arg("coeffs"), py::arg("coeff_stride_n"), py::arg("coeff_stride_block"),
-        py::arg("numel"), py::arg("block_size"), py::arg("from_models"), py::arg("grad_base"),
-        py::arg("grad_deltas"), py::arg("grad_coeffs"), py::arg("n_threads"));
-  m.def("merge_forward", &merge_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"),
-        py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
-        py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
-        py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
-        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("gamma"),
-        py::arg("epsilon"), py::arg("n_threads"),
-        "Fused merge forward (ties, dare, dare_ties, breadcrumbs, della, della_linear, consensus): "
-        "out = base + lam * merged.");
-  m.def("merge_backward", &merge_backward, py::arg("grad"), py::arg("grad_dtype"), py::arg("base"),
-        py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"), py::arg("coeff_stride_n"),
-        py::arg("coeff_stride_block"), py::arg("density"), py::arg("numel"), py::arg("block_size"),
-        py::arg("from_models"), py::arg("method"), py::arg("lam"), py::arg("seed"), py::arg("name_hash"),
-        py::arg("k"), py::arg("tall_lambda"), py::arg("normalize"), py::arg("gamma"),
-        py::arg("epsilon"), py::arg("grad_base"), py::arg("grad_deltas"), py::arg("grad_coeffs"),
-        py::arg("n_threads"),
-        "Merge backward with the masks held fixed (every method but consensus): grads to base, deltas, coeffs.");
-  m.def("task_vector_gram", &task_vector_gram, py::arg("base"), py::arg("deltas"), py::arg("in_dtype"),
-        py::arg("numel"), py::arg("from_models"), py::arg("n_threads"),
-        "Gram matrix of the task vectors, N*N doubles row-major.");
+  pyops::bind_merging(m);
   pyops::bind_task_attention(m);
   pyops::bind_neighborhood(m);
   pyops::bind_moe(m);

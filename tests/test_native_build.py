@@ -1,4 +1,4 @@
-"""The native core is torch-free (DESIGN rule 1): no torch header in csrc/, no libtorch/libc10
+"""The native core is torch-free (docs/design.md#the-native-core-is-torch-free): no torch header in csrc/, no libtorch/libc10
 dependency or symbol in the built module, and the module loads in a process without torch."""
 from __future__ import annotations
 

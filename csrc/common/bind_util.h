@@ -1,4 +1,4 @@
-// Helpers shared by the pybind11 binding files of pyops._C (csrc/bindings.cpp, csrc/bind/*.cpp).
+// Helpers shared by the pybind11 binding files (csrc/<stem>/bind.cpp, csrc/<stem>/bind_cuda.cpp).
 // Bindings are thin: integers become pointers, dtype codes are checked, the GIL is released
 // around the kernel and a Status becomes ValueError (bad argument / index) or RuntimeError.
 #pragma once

@@ -17,7 +17,7 @@
 #endif
 
 // The namespace a per-ISA kernel file defines its entry points in (isa_base, isa_avx2), which
-// csrc/cpu/dispatch.cpp chooses between at run time.
+// common/isa_dispatch.cpp chooses between at run time.
 #define PYOPS_ISA_NS_CAT2(x) isa_##x
 #define PYOPS_ISA_NS_CAT(x) PYOPS_ISA_NS_CAT2(x)
 #define PYOPS_ISA_KERNEL_NS PYOPS_ISA_NS_CAT(PYOPS_ISA)

@@ -1,11 +1,10 @@
-// Run-time choice between the per-ISA builds of the CPU kernels.
+// The run-time ISA flag behind PYOPS_ISA_CALL (common/isa_dispatch.h): which of the per-ISA
+// builds of the CPU kernels the bindings call.
+#include "common/isa_dispatch.h"
+
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-
-#include "cpu/isa_dispatch.h"
-#include "cpu/merge.h"
-#include "cpu/task_merge.h"
 
 namespace pyops {
 namespace {
@@ -47,49 +46,6 @@ bool set_isa(const char* name) {
     return true;
   }
   return false;
-}
-
-Status task_arithmetic_forward(const TaskArithmeticProblem& p, void* out, DType out_dtype,
-                               int n_threads) {
-#if PYOPS_HAVE_AVX2
-  if (g_use_avx2.load()) return isa_avx2::task_arithmetic_forward(p, out, out_dtype, n_threads);
-#endif
-  return isa_base::task_arithmetic_forward(p, out, out_dtype, n_threads);
-}
-
-Status task_arithmetic_backward(const TaskArithmeticProblem& p, const void* grad, DType grad_dtype,
-                                void* grad_base, void* const* grad_deltas, float* grad_coeffs,
-                                int n_threads) {
-#if PYOPS_HAVE_AVX2
-  if (g_use_avx2.load())
-    return isa_avx2::task_arithmetic_backward(p, grad, grad_dtype, grad_base, grad_deltas,
-                                              grad_coeffs, n_threads);
-#endif
-  return isa_base::task_arithmetic_backward(p, grad, grad_dtype, grad_base, grad_deltas,
-                                            grad_coeffs, n_threads);
-}
-
-// ---- model merging (cpu/merge.h) ----
-
-Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads) {
-#if PYOPS_HAVE_AVX2
-  if (g_use_avx2.load()) return isa_avx2::merge_forward(p, out, out_dtype, n_threads);
-#endif
-  return isa_base::merge_forward(p, out, out_dtype, n_threads);
-}
-
-Status merge_backward(const MergeProblem& p, const void* grad, DType grad_dtype, void* grad_base,
-                      void* const* grad_deltas, float* grad_coeffs, int n_threads) {
-  return PYOPS_ISA_CALL(merge_backward, p, grad, grad_dtype, grad_base, grad_deltas, grad_coeffs, n_threads);
-}
-
-Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,
-                        int64_t numel, bool from_models, double* gram, int n_threads) {
-#if PYOPS_HAVE_AVX2
-  if (g_use_avx2.load())
-    return isa_avx2::task_vector_gram(base, deltas, n, in_dtype, numel, from_models, gram, n_threads);
-#endif
-  return isa_base::task_vector_gram(base, deltas, n, in_dtype, numel, from_models, gram, n_threads);
 }
 
 }  // namespace pyops

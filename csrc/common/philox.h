@@ -1,7 +1,7 @@
 // Philox4x32-10 (Salmon et al., "Parallel Random Numbers: As Easy as 1, 2, 3", SC'11): a
 // counter-based generator. Every random choice in pyops (attention dropout, DARE drops) is a
 // pure function of (key, counter), so the same bits come out on every backend, thread count
-// and shard layout (DESIGN rule 6). Usable from C++ and CUDA (host + device).
+// and shard layout (docs/design.md#determinism). Usable from C++ and CUDA (host + device).
 #pragma once
 #include <cstdint>
 

@@ -5,7 +5,7 @@
 //   blockDim real std::threads that meet at a barrier for each sync(), its shared arrays are
 //   function-local statics (CTAs run one after another), and atomics are GCC atomics.
 //
-// The emulation exists for tests on machines without a GPU (tests/merge/test_merge_cuda_emulated.py):
+// The emulation exists for tests on machines without a GPU (tests/merging/test_methods_cuda_emulated.py):
 // the kernels' indexing, barriers, shared-memory protocol, workspace use and arithmetic run for
 // real, concurrently, against the C++ CPU kernels. What it cannot show is speed, coalescing or
 // anything about the hardware. Kernels written against this layer use no warp intrinsics (no

@@ -19,10 +19,9 @@ namespace pyops {
 namespace {
 
 // Spin this long for the next job (or for the helpers to finish) before sleeping on a condition
-// variable: waking a sleeping thread costs tens of microseconds (measured ~70 us on the dev VM),
-// which is the whole run time of a small kernel, and training loops call the kernels back to back
-// (forward, a few hundred microseconds of autograd, backward). OpenMP runtimes spin for the same
-// reason.
+// variable: waking a sleeping thread costs tens of microseconds, which is the whole run time of a
+// small kernel, and training loops call the kernels back to back (forward, a few hundred
+// microseconds of autograd, backward). OpenMP runtimes spin for the same reason.
 constexpr auto kSpin = std::chrono::microseconds(300);
 
 inline void cpu_relax() {
@@ -158,8 +157,8 @@ int hardware_threads() { return std::max(1u, std::thread::hardware_concurrency()
 // The kernels run on torch's own OpenMP threads when the extension is built with OpenMP: the
 // module links libgomp.so.1, and since torch is imported first the loader resolves that to the
 // copy torch already loaded, so there is one thread team in the process. A private pool would
-// share the cores with torch's OpenMP workers, which spin for a while after every torch op (a
-// GEMM right before a kernel made it ~25% slower on the 2-core dev VM), and vice versa.
+// share the cores with torch's OpenMP workers, which spin for a while after every torch op (so a
+// kernel right after a GEMM would compete with them for the cores), and vice versa.
 // Fork: like torch's own ops, a child of a parent that ran a parallel region must use one thread
 // (torch's DataLoader workers do: torch.set_num_threads(1)).
 void parallel_for(int64_t n_items, int n_threads, const std::function<void(int64_t)>& fn) {

@@ -1,5 +1,5 @@
 // Ascending ranks of |tau| within a block, ties broken by position: the order a stable sort gives
-// (torch.sort(stable=True) in pyops/reference/merge.py `ascending_rank`). The rank-based merge
+// (torch.sort(stable=True) in pyops/merging/reference.py `ascending_rank`). The rank-based merge
 // methods (breadcrumbs, DELLA) read every element's rank.
 //
 // Entries are (key << 32) | position with key the fp32 bit pattern of |tau| (sign bit clear, so

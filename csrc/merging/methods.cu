@@ -1,5 +1,5 @@
-// The CUDA entry points of `pyops.merge` (cuda/merge_cuda.h): the kernels of
-// cuda/merge_kernels.cuh launched on the caller's stream, each grid capped at the CTAs resident on
+// The CUDA entry points of `pyops.merge` (merging/methods_cuda.h): the kernels of
+// merging/methods_kernels.cuh launched on the caller's stream, each grid capped at the CTAs resident on
 // the device (every kernel strides over its work).
 #include <cuda_runtime.h>
 
@@ -7,9 +7,9 @@
 #include <cstdint>
 #include <string>
 
-#include "cuda/launch_util.h"
-#include "cuda/merge_cuda.h"
-#include "cuda/merge_kernels.cuh"
+#include "common/launch_util.h"
+#include "merging/methods_cuda.h"
+#include "merging/methods_kernels.cuh"
 
 namespace pyops {
 namespace cuda_ops {

@@ -1,7 +1,7 @@
 // Model merging over task vectors (TIES, DARE, DARE-TIES, breadcrumbs, DELLA, consensus;
 // model_stock's Gram matrix):
-// fused CPU forward kernels, torch-free. The definitions are pyops/reference/merge.py; these
-// kernels reproduce them operation for operation in fp32:
+// fused CPU kernels, torch-free. The definitions are pyops/merging/reference.py; these kernels
+// reproduce them operation for operation in fp32:
 //
 //   tau_i   = delta_i                  or  float(finetuned_i) - float(base)     (from_models)
 //   ties    : t_i = [|tau_i| >= thr_i,b] * tau_i, thr_i,b the k-th largest |tau_i| of block b,
@@ -29,11 +29,11 @@
 
 #include "common/dtype.h"
 #include "common/status.h"
-#include "cpu/task_merge.h"
+#include "merging/task_arithmetic.h"
 
 namespace pyops {
 
-// Method codes (pyops/ops/merge.py NATIVE_METHODS).
+// Method codes (pyops/merging/spec.py NATIVE_METHOD_CODES).
 enum MergeMethodCode : int {
   kMergeTaskArithmetic = 0,
   kMergeTies = 1,
@@ -60,31 +60,31 @@ struct MergeProblem : TaskArithmeticProblem {
   bool normalize = true;                // electing methods: disjoint weighted mean
 };
 
-// Writes out[numel] in out_dtype. out may be base itself (an in-place update: every tile of base
-// is read before the same tile of out is written); it must not overlap a delta.
-Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads);
-
-// Backward with every mask held fixed (every method but consensus, whose
-// mask depends on the coefficients). grad [numel] in grad_dtype; each output may be null:
-//   grad_base [numel] and grad_deltas (n pointers to [numel]) in in_dtype, grad_coeffs [n, n_blocks]
-//   fp32 row-major. The same bits for every thread count.
-Status merge_backward(const MergeProblem& p, const void* grad, DType grad_dtype, void* grad_base,
-                      void* const* grad_deltas, float* grad_coeffs, int n_threads);
-
-// gram[i * n + j] = sum_j tau_i[j] * tau_j[j], accumulated in double over fixed chunks (the same
-// bits for every thread count).
-Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,
-                        int64_t numel, bool from_models, double* gram, int n_threads);
-
+// Entry points, defined once per ISA (methods_forward.cpp, methods_backward.cpp,
+// methods_gram.cpp) and reached through PYOPS_ISA_CALL (common/isa_dispatch.h):
+//   merge_forward(p, out, out_dtype, n_threads): writes out[numel] in out_dtype. out may be base
+//     itself (an in-place update: every tile of base is read before the same tile of out is
+//     written); it must not overlap a delta.
+//   merge_backward(p, grad, grad_dtype, grad_base, grad_deltas, grad_coeffs, n_threads): every mask
+//     held fixed (every method but consensus, whose mask depends on the coefficients). grad
+//     [numel] in grad_dtype; each output may be null: grad_base [numel] and grad_deltas (n
+//     pointers to [numel]) in in_dtype, grad_coeffs [n, n_blocks] fp32 row-major. The same bits
+//     for every thread count.
+//   task_vector_gram(base, deltas, n, in_dtype, numel, from_models, gram, n_threads):
+//     gram[i * n + j] = sum_j tau_i[j] * tau_j[j], accumulated in double over fixed chunks (the
+//     same bits for every thread count).
+#define PYOPS_MERGE_METHODS_DECLS                                                                    \
+  Status merge_forward(const MergeProblem& p, void* out, DType out_dtype, int n_threads);            \
+  Status merge_backward(const MergeProblem& p, const void* grad, DType grad_dtype, void* grad_base,  \
+                        void* const* grad_deltas, float* grad_coeffs, int n_threads);                \
+  Status task_vector_gram(const void* base, const void* const* deltas, int64_t n, DType in_dtype,    \
+                          int64_t numel, bool from_models, double* gram, int n_threads);
 namespace isa_base {
-Status merge_forward(const MergeProblem&, void*, DType, int);
-Status merge_backward(const MergeProblem&, const void*, DType, void*, void* const*, float*, int);
-Status task_vector_gram(const void*, const void* const*, int64_t, DType, int64_t, bool, double*, int);
+PYOPS_MERGE_METHODS_DECLS
 }  // namespace isa_base
 namespace isa_avx2 {
-Status merge_forward(const MergeProblem&, void*, DType, int);
-Status merge_backward(const MergeProblem&, const void*, DType, void*, void* const*, float*, int);
-Status task_vector_gram(const void*, const void* const*, int64_t, DType, int64_t, bool, double*, int);
+PYOPS_MERGE_METHODS_DECLS
 }  // namespace isa_avx2
+#undef PYOPS_MERGE_METHODS_DECLS
 
 }  // namespace pyops

@@ -1,7 +1,8 @@
 // Model merging (`pyops.merge`) on the GPU: ties, dare / dare_linear, dare_ties, breadcrumbs,
-// della / della_linear and consensus, forward (kernels: cuda/merge_kernels.cuh; semantics and bits: csrc/cpu/merge.h).
+// della / della_linear and consensus, forward and backward (kernels: merging/methods_kernels.cuh;
+// semantics and bits: merging/methods.h).
 //
-// Plain C++ (no CUDA headers), for csrc/bindings_cuda.cpp. Every pointer is a device address and
+// Plain C++ (no CUDA headers), for merging/bind_cuda.cpp. Every pointer is a device address and
 // `stream` a cudaStream_t; kernels run on the current device, which must hold the tensors.
 #pragma once
 #include <cstdint>
@@ -16,7 +17,7 @@ namespace cuda_ops {
 Status merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int method, bool grad_coeffs,
                              int64_t* bytes);
 
-// out [numel] (out_dtype) = base + lam * merged, method codes as csrc/cpu/merge.h (1 ties,
+// out [numel] (out_dtype) = base + lam * merged, method codes as merging/methods.h (1 ties,
 // 2 dare, 3 dare_ties, 4 breadcrumbs, 5 della, 6 della_linear, 7 consensus). ranks: device int32
 // [n, numel], each element's ascending rank of |tau_i| in its block (ties by position), for
 // breadcrumbs and della (null otherwise). delta_ptrs: device int64 array of n addresses of [numel] in

@@ -8,8 +8,8 @@
 #include "common/convert.h"
 #include "common/isa.h"
 #include "common/thread_pool.h"
-#include "cpu/block_plan.h"
-#include "cpu/task_merge.h"
+#include "merging/block_plan.h"
+#include "merging/task_arithmetic.h"
 
 namespace pyops {
 namespace PYOPS_ISA_KERNEL_NS {

@@ -1,4 +1,4 @@
-// Block-wise task-vector merging: CPU kernels (torch-free).
+// Block-wise task arithmetic (merging family): CPU kernels (torch-free).
 //
 //   out[j] = base[j] + sum_i coeffs[i, block(j)] * delta_i[j]                 (deltas given)
 //   out[j] = base[j] + sum_i coeffs[i, block(j)] * (finetuned_i[j] - base[j])  (from_models)
@@ -27,32 +27,27 @@ struct TaskArithmeticProblem {
   bool from_models = false;
 };
 
-// Writes out[numel] in out_dtype.
-Status task_arithmetic_forward(const TaskArithmeticProblem& p, void* out, DType out_dtype,
-                               int n_threads);
-
-// One pass over grad [numel] (in grad_dtype). Each output may be null (not needed):
-//   grad_base   [numel] in in_dtype: grad (deltas) or grad * (1 - sum_i c_i) (from_models)
-//   grad_deltas n pointers to [numel] in in_dtype: c_i * grad
-//   grad_coeffs [n, n_blocks] fp32 row-major: sum over the block of grad * delta_i
-//               (grad * (finetuned_i - base) when from_models)
-Status task_arithmetic_backward(const TaskArithmeticProblem& p, const void* grad, DType grad_dtype,
-                                void* grad_base, void* const* grad_deltas, float* grad_coeffs,
-                                int n_threads);
-
-// Per-ISA implementations, selected at run time by dispatch.cpp.
+// Entry points, defined once per ISA (task_arithmetic.cpp) and reached through PYOPS_ISA_CALL
+// (common/isa_dispatch.h):
+//   task_arithmetic_forward(p, out, out_dtype, n_threads): writes out[numel] in out_dtype.
+//   task_arithmetic_backward(p, grad, grad_dtype, grad_base, grad_deltas, grad_coeffs, n_threads):
+//     one pass over grad [numel] (in grad_dtype). Each output may be null (not needed):
+//       grad_base   [numel] in in_dtype: grad (deltas) or grad * (1 - sum_i c_i) (from_models)
+//       grad_deltas n pointers to [numel] in in_dtype: c_i * grad
+//       grad_coeffs [n, n_blocks] fp32 row-major: sum over the block of grad * delta_i
+//                   (grad * (finetuned_i - base) when from_models)
+#define PYOPS_TASK_ARITHMETIC_DECLS                                                                \
+  Status task_arithmetic_forward(const TaskArithmeticProblem& p, void* out, DType out_dtype,       \
+                                 int n_threads);                                                    \
+  Status task_arithmetic_backward(const TaskArithmeticProblem& p, const void* grad, DType grad_dtype, \
+                                  void* grad_base, void* const* grad_deltas, float* grad_coeffs,   \
+                                  int n_threads);
 namespace isa_base {
-Status task_arithmetic_forward(const TaskArithmeticProblem&, void*, DType, int);
-Status task_arithmetic_backward(const TaskArithmeticProblem&, const void*, DType, void*,
-                                void* const*, float*, int);
+PYOPS_TASK_ARITHMETIC_DECLS
 }  // namespace isa_base
 namespace isa_avx2 {
-Status task_arithmetic_forward(const TaskArithmeticProblem&, void*, DType, int);
-Status task_arithmetic_backward(const TaskArithmeticProblem&, const void*, DType, void*,
-                                void* const*, float*, int);
+PYOPS_TASK_ARITHMETIC_DECLS
 }  // namespace isa_avx2
-
-// Name of the instruction set the dispatcher uses ("avx2" or "base").
-const char* active_isa();
+#undef PYOPS_TASK_ARITHMETIC_DECLS
 
 }  // namespace pyops

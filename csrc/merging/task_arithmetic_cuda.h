@@ -1,12 +1,12 @@
-// Block-wise task-vector merging: hand-written CUDA kernels (torch-free; see task_merge.cu).
+// Block-wise task arithmetic: hand-written CUDA kernels (torch-free; see task_arithmetic.cu).
 //
-// This header is plain C++ (no CUDA headers) so that csrc/bindings_cuda.cpp can be compiled by
+// This header is plain C++ (no CUDA headers) so that merging/bind_cuda.cpp can be compiled by
 // the host compiler. Every pointer is a device address; `stream` is a cudaStream_t. Kernels run
 // on the *current* CUDA device, which must be the one that holds the tensors. The forward may
 // write out exactly over base or one delta (same address, same dtype); no other overlap of an
 // output with an input is supported.
 //
-// Semantics are those of csrc/cpu/task_merge.h (numel elements, flattened and contiguous,
+// Semantics are those of merging/task_arithmetic.h (numel elements, flattened and contiguous,
 // block(j) = j / block_size, n_blocks = ceil(numel / block_size), fp32 accumulation):
 //   out[j] = base[j] + sum_i c[i, block(j)] * delta_i[j]                 (from_models = false)
 //   out[j] = base[j] + sum_i c[i, block(j)] * (finetuned_i[j] - base[j])  (from_models = true)
@@ -44,9 +44,6 @@ Status task_arithmetic_backward(const void* grad, int grad_dtype, const void* ba
                                 int64_t block_size, bool from_models, void* grad_base,
                                 const void* grad_delta_ptrs, void* grad_coeffs, void* workspace,
                                 int64_t workspace_bytes, void* stream);
-
-// cudaGetDeviceCount, or 0 on any error (no driver, no device). Never fails.
-int device_count();
 
 }  // namespace cuda_ops
 }  // namespace pyops

@@ -1,4 +1,4 @@
-// pyops._C bindings of the moe family (cpu/moe.h). Thin: integers become pointers, the GIL is
+// pyops._C bindings of the moe family (moe/moe.h). Thin: integers become pointers, the GIL is
 // released around the kernel, a Status becomes ValueError (bad argument / index) or
 // RuntimeError, and PYOPS_ISA_CALL picks the baseline or AVX2 build of the kernel.
 #include <pybind11/pybind11.h>
@@ -7,9 +7,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "bind/bind_util.h"
-#include "cpu/isa_dispatch.h"
-#include "cpu/moe.h"
+#include "common/bind_util.h"
+#include "common/isa_dispatch.h"
+#include "moe/moe.h"
 
 namespace py = pybind11;
 

@@ -9,7 +9,7 @@
 //                     expert); offsets [E + 1]: expert e owns order[offsets[e] : offsets[e + 1]]
 //   dropped[t, j]   = capacity >= 0 and the assignment's rank within its expert >= capacity
 // The arithmetic (exp polynomial, 8-lane softmax sum, IEEE division, j-order renormalisation) is
-// spelled out in moe_kernels.cpp and repeated operation for operation by csrc/cuda/moe_routing.cu,
+// spelled out in moe/routing.cpp and repeated operation for operation by moe/routing.cu,
 // so every ISA, thread count and the CUDA kernel produce the same bits.
 //
 // Expert MLP helpers (all arrays contiguous, dtype = fp32 / fp16 / bf16, fp32 math):
@@ -56,8 +56,8 @@ enum class MoeAct : int { kSwiglu = 0, kGeglu = 1, kGelu = 2, kSilu = 3, kRelu =
   Status moe_scatter_add(const void* dxs, const int64_t* order, int64_t k, int64_t T, int64_t d, \
                          void* dx, DType dtype, int n_threads);
 
-// Per-ISA implementations (moe_kernels.cpp is compiled once per ISA); the bindings reach them
-// through PYOPS_ISA_CALL (cpu/isa_dispatch.h).
+// Per-ISA implementations (routing.cpp, experts.cpp: compiled once per ISA); the binding reaches
+// them through PYOPS_ISA_CALL (common/isa_dispatch.h).
 namespace isa_base {
 PYOPS_MOE_DECLS
 }  // namespace isa_base

@@ -1,7 +1,7 @@
-// Fused expert routing on CUDA (torch-free; DESIGN rule 1). Contract: cuda/moe_cuda.h.
+// Fused expert routing on CUDA (torch-free; docs/design.md#the-native-core-is-torch-free). Contract: moe/routing_cuda.h.
 //
 // Three kernels and no float atomics, so the result is deterministic and equal, bit for bit, to
-// the CPU kernel (csrc/cpu/moe_kernels.cpp):
+// the CPU kernel (moe/routing.cpp):
 //
 // 1. topk_kernel: one thread per token, tiles of kTile tokens per CTA. The thread reads its row
 //    (max, then exp and an 8-lane sum: lane e mod 8 adds in increasing e, lanes combined as
@@ -14,7 +14,7 @@
 //    integer atomics into hist[tile][e] (exact, order-independent).
 // 2. scan_kernel (one CTA): hist[tile][e] becomes the first write position of the tile's
 //    assignments to expert e: offsets[e] + the counts of the earlier tiles. offsets[E] carries
-//    the NaN/inf report (moe_cuda.h).
+//    the NaN/inf report (routing_cuda.h).
 // 3. scatter_kernel: one warp per tile walks the tile's assignments a = t*k + j in increasing
 //    order, 32 at a time; __match_any_sync ranks equal experts among lower lanes, so order[] gets
 //    a stable counting sort; capacity flags come from the position within the expert's slice.
@@ -25,7 +25,7 @@
 #include <cstdint>
 #include <string>
 
-#include "cuda/moe_cuda.h"
+#include "moe/routing_cuda.h"
 
 namespace pyops {
 namespace cuda_ops {
@@ -48,7 +48,7 @@ struct RBF16 {
   __device__ __forceinline__ static float to_f(S x) { return __bfloat162float(x); }
 };
 
-// exp_f of moe_kernels.cpp, operation for operation (see there for the derivation).
+// exp_f of moe/fp32_math.h, operation for operation (see there for the derivation).
 __device__ __forceinline__ float exp_rn(float x) {
   x = x < -104.0f ? -104.0f : x;
   x = x > 89.0f ? 89.0f : x;

@@ -1,10 +1,10 @@
-// Fused expert routing: hand-written CUDA kernel (torch-free; see moe_routing.cu).
+// Fused expert routing: hand-written CUDA kernel (torch-free; see routing.cu).
 //
-// Plain C++ header (no CUDA headers) so that csrc/bindings_cuda.cpp compiles with the host
+// Plain C++ header (no CUDA headers) so that moe/bind_cuda.cpp compiles with the host
 // compiler. Every pointer is a device address, `stream` a cudaStream_t; the kernels run on the
 // current CUDA device, which must hold the tensors. All arrays contiguous.
 //
-// Semantics and outputs are those of the CPU kernel (csrc/cpu/moe.h), bit for bit:
+// Semantics and outputs are those of the CPU kernel (moe/moe.h), bit for bit:
 //   logits [T, E] (dtype code 0 fp32, 1 fp16, 2 bf16); score 0 softmax / 1 sigmoid;
 //   bias fp32 [E] or null (must be finite: the host-side op validates it);
 //   capacity -1 (none) or >= 0;

@@ -1,4 +1,4 @@
-// pyops._C bindings of the neighbourhood-attention family (kernels: csrc/cpu/neighborhood*.{h,cpp}).
+// pyops._C bindings of the neighbourhood-attention family (neighborhood/neighborhood.h).
 // Thin: integers to pointers, the GIL released around the kernel, Status -> ValueError.
 #include <pybind11/pybind11.h>
 
@@ -6,9 +6,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "bind/bind_util.h"
-#include "cpu/isa_dispatch.h"
-#include "cpu/neighborhood.h"
+#include "common/bind_util.h"
+#include "common/isa_dispatch.h"
+#include "neighborhood/neighborhood.h"
 
 namespace py = pybind11;
 

@@ -2,7 +2,7 @@
 //
 // The kernels are always 3D; 1D and 2D problems come in with leading spatial extents of 1
 // (kernel 1, stride 1, dilation 1, non-causal). Per spatial dimension, independently
-// (DESIGN.md "Neighbourhood attention"): dilation d puts position x in group x mod d with
+// (docs/neighborhood.md "Definition"): dilation d puts position x in group x mod d with
 // in-group index i = x / d and group length L; with left = k / 2,
 //   non-causal: leader = min((i / s) * s + s / 2, L - 1),
 //               window [start, start + k), start = clamp(leader - left, 0, L - k);
@@ -36,7 +36,7 @@ struct NAShape {
   DType dtype = DType::kFloat32;
 };
 
-// Per-ISA implementations (csrc/cpu/neighborhood_kernels.cpp), chosen by PYOPS_ISA_CALL.
+// Per-ISA implementations (forward.cpp, backward.cpp), chosen by PYOPS_ISA_CALL.
 #define PYOPS_NA_DECLARE                                                                     \
   Status na_forward(const NAShape& p, const void* q, const void* k, const void* v, void* out,  \
                     float* lse, const float* rpb, int n_threads);                              \

@@ -1,4 +1,4 @@
-// pyops._C bindings of the task_attention family (cpu/task_attention.h): pointers arrive as
+// pyops._C bindings of the task_attention family (task_attention/task_attention.h): pointers arrive as
 // Python ints, the GIL is released around the kernels, a Status becomes ValueError (bad input,
 // e.g. a group id out of range) or RuntimeError, and PYOPS_ISA_CALL picks the per-ISA build.
 #include <Python.h>
@@ -8,9 +8,9 @@
 #include <stdexcept>
 #include <string>
 
-#include "bind/bind_util.h"
-#include "cpu/isa_dispatch.h"
-#include "cpu/task_attention.h"
+#include "common/bind_util.h"
+#include "common/isa_dispatch.h"
+#include "task_attention/task_attention.h"
 
 namespace py = pybind11;
 

@@ -49,7 +49,7 @@ struct TaskAttentionProblem {
 };
 
 // Entry points, defined once per ISA and chosen at run time by PYOPS_ISA_CALL
-// (cpu/isa_dispatch.h):
+// (common/isa_dispatch.h):
 //   task_attention_forward(p, out, lse, n_threads): writes out [B, Hq, Lq, Dv] (dtype) and
 //     lse [B, Hq, Lq] (fp32).
 //   task_attention_backward(p, out, dout, lse, dq, dk, dv, n_threads): out, dout [B, Hq, Lq, Dv]

@@ -1,8 +1,8 @@
-"""The CUDA merge kernels (csrc/cuda/merge_kernels.cuh) run on host threads give the C++ CPU
+"""The CUDA merge kernels (csrc/merging/methods_kernels.cuh) run on host threads give the C++ CPU
 kernels' bits.
 
 No GPU is needed: tests/merging/cuda_emulation/merge_driver.cpp compiles the kernels' source with
-PYOPS_SIMT_EMULATE (csrc/cuda/simt.h), where every CTA runs as real threads meeting at barriers
+PYOPS_SIMT_EMULATE (csrc/common/simt.h), where every CTA runs as real threads meeting at barriers
 and shared arrays are shared. The kernels' indexing, grid-stride loops, barriers, shared-memory
 and workspace protocol, integer atomics and fp32 arithmetic all run; speed and the hardware's
 memory system do not. The arguments come from `pyops.merging.backend_cuda.kernel_args`, the function
@@ -28,10 +28,12 @@ import torch
 
 import pyops
 from pyops.merging import backend_cuda as merge_cuda
+from pyops.merging import registry
 from pyops.merging import task_arithmetic as TM
 from pyops.merging.spec import resolve_normalize
 from pyops.merging import reference as ref
 from _support import assert_bitwise_equal
+from .cases import shape_id
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = Path(__file__).resolve().parent / "cuda_emulation" / "merge_driver.cpp"
@@ -153,7 +155,7 @@ LAYOUTS = [
     ((101,), 3),
     ((29,), 1),
 ]
-LAYOUT_IDS = [f"{'x'.join(map(str, s))}-blocks{b}" for s, b in LAYOUTS]
+LAYOUT_IDS = [f"{shape_id(s)}-blocks{b}" for s, b in LAYOUTS]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
@@ -168,7 +170,7 @@ def test_emulated_matches_cpu_kernels(emu, method, shape, blocks, dtype):
     assert_bitwise_equal(_emulated(emu["small"], base, deltas, **kw), _cpu(base, deltas, **kw))
 
 
-@pytest.mark.parametrize("n", [1, 9, 11])
+@pytest.mark.parametrize("n", [1, 9, 11], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "consensus"])
 def test_emulated_task_counts_beyond_registers(emu, method, n):
     base, deltas = _data((611,), n, torch.float32, seed=n)
@@ -213,7 +215,7 @@ def test_emulated_output_dtype_conversion(emu, out_dtype):
     assert_bitwise_equal(_emulated(emu["small"], base, deltas, **kw), _cpu(base, deltas, **kw))
 
 
-@pytest.mark.parametrize("max_grid", [1, 2, 7])
+@pytest.mark.parametrize("max_grid", [1, 2, 7], ids=lambda g: f"grid{g}")
 def test_emulated_result_does_not_depend_on_the_grid(emu, max_grid):
     base, deltas = _data((3001,), 3, torch.float32, seed=8)
     kw = dict(method="ties", blocks=1000, density=0.35)
@@ -285,16 +287,16 @@ def _backward_pair(emu: Emu, base, deltas, grad, *, method, coeffs, blocks, dens
     norm = resolve_normalize(method, normalize)
     dens = list(density) if isinstance(density, (list, tuple)) else [float(density)] * n
     seed_i64 = seed - (1 << 64) if seed >= 1 << 63 else seed
-    want = merge_native._merge_backward_op(grad, p.base, p.deltas, p.coeffs, dens, p.block_size, from_models, code,
-                                           lam, seed_i64, ref.name_hash(name), 2, 0.6, norm, gamma, epsilon, *need)
-    gb, gd, gc = TM._empty_grads(p.base, p.deltas, p.coeffs, *need)
-    gc32 = torch.empty(TM._coeff_grad_shape(n, base.numel(), p.block_size)) if need[2] else None
+    want = merge_native.merge_backward_op(grad, p.base, p.deltas, p.coeffs, dens, p.block_size, from_models, code,
+                                          lam, seed_i64, ref.name_hash(name), 2, 0.6, norm, gamma, epsilon, *need)
+    gb, gd, gc = registry.empty_grads(p.base, p.deltas, p.coeffs, *need)
+    gc32 = torch.empty(registry.coeff_grad_shape(n, base.numel(), p.block_size)) if need[2] else None
     args, keep = merge_cuda.backward_args(grad, p.base, p.deltas, p.coeffs, dens, p.block_size, from_models, code,
                                           lam, seed, ref.name_hash(name), norm, gamma, epsilon,
                                           gb if need[0] else None, gd if need[1] else None, gc32)
     emu.backward(args, max_grid=max_grid)
     if gc32 is not None:
-        TM._finish_coeff_grad(gc32, p.coeffs, gc)
+        registry.finish_coeff_grad(gc32, p.coeffs, gc)
     return (gb, gd, gc), want
 
 
@@ -315,7 +317,7 @@ BWD_LAYOUTS = [((37,), None), ((5003,), None), ((5003,), 2500), ((61, 7), "rows"
 
 
 @pytest.mark.parametrize("from_models", [False, True], ids=["deltas", "from_models"])
-@pytest.mark.parametrize("shape,blocks", BWD_LAYOUTS, ids=[f"{'x'.join(map(str, s))}-blocks{b}" for s, b in BWD_LAYOUTS])
+@pytest.mark.parametrize("shape,blocks", BWD_LAYOUTS, ids=[f"{shape_id(s)}-blocks{b}" for s, b in BWD_LAYOUTS])
 @pytest.mark.parametrize("method", ["ties", "dare", "dare_ties", "breadcrumbs", "della", "della_linear"])
 def test_emulated_backward_matches_cpu_kernels(emu, method, shape, blocks, from_models):
     base, deltas = _data(shape, 3, torch.float32, seed=len(shape) + shape[0])
@@ -327,7 +329,7 @@ def test_emulated_backward_matches_cpu_kernels(emu, method, shape, blocks, from_
     _check_backward(got, want)
 
 
-@pytest.mark.parametrize("n", [1, 10])
+@pytest.mark.parametrize("n", [1, 10], ids=lambda n: f"N{n}")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_emulated_backward_half_precision_and_many_tasks(emu, dtype, n):
     base, deltas = _data((611,), n, dtype, seed=n)
@@ -347,7 +349,7 @@ def test_emulated_backward_computes_only_what_is_needed(emu, need):
     _check_backward(got, want, need)
 
 
-@pytest.mark.parametrize("max_grid", [1, 5])
+@pytest.mark.parametrize("max_grid", [1, 5], ids=lambda g: f"grid{g}")
 def test_emulated_backward_coeff_grads_do_not_depend_on_the_grid(emu, max_grid):
     base, deltas = _data((3001,), 3, torch.float32, seed=4)
     grad = torch.randn(3001, generator=torch.Generator().manual_seed(4))

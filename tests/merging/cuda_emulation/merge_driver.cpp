@@ -1,5 +1,5 @@
-// Host build of the CUDA merge kernels (csrc/cuda/merge_kernels.cuh) on the SIMT emulation of
-// csrc/cuda/simt.h: every CTA runs as real threads with barriers, "device" pointers are host
+// Host build of the CUDA merge kernels (csrc/merging/methods_kernels.cuh) on the SIMT emulation of
+// csrc/common/simt.h: every CTA runs as real threads with barriers, "device" pointers are host
 // pointers. Built by tests/merging/test_methods_cuda_emulated.py with g++ -std=c++20
 // -ffp-contract=off -fvisibility=hidden and loaded through ctypes. Hidden visibility matters: two
 // builds with different sizes are loaded into one process, and the function-local statics that
@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "cuda/merge_kernels.cuh"
+#include "merging/methods_kernels.cuh"
 
 namespace {
 
