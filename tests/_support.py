@@ -8,16 +8,14 @@ carry their own looser numbers.
 from __future__ import annotations
 
 import importlib
-import math
 import os
 import subprocess
 import sys
-from typing import Iterable, List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import pytest
 import torch
 
-import pyops
 from pyops import _backend
 from pyops.testing import REDUCTION_TOL, Tol, compare, tolerance_for
 
@@ -85,66 +83,15 @@ def interpreted(backend: str) -> bool:
 # Layouts and inputs
 # ------------------------------------------------------------------------------------------------
 
-BIG_BLOCK = 4096  # an int block size larger than any numel used in the matrix
-
-
-def block_size_for(blocks, shape: Sequence[int]) -> int:
-    """Block size of the flattened tensor, written out independently of the package's parser."""
-    numel = math.prod(shape)
-    if blocks is None:
-        return max(numel, 1)
-    if blocks == "rows":
-        return max(numel // shape[0], 1) if shape[0] > 0 else 1
-    return int(blocks)
-
-
-def n_blocks_for(blocks, shape: Sequence[int]) -> int:
-    numel = math.prod(shape)
-    if blocks is None:
-        return 1
-    if blocks == "rows":
-        return int(shape[0])
-    return -(-numel // int(blocks))
-
-
-def fmt_shape(shape: Sequence[int]) -> str:
-    return "x".join(map(str, shape)) if len(shape) else "scalar"
-
 
 def fmt_dtype(dtype: torch.dtype) -> str:
     return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}[dtype]
-
-
-def fmt_blocks(blocks) -> str:
-    return "whole" if blocks is None else ("rows" if blocks == "rows" else f"b{blocks}")
 
 
 def randn(shape, dtype, gen: torch.Generator, device=None, scale: float = 1.0) -> torch.Tensor:
     """Random normal values drawn in fp32 on the CPU (same values for every dtype/device)."""
     t = torch.randn(tuple(shape), generator=gen, dtype=torch.float32) * scale
     return t.to(dtype=dtype, device=device)
-
-
-def make_inputs(shape, n: int, dtype, blocks, coeff_kind: str, gen: torch.Generator, device=None):
-    """base [*shape], stacked deltas [n, *shape], coeffs fp32 [n] ('vec') or [n, n_blocks] ('block')."""
-    base = randn(shape, dtype, gen, device)
-    deltas = randn((n, *shape), dtype, gen, device)
-    cshape = (n,) if coeff_kind == "vec" else (n, n_blocks_for(blocks, shape))
-    coeffs = randn(cshape, torch.float32, gen, device, scale=0.5)
-    return base, deltas, coeffs
-
-
-def reference(base, deltas, coeffs, blocks, from_models: bool, out_dtype=None) -> torch.Tensor:
-    """The definition (pyops.<family>.reference) on CPU copies of the inputs."""
-    from pyops.merging.reference import task_arithmetic as ref
-
-    items = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
-    return ref(base.cpu(), [d.cpu() for d in items], coeffs.cpu(), block_size=block_size_for(blocks, base.shape),
-               from_models=from_models, out_dtype=out_dtype)
-
-
-def public_fn(from_models: bool):
-    return pyops.task_arithmetic_from_models if from_models else pyops.task_arithmetic
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,15 +127,6 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert not bool(diff.any()), f"{what}: {int(diff.sum())} of {diff.numel()} elements differ bitwise"
 
 
-def merge_density(method: str, density):
-    """`density` made acceptable to `method` (a float or a list): 1 stays 1 (keeps everything);
-    below 1, breadcrumbs needs density + gamma (0.05 in the tests) <= 1 and DELLA density ± epsilon
-    (0.1) inside (0, 1]."""
-    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
-    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731
-    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
-
-
 def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[list]:
     """Runs `script` (which `torch.save`s a list of tensors to sys.argv[1]) in a fresh process
     without `env_var` and with `env_var=1`; returns the two lists, in that order. For switches read
@@ -204,14 +142,8 @@ def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[
     return outs
 
 
-def snapshot(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
-    """Bit-exact copies (same strides) of `tensors`, to prove later that they were not modified."""
-    return [t.detach().clone() for t in tensors]
-
-
 __all__ = [
-    "BACKENDS", "BIG_BLOCK", "CUDA", "REDUCTION_TOL", "assert_bitwise_equal", "assert_close", "assert_close_dtype",
-    "available_backends", "backend_reason", "block_size_for", "device_for", "fmt_blocks", "fmt_dtype", "fmt_shape",
-    "interpreted", "make_inputs", "merge_density", "n_blocks_for", "public_fn", "randn", "reference",
-    "require_backend", "saved_outputs_with_and_without", "snapshot", "tolerance_for",
+    "BACKENDS", "CUDA", "REDUCTION_TOL", "assert_bitwise_equal", "assert_close", "assert_close_dtype",
+    "available_backends", "backend_reason", "device_for", "fmt_dtype", "interpreted", "randn", "require_backend",
+    "saved_outputs_with_and_without", "tolerance_for",
 ]

@@ -4,7 +4,9 @@ Without CUDA, Triton kernels run under its CPU interpreter (docs/design.md#testi
 TRITON_INTERPRET when a kernel is decorated, so it is set here, before anything imports triton
 or pyops. The helpers themselves live in tests/_support.py (importable from every test folder).
 """
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import zlib
@@ -17,7 +19,10 @@ if not torch.cuda.is_available():
 # A private inductor cache per run: torch's FX-graph cache keys a custom op by its name and schema,
 # not by its fake kernel, so graphs cached by an older pyops build (other output shapes) would be
 # replayed against the new ops. Set TORCHINDUCTOR_CACHE_DIR to reuse a cache on purpose.
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="pyops-tests-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="pyops-tests-inductor-")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)  # a per-run cache leaves nothing behind
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 

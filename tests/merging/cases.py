@@ -3,11 +3,14 @@ library's own reasons for a merge backend that cannot run, result checks, parame
 the compile fixture. Helpers shared with other families live in tests/_support.py."""
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import math
+from typing import Iterable, List, Optional, Sequence
 
 import pytest
 import torch
 
+import pyops
+from _support import randn
 from pyops.merging import merge as M
 from pyops.merging import task_arithmetic as TM
 from pyops.merging.spec import resolve_blocks
@@ -75,3 +78,71 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# Task-arithmetic inputs, block layouts and ids (the matrix of test_backends.py and friends)
+
+BIG_BLOCK = 4096  # an int block size larger than any numel used in the matrix
+
+
+def block_size_for(blocks, shape: Sequence[int]) -> int:
+    """Block size of the flattened tensor, written out independently of the package's parser."""
+    numel = math.prod(shape)
+    if blocks is None:
+        return max(numel, 1)
+    if blocks == "rows":
+        return max(numel // shape[0], 1) if shape[0] > 0 else 1
+    return int(blocks)
+
+
+def n_blocks_for(blocks, shape: Sequence[int]) -> int:
+    numel = math.prod(shape)
+    if blocks is None:
+        return 1
+    if blocks == "rows":
+        return int(shape[0])
+    return -(-numel // int(blocks))
+
+
+def fmt_shape(shape: Sequence[int]) -> str:
+    return "x".join(map(str, shape)) if len(shape) else "scalar"
+
+
+def fmt_blocks(blocks) -> str:
+    return "whole" if blocks is None else ("rows" if blocks == "rows" else f"b{blocks}")
+
+
+def make_inputs(shape, n: int, dtype, blocks, coeff_kind: str, gen: torch.Generator, device=None):
+    """base [*shape], stacked deltas [n, *shape], coeffs fp32 [n] ('vec') or [n, n_blocks] ('block')."""
+    base = randn(shape, dtype, gen, device)
+    deltas = randn((n, *shape), dtype, gen, device)
+    cshape = (n,) if coeff_kind == "vec" else (n, n_blocks_for(blocks, shape))
+    coeffs = randn(cshape, torch.float32, gen, device, scale=0.5)
+    return base, deltas, coeffs
+
+
+def reference(base, deltas, coeffs, blocks, from_models: bool, out_dtype=None) -> torch.Tensor:
+    """The definition (pyops/merging/reference.py) on CPU copies of the inputs."""
+    from pyops.merging.reference import task_arithmetic as ref
+
+    items = list(deltas.unbind(0)) if isinstance(deltas, torch.Tensor) else list(deltas)
+    return ref(base.cpu(), [d.cpu() for d in items], coeffs.cpu(), block_size=block_size_for(blocks, base.shape),
+               from_models=from_models, out_dtype=out_dtype)
+
+
+def public_fn(from_models: bool):
+    return pyops.task_arithmetic_from_models if from_models else pyops.task_arithmetic
+
+
+def merge_density(method: str, density):
+    """`density` made acceptable to `method` (a float or a list): 1 stays 1 (keeps everything);
+    below 1, breadcrumbs needs density + gamma (0.05 in the tests) <= 1 and DELLA density ± epsilon
+    (0.1) inside (0, 1]."""
+    lo, hi = {"breadcrumbs": (0.0, 0.95), "della": (0.15, 0.9), "della_linear": (0.15, 0.9)}.get(method, (0.0, 1.0))
+    clamp = lambda d: d if d >= 1.0 else min(max(d, lo), hi)  # noqa: E731
+    return [clamp(d) for d in density] if isinstance(density, list) else clamp(density)
+
+
+def snapshot(tensors: Iterable[torch.Tensor]) -> List[torch.Tensor]:
+    """Bit-exact copies (same strides) of `tensors`, to prove later that they were not modified."""
+    return [t.detach().clone() for t in tensors]

@@ -13,9 +13,8 @@ import pytest
 import torch
 
 import pyops
-from _support import (BACKENDS, BIG_BLOCK, REDUCTION_TOL, assert_bitwise_equal, assert_close, assert_close_dtype,
-                      block_size_for, fmt_blocks, fmt_dtype, fmt_shape, interpreted, make_inputs, n_blocks_for,
-                      public_fn, randn, reference, require_backend, snapshot, tolerance_for)
+from _support import BACKENDS, REDUCTION_TOL, assert_bitwise_equal, assert_close, assert_close_dtype, fmt_dtype, interpreted, randn, require_backend, tolerance_for
+from .cases import BIG_BLOCK, block_size_for, fmt_blocks, fmt_shape, make_inputs, n_blocks_for, public_fn, reference, snapshot
 from pyops.merging import reference as ref_mod
 
 OP = "task_arithmetic"

@@ -24,9 +24,9 @@ from pyops.merging import registry
 from pyops.merging import reference as R
 from pyops.merging import task_arithmetic as TM
 from pyops.testing import REDUCTION_TOL, compare
-from _support import assert_bitwise_equal, fmt_dtype, merge_density, saved_outputs_with_and_without
+from _support import assert_bitwise_equal, fmt_dtype, saved_outputs_with_and_without
 from .cases import (BF16, DTYPES, FP32, FROM_MODELS_IDS, RANKED, block_size, check_close, merge_inputs as _inputs,
-                    merge_reason, n_blocks, shape_id)
+                    merge_reason, n_blocks, shape_id, merge_density)
 
 METHODS = ["ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della", "della_linear", "consensus",
            "model_stock"]

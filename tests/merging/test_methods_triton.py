@@ -21,9 +21,9 @@ from pyops.merging import merge as M
 from pyops.merging import backend_triton as MT
 from pyops.merging import reference as R
 from pyops.merging import task_arithmetic as TM
-from _support import CUDA, assert_bitwise_equal, fmt_dtype, merge_density
+from _support import CUDA, assert_bitwise_equal, fmt_dtype
 from .cases import (BF16, DTYPES, FP16, FP32, INTERPRETER_AOT_REASON, RANKED, block_size, check_close, merge_inputs,
-                    merge_reason, n_blocks)
+                    merge_reason, n_blocks, merge_density)
 from .cases import fresh_dynamo  # noqa: F401 (a fixture)
 
 METHODS = ["ties", "dare", "dare_linear", "dare_ties", *RANKED]
