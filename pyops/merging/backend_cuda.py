@@ -91,17 +91,11 @@ def _task_arithmetic_forward_into(out: Tensor, base: Tensor, deltas: List[Tensor
 def _task_arithmetic_backward_into(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor,
                                    block_size: int, from_models: bool, gb: Tensor, gd: List[Tensor],
                                    gc: Tensor) -> None:
-    numel = base.numel()
-    if numel == 0:
-        if gc.numel():
-            gc.zero_()
+    prepared = R.backward_inputs(grad, base, deltas, coeffs, block_size, gc)
+    if prepared is None:
         return
-    grad = grad.contiguous()
-    base = base.contiguous()
-    deltas = [d.contiguous() for d in deltas]
-    c, s_n, s_b = R.coeff_layout(coeffs)
-    gc32 = torch.empty(R.coeff_grad_shape(len(deltas), numel, block_size), dtype=torch.float32,
-                       device=base.device) if gc.numel() else None
+    grad, base, deltas, (c, s_n, s_b), gc32 = prepared
+    numel = base.numel()
     mod = _native.cuda_module
     ptrs = R.device_pointer_array(deltas, base.device)
     gptrs = R.device_pointer_array(gd, base.device) if gd else None

@@ -83,6 +83,21 @@ def coeff_grad_shape(n: int, numel: int, block_size: int) -> tuple[int, int]:
     return n, (numel + block_size - 1) // block_size
 
 
+def backward_inputs(grad: Tensor, base: Tensor, deltas: List[Tensor], coeffs: Tensor, block_size: int,
+                    gc: Tensor):
+    """What a native task-arithmetic backward passes its kernel: contiguous grad, base and deltas,
+    the coefficient layout (c, stride_n, stride_block) and the fp32 coefficient-gradient buffer
+    (None when no coefficient gradient is wanted). None for an empty tensor, after zeroing `gc`."""
+    if base.numel() == 0:
+        if gc.numel():
+            gc.zero_()
+        return None
+    deltas = [d.contiguous() for d in deltas]
+    gc32 = torch.empty(coeff_grad_shape(len(deltas), base.numel(), block_size), dtype=torch.float32,
+                       device=base.device) if gc.numel() else None
+    return grad.contiguous(), base.contiguous(), deltas, coeff_layout(coeffs), gc32
+
+
 def finish_coeff_grad(gc32: Tensor, coeffs: Tensor, out: Tensor) -> None:
     """gc32 is [N, n_blocks] fp32; a [N] coefficient vector gets the sum over blocks."""
     out.copy_(gc32.sum(dim=1) if coeffs.dim() == 1 else gc32)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from pyops import _native
 from pyops._backend import Capability
+from pyops.task_attention import layout
 
 # "groups" is G, the side of the [G, G] rule; `pyops._C.task_attention_max_groups()` reports the same bound.
 CPU = Capability("cpu", functions=("task_attention_forward", "task_attention_backward"), limits={"groups": 64})
@@ -91,12 +92,5 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     return dq, dk, dv
 
 
-@forward_op.register_fake
-def _forward_fake(q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed):
-    B, Hq, Lq, _ = q.shape
-    return q.new_empty((B, Hq, Lq, v.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
-
-
-@backward_op.register_fake
-def _backward_fake(dout, q, k, v, out, lse, q_groups, kv_groups, allow, causal, dropout_p, scale, seed):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+forward_op.register_fake(layout.forward_fake)
+backward_op.register_fake(layout.backward_fake)

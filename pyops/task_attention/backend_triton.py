@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from pyops._backend import Capability
+from pyops.task_attention import layout
 
 TRITON = Capability("triton", kernels="task_attention")
 # The kernels hold whole heads in one tile (D and Dv padded to a power of two >= 16: a [BM, D] query
@@ -66,12 +67,5 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     return dq, dk, dv
 
 
-@forward_op.register_fake
-def _forward_fake(q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed):
-    B, Hq, Lq, _ = q.shape
-    return q.new_empty((B, Hq, Lq, v.shape[3])), q.new_empty((B, Hq, Lq), dtype=torch.float32)
-
-
-@backward_op.register_fake
-def _backward_fake(dout, q, k, v, out, lse, q_groups, kv_groups, allow, causal, dropout_p, scale, seed):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+forward_op.register_fake(layout.forward_fake)
+backward_op.register_fake(layout.backward_fake)

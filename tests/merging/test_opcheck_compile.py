@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import pyops
-from _support import (REDUCTION_TOL, assert_close, assert_close_dtype, backend_reason, block_size_for, device_for,
-                      fmt_dtype, interpreted, randn, require_backend)
-from .cases import BF16, FP16, FP32, INTERPRETER_AOT_REASON, shape_id
+from _support import (REDUCTION_TOL, assert_close, assert_close_dtype, backend_reason, device_for, fmt_dtype,
+                      interpreted, randn, require_backend)
+from .cases import BF16, FP16, FP32, INTERPRETER_AOT_REASON, block_size_for, shape_id
 from .cases import fresh_dynamo  # noqa: F401 (a fixture)
 
 OPCHECK_UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
