@@ -46,8 +46,23 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _backend_env_error() -> Optional[str]:
+    """The one-line error for a PYOPS_BACKEND the ops would refuse, or None. Checked before any
+    command runs, as every op call would fail (or, for a CPU merge that never asks, be ignored)."""
+    from pyops.merging.spec import BACKEND_CHOICES
+
+    value = os.environ.get("PYOPS_BACKEND", "")
+    if value in ("",) + BACKEND_CHOICES:
+        return None
+    return f"PYOPS_BACKEND: expected 'auto' or one of {BACKEND_CHOICES[1:]}, got {value!r}"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    error = _backend_env_error()
+    if error is not None:
+        print(f"pyops {args.command}: {error}", file=sys.stderr)
+        return 2
     if args.command == "merge":
         from pyops.merging.cli import run as run_merge_command
 

@@ -3,6 +3,7 @@ its checks as documented (a quick subset that still covers every op, method and 
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -70,3 +71,16 @@ def test_verify_refuses_an_unknown_op_with_the_choices():
     assert verify.run("nope", "cpu", out=out) == 2
     text = out.getvalue()
     assert "unknown op 'nope'" in text and "merging" in text and "task_arithmetic" in text
+
+
+@pytest.mark.parametrize("command", [["info"], ["verify", "--op", "moe_route"], ["bench", "--list"],
+                                     ["merge", "missing.yaml", "--out", "never-written"]],
+                         ids=lambda c: c[0])
+def test_every_command_refuses_a_bad_backend_variable_up_front(command, tmp_path):
+    env = {**os.environ, "PYOPS_BACKEND": "bogus"}
+    proc = subprocess.run([sys.executable, "-m", "pyops", *command], capture_output=True, text=True, timeout=120,
+                          env=env, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"pyops {command[0]}: PYOPS_BACKEND: expected 'auto' or one of "
+                                   "('reference', 'cpu', 'triton', 'cuda'), got 'bogus'")
+    assert proc.stdout == "" and not (tmp_path / "never-written").exists()
