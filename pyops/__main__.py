@@ -11,10 +11,6 @@ import os
 import sys
 from typing import List, Optional
 
-# The CPU-only verify run re-executes itself with this set (see main()).
-_REEXEC_MARK = "PYOPS_VERIFY_REEXEC"
-
-
 def _parser() -> argparse.ArgumentParser:
     from pyops import bench
     from pyops.merging.cli import add_parser as add_merge_parser
@@ -74,12 +70,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     if args.command == "verify":
         device = args.device or _default_device()
-        if device == "cpu" and "TRITON_INTERPRET" not in os.environ and _REEXEC_MARK not in os.environ:
+        if device == "cpu" and "TRITON_INTERPRET" not in os.environ:
             # On a CPU-only run the Triton kernels are verified through Triton's interpreter. The
             # variable must be set before Triton is first imported, and importing pyops' ops imports
-            # it, so the command re-executes itself with it set.
+            # it, so the command re-executes itself with it set (which also ends the recursion).
             os.environ["TRITON_INTERPRET"] = "1"
-            os.environ[_REEXEC_MARK] = "1"
             os.execv(sys.executable, [sys.executable, "-m", "pyops", *(sys.argv[1:] if argv is None else argv)])
         import pyops._api  # noqa: F401  (registers every op before the cases are built)
         from pyops import verify
