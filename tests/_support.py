@@ -127,6 +127,34 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor, what: str
     assert not bool(diff.any()), f"{what}: {int(diff.sum())} of {diff.numel()} elements differ bitwise"
 
 
+def fuzz_examples(default: int) -> int:
+    """The example count of a property-based suite: `default` (sized so CI stays within its time),
+    or the `PYOPS_FUZZ_EXAMPLES` environment variable for a longer run on demand."""
+    raw = os.environ.get("PYOPS_FUZZ_EXAMPLES")
+    if raw is None or raw == "":
+        return default
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"PYOPS_FUZZ_EXAMPLES: expected a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"PYOPS_FUZZ_EXAMPLES: expected a positive integer, got {n}")
+    return n
+
+
+def fuzz_settings(default: int, **overrides):
+    """hypothesis settings shared by the property suites: `fuzz_examples(default)` examples,
+    derandomized (the same examples on every run, so CI failures reproduce), no deadline (the
+    Triton interpreter is slow), no example database on disk."""
+    from hypothesis import HealthCheck, settings
+
+    kw = dict(max_examples=fuzz_examples(default), deadline=None, derandomize=True, database=None,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                     HealthCheck.function_scoped_fixture])
+    kw.update(overrides)
+    return settings(**kw)
+
+
 def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[list]:
     """Runs `script` (which `torch.save`s a list of tensors to sys.argv[1]) in a fresh process
     without `env_var` and with `env_var=1`; returns the two lists, in that order. For switches read
@@ -144,6 +172,6 @@ def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[
 
 __all__ = [
     "BACKENDS", "CUDA", "REDUCTION_TOL", "assert_bitwise_equal", "assert_close", "assert_close_dtype",
-    "available_backends", "backend_reason", "device_for", "fmt_dtype", "interpreted", "randn", "require_backend",
+    "available_backends", "backend_reason", "device_for", "fmt_dtype", "fuzz_examples", "fuzz_settings", "interpreted", "randn", "require_backend",
     "saved_outputs_with_and_without", "tolerance_for",
 ]

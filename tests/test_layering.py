@@ -3,8 +3,8 @@
 * Triton kernel modules (kernels/) import torch, triton, the standard library, their sibling kernel
   modules and the torch-only helper pyops._triton — never the op layer or the public API.
 * Native sources (csrc/) include no torch header and import no Python module.
-* A reference module imports torch, the standard library, pyops._philox and torch-free spec
-  modules (pyops/<stem>/spec.py) only.
+* A reference module imports torch, the standard library, the torch-only helpers pyops._philox
+  and pyops._finite, and torch-free spec modules (pyops/<stem>/spec.py) only.
 * A spec module imports neither torch nor anything of pyops but other spec modules.
 * An engine never imports its command-line front end: only pyops/__main__.py imports a `cli` module.
 
@@ -55,7 +55,7 @@ def _py_files(*globs: str) -> list[Path]:
 
 
 KERNEL_FILES = _py_files("kernels/**/*.py")
-REFERENCE_FILES = _py_files("pyops/*/reference.py") + [ROOT / "pyops" / "_philox.py"]
+REFERENCE_FILES = _py_files("pyops/*/reference.py") + [ROOT / "pyops" / "_philox.py", ROOT / "pyops" / "_finite.py"]
 SPEC_FILES = _py_files("pyops/*/spec.py")
 PACKAGE_FILES = _py_files("pyops/**/*.py")
 
@@ -95,7 +95,7 @@ def test_references_import_only_torch_and_specs(path):
     def ok(m: str) -> bool:
         if _top(m) in STDLIB | {"torch", "__future__"}:
             return True
-        return m.startswith("pyops._philox") or bool(re.match(r"pyops\.\w+\.spec(\.|$)", m))
+        return m.startswith(("pyops._philox", "pyops._finite")) or bool(re.match(r"pyops\.\w+\.spec(\.|$)", m))
 
     bad = [m for m in imports_of(path) if not ok(m)]
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"

@@ -47,6 +47,8 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_si
     out, lse = layout.new_outputs(q, v)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.zero_()
+    if not layout.exact_forward(q, k, v, rpb, kernel_size, scale):
+        return layout.reference_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     r = layout.rpb32(rpb)
     _native.cpu_module.na_forward(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(),
@@ -62,6 +64,8 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     dq, dk, dv, drpb = layout.new_grads(q, k, v, rpb)
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), drpb.zero_()
+    if not layout.exact_backward(dout, q, k, v, rpb, kernel_size, scale):
+        return layout.reference_backward(dout, q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
     q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
     r = layout.rpb32(rpb)
     d32 = None if r is None else torch.empty(r.shape, dtype=torch.float32, device=q.device)

@@ -49,6 +49,8 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, rpb: Optional[Tensor], kernel_si
     out, lse = layout.new_outputs(q, v)
     if out.numel() == 0 or lse.numel() == 0:
         return out.zero_(), lse.zero_()
+    if not layout.exact_forward(q, k, v, rpb, kernel_size, scale):
+        return layout.reference_forward(q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
     _kernels().na_forward(q.contiguous(), k.contiguous(), v.contiguous(), layout.rpb32(rpb), out, lse,
                           kernel_size, stride, dilation, is_causal, scale)
     return out, lse
@@ -61,6 +63,8 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     dq, dk, dv, drpb = layout.new_grads(q, k, v, rpb)
     if q.numel() == 0 or v.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), drpb.zero_()
+    if not layout.exact_backward(dout, q, k, v, rpb, kernel_size, scale):
+        return layout.reference_backward(dout, q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
     d32 = _kernels().na_backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(),
                                  out.contiguous(), lse.contiguous(), layout.rpb32(rpb), dq, dk, dv,
                                  kernel_size, stride, dilation, is_causal, scale)

@@ -25,6 +25,10 @@ With the window W(x) (the product of the per-dimension windows):
 NATTEN ≤ 0.17) is indexed per dimension with in-group coordinates (j, i), shape
 ``[H, 2k₀−1, …]``. Every query sees at least itself, so no row is empty.
 
+A key outside W(x) takes no part in row x, whatever its values (docs/design.md#non-finite-values).
+Inside the window NaN and ±inf propagate as IEEE arithmetic of the formulas does; a −inf logit
+weighs 0, and a row whose logits are all −inf outputs 0 with lse = −inf.
+
 The computation: per dimension, `window_indices` gives the k key positions of every query (and
 which slots are inside a causal window); their product gathers ``[B, N, K, H, D]`` keys and values
 (N queries, K = Πk window slots); logits, masked softmax and the weighted sum follow in fp32
@@ -38,6 +42,7 @@ from typing import Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from pyops._finite import all_finite
 from pyops._philox import philox4x32_10, uniform_from_word
 
 __all__ = ["window_rule", "window_indices", "rel_indices", "neighborhood_attention", "na1d", "na2d", "na3d"]
@@ -142,13 +147,26 @@ def neighborhood_attention(q: Tensor, k: Tensor, v: Tensor, kernel_size: Sequenc
     qf = q.reshape(B, N, H, D).to(acc)
     kf = k.reshape(B, N, H, D).to(acc)[:, key]                 # [B, N, K, H, D]
     vf = v.reshape(B, N, H, Dv).to(acc)[:, key]                # [B, N, K, H, Dv]
+    if not all_finite(q, k, v):
+        # A window slot outside the neighbourhood takes no part, whatever its key's values: zeroed
+        # before the products, so 0·NaN cannot reach the row forward or backward
+        # (docs/design.md#non-finite-values).
+        slot = ok.view(1, N, K, 1, 1)
+        kf = torch.where(slot, kf, torch.zeros((), dtype=acc, device=q.device))
+        vf = torch.where(slot, vf, torch.zeros((), dtype=acc, device=q.device))
     logits = torch.einsum("bnhd,bnkhd->bnhk", qf, kf) * scale  # [B, N, H, K]
     if rpb is not None:
         table = rpb.to(acc).reshape(H, -1)                     # [H, Π(2k−1)]
         logits = logits + table[:, bias].permute(1, 0, 2).unsqueeze(0)  # [1, N, H, K]
     logits = logits.masked_fill(~ok.view(1, N, 1, K), float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)                      # [B, N, H]
-    p = torch.exp(logits - lse.unsqueeze(-1))
+    # A score of −inf takes no part, like a slot outside the window; a row left with none outputs
+    # 0 with lse = −inf. NaN and +inf propagate (NaN, and lse = +inf with NaN outputs).
+    row_max = logits.detach().amax(dim=-1, keepdim=True) if K else logits.new_zeros((B, N, H, 1))
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    e = torch.exp(logits - row_max)
+    denom = e.sum(dim=-1, keepdim=True)
+    p = e / torch.where(denom > 0, denom, torch.ones_like(denom))
+    lse = (row_max + torch.log(denom)).squeeze(-1)             # [B, N, H]
     if dropout_p > 0:
         p = p * dropout_keep(p.shape, dropout_p, seed, p.device) / (1.0 - dropout_p)
     out = torch.einsum("bnhk,bnkhd->bnhd", p, vf)
@@ -172,3 +190,23 @@ def _nd(n):
 
 
 na1d, na2d, na3d = _nd(1), _nd(2), _nd(3)
+
+
+def neighborhood_attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, kernel_size: Sequence[int],
+                                    stride: Sequence[int], dilation: Sequence[int], is_causal: Sequence[bool],
+                                    rpb: Optional[Tensor] = None, scale: Optional[float] = None
+                                    ) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
+    """(dq, dk, dv, drpb) of `neighborhood_attention` for the upstream gradient `dout` (out's
+    shape): the vector-Jacobian product of the definition, each in its input's dtype (drpb None without
+    rpb). The fused backends hand a call whose inputs are not finite to this and to
+    `neighborhood_attention` (pyops._finite)."""
+    def forward(q_, k_, v_, *r_):
+        return neighborhood_attention(q_, k_, v_, kernel_size, stride, dilation, is_causal, r_[0] if r_ else None,
+                                      scale)
+
+    # torch.func.vjp rather than autograd.grad: it differentiates inside a custom op's kernel too,
+    # where the dispatcher has excluded the autograd keys.
+    primals = [t.detach() for t in (q, k, v)] + ([] if rpb is None else [rpb.detach()])
+    _, vjp = torch.func.vjp(forward, *primals)
+    grads = vjp(dout.to(q.dtype))
+    return grads[0], grads[1], grads[2], (grads[3] if rpb is not None else None)

@@ -65,6 +65,8 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Ten
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
     if out.numel() == 0 and lse.numel() == 0:
         return out, lse
+    if not layout.exact_forward(q, k, v, scale, dropout_p):
+        return layout.reference_forward(q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
     sizes, al, qg, kg = _native_common(q, k, v, q_groups, kv_groups, allow)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _native.cpu_module.task_attention_forward(
@@ -83,6 +85,8 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0 or q.shape[1] == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if not layout.exact_backward(dout, q, k, v, scale, dropout_p):
+        return layout.reference_backward(dout, q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
     sizes, al, qg, kg = _native_common(q, k, v, q_groups, kv_groups, allow)
     q, k, v, out, dout, lse = (t.contiguous() for t in (q, k, v, out, dout, lse))
     _native.cpu_module.task_attention_backward(

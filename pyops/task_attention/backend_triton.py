@@ -49,6 +49,8 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Ten
     B, Hq, Lq, _ = q.shape
     out = torch.empty((B, Hq, Lq, v.shape[3]), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
+    if not layout.exact_forward(q, k, v, scale, dropout_p):
+        return layout.reference_forward(q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
     _kernels().forward(q.contiguous(), k.contiguous(), v.contiguous(), out, lse, q_groups.contiguous(),
                        kv_groups.contiguous(), allow, causal, scale, dropout_p, seed)
     return out, lse
@@ -61,6 +63,8 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if not layout.exact_backward(dout, q, k, v, scale, dropout_p):
+        return layout.reference_backward(dout, q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
     _kernels().backward(dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(),
                         lse.contiguous(), dq, dk, dv, q_groups.contiguous(), kv_groups.contiguous(), allow,
                         causal, scale, dropout_p, seed)

@@ -17,6 +17,11 @@ Group id −1 is padding: never attended, and a −1 query row outputs zeros. Wi
     p_ij   = exp(s_ij − lse_i)                        (0 for every j of such a row)
     out_i  = Σ_j p_ij · z_ij / (1 − dropout_p) · v_j  (z_ij = 1 without dropout)
 
+A pair (i, j) that query i may not attend takes no part, whatever its values: its q, k and v
+never meet in a product (docs/design.md#non-finite-values). Over the attended pairs NaN and ±inf
+propagate as IEEE arithmetic of the formulas above does; a −inf score weighs 0, and a row whose
+attended scores are all −inf is empty like a row with none.
+
 Dropout (``dropout_p > 0``): element (b, h, i, j), h the query head, is kept (z = 1) iff
 ``uniform(philox4x32_10(c = (j, i, b·Hq + h, 0x5441534B), key = (seed mod 2³², seed >> 32 mod 2³²)).v[0])
 >= dropout_p`` (Philox4x32-10, `pyops._philox`): the same bits on every backend, so a
@@ -32,6 +37,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from pyops._finite import all_finite
 from pyops._philox import philox4x32_10, uniform_from_word
 
 DROPOUT_STREAM = 0x5441534B  # "TASK": the fourth Philox counter word of attention dropout
@@ -114,8 +120,16 @@ def task_masked_attention(
     kf = k.to(acc).repeat_interleave(rep, dim=1) if rep > 1 else k.to(acc)
     vf = v.to(acc).repeat_interleave(rep, dim=1) if rep > 1 else v.to(acc)
 
-    scores = torch.matmul(q.to(acc), kf.transpose(-1, -2)) * scale              # [B, Hq, Lq, Lk]
+    qf = q.to(acc)
     ok = allowed_mask(q_groups, kv_groups, allow, B, causal)[:, None]             # [B, 1, Lq, Lk]
+    # A pair outside `ok` takes no part, whatever its values: with a NaN or ±inf input the products
+    # are formed pair by pair with the unattended operands zeroed (0·NaN would be NaN), forward and
+    # backward (docs/design.md#non-finite-values).
+    exclude = not all_finite(q, k, v)
+    if exclude:
+        scores = _paired(qf, kf, ok, lambda a, b: (a * b).sum(-1)) * scale
+    else:
+        scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale                   # [B, Hq, Lq, Lk]
     scores = scores.masked_fill(~ok, float("-inf"))
     if Lk == 0:  # no keys at all: every row is empty
         row_max = scores.new_full((*scores.shape[:-1], 1), float("-inf"))
@@ -130,8 +144,35 @@ def task_masked_attention(
     if dropout_p > 0.0:
         keep = dropout_keep(0 if seed is None else seed, B, Hq, Lq, Lk, dropout_p, device=q.device)
         p = torch.where(keep, p / (1.0 - dropout_p), torch.zeros_like(p))
-    out = torch.matmul(p, vf).to(q.dtype)
+    if exclude:
+        out = _paired(p.unsqueeze(-1), vf, ok, lambda a, b: (a * b).sum(-2), lhs_per_pair=True)
+    else:
+        out = torch.matmul(p, vf)
+    out = out.to(q.dtype)
     return (out, lse) if return_lse else out
+
+
+def _paired(lhs: torch.Tensor, rhs: torch.Tensor, ok: torch.Tensor, reduce, lhs_per_pair: bool = False):
+    """``reduce`` over the pairwise products of query-side `lhs` and key-side `rhs` (`[B, H, Lk, C]`)
+    with both operands zeroed outside `ok` (`[B, 1, Lq, Lk]`), a block of query rows at a time.
+
+    `lhs` is `[B, H, Lq, C]` (one row per query: q), or with `lhs_per_pair` `[B, H, Lq, Lk, 1]`
+    (one value per pair: the probabilities). `reduce` maps the `[B, H, rows, Lk, C]` products to
+    the block's result."""
+    B, H, Lq = lhs.shape[0], lhs.shape[1], lhs.shape[2]
+    Lk, C = rhs.shape[2], rhs.shape[3]
+    rows = max(1, (1 << 24) // max(1, B * H * Lk * C))  # bounds a block's products to 2**24 elements
+    parts = []
+    for r0 in range(0, Lq, rows):
+        keep = ok[:, :, r0:r0 + rows, :, None]                                    # [B, 1, r, Lk, 1]
+        a = lhs[:, :, r0:r0 + rows] if lhs_per_pair else lhs[:, :, r0:r0 + rows, None, :]
+        b = torch.where(keep, rhs[:, :, None], torch.zeros((), dtype=rhs.dtype, device=rhs.device))
+        a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
+        parts.append(reduce(a, b))
+    if not parts:
+        shape = (B, H, 0, Lk) if not lhs_per_pair else (B, H, 0, C)
+        return lhs.new_zeros(shape)
+    return torch.cat(parts, dim=2)
 
 
 def dense_additive_mask(q_groups, kv_groups, allow, batch: int, causal: bool = False,
@@ -139,3 +180,22 @@ def dense_additive_mask(q_groups, kv_groups, allow, batch: int, causal: bool = F
     """`[B, 1, Lq, Lk]` float mask (0 where allowed, −inf elsewhere): what SDPA-style peers take."""
     ok = allowed_mask(q_groups, kv_groups, allow, batch, causal)[:, None]
     return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill(~ok, float("-inf"))
+
+
+def task_masked_attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                   q_groups: torch.Tensor, kv_groups: Optional[torch.Tensor],
+                                   allow: Optional[torch.Tensor], *, causal: bool = False,
+                                   dropout_p: float = 0.0, scale: Optional[float] = None,
+                                   seed: Union[int, torch.Tensor, None] = 0
+                                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of `task_masked_attention` for the upstream gradient `dout` `[B, Hq, Lq, Dv]`:
+    the vector-Jacobian product of the definition, each in its input's dtype. The fused backends hand a
+    call whose inputs are not finite to this and to `task_masked_attention` (pyops._finite)."""
+    def forward(q_, k_, v_):
+        return task_masked_attention(q_, k_, v_, q_groups, kv_groups, allow, causal=causal, dropout_p=dropout_p,
+                                     scale=scale, seed=seed)
+
+    # torch.func.vjp rather than autograd.grad: it differentiates inside a custom op's kernel too,
+    # where the dispatcher has excluded the autograd keys.
+    _, vjp = torch.func.vjp(forward, q.detach(), k.detach(), v.detach())
+    return vjp(dout.to(q.dtype))

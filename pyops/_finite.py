@@ -1,0 +1,69 @@
+"""The guard that keeps the fused attention kernels exact (docs/design.md#non-finite-values).
+
+The C++ and Triton attention kernels are exact for finite inputs whose products and sums stay
+finite in fp32. Outside that, their fast paths would differ from the definition: a NaN or ±inf can
+reach a row through a pair the row does not attend (a masked-out key shares a tile with attended
+ones, and 0·NaN is NaN), and a score that overflows meets the kernels' exponential. So each fused
+attention op reads its inputs' largest magnitudes first (`maxima`: one min/max pass per tensor and
+one host read for all of them), bounds every intermediate from them, and hands a call that is not
+provably safe (`within`) to the reference's formula, forward and backward.
+
+The values cannot be read while `torch.compile` traces (the reference and the Triton ops are
+traced; the C++ ops are opaque and keep the guard), for FakeTensor or meta inputs, or during CUDA
+graph capture; `maxima` returns None there and the kernels run as they are, as does the reference's
+dense formula (NaN and ±inf at attended positions still propagate; values at unattended positions
+may reach a row as NaN).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+# Every bound must stay under 2**100 (fp32 overflows at 2**128): room for rounding and for the
+# kernels' partial sums, which the bounds below (sums of magnitudes) already dominate.
+LIMIT = 2.0 ** 100
+
+
+def checkable(*tensors: Optional[Tensor]) -> bool:
+    """True when the values of `tensors` can be read now (not fake, not meta, not being captured)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    if torch.compiler.is_compiling():
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if isinstance(t, FakeTensor) or t.device.type == "meta":
+            return False
+        if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return False
+    return True
+
+
+def maxima(*tensors: Optional[Tensor]) -> Optional[List[float]]:
+    """max |x| of each tensor, in order: 0.0 for None or an empty tensor, inf for one holding a NaN
+    or ±inf. None when the values cannot be read now (`checkable`)."""
+    if not checkable(*tensors):
+        return None
+    present = [t for t in tensors if t is not None and t.numel() > 0]
+    if not present:
+        return [0.0] * len(tensors)
+    ends = []
+    for t in present:
+        lo, hi = torch.aminmax(t.detach())  # a NaN propagates into both
+        ends.append(torch.maximum(-lo.to(torch.float64), hi.to(torch.float64)))
+    found = iter(torch.stack(ends).nan_to_num(nan=float("inf")).tolist())
+    return [next(found) if t is not None and t.numel() > 0 else 0.0 for t in tensors]
+
+
+def all_finite(*tensors: Optional[Tensor]) -> bool:
+    """True when no tensor holds a NaN or ±inf (and when the values cannot be read now)."""
+    m = maxima(*tensors)
+    return m is None or all(x < float("inf") for x in m)
+
+
+def within(*bounds: float) -> bool:
+    """True when every bound is finite and under `LIMIT`."""
+    return all(b < LIMIT for b in bounds)
