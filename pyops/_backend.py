@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
@@ -168,6 +169,39 @@ def default_order(device: torch.device, gpu_order: Sequence[str]) -> tuple[str, 
     return ("cpu", "reference")
 
 
+# ---- fork ---------------------------------------------------------------------------------------
+# torch's CPU thread pool (GNU OpenMP in the Linux wheels) does not survive fork: once the parent
+# has run a parallel op, any parallel op in a forked child waits forever for threads that do not
+# exist there (plain torch.mm included). pyops' own pool starts afresh in the child
+# (csrc/common/thread_pool.h), but its ops call torch too. So a child forked from a process running
+# torch with several threads is set to one thread, as torch's DataLoader does for its workers, and
+# the first pyops op in it says so once. Start children with "spawn", or call
+# torch.set_num_threads(1) before forking, to choose yourself (README, Troubleshooting).
+_forked_from_threads = 0
+
+
+def _after_fork_in_child() -> None:
+    global _forked_from_threads
+    n = torch.get_num_threads()
+    if n > 1:
+        torch.set_num_threads(1)
+        _forked_from_threads = n
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _note_fork() -> None:
+    global _forked_from_threads
+    if _forked_from_threads:
+        n, _forked_from_threads = _forked_from_threads, 0
+        warnings.warn(f"pyops: this process was forked from one running torch with {n} threads; torch's "
+                      "thread pool cannot run in a forked child (it would hang), so torch.set_num_threads(1) "
+                      "was applied here. Use the 'spawn' start method to keep several threads.",
+                      RuntimeWarning, stacklevel=3)
+
+
 def select(
     op: str,
     backend: str,
@@ -175,6 +209,7 @@ def select(
     order: Sequence[str],
 ) -> str:
     """Pick the backend for one call. `can_run[name]()` returns None or a reason."""
+    _note_fork()
     check_backend_name(backend)
     if backend != "auto":
         if backend not in can_run:

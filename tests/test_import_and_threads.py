@@ -102,6 +102,43 @@ print(os.waitstatus_to_exitcode(status))
     assert _run(code) == "0"
 
 
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+def test_forked_child_of_a_threaded_parent_runs_and_is_told_why_it_has_one_thread():
+    """torch's thread pool cannot run in a forked child once the parent used it: without pyops'
+    fork hook the child below hangs in its first op (plain torch.mm included). The hook sets the
+    child to one thread and the first pyops op there warns once, naming the fix."""
+    code = """
+import os, sys, time, warnings, torch, pyops
+torch.set_num_threads(2)
+a = torch.randn(256, 256)
+(a @ a).sum()
+g = torch.zeros(33, dtype=torch.int32)
+q = torch.randn(4, 2, 33, 4)
+want = pyops.task_masked_attention(q, q, q, g, backend="cpu")
+pid = os.fork()
+if pid == 0:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        got = pyops.task_masked_attention(q, q, q, g, backend="cpu")
+        pyops.task_masked_attention(q, q, q, g, backend="cpu")
+        (a @ a).sum()
+    told = [w for w in seen if "forked" in str(w.message) and "spawn" in str(w.message)]
+    ok = torch.equal(got, want) and torch.get_num_threads() == 1 and len(told) == 1
+    os._exit(0 if ok else 3)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        print(os.waitstatus_to_exitcode(status))
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    print("hung")
+"""
+    assert _run(code) == "0"
+
+
 def test_from_models_spellings_are_the_same_functions():
     """The issue's `from_models` form of `pyops.merge` (and of the pilot op) is reachable as an attribute."""
     assert pyops.merge.from_models is pyops.merge_from_models
