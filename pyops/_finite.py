@@ -54,7 +54,7 @@ def maxima(*tensors: Optional[Tensor]) -> Optional[List[float]]:
     for t in present:
         lo, hi = torch.aminmax(t.detach())  # a NaN propagates into both
         ends.append(torch.maximum(-lo.to(torch.float64), hi.to(torch.float64)))
-    found = iter(torch.stack(ends).nan_to_num(nan=float("inf")).tolist())
+    found = iter(torch.stack(ends).nan_to_num(nan=float("inf"), posinf=float("inf")).tolist())
     return [next(found) if t is not None and t.numel() > 0 else 0.0 for t in tensors]
 
 

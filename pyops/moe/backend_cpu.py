@@ -156,6 +156,8 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
 def experts_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
                w1: Tensor, w2: Tensor, w3: Optional[Tensor],
                activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if not S.exact_experts(x, weights, w1, w2, w3):
+        return S.reference_experts_outputs(x, weights, order, offsets, dropped, w1, w2, w3, activation, with_h=False)
     return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, scratch=False)
 
 
@@ -163,6 +165,8 @@ def experts_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offse
 def inference_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
                  w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str) -> Tensor:
     """y only, for calls that need no gradient (intermediates in the workspace). No autograd."""
+    if not S.exact_experts(x, weights, w1, w2, w3):
+        return S.reference_experts(x, weights, order, offsets, dropped, w1, w2, w3, activation)
     return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, scratch=True)[0]
 
 
@@ -180,6 +184,8 @@ def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: 
     dW2 = hᵀ·dys,
     dxs = da·w1ᵀ + db·w3ᵀ (into dys's rows, consumed by then), dW1 = rowsᵀ·da, dW3 = rowsᵀ·db;
     then one scatter-add. Scratch: two [T·k, d] buffers and four of one expert's rows × hidden."""
+    if not S.exact_experts(dy, x, weights, w1, w2, w3):
+        return S.reference_experts_backward(dy, x, weights, order, offsets, dropped, w1, w2, w3, activation)
     C = _native.cpu_module
     T, d = x.shape
     k = weights.shape[1]

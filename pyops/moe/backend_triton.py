@@ -35,6 +35,8 @@ def experts_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offse
                w1: Tensor, w2: Tensor, w3: Optional[Tensor],
                activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     glu = activation in GLU
+    if not S.exact_experts(x, weights, w1, w2, w3):
+        return S.reference_experts_outputs(x, weights, order, offsets, dropped, w1, w2, w3, activation)
     y, a, b, hh, ys = S.experts_outputs(x, order, w1, glu)
     _kernels().experts_forward(x.contiguous(), weights, order, offsets, dropped, w1.contiguous(),
                                w2.contiguous(), w3.contiguous() if glu else None, S.ACT_CODES[activation],
@@ -47,6 +49,8 @@ def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: 
                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], a: Tensor, b: Tensor, hh: Tensor, ys: Tensor,
                 activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     glu = activation in GLU
+    if not S.exact_experts(dy, x, weights, w1, w2, w3):
+        return S.reference_experts_backward(dy, x, weights, order, offsets, dropped, w1, w2, w3, activation)
     return _kernels().experts_backward(
         dy.contiguous(), x.contiguous(), weights, order, offsets, dropped, w1.contiguous(), w2.contiguous(),
         w3.contiguous() if glu else None, a, b, hh, ys, S.ACT_CODES[activation])

@@ -11,6 +11,10 @@
       backward      (dx like x, dweights like weights, dw1 like w1, dw2 like w2, dw3 like w1 or [0])
 
 * `run_native_route`, the body both native routing kernels (C++ and CUDA) share.
+* The definition's results in those layouts (`reference_experts`, `reference_experts_backward`),
+  which every fused experts op returns for a call with a NaN or ±inf among its inputs
+  (`exact_experts`; docs/design.md#non-finite-values): the kernels read every gathered row,
+  dropped assignments included, and their activations differ from torch's at ±inf.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch
 from torch import Tensor
 
 from pyops import _native
+from pyops._finite import all_finite
 from pyops.moe import reference as ref
 
 GLU = ref.GLU_ACTIVATIONS
@@ -88,3 +93,57 @@ def experts_backward_fake(dy, x, weights, order, offsets, dropped, w1, w2, w3, a
     glu = activation in GLU
     return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1), torch.empty_like(w2),
             torch.empty_like(w1) if glu else w1.new_empty(0))
+
+
+# --------------------------------------------------------------------------------------------
+# The definition's results, for calls the kernels cannot do exactly
+# --------------------------------------------------------------------------------------------
+
+def exact_experts(*tensors: Optional[Tensor]) -> bool:
+    """True unless one of the experts op's floating inputs holds a NaN or ±inf (or the values
+    cannot be read now, pyops._finite)."""
+    return all_finite(*tensors)
+
+
+def expert_ids(order: Tensor, offsets: Tensor, T: int, k: int) -> Tensor:
+    """`[T, k]` int64 expert ids from the routing's order and offsets (assignment order[i] belongs
+    to expert e for offsets[e] <= i < offsets[e + 1])."""
+    n = order.shape[0]
+    counts = offsets[1:] - offsets[:-1]
+    per_row = torch.repeat_interleave(torch.arange(counts.shape[0], device=order.device), counts, output_size=n)
+    ids = torch.empty(n, dtype=torch.int64, device=order.device)
+    ids[order.long()] = per_row
+    return ids.view(T, k)
+
+
+def reference_experts(x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor, w1: Tensor,
+                      w2: Tensor, w3: Optional[Tensor], activation: str) -> Tensor:
+    """y `[T, d]` of the definition (`pyops.moe.reference.experts`)."""
+    ids = expert_ids(order, offsets, x.shape[0], weights.shape[1])
+    return ref.experts(x, weights, ids, dropped, w1, w2, w3 if activation in GLU else None, activation)
+
+
+def reference_experts_backward(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor,
+                               dropped: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str):
+    """(dx, dweights, dw1, dw2, dw3 or an empty tensor) of the definition: its vector-Jacobian
+    product (torch.func.vjp works inside a custom op's kernel, where autograd keys are excluded)."""
+    glu = activation in GLU
+    ids = expert_ids(order, offsets, x.shape[0], weights.shape[1])
+
+    def forward(x_, w_, w1_, w2_, *w3_):
+        return ref.experts(x_, w_, ids, dropped, w1_, w2_, w3_[0] if w3_ else None, activation)
+
+    primals = [t.detach() for t in (x, weights, w1, w2)] + ([w3.detach()] if glu else [])
+    _, vjp = torch.func.vjp(forward, *primals)
+    grads = vjp(dy.to(x.dtype))
+    return (grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), grads[3].contiguous(),
+            grads[4].contiguous() if glu else w1.new_empty(0))
+
+
+def reference_experts_outputs(x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
+                              w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, with_h: bool = True):
+    """`experts_outputs` holding the definition's y; the intermediates are zeros (a backward on
+    this call's inputs takes `reference_experts_backward` too, which does not read them)."""
+    y, a, b, h, ys = experts_outputs(x, order, w1, activation in GLU, with_h)
+    y.copy_(reference_experts(x, weights, order, offsets, dropped, w1, w2, w3, activation))
+    return y, a.zero_(), b.zero_(), h.zero_(), ys.zero_()
