@@ -21,23 +21,29 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+try:  # torch's own test for FakeTensor (and functional wrappers of one)
+    from torch._subclasses.fake_tensor import is_fake as _is_fake
+except ImportError:  # pragma: no cover - every supported torch has it
+    def _is_fake(t: Tensor) -> bool:
+        return False
+
 # Every bound must stay under 2**100 (fp32 overflows at 2**128): room for rounding and for the
 # kernels' partial sums, which the bounds below (sums of magnitudes) already dominate.
 LIMIT = 2.0 ** 100
 
 
 def checkable(*tensors: Optional[Tensor]) -> bool:
-    """True when the values of `tensors` can be read now (not fake, not meta, not being captured)."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
+    """True when the values of `tensors` can be read now: not while `torch.compile` (or export)
+    traces, not for meta or fake tensors (torch's `is_fake` also sees functional wrappers of one),
+    not on a CUDA stream being captured into a graph (a host read would break the capture)."""
     if torch.compiler.is_compiling():
         return False
     for t in tensors:
         if t is None:
             continue
-        if isinstance(t, FakeTensor) or t.device.type == "meta":
+        if t.is_meta or _is_fake(t):
             return False
-        if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        if t.is_cuda and torch.cuda.is_current_stream_capturing():
             return False
     return True
 

@@ -74,11 +74,25 @@ def _as_coeffs(coeffs: object, n: int, n_blocks: int, base: Tensor, blocks: Bloc
         f"got {V.fmt_shape(coeffs.shape)}")
 
 
+def check_blocks(blocks: object, shape) -> tuple[int, int]:
+    """(block_size, n_blocks) for a `blocks` argument (`spec.resolve_blocks`), with an int block
+    size also bounded by the int64 the ops' schemas carry, and clamped to the tensor's size: a
+    block of at least numel elements is the one block of the whole tensor, so the kernels and the
+    reference never size anything by a block longer than the tensor (no 2**62-element padding)."""
+    if isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > V.INT64_MAX:
+        raise ValueError(f"blocks: block size must be <= 2**63 - 1 (the int64 of the ops' schemas), got {blocks}")
+    block_size, n_blocks = resolve_blocks(blocks, shape)
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return min(block_size, max(numel, 1)), n_blocks
+
+
 def prepare(base: object, deltas: object, coeffs: object, blocks: Blocks, out_dtype: object,
             deltas_name: str = "deltas") -> Prepared:
     base = V.check_float_tensor(base, "base")
     items = _as_delta_list(deltas, base, deltas_name)
-    block_size, n_blocks = resolve_blocks(blocks, base.shape)
+    block_size, n_blocks = check_blocks(blocks, base.shape)
     c = _as_coeffs(coeffs, len(items), n_blocks, base, blocks)
     od = base.dtype if out_dtype is None else V.check_float_dtype(out_dtype, "out_dtype")
     return Prepared(base, items, c, block_size, n_blocks, od)
@@ -93,7 +107,7 @@ def check_out(out: object, p: Prepared, out_dtype: object) -> Tensor:
     V.check_float_dtype(out.dtype, "out.dtype")
     if not out.is_contiguous():
         raise ValueError("out: expected a contiguous tensor, got a non-contiguous one")
-    if not torch.compiler.is_compiling():
+    if V.values_readable(out):  # meta / fake tensors own no memory to overlap
         V.check_no_partial_overlap(out, [*p.deltas, p.coeffs, p.base], allow_alias=p.base)
     return out
 

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pyops import _validate as V
 from pyops.moe import losses as moe_losses
 from pyops.moe import ops as M
 
@@ -99,7 +100,8 @@ class TaskMoE(nn.Module):
             if not 0 <= task_ids < self.n_tasks:
                 raise ValueError(f"task_ids: expected values in [0, n_tasks = {self.n_tasks}), got {task_ids}")
             return torch.full((T,), task_ids, dtype=torch.int64, device=x.device)
-        if not isinstance(task_ids, Tensor) or task_ids.is_floating_point() or task_ids.dtype == torch.bool:
+        if (not isinstance(task_ids, Tensor) or task_ids.is_floating_point() or task_ids.is_complex()
+                or task_ids.dtype == torch.bool):
             raise TypeError(f"task_ids: expected an int or an integer tensor, got "
                             f"{task_ids.dtype if isinstance(task_ids, Tensor) else type(task_ids).__name__}")
         lead = tuple(x.shape[:-1])
@@ -112,9 +114,11 @@ class TaskMoE(nn.Module):
                              f"(one id per batch row), got {list(task_ids.shape)}")
         if task_ids.device != x.device:
             raise ValueError(f"task_ids: expected a tensor on {x.device} (x's device), got {task_ids.device}")
-        if not torch.compiler.is_compiling() and t.numel() and bool(((t < 0) | (t >= self.n_tasks)).any()):
-            raise ValueError(f"task_ids: expected values in [0, n_tasks = {self.n_tasks}), got min {int(t.min())}, "
-                             f"max {int(t.max())}")
+        if V.values_readable(t):  # in the ids' own dtype, before the int64 copy below
+            bad = V.first_out_of_range(t, 0, self.n_tasks)
+            if bad is not None:
+                raise ValueError(f"task_ids: expected values in [0, n_tasks = {self.n_tasks}), got {bad[1]} "
+                                 f"(token {bad[0][0]} of x.reshape(-1, d_model))")
         return t.long()
 
     def _per_task(self, xt: Tensor, w: Tensor, tasks: Optional[Tensor]) -> Tensor:

@@ -84,13 +84,14 @@ def check_route_args(logits: object, k: object, score: object, capacity_factor: 
         b = V.check_float_tensor(bias, "bias")
         V.check_shape(b, "bias", (E,), "one value per expert, E = logits.shape[1]")
         V.check_same_device(b, "bias", logits, "logits")
-        if not torch.compiler.is_compiling() and not bool(torch.isfinite(b).all()):
+        if V.values_readable(b) and not bool(torch.isfinite(b).all()):
             raise ValueError("bias: contains NaN/inf; expected finite per-expert offsets")
 
 
 def check_finite_logits(logits: Tensor) -> None:
-    """Eager only (a data-dependent check); the native kernels check too."""
-    if torch.compiler.is_compiling() or logits.numel() == 0:
+    """Eager only (a data-dependent check; skipped for meta / fake tensors); the native kernels
+    check too."""
+    if logits.numel() == 0 or not V.values_readable(logits):
         return
     bad = ~torch.isfinite(logits).all(dim=-1)
     if bool(bad.any()):
@@ -157,6 +158,32 @@ def check_experts_args(x: object, routing: object, w1: object, w2: object, w3: o
     for n, t in zip(Routing._fields, r):
         V.check_same_device(t, f"routing.{n}", x, "x")
     return r
+
+
+def check_routing_values(r: Routing, E: int) -> None:
+    """The indices in a routing, checked in their own dtype before any backend reads them (eager
+    calls on real tensors; one host read when they are valid): every expert id in [0, E), every
+    entry of `order` an assignment id in [0, T*k), `offsets` a non-decreasing prefix sum from 0 to
+    T*k. There is no sentinel id: a dropped assignment keeps its expert id and is flagged in
+    `dropped`. The C++ path also checks that order/offsets agree with the expert ids."""
+    T, k = r.experts.shape
+    n = T * k
+    ex, order, offsets = r.experts, r.order, r.offsets
+    flags = [((ex < 0) | (ex >= E)).any() if ex.numel() else ex.new_zeros((), dtype=torch.bool),
+             ((order < 0) | (order >= n)).any() if order.numel() else order.new_zeros((), dtype=torch.bool),
+             (offsets[0] != 0) | (offsets[-1] != n) | (offsets[1:] < offsets[:-1]).any()]
+    bad_ex, bad_order, bad_offsets = torch.stack(flags).tolist()
+    if bad_ex:
+        idx, val = V.first_out_of_range(ex, 0, E)
+        raise ValueError(f"routing.experts{V.fmt_index(idx)} = {val} is out of range for {E} experts (w1.shape[0]): "
+                         f"expert ids must be in [0, {E - 1}]")
+    if bad_order:
+        idx, val = V.first_out_of_range(order, 0, n)
+        raise ValueError(f"routing.order{V.fmt_index(idx)} = {val} is out of range: entries are assignment ids "
+                         f"t*k + j in [0, T*k - 1] = [0, {n - 1}] (T = {T}, k = {k})")
+    if bad_offsets:
+        raise ValueError(f"routing.offsets: expected a non-decreasing prefix sum from 0 to T*k = {n}, "
+                         f"got {offsets.tolist()}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -341,10 +368,24 @@ def moe_experts(
     Returns:
         `y [T, d]` in x's dtype (fp32 accumulation). Dropped assignments contribute nothing.
         Differentiable w.r.t. x, w1, w2, w3 and routing.weights (hence the router logits).
+
+    Raises:
+        ValueError, on every backend, for an expert id outside [0, E) (naming it and its position,
+        e.g. ``routing.experts[3, 1] = 9 is out of range for 8 experts``), an `order` entry
+        outside [0, T*k) or `offsets` that are not a prefix sum from 0 to T*k. There is no
+        sentinel id: dropped assignments keep their expert and are flagged in `dropped`.
     """
     r = check_experts_args(x, routing, w1, w2, w3, activation)
+    readable = V.values_readable(x, *r)
+    if readable:
+        check_routing_values(r, w1.shape[0])
     name = choose_experts_backend(x, r.weights, backend)
     if name == "reference":
+        if not readable and not torch.compiler.is_compiling():
+            # meta / fake tensors: the reference's per-expert loop needs the ids' values; the
+            # registered op's fake kernel gives y's shape and dtype (and a differentiable graph)
+            return backend_cpu.experts_op(x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3,
+                                          activation)[0]
         return ref.experts(x, r.weights, r.experts, r.dropped, w1, w2, w3, activation)
     if name == "cpu" and not (torch.is_grad_enabled() and
                               any(t is not None and t.requires_grad for t in (x, r.weights, w1, w2, w3))):

@@ -50,10 +50,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def capacity(capacity_factor: Optional[float], T: int, E: int, k: int) -> int:
-    """Per-expert capacity C = ceil(cf·k·T/E), or -1 (no capacity)."""
+    """Per-expert capacity C = ceil(cf·k·T/E), or -1 (no capacity).
+
+    An expert gets at most one assignment per token, so a capacity of T or more drops nothing:
+    C is returned as min(C, T), which keeps it an int64 (the ops' schemas carry one) and the rank
+    comparison exact for any finite cf."""
     if capacity_factor is None:
         return -1
-    return int(math.ceil(capacity_factor * k * T / E))
+    return min(int(math.ceil(capacity_factor * k * T / E)), T)
 
 
 def scores(logits: Tensor, score: str = "softmax") -> Tensor:
@@ -105,9 +109,20 @@ def activation(a: Tensor, b: Optional[Tensor], name: str) -> Tensor:
 
 def experts(x: Tensor, weights: Tensor, expert_ids: Tensor, dropped: Tensor, w1: Tensor, w2: Tensor,
             w3: Optional[Tensor] = None, activation_name: str = "swiglu") -> Tensor:
-    """The per-expert loop: y_t = Σ_j [not dropped] weights[t, j] · MLP_{experts[t, j]}(x_t)."""
+    """The per-expert loop: y_t = Σ_j [not dropped] weights[t, j] · MLP_{experts[t, j]}(x_t).
+
+    Expert ids must lie in [0, E) (E = w1.shape[0]); there is no sentinel id (a dropped
+    assignment is flagged in `dropped`). The loop below visits experts 0..E-1 only, so an id outside
+    that range would silently contribute nothing: it raises ValueError instead (eager calls on
+    real tensors; `pyops.moe_experts` checks before any backend runs)."""
     T, d = x.shape
     E = w1.shape[0]
+    if expert_ids.numel() and expert_ids.device.type != "meta" and not torch.compiler.is_compiling():
+        bad = (expert_ids < 0) | (expert_ids >= E)
+        if bool(bad.any()):
+            t, j = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"expert_ids[{t}, {j}] = {int(expert_ids[t, j])} is out of range for {E} experts "
+                             f"(w1.shape[0]): expert ids must be in [0, {E - 1}]")
     cd = compute_dtype(x.dtype)
     y = torch.zeros(T, d, dtype=cd, device=x.device)
     for e in range(E):

@@ -15,6 +15,8 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
+from pyops import _validate as V
+
 MULTITAB_MODES = ("TxT", "FxT", "FxT_TxT", "none")
 DEFAULT_MAX_GROUPS = 64
 
@@ -92,8 +94,28 @@ def prefix(prefix_len: int, suffix_len: int, *, chunk: int = 1, device=None) -> 
 def dense(q_groups: torch.Tensor, kv_groups: Optional[torch.Tensor] = None, allow: Optional[torch.Tensor] = None,
           causal: bool = False) -> torch.Tensor:
     """The dense boolean mask (True = attend) of a group rule: `[Lq, Lk]`, or `[B, Lq, Lk]` for
-    per-batch ids. What SDPA takes; `nn.MultiheadAttention` wants its negation."""
+    per-batch ids. What SDPA takes; `nn.MultiheadAttention` wants its negation.
+
+    Ids must lie in [−1, G) for an ``allow`` of shape `[G, G]` (any id >= −1 without one), checked
+    in their own dtype (an int64 id of 2³² is refused, never wrapped); ValueError names the id and
+    where it is."""
+    from pyops.task_attention.ops import check_ids
     from pyops.task_attention.reference import allowed_mask
+
+    if allow is not None:
+        V.check_tensor(allow, "allow")
+        if allow.dim() != 2 or allow.shape[0] != allow.shape[1]:
+            raise ValueError(f"allow: expected a square [G, G] tensor, got {V.fmt_shape(allow.shape)}")
+    for name, g in (("q_groups", q_groups), ("kv_groups", kv_groups)):
+        if g is None:
+            continue
+        V.check_tensor(g, name)
+        if g.is_floating_point() or g.is_complex() or g.dtype == torch.bool:
+            raise TypeError(f"{name}: expected an integer tensor of group ids, got {g.dtype}")
+        if g.dim() not in (1, 2):
+            raise ValueError(f"{name}: expected shape [L] or [B, L], got {V.fmt_shape(g.shape)}")
+        if V.values_readable(g):
+            check_ids(g, name, None if allow is None else allow.shape[0], identity_limit=None)
 
     batch = q_groups.shape[0] if q_groups.dim() == 2 else (kv_groups.shape[0] if kv_groups is not None
                                                             and kv_groups.dim() == 2 else 1)

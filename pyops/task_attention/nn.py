@@ -8,7 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pyops.task_attention.ops import task_masked_attention
+from pyops import _validate as V
+from pyops.task_attention.ops import INT_DTYPES, check_ids, task_masked_attention
+
+
+def _widen(ids: Optional[Tensor]) -> Optional[Tensor]:
+    """Integer ids as int64 (lossless) before the module writes ids of its own into them: -1 for a
+    padded key, G for an appended token (in uint8 ids -1 would wrap to 255, in int8 G may not fit).
+    Anything else passes through unchanged, for task_masked_attention to refuse by name."""
+    if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        return ids
+    return ids.to(torch.int64)
 
 
 class TaskMaskedMultiheadAttention(nn.Module):
@@ -103,10 +113,23 @@ class TaskMaskedMultiheadAttention(nn.Module):
         """kv_groups and allow with `n_extra` appended key tokens in a new group X that every
         group may attend (torch pads attn_mask / key_padding_mask with "allowed" for them)."""
         kg = groups if kv_groups is None else kv_groups
+        for name, g in (("groups", groups), ("kv_groups", kg)):
+            if g.dtype not in INT_DTYPES:
+                raise TypeError(f"{name}: expected an integer tensor of group ids, got {g.dtype}")
         if allow is None:  # the identity rule over the ids present
-            hi = max(int(groups.max()) if groups.numel() else -1, int(kg.max()) if kg.numel() else -1)
+            if torch.compiler.is_compiling() or V.values_readable(groups, kg):
+                # the ids in their own dtype first (an id of 2**32 is refused, not an eye of 2**32 rows)
+                hi = max(check_ids(groups, "groups", None), check_ids(kg, "kv_groups", None))
+            else:  # meta / fake tensors: shapes only, and G does not change a shape
+                hi = 0
             allow = torch.eye(max(hi + 1, 1), dtype=torch.bool, device=groups.device)
-        G = allow.shape[0] if allow.dim() == 2 else 0
+        else:
+            if allow.dim() != 2 or allow.shape[0] != allow.shape[1] or allow.shape[0] == 0:
+                raise ValueError(f"allow: expected a square [G, G] tensor with G >= 1, got {V.fmt_shape(allow.shape)}")
+            if V.values_readable(groups, kg):  # against the caller's rule, before it grows by one group
+                check_ids(groups, "groups", allow.shape[0])
+                check_ids(kg, "kv_groups", allow.shape[0])
+        G = allow.shape[0]
         ext = torch.zeros((G + 1, G + 1), dtype=torch.bool, device=allow.device)
         ext[:G, :G] = allow.to(torch.bool)
         ext[:, G] = True
@@ -156,6 +179,9 @@ class TaskMaskedMultiheadAttention(nn.Module):
         groups = groups.to(dev)
         kv_groups = kv_groups.to(dev) if kv_groups is not None else None
         allow = allow.to(dev) if allow is not None else None
+        n_extra = (self.bias_k is not None) + bool(self.add_zero_attn)
+        if key_padding_mask is not None or n_extra:
+            groups, kv_groups = _widen(groups), _widen(kv_groups)
         if key_padding_mask is not None:
             if key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, S):
                 raise ValueError(f"key_padding_mask: expected a bool tensor [{B}, {S}] (True = ignore), got "
@@ -166,7 +192,6 @@ class TaskMaskedMultiheadAttention(nn.Module):
 
         q, k, v = self._project(query, key, value)
         H, hd = self.num_heads, self.head_dim
-        n_extra = (self.bias_k is not None) + bool(self.add_zero_attn)
         if n_extra:
             if causal:
                 raise ValueError("causal: not supported together with add_bias_kv / add_zero_attn (torch lets every "

@@ -55,6 +55,7 @@ class Prepared:
 
 
 def _check_groups(g: object, name: str, batch: int, length: int, len_name: str, q: Tensor) -> Tensor:
+    """The ids as given (type, shape and device checked; still in their own dtype)."""
     g = V.check_tensor(g, name)
     if g.dtype not in INT_DTYPES:
         raise TypeError(f"{name}: expected an integer tensor (int8/16/32/64 or uint8) of group ids, got {g.dtype}")
@@ -69,21 +70,40 @@ def _check_groups(g: object, name: str, batch: int, length: int, len_name: str, 
     else:
         raise ValueError(f"{name}: expected shape [{length}] or [{batch}, {length}], got {V.fmt_shape(g.shape)}")
     V.check_same_device(g, name, q, "q")
+    return g
+
+
+def _narrow(g: Tensor) -> Tensor:
+    """The kernels' int32 ids; only after `check_ids` has checked them in their own dtype."""
     return g.to(torch.int32).contiguous()
 
 
-def _check_ids(g: Tensor, name: str, n_groups: Optional[int]) -> int:
-    """Group ids in [-1, G) (eager only: it reads the data; the native kernels re-check).
-    Returns the largest id."""
+def check_ids(g: Tensor, name: str, n_groups: Optional[int], identity_limit: Optional[int] = 1 << 31) -> int:
+    """Group ids in [-1, G) with G = n_groups (allow's side); for the identity rule (n_groups None)
+    in [-1, identity_limit), by default 2**31 as the kernels take int32 ids (None: no bound).
+    Checked in the ids' own dtype, before they are narrowed to int32, so an int64 id of 2**32 is
+    refused, never wrapped to group 0; the message names the id and its position. Reads the ids:
+    eager calls on real tensors only (the native kernels re-check). Returns the largest id."""
     if g.numel() == 0:
         return -1
-    lo, hi = (int(x) for x in torch.aminmax(g))
-    if lo < -1:
-        raise ValueError(f"{name}: group ids must be >= -1 (-1 = padding), got {lo}")
-    if n_groups is not None and hi >= n_groups:
-        raise ValueError(f"{name}: group id {hi} is out of range for allow of shape [{n_groups}, {n_groups}] "
-                         f"(ids must be in [-1, {n_groups - 1}])")
-    return hi
+    lo, top = (int(x) for x in torch.aminmax(g))  # exact in the ids' own dtype
+    hi = n_groups if n_groups is not None else (1 << 64 if identity_limit is None else identity_limit)
+    if lo >= -1 and top < hi:
+        return top
+    idx, val = V.first_out_of_range(g, -1, hi)
+    where = f"at {name}{V.fmt_index(idx)}"
+    if val < -1:
+        raise ValueError(f"{name}: group ids must be >= -1 (-1 = padding), got {val} {where}")
+    if n_groups is None:
+        raise ValueError(f"{name}: group id {val} {where} is out of range: without allow (the identity rule) "
+                         f"ids must be in [-1, {identity_limit - 1}] (the kernels take int32 ids)")
+    raise ValueError(f"{name}: group id {val} is out of range for allow of shape [{n_groups}, {n_groups}] "
+                     f"(ids must be in [-1, {n_groups - 1}]), {where}")
+
+
+def _check_seed_int(seed: int) -> int:
+    """A 64-bit seed, signed or unsigned: [-2**63, 2**64) (wider ints would silently wrap)."""
+    return V.check_int(seed, "seed", V.INT64_MIN, (1 << 64) - 1, " (a 64-bit seed, signed or unsigned)")
 
 
 def _seed_tensor(seed: object, dropout_p: float, device: torch.device) -> Tensor:
@@ -98,7 +118,7 @@ def _seed_tensor(seed: object, dropout_p: float, device: torch.device) -> Tensor
         return seed.reshape(1).to(device=device, dtype=torch.int64)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed: expected None, an int or an integer tensor, got {type(seed).__name__}")
-    s = seed & _U64
+    s = _check_seed_int(seed) & _U64
     return torch.tensor([s - (1 << 64) if s >= (1 << 63) else s], dtype=torch.int64, device=device)
 
 
@@ -152,11 +172,15 @@ def prepare(q: object, k: object, v: object, q_groups: object, kv_groups: object
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale: expected None or a finite float, got {scale!r}")
     max_id = None
-    if not torch.compiler.is_compiling():
+    # The ids' values are checked in their own dtype first, then narrowed (docs/design.md#errors);
+    # meta / fake tensors and traced calls have no values to read (the kernels re-check).
+    if V.values_readable(qg, kg, allow):
         n_groups = None if allow is None else allow.shape[0]
-        max_id = _check_ids(qg, "q_groups", n_groups)
+        max_id = check_ids(qg, "q_groups", n_groups)
         if kv_groups is not None:
-            max_id = max(max_id, _check_ids(kg, "kv_groups", n_groups))
+            max_id = max(max_id, check_ids(kg, "kv_groups", n_groups))
+    qg = _narrow(qg)
+    kg = qg if kv_groups is None else _narrow(kg)
     return Prepared(q, k, v, qg, kg, allow, causal, dropout_p, float(scale), _seed_tensor(seed, dropout_p, q.device),
                     max_id)
 

@@ -260,3 +260,111 @@ def test_errors_do_not_depend_on_backend():
     for backend in ("auto",) + BACKENDS:
         with pytest.raises(ValueError, match=r"^blocks: block size must be > 0"):
             pyops.task_arithmetic(base, deltas, coeffs, blocks=0, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------------
+# Integer arguments: the int64 of the ops' schemas, checked before any op is called
+# ------------------------------------------------------------------------------------------------
+
+def _require(backend):
+    if backend != "reference":
+        reason = backend_reason(backend, "cpu")
+        if reason is not None:
+            pytest.skip(f"backend '{backend}' cannot run on cpu here: {reason}")
+
+
+@pytest.mark.parametrize("fn,dname", FUNCS)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("blocks", [2**63, 2**64], ids=["2p63", "2p64"])
+def test_blocks_beyond_int64_is_refused(fn, dname, backend, blocks):
+    _require(backend)
+    base, deltas, coeffs = inputs()
+    with pytest.raises(ValueError, match=rf"^blocks: block size must be <= 2\*\*63 - 1 .*got {blocks}$"):
+        fn(base, deltas, coeffs, blocks=blocks, backend=backend)
+
+
+@pytest.mark.parametrize("fn,dname", FUNCS)
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("blocks", [24, 25, 2**62, 2**63 - 1], ids=["numel", "numel+1", "2p62", "2p63-1"])
+def test_block_at_least_the_tensor_is_one_block(fn, dname, backend, blocks):
+    _require(backend)
+    base, deltas, _ = inputs()
+    coeffs = torch.randn(3, 1)
+    assert torch.equal(fn(base, deltas, coeffs, blocks=blocks, backend=backend),
+                       fn(base, deltas, coeffs, blocks=None, backend=backend))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "breadcrumbs", "della", "consensus"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_merge_blocks_beyond_int64_is_refused(method, backend):
+    _require(backend)
+    base, deltas, _ = inputs()
+    with pytest.raises(ValueError, match=r"^blocks: block size must be <= 2\*\*63 - 1"):
+        pyops.merge(base, deltas, method=method, density=0.5, blocks=2**63, backend=backend)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "della"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_merge_block_longer_than_the_tensor_is_one_block(method, backend):
+    """A block of 2**62 elements is the one block of a 24-element tensor (no 2**62-element padding)."""
+    _require(backend)
+    base, deltas, _ = inputs()
+    kw = dict(method=method, density=0.5, seed=3, backend=backend)
+    assert torch.equal(pyops.merge(base, deltas, blocks=2**62, **kw), pyops.merge(base, deltas, blocks=None, **kw))
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "breadcrumbs"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("k,exc,msg", [
+    (2**63, ValueError, r"^k: expected an int in \[-2\*\*63, 2\*\*63 - 1\].*got 9223372036854775808$"),
+    (True, TypeError, r"^k: expected an int .*got bool True$"),
+    (2.0, TypeError, r"^k: expected an int .*got float 2.0$"),
+], ids=["2p63", "True", "float"])
+def test_merge_k_must_be_an_int64_for_every_method(method, backend, k, exc, msg):
+    """k reaches the native op's int64 schema whatever the method (consensus alone reads it)."""
+    _require(backend)
+    base, deltas, _ = inputs()
+    with pytest.raises(exc, match=msg):
+        pyops.merge(base, deltas, method=method, density=0.5, k=k, backend=backend)
+
+
+@pytest.mark.parametrize("k", [2**63, 4, 0, True], ids=["2p63", "N+1", "zero", "True"])
+def test_consensus_k_is_a_task_count(k):
+    base, deltas, _ = inputs()
+    with pytest.raises(ValueError, match=r"^k: expected an int in \[1, 3\] \(tasks that must agree\)"):
+        pyops.merge(base, deltas, method="consensus", k=k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta and fake tensors: shapes only, no data-dependent checks
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fn,dname", FUNCS)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_out_is_not_an_overlap(fn, dname, backend):
+    """Meta tensors own no memory: their data pointers say nothing about overlap."""
+    base, deltas, coeffs = (t.to("meta") for t in inputs())
+    out = torch.empty(4, 6, device="meta")
+    assert fn(base, deltas, coeffs, out=out, backend=backend) is out
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "breadcrumbs", "della", "consensus", "model_stock"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_merge_gives_a_meta_output(method, backend):
+    base, deltas, _ = (t.to("meta") for t in inputs())
+    out = pyops.merge(base, deltas, method=method, backend=backend,
+                      **({} if method == "model_stock" else {"density": 0.5}))
+    assert (tuple(out.shape), out.dtype, out.device.type) == ((4, 6), FP32, "meta")
+
+
+@pytest.mark.parametrize("method", ["ties", "dare", "breadcrumbs", "della", "consensus", "model_stock"])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fake_merge_gives_a_fake_output(method, backend):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:
+        base, deltas, _ = (mode.from_tensor(t) for t in inputs())
+        out = pyops.merge(base, deltas, method=method, backend=backend,
+                          **({} if method == "model_stock" else {"density": 0.5}))
+    assert isinstance(out, FakeTensor) and tuple(out.shape) == (4, 6)

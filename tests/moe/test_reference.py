@@ -159,3 +159,31 @@ def test_route_is_static_shaped_and_counts_dropped_in_offsets():
     assert r.offsets.tolist() == [0, 4, 4]
     assert r.dropped[:, 0].tolist() == [False, True, True, True]
     assert ref.capacity(0.5, 4, 2, 1) == 1
+
+
+@pytest.mark.parametrize("bad", [3, -1, 2**32], ids=["E", "minus-one", "2p32"])
+def test_experts_refuse_an_expert_id_outside_0_to_E(bad, rng):
+    """The per-expert loop visits experts 0..E-1 only: an id outside would silently contribute
+    nothing, so the definition refuses it (there is no sentinel id; `dropped` flags drops)."""
+    T, d, h, E = 4, 3, 5, 3
+    x = torch.randn(T, d, generator=rng)
+    w1, w2, w3 = make_weights(E, d, h, "swiglu", torch.float32, rng, "cpu")
+    experts = torch.tensor([[0, 1], [1, 2], [2, 0], [0, 1]])
+    experts[2, 1] = bad
+    with pytest.raises(ValueError, match=rf"expert_ids\[2, 1\] = {bad} is out of range for 3 experts"):
+        ref.experts(x, torch.full((T, 2), 0.5), experts, torch.zeros(T, 2, dtype=torch.bool), w1, w2, w3)
+
+
+@pytest.mark.parametrize("cf,T,E,k,want", [(0.5, 4, 2, 1, 1), (1.0, 7, 3, 2, 5), (8.0, 7, 3, 2, 7),
+                                           (2.0**62, 7, 3, 2, 7), (1e300, 1, 1, 1, 1)],
+                         ids=["cf0.5", "cf1", "cf8-clamped", "cf2p62-clamped", "cf1e300-clamped"])
+def test_capacity_is_ceil_cf_k_T_over_E_at_most_T(cf, T, E, k, want):
+    """An expert gets at most one assignment per token, so C >= T drops nothing: C = min(ceil(cf·k·T/E), T)."""
+    assert ref.capacity(cf, T, E, k) == want
+
+
+def test_huge_capacity_factor_drops_nothing(rng):
+    z = torch.randn(7, 3, generator=rng)
+    z[:, 0] += 20.0  # every token's first choice is expert 0
+    r = ref.route(z, 2, capacity_factor=2.0**62)
+    assert not bool(r.dropped.any())

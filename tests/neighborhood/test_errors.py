@@ -101,3 +101,40 @@ def test_unknown_backend():
 def test_unavailable_backend_says_why():
     with pytest.raises(pyops.BackendUnavailableError, match="na1d: backend 'triton' cannot run"):
         pyops.na1d(*qkv(9, dtype=torch.float64), 3, backend="triton")
+
+
+# ------------------------------------------------------------------------------------------------
+# Meta and fake tensors: shapes only
+# ------------------------------------------------------------------------------------------------
+
+NA = [pytest.param(pyops.na1d, (9,), id="na1d-S9"), pytest.param(pyops.na2d, (7, 6), id="na2d-S7x6"),
+      pytest.param(pyops.na3d, (5, 4, 6), id="na3d-S5x4x6")]
+
+
+@pytest.mark.parametrize("fn,spatial", NA)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_meta_inputs_give_meta_outputs(fn, spatial, backend):
+    q, k, v = (t.to("meta") for t in qkv(*spatial))
+    out, lse = fn(q, k, v, 3, return_lse=True, backend=backend)
+    assert (tuple(out.shape), out.dtype, out.device.type) == ((1, *spatial, 2, 8), torch.float32, "meta")
+    assert lse.device.type == "meta" and tuple(lse.shape) == (1, *spatial, 2)
+
+
+@pytest.mark.parametrize("fn,spatial", NA)
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_meta_inputs_on_a_kernel_backend_get_a_clear_error(fn, spatial, backend):
+    q, k, v = (t.to("meta") for t in qkv(*spatial))
+    with pytest.raises(pyops.BackendUnavailableError, match=rf"backend '{backend}' cannot run this call: .*meta"):
+        fn(q, k, v, 3, backend=backend)
+
+
+@pytest.mark.parametrize("fn,spatial", NA)
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_fake_inputs_give_fake_outputs(fn, spatial, backend):
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    mode = FakeTensorMode()
+    with mode:
+        q, k, v = (mode.from_tensor(t) for t in qkv(*spatial))
+        out = fn(q, k, v, 3, backend=backend)
+    assert isinstance(out, FakeTensor) and tuple(out.shape) == (1, *spatial, 2, 8)
