@@ -45,7 +45,7 @@ namespace {
 //
 // With the keep multipliers m_i (TIES: 1 kept / 0 trimmed; DARE: 1/density kept / 0 dropped) and
 // the election a_i = [sign t_i = s, t_i != 0] (all 1 without an election) treated as constants,
-//   merged = sum_i a_i w_i t_i / D,  t_i = m_i tau_i,  D = sum_i a_i w_i (0 -> 1) or 1,
+//   merged = sum_i a_i w_i t_i / D,  t_i = m_i tau_i,  D = sum_i a_i w_i (0 -> the constant 1) or 1,
 //   d out / d w_i   = lam * a_i * (t_i - [normalize] merged) / D
 //   d out / d tau_i = lam * a_i * w_i * m_i / D
 // so grad_coeffs[i, b] = sum over block b of grad * (d out / d w_i), grad_deltas[i] = grad *
@@ -143,8 +143,10 @@ void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const f
         }
       }
       for (int64_t j = 0; j < len; ++j) {
+        // D == 0 is replaced by the constant 1 (no gradient flows through it), so the merged
+        // term of d out / d w_i vanishes there: merged is zeroed rather than divided.
         const float d = norm ? (invd[j] == 0.f ? 1.f : invd[j]) : 1.f;
-        merged[j] = norm ? merged[j] / d : merged[j];
+        merged[j] = norm ? (invd[j] == 0.f ? 0.f : merged[j] / d) : merged[j];
         invd[j] = lam / d;
       }
     } else {

@@ -124,8 +124,10 @@ PYOPS_DEVICE void group_backward(const Args& a, const BwdArgs& bw, int64_t g, in
     }
     PYOPS_UNROLL
     for (int e = 0; e < 4; ++e) {
+      // D == 0 is replaced by the constant 1 (no gradient flows through it): the merged term of
+      // d out / d w_i vanishes there.
       const float d = norm ? (invd[e] == 0.f ? 1.f : invd[e]) : 1.f;
-      merged[e] = norm ? simt::fdiv(merged[e], d) : merged[e];
+      merged[e] = norm ? (invd[e] == 0.f ? 0.f : simt::fdiv(merged[e], d)) : merged[e];
       invd[e] = simt::fdiv(a.lam, d);
     }
   } else {

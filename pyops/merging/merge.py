@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from pyops import _backend
+from pyops import _validate as V
 from pyops.merging import backend_cpu, backend_cuda, backend_triton  # importing them registers their ops
 from pyops.merging import reference as ref
 from pyops.merging import task_arithmetic as TM
@@ -120,7 +121,10 @@ def model_stock_coeffs(gram: Tensor) -> Tensor:
     """t/N per task ([N], fp32) from the Gram matrix, as the reference forms t:
     cos = mean over i<j of clamp(G_ij / max(‖τᵢ‖‖τⱼ‖, 1e-6), −1, 1), t = N·cos / (1 + (N − 1)·cos)."""
     n = gram.shape[0]
-    norms = torch.sqrt(torch.diagonal(gram))
+    sq = torch.diagonal(gram)
+    live = sq > 0
+    # ‖τ‖ with the gradient of the reference's norm() at a zero vector (0, not 0·∞ = NaN)
+    norms = torch.where(live, torch.sqrt(torch.where(live, sq, torch.ones_like(sq))), torch.zeros_like(sq))
     iu = torch.triu_indices(n, n, offset=1, device=gram.device)
     prods = (norms[:, None] * norms[None, :])[iu[0], iu[1]].clamp_min(1e-6)
     cos = (gram[iu[0], iu[1]] / prods).clamp(-1.0, 1.0).mean()
@@ -154,6 +158,8 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
     p = TM.prepare(base, deltas, coeffs, blocks, TM._output_dtype(out, out_dtype), deltas_name=deltas_name)
     n = len(p.deltas)
     dens = check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n)
+    # k reaches the native ops' int64 schema whatever the method (only consensus reads it)
+    V.check_int(k, "k", what=" (consensus: the number of tasks that must agree)")
     if method == "model_stock" and n < 2:
         raise ValueError(f"{deltas_name}: model_stock needs at least 2 fine-tuned models, got {n}")
     if out is not None:
@@ -168,6 +174,13 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
     chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad),
                              _backend.default_order(p.base.device, GPU_ORDER))
     if chosen == "reference":
+        if method != "model_stock" and not torch.compiler.is_compiling() and \
+                not V.values_readable(p.base, p.coeffs, *p.deltas, out):
+            # meta / fake tensors carry shapes only and the reference reads values (per-block
+            # thresholds, ranks): the native op's fake kernel gives the result's shape and dtype
+            return backend_cpu.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
+                                   tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon,
+                                   out=out)
         result = ref.merge(p.base, p.deltas, p.coeffs, method=method, block_size=p.block_size,
                            density=torch.tensor(dens, dtype=torch.float64), lam=lam, seed=seed, name=name,
                            gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda, normalize=normalize,

@@ -45,7 +45,7 @@ run per block, with n the block's length. wᵢ = coeffs[i, block], ρᵢ = densi
   unscaled (mergekit's `density >= 1`); otherwise 0 < ρᵢ − ε and ρᵢ + ε ≤ 1.
 * ``model_stock`` (Jang et al., "Model Stock", ECCV 2024; mergekit's definition, per tensor,
   needs N ≥ 2): cos = mean over pairs i<j of ⟨τᵢ,τⱼ⟩ / max(‖τᵢ‖‖τⱼ‖, 1e-6), clamped to [−1, 1];
-  t = N·cos / (1 + (N − 1)·cos); θ = base + t·mean(τᵢ). Coefficients and λ do not apply.
+  t = N·cos / (1 + (N − 1)·cos); θ = base + t·mean(τᵢ) (formed as base + Σᵢ (t/N)·τᵢ). Coefficients and λ do not apply.
 * ``consensus`` (Wang et al., "Localizing Task Information for Improved Model Merging and
   Compression", ICML 2024 — TALL masks): τ_MTL = Σᵢ wᵢ·τᵢ; mᵢ = [|τᵢ| ≥ tall_lambda·|τ_MTL − τᵢ|];
   keep = [Σᵢ mᵢ ≥ k]; θ = base + λ·keep·τ_MTL.
@@ -217,14 +217,22 @@ def merge(
     if method == "model_stock":
         if n < 2:
             raise ValueError(f"deltas: model_stock needs at least 2 fine-tuned models, got {n}")
-        cos = []
+        # ‖τᵢ‖ = √Gᵢᵢ from the same Gram entries as ⟨τᵢ,τⱼ⟩ (gradient 0 at a zero vector, as
+        # torch's norm gives), and θ = base + Σᵢ (t/N)·τᵢ accumulated task by task: the order every
+        # kernel uses, so the backends agree even where cos ≈ −1/(N − 1) makes t huge or infinite.
+        gram = [[(taus[i] * taus[j]).sum() for j in range(n)] for i in range(n)]
+        norm = []
         for i in range(n):
-            for j in range(i + 1, n):
-                norms = (taus[i].norm() * taus[j].norm()).clamp_min(1e-6)
-                cos.append(((taus[i] * taus[j]).sum() / norms).clamp(-1.0, 1.0))
+            live = gram[i][i] > 0
+            norm.append(torch.where(live, torch.sqrt(torch.where(live, gram[i][i], torch.ones_like(gram[i][i]))),
+                                    torch.zeros_like(gram[i][i])))
+        cos = [(gram[i][j] / (norm[i] * norm[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
+               for i in range(n) for j in range(i + 1, n)]
         c = torch.stack(cos).mean()
         t = n * c / (1 + (n - 1) * c)
-        merged = flat_base + t * taus.mean(dim=0)
+        merged = flat_base
+        for i in range(n):
+            merged = merged + (t / n) * taus[i]
         return merged.reshape(base.shape).to(out_dtype or base.dtype)
 
     if method == "task_arithmetic":

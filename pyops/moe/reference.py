@@ -61,8 +61,13 @@ def capacity(capacity_factor: Optional[float], T: int, E: int, k: int) -> int:
 
 
 def scores(logits: Tensor, score: str = "softmax") -> Tensor:
-    z = logits.to(compute_dtype(logits.dtype))
-    return torch.softmax(z, dim=-1) if score == "softmax" else torch.sigmoid(z)
+    """softmax or sigmoid of `logits [T, E]` in the compute dtype. Formed in float64 and rounded
+    once: equal logits give equal scores wherever they sit (torch's fp32 kernels take a vectorised
+    body and a scalar tail whose bits differ), so ties go to the lower expert as documented."""
+    cd = compute_dtype(logits.dtype)
+    z = logits.to(torch.float64)
+    s = torch.softmax(z, dim=-1) if score == "softmax" else torch.sigmoid(z)
+    return s.to(cd)
 
 
 def route(logits: Tensor, k: int, score: str = "softmax", renormalize: bool = True,
@@ -134,6 +139,12 @@ def experts(x: Tensor, weights: Tensor, expert_ids: Tensor, dropped: Tensor, w1:
         b = xe @ w3[e].to(cd) if activation_name in GLU_ACTIVATIONS else None
         out = activation(a, b, activation_name) @ w2[e].to(cd)
         y = y.index_add(0, tok, weights[tok, slot].to(cd)[:, None] * out)
+    if y.grad_fn is None and torch.is_grad_enabled():
+        # No assignment kept (T = 0, or every one dropped): y is zeros, still a function of the
+        # inputs for autograd. Sums over no element are exactly 0 (never 0·NaN).
+        for t in (x, weights, w1, w2, w3):
+            if t is not None and t.requires_grad:
+                y = y + t.reshape(-1)[:0].sum().to(cd)
     return y.to(x.dtype)
 
 

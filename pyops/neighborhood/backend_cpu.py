@@ -66,6 +66,16 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
         return dq.zero_(), dk.zero_(), dv.zero_(), drpb.zero_()
     if not layout.exact_backward(dout, q, k, v, rpb, kernel_size, scale):
         return layout.reference_backward(dout, q, k, v, rpb, kernel_size, stride, dilation, is_causal, scale)
+    if q.dtype != torch.float32:
+        # The backward's D = dO·O needs O before its rounding to fp16/bf16 (with the rounded O,
+        # dS = P(dP - D) loses the definition's value where dP and D cancel). The kernels compute
+        # in fp32 whatever the storage dtype, so the call runs in fp32: O recomputed by an fp32
+        # forward, the gradients rounded once at the end.
+        q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
+        out32, lse32 = forward_op(q32, k32, v32, rpb, kernel_size, stride, dilation, is_causal, scale)
+        g32 = backward_op(dout.to(torch.float32), q32, k32, v32, out32, lse32, rpb, kernel_size, stride,
+                          dilation, is_causal, scale)
+        return g32[0].to(q.dtype), g32[1].to(k.dtype), g32[2].to(v.dtype), g32[3]
     q, k, v, out, dout = q.contiguous(), k.contiguous(), v.contiguous(), out.contiguous(), dout.contiguous()
     r = layout.rpb32(rpb)
     d32 = None if r is None else torch.empty(r.shape, dtype=torch.float32, device=q.device)

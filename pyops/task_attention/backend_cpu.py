@@ -67,13 +67,18 @@ def forward_op(q: Tensor, k: Tensor, v: Tensor, q_groups: Tensor, kv_groups: Ten
         return out, lse
     if not layout.exact_forward(q, k, v, scale, dropout_p):
         return layout.reference_forward(q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
+    _native_forward(q, k, v, out, lse, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
+    return out, lse
+
+
+def _native_forward(q, k, v, out, lse, q_groups, kv_groups, allow, causal, dropout_p, scale, seed) -> None:
+    """The C++ forward into `out` (q's dtype) and `lse`."""
     sizes, al, qg, kg = _native_common(q, k, v, q_groups, kv_groups, allow)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _native.cpu_module.task_attention_forward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), lse.data_ptr(), qg.data_ptr(), kg.data_ptr(),
         al.data_ptr(), *sizes, causal, scale, dropout_p, _seed_u64(seed), _native.dtype_code(q.dtype),
         torch.get_num_threads())
-    return out, lse
 
 
 @torch.library.custom_op("pyops::task_masked_attention_backward", mutates_args=(), device_types=("cpu",))
@@ -87,13 +92,32 @@ def backward_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse:
         return dq.zero_(), dk.zero_(), dv.zero_()
     if not layout.exact_backward(dout, q, k, v, scale, dropout_p):
         return layout.reference_backward(dout, q, k, v, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
+    if q.dtype != torch.float32:
+        # The backward's D_i = dO_i·O_i needs O before its rounding to fp16/bf16 (with the rounded
+        # O, dS = P(dP - D) loses the definition's value where dP and D cancel). The kernels
+        # compute in fp32 whatever the storage dtype, so the call runs in fp32: O recomputed by an
+        # fp32 forward, the gradients rounded once at the end.
+        q32, k32, v32 = (t.to(torch.float32) for t in (q, k, v))
+        out32 = torch.empty(out.shape, dtype=torch.float32)
+        lse32 = torch.empty(lse.shape, dtype=torch.float32)
+        _native_forward(q32, k32, v32, out32, lse32, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
+        grads = [torch.empty(t.shape, dtype=torch.float32) for t in (q, k, v)]
+        _native_backward(dout.to(torch.float32), q32, k32, v32, out32, lse32, *grads, q_groups, kv_groups, allow,
+                         causal, dropout_p, scale, seed)
+        return tuple(g.to(t.dtype) for g, t in zip(grads, (q, k, v)))
+    _native_backward(dout, q, k, v, out, lse, dq, dk, dv, q_groups, kv_groups, allow, causal, dropout_p, scale, seed)
+    return dq, dk, dv
+
+
+def _native_backward(dout, q, k, v, out, lse, dq, dk, dv, q_groups, kv_groups, allow, causal, dropout_p, scale,
+                     seed) -> None:
+    """The C++ backward into `dq`, `dk`, `dv` (contiguous, the inputs' dtype)."""
     sizes, al, qg, kg = _native_common(q, k, v, q_groups, kv_groups, allow)
     q, k, v, out, dout, lse = (t.contiguous() for t in (q, k, v, out, dout, lse))
     _native.cpu_module.task_attention_backward(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), dout.data_ptr(), lse.data_ptr(),
         dq.data_ptr(), dk.data_ptr(), dv.data_ptr(), qg.data_ptr(), kg.data_ptr(), al.data_ptr(), *sizes,
         causal, scale, dropout_p, _seed_u64(seed), _native.dtype_code(q.dtype), torch.get_num_threads())
-    return dq, dk, dv
 
 
 forward_op.register_fake(layout.forward_fake)

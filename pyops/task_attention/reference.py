@@ -163,15 +163,12 @@ def _paired(lhs: torch.Tensor, rhs: torch.Tensor, ok: torch.Tensor, reduce, lhs_
     Lk, C = rhs.shape[2], rhs.shape[3]
     rows = max(1, (1 << 24) // max(1, B * H * Lk * C))  # bounds a block's products to 2**24 elements
     parts = []
-    for r0 in range(0, Lq, rows):
+    for r0 in range(0, max(Lq, 1), rows):  # one empty block when Lq = 0: the result stays in the graph
         keep = ok[:, :, r0:r0 + rows, :, None]                                    # [B, 1, r, Lk, 1]
         a = lhs[:, :, r0:r0 + rows] if lhs_per_pair else lhs[:, :, r0:r0 + rows, None, :]
         b = torch.where(keep, rhs[:, :, None], torch.zeros((), dtype=rhs.dtype, device=rhs.device))
         a = torch.where(keep, a, torch.zeros((), dtype=a.dtype, device=a.device))
         parts.append(reduce(a, b))
-    if not parts:
-        shape = (B, H, 0, Lk) if not lhs_per_pair else (B, H, 0, C)
-        return lhs.new_zeros(shape)
     return torch.cat(parts, dim=2)
 
 
