@@ -1,8 +1,9 @@
 """`python -m pyops merge CONFIG.yaml --out DIR ...`: argument parsing and the exit status.
 
 Kept free of heavy imports so that building the `python -m pyops` parser stays cheap.
-Exit status: 0 merged; 2 bad input (configuration, checkpoints, output path), nothing written;
-130 interrupted (Ctrl-C) or 143 terminated (SIGTERM), nothing left behind.
+Exit status: 0 merged; 2 bad input (configuration, checkpoints, output path) or an output that
+cannot be written (read-only, no permission, full disk), with exactly one line on stderr and
+nothing left behind; 130 interrupted (Ctrl-C) or 143 terminated (SIGTERM), nothing left behind.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _terminate(signum, frame):
 
 
 def run(args: argparse.Namespace) -> int:
-    from pyops.merging.errors import MergeError
+    from pyops.merging.errors import MergeError, one_line
     from pyops.merging.runner import run_merge
 
     try:
@@ -51,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
                            shard_size=args.shard_size, backend=args.backend, progress=args.progress,
                            copy_tokenizer=args.copy_tokenizer, threads=args.threads)
     except MergeError as exc:
-        print(f"pyops merge: error: {exc}", file=sys.stderr)
+        print(f"pyops merge: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyops merge: interrupted; nothing was written", file=sys.stderr)

@@ -92,48 +92,148 @@ def _yaml_error(exc: Exception, source: str) -> ConfigError:
 
     mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
     what = " ".join(str(x) for x in (getattr(exc, "context", None), getattr(exc, "problem", None)) if x) or str(exc)
+    what = " ".join(what.split())  # one line: a ReaderError's text spans several
     if mark is not None:
         return ConfigError(f"{source}, line {mark.line + 1}, column {mark.column + 1}: invalid YAML: {what}")
     return ConfigError(f"{source}: invalid YAML: {what}")
 
 
+# A merge configuration is a few levels deep and a few hundred values long. Anchors and aliases
+# are allowed (a shared parameter block), but the document they expand to is bounded, so that an
+# alias bomb ("billion laughs": each level aliasing the one before ten times) or a recursive alias
+# is refused at once instead of expanding without end.
+MAX_DEPTH = 32
+MAX_NODES = 100_000
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_LOADER = None
+
+
+def _loader():
+    """yaml.SafeLoader whose scanner refuses flow collections ([ {) nested deeper than MAX_DEPTH:
+    its cost per token grows with the nesting (seconds for a few thousand levels), and the
+    document would be refused anyway. libyaml caps the nesting the same way."""
+    global _LOADER
+    if _LOADER is None:
+        import yaml
+
+        class Loader(yaml.SafeLoader):
+            def fetch_flow_collection_start(self, TokenClass):
+                if self.flow_level >= MAX_DEPTH:
+                    raise yaml.scanner.ScannerError(None, None, f"collections nested more than {MAX_DEPTH} "
+                                                                f"levels deep", self.get_mark())
+                super().fetch_flow_collection_start(TokenClass)
+
+        _LOADER = Loader
+    return _LOADER
+
+
+def _check_expansion(root, source: str) -> None:
+    """Refuses a document nested more than MAX_DEPTH levels or expanding (aliases followed) to more
+    than MAX_NODES values, or holding a recursive alias. Each node's size and height are memoised,
+    so a bomb is measured in the time of its few distinct nodes, and an alias is as deep as what
+    it stands for wherever it is used."""
+    import yaml
+
+    measured: Dict[int, Tuple[int, int]] = {}  # id(node) -> (values, levels) below and including it
+    on_path: set = set()
+
+    def where(n) -> str:
+        return f"{source}, line {n.start_mark.line + 1}, column {n.start_mark.column + 1}"
+
+    def too_deep(n) -> ConfigError:
+        return ConfigError(f"{where(n)}: invalid YAML: collections nested more than {MAX_DEPTH} levels deep")
+
+    def measure(n, depth: int) -> Tuple[int, int]:
+        key = id(n)
+        if key in measured:
+            total, height = measured[key]
+            if depth + height > MAX_DEPTH + 1:
+                raise too_deep(n)
+            return total, height
+        if key in on_path:
+            raise ConfigError(f"{where(n)}: invalid YAML: a recursive alias (a value that contains itself)")
+        if depth > MAX_DEPTH:
+            raise too_deep(n)
+        total, height = 1, 1
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            on_path.add(key)
+            children = [c for pair in n.value for c in pair] if isinstance(n, yaml.MappingNode) else n.value
+            for c in children:
+                size, h = measure(c, depth + 1)
+                total, height = total + size, max(height, h + 1)
+                if total > MAX_NODES:
+                    raise ConfigError(f"{where(n)}: invalid YAML: the document expands to more than {MAX_NODES} "
+                                      f"values (aliases of aliases?)")
+            on_path.discard(key)
+        measured[key] = (total, height)
+        return total, height
+
+    measure(root, 0)
+
+
 def _parse_yaml(text: str, doc: _Doc) -> Any:
+    """The YAML document as plain dicts, lists and scalars, with every key's mark in `doc`.
+
+    Only YAML's plain types are built (safe_load's scalars; mappings and sequences without a tag
+    such as !!python/object, !!set or !!omap); a scalar that its tag cannot build (!!timestamp
+    2001-13-45, !!binary with bad base64) is a ConfigError like any other invalid YAML."""
     import yaml
 
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = yaml.compose(text, Loader=_loader())
+        if node is not None:
+            _check_expansion(node, doc.source)
     except yaml.YAMLError as exc:
         raise _yaml_error(exc, doc.source) from None
+    except RecursionError:  # yaml's composer recurses once per level of block nesting
+        raise ConfigError(f"{doc.source}: invalid YAML: collections nested too deeply") from None
     if node is None:
         raise ConfigError(f"{doc.source}: the configuration is empty")
     constructor = yaml.SafeLoader("")
 
-    def convert(n, path: Path_) -> Any:
-        doc.marks.setdefault(path, (n.start_mark.line + 1, n.start_mark.column + 1))
-        if isinstance(n, yaml.MappingNode):
-            out: Dict[str, Any] = {}
-            for k, v in n.value:
-                if k.tag == "tag:yaml.org,2002:merge":
-                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}: YAML merge keys (<<) are not supported")
-                if not isinstance(k, yaml.ScalarNode):
-                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}, column {k.start_mark.column + 1}: "
-                                      f"{dotted(path)}: a mapping key must be a plain string")
-                key = str(constructor.construct_object(k))
-                kp = path + (key,)
-                if key in out:
-                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}, column {k.start_mark.column + 1}: "
-                                      f"{dotted(kp)}: duplicate key")
-                doc.marks[kp] = (k.start_mark.line + 1, k.start_mark.column + 1)
-                out[key] = convert(v, kp)
-            return out
-        if isinstance(n, yaml.SequenceNode):
-            return [convert(v, path + (i,)) for i, v in enumerate(n.value)]
+    def at(n) -> str:
+        return f"{doc.source}, line {n.start_mark.line + 1}, column {n.start_mark.column + 1}"
+
+    def scalar(n, path: Path_) -> Any:
         try:
             return constructor.construct_object(n, deep=True)
         except yaml.YAMLError as exc:
             raise _yaml_error(exc, doc.source) from None
+        except Exception as exc:  # a tag's constructor on a bad value: ValueError, KeyError, ...
+            raise ConfigError(f"{at(n)}: {dotted(path)}: invalid YAML: {n.tag} {_short(n.value)} cannot be read "
+                              f"({type(exc).__name__}: {exc})") from None
+
+    def convert(n, path: Path_) -> Any:
+        doc.marks.setdefault(path, (n.start_mark.line + 1, n.start_mark.column + 1))
+        if isinstance(n, (yaml.MappingNode, yaml.SequenceNode)):
+            if n.tag != (_MAP_TAG if isinstance(n, yaml.MappingNode) else _SEQ_TAG):
+                raise ConfigError(f"{at(n)}: {dotted(path)}: the YAML tag {n.tag!r} is not supported "
+                                  f"(plain mappings and lists only)")
+            if isinstance(n, yaml.SequenceNode):
+                return [convert(v, path + (i,)) for i, v in enumerate(n.value)]
+            out: Dict[str, Any] = {}
+            for k, v in n.value:
+                if k.tag == "tag:yaml.org,2002:merge":
+                    raise ConfigError(f"{doc.source}, line {k.start_mark.line + 1}: YAML merge keys (<<) are not "
+                                      f"supported")
+                if not isinstance(k, yaml.ScalarNode):
+                    raise ConfigError(f"{at(k)}: {dotted(path)}: a mapping key must be a plain string")
+                key = str(scalar(k, path))
+                kp = path + (key,)
+                if key in out:
+                    raise ConfigError(f"{at(k)}: {dotted(kp)}: duplicate key")
+                doc.marks[kp] = (k.start_mark.line + 1, k.start_mark.column + 1)
+                out[key] = convert(v, kp)
+            return out
+        return scalar(n, path)
 
     return convert(node, ())
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -409,8 +509,10 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
     if not _is_number(tall_lambda) or tall_lambda < 0:
         raise doc.error(("parameters", "tall_lambda"), f"expected a number >= 0, got {tall_lambda!r}")
     blocks = scalars.get("blocks")
-    if not (blocks is None or blocks == "rows" or (isinstance(blocks, int) and not isinstance(blocks, bool) and blocks > 0)):
-        raise doc.error(("parameters", "blocks"), f"expected null, 'rows' or a positive int, got {blocks!r}")
+    if not (blocks is None or blocks == "rows"
+            or (isinstance(blocks, int) and not isinstance(blocks, bool) and 0 < blocks < 2 ** 63)):
+        # 2**63: the int64 that the ops' schemas and the kernels carry a block size in
+        raise doc.error(("parameters", "blocks"), f"expected null, 'rows' or an int in [1, 2**63), got {blocks!r}")
 
     # ---- models
     base = None

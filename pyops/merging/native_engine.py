@@ -151,6 +151,7 @@ class NativeEngine:
         if len(coeffs) != n:
             raise ValueError(f"coeffs: expected {n} weights, got {len(coeffs)}")
         block_size, _ = resolve_blocks(kw["blocks"], base.shape)
+        block_size = min(block_size, max(numel, 1))  # as task_arithmetic.check_blocks: one block of the tensor
         common = dict(out=out.address, out_dtype=NATIVE_DTYPES[out.dtype], base=base_addr,
                       deltas=[m.address for m in models], in_dtype=NATIVE_DTYPES[base.dtype], coeff_stride_n=1,
                       coeff_stride_block=0, numel=numel, block_size=block_size, from_models=True,

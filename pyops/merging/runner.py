@@ -8,16 +8,22 @@ every model (the next tensor is read by a helper thread while this one merges), 
 `pyops.merge_from_models` on the chosen device, stream its bytes into the current shard;
 (4) write the index, the config and tokenizer files and `pyops_merge.yaml`; (5) rename the
 temporary directory to the output. Any exception, KeyboardInterrupt or SystemExit before the
-rename removes the temporary directory; the inputs are only ever opened read-only.
+rename removes the temporary directory; the inputs are only ever opened read-only. A failure to
+write (read-only file system, no permission, full disk) is an `OutputError`, raised once the
+temporary directory is gone. The temporary directory of a merge that was killed (SIGKILL, power
+loss) cannot be removed by that merge: the next merge to the same output removes it once its
+process is gone.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import json
 import os
 import resource
 import shutil
+import stat
 import sys
 import threading
 import time
@@ -28,7 +34,7 @@ from typing import Dict, List, Optional, Sequence, Union
 
 from pyops.merging import native_engine
 from pyops.merging.config import MergeConfig, load_config
-from pyops.merging.errors import CheckpointError, MergeError
+from pyops.merging.errors import CheckpointError, MergeError, OutputError, one_line
 from pyops.merging.spec import BACKEND_CHOICES
 from pyops.merging.safetensors_io import (
     INDEX_FILE, MERGEABLE, TORCH_NAMES, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards, shard_names,
@@ -514,6 +520,63 @@ def _install(tmp: Path, out: Path) -> None:
         old.unlink()
 
 
+def _tmp_name(out: Path, pid: int) -> Path:
+    """The temporary directory that process `pid` writes the merge into `out` in."""
+    return out.parent / f"{out.name}.tmp-{pid}"
+
+
+def _remove_stale_tmp(out: Path) -> None:
+    """Removes the temporary directories `OUT.tmp-<pid>` of earlier merges into `out` whose process
+    no longer exists (a merge killed by SIGKILL, or the machine going down, cannot remove its own),
+    saying so on stderr. One whose process still runs (another merge into the same output, or
+    an unrelated process that reused the pid) is left alone; so is anything that is not a plain
+    directory of exactly that name."""
+    prefix = f"{out.name}.tmp-"
+    try:
+        names = os.listdir(out.parent)
+    except OSError:
+        return
+    for name in names:
+        digits = name[len(prefix):]
+        if not name.startswith(prefix) or not (digits.isascii() and digits.isdigit()) or str(int(digits)) != digits:
+            continue
+        pid = int(digits)
+        if pid == os.getpid():
+            continue  # this process's own name: run_merge replaces it
+        try:
+            os.kill(pid, 0)
+            continue  # alive
+        except ProcessLookupError:
+            pass  # gone: the directory is stale
+        except PermissionError:
+            continue  # alive, another user's
+        except (OverflowError, OSError):
+            pass  # beyond the pid range (or EINVAL): no process could have written it
+        path = out.parent / name
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                continue
+        except OSError:
+            continue
+        print(one_line(f"pyops merge: removing {path}, left by an earlier merge (process {pid}) that did not "
+                       f"finish"), file=sys.stderr, flush=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _output_error(exc: OSError, out: Path, nbytes: int) -> OutputError:
+    """The one-line error for an OSError met while creating or writing the output."""
+    what = exc.strerror or str(exc) or type(exc).__name__
+    where = f": {exc.filename}" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        size = f"{nbytes / 1e9:.2f} GB" if nbytes >= 10**7 else f"{nbytes / 1e6:.2f} MB"
+        hint = f"; the merged model needs {size}: free space there or choose another --out"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        hint = "; choose a writable --out"
+    else:
+        hint = ""
+    return OutputError(f"output {out}: cannot be written ({what}{where}){hint}; the partial output was removed")
+
+
 def _check_device(device):
     """"cpu" as given (no torch needed), else a checked torch.device."""
     if isinstance(device, str) and device.strip() == "cpu":
@@ -571,7 +634,10 @@ def run_merge(
             current one merges (False: everything on the calling thread, one tensor at a time).
 
     Returns a `MergeReport`. Raises `MergeError` (`ConfigError`, `CheckpointError`) for bad input,
-    before anything is written; on any failure nothing is left at `out_dir` or beside it.
+    before anything is written, and `OutputError` (a `MergeError`) when the output cannot be
+    written; on any failure nothing is left at `out_dir` or beside it. A temporary directory that
+    an earlier, killed merge left beside `out_dir` is removed (with a line on stderr) once its
+    process is gone.
 
     A CPU merge of float32 / float16 / bfloat16 checkpoints on the C++ kernels (every method but
     model_stock) runs on the native engine, without importing torch; the rest goes through
@@ -599,8 +665,10 @@ def run_merge(
     rss_seen = rss_before
     made_parents: List[Path] = []
     bar = None
+    out_bytes = 0
     try:
         items = _plan(cfg, ref, tasks, report.notes)
+        out_bytes = sum(it.entry.nbytes for it in items)
         shards = plan_shards([it.entry for it in items], shard_bytes)
         files = shard_names(len(shards))
         report.tensors = len(items)
@@ -612,7 +680,8 @@ def run_merge(
             if not parent.exists():
                 parent.mkdir()
                 made_parents.append(parent)
-        tmp = out.parent / f"{out.name}.tmp-{os.getpid()}"
+        _remove_stale_tmp(out)
+        tmp = _tmp_name(out, os.getpid())
         if os.path.lexists(tmp):
             shutil.rmtree(tmp)
         tmp.mkdir()
@@ -641,7 +710,7 @@ def run_merge(
         _copy_files(cfg, tmp, copy_tokenizer, report)
         _install(tmp, out)
         tmp = None
-    except BaseException:
+    except BaseException as exc:
         if bar is not None:
             bar.abort()
         if tmp is not None:
@@ -651,6 +720,8 @@ def run_merge(
                 parent.rmdir()
             except OSError:
                 pass
+        if isinstance(exc, OSError):  # the inputs' errors are CheckpointErrors: this is the output's
+            raise _output_error(exc, out, out_bytes) from None
         raise
     finally:
         for c in opened:

@@ -2,8 +2,9 @@
 
 Reading. `Checkpoint` opens a Hugging Face model directory (`model.safetensors`, or
 `model-0000x-of-0000y.safetensors` shards with `model.safetensors.index.json`), parses every
-shard's header up front (names, dtypes, shapes, byte ranges, all validated against the file size)
-and reads one tensor on request with `os.preadv` straight into a freshly allocated tensor.
+shard's header up front (names, dtypes, shapes, byte ranges, validated as the format defines them:
+`read_header` refuses every file that the `safetensors` library refuses) and reads one tensor on
+request with `os.preadv` straight into a freshly allocated tensor.
 
 Why not `safetensors.safe_open(...).get_tensor`: with ``framework="pt"`` it returns tensors that
 are views of a file mapping which lives as long as the handle. Every page a merge touches then
@@ -73,7 +74,7 @@ def dtype_code(dtype) -> str:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-MAX_HEADER = 100 * 1024 * 1024  # the limit safetensors itself enforces
+MAX_HEADER = 100_000_000  # the largest header safetensors itself reads (bytes)
 
 
 @dataclass(frozen=True)
@@ -114,8 +115,167 @@ class RawTensor:
         self.dtype, self.shape, self.address, self.nbytes, self.owner = dtype, tuple(shape), address, nbytes, owner
 
 
+class _Malformed(Exception):
+    """A header that breaks the safetensors format; the message says how (read_header adds the file)."""
+
+
+# The JSON that safetensors' own parser (serde_json) refuses and Python's `json` would take: it is
+# refused here too, so that pyops reads no file that the format's reference implementation does not.
+_JSON_MAX_DEPTH = 64  # a header is 3 levels deep; serde_json stops at 128
+_U64_MAX = 2**64 - 1  # offsets and dimensions are unsigned 64-bit integers (usize)
+_INT64_MAX = 2**63 - 1  # torch's sizes are signed
+
+
+def _json_object(pairs):
+    """object_pairs_hook: an object whose keys are unique (Python's json keeps the last of a
+    duplicated key silently; which tensor a name means must not depend on that)."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Malformed(f"the key {key!r} appears twice in one JSON object")
+            seen.add(key)
+    return out
+
+
+def _json_int(text: str):
+    """parse_int: "-0" stays a float, as serde_json reads it (and then refuses it as an offset or a
+    dimension); an integer beyond the range of a double is refused, as serde_json refuses it."""
+    if text == "-0":
+        return -0.0
+    value = int(text)
+    try:
+        float(value)
+    except OverflowError:
+        raise _Malformed(f"the number {text[:20]}... is out of range") from None
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Malformed(f"the number {text[:20]} is out of range")
+    return value
+
+
+def _json_constant(text: str):
+    raise _Malformed(f"{text} is not JSON")
+
+
+def _json_depth(value) -> int:
+    """How deep `value` nests (1 for a scalar), without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        deepest = max(deepest, d)
+        if d > _JSON_MAX_DEPTH:
+            break
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def _has_lone_surrogate(value) -> bool:
+    """Whether a string anywhere in `value` holds half of a surrogate pair (JSON's "\\ud800"), which
+    Python's json accepts and serde_json, UTF-8 and safetensors do not."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _u64(value) -> bool:
+    """An unsigned 64-bit integer as the format stores offsets and dimensions: a JSON integer, not a
+    float, a bool or a string."""
+    return type(value) is int and 0 <= value <= _U64_MAX
+
+
+def _parse_header(text: bytes) -> Tuple[Dict[str, object], Dict[str, str]]:
+    """The header's JSON: ({name: entry}, metadata); raises _Malformed."""
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_json_object, parse_int=_json_int,
+                            parse_float=_json_float, parse_constant=_json_constant)
+    except UnicodeDecodeError as exc:
+        raise _Malformed(f"its header is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    except RecursionError:
+        raise _Malformed("its header nests too deeply") from None
+    except ValueError as exc:  # json.JSONDecodeError, or an integer too long for int()
+        raise _Malformed(f"its header is not JSON ({exc})") from None
+    if not isinstance(header, dict):
+        raise _Malformed(f"its header is a JSON {type(header).__name__}, not an object")
+    if _json_depth(header) > _JSON_MAX_DEPTH:
+        raise _Malformed(f"its header nests more than {_JSON_MAX_DEPTH} levels deep")
+    if b"\\u" in text and _has_lone_surrogate(header):
+        raise _Malformed("its header has a string with half of a surrogate pair (not UTF-8)")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    elif not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _Malformed(f"its __metadata__ must be an object of strings, got {_short(metadata)}")
+    return header, metadata
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _tensor_info(path: Path, name: str, entry, data_start: int) -> Tuple[TensorInfo, int, int]:
+    """(TensorInfo, begin, end) of one header entry, its fields checked as the format defines them:
+    a known dtype, a shape of unsigned integers, two unsigned offsets with begin <= end, and
+    end - begin = the product of the shape times the dtype's size."""
+    if not isinstance(entry, dict):
+        raise _Malformed(f"tensor {name!r}: expected an object with dtype, shape and data_offsets, "
+                         f"got {_short(entry)}")
+    missing = [k for k in ("dtype", "shape", "data_offsets") if k not in entry]
+    if missing:
+        raise _Malformed(f"tensor {name!r}: has no {', '.join(missing)}")
+    code, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not isinstance(code, str) or code not in ITEMSIZES:
+        raise _Malformed(f"tensor {name!r}: dtype {_short(code)} is not one pyops reads "
+                         f"(known: {', '.join(ITEMSIZES)})")
+    if not isinstance(shape, list) or not all(_u64(s) for s in shape):
+        raise _Malformed(f"tensor {name!r}: shape {_short(shape)} is not a list of integers in [0, 2**64)")
+    if any(s > _INT64_MAX for s in shape):  # the format allows it beside a 0; torch (int64 sizes) does not
+        raise _Malformed(f"tensor {name!r}: shape {_short(shape)} has a dimension of 2**63 or more, which torch "
+                         f"cannot hold")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(_u64(o) for o in offsets):
+        raise _Malformed(f"tensor {name!r}: data_offsets {_short(offsets)} is not two integers in [0, 2**64)")
+    begin, end = offsets
+    if end < begin:
+        raise _Malformed(f"tensor {name!r}: data_offsets [{begin}, {end}] ends before it begins")
+    # The element and bit counts must fit 64 bits at every step, as the format's reader computes them.
+    numel = 1
+    for s in shape:
+        numel *= s
+        if numel > _U64_MAX:
+            break
+    if numel > _U64_MAX or numel * ITEMSIZES[code] * 8 > _U64_MAX:
+        raise _Malformed(f"tensor {name!r}: shape {shape} of {code} has more bytes than 64 bits can count")
+    nbytes = numel * ITEMSIZES[code]
+    if end - begin != nbytes:
+        raise _Malformed(f"tensor {name!r}: {code} {shape} is {nbytes} bytes but data_offsets [{begin}, {end}] "
+                         f"hold {end - begin}")
+    return TensorInfo(name, code, tuple(shape), Path(path), data_start + begin, nbytes), begin, end
+
+
 def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
-    """Parse and validate one safetensors file's header: {name: TensorInfo}, metadata."""
+    """Parse and validate one safetensors file's header: {name: TensorInfo}, metadata.
+
+    Refuses (CheckpointError, naming the file and the tensor) whatever the format forbids and
+    `safetensors` itself refuses: a header length beyond the file or above 100 MB, a header that
+    is not UTF-8 JSON of an object, a `__metadata__` that is not an object of strings, an entry
+    whose dtype is unknown, whose shape or offsets are not unsigned integers, or whose byte range
+    does not hold its shape; and byte ranges that overlap or leave any byte of the data region
+    uncovered (sorted by offset, each tensor starts where the previous one ends and the last ends
+    at the end of the file). It also refuses a key repeated in one JSON object (the library keeps
+    the last one) and a dimension of 2**63 or more beside a 0 (which the format allows and torch's
+    int64 sizes cannot hold).
+    """
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as fh:
@@ -129,31 +289,37 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
             text = fh.read(n)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        header = json.loads(text.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON: {exc})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object)")
     data_start, data_len = 8 + n, size - 8 - n
-    metadata = header.pop("__metadata__", None) or {}
-    out: Dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            code, shape, (begin, end) = entry["dtype"], tuple(int(s) for s in entry["shape"]), entry["data_offsets"]
-        except (TypeError, KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry ({exc!r})") from None
-        if code not in ITEMSIZES:
-            raise CheckpointError(f"{path}: tensor {name!r} has dtype {code!r}, which pyops does not know "
-                                  f"(known: {', '.join(ITEMSIZES)})")
-        expected = math.prod(shape) * ITEMSIZES[code]
-        if any(s < 0 for s in shape) or not (0 <= begin <= end <= data_len) or end - begin != expected:
-            raise CheckpointError(f"{path}: tensor {name!r} ({code} {list(shape)}) has byte range [{begin}, {end}) "
-                                  f"that does not match its size {expected} or the file's {data_len} data bytes")
-        out[name] = TensorInfo(name, code, shape, Path(path), data_start + begin, expected)
+    try:
+        header, metadata = _parse_header(text)
+        spans = []
+        for name, entry in header.items():
+            info, begin, end = _tensor_info(path, name, entry, data_start)
+            if end > data_len:
+                raise _Malformed(f"tensor {name!r}: data_offsets [{begin}, {end}] reach beyond the file's "
+                                 f"{data_len} data bytes")
+            spans.append((info, begin, end))
+        # The data region is covered exactly: in offset order, each tensor begins where the one
+        # before it ends (empty tensors may share an offset), and the last ends the file.
+        spans.sort(key=lambda s: (s[1], s[2]))
+        cursor, previous = 0, None
+        for info, begin, end in spans:
+            if begin < cursor:
+                raise _Malformed(f"tensor {info.name!r}: bytes [{begin}, {end}) overlap tensor {previous!r} "
+                                 f"(which ends at {cursor})")
+            if begin > cursor:
+                after = f"after tensor {previous!r}" if previous is not None else "at the start of the data"
+                raise _Malformed(f"tensor {info.name!r}: begins at byte {begin}, leaving bytes [{cursor}, {begin}) "
+                                 f"{after} in no tensor")
+            cursor, previous = end, info.name
+        if cursor < data_len:
+            last = f"after tensor {previous!r}" if previous is not None else "of the data"
+            raise _Malformed(f"the last {data_len - cursor} bytes {last} are in no tensor")
+    except _Malformed as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file: {exc}") from None
     # File order: reading tensors in this order is sequential on disk.
-    ordered = dict(sorted(out.items(), key=lambda kv: kv[1].offset))
-    return ordered, metadata
+    out = {info.name: info for info, _, _ in spans}
+    return out, metadata
 
 
 def checkpoint_files(path: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
@@ -172,8 +338,8 @@ def checkpoint_files(path: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
             weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise TypeError("weight_map is not a {name: file} object")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+            raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
         files = []
         for f in dict.fromkeys(weight_map.values()):
             p = path / f
@@ -225,7 +391,10 @@ class Checkpoint:
         """The read-only descriptor of one of the files, opened on first use."""
         fd = self._fds.get(file)
         if fd is None:
-            fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            try:
+                fd = self._fds[file] = os.open(file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError as exc:
+                raise CheckpointError(f"{file}: cannot be read ({exc.strerror or exc})") from None
         return fd
 
     def _pread(self, info: TensorInfo, dest: memoryview) -> None:
@@ -233,7 +402,11 @@ class Checkpoint:
         fd = self._fd(info.file)
         done = 0
         while done < info.nbytes:
-            n = os.preadv(fd, [dest[done:]], info.offset + done)
+            try:
+                n = os.preadv(fd, [dest[done:]], info.offset + done)
+            except OSError as exc:  # EIO: an input's error, not the output's
+                raise CheckpointError(f"{info.file}: cannot read tensor {info.name!r} "
+                                      f"({exc.strerror or exc})") from None
             if n <= 0:
                 raise CheckpointError(f"{info.file}: ended while reading tensor {info.name!r} (was it truncated "
                                       f"or modified during the merge?)")
@@ -570,10 +743,15 @@ class ShardWriter:
         self._fh.close()
 
     def abort(self) -> None:
+        """Closes the file after a failure (the caller removes it): an error flushing the buffered
+        bytes, such as the full disk that caused the failure, is not raised over the first one."""
         if self._direct is not None:
             self._direct.abort()
         elif not self._fh.closed:
-            self._fh.close()
+            try:
+                self._fh.close()
+            except OSError:
+                pass
 
 
 def write_index(path: Path, shards: Sequence[Sequence[OutEntry]], names: Sequence[str]) -> None:

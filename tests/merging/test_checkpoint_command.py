@@ -14,6 +14,7 @@ the other tests.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -486,6 +487,26 @@ BAD = {
     "missing model dir": (lambda c: _bad(c, paths=[c["root"] / "nope", c["paths"][1], c["paths"][2]]), ConfigError,
                           r"line 5, column \d+: models\[1\]\.model: .*does not exist"),
     "bad dtype": (lambda c: _bad(c) + "dtype: float8\n", ConfigError, r"line 11, column \d+: dtype: expected one of"),
+    "block size beyond int64": (lambda c: _bad(c, parameters={"blocks": 2**70}), ConfigError,
+                                r"parameters\.blocks: expected null, 'rows' or an int in \[1, 2\*\*63\)"),
+    # YAML that must not run code, expand without end or recurse: refused like any invalid YAML.
+    "yaml python tag": (lambda c: _bad(c) + "chat_template: !!python/object/apply:os.system [echo hi]\n", ConfigError,
+                        r"line 11, column \d+: chat_template: the YAML tag '.*python/object/apply:os.system' is not "
+                        r"supported"),
+    "yaml set tag": (lambda c: _bad(c) + "parameters: !!set {normalize}\n", ConfigError,
+                     r"parameters: the YAML tag 'tag:yaml.org,2002:set' is not supported"),
+    "yaml alias bomb": (lambda c: _bad(c) + "chat_template: [&a0 [x, x, x, x, x, x, x, x, x, x], " + ", ".join(
+        f"&a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)) + "]\n", ConfigError,
+                        r"invalid YAML: the document expands to more than 100000 values"),
+    "yaml recursive alias": (lambda c: _bad(c) + "chat_template: &loop [*loop]\n", ConfigError,
+                             r"line 11, column \d+: invalid YAML: a recursive alias"),
+    "yaml nested 5000 deep": (lambda c: _bad(c) + "chat_template: " + "[" * 5000 + "]" * 5000 + "\n", ConfigError,
+                              r"line 11, column \d+: invalid YAML: collections nested more than 32 levels deep"),
+    "yaml aliases nested 800 deep": (lambda c: _bad(c) + "chat_template: [&a0 " + "[" * 20 + "]" * 20 + "".join(
+        f", &a{i} " + "[" * 20 + f"*a{i - 1}" + "]" * 20 for i in range(1, 40)) + "]\n", ConfigError,
+                                     r"line 11, column \d+: invalid YAML: collections nested more than 32 levels deep"),
+    "yaml impossible date": (lambda c: _bad(c) + "seed: 2001-13-45\n", ConfigError,
+                             r"line 11, column \d+: seed: invalid YAML: .*timestamp '2001-13-45' cannot be read"),
 }
 
 
@@ -499,7 +520,8 @@ def test_bad_input_leaves_nothing(ckpt, tmp_path, case):
     _inputs_unchanged(ckpt)
 
 
-@pytest.mark.parametrize("case", ["unknown method", "density 1.5", "shape mismatch", "malformed yaml"])
+@pytest.mark.parametrize("case", ["unknown method", "density 1.5", "shape mismatch", "malformed yaml",
+                                  "yaml alias bomb", "yaml impossible date"])
 def test_bad_input_cli_exit_code(ckpt, tmp_path, capsys, case):
     make, _, pattern = BAD[case]
     cfg = _write(tmp_path, make(ckpt))
@@ -702,3 +724,372 @@ def test_merge_defaults_table_matches_the_signatures(fn):
     from pyops.merging.spec import MERGE_DEFAULTS
     params = inspect.signature(fn).parameters
     assert {k: params[k].default for k in MERGE_DEFAULTS} == MERGE_DEFAULTS
+
+
+# ------------------------------------------------------------------------------------------------
+# Files the safetensors format forbids: exit 2, one line naming the file and the tensor
+# ------------------------------------------------------------------------------------------------
+
+def _raw_file(path: Path, header, data: bytes, *, text: str = None, length: int = None) -> Path:
+    """A safetensors file written byte by byte: `header` as JSON (or `text` as is), an 8-byte length
+    (the header's, or `length`), then `data`."""
+    raw = (text if text is not None else json.dumps(header)).encode("utf-8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes((len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+    return path
+
+
+def _f32(shape, offsets) -> dict:
+    return {"dtype": "F32", "shape": shape, "data_offsets": offsets}
+
+
+_W = '"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}'
+# case: (header, data bytes, extra _raw_file arguments, the message after "<file>: ", whether the
+# safetensors library refuses the file too)
+MALFORMED = {
+    "data_offsets-strings": ({"w": _f32([2], ["0", "8"])}, 8, {}, r"tensor 'w': data_offsets \['0', '8'\]", True),
+    "data_offsets-floats": ({"w": _f32([2], [0.0, 8.0])}, 8, {}, r"tensor 'w': data_offsets \[0\.0, 8\.0\]", True),
+    "data_offsets-bools": ({"w": _f32([1], [False, True])}, 4, {}, r"tensor 'w': data_offsets \[False, True\]", True),
+    "data_offsets-negative": ({"w": _f32([2], [-8, 0])}, 8, {}, r"tensor 'w': data_offsets \[-8, 0\]", True),
+    "data_offsets-three-values": ({"w": _f32([2], [0, 8, 8])}, 8, {}, r"tensor 'w': data_offsets \[0, 8, 8\]", True),
+    "data_offsets-end-before-start": ({"w": _f32([0], [8, 0])}, 8, {}, r"tensor 'w': .* ends before it begins",
+                                      True),
+    "data_offsets-beyond-the-file": ({"w": _f32([2], [0, 8])}, 4, {}, r"tensor 'w': .* reach beyond the file's 4 "
+                                                                       r"data bytes", True),
+    "ranges-overlap": ({"w": _f32([2], [0, 8]), "v": _f32([1], [4, 8])}, 8, {},
+                       r"tensor 'v': bytes \[4, 8\) overlap tensor 'w'", True),
+    "ranges-leave-a-gap": ({"w": _f32([2], [4, 12])}, 12, {}, r"tensor 'w': begins at byte 4, leaving bytes \[0, 4\)",
+                           True),
+    "bytes-after-the-last-tensor": ({"w": _f32([2], [0, 8])}, 12, {}, r"the last 4 bytes after tensor 'w' are in no "
+                                                                       r"tensor", True),
+    "shape-float": ({"w": _f32([16.7], [0, 64])}, 64, {}, r"tensor 'w': shape \[16\.7\] is not a list of integers",
+                    True),
+    "shape-bool": ({"w": _f32([True, True], [0, 4])}, 4, {}, r"tensor 'w': shape \[True, True\]", True),
+    "shape-negative": ({"w": _f32([-2], [0, 8])}, 8, {}, r"tensor 'w': shape \[-2\]", True),
+    "shape-string": ({"w": _f32(["2"], [0, 8])}, 8, {}, r"tensor 'w': shape \['2'\]", True),
+    "shape-does-not-match-the-range": ({"w": _f32([3], [0, 8])}, 8, {}, r"tensor 'w': F32 \[3\] is 12 bytes but "
+                                                                         r"data_offsets \[0, 8\] hold 8", True),
+    "shape-overflows-64-bits": ({"w": {"dtype": "U8", "shape": [2**32, 2**32, 0], "data_offsets": [0, 0]}}, 0, {},
+                                r"tensor 'w': shape .* has more bytes than 64 bits can count", True),
+    "dtype-unknown": ({"w": {"dtype": "F31", "shape": [2], "data_offsets": [0, 8]}}, 8, {},
+                      r"tensor 'w': dtype 'F31' is not one pyops reads", True),
+    "entry-not-an-object": ({"w": [0, 8]}, 8, {}, r"tensor 'w': expected an object", True),
+    "entry-without-data_offsets": ({"w": {"dtype": "F32", "shape": [2]}}, 8, {}, r"tensor 'w': has no data_offsets",
+                                   True),
+    "metadata-not-an-object": ({"__metadata__": ["pt"], "w": _f32([2], [0, 8])}, 8, {},
+                               r"its __metadata__ must be an object of strings, got \['pt'\]", True),
+    "metadata-non-string-value": ({"__metadata__": {"format": 1}, "w": _f32([2], [0, 8])}, 8, {},
+                                  r"its __metadata__ must be an object of strings", True),
+    "header-length-beyond-the-file": ({"w": _f32([2], [0, 8])}, 8, {"length": 10_000},
+                                      r"not a safetensors file \(header length 10000 does not fit", True),
+    "header-not-an-object": (None, 0, {"text": "[1, 2]"}, r"its header is a JSON list, not an object", True),
+    "header-not-json": (None, 8, {"text": "{w: 1}"}, r"its header is not JSON", True),
+    "header-nan": (None, 8, {"text": '{"w": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 8]}}'},
+                   r"NaN is not JSON", True),
+    "header-lone-surrogate": (None, 8, {"text": '{"\\ud800": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}'},
+                              r"half of a surrogate pair", True),
+    "header-nested-200-deep": (None, 8, {"text": '{%s, "x": %s}' % (_W, "[" * 200 + "]" * 200)},
+                               r"nests more than 64 levels deep", True),
+    # The library keeps the last of two entries of one name; which bytes a name means must not
+    # depend on that, so pyops refuses it.
+    "duplicate-tensor-name": (None, 8, {"text": "{%s, %s}" % (_W, _W)}, r"the key 'w' appears twice", False),
+}
+
+
+def _malformed_model(root: Path, case: str) -> Path:
+    header, nbytes, extra, _, _ = MALFORMED[case]
+    return _raw_file(root / "model.safetensors", header, bytes(range(nbytes)), **extra)
+
+
+def _tiny_base(root: Path) -> Path:
+    """A one-tensor base model, `w` F32 [2], beside which a malformed model is merged."""
+    save_file({"w": torch.tensor([1.0, 2.0])}, str(root / "model.safetensors"))
+    return root
+
+
+def _tiny_config(tmp_path: Path, base: Path, model: Path) -> Path:
+    return _write(tmp_path, f"merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                            f"  - model: {model}\n    parameters: {{weight: 1.0}}\n")
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_safetensors_exits_2_with_one_line_naming_file_and_tensor(tmp_path, capsys, case):
+    (tmp_path / "base").mkdir()
+    base = _tiny_base(tmp_path / "base")
+    bad = _malformed_model(tmp_path / "bad", case)
+    before = bad.read_bytes(), bad.stat().st_mtime_ns
+    cfg = _tiny_config(tmp_path, base, bad.parent)
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert re.match(rf"pyops merge: error: {re.escape(str(bad))}: .*{MALFORMED[case][3]}", err), err
+    assert (bad.read_bytes(), bad.stat().st_mtime_ns) == before
+    assert _leftovers(tmp_path) == ["bad", "base"]
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_safetensors_is_refused_by_the_safetensors_library_too(tmp_path, case):
+    """pyops refuses at least every file the format's reference implementation refuses; the
+    table's cases are such files (but one that pyops refuses on its own, said so)."""
+    from safetensors import safe_open
+    path = _malformed_model(tmp_path, case)
+    if MALFORMED[case][4]:
+        with pytest.raises(Exception):
+            with safe_open(str(path), "numpy") as f:
+                list(f.keys())
+    else:
+        with safe_open(str(path), "numpy") as f:
+            assert list(f.keys())
+
+
+VALID_EDGES = {
+    # case: (header text, data): files the format allows, which pyops reads like the library
+    "empty-tensors-share-an-offset": ('{"a": {"dtype": "F32", "shape": [0], "data_offsets": [0, 0]}, '
+                                      '"b": {"dtype": "F16", "shape": [0, 3], "data_offsets": [0, 0]}, %s}' % _W, 8),
+    "empty-tensor-at-the-end": ('{%s, "z": {"dtype": "I64", "shape": [0], "data_offsets": [8, 8]}}' % _W, 8),
+    "header-padded-with-spaces": ('{%s}' % _W + " " * 13, 8),
+    "metadata-null": ('{"__metadata__": null, %s}' % _W, 8),
+    "metadata-strings": ('{"__metadata__": {"format": "pt", "note": "é"}, %s}' % _W, 8),
+    "entry-with-an-extra-field": ('{"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8], "x": [1, {"y": -0}]}}',
+                                  8),
+    "entries-out-of-offset-order": ('{"v": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}, %s}' % _W, 12),
+    "unicode-name": ('{"\\u00e9\\ud83d\\ude00": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}', 8),
+    "zero-tensors": ("{}", 0),
+}
+
+
+@pytest.mark.parametrize("case", list(VALID_EDGES))
+def test_valid_edge_case_files_read_as_the_library_reads_them(tmp_path, case):
+    text, nbytes = VALID_EDGES[case]
+    path = _raw_file(tmp_path / "model.safetensors", None, bytes(range(nbytes)), text=text)
+    want = load_file(str(path))
+    with sio.Checkpoint(tmp_path, "m") as c:
+        assert set(c.tensors) == set(want)
+        for name, t in want.items():
+            got = c.read(name)
+            assert got.dtype == t.dtype and got.shape == t.shape and torch.equal(got, t), name
+
+
+MALFORMED_INDEX = {
+    "nested-100000-deep": '{"weight_map": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    "not-an-object": "[1]",
+    "not-utf-8": b'{"weight_map": {"w": "\xff"}}',
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED_INDEX))
+def test_malformed_index_exits_2_with_one_line_naming_it(tmp_path, capsys, case):
+    (tmp_path / "base").mkdir()
+    base = _tiny_base(tmp_path / "base")
+    (tmp_path / "sharded").mkdir()
+    save_file({"w": torch.tensor([1.0, 2.0])}, str(tmp_path / "sharded" / "model-00001-of-00001.safetensors"))
+    index = tmp_path / "sharded" / sio.INDEX_FILE
+    content = MALFORMED_INDEX[case]
+    index.write_bytes(content if isinstance(content, bytes) else content.encode())
+    cfg = _tiny_config(tmp_path, base, tmp_path / "sharded")
+    assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1
+    assert err.startswith(f"pyops merge: error: {index}: not a valid safetensors index")
+
+
+def test_cli_subprocess_string_data_offsets_exit_2_without_a_traceback(tmp_path):
+    """The real `python -m pyops merge` (no in-process exception handling around it)."""
+    (tmp_path / "base").mkdir()
+    base = _tiny_base(tmp_path / "base")
+    bad = _malformed_model(tmp_path / "bad", "data_offsets-strings")
+    cfg = _tiny_config(tmp_path, base, bad.parent)
+    p = subprocess.run([sys.executable, "-m", "pyops", "merge", str(cfg), "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert re.match(rf"pyops merge: error: {re.escape(str(bad))}: .*tensor 'w': data_offsets", p.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# An output that cannot be written: exit 2, one line, nothing left behind
+# ------------------------------------------------------------------------------------------------
+
+def _oserror(code: int, filename=None) -> OSError:
+    return OSError(code, os.strerror(code), *([os.fspath(filename)] if filename is not None else []))
+
+
+class _FailingWrites:
+    """A file object whose writes fail with `code` (a buffered file on a full disk)."""
+
+    def __init__(self, fh, code: int):
+        self._fh, self._code = fh, code
+
+    def write(self, data):
+        raise _oserror(self._code)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _fail_mkdir(monkeypatch, code):
+    """Every mkdir fails (the merge creates directories only for its output)."""
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: (_ for _ in ()).throw(_oserror(code, path)))
+
+
+def _fail_shard_create(monkeypatch, code):
+    real_open = os.open
+
+    def fake_open(path, flags, *a, **k):
+        if flags & os.O_CREAT and os.fspath(path).endswith(".safetensors"):
+            raise _oserror(code, path)
+        return real_open(path, flags, *a, **k)
+
+    monkeypatch.setattr(os, "open", fake_open)  # O_DIRECT
+    _patch_writing_open(monkeypatch, lambda path, mode: (_ for _ in ()).throw(_oserror(code, path)))
+
+
+def _patch_writing_open(monkeypatch, opener):
+    """safetensors_io's open() for writing (the page-cache writer) becomes opener(path, mode)."""
+    import builtins
+
+    def fake(path, mode="r", *a, **k):
+        return opener(path, mode) if "x" in mode or "w" in mode else builtins.open(path, mode, *a, **k)
+
+    monkeypatch.setattr(sio, "open", fake, raising=False)
+
+
+def _fail_data_writes(monkeypatch, code):
+    import builtins
+    monkeypatch.setattr(os, "write", lambda fd, data: (_ for _ in ()).throw(_oserror(code)))  # O_DIRECT
+    _patch_writing_open(monkeypatch, lambda path, mode: _FailingWrites(builtins.open(path, mode), code))
+
+
+def _fail(name, code):
+    """monkeypatch -> None: os.<name> raises OSError(code)."""
+    return lambda monkeypatch: monkeypatch.setattr(os, name, lambda *a, **k: (_ for _ in ()).throw(_oserror(code)))
+
+
+def _fail_copy(code):
+    import shutil
+    return lambda monkeypatch: monkeypatch.setattr(shutil, "copyfile", lambda src, dst, **k: (
+        _ for _ in ()).throw(_oserror(code, dst)))
+
+
+# case: (patch(monkeypatch), errno): os-level calls fail as on a read-only or full file system.
+# chmod would not do: the tests may run as root, whom permissions do not stop.
+UNWRITABLE = {
+    "EROFS-creating-the-directory": (lambda mp: _fail_mkdir(mp, errno.EROFS), errno.EROFS),
+    "EACCES-creating-the-directory": (lambda mp: _fail_mkdir(mp, errno.EACCES), errno.EACCES),
+    "EPERM-creating-the-directory": (lambda mp: _fail_mkdir(mp, errno.EPERM), errno.EPERM),
+    "EROFS-creating-a-shard": (lambda mp: _fail_shard_create(mp, errno.EROFS), errno.EROFS),
+    "ENOSPC-writing-the-data": (lambda mp: _fail_data_writes(mp, errno.ENOSPC), errno.ENOSPC),
+    "ENOSPC-at-fsync": (_fail("fsync", errno.ENOSPC), errno.ENOSPC),
+    "ENOSPC-copying-the-config-files": (_fail_copy(errno.ENOSPC), errno.ENOSPC),
+    "EROFS-renaming-into-place": (_fail("rename", errno.EROFS), errno.EROFS),
+}
+
+
+@pytest.mark.parametrize("case", list(UNWRITABLE))
+def test_unwritable_output_exits_2_with_one_line_and_leaves_nothing(ckpt, tmp_path, monkeypatch, capsys, case):
+    patch, code = UNWRITABLE[case]
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    out = tmp_path / "out" / "nested"
+    patch(monkeypatch)
+    rc = cli_main(["merge", str(cfg), "--out", str(out), "--shard-size", "1KB", "--no-progress"])
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert err.startswith(f"pyops merge: error: output {out}: cannot be written ({os.strerror(code)}")
+    assert ("free space there or choose another --out" in err) == (code == errno.ENOSPC)
+    assert _leftovers(tmp_path) == []
+    _inputs_unchanged(ckpt)
+
+
+def test_full_disk_with_overwrite_keeps_the_old_output(ckpt, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    _fail("fsync", errno.ENOSPC)(monkeypatch)
+    rc = cli_main(["merge", str(cfg), "--out", str(out), "--overwrite", "--no-progress"])
+    monkeypatch.undo()
+    assert rc == 2 and len(capsys.readouterr().err.splitlines()) == 1
+    assert _leftovers(tmp_path) == ["out"] and sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+_SUBPROCESS_FAILURE = """
+import errno, os, sys
+code = errno.{code}
+def fail(*a, **k):
+    raise OSError(code, os.strerror(code))
+os.{call} = fail
+from pyops.__main__ import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("code, call", [("EROFS", "mkdir"), ("ENOSPC", "fsync")])
+def test_cli_subprocess_unwritable_output_exit_2_without_a_traceback(ckpt, tmp_path, code, call):
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    p = subprocess.run([sys.executable, "-c", _SUBPROCESS_FAILURE.format(code=code, call=call), "merge", str(cfg),
+                        "--out", str(tmp_path / "out"), "--no-progress"],
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.splitlines()) == 1, p.stderr
+    assert p.stderr.startswith(f"pyops merge: error: output {tmp_path / 'out'}: cannot be written "
+                               f"({os.strerror(getattr(errno, code))}")
+    assert _leftovers(tmp_path) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# Temporary directories left by a killed merge
+# ------------------------------------------------------------------------------------------------
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def _stale_dir(out: Path, pid: int) -> Path:
+    d = out.parent / f"{out.name}.tmp-{pid}"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"partial")
+    return d
+
+
+def test_temporary_directory_of_a_dead_merge_is_removed_with_one_line(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    stale = _stale_dir(out, pid)
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    assert cli_main(["merge", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines() == [f"pyops merge: removing {stale}, left by an earlier merge (process {pid}) that did "
+                                f"not finish"]
+    assert not os.path.lexists(stale) and _leftovers(tmp_path) == ["out"]
+    _assert_same(_load_output(out), _expected(ckpt, "ties"))
+
+
+def test_temporary_directory_of_a_running_process_is_kept(ckpt, tmp_path, capsys):
+    out = tmp_path / "out"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        busy = _stale_dir(out, sleeper.pid)
+        cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+        assert cli_main(["merge", str(cfg), "--out", str(out), "--no-progress"]) == 0
+        assert capsys.readouterr().err == ""
+        assert (busy / "model.safetensors").read_bytes() == b"partial"
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_names_a_merge_does_not_write_are_left_alone(ckpt, tmp_path, capsys):
+    """Only a directory named exactly OUT.tmp-<pid> is a merge's: not a file of that name, another
+    output's directory, or a pid written otherwise."""
+    out = tmp_path / "out"
+    pid = _dead_pid()
+    others = [tmp_path / f"out.tmp-0{pid}", tmp_path / f"other.tmp-{pid}", tmp_path / "out.tmp-x1"]
+    for d in others:
+        d.mkdir()
+    (tmp_path / f"out.tmp-{pid}").write_text("a file")
+    cfg = _write(tmp_path, _config_text(ckpt, "ties"))
+    assert cli_main(["merge", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+    assert all(d.is_dir() for d in others) and (tmp_path / f"out.tmp-{pid}").read_text() == "a file"
