@@ -35,6 +35,48 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running checks (native builds); deselect with -m 'not slow'")
 
 
+def pytest_addoption(parser):
+    parser.addoption("--native-cpu-sanitized", action="store_true", default=False,
+                     help="refuse to run unless pyops._C is the sanitizer build named by PYOPS_NATIVE_CPU "
+                          "(.ci/sanitize.sh): a run on the ordinary build would prove nothing")
+
+
+def _sanitized_cpu_module() -> str:
+    """'<file> (<runtimes>)' for the loaded pyops._C, or pytest.exit with why it is not the sanitized build."""
+    from pyops import _native
+
+    def refuse(why):
+        pytest.exit(f"--native-cpu-sanitized: {why}", returncode=4)
+
+    wanted = os.environ.get(_native.NATIVE_CPU_ENV)
+    if not wanted:
+        refuse(f"{_native.NATIVE_CPU_ENV} is not set")
+    mod = _native.cpu_module
+    if mod is None or sys.modules.get("pyops._C") is not mod:
+        refuse(f"pyops._C is not loaded ({_native.cpu_missing_reason})")
+    if not os.path.samefile(mod.__file__, wanted):
+        refuse(f"pyops._C is {mod.__file__}, not {wanted}")
+    with open(mod.__file__, "rb") as f:
+        image = f.read()
+    runtimes = [name for name, symbol in (("address", b"__asan_init"), ("undefined", b"__ubsan_handle_"))
+                if symbol in image]
+    if not runtimes:
+        refuse(f"{mod.__file__} is not instrumented (no __asan_init / __ubsan_handle_ symbol)")
+    if "address" in runtimes and os.path.exists("/proc/self/maps"):
+        with open("/proc/self/maps") as f:
+            if "libasan" not in f.read():
+                refuse("the ASan runtime is not loaded in this process")
+    return f"{mod.__file__} (-fsanitize={','.join(runtimes)})"
+
+
+def pytest_sessionstart(session):
+    if session.config.getoption("--native-cpu-sanitized"):
+        what = _sanitized_cpu_module()
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"pyops._C is the sanitized build {what}")
+
+
 @pytest.fixture
 def rng(request) -> torch.Generator:
     """A CPU generator seeded from the test's id: reproducible, different for every test."""
