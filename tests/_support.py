@@ -155,6 +155,34 @@ def fuzz_settings(default: int, **overrides):
     return settings(**kw)
 
 
+def layout_base_shape(shape, layout: str, dims):
+    """The shape a property suite draws values in for `layout`: an `expanded` tensor has extent 1
+    on the first of `dims` of extent > 1 (then expanded); without one it is drawn contiguous.
+    Returns (shape, layout actually used)."""
+    if layout == "expanded":
+        for d in dims:
+            if shape[d] > 1:
+                return tuple(1 if i == d else s for i, s in enumerate(shape)), layout
+        layout = "contiguous"
+    return tuple(shape), layout
+
+
+def realize_layout(values: torch.Tensor, shape, layout: str, swap, dtype, device) -> torch.Tensor:
+    """`values` (drawn in `layout_base_shape`) as a tensor of `shape` in `layout`: contiguous,
+    transposed (dims `swap` swapped in storage), expanded, or an offset view whose padding is NaN
+    (a kernel that reads past the view shows it). Same values in every layout."""
+    x = values.to(dtype=dtype, device=device)
+    if layout == "transposed":
+        return x.transpose(*swap).contiguous().transpose(*swap)
+    if layout == "expanded":
+        return x.expand(shape)
+    if layout == "offset":
+        big = torch.full((*x.shape[:-1], x.shape[-1] + 3), float("nan"), dtype=dtype, device=device)
+        big[..., 1:1 + x.shape[-1]] = x
+        return big[..., 1:1 + x.shape[-1]]
+    return x.clone()
+
+
 def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[list]:
     """Runs `script` (which `torch.save`s a list of tensors to sys.argv[1]) in a fresh process
     without `env_var` and with `env_var=1`; returns the two lists, in that order. For switches read
@@ -172,6 +200,6 @@ def saved_outputs_with_and_without(env_var: str, script: str, tmp_path) -> List[
 
 __all__ = [
     "BACKENDS", "CUDA", "REDUCTION_TOL", "assert_bitwise_equal", "assert_close", "assert_close_dtype",
-    "available_backends", "backend_reason", "device_for", "fmt_dtype", "fuzz_examples", "fuzz_settings", "interpreted", "randn", "require_backend",
+    "available_backends", "backend_reason", "device_for", "fmt_dtype", "fuzz_examples", "fuzz_settings", "layout_base_shape", "realize_layout", "interpreted", "randn", "require_backend",
     "saved_outputs_with_and_without", "tolerance_for",
 ]

@@ -45,7 +45,7 @@ import pytest
 import torch
 from hypothesis import assume, given, note, strategies as st
 
-from _support import assert_close, fuzz_settings
+from _support import assert_close, fuzz_settings, layout_base_shape, realize_layout
 from pyops.neighborhood import ops as ops_na
 from pyops.neighborhood.reference import _flat_windows
 from pyops.testing import tolerance_for
@@ -130,32 +130,6 @@ def problems(draw, backend: str, nonfinite: bool = False) -> Problem:
 # Building a drawn problem
 # --------------------------------------------------------------------------------------------
 
-def _base_shape(shape, layout: str, dims):
-    """The shape the values are drawn in: an `expanded` tensor has extent 1 on the first of `dims`
-    of extent > 1 (then expanded); without one it is drawn contiguous."""
-    if layout == "expanded":
-        for d in dims:
-            if shape[d] > 1:
-                return tuple(1 if i == d else s for i, s in enumerate(shape)), layout
-        layout = "contiguous"
-    return tuple(shape), layout
-
-
-def _realize(values: torch.Tensor, shape, layout: str, swap: Tuple[int, int], dtype, device) -> torch.Tensor:
-    """`values` (the base shape) as a tensor of `shape` with the drawn layout; same values. The
-    padding around an `offset` view is NaN: a kernel that reads past the view shows it."""
-    x = values.to(dtype=dtype, device=device)
-    if layout == "transposed":
-        return x.transpose(*swap).contiguous().transpose(*swap)
-    if layout == "expanded":
-        return x.expand(shape)
-    if layout == "offset":
-        big = torch.full((*x.shape[:-1], x.shape[-1] + 3), float("nan"), dtype=dtype, device=device)
-        big[..., 1:1 + x.shape[-1]] = x
-        return big[..., 1:1 + x.shape[-1]]
-    return x.clone()
-
-
 class Built:
     """The drawn problem's tensors: base values (fp32, CPU), dout, the window rule, the poison."""
 
@@ -177,7 +151,7 @@ class Built:
         for name, lay in zip(NAMES, p.layouts):
             if name not in self.shapes:
                 continue
-            shape, self.layout[name] = _base_shape(self.shapes[name], lay, expand_dims[name])
+            shape, self.layout[name] = layout_base_shape(self.shapes[name], lay, expand_dims[name])
             self.base[name] = torch.randn(shape, generator=gen) * (0.5 if name == "rpb" else 1.0)
         self.dout = torch.randn(self.shapes["v"], generator=gen)
         key, ok, bias = _flat_windows(p.spatial, p.kernel, p.stride, p.dilation, p.causal,
@@ -229,7 +203,7 @@ class Built:
             if clean:
                 vals = vals.masked_fill(self.poison[name], 0.5)
             dtype = self.p.rpb if name == "rpb" else self.p.dtype
-            out[name] = _realize(vals, self.shapes[name], self.layout[name], self.swap[name], dtype, device)
+            out[name] = realize_layout(vals, self.shapes[name], self.layout[name], self.swap[name], dtype, device)
         return out
 
     def call_args(self):

@@ -45,7 +45,7 @@ import torch
 from hypothesis import assume, given, note, strategies as st
 
 import pyops
-from _support import assert_close, fuzz_settings, interpreted
+from _support import assert_close, fuzz_settings, interpreted, layout_base_shape, realize_layout
 from pyops.task_attention import ops as ta
 from pyops.task_attention.reference import allowed_mask
 from pyops.testing import tolerance_for
@@ -153,32 +153,6 @@ def _allow(rule: str, G: int, gen: torch.Generator) -> Optional[torch.Tensor]:
     return allow
 
 
-def _base_shape(shape, layout: str):
-    """The shape the values are drawn in: an `expanded` tensor has extent 1 on its first batch or
-    head dim of extent > 1 (then expanded); without one it is drawn contiguous."""
-    if layout == "expanded":
-        for d in (0, 1):
-            if shape[d] > 1:
-                return tuple(1 if i == d else s for i, s in enumerate(shape)), layout
-        layout = "contiguous"
-    return tuple(shape), layout
-
-
-def _realize(values: torch.Tensor, shape, layout: str, dtype, device) -> torch.Tensor:
-    """`values` (the base shape) as a tensor of `shape` with the drawn layout; same values. The
-    padding around an `offset` view is NaN: a kernel that reads past the view shows it."""
-    x = values.to(dtype=dtype, device=device)
-    if layout == "transposed":
-        return x.transpose(1, 2).contiguous().transpose(1, 2)
-    if layout == "expanded":
-        return x.expand(shape)
-    if layout == "offset":
-        big = torch.full((*x.shape[:-1], x.shape[-1] + 3), float("nan"), dtype=dtype, device=device)
-        big[..., 1:1 + x.shape[-1]] = x
-        return big[..., 1:1 + x.shape[-1]]
-    return x.clone()
-
-
 class Built:
     """The drawn problem's tensors: base values (fp32, CPU), ids, rule, dout, and the poison."""
 
@@ -189,7 +163,7 @@ class Built:
         self.base: Dict[str, torch.Tensor] = {}
         self.layout: Dict[str, str] = {}
         for name, lay in zip(NAMES, p.layouts):
-            shape, self.layout[name] = _base_shape(self.shapes[name], lay)
+            shape, self.layout[name] = layout_base_shape(self.shapes[name], lay, (0, 1))
             self.base[name] = torch.randn(shape, generator=gen)
         G = p.G
         self.allow = _allow(p.rule, G, gen)
@@ -239,7 +213,7 @@ class Built:
             vals = self.base[name]
             if clean:
                 vals = vals.masked_fill(self.poison[name], 0.5)
-            out.append(_realize(vals, self.shapes[name], self.layout[name], dtype, device))
+            out.append(realize_layout(vals, self.shapes[name], self.layout[name], (1, 2), dtype, device))
         return out
 
     def extras(self, device):
