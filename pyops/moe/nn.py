@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from pyops import _validate as V
 from pyops.moe import losses as moe_losses
 from pyops.moe import ops as M
+from pyops.moe import parallel as P
 
 
 class TaskMoE(nn.Module):
@@ -32,9 +33,16 @@ class TaskMoE(nn.Module):
         renormalize: renormalise the k gate values of a token to sum to 1.
         score: ``"softmax"`` or ``"sigmoid"``.
         backend: passed to both ops (``"auto"`` by default).
+        ep_group: None, or a `torch.distributed` process group of W ranks over which the experts
+            are spread (expert parallelism, `pyops.moe.parallel`): this rank holds experts
+            ``r·E/W … (r+1)·E/W − 1`` only (W must divide E); tokens reach them by all-to-all.
+            Routers stay replicated; capacity, the losses and the statistics are over the global
+            token set (rank-major), so every rank gets what the single-process layer gives for the
+            concatenated batch (docs/distributed.md#expert-parallelism).
 
-    Parameters: ``router [n_tasks, d_model, E]``, ``w1 [E, d_model, d_hidden]``, ``w3`` (GLU only),
-    ``w2 [E, d_hidden, d_model]``, ``w_noise [n_tasks, d_model, E]`` (noisy gating only).
+    Parameters: ``router [n_tasks, d_model, E]``, ``w1 [E_local, d_model, d_hidden]``, ``w3`` (GLU
+    only), ``w2 [E_local, d_hidden, d_model]``, ``w_noise [n_tasks, d_model, E]`` (noisy gating only);
+    ``E_local = E`` without `ep_group`, ``E / W`` with it.
 
     `forward(x, task_ids=None)` takes ``x [..., d_model]`` and ``task_ids`` (an int for the whole
     batch, or an integer tensor of shape ``x.shape[:-1]``, or ``[x.shape[0]]`` broadcast over the
@@ -48,7 +56,7 @@ class TaskMoE(nn.Module):
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int, *, n_tasks: int = 1,
                  activation: str = "swiglu", capacity_factor: Optional[float] = None, noisy_gating: bool = False,
                  renormalize: bool = True, score: str = "softmax", backend: str = "auto",
-                 device=None, dtype=None) -> None:
+                 ep_group=None, device=None, dtype=None) -> None:
         super().__init__()
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("n_experts", n_experts), ("n_tasks", n_tasks)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -64,12 +72,14 @@ class TaskMoE(nn.Module):
         self.d_model, self.d_hidden, self.n_experts, self.k = d_model, d_hidden, n_experts, k
         self.n_tasks, self.activation, self.capacity_factor = n_tasks, activation, capacity_factor
         self.noisy_gating, self.renormalize, self.score, self.backend = noisy_gating, renormalize, score, backend
+        self.ep_group = ep_group
+        self.expert_offset, E_local = (0, n_experts) if ep_group is None else P.expert_range(n_experts, ep_group)
         fk = dict(device=device, dtype=dtype)
         E = n_experts
         self.router = nn.Parameter(torch.empty(n_tasks, d_model, E, **fk))
-        self.w1 = nn.Parameter(torch.empty(E, d_model, d_hidden, **fk))
-        self.w3 = nn.Parameter(torch.empty(E, d_model, d_hidden, **fk)) if activation in M.GLU else None
-        self.w2 = nn.Parameter(torch.empty(E, d_hidden, d_model, **fk))
+        self.w1 = nn.Parameter(torch.empty(E_local, d_model, d_hidden, **fk))
+        self.w3 = nn.Parameter(torch.empty(E_local, d_model, d_hidden, **fk)) if activation in M.GLU else None
+        self.w2 = nn.Parameter(torch.empty(E_local, d_hidden, d_model, **fk))
         self.w_noise = nn.Parameter(torch.empty(n_tasks, d_model, E, **fk)) if noisy_gating else None
         self.reset_parameters()
 
@@ -86,7 +96,9 @@ class TaskMoE(nn.Module):
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts}, k={self.k}, "
                 f"n_tasks={self.n_tasks}, activation={self.activation!r}, capacity_factor={self.capacity_factor}, "
-                f"noisy_gating={self.noisy_gating}")
+                f"noisy_gating={self.noisy_gating}"
+                + ("" if self.ep_group is None else f", experts {self.expert_offset}..."
+                   f"{self.expert_offset + self.w1.shape[0] - 1} on this rank"))
 
     # ------------------------------------------------------------------------------------------
 
@@ -141,24 +153,49 @@ class TaskMoE(nn.Module):
         if self.noisy_gating and self.training:
             std = F.softplus(self._per_task(xt, self.w_noise, tasks))
             logits = logits + torch.randn_like(logits) * std
-        r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize,
-                        capacity_factor=self.capacity_factor, backend=self.backend)
-        y = M.moe_experts(xt, r, self.w1, self.w2, self.w3, activation=self.activation, backend=self.backend)
+        if self.ep_group is None:
+            r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize,
+                            capacity_factor=self.capacity_factor, backend=self.backend)
+            y = M.moe_experts(xt, r, self.w1, self.w2, self.w3, activation=self.activation, backend=self.backend)
+        else:
+            r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize, backend=self.backend)
+            r = P.global_capacity(r, self.capacity_factor, self.ep_group)
+            rows, plan = P.dispatch(xt, r, self.ep_group)
+            out = M.moe_experts(rows, plan.routing, self.w1, self.w2, self.w3, activation=self.activation,
+                                backend=self.backend)
+            y = P.combine(out, plan, r.weights)
         aux = self._aux(logits, r, tasks)
         return y.reshape(shape), aux
 
     def _aux(self, logits: Tensor, r: M.Routing, tasks: Optional[Tensor]) -> Dict[str, Tensor]:
-        E = self.n_experts
-        aux = {"load_balance": moe_losses.load_balance_loss(logits, r.experts, score=self.score),
-               "z_loss": moe_losses.router_z_loss(logits)}
-        if self.n_tasks > 1:
-            aux["mutual_information"] = moe_losses.mutual_information_loss(logits, tasks, self.n_tasks,
-                                                                           score=self.score)
+        E, g = self.n_experts, self.ep_group
+        if g is None:
+            aux = {"load_balance": moe_losses.load_balance_loss(logits, r.experts, score=self.score),
+                   "z_loss": moe_losses.router_z_loss(logits)}
+            if self.n_tasks > 1:
+                aux["mutual_information"] = moe_losses.mutual_information_loss(logits, tasks, self.n_tasks,
+                                                                               score=self.score)
+        else:
+            aux = {"load_balance": P.global_load_balance_loss(logits, r.experts, score=self.score, group=g),
+                   "z_loss": P.global_router_z_loss(logits, group=g)}
+            if self.n_tasks > 1:
+                aux["mutual_information"] = P.global_mutual_information_loss(logits, tasks, self.n_tasks,
+                                                                             score=self.score, group=g)
         with torch.no_grad():
-            aux["tokens_per_expert"] = r.offsets[1:] - r.offsets[:-1]
-            aux["dropped_fraction"] = r.dropped.float().mean() if r.dropped.numel() else logits.new_zeros(())
             t = tasks if tasks is not None else torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
             flat = (t[:, None] * E + r.experts.long()).reshape(-1)
-            aux["task_expert_usage"] = torch.zeros(self.n_tasks * E, dtype=torch.int64, device=logits.device) \
-                .index_add_(0, flat, torch.ones_like(flat)).view(self.n_tasks, E)
+            usage = torch.zeros(self.n_tasks * E, dtype=torch.int64, device=logits.device) \
+                .index_add_(0, flat, torch.ones_like(flat))
+            if g is None:
+                aux["tokens_per_expert"] = r.offsets[1:] - r.offsets[:-1]
+                aux["dropped_fraction"] = r.dropped.float().mean() if r.dropped.numel() else logits.new_zeros(())
+            else:  # statistics of the global token set, like the losses: one all-reduce
+                stats = torch.cat([usage, r.dropped.sum().reshape(1)]).to(P.meta_device(g, usage))
+                torch.distributed.all_reduce(stats, group=g)
+                stats = stats.to(usage.device)
+                usage = stats[:-1]
+                aux["tokens_per_expert"] = usage.view(self.n_tasks, E).sum(0)
+                n = int(aux["tokens_per_expert"].sum())
+                aux["dropped_fraction"] = (stats[-1].float() / n) if n else logits.new_zeros((), dtype=torch.float32)
+            aux["task_expert_usage"] = usage.view(self.n_tasks, E)
         return aux

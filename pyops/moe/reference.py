@@ -164,10 +164,21 @@ def load_balance_loss(probs: Tensor, expert_ids: Tensor) -> Tensor:
     """Switch load balance: E · Σ_i f_i · P_i, f_i = share of all T·k selections that went to i,
     P_i = mean router probability of expert i over tokens."""
     T, E = probs.shape
-    k = expert_ids.shape[1]
-    f = torch.zeros(E, dtype=probs.dtype, device=probs.device).index_add_(
-        0, expert_ids.reshape(-1).long(), torch.ones(T * k, dtype=probs.dtype, device=probs.device)) / (T * k)
-    return E * (f * probs.mean(0)).sum()
+    return load_balance_from_sums(probs.sum(0), selection_counts(expert_ids, E, probs.dtype), T, expert_ids.shape[1])
+
+
+def selection_counts(expert_ids: Tensor, E: int, dtype: torch.dtype) -> Tensor:
+    """[E] how many of the T·k selections in `expert_ids [T, k]` chose each expert (not differentiable)."""
+    flat = expert_ids.reshape(-1).long()
+    return torch.zeros(E, dtype=dtype, device=flat.device).index_add_(0, flat, torch.ones(flat.numel(), dtype=dtype,
+                                                                                           device=flat.device))
+
+
+def load_balance_from_sums(prob_sum: Tensor, counts: Tensor, T, k: int) -> Tensor:
+    """E · Σ_i (counts_i / (T·k)) · (prob_sum_i / T): the load-balance loss from the per-expert sums
+    over T tokens (T a number or a 0-d tensor; sums over several ranks give the global loss)."""
+    E = prob_sum.shape[0]
+    return E * ((counts.detach() / (T * k)) * (prob_sum / T)).sum()
 
 
 def router_z_loss(logits: Tensor) -> Tensor:
@@ -178,11 +189,15 @@ def router_z_loss(logits: Tensor) -> Tensor:
 def mutual_information_loss(probs: Tensor, task_ids: Tensor, n_tasks: int) -> Tensor:
     """Mod-Squad: −Σ_{t,e} P(t,e)·log(P(t,e) / (P(t)·P(e))), P(t,e) = (1/T)·Σ_{tokens of task t} p(e|x)."""
     T, E = probs.shape
-    joint = torch.zeros(n_tasks, E, dtype=probs.dtype, device=probs.device).index_add_(
-        0, task_ids.long(), probs) / T
+    joint = torch.zeros(n_tasks, E, dtype=probs.dtype, device=probs.device).index_add_(0, task_ids.long(), probs)
+    return mutual_information_from_joint(joint / T)
+
+
+def mutual_information_from_joint(joint: Tensor) -> Tensor:
+    """−Σ_{t,e} P(t,e)·log(P(t,e) / (P(t)·P(e))) for the joint distribution `joint [n_tasks, E]`."""
     pt = joint.sum(1, keepdim=True)
     pe = joint.sum(0, keepdim=True)
-    ratio = joint / (pt * pe).clamp_min(torch.finfo(probs.dtype).tiny)
-    terms = torch.where(joint > 0, joint * torch.log(ratio.clamp_min(torch.finfo(probs.dtype).tiny)),
-                        torch.zeros_like(joint))
+    tiny = torch.finfo(joint.dtype).tiny
+    ratio = joint / (pt * pe).clamp_min(tiny)
+    terms = torch.where(joint > 0, joint * torch.log(ratio.clamp_min(tiny)), torch.zeros_like(joint))
     return -terms.sum()
