@@ -16,7 +16,12 @@ JSON file there (`report.py`). The default results_dir is a new folder per run u
 synthetic models into a temporary directory of the run, removed at its end (kept with
 ``--keep-checkpoints``).
 
-This module imports no torch: `add_arguments` and `--report` work without it.
+The same case tables drive a pytest-benchmark suite (``conftest.py``, ``test_benchmarks.py``:
+``pytest bench/ --benchmark-only``, quick sizes unless ``--bench-full``), one benchmark per case
+and entry; ``python -m pyops bench --compare OLD.json NEW.json`` (`compare.py`) sets two saved
+runs of either front end side by side and flags the regressions.
+
+This module imports no torch: `add_arguments`, `--report` and `--compare` work without it.
 """
 from __future__ import annotations
 
@@ -46,7 +51,7 @@ COMMITTED_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 _FAMILY_OVERHEAD_S = 4.0
 
 __all__ = ["FAMILIES", "COMMITTED_RESULTS_DIR", "add_arguments", "choices", "default_results_dir", "main",
-           "module", "resolve", "run"]
+           "module", "resolve", "resolve_device", "run"]
 
 
 def module(stem: str):
@@ -83,7 +88,9 @@ def default_results_dir(now: Optional[_dt.datetime] = None) -> Path:
     return Path(cache) / "pyops" / "bench" / stamp
 
 
-def _resolve_device(device: Optional[str]) -> str:
+def resolve_device(device: Optional[str]) -> str:
+    """"cpu" or "cuda[:N]" for `device` (None: CUDA when available, else CPU); ValueError for a
+    device that is not one of those or not present (imports torch)."""
     import torch
 
     if device is None:
@@ -166,7 +173,7 @@ def run(op: Optional[str] = None, *, full: bool = False, device: Optional[str] =
     del quick
     try:
         resolve(op)
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         dev_type = dev.split(":")[0]
         plan = _plan(op, dev_type, full)
         if not plan:
@@ -230,6 +237,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the cases (as --op selects them) and exit")
     parser.add_argument("--report", action="store_true",
                         help="render README.md from the JSON files in --results-dir and exit (runs nothing)")
+    parser.add_argument("--compare", nargs=2, default=None, metavar=("OLD.json", "NEW.json"),
+                        help="compare two saved runs (pytest-benchmark JSON from --benchmark-json or "
+                             "--benchmark-autosave, or a results JSON of this command): the new/old median time "
+                             "of each benchmark; exits 1 when one is a regression beyond --noise (runs nothing)")
+    parser.add_argument("--noise", type=float, default=None, metavar="FRACTION",
+                        help="with --compare: the noise band, a new/old ratio above 1 + FRACTION is a regression "
+                             "(default 0.10)")
 
 
 def _list(op: Optional[str], full: bool) -> int:
@@ -252,6 +266,13 @@ def _list(op: Optional[str], full: bool) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """`python -m pyops bench` with the arguments of `add_arguments`; returns the exit status."""
+    if getattr(args, "compare", None):
+        from . import compare
+        noise = compare.DEFAULT_NOISE if args.noise is None else args.noise
+        return compare.main(args.compare[0], args.compare[1], noise=noise)
+    if getattr(args, "noise", None) is not None:
+        print("pyops bench: --noise applies to --compare only", file=sys.stderr)
+        return 2
     if args.report:
         from . import report
         try:

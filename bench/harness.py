@@ -9,7 +9,12 @@ one spec into a `Case` through one of a few short builders. A case holds `Entry`
 pyops backends and the peers a user would pick instead (plain PyTorch, an in-place PyTorch
 version, a copy as the machine's bandwidth reference, ...). Each entry is a zero-argument
 callable, with optional untimed `setup`/`teardown`, the bytes it must move and the FLOPs it must
-do (for the GB/s and GFLOP/s columns).
+do (for the GB/s and GFLOP/s columns); the case states the op's own figures, computed from the
+sizes, for the entries that state none (`work`).
+
+Two front ends run the same cases: `run_family` below (``python -m pyops bench``: the entries of
+a case alternate, with peak memory and target checks) and ``bench/test_benchmarks.py`` (pytest-
+benchmark: one benchmark per entry, warmed up and sized by `warm_up` and `planned_rounds`).
 
 Method
 ------
@@ -135,6 +140,9 @@ class Case:
                  of the pyops output against a reference). A key "ok": False marks a failure.
     spec, op:    the `CaseSpec` (its name) the case was built from and the op it measures.
     cleanup:     called by `release()`, last added first (e.g. remove the files the case wrote).
+    bytes, flops: the minimum traffic and the useful FLOPs of one call of the op, from the sizes:
+                 the figures of every entry that computes the op and states none of its own
+                 (`work`); None: not defined for this op.
     """
     name: str
     entries: list[Entry]
@@ -150,6 +158,8 @@ class Case:
     spec: Optional[str] = None
     op: Optional[str] = None
     cleanup: list = field(default_factory=list)
+    bytes: Optional[int] = None
+    flops: Optional[int] = None
 
     def release(self) -> None:
         """Drop every reference to the case's tensors (entries close over them) and run `cleanup`."""
@@ -244,6 +254,8 @@ class CaseResult:
     verify: dict = field(default_factory=dict)
     spec: Optional[str] = None
     op: Optional[str] = None
+    bytes: Optional[int] = None
+    flops: Optional[int] = None
 
     def get(self, name: str) -> Optional[EntryResult]:
         for e in self.entries:
@@ -258,7 +270,7 @@ class CaseResult:
 
     def to_json(self) -> dict:
         return {"name": self.name, "spec": self.spec, "op": self.op, "params": self.params, "baseline": self.baseline,
-                "rounds": self.rounds, "wall_s": self.wall_s,
+                "bytes": self.bytes, "flops": self.flops, "rounds": self.rounds, "wall_s": self.wall_s,
                 "entries": [e.to_json() for e in self.entries],
                 "checks": [c.to_json() for c in self.checks], "verify": self.verify}
 
@@ -422,12 +434,13 @@ class Build:
 
     def case(self, name: str, entries: list, baseline: str, params: dict,
              checks: Optional[Callable[["CaseResult"], list]] = None,
-             verify: Optional[Callable[[], dict]] = None) -> "Case":
+             verify: Optional[Callable[[], dict]] = None, *, bytes: Optional[int] = None,
+             flops: Optional[int] = None) -> "Case":
         t = self.timing
         return Case(name=name, entries=entries, baseline=baseline, params=params, repeats=t.repeats,
                     min_repeats=t.min_repeats, max_seconds=t.max_seconds, warmup=t.warmup,
                     min_sample_s=t.min_sample_s, checks=checks, verify=verify, spec=self.spec.name,
-                    op=self.spec.op)
+                    op=self.spec.op, bytes=bytes, flops=flops)
 
 
 def prepare(spec: CaseSpec, device: Union[str, torch.device], full: bool = False,
@@ -459,6 +472,20 @@ def is_cuda(device: str) -> bool:
 def synchronize(device: str) -> None:
     if is_cuda(device):
         torch.cuda.synchronize(torch.device(device))
+
+
+def synchronized_timer(device: str) -> Callable[[], float]:
+    """A clock for timers that read it around a batch of calls (pytest-benchmark's `timer`): on
+    CUDA it first waits for the device's queued work, so that a reading covers the kernels the
+    calls launched, not just their launches; on CPU it is `time.perf_counter`."""
+    if not is_cuda(device):
+        return time.perf_counter
+    dev = torch.device(device)
+
+    def cuda_synchronized_perf_counter() -> float:
+        torch.cuda.synchronize(dev)
+        return time.perf_counter()
+    return cuda_synchronized_perf_counter
 
 
 def _time_sample(fn: Callable[[], Any], number: int, device: str) -> float:
@@ -703,8 +730,9 @@ def _emit(stream: TextIO, msg: str) -> None:
     print(msg, file=stream, flush=True)
 
 
-def _classify(exc: BaseException) -> tuple[str, str]:
-    """("skipped" | "error", reason) for an exception an entry raised."""
+def classify(exc: BaseException) -> tuple[str, str]:
+    """("skipped" | "error", reason) for an exception an entry raised: `pyops.BackendUnavailableError`
+    (an explicit backend that cannot run here, a `can_run` refusal) is a skip, anything else an error."""
     try:
         from pyops import BackendUnavailableError
         unavailable = isinstance(exc, BackendUnavailableError)
@@ -723,12 +751,40 @@ def _fmt_ms(s: Optional[float]) -> str:
     return f"{ms:.3g}" if ms < 1 else (f"{ms:.2f}" if ms < 100 else f"{ms:.1f}")
 
 
+def warm_up(fn: Callable[[], Any], case: Case, device: str) -> tuple[float, float, int]:
+    """Step 1 of the Method: ``case.warmup`` calls of `fn` (at least one), each timed alone.
+    Returns (first call s, fastest call s, calls per timed sample): a sample lasts at least
+    ``case.min_sample_s`` (default 10 ms on CPU, 2 ms on CUDA), so that the clock's resolution and
+    the cost of reading it stay small against what is measured."""
+    min_sample = case.min_sample_s if case.min_sample_s is not None else (0.002 if is_cuda(device) else 0.01)
+    times = [_time_sample(fn, 1, device) for _ in range(max(1, case.warmup))]
+    per_call = min(times)
+    return times[0], per_call, max(1, min(100_000, math.ceil(min_sample / max(per_call, 1e-9))))
+
+
+def planned_rounds(case: Case, per_call_s: float, number: int) -> int:
+    """The timed rounds of an entry measured on its own (the pytest front end), decided before
+    they start: ``case.repeats``, or as many as it takes to reach ``case.max_seconds`` when that
+    is fewer, never fewer than ``case.min_repeats`` (`run_case` applies the same bounds as it
+    goes)."""
+    fit = math.ceil(case.max_seconds / max(per_call_s * number, 1e-9))
+    return max(1, case.min_repeats, min(case.repeats, fit))
+
+
+def work(case: Case, entry: Entry) -> tuple[Optional[int], Optional[int]]:
+    """(bytes, FLOPs) of one call of `entry`: its own figures, else the case's (the op's) for an
+    entry that computes the op; a reference entry (a copy, a matmul yardstick) does other work
+    and keeps its own."""
+    own = entry.group == "reference"
+    return (entry.bytes if entry.bytes is not None or own else case.bytes,
+            entry.flops if entry.flops is not None or own else case.flops)
+
+
 def run_case(case: Case, device: str, stream: TextIO = sys.stdout, prefix: str = "") -> CaseResult:
     t_case = time.perf_counter()
-    cuda = is_cuda(device)
-    min_sample = case.min_sample_s if case.min_sample_s is not None else (0.002 if cuda else 0.01)
     results = [EntryResult(e.name, e.group, e.note, bytes=e.bytes, flops=e.flops) for e in case.entries]
-    res = CaseResult(case.name, dict(case.params), case.baseline, results, spec=case.spec, op=case.op)
+    res = CaseResult(case.name, dict(case.params), case.baseline, results, spec=case.spec, op=case.op,
+                     bytes=case.bytes, flops=case.flops)
     tag = f"{prefix}{case.name}"
     _emit(stream, f"{tag}: {len(case.entries)} entries, baseline '{case.baseline}'")
 
@@ -741,19 +797,14 @@ def run_case(case: Case, device: str, stream: TextIO = sys.stdout, prefix: str =
         try:
             if e.setup is not None:
                 e.setup()
-            times = []
-            for _ in range(max(1, case.warmup)):
-                times.append(_time_sample(e.fn, 1, device))
-            r.first_call_s = times[0]
-            per_call = min(times)
-            r.number = max(1, min(100_000, math.ceil(min_sample / max(per_call, 1e-9))))
+            r.first_call_s, per_call, r.number = warm_up(e.fn, case, device)
             if e.info is not None:
                 r.info.update(e.info() or {})
             if e.measure_memory:
                 r.peak_rss_bytes, r.peak_rss_method = measure_peak_rss(e.fn, device)
                 r.peak_dev_bytes = measure_peak_device(e.fn, device)
         except Exception as exc:
-            r.status, r.reason = _classify(exc)
+            r.status, r.reason = classify(exc)
             if r.status == "error":
                 r.info["traceback"] = traceback.format_exc(limit=6)
             _emit(stream, f"  {e.name:<28} {r.status}: {r.reason}")
@@ -778,7 +829,7 @@ def run_case(case: Case, device: str, stream: TextIO = sys.stdout, prefix: str =
                 try:
                     r.samples_s.append(_time_sample(e.fn, r.number, device))
                 except Exception as exc:
-                    r.status, r.reason = _classify(exc)
+                    r.status, r.reason = classify(exc)
                     _emit(stream, f"  {e.name:<28} {r.status} while timing: {r.reason}")
                 finally:
                     if gc_was_enabled:

@@ -21,9 +21,10 @@ machine's copy bandwidth, measured in the same process. Entries:
   into a preallocated output (N + 1 passes over memory instead of one).
 
 The peers get the same bytes as pyops (the minimum traffic of the operation), so their GB/s are
-effective bandwidths, comparable across entries. Checks: pyops(out=) GB/s against copy_ GB/s,
-speed-up against the torch expression, and peak memory (pyops needs no temporary beyond its
-output; out=: nothing), where the expression needs several.
+effective bandwidths, comparable across entries; the useful FLOPs are 2·N per element (one
+multiply-add per task). Checks: pyops(out=) GB/s against copy_ GB/s, speed-up against the torch
+expression, and peak memory (pyops needs no temporary beyond its output; out=: nothing), where
+the expression needs several.
 
 Merge methods (builder ``method``): TIES, DARE, DARE-TIES, breadcrumbs, DELLA; N = 3 task vectors,
 per-tensor weights, density 0.3, one block = the whole tensor (rows of 4096 in one CUDA case).
@@ -290,7 +291,7 @@ def _task_arithmetic(b: Build) -> Case:
               "tensor_mib": out_mib, "op_bytes": op_bytes, "threads": torch.get_num_threads()}
     name = (f"{DTYPE_NAMES[dtype]} {'x'.join(fmt_count(s) if len(shape) == 1 else str(s) for s in shape)}"
             f" N={n_tasks} {'rows' if blocks == 'rows' else 'per-tensor'}")
-    return b.case(name, entries, "torch expression", params, checks, verify)
+    return b.case(name, entries, "torch expression", params, checks, verify, flops=2 * n_tasks * numel)
 
 
 def _mib(x: Optional[float]) -> str:

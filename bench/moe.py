@@ -28,8 +28,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, peak_mib, prepare, randn,
-                      verify_backends)
+from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, nbytes, peak_mib, prepare,
+                      randn, verify_backends)
 
 FAMILY = "moe"
 OPS = ("moe_route", "moe_experts")
@@ -213,8 +213,12 @@ def _layer_case(b: Build) -> Case:
 
     params = dict(T=T, d=d, hidden=h, E=E, k=k, activation="swiglu", dtype=b.spec.dtype, backward=backward,
                   device=str(dev), threads=torch.get_num_threads())
+    # minimum traffic: x, logits, w1, w2, w3 read and y written; the backward reads dy and the
+    # inputs again and writes their gradients
+    ins, outs = T * d + T * E + 3 * E * d * h, T * d
+    op_bytes = nbytes(3 * ins + 2 * outs if backward else ins + outs, dtype)
     return b.case(f"layer {b.tag} {b.spec.dtype} T={T} d={d} h={h} E={E} k={k}", entries, "per-expert loop", params,
-                  checks, verify)
+                  checks, verify, bytes=op_bytes, flops=gemm_flops)
 
 
 def _routing_case(b: Build) -> Case:
@@ -249,5 +253,7 @@ def _routing_case(b: Build) -> Case:
                     f"pyops_{x}_weights_max_abs": float((r.weights - w).abs().max())}, same
         return verify_backends(b.backends, figures)
 
+    # logits read; weights (fp32), experts (int32), order (int64), dropped (bool) and offsets written
     return b.case(f"routing fp32 T={T} E={E} k={k}", entries, "torch softmax+topk+argsort+bincount",
-                  dict(T=T, E=E, k=k, device=str(b.device), threads=torch.get_num_threads()), checks, verify)
+                  dict(T=T, E=E, k=k, device=str(b.device), threads=torch.get_num_threads()), checks, verify,
+                  bytes=4 * T * E + (4 + 4 + 8 + 1) * T * k + 8 * (E + 1))

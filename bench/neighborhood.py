@@ -14,6 +14,9 @@ forward+backward (one builder, ``na``):
 * 1D L=16384, k=129 and 3D 8×32×32, k=(3,7,7), with useful GFLOP/s (2·N·H·K·(D+Dv) per forward;
   2.5× that for forward+backward) against a plain `torch.mm` measured in the same run.
 
+Bytes (the case's minimum traffic): forward q, k, v read and the output written, 4·B·N·H·D
+elements; forward+backward 12 (the backward reads q, k, v, out and dout, and writes dq, dk, dv).
+
 Checks: forward against compiled FlexAttention with the NA mask, NATTEN's CPU path and the gather
 reference; forward+backward against autograd through the reference; on CUDA, forward and
 forward+backward against NATTEN flex-fna.
@@ -28,8 +31,8 @@ from typing import Optional
 
 import torch
 
-from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, choice_info, mm_entry, prepare,
-                      randn)
+from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, choice_info, mm_entry, nbytes,
+                      prepare, randn)
 
 FAMILY = "neighborhood"
 OPS = ("na1d", "na2d", "na3d")
@@ -258,4 +261,5 @@ def _na_case(b: Build) -> Case:
             f"d={'x'.join(map(str, dilation))} B={B} H={H} D={D} {b.spec.dtype}")
     params = dict(B=B, spatial=list(spatial), H=H, D=D, kernel=kernel, dilation=dilation, dtype=b.spec.dtype,
                   backward=backward, useful_flops=flops)
-    return b.case(name, entries, "reference", params, checks, verify)
+    op_bytes = (12 if backward else 4) * nbytes(math.prod(shp), dtype)
+    return b.case(name, entries, "reference", params, checks, verify, bytes=op_bytes, flops=flops)

@@ -16,7 +16,9 @@ run shrinks every shape and leaves FlexAttention out (its compile alone takes te
 
 Useful FLOPs count only allowed (query, key) pairs P: forward 4·B·H·P·D (q·kᵀ and p·v);
 forward+backward 3× that (the backward's four products, no recomputation counted). A plain
-fp32 ``torch.mm`` (1024³) is measured in the same run as the machine's GFLOP/s yardstick.
+fp32 ``torch.mm`` (1024³) is measured in the same run as the machine's GFLOP/s yardstick. Bytes
+(the case's minimum traffic): forward q, k, v read and the output written, 4·B·H·L·D elements;
+forward+backward 12 (the backward reads q, k, v, out and dout, and writes dq, dk, dv).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, choice_info,
-                      mm_entry, prepare, randn, ratio, verify_backends)
+                      mm_entry, nbytes, prepare, randn, ratio, verify_backends)
 
 FAMILY = "task_attention"
 OPS = ("task_masked_attention",)
@@ -107,6 +109,7 @@ class _Problem:
         self.attend = dense(self.groups, None, self.allow)                      # [L, L], True = attend
         self.additive = torch.zeros(L, L, device=dev, dtype=dtype).masked_fill(~self.attend, float("-inf"))
         self.flops = 4 * B * H * int(self.attend.sum()) * D * (3 if self.backward else 1)
+        self.bytes = (12 if self.backward else 4) * nbytes(B * H * L * D, dtype)
 
     def step(self, fwd):
         """fwd() -> out; with backward: out.backward(dout), grads cleared (not accumulated)."""
@@ -244,7 +247,7 @@ def _multitab_case(b: Build) -> Case:
         return F.scaled_dot_product_attention(q.detach(), k.detach(), v.detach(), attn_mask=p.attend)
     return b.case(f"multitab {s['rule']} {b.spec.dtype} B={B} H={H} L={L} D={D} {b.tag}", entries, "SDPA + bool mask",
                   _params(b, B=B, H=H, L=L, D=D, mask=f"multitab {s['rule']} ({s['tasks']} tasks)"),
-                  _checks(b), _verify(b, p, expected))
+                  _checks(b), _verify(b, p, expected), bytes=p.bytes, flops=p.flops)
 
 
 def _blockdiag_case(b: Build) -> Case:
@@ -265,4 +268,4 @@ def _blockdiag_case(b: Build) -> Case:
         note="SDPA on each group's slice separately, then torch.cat: no masked work at all")})
     return b.case(f"block-diagonal {b.spec.dtype} B={B} H={H} L={L} D={D} {n_groups} groups {b.tag}", entries,
                   "SDPA + bool mask", _params(b, B=B, H=H, L=L, D=D, groups=n_groups),
-                  _checks(b), _verify(b, p, lambda: per_group().detach()))
+                  _checks(b), _verify(b, p, lambda: per_group().detach()), bytes=p.bytes, flops=p.flops)

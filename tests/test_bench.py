@@ -1,7 +1,9 @@
 """The benchmark package (`pyops.bench`, bench/ in the source tree): its command line, its case
-tables and builders, where its files go, and the results README generator. Nothing is timed
-here: the cases are built at quick size and released, and the one run is a tiny checkpoint case
-whose merge command is replaced by a stand-in."""
+tables and builders, where its files go, the results README generator, `--compare`, and the
+pytest-benchmark suite. Little is timed here: the cases are built at quick size and released, one
+run is a tiny checkpoint case whose merge command is replaced by a stand-in, the pytest-benchmark
+suite runs once with --benchmark-disable (every entry called once, its correctness checks
+included: CI's guard against the suite rotting) and once timed for the two routing entries."""
 from __future__ import annotations
 
 import argparse
@@ -249,9 +251,10 @@ def test_report_of_a_missing_folder_exits_2(tmp_path, capsys):
 
 
 def test_command_line_and_report_import_no_torch(tmp_path):
-    """`python -m pyops bench --help` and `--report` answer without torch: the package is loaded
-    from bench/ on its own, without pyops (whose import pulls torch outside the command)."""
+    """`python -m pyops bench --help`, `--report` and `--compare` answer without torch: the package
+    is loaded from bench/ on its own, without pyops (whose import pulls torch outside the command)."""
     shutil.copy(BENCH_DIR / "results" / "moe-cpu.json", tmp_path / "moe-cpu.json")
+    old = _pytest_benchmark_json(tmp_path / "old.json", OLD)
     code = textwrap.dedent(f"""
         import argparse, importlib.util, sys
         spec = importlib.util.spec_from_file_location("benchpkg", {str(BENCH_DIR / "__init__.py")!r},
@@ -263,9 +266,239 @@ def test_command_line_and_report_import_no_torch(tmp_path):
         mod.add_arguments(p)
         assert "--full" in p.format_help() and "--keep-checkpoints" in p.format_help()
         rc = mod.main(p.parse_args(["--report", "--results-dir", {str(tmp_path)!r}]))
+        assert mod.main(p.parse_args(["--compare", {old!r}, {old!r}])) == 0
         assert "torch" not in sys.modules, "torch was imported"
         sys.exit(rc)
     """)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "README.md").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# --compare: two saved runs
+# ------------------------------------------------------------------------------------------------
+
+def _pytest_benchmark_json(path: Path, medians_ms: dict, sizes: str = "quick") -> str:
+    """A pytest-benchmark JSON file as `pytest bench/ --benchmark-json` writes it (the fields
+    --compare reads), one benchmark per ("case", "entry") key."""
+    benchmarks = [{"name": f"test_benchmark[{case}/{entry}]", "fullname": f"bench/test_benchmarks.py::x[{case}]",
+                   "group": case, "params": {"case": case, "entry": entry},
+                   "extra_info": {"sizes": sizes, "device_name": "test CPU"},
+                   "stats": {"median": ms / 1e3, "min": ms / 1e3, "rounds": 5, "iterations": 1}}
+                  for (case, entry), ms in medians_ms.items()]
+    path.write_text(json.dumps({"machine_info": {}, "commit_info": {"id": "0123456789abcdef", "dirty": False},
+                                "benchmarks": benchmarks, "datetime": "2026-01-01T00:00:00", "version": "5.3.1"}))
+    return str(path)
+
+
+def _compare(argv: list, capsys) -> tuple:
+    rc = _cli(["--compare", *argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+OLD = {("moe/routing", "pyops cpu"): 1.0, ("moe/routing", "torch chain"): 2.0,
+       ("moe/layer-fwd", "pyops cpu"): 4.0, ("moe/layer-fwd", "gone"): 1.0}
+NEW = {("moe/routing", "pyops cpu"): 1.05, ("moe/routing", "torch chain"): 2.5,
+       ("moe/layer-fwd", "pyops cpu"): 3.0, ("moe/layer-fwd", "added"): 1.0}
+
+
+def test_compare_prints_ratios_and_flags_regressions(tmp_path, capsys):
+    from pyops.bench import compare
+
+    old = _pytest_benchmark_json(tmp_path / "old.json", OLD)
+    new = _pytest_benchmark_json(tmp_path / "new.json", NEW)
+    rows, only_old, only_new = compare.compare(compare.load(old), compare.load(new), noise=0.10)
+    got = {r.key: (round(r.ratio, 6), r.verdict) for r in rows}
+    assert got == {"moe/routing | pyops cpu": (1.05, ""), "moe/routing | torch chain": (1.25, "regression"),
+                   "moe/layer-fwd | pyops cpu": (0.75, "faster")}
+    assert only_old == ["moe/layer-fwd | gone"] and only_new == ["moe/layer-fwd | added"]
+
+    rc, out, err = _compare([old, new], capsys)
+    assert rc == 1 and not err
+    line = next(x for x in out.splitlines() if x.startswith("moe/routing | torch chain"))
+    assert line.split()[-2:] == ["1.250", "REGRESSION"]
+    assert "0.750  faster" in out and "noise band 10%" in out and "1 regressions, 1 faster, 1 within" in out
+    assert "only in old: moe/layer-fwd | gone" in out and "commit 0123456789" in out
+    # a wider band absorbs the 25%; an identical run is no regression
+    assert _compare([old, new, "--noise", "0.3"], capsys)[0] == 0
+    assert _compare([old, old], capsys)[0] == 0
+
+
+def test_compare_reads_the_results_of_python_m_pyops_bench(tmp_path, capsys):
+    results = {"schema": 1, "family": "moe", "device": "cpu", "quick": False,
+               "machine": {"pyops_commit": "fedcba9876543210", "date": "2026-01-01T00:00:00+00:00"},
+               "cases": [{"name": "routing fp32 T=4096 E=64 k=4", "spec": "routing",
+                          "entries": [{"name": "pyops cpu", "status": "ok", "median_ms": 1.0},
+                                      {"name": "torch chain", "status": "ok", "median_ms": 2.0},
+                                      {"name": "natten", "status": "skipped", "median_ms": None}]}]}
+    cli = tmp_path / "moe-cpu.json"
+    cli.write_text(json.dumps(results))
+    new = _pytest_benchmark_json(tmp_path / "new.json", NEW)
+    rc, out, _ = _compare([str(cli), new], capsys)
+    assert rc == 1                                   # torch chain: 2.0 -> 2.5 ms
+    assert "moe/routing | pyops cpu" in out and "fedcba9876" in out
+    assert "note: old ran full sizes, new quick sizes" in out
+
+
+@pytest.mark.parametrize("content, why", [
+    ("{not json", "not JSON"),
+    ('{"something": 1}', "neither a pytest-benchmark JSON"),
+    ('{"benchmarks": []}', "holds no timed benchmark"),
+    ('{"benchmarks": [{"name": "a", "stats": {"median": "fast"}}]}', "no valid median"),
+    ('{"family": "moe", "cases": [{"name": "x"}]}', "has no entries"),
+])
+def test_compare_bad_file_exits_2_with_one_line_naming_it(tmp_path, capsys, content, why):
+    good = _pytest_benchmark_json(tmp_path / "good.json", OLD)
+    bad = tmp_path / "bad.json"
+    bad.write_text(content)
+    for argv in ([str(bad), good], [good, str(bad)]):
+        rc, out, err = _compare(argv, capsys)
+        assert rc == 2 and not out
+        assert len(err.strip().splitlines()) == 1 and str(bad) in err and why in err, err
+
+
+def test_compare_missing_file_disjoint_runs_and_bad_noise_exit_2(tmp_path, capsys):
+    good = _pytest_benchmark_json(tmp_path / "good.json", OLD)
+    other = _pytest_benchmark_json(tmp_path / "other.json", {("merging/ties", "copy_"): 1.0})
+    rc, _, err = _compare([str(tmp_path / "absent.json"), good], capsys)
+    assert rc == 2 and "absent.json: cannot be read" in err
+    rc, _, err = _compare([good, other], capsys)
+    assert rc == 2 and "no benchmark in common" in err
+    rc, _, err = _compare([good, good, "--noise", "-0.1"], capsys)
+    assert rc == 2 and "--noise" in err
+    assert _cli(["--noise", "0.2"]) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The pytest-benchmark front end (bench/conftest.py, bench/test_benchmarks.py)
+# ------------------------------------------------------------------------------------------------
+
+_RECORDER = '''
+import json, os
+
+_outcomes = {}
+
+
+def pytest_collection_finish(session):
+    items = [{"nodeid": i.nodeid, "params": dict(i.callspec.params)} for i in session.items]
+    with open(os.environ["PYOPS_BENCH_ITEMS"], "w") as f:
+        json.dump(items, f, default=str)
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        reason = report.longrepr[2] if report.skipped and isinstance(report.longrepr, tuple) else None
+        _outcomes.setdefault(report.nodeid, (report.outcome, reason))
+
+
+def pytest_sessionfinish(session):
+    with open(os.environ["PYOPS_BENCH_OUTCOMES"], "w") as f:
+        json.dump(_outcomes, f)
+'''
+
+
+def test_pytest_benchmark_suite_runs_every_case_and_entry_once(tmp_path):
+    """`pytest bench/ --benchmark-disable` (what CI runs, through this test): every (case, entry)
+    of the quick CPU cases is one test, parametrized with `case` and `entry`, each function runs
+    once, the correctness checks pass, and whatever cannot run here is skipped with its reason."""
+    (tmp_path / "bench_recorder.py").write_text(_RECORDER)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+               PYOPS_BENCH_ITEMS=str(tmp_path / "items.json"), PYOPS_BENCH_OUTCOMES=str(tmp_path / "outcomes.json"))
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench", "--benchmark-disable", "--bench-device", "cpu", "-q",
+                        "-p", "no:cacheprovider", "-p", "bench_recorder", "--basetemp", str(tmp_path / "basetemp")],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    items = json.loads((tmp_path / "items.json").read_text())
+    outcomes = json.loads((tmp_path / "outcomes.json").read_text())
+
+    collected: dict = {}
+    for it in items:
+        assert set(it["params"]) == {"case", "entry"}, it
+        collected.setdefault(it["params"]["case"], []).append(it["params"]["entry"])
+    for stem in bench.FAMILIES:
+        mod = bench.module(stem)
+        for spec in harness.select(mod.CASES, "cpu", full=False):
+            if spec.kind == "checkpoint":
+                spec = dataclasses.replace(spec, quick={"model": TINY_LLAMA})
+            case = mod.build(spec, "cpu", workdir=str(tmp_path / "models"))
+            try:
+                assert collected.pop(f"{stem}/{spec.name}") == [e.name for e in case.entries], spec.name
+            finally:
+                case.release()
+    assert not collected, f"collected cases that are not in the tables: {sorted(collected)}"
+
+    assert {o for o, _ in outcomes.values()} <= {"passed", "skipped"}
+    assert len(outcomes) == len(items)
+    assert all(reason for o, reason in outcomes.values() if o == "skipped")
+    ran = {it["params"]["case"] for it in items if outcomes[it["nodeid"]][0] == "passed"}
+    assert ran == {it["params"]["case"] for it in items}, "a case with no entry that ran"
+    assert not (tmp_path / "basetemp").exists() or not list((tmp_path / "basetemp").rglob("*.safetensors"))
+
+
+def test_pytest_benchmark_json_has_what_gb_s_and_gflop_s_need(tmp_path):
+    """A timed run of two benchmarks: grouped by case, and the saved JSON's extra_info carries the
+    bytes, FLOPs, backend, threads, device and commit; --compare reads the file."""
+    out = tmp_path / "run.json"
+    r = subprocess.run([sys.executable, "-m", "pytest", "bench", "-k", "routing", "--benchmark-only",
+                        "--bench-device", "cpu", "--benchmark-group-by=param:case", f"--benchmark-json={out}", "-q",
+                        "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "basetemp")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "benchmark 'case=moe/routing': 2 tests" in r.stdout
+    data = json.loads(out.read_text())
+    assert data["machine_info"]["pyops"]["torch_threads"] >= 1
+    by_entry = {b["params"]["entry"]: b for b in data["benchmarks"]}
+    assert {b["params"]["case"] for b in by_entry.values()} == {"moe/routing"}
+    mine = by_entry["pyops cpu"]
+    info = mine["extra_info"]
+    assert info["backend"] == "cpu" and info["sizes"] == "quick" and info["device"] == "cpu"
+    assert info["bytes"] > 0 and info["flops"] is None
+    assert info["threads"] >= 1 and info["device_name"] and "pyops_commit" in info
+    assert info["verify"]["ok"] is True
+    assert info["gb_per_s"] == pytest.approx(info["bytes"] / mine["stats"]["median"] / 1e9)
+    assert mine["stats"]["rounds"] >= 2 and mine["stats"]["iterations"] == info["calls_per_round"]
+    assert by_entry["torch softmax+topk+argsort+bincount"]["extra_info"]["backend"] is None
+    assert bench.main(argparse.Namespace(compare=[str(out), str(out)], noise=None)) == 0
+
+
+def test_a_wrong_result_fails_the_benchmark_and_is_checked_once():
+    from pyops.bench import conftest
+
+    class Config:  # what the session reads of pytest's config
+        def getoption(self, name):
+            return {"--bench-device": "cpu", "--bench-full": False}[name]
+
+    s = conftest.BenchSession(Config())
+    calls = []
+
+    def wrong():
+        calls.append(1)
+        return {"pyops_cpu_max_abs": 1.0, "ok": False}
+
+    s._current = ("moe/routing", harness.Case("c", [], "b", verify=wrong), None)
+    for _ in range(2):
+        with pytest.raises(pytest.fail.Exception, match="disagrees with the reference"):
+            s.verify("moe/routing")
+    assert calls == [1]
+
+    def broken():
+        raise RuntimeError("boom")
+
+    s._current = ("moe/layer-fwd", harness.Case("c", [], "b", verify=broken), None)
+    with pytest.raises(pytest.fail.Exception, match="boom"):
+        s.verify("moe/layer-fwd")
+    s._current = ("moe/layer-bwd", harness.Case("c", [], "b", verify=lambda: {"max_abs": 0.0, "ok": True}), None)
+    assert s.verify("moe/layer-bwd") == {"max_abs": 0.0, "ok": True}
+
+
+def test_planned_rounds_and_work_follow_the_case_table():
+    case = harness.Case("c", [], "b", repeats=15, min_repeats=3, max_seconds=1.0)
+    assert harness.planned_rounds(case, per_call_s=0.001, number=10) == 15     # 10 ms rounds: all 15 fit
+    assert harness.planned_rounds(case, per_call_s=0.2, number=1) == 5         # 1 s / 0.2 s
+    assert harness.planned_rounds(case, per_call_s=5.0, number=1) == 3         # never below min_repeats
+    case.bytes, case.flops = 100, 200
+    assert harness.work(case, harness.Entry("pyops cpu", None, group="pyops")) == (100, 200)
+    assert harness.work(case, harness.Entry("peer", None, bytes=7)) == (7, 200)
+    assert harness.work(case, harness.Entry("copy_", None, bytes=50, group="reference")) == (50, None)
