@@ -4,6 +4,8 @@ Kept free of heavy imports so that building the `python -m pyops` parser stays c
 Exit status: 0 merged; 2 bad input (configuration, checkpoints, output path) or an output that
 cannot be written (read-only, no permission, full disk), with exactly one line on stderr and
 nothing left behind; 130 interrupted (Ctrl-C) or 143 terminated (SIGTERM), nothing left behind.
+Under torchrun (`torchrun --nproc-per-node N -m pyops merge ...`) every rank exits so, and only
+rank 0 prints the summary; a rank whose peer failed names that rank and its cause.
 """
 from __future__ import annotations
 
@@ -30,9 +32,30 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="copy the tokenizer files of the base model (or tokenizer_source) (default: yes)")
     m.add_argument("--backend", default="auto", choices=BACKEND_CHOICES, help="pyops backend (default: auto)")
     m.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the merge (default: OMP_NUM_THREADS, else the CPUs available)")
+                   help="CPU threads for the merge (default: OMP_NUM_THREADS, else the CPUs available; under "
+                        "torchrun, the CPUs available divided by the processes on the machine)")
+    m.add_argument("--dist-timeout", type=_seconds, default=None, metavar="SECONDS",
+                   help="under torchrun: a rank that stops answering (killed, hung) for this long makes the "
+                        "others fail and clean up instead of waiting forever (default: 600)")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     return m
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e9:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: the ranks of a distributed merge share the terminal, and
+    a line written in two pieces (text, then newline) can be split by another rank's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _terminate(signum, frame):
@@ -50,18 +73,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         report = run_merge(Path(args.config), args.out, overwrite=args.overwrite, device=args.device,
                            shard_size=args.shard_size, backend=args.backend, progress=args.progress,
-                           copy_tokenizer=args.copy_tokenizer, threads=args.threads)
+                           copy_tokenizer=args.copy_tokenizer, threads=args.threads,
+                           dist_timeout=args.dist_timeout)
     except MergeError as exc:
-        print(f"pyops merge: error: {one_line(str(exc))}", file=sys.stderr)
+        _say(f"pyops merge: error: {one_line(str(exc))}")
         return 2
     except KeyboardInterrupt:
-        print("pyops merge: interrupted; nothing was written", file=sys.stderr)
+        _say("pyops merge: interrupted; nothing was written")
         return 130
     except SystemExit as exc:
-        print("pyops merge: terminated; nothing was written", file=sys.stderr)
+        _say("pyops merge: terminated; nothing was written")
         return exc.code if isinstance(exc.code, int) else 1
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-    print(report.summary())
+    if report.rank == 0:
+        print(report.summary())
     return 0

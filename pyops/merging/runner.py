@@ -13,24 +13,36 @@ write (read-only file system, no permission, full disk) is an `OutputError`, rai
 temporary directory is gone. The temporary directory of a merge that was killed (SIGKILL, power
 loss) cannot be removed by that merge: the next merge to the same output removes it once its
 process is gone.
+
+Several processes (`torchrun --nproc-per-node N -m pyops merge ...`, or `run_merge(group=...)`):
+every rank validates everything and the ranks check that they agree on the plan; the tensors are
+cut into one contiguous run per rank (file order, balanced by bytes), each rank merges its run
+into shards of its own in one temporary directory that rank 0 creates, and rank 0 writes the index
+and the other files and renames the directory once every rank has reported success. The ranks
+coordinate through the process group's key-value store (no tensor crosses between them); see
+`_run_ranks`.
 """
 from __future__ import annotations
 
 import contextlib
 import errno
 import gc
+import hashlib
 import json
 import os
+import re
 import resource
 import shutil
+import socket
 import stat
 import sys
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 from pyops.merging import native_engine
 from pyops.merging.config import MergeConfig, load_config
@@ -71,19 +83,30 @@ class MergeReport:
     files: List[str] = field(default_factory=list)  # non-tensor files copied into the output
     notes: List[str] = field(default_factory=list)
     engine: str = ""  # "native" (the C++ kernels on raw memory, no torch) or "torch" (pyops.merge_from_models)
+    ranks: int = 1  # processes that merged (torchrun); the counts above are their sums, peak_rss their maximum
+    rank: int = 0  # this process's rank
+    per_rank: List[dict] = field(default_factory=list)  # each rank's tensors, shards, bytes and peak RSS
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes_read / 1e9 / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> str:
+        by = f" by {self.ranks} processes" if self.ranks > 1 else ""
+        per = " in the largest process" if self.ranks > 1 else ""
         lines = [
             f"merged {self.merged} tensors ({self.method}, {self.device}) and copied {len(self.copied)} from the base "
-            f"into {self.shards} shard{'s' if self.shards != 1 else ''} in {self.seconds:.2f} s: "
+            f"into {self.shards} shard{'s' if self.shards != 1 else ''}{by} in {self.seconds:.2f} s: "
             f"{self.bytes_read / 1e9:.3f} GB read ({self.gb_per_s:.2f} GB/s), {self.bytes_written / 1e9:.3f} GB written",
-            f"peak RSS {self.peak_rss / 2**20:.0f} MiB ({self.rss_before / 2**20:.0f} MiB before the merge)",
+            f"peak RSS {self.peak_rss / 2**20:.0f} MiB{per} ({self.rss_before / 2**20:.0f} MiB before the merge)",
             f"output: {self.out_dir}",
         ]
+        if self.per_rank:
+            shown = [f"rank {r}: {p['tensors']} tensors, {p['shards']} shards, {p['bytes_read'] / 1e9:.3f} GB read, "
+                     f"{p['seconds']:.2f} s, peak RSS {p['peak_rss'] / 2**20:.0f} MiB"
+                     for r, p in enumerate(self.per_rank[:8])]
+            more = f"; ... ({len(self.per_rank)} ranks)" if len(self.per_rank) > 8 else ""
+            lines.append("; ".join(shown) + more)
         if self.backends:
             lines.append("backends: " + ", ".join(f"{b} ({n} tensors)" for b, n in sorted(self.backends.items()))
                          + (f"; {self.engine} engine" if self.engine else ""))
@@ -122,8 +145,8 @@ def _peak_rss() -> int:
 class _Progress:
     """A `\\r` bar on a terminal, else a line every 10% (or every 30 s); on stderr."""
 
-    def __init__(self, total: int, total_bytes: int, enabled: bool, stream=None):
-        self.total, self.total_bytes, self.enabled = total, total_bytes, enabled
+    def __init__(self, total: int, total_bytes: int, enabled: bool, stream=None, label: str = "pyops merge"):
+        self.total, self.total_bytes, self.enabled, self.label = total, total_bytes, enabled, label
         self.stream = stream or sys.stderr
         self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.start = time.perf_counter()
@@ -152,7 +175,7 @@ class _Progress:
             step = 10 * done_bytes // max(self.total_bytes, 1)
             if step > self._last_step or now - self._last_draw > 30 or done == self.total:
                 self._last_step, self._last_draw = step, now
-                print(f"pyops merge: {text}", file=self.stream, flush=True)
+                print(f"{self.label}: {text}", file=self.stream, flush=True)
 
     def abort(self) -> None:
         if self.enabled and self.tty:
@@ -397,10 +420,12 @@ def _load(item: _Item, ref: Checkpoint, tasks: Sequence[Checkpoint], engine, poo
 
 
 def _stream(order: List[_Item], shards, files, tmp: Path, ref: Checkpoint, tasks: Sequence[Checkpoint], engine,
-            report: MergeReport, bar: _Progress, overlap: bool) -> int:
+            report: MergeReport, bar: _Progress, overlap: bool, tick: Optional[Callable[[], None]] = None) -> int:
     """Read, merge and write every tensor, in shard order. With `overlap`, the next tensor is read
     and the previous result written on two helper threads while the current one merges (file I/O
-    and the kernels release the GIL). Returns the largest RSS seen after a tensor."""
+    and the kernels release the GIL). `tick` is called after each tensor (a distributed merge
+    reports its progress and stops there when another rank failed). Returns the largest RSS seen
+    after a tensor."""
     rss_seen = 0
     writers: List[ShardWriter] = []
     largest = max((it.entry.nbytes for it in order), default=0)
@@ -457,6 +482,8 @@ def _stream(order: List[_Item], shards, files, tmp: Path, ref: Checkpoint, tasks
                     report.bytes_written += entry.nbytes
                     bar.update(pos, report.bytes_read)
                     rss_seen = max(rss_seen, _current_rss())
+                    if tick is not None:
+                        tick()
                 while pending_writes:
                     pending_writes.pop(0).result()
                 writer.close()
@@ -520,26 +547,43 @@ def _install(tmp: Path, out: Path) -> None:
         old.unlink()
 
 
-def _tmp_name(out: Path, pid: int) -> Path:
-    """The temporary directory that process `pid` writes the merge into `out` in."""
-    return out.parent / f"{out.name}.tmp-{pid}"
+def _host_tag() -> str:
+    """This machine's host name as it appears in a distributed merge's temporary directory: the
+    characters a file name can always hold ([A-Za-z0-9._-]), anything else as "_"."""
+    name = socket.gethostname() or "localhost"
+    return "".join(c if (c.isascii() and (c.isalnum() or c in "._-")) else "_" for c in name)
+
+
+def _tmp_name(out: Path, pid: int, host: Optional[str] = None) -> Path:
+    """The temporary directory that process `pid` writes the merge into `out` in: `OUT.tmp-<pid>`
+    for a single process; `OUT.tmp-<pid>@<host>` for a distributed merge, whose rank 0 (`pid`)
+    runs on `host` while the directory sits on storage that other machines share, where a pid
+    alone does not say which machine's process it is."""
+    return out.parent / (f"{out.name}.tmp-{pid}" + (f"@{host}" if host is not None else ""))
 
 
 def _remove_stale_tmp(out: Path) -> None:
-    """Removes the temporary directories `OUT.tmp-<pid>` of earlier merges into `out` whose process
-    no longer exists (a merge killed by SIGKILL, or the machine going down, cannot remove its own),
-    saying so on stderr. One whose process still runs (another merge into the same output, or
-    an unrelated process that reused the pid) is left alone; so is anything that is not a plain
-    directory of exactly that name."""
+    """Removes the temporary directories `OUT.tmp-<pid>` and `OUT.tmp-<pid>@<this host>` of earlier
+    merges into `out` whose process no longer exists (a merge killed by SIGKILL, or the machine
+    going down, cannot remove its own), saying so on stderr. One whose process still runs (another
+    merge into the same output, or an unrelated process that reused the pid) is left alone; so is
+    anything that is not a plain directory of exactly that name. A pid can only be checked on its
+    own machine: `OUT.tmp-<pid>@<other host>` (a distributed merge whose rank 0 ran elsewhere) is
+    always left alone, and a bare `OUT.tmp-<pid>` is taken to be this machine's."""
     prefix = f"{out.name}.tmp-"
+    here = _host_tag()
     try:
         names = os.listdir(out.parent)
     except OSError:
         return
     for name in names:
-        digits = name[len(prefix):]
-        if not name.startswith(prefix) or not (digits.isascii() and digits.isdigit()) or str(int(digits)) != digits:
+        if not name.startswith(prefix):
             continue
+        digits, at, host = name[len(prefix):].partition("@")
+        if not (digits.isascii() and digits.isdigit()) or str(int(digits)) != digits:
+            continue
+        if at and host != here:
+            continue  # another machine's process: it cannot be checked from here
         pid = int(digits)
         if pid == os.getpid():
             continue  # this process's own name: run_merge replaces it
@@ -603,48 +647,27 @@ def _engine(cfg: MergeConfig, dev, backend: str, threads: Optional[int], ref: Ch
     return _TorchEngine(cfg, torch.device(dev) if isinstance(dev, str) else dev, backend)
 
 
-def run_merge(
-    config: Union[str, os.PathLike, dict, MergeConfig],
-    out_dir: Union[str, os.PathLike],
-    *,
-    overwrite: bool = False,
-    device="cpu",
-    shard_size: Union[str, int] = "5GB",
-    backend: str = "auto",
-    progress: bool = True,
-    copy_tokenizer: bool = True,
-    threads: Optional[int] = None,
-    prefetch: bool = True,
-) -> MergeReport:
-    """Merge whole checkpoints as a mergekit YAML describes, into a new directory `out_dir`.
+@dataclass
+class _Prepared:
+    """A merge validated and planned (phases 1 and 2), nothing created yet."""
+    cfg: MergeConfig
+    dev: object  # "cpu" or a torch.device
+    shard_bytes: int
+    out: Path
+    report: MergeReport
+    ref: Checkpoint
+    tasks: List[Checkpoint]
+    opened: List[Checkpoint]
+    items: List[_Item]
 
-    Args:
-        config: a YAML file path, YAML text, a dict of the same structure, or a `MergeConfig`.
-        out_dir: the output directory; must not exist unless `overwrite` (then it is replaced
-            only after the new model is complete).
-        device: where the tensors are merged ("cpu", "cuda", "cuda:1", or a torch.device);
-            files are read and written on the host either way.
-        shard_size: the most bytes per output shard ("5GB", "500MB", "2GiB", an int).
-        backend: the pyops backend for every tensor ("auto", "reference", "cpu", "triton", "cuda").
-        progress: print progress on stderr.
-        copy_tokenizer: copy the tokenizer files of the base (or `tokenizer_source`).
-        threads: CPU threads for the merge (default: torch's thread count if torch is loaded,
-            else OMP_NUM_THREADS or the CPUs available; torch's setting is restored afterwards).
-        prefetch: read the next tensor and write the previous one on helper threads while the
-            current one merges (False: everything on the calling thread, one tensor at a time).
+    def close(self) -> None:
+        for c in self.opened:
+            c.close()
 
-    Returns a `MergeReport`. Raises `MergeError` (`ConfigError`, `CheckpointError`) for bad input,
-    before anything is written, and `OutputError` (a `MergeError`) when the output cannot be
-    written; on any failure nothing is left at `out_dir` or beside it. A temporary directory that
-    an earlier, killed merge left beside `out_dir` is removed (with a line on stderr) once its
-    process is gone.
 
-    A CPU merge of float32 / float16 / bfloat16 checkpoints on the C++ kernels (every method but
-    model_stock) runs on the native engine, without importing torch; the rest goes through
-    `pyops.merge_from_models` (`report.engine` says which). Both write the same bytes.
-    """
-    t_start = time.perf_counter()
-    rss_before = _current_rss()
+def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str, threads, rss_before: int) -> _Prepared:
+    """Reads and checks the configuration, the arguments, the output path and every input header,
+    and plans the output; raises `MergeError` before anything is created."""
     cfg = load_config(config)
     dev = _check_device(device)
     if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
@@ -659,27 +682,129 @@ def run_merge(
     _check_output(out, cfg, overwrite)
     report = MergeReport(out_dir=out, method=cfg.method, device=str(dev), notes=list(cfg.notes),
                          rss_before=rss_before)
-
     ref, tasks, opened = _open_all(cfg)
+    try:
+        items = _plan(cfg, ref, tasks, report.notes)
+    except BaseException:
+        for c in opened:
+            c.close()
+        raise
+    return _Prepared(cfg, dev, shard_bytes, out, report, ref, list(tasks), opened, items)
+
+
+@contextlib.contextmanager
+def _collector_quiet():
+    """The collector's passes over every object alive before the merge (torch, pyops) would be
+    pure overhead: those are frozen (the merge's own cycles are still collected; they hold
+    tensors, and mapped ones pin their pages). A merge allocates a few hundred small objects per
+    tensor, so the young generation's threshold is raised to 20 000 allocations: a collection
+    every several tensors instead of a few per tensor."""
+    gc.freeze()
+    threshold = gc.get_threshold()
+    gc.set_threshold(20_000, *threshold[1:])
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+
+
+def _write_rest(tmp: Path, shards, files, cfg: MergeConfig, copy_tokenizer: bool, report: MergeReport) -> None:
+    """Phase 4: the index (when there are several shards), the config and tokenizer files and the
+    configuration, into the temporary directory."""
+    if len(shards) > 1:
+        write_index(tmp / INDEX_FILE, shards, files)
+    _copy_files(cfg, tmp, copy_tokenizer, report)
+
+
+def run_merge(
+    config: Union[str, os.PathLike, dict, MergeConfig],
+    out_dir: Union[str, os.PathLike],
+    *,
+    overwrite: bool = False,
+    device="cpu",
+    shard_size: Union[str, int] = "5GB",
+    backend: str = "auto",
+    progress: bool = True,
+    copy_tokenizer: bool = True,
+    threads: Optional[int] = None,
+    prefetch: bool = True,
+    group=None,
+    dist_timeout: Optional[float] = None,
+) -> MergeReport:
+    """Merge whole checkpoints as a mergekit YAML describes, into a new directory `out_dir`.
+
+    Args:
+        config: a YAML file path, YAML text, a dict of the same structure, or a `MergeConfig`.
+        out_dir: the output directory; must not exist unless `overwrite` (then it is replaced
+            only after the new model is complete).
+        device: where the tensors are merged ("cpu", "cuda", "cuda:1", or a torch.device);
+            files are read and written on the host either way. In a distributed merge "cuda"
+            means cuda:LOCAL_RANK.
+        shard_size: the most bytes per output shard ("5GB", "500MB", "2GiB", an int).
+        backend: the pyops backend for every tensor ("auto", "reference", "cpu", "triton", "cuda").
+        progress: print progress on stderr (rank 0 only in a distributed merge).
+        copy_tokenizer: copy the tokenizer files of the base (or `tokenizer_source`).
+        threads: CPU threads for the merge (default: torch's thread count if torch is loaded,
+            else OMP_NUM_THREADS or the CPUs available; torch's setting is restored afterwards;
+            in a distributed merge, the CPUs available divided by the ranks on this machine).
+        prefetch: read the next tensor and write the previous one on helper threads while the
+            current one merges (False: everything on the calling thread, one tensor at a time).
+        group: a `torch.distributed` process group whose ranks all call `run_merge` with the
+            same arguments and split the merge between them (a group of one rank: a single
+            process). None: distributed when the environment says the process runs under
+            torchrun (WORLD_SIZE > 1), on the default group if torch.distributed is initialised,
+            else on one initialised here from RANK, MASTER_ADDR and MASTER_PORT (destroyed before
+            returning); a single process otherwise. False: a single process whatever the
+            environment (one rank of a distributed job merging alone).
+        dist_timeout: seconds (default 600) after which a rank that has stopped answering
+            (killed, hung) makes the others fail instead of waiting forever; also the timeout
+            of a process group initialised here.
+
+    Returns a `MergeReport` (in a distributed merge, the whole merge's on every rank). Raises
+    `MergeError` (`ConfigError`, `CheckpointError`) for bad input, before anything is written, and
+    `OutputError` (a `MergeError`) when the output cannot be written; on any failure nothing is
+    left at `out_dir` or beside it. A temporary directory that an earlier, killed merge left
+    beside `out_dir` is removed (with a line on stderr) once its process is gone.
+
+    A CPU merge of float32 / float16 / bfloat16 checkpoints on the C++ kernels (every method but
+    model_stock) runs on the native engine, without importing torch (unless distributed); the
+    rest goes through `pyops.merge_from_models` (`report.engine` says which). Both write the same
+    bytes, and a distributed merge writes the same tensors as a single process.
+    """
+    if dist_timeout is None:
+        dist_timeout = DIST_TIMEOUT
+    if isinstance(dist_timeout, bool) or not isinstance(dist_timeout, (int, float)) or not 0 < dist_timeout < 1e9:
+        raise MergeError(f"dist_timeout: expected a positive number of seconds, got {dist_timeout!r}")
+    ranks = _Ranks.find(group, device, float(dist_timeout))
+    if ranks is not None:
+        try:
+            return _run_ranks(ranks, config, out_dir, overwrite=overwrite, device=device, shard_size=shard_size,
+                              backend=backend, progress=progress, copy_tokenizer=copy_tokenizer, threads=threads,
+                              prefetch=prefetch)
+        finally:
+            ranks.close()
+
+    t_start = time.perf_counter()
+    rss_before = _current_rss()
+    prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before)
+    cfg, dev, out, report, items = prep.cfg, prep.dev, prep.out, prep.report, prep.items
+    ref, tasks = prep.ref, prep.tasks
     tmp: Optional[Path] = None
     rss_seen = rss_before
     made_parents: List[Path] = []
     bar = None
     out_bytes = 0
     try:
-        items = _plan(cfg, ref, tasks, report.notes)
         out_bytes = sum(it.entry.nbytes for it in items)
-        shards = plan_shards([it.entry for it in items], shard_bytes)
+        shards = plan_shards([it.entry for it in items], prep.shard_bytes)
         files = shard_names(len(shards))
         report.tensors = len(items)
         report.shards = len(shards)
         total_in = sum(it.nbytes_in for it in items)
         _check_output(out, cfg, overwrite)  # again, right before creating anything
 
-        for parent in reversed(out.parents):
-            if not parent.exists():
-                parent.mkdir()
-                made_parents.append(parent)
+        _make_parents(out, made_parents)
         _remove_stale_tmp(out)
         tmp = _tmp_name(out, os.getpid())
         if os.path.lexists(tmp):
@@ -691,23 +816,9 @@ def run_merge(
         bar = _Progress(len(items), total_in, progress)
         by_name = {it.name: it for it in items}
         order = [by_name[e.name] for shard in shards for e in shard]
-        # The collector's passes over every object alive before the merge (torch, pyops) would be
-        # pure overhead: freeze those (the merge's own cycles are still collected; they hold
-        # tensors, and mapped ones pin their pages). A merge allocates a few hundred small objects
-        # per tensor, so the young generation's threshold is raised to 20 000 allocations: a
-        # collection every several tensors instead of a few per tensor.
-        gc.freeze()
-        _gc_threshold = gc.get_threshold()
-        gc.set_threshold(20_000, *_gc_threshold[1:])
-        try:
-            with engine.running(threads):
-                rss_seen = _stream(order, shards, files, tmp, ref, tasks, engine, report, bar, prefetch)
-        finally:
-            gc.unfreeze()
-            gc.set_threshold(*_gc_threshold)
-        if len(shards) > 1:
-            write_index(tmp / INDEX_FILE, shards, files)
-        _copy_files(cfg, tmp, copy_tokenizer, report)
+        with _collector_quiet(), engine.running(threads):
+            rss_seen = _stream(order, shards, files, tmp, ref, tasks, engine, report, bar, prefetch)
+        _write_rest(tmp, shards, files, cfg, copy_tokenizer, report)
         _install(tmp, out)
         tmp = None
     except BaseException as exc:
@@ -715,18 +826,556 @@ def run_merge(
             bar.abort()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
-        for parent in reversed(made_parents):
-            try:
-                parent.rmdir()
-            except OSError:
-                pass
+        _remove_parents(made_parents)
         if isinstance(exc, OSError):  # the inputs' errors are CheckpointErrors: this is the output's
             raise _output_error(exc, out, out_bytes) from None
         raise
     finally:
-        for c in opened:
-            c.close()
+        prep.close()
     report.seconds = time.perf_counter() - t_start
     # ru_maxrss (the kernel's high-water mark, updated lazily) and the RSS sampled after each tensor.
     report.peak_rss = max(_peak_rss(), rss_before, rss_seen, _current_rss())
     return report
+
+
+def _make_parents(out: Path, made: List[Path]) -> None:
+    """Creates the missing parents of `out`, outermost first, appending each to `made` (so that
+    the caller removes them again should a later one fail)."""
+    for parent in reversed(out.parents):
+        if not parent.exists():
+            parent.mkdir()
+            made.append(parent)
+
+
+def _remove_parents(made: List[Path]) -> None:
+    for parent in reversed(made):
+        try:
+            parent.rmdir()
+        except OSError:
+            pass
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes: torchrun, or run_merge(group=...)
+# --------------------------------------------------------------------------------------------
+
+DIST_TIMEOUT = 600.0  # seconds; see run_merge's dist_timeout
+# Test hook, read here only: "R" ends rank R with os._exit(1) after its first tensor (a killed
+# process); "R:raise" makes it raise a CheckpointError there (a rank that cannot read its input).
+_FAIL_HOOK = "PYOPS_MERGE_TEST_FAIL_RANK"
+_ENV_NEEDED = ("RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class _Lost(MergeError):
+    """Another rank cannot be reached or stopped answering (killed, hung, timed out)."""
+
+
+class _PeerFailed(Exception):
+    """Another rank reported a failure: this one stops merging (its status says why)."""
+
+
+def _env_int(name: str) -> Optional[int]:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise MergeError(f"{name}: expected an integer (torchrun sets it), got {value!r}") from None
+
+
+def _cpus() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class _Ranks:
+    """This process's place in a distributed merge, and the coordination between the ranks.
+
+    The ranks exchange a few small messages and never tensors. The first exchange (each rank's
+    plan, to check that they agree) is an `all_gather_object` on the group. Every later one goes
+    through the process group's key-value store (the TCPStore that torchrun's agent or rank 0
+    serves) under a prefix unique to this merge, polled with a deadline: waiting on the store
+    never blocks inside a collective, so a rank whose peer stops answering fails after
+    `timeout` seconds, cleans up and exits instead of hanging (or, with NCCL, being aborted
+    without cleaning up). Waiting for the ranks to finish their tensors is timed from each
+    peer's last finished tensor, not from the start of the wait, so ranks that take minutes
+    longer than others (a slower disk) are waited for as long as they make progress.
+    Keys: prog/R (tensors R finished, a counter), failures (a counter), tmp, status/R, final, ack/R.
+    """
+
+    def __init__(self, dist, group, rank: int, size: int, timeout: float, owned: bool):
+        self.dist, self.group, self.rank, self.size, self.timeout, self.owned = dist, group, rank, size, timeout, owned
+        self.store = None
+        self._last_tick = 0.0
+        self._ticks = 0  # tensors finished since the last count posted
+        self._finished = 0
+        self._hook = os.environ.get(_FAIL_HOOK, "")
+
+    # -- joining ------------------------------------------------------------------------------
+
+    @classmethod
+    def find(cls, group, device, timeout: float) -> "Optional[_Ranks]":
+        """The distributed merge this process takes part in, or None for a single process."""
+        if group is False:
+            return None
+        owned = False
+        if group is None:
+            world = _env_int("WORLD_SIZE")
+            if world is None or world <= 1:
+                return None  # not under torchrun: the single-process merge, torch not even imported
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                group = dist.group.WORLD
+            else:
+                group = cls._init_from_env(world, device, timeout)
+                owned = True
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            raise MergeError("group: a process group was given but torch.distributed is not initialised")
+        rank, size = dist.get_rank(group), dist.get_world_size(group)
+        if rank < 0:
+            raise MergeError("group: this process is not a member of the process group it was given")
+        if size == 1:
+            if owned:
+                dist.destroy_process_group()
+            return None
+        return cls(dist, group, rank, size, timeout, owned)
+
+    @staticmethod
+    def _init_from_env(world: int, device, timeout: float):
+        import datetime
+        missing = [k for k in _ENV_NEEDED if not os.environ.get(k)]
+        if missing:
+            raise MergeError(f"WORLD_SIZE={world} asks for a distributed merge, but {', '.join(missing)} "
+                             f"{'is' if len(missing) == 1 else 'are'} not set: start it with torchrun")
+        rank = _env_int("RANK")
+        if not 0 <= rank < world:
+            raise MergeError(f"RANK: expected 0 <= RANK < WORLD_SIZE={world}, got {rank}")
+        import torch.distributed as dist
+        if not dist.is_available():
+            raise MergeError("torch.distributed is not available in this torch build: run a single process")
+        # Object exchanges run on gloo (CPU); NCCL is there for a GPU merge's group but carries nothing.
+        on_cuda = str(device).strip().startswith("cuda")
+        backend = "cpu:gloo,cuda:nccl" if on_cuda and dist.is_nccl_available() else "gloo"
+        try:
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout))
+        except Exception as exc:  # DistNetworkError, RuntimeError, ValueError: the rendezvous failed
+            raise _Lost(f"rank {rank} of {world}: cannot join the other ranks at "
+                        f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']} ({type(exc).__name__}: "
+                        f"{exc})") from None
+        return dist.group.WORLD
+
+    def close(self) -> None:
+        if self.owned and self.dist.is_initialized():
+            self.dist.destroy_process_group()
+
+    # -- exchanges ------------------------------------------------------------------------------
+
+    def where(self) -> str:
+        return f"rank {self.rank} of {self.size}"
+
+    def gather(self, obj) -> list:
+        """Every rank's `obj`, rank order (a collective on the group)."""
+        out = [None] * self.size
+        try:
+            self.dist.all_gather_object(out, obj, group=self.group)
+        except Exception as exc:  # a peer is gone, or the group's timeout expired
+            raise _Lost(f"{self.where()}: lost the other ranks while exchanging the plan "
+                        f"({type(exc).__name__}: {exc})") from None
+        return out
+
+    def attach(self, token: str) -> None:
+        """Uses the default group's store under a prefix that rank 0 drew for this merge."""
+        from torch.distributed.distributed_c10d import _get_default_store
+        self.store = self.dist.PrefixStore(f"pyops_merge/{token}/", _get_default_store())
+
+    def _call(self, what: str, fn, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:  # the store is gone (its host died) or refused
+            raise _Lost(f"{self.where()}: lost the other ranks ({what} on the rendezvous store: "
+                        f"{type(exc).__name__}: {exc})") from None
+
+    def post(self, key: str, value: dict) -> None:
+        self._call(f"set {key}", self.store.set, key, json.dumps(value))
+
+    def flag_failure(self) -> None:
+        """Tells the other ranks to stop at their next tensor (best effort: a failing rank may
+        have lost the store too)."""
+        try:
+            self.store.add("failures", 1)
+        except Exception:
+            pass
+
+    def tick(self) -> None:
+        """After each tensor: counts this rank's progress and stops it (raises `_PeerFailed`) when
+        another rank failed. At most 20 round trips a second."""
+        self._ticks += 1
+        self._finished += 1
+        if self._hook and self._finished == 1:
+            rank, _, mode = self._hook.partition(":")
+            if rank == str(self.rank):
+                if mode == "raise":
+                    raise CheckpointError(f"{_FAIL_HOOK}: failure injected on rank {self.rank} after its first tensor")
+                os._exit(1)
+        now = time.monotonic()
+        if now - self._last_tick < 0.05:
+            return
+        self._last_tick = now
+        self._call("add", self.store.add, f"prog/{self.rank}", self._ticks)
+        self._ticks = 0
+        if self._call("add", self.store.add, "failures", 0) > 0:
+            raise _PeerFailed()
+
+    def wait(self, key: str, ranks: Sequence[int], what: str, progress: bool = False) -> Dict[int, dict]:
+        """{rank: value} of `key/<rank>` (`key` alone for rank 0's single keys when `ranks` is
+        (None,)), polled until every one is there. A rank that has not posted and (with
+        `progress`) has finished no tensor for `timeout` seconds raises `_Lost`."""
+        pending = {r: (f"{key}/{r}" if r is not None else key) for r in ranks}
+        got: Dict[int, dict] = {}
+        start = time.monotonic()
+        seen = {r: (None, start) for r in pending}
+        pause = 0.002
+        while True:
+            for r, k in list(pending.items()):
+                if self._call(f"check {k}", self.store.check, [k]):
+                    got[r] = json.loads(self._call(f"get {k}", self.store.get, k))
+                    del pending[r]
+            if not pending:
+                return got
+            now = time.monotonic()
+            for r in pending:
+                if progress:
+                    n = self._call("add", self.store.add, f"prog/{r}", 0)
+                    if n != seen[r][0]:
+                        seen[r] = (n, now)
+                if now - seen[r][1] > self.timeout:
+                    who = f"rank {r}" if r is not None else "rank 0"
+                    idle = "has finished no tensor and " if progress else ""
+                    raise _Lost(f"{self.where()}: {who} {idle}did not {what} for {self.timeout:g} s (--dist-timeout): "
+                                f"it was killed or hangs")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.1)
+
+
+def _split(items: Sequence[_Item], size: int) -> List[int]:
+    """The rank of each item: one contiguous run per rank in file order, the runs balanced by the
+    bytes each item reads and writes (item i goes to the rank whose equal share of the total holds
+    the middle of its bytes). Contiguous runs keep each rank's reads sequential in the files."""
+    weights = [it.nbytes_in + it.entry.nbytes for it in items]
+    total = sum(weights)
+    owner, before = [], 0
+    for w in weights:
+        owner.append(min(size - 1, (2 * before + w) * size // (2 * total)) if total else 0)
+        before += w
+    return owner
+
+
+def _layout(items: Sequence[_Item], size: int, shard_bytes: int) -> tuple:
+    """(shards, files, owners): the output's shards, in file order; each rank's run cut into
+    shards of at most `shard_bytes` (a shard never spans two ranks), their names, and each
+    shard's rank. Every rank computes the same layout from the same plan."""
+    owner = _split(items, size)
+    shards: List[List[OutEntry]] = []
+    owners: List[int] = []
+    for r in range(size):
+        entries = [it.entry for it, o in zip(items, owner) if o == r]
+        if entries:
+            for shard in plan_shards(entries, shard_bytes):
+                shards.append(shard)
+                owners.append(r)
+    if not shards:  # no tensors at all: one empty file, as a single process writes
+        shards, owners = [[]], [0]
+    return shards, shard_names(len(shards)), owners
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:12]
+
+
+def _agreement(prep: _Prepared, backend: str, copy_tokenizer: bool, overwrite: bool) -> List[tuple]:
+    """What every rank must have alike: (field, key compared, how it is shown) in the order they
+    are checked; a difference in a later field follows from an earlier one."""
+    cfg = prep.cfg
+    options = (f"shard size {prep.shard_bytes} bytes, device {getattr(prep.dev, 'type', prep.dev)}, "
+               f"backend {backend}, copy_tokenizer {copy_tokenizer}, overwrite {overwrite}")
+    inputs = ", ".join(str(p) for p in cfg.inputs + ([cfg.tokenizer_source] if cfg.tokenizer_source else []))
+    conf = _digest(cfg.text)
+    fields = [("options", options, options), ("output", str(prep.out), str(prep.out)),
+              ("inputs", inputs, inputs), ("configuration", conf, f"{cfg.source} (sha256 {conf})")]
+    for c in prep.opened:
+        heads = ";".join(f"{t.name}|{t.dtype}|{list(t.shape)}|{t.file.name}|{t.offset}" for t in c.tensors.values())
+        h = _digest(heads)
+        fields.append((f"headers of {c.label}", h, f"{c.path} (sha256 {h})"))
+    plan = _digest(";".join(f"{it.name}|{it.entry.dtype}|{list(it.entry.shape)}|{sorted((it.kwargs or {}).items())}"
+                            for it in prep.items))
+    fields.append(("plan", plan, f"{len(prep.items)} tensors (sha256 {plan})"))
+    return fields
+
+
+def _disagreement(views: List[dict]) -> Optional[str]:
+    """The first field in which a rank differs from rank 0, as a sentence; None if they agree."""
+    first = views[0]["plan"]
+    for r, v in enumerate(views[1:], start=1):
+        for (field_0, key_0, shown_0), (field_r, key_r, shown_r) in zip(first, v["plan"]):
+            if field_0 != field_r or key_0 != key_r:
+                name = field_0 if field_0 == field_r else f"{field_0} / {field_r}"
+                return f"the ranks disagree on the {name}: rank 0 has {shown_0}, rank {r} has {shown_r}"
+        if len(v["plan"]) != len(first):
+            return (f"the ranks disagree on the checkpoints: rank 0 opened {len(first) - 5}, "
+                    f"rank {r} {len(v['plan']) - 5}")
+    return None
+
+
+def _ranked(exc: BaseException, where: str) -> BaseException:
+    """A rank's own error, its message prefixed with the rank (a MergeError keeps its class)."""
+    if isinstance(exc, MergeError) and not str(exc).startswith(where):
+        return type(exc)(f"{where}: {exc}")
+    return exc
+
+
+_WHERE = re.compile(r"^rank \d+ of \d+: ")
+
+
+def _cause(exc: BaseException) -> str:
+    """How a rank's failure is told to the others: one line, without the rank."""
+    if isinstance(exc, MergeError):
+        return one_line(_WHERE.sub("", str(exc), count=1))
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(exc, SystemExit):
+        return "terminated"
+    return one_line(f"{type(exc).__name__}: {exc}")
+
+
+def _stats(report: MergeReport, seconds: float, peak: int) -> dict:
+    return {"tensors": report.merged + len(report.copied), "merged": report.merged, "copied": report.copied,
+            "shards": report.shards, "bytes_read": report.bytes_read, "bytes_written": report.bytes_written,
+            "backends": report.backends, "engine": report.engine, "seconds": seconds, "peak_rss": peak,
+            "rss_before": report.rss_before}
+
+
+def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard_size, backend: str, progress: bool,
+               copy_tokenizer: bool, threads: Optional[int], prefetch: bool) -> MergeReport:
+    """One rank's part of a distributed merge.
+
+    1. Every rank validates and plans as a single process would (cheap: headers only), then the
+       ranks gather each other's plan (every argument, the configuration, each checkpoint's
+       headers, the tensor list, as digests) and any error: a rank that failed raises its own
+       error, the others "rank R failed: <its error>"; ranks that disagree all raise an error
+       naming the first field that differs. Nothing has been created yet.
+    2. Every rank computes the same layout (`_layout`). Rank 0 creates the parents of the output
+       and one temporary directory `OUT.tmp-<pid>@<host>` (pid and host of rank 0) and posts its
+       name; the others wait for it.
+    3. Each rank merges its run of tensors into its own shards there. After each tensor it counts
+       its progress on the store and stops if another rank flagged a failure.
+    4. Each rank posts its status: ok; failed, with the cause; stopped, for another rank's
+       failure; left (Ctrl-C, SIGTERM, or the others lost: it does not wait any more). Then it
+       waits for everyone's: a peer that goes silent (no status, no tensor finished) for the
+       timeout is taken for dead.
+    5. Rank 0, when every status is ok, writes the index, config, tokenizer and configuration
+       files and renames the directory to the output; on any failure it removes the directory.
+       Then it posts the outcome; every rank waits for it (so no rank returns before the output
+       exists, or exits before it is cleaned up), acknowledges it, and returns or raises: its own
+       error, else "rank R failed: <cause>" for the lowest rank that failed.
+    A rank that loses the others (`_Lost`) or is stopped (SIGTERM, Ctrl-C) removes the temporary
+    directory itself, since rank 0 may be the one that is gone, unless every rank had reported
+    success: rank 0 may be renaming it then.
+    """
+    t_start = time.perf_counter()
+    rss_before = _current_rss()
+    rank, size, where = ranks.rank, ranks.size, ranks.where()
+    prep: Optional[_Prepared] = None
+    error: Optional[BaseException] = None
+    try:
+        prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before)
+    except Exception as exc:  # reported to the other ranks first; Ctrl-C / SIGTERM leave at once
+        error = exc
+    tmp: Optional[Path] = None
+    made_parents: List[Path] = []
+    bar = None
+    posted = {"tmp": rank != 0, "status": False, "final": rank != 0}
+    # Set once every rank reported success: rank 0 may be renaming the directory from then on,
+    # and no other rank may touch it (removing it mid-rename would install a partial model).
+    rank0_owns_tmp = False
+    try:
+        # 1. the plan, agreed
+        views = ranks.gather({"token": uuid.uuid4().hex if rank == 0 else None, "host": _host_tag(),
+                              "error": _cause(error) if error is not None else None,
+                              "plan": _agreement(prep, backend, copy_tokenizer, overwrite) if prep else None})
+        if error is not None:
+            raise _ranked(error, where)
+        failed = [r for r, v in enumerate(views) if v["error"] is not None]
+        if failed:
+            raise MergeError(f"{where}: rank {failed[0]} failed: {views[failed[0]]['error']}")
+        differ = _disagreement(views)
+        if differ is not None:
+            raise MergeError(f"{where}: {differ}; nothing was written")
+        ranks.attach(views[0]["token"])
+        cfg, out, report, items = prep.cfg, prep.out, prep.report, prep.items
+        report.ranks, report.rank = size, rank
+        out_bytes = sum(it.entry.nbytes for it in items)
+        shards, files, owners = _layout(items, size, prep.shard_bytes)
+
+        own: Optional[BaseException] = None
+        state = "ok"
+        rss_seen = rss_before
+        try:
+            hosts = [v["host"] for v in views]
+            local_rank, local_size = _env_int("LOCAL_RANK"), _env_int("LOCAL_WORLD_SIZE")
+            if local_rank is None or local_size is None:
+                local_rank, local_size = hosts[:rank].count(hosts[rank]), hosts.count(hosts[rank])
+            dev = prep.dev
+            if getattr(dev, "type", None) == "cuda":
+                dev = _rank_device(dev, local_rank, where)
+                report.device = str(dev)
+            if threads is None:  # torchrun sets OMP_NUM_THREADS=1: the machine's CPUs are shared out instead
+                threads = max(1, _cpus() // max(local_size, 1))
+            mine = [i for i, o in enumerate(owners) if o == rank]
+            my_shards, my_files = [shards[i] for i in mine], [files[i] for i in mine]
+            by_name = {it.name: it for it in items}
+            order = [by_name[e.name] for shard in my_shards for e in shard]
+            report.tensors, report.shards = len(items), len(my_shards)
+
+            # 2. the temporary directory, made by rank 0
+            if rank == 0:
+                _check_output(out, cfg, overwrite)  # again, right before creating anything
+                _make_parents(out, made_parents)
+                _remove_stale_tmp(out)
+                made = _tmp_name(out, os.getpid(), hosts[0])
+                if os.path.lexists(made):
+                    shutil.rmtree(made)
+                made.mkdir()
+                tmp = made
+                ranks.post("tmp", {"tmp": str(tmp)})
+                posted["tmp"] = True
+            else:
+                answer = ranks.wait("tmp", [None], "create the temporary directory")[None]
+                if "tmp" not in answer:
+                    raise _PeerFailed()
+                tmp = Path(answer["tmp"])
+
+            # 3. this rank's tensors
+            engine = _engine(cfg, dev, backend, threads, prep.ref, prep.tasks, items)
+            report.engine = engine.name
+            bar = _Progress(len(order), sum(it.nbytes_in for it in order), progress and rank == 0,
+                            label=f"pyops merge ({where})")
+            with _collector_quiet(), engine.running(threads):
+                rss_seen = _stream(order, my_shards, my_files, tmp, prep.ref, prep.tasks, engine, report, bar,
+                                   prefetch, tick=ranks.tick)
+        except _PeerFailed:
+            state = "stopped"
+        except _Lost:
+            raise
+        except Exception as exc:
+            own = _output_error(exc, out, out_bytes) if isinstance(exc, OSError) else exc
+            state = "failed"
+            ranks.flag_failure()
+            if not posted["tmp"]:
+                ranks.post("tmp", {"error": _cause(own)})
+                posted["tmp"] = True
+        if state != "ok" and bar is not None:
+            bar.abort()
+        peak = max(_peak_rss(), rss_before, rss_seen, _current_rss())
+        ranks.post(f"status/{rank}", {"state": state, "cause": _cause(own) if own else None,
+                                      "stats": _stats(report, time.perf_counter() - t_start, peak)})
+        posted["status"] = True
+
+        # 4. everyone's status
+        statuses = ranks.wait("status", range(size), "report its status", progress=True)
+        bad = [r for r in range(size) if statuses[r]["state"] in ("failed", "left")]
+        if not bad:
+            bad = [r for r in range(size) if statuses[r]["state"] != "ok"]
+        first = bad[0] if bad else None
+        cause = (statuses[first]["cause"] or "it stopped") if bad else None
+        rank0_owns_tmp = first is None
+
+        # 5. rank 0 finishes (or cleans up); everyone waits for the outcome
+        if rank == 0:
+            if first is None:
+                try:
+                    _write_rest(tmp, shards, files, cfg, copy_tokenizer, report)
+                    _install(tmp, out)
+                    tmp = None
+                except Exception as exc:
+                    own = _output_error(exc, out, out_bytes) if isinstance(exc, OSError) else exc
+                    first, cause = 0, _cause(own)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp = None
+                _remove_parents(made_parents)
+                made_parents = []
+            ranks.post("final", {"failed": first, "cause": cause, "files": report.files})
+            posted["final"] = True
+            with contextlib.suppress(_Lost):  # the output is settled: a peer gone now changes nothing
+                ranks.wait("ack", [r for r in range(1, size) if statuses[r]["state"] != "left"],
+                           "acknowledge the outcome")
+        elif statuses[0]["state"] == "left":  # rank 0 is gone: nobody else will clean up
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp = None
+        else:
+            final = ranks.wait("final", [None], "finish the output")[None]
+            first, cause, report.files = final["failed"], final["cause"], final["files"]
+            ranks.post(f"ack/{rank}", {})
+            tmp = None  # renamed or removed by rank 0
+        if own is not None:
+            raise _ranked(own, where)
+        if first is not None:
+            raise MergeError(f"{where}: rank {first} failed: {cause}")
+
+        # the whole merge's report, on every rank
+        per = [statuses[r]["stats"] for r in range(size)]
+        report.per_rank = per
+        report.merged = sum(p["merged"] for p in per)
+        report.copied = [n for p in per for n in p["copied"]]
+        report.shards = len(shards)
+        report.bytes_read = sum(p["bytes_read"] for p in per)
+        report.bytes_written = sum(p["bytes_written"] for p in per)
+        report.backends = {}
+        for p in per:
+            for b, n in p["backends"].items():
+                report.backends[b] = report.backends.get(b, 0) + n
+        report.engine = ", ".join(dict.fromkeys(p["engine"] for p in per if p["engine"]))
+        report.rss_before = max(p["rss_before"] for p in per)
+        report.seconds = time.perf_counter() - t_start
+        report.peak_rss = max([p["peak_rss"] for p in per] + [_peak_rss()])
+        return report
+    except BaseException as exc:
+        if bar is not None:
+            bar.abort()
+        if ranks.store is not None:  # best effort: the others stop now instead of timing out
+            with contextlib.suppress(Exception):
+                if not posted["status"]:
+                    ranks.flag_failure()
+                    if not posted["tmp"]:
+                        ranks.post("tmp", {"error": _cause(exc)})
+                    ranks.post(f"status/{rank}", {"state": "left", "cause": _cause(exc), "stats": None})
+                elif not posted["final"]:
+                    ranks.post("final", {"failed": 0, "cause": _cause(exc), "files": []})
+        # Rank 0's job, unless rank 0 may be gone: the others were lost, or this rank is being
+        # stopped (torchrun stops every rank once one has exited, so rank 0 may be the one killed).
+        if tmp is not None and (rank == 0 or (isinstance(exc, (_Lost, KeyboardInterrupt, SystemExit))
+                                              and not rank0_owns_tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_parents(made_parents)
+        raise
+    finally:
+        if prep is not None:
+            prep.close()
+
+
+def _rank_device(dev, local_rank: int, where: str):
+    """cuda:LOCAL_RANK for a distributed merge asked for "cuda" (an explicit index is kept)."""
+    import torch
+    if dev.index is None:
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise MergeError(f"device: {where} is local rank {local_rank} but this machine has {count} GPU"
+                             f"{'s' if count != 1 else ''}; start at most {count} processes per machine")
+        dev = torch.device("cuda", local_rank)
+    torch.cuda.set_device(dev)
+    return dev
