@@ -16,6 +16,13 @@ Cases (the quick run shrinks every size):
       GEMM share = pyops GFLOP/s (the MLP's GEMM FLOPs only) / plain-mm GFLOP/s.
 * ``routing`` (builder ``routing``): T=65536, E=64, k=4: pyops moe_route vs softmax + topk +
   argsort + bincount (+ cumsum).
+* ``layer-ep2`` (builder ``expert_parallel``, ``--full`` only, CPU): the `TaskMoE` layer
+  forward+backward, expert-parallel over W=2 gloo ranks (worker processes of one thread each,
+  T=4096 tokens per rank, E/W=8 experts each), against the single-process layer on the tokens
+  and the thread of one rank (the baseline: the same work per core) and on all the tokens with W
+  threads (the same total work on the same cores). The EP entry's time includes the loopback
+  exchanges; its per-phase split (routing, dispatch, experts, combine, losses, backward; medians
+  over the timed calls) goes into the JSON.
 
 Checks: speed-up against the loop and against grouped_mm, the GEMM share, peak memory against
 both peers (pyops may use no more than the leaner of them), routing against the torch chain.
@@ -61,13 +68,16 @@ CASES = [
     CaseSpec("routing", "moe_route", "routing", dict(T=65536, E=64, k=4), dict(T=4096),
              backends={"cpu": ("cpu",), "cuda": ("cuda",)}, peers=(PYOPS, "torch"), baseline="torch",
              targets={"cpu": {"vs_torch": 5.0}, "cuda": {"vs_torch": 5.0}}, timing=_timing(2, 1)),
+    CaseSpec("layer-ep2", "moe_experts", "expert_parallel", dict(_LAYER, W=2), None, backward=True,
+             peers=(PYOPS, "single", "single_all"), baseline="single", targets={"cpu": {"ep_cost": 1.5}},
+             timing={"full": Timing(repeats=7, max_seconds=60.0, warmup=1, expect_s=45)}, also=("moe_route",)),
 ]
 
 
 def build(spec: CaseSpec, device, *, full: bool = False, workdir: Optional[str] = None) -> Case:
     """The `Case` of `spec` on `device` (quick size unless `full`)."""
     b = prepare(spec, device, full, workdir)
-    return {"layer": _layer_case, "routing": _routing_case}[spec.kind](b)
+    return {"layer": _layer_case, "routing": _routing_case, "expert_parallel": _ep_case}[spec.kind](b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -257,3 +267,162 @@ def _routing_case(b: Build) -> Case:
     return b.case(f"routing fp32 T={T} E={E} k={k}", entries, "torch softmax+topk+argsort+bincount",
                   dict(T=T, E=E, k=k, device=str(b.device), threads=torch.get_num_threads()), checks, verify,
                   bytes=4 * T * E + (4 + 4 + 8 + 1) * T * k + 8 * (E + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Expert parallelism: W worker processes (gloo, one thread each) driven from this process
+# --------------------------------------------------------------------------------------------
+
+EP_PHASES = ("routing", "dispatch", "experts", "combine", "losses", "backward")
+
+
+def _ep_worker(rank: int, world: int, port: int, sizes: dict, conn) -> None:
+    """One rank of the EP layer: on each "run", TaskMoE(ep_group)'s forward step by step (each
+    phase timed) and the backward; answers the phase times."""
+    import datetime
+    import time
+
+    import torch.distributed as dist
+
+    import pyops
+    from pyops.moe import ops as M
+    from pyops.moe import parallel as P
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    T, d, h, E, k = (sizes[n] for n in ("T", "d", "h", "E", "k"))
+    torch.manual_seed(rank)
+    m = pyops.nn.TaskMoE(d, h, E, k, ep_group=dist.group.WORLD)
+    dist.broadcast(m.router.data, 0)
+    x = torch.randn(T, d, generator=torch.Generator().manual_seed(100 + rank), requires_grad=True)
+    dy = torch.randn(T, d, generator=torch.Generator().manual_seed(200 + rank))
+    conn.send("ready")
+    while conn.recv() == "run":
+        dist.barrier()
+        t = [time.perf_counter()]
+        logits = x @ m.router[0]
+        r = P.global_capacity(M.moe_route(logits, k), m.capacity_factor, m.ep_group)
+        t.append(time.perf_counter())
+        rows, plan = P.dispatch(x, r, m.ep_group)
+        t.append(time.perf_counter())
+        out = M.moe_experts(rows, plan.routing, m.w1, m.w2, m.w3)
+        t.append(time.perf_counter())
+        y = P.combine(out, plan, r.weights)
+        t.append(time.perf_counter())
+        lb = P.global_load_balance_loss(logits, r.experts, group=m.ep_group)
+        t.append(time.perf_counter())
+        torch.autograd.backward([y, lb], [dy, torch.ones_like(lb)])
+        t.append(time.perf_counter())
+        m.zero_grad(set_to_none=True)
+        x.grad = None
+        conn.send([b - a for a, b in zip(t, t[1:])])
+    dist.destroy_process_group()
+
+
+class _EPWorkers:
+    """W spawned ranks of `_ep_worker`, driven through pipes; `run()` is one timed call."""
+
+    def __init__(self, world: int, sizes: dict):
+        self.world, self.sizes, self.procs, self.conns = world, sizes, [], []
+        self.phases: list = []
+
+    def start(self) -> None:
+        import socket
+
+        import torch.multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        for rank in range(self.world):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_ep_worker, args=(rank, self.world, port, self.sizes, child), daemon=True)
+            p.start()
+            self.procs.append(p)
+            self.conns.append(parent)
+        for c in self.conns:
+            if not c.poll(180) or c.recv() != "ready":
+                raise RuntimeError("expert-parallel benchmark: a worker did not start")
+
+    def run(self) -> None:
+        for c in self.conns:
+            c.send("run")
+        self.phases.append([c.recv() for c in self.conns])
+
+    def stop(self) -> None:
+        for c in self.conns:
+            try:
+                c.send("stop")
+            except OSError:
+                pass
+        for p in self.procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+        self.procs, self.conns = [], []
+
+    def split(self) -> dict:
+        """Median seconds per phase (the slowest rank of each call), warm-up calls left out."""
+        import statistics
+
+        timed = self.phases[2:] or self.phases
+        return {name: statistics.median(max(ranks[r][i] for r in range(self.world)) for ranks in timed)
+                for i, name in enumerate(EP_PHASES)}
+
+
+def _ep_case(b: Build) -> Case:
+    import pyops
+
+    T, d, h, E, k, W = (b.sizes[n] for n in ("T", "d", "h", "E", "k", "W"))
+    threads = torch.get_num_threads()
+    workers = _EPWorkers(W, dict(T=T, d=d, h=h, E=E, k=k))
+
+    def single(tokens: int, n_threads: int) -> Entry:
+        torch.manual_seed(0)
+        m = pyops.nn.TaskMoE(d, h, E, k)
+        x = torch.randn(tokens, d, requires_grad=True)
+        dy = torch.randn(tokens, d)
+
+        def run():
+            torch.set_num_threads(n_threads)
+            try:
+                y, aux = m(x)
+                torch.autograd.backward([y, aux["load_balance"]], [dy, torch.ones_like(aux["load_balance"])])
+                m.zero_grad(set_to_none=True)
+                x.grad = None
+            finally:
+                torch.set_num_threads(threads)
+        return Entry(f"1 process T={tokens} {n_threads} thread{'s' if n_threads > 1 else ''}", run,
+                     flops=3 * 2 * tokens * k * d * h * 3, group="pyops",
+                     note=f"TaskMoE forward+backward, all {E} experts in this process")
+
+    ep_name = f"EP {W} ranks T={T} each, 1 thread each"
+    entries = b.entries({
+        PYOPS: lambda: Entry(ep_name, workers.run, setup=workers.start, teardown=workers.stop, group="pyops",
+                             flops=3 * 2 * T * k * d * h * 3, measure_memory=False,
+                             note=f"TaskMoE(ep_group) forward+backward over {W} gloo ranks (worker processes), "
+                                  f"{E // W} experts each; time of the slowest rank incl. the all-to-alls"),
+        "single": lambda: single(T, 1),
+        "single_all": lambda: single(W * T, W),
+    })
+    base = f"1 process T={T} 1 thread"
+
+    def checks(r: CaseResult) -> list:
+        ep, one = r.ok(ep_name), r.ok(base)
+        if ep is None or one is None:
+            return [Check("EP cost", None, note="did not run")]
+        split = workers.split() if workers.phases else {}
+        return [Check(f"EP cost: {W}-rank layer time / 1-process time per rank's work", ep.median_s / one.median_s,
+                      b.target("ep_cost"), "<=", "x",
+                      note="split (ms, slowest rank): " + ", ".join(f"{n} {v * 1e3:.1f}" for n, v in split.items()))]
+
+    def verify() -> dict:
+        return {"ok": True, "phase_median_ms": {n: v * 1e3 for n, v in workers.split().items()}} if workers.phases \
+            else {"ok": True}
+
+    params = dict(T_per_rank=T, d=d, hidden=h, E=E, k=k, W=W, activation="swiglu", dtype="fp32", backward=True,
+                  device=str(b.device), threads=threads)
+    return b.case(f"layer EP fwd+bwd fp32 W={W} T={T}/rank d={d} h={h} E={E} k={k}", entries, base, params,
+                  checks, verify, flops=3 * 2 * T * k * d * h * 3)
