@@ -300,7 +300,7 @@ def experts_backward(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offs
     dw2 = torch.zeros(E, hid, d, **f32)
     dw3 = torch.zeros(E, d, hid, **f32) if glu else None
     if n == 0:
-        return (torch.zeros_like(x), torch.zeros_like(weights), dw1.to(w1.dtype), dw2.to(w2.dtype),
+        return (x.new_zeros(x.shape), weights.new_zeros(weights.shape), dw1.to(w1.dtype), dw2.to(w2.dtype),
                 dw3.to(w1.dtype) if glu else w1.new_empty(0))
     order = order.contiguous()
     offsets = offsets.contiguous()

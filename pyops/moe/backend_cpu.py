@@ -172,7 +172,7 @@ def inference_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
 
 @inference_op.register_fake
 def _cpu_inference_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)  # y is allocated contiguous whatever x's strides
 
 
 @torch.library.custom_op("pyops::moe_experts_cpu_backward", mutates_args=(), device_types="cpu")

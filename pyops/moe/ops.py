@@ -236,12 +236,12 @@ def _route_backward_op(grad_weights: Tensor, logits: Tensor, experts: Tensor, sc
         dz = s * (ds - (ds * s).sum(-1, keepdim=True))
     else:
         dz = ds * s * (1 - s)
-    return dz.to(logits.dtype)
+    return dz.to(logits.dtype, memory_format=torch.contiguous_format)
 
 
 @_route_backward_op.register_fake
 def _route_backward_fake(grad_weights, logits, experts, score, renormalize):
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)  # contiguous, as the real op returns whatever the logits' strides
 
 
 def _route_setup(ctx, inputs, output):

@@ -90,9 +90,12 @@ def experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool, with_h: boo
 
 
 def experts_backward_fake(dy, x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys, activation):
+    """Contiguous gradients whatever the inputs' strides (views, transposes), as every backend's
+    backward allocates them: `empty_like` would copy a view's strides and make compiled code
+    assert on the real results."""
     glu = activation in GLU
-    return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(w1), torch.empty_like(w2),
-            torch.empty_like(w1) if glu else w1.new_empty(0))
+    return (x.new_empty(x.shape), weights.new_empty(weights.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
+            w1.new_empty(w1.shape) if glu else w1.new_empty(0))
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,6 +116,39 @@ def test_compile_fullgraph_matches_eager(route_b, expert_b, compiler, rng, fresh
         assert_close(a, b, grads_tol(n, FP32), f"grad of {n}")
 
 
+def layer_loss_views(x, zt, w1_hf, w2_hf, w3_hf, dy, *, backend):
+    """The weights as transposed views of Hugging Face's [E, out, in] storage and the logits as a
+    transposed view: the layouts a model hands over without copying."""
+    r = pyops.moe_route(zt.t(), 2, capacity_factor=1.0, backend="cpu")
+    y = pyops.moe_experts(x.t(), r, w1_hf.transpose(1, 2), w2_hf.transpose(1, 2), w3_hf.transpose(1, 2),
+                          activation="swiglu", backend=backend)
+    return y, (y.float() * dy).sum()
+
+
+@pytest.mark.parametrize("expert_b,compiler", [("cpu", "inductor"), ("cpu", "aot_eager"), ("triton", "inductor")],
+                         ids=lambda v: str(v))
+def test_compile_fullgraph_with_view_inputs_matches_eager(expert_b, compiler, rng, fresh_dynamo):
+    dev = require(expert_b)
+    require("cpu", "moe_route")
+    if interpreted(expert_b):
+        pytest.skip(INTERPRETER_AOT_REASON)
+    T, d, h, E = 11, 6, 7, 4
+    x0 = randn((d, T), FP32, rng, dev)
+    z0 = make_logits(T, E, rng, dev).t().contiguous()
+    w1, w2, w3 = (t.transpose(1, 2).contiguous() for t in make_weights(E, d, h, "swiglu", FP32, rng, dev))
+    dy = randn((T, d), FP32, rng, dev)
+    results = []
+    for fn in (layer_loss_views, torch.compile(layer_loss_views, fullgraph=True, backend=compiler)):
+        leaves = [t.clone().requires_grad_() for t in (x0, z0, w1, w2, w3)]
+        y, loss = fn(*leaves, dy, backend=expert_b)
+        loss.backward()
+        results.append((y, [t.grad for t in leaves]))
+    (y_e, g_e), (y_c, g_c) = results
+    assert_close(y_c, y_e, tolerance_for(FP32), "y")
+    for n, a, b in zip(("x", "logits", "w1", "w2", "w3"), g_c, g_e):
+        assert_close(a, b, grads_tol(n, FP32), f"grad of {n}")
+
+
 def test_compile_auto_backend_route_fullgraph(rng, fresh_dynamo):
     z = make_logits(6, 4, rng, "cpu")
     f = torch.compile(lambda z: tuple(pyops.moe_route(z, 2)), fullgraph=True, backend="eager")
