@@ -159,6 +159,11 @@ for job in jobs:
         results.append({"ok": False, "type": type(exc).__name__, "error": str(exc)})
 print("RESULTS " + json.dumps(results), flush=True)
 dist.destroy_process_group()
+sys.stdout.flush()
+sys.stderr.flush()
+# No interpreter finalisation: gloo's worker threads can abort it ("terminate called without an
+# active exception", pytorch/pytorch#190489) after the results above are complete.
+os._exit(0)
 """
 
 
@@ -196,8 +201,9 @@ def test_two_ranks_match_one_process_for_every_method(ckpt, tmp_path):  # noqa: 
     assert a.read_text() != b.read_text()
     jobs.append({"configs": [str(a), str(b)], "out": str(tmp_path / "differ" / "out"), "shard_size": SHARD})
     ranks = _workers(tmp_path, jobs)
-    for rc, results, err in ranks:
-        assert rc == 0 and results is not None, err[-3000:]
+    for rank, (rc, results, err) in enumerate(ranks):
+        assert rc == 0 and results is not None, (f"rank {rank}: exit status {rc}, results "
+                                                 f"{'printed' if results is not None else 'missing'}", err[-3000:])
 
     for i, method in enumerate(METHODS):
         r0, r1 = ranks[0][1][i], ranks[1][1][i]
