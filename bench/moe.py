@@ -16,6 +16,10 @@ Cases (the quick run shrinks every size):
       GEMM share = pyops GFLOP/s (the MLP's GEMM FLOPs only) / plain-mm GFLOP/s.
 * ``routing`` (builder ``routing``): T=65536, E=64, k=4: pyops moe_route vs softmax + topk +
   argsort + bincount (+ cumsum).
+* ``routing-groups`` (builder ``routing_groups``): DeepSeek-V3 group-limited routing, T=65536,
+  E=64, n_group=8, topk_group=4, k=6, sigmoid, bias, routed_scaling=2.5: pyops moe_route vs the
+  torch chain Hugging Face's DeepSeek-V3 router runs (sigmoid, + bias, top-2 sum per group, top
+  groups, mask, top-k, gather, renormalise with + 1e-20, scale; our own code, same operations).
 * ``layer-ep2`` (builder ``expert_parallel``, ``--full`` only, CPU): the `TaskMoE` layer
   forward+backward, expert-parallel over W=2 gloo ranks (worker processes of one thread each,
   T=4096 tokens per rank, E/W=8 experts each), against the single-process layer on the tokens
@@ -68,6 +72,9 @@ CASES = [
     CaseSpec("routing", "moe_route", "routing", dict(T=65536, E=64, k=4), dict(T=4096),
              backends={"cpu": ("cpu",), "cuda": ("cuda",)}, peers=(PYOPS, "torch"), baseline="torch",
              targets={"cpu": {"vs_torch": 5.0}, "cuda": {"vs_torch": 5.0}}, timing=_timing(2, 1)),
+    CaseSpec("routing-groups", "moe_route", "routing_groups", dict(T=65536, E=64, G=8, M=4, k=6), dict(T=4096),
+             backends={"cpu": ("cpu",), "cuda": ("cuda",)}, peers=(PYOPS, "torch"), baseline="torch",
+             targets={"cpu": {"vs_torch": 5.0}, "cuda": {"vs_torch": 5.0}}, timing=_timing(2, 2)),
     CaseSpec("layer-ep2", "moe_experts", "expert_parallel", dict(_LAYER, W=2), None, backward=True,
              peers=(PYOPS, "single", "single_all"), baseline="single", targets={"cpu": {"ep_cost": 1.5}},
              timing={"full": Timing(repeats=7, max_seconds=60.0, warmup=1, expect_s=45)}, also=("moe_route",)),
@@ -77,7 +84,8 @@ CASES = [
 def build(spec: CaseSpec, device, *, full: bool = False, workdir: Optional[str] = None) -> Case:
     """The `Case` of `spec` on `device` (quick size unless `full`)."""
     b = prepare(spec, device, full, workdir)
-    return {"layer": _layer_case, "routing": _routing_case, "expert_parallel": _ep_case}[spec.kind](b)
+    return {"layer": _layer_case, "routing": _routing_case, "routing_groups": _routing_groups_case,
+            "expert_parallel": _ep_case}[spec.kind](b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -126,6 +134,22 @@ def torch_routing(z, k):
     order = torch.argsort(flat, stable=True)
     offsets = torch.cumsum(torch.bincount(flat, minlength=z.shape[1]), 0)
     return w, e, order, offsets
+
+
+def torch_group_routing(z, bias, k, n_group, topk_group, scale):
+    """DeepSeek-V3 group-limited routing as the Hugging Face router computes it (torch ops)."""
+    T, E = z.shape
+    s = torch.sigmoid(z)
+    key = s + bias
+    group_score = key.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)
+    groups = torch.topk(group_score, topk_group, dim=-1, sorted=False).indices
+    keep = torch.zeros_like(group_score).scatter_(1, groups, 1.0)
+    keep = keep.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+    key = key.masked_fill(~keep.bool(), 0.0)
+    e = torch.topk(key, k, dim=-1, sorted=False).indices
+    w = s.gather(1, e)
+    w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return w * scale, e
 
 
 # --------------------------------------------------------------------------------------------
@@ -266,6 +290,52 @@ def _routing_case(b: Build) -> Case:
     # logits read; weights (fp32), experts (int32), order (int64), dropped (bool) and offsets written
     return b.case(f"routing fp32 T={T} E={E} k={k}", entries, "torch softmax+topk+argsort+bincount",
                   dict(T=T, E=E, k=k, device=str(b.device), threads=torch.get_num_threads()), checks, verify,
+                  bytes=4 * T * E + (4 + 4 + 8 + 1) * T * k + 8 * (E + 1))
+
+
+def _routing_groups_case(b: Build) -> Case:
+    import pyops
+
+    T, E, G, M, k = (b.sizes[n] for n in ("T", "E", "G", "M", "k"))
+    scale = 2.5
+    gen = torch.Generator().manual_seed(1)
+    z = torch.randn(T, E, generator=gen).to(b.device)
+    bias = (0.01 * torch.randn(E, generator=gen)).to(b.device)
+    kw = dict(score="sigmoid", bias=bias, n_group=G, topk_group=M, routed_scaling=scale)
+    entries = b.entries({
+        PYOPS: lambda: [Entry(f"pyops {x}", (lambda x=x: pyops.moe_route(z, k, backend=x, **kw)), group="pyops",
+                              note=f"moe_route(backend={x!r}, n_group={G}, topk_group={M}): groups, top-k, "
+                                   "counts, offsets, stable permutation")
+                        for x in b.backends],
+        "torch": lambda: Entry("torch HF DeepSeek-V3 router chain", lambda: torch_group_routing(z, bias, k, G, M, scale),
+                               note="sigmoid, +bias, top-2 sum per group, topk groups, mask, topk, gather, "
+                                    "renormalise (+1e-20), scale"),
+    })
+
+    def checks(r: CaseResult) -> list:
+        res = []
+        for x in b.backends:
+            p = r.ok(f"pyops {x}")
+            res.append(Check(f"group routing speed-up pyops {x} vs torch chain", p and p.speedup,
+                             b.target("vs_torch"), ">=", "x", note="" if p else "did not run"))
+        return res
+
+    def verify() -> dict:
+        w, e = torch_group_routing(z, bias, k, G, M, scale)
+        e, pos = torch.sort(e, dim=-1)   # the chain's top-k is unsorted: compare as sets
+        w = w.gather(1, pos)
+
+        def figures(x: str) -> tuple:
+            r = pyops.moe_route(z, k, backend=x, **kw)
+            ex, p = torch.sort(r.experts.long(), dim=-1)
+            same = bool(torch.equal(ex, e))
+            return {f"pyops_{x}_same_selection": same,
+                    f"pyops_{x}_weights_max_abs": float((r.weights.gather(1, p) - w).abs().max())}, same
+        return verify_backends(b.backends, figures)
+
+    return b.case(f"routing-groups fp32 T={T} E={E} G={G} M={M} k={k}", entries, "torch HF DeepSeek-V3 router chain",
+                  dict(T=T, E=E, n_group=G, topk_group=M, k=k, routed_scaling=scale, device=str(b.device),
+                       threads=torch.get_num_threads()), checks, verify,
                   bytes=4 * T * E + (4 + 4 + 8 + 1) * T * k + 8 * (E + 1))
 
 

@@ -25,11 +25,12 @@ using pyops::bind::to_dtype;
 void moe_route(uintptr_t logits, int dtype, int64_t T, int64_t E, int64_t k, int score,
                bool renormalize, uintptr_t bias, int64_t capacity, uintptr_t weights,
                uintptr_t experts, uintptr_t order, uintptr_t offsets, uintptr_t dropped,
-               int n_threads) {
+               int n_threads, int64_t n_group, int64_t topk_group, float routed_scaling) {
   const DType dt = to_dtype(dtype, "dtype");
   run_released([&] {
     return PYOPS_ISA_CALL(moe_route, ptr<const void*>(logits), dt, T, E, k, score, renormalize,
-                          ptr<const float*>(bias), capacity, ptr<float*>(weights),
+                          ptr<const float*>(bias), capacity, n_group, topk_group,
+                          routed_scaling, ptr<float*>(weights),
                           ptr<int32_t*>(experts), ptr<int64_t*>(order), ptr<int64_t*>(offsets),
                           ptr<uint8_t*>(dropped), n_threads);
   });
@@ -101,10 +102,14 @@ void bind_moe(py::module_& m) {
   m.def("moe_route", &moe_route, py::arg("logits"), py::arg("dtype"), py::arg("T"), py::arg("E"),
         py::arg("k"), py::arg("score"), py::arg("renormalize"), py::arg("bias"),
         py::arg("capacity"), py::arg("weights"), py::arg("experts"), py::arg("order"),
-        py::arg("offsets"), py::arg("dropped"), py::arg("n_threads"),
+        py::arg("offsets"), py::arg("dropped"), py::arg("n_threads"), py::arg("n_group") = 0,
+        py::arg("topk_group") = 0, py::arg("routed_scaling") = 1.0f,
         "Top-k routing of logits [T, E] (score 0 softmax / 1 sigmoid; bias fp32 [E] or 0;\n"
         "capacity -1 = none) into weights fp32 [T,k], experts int32 [T,k], order int64 [T*k]\n"
         "(assignments stably sorted by expert), offsets int64 [E+1], dropped uint8 [T,k].\n"
+        "n_group G > 0: DeepSeek-V3 group-limited routing, the top k among the experts of the\n"
+        "topk_group groups (of E/G consecutive experts) with the largest top-2 key sums (0: none).\n"
+        "The weights are multiplied by routed_scaling (after the renormalisation).\n"
         "NaN/inf logits raise ValueError naming the first such token.");
   m.def("moe_gather", &moe_gather, py::arg("x"), py::arg("order"), py::arg("k"), py::arg("T"),
         py::arg("d"), py::arg("rows"), py::arg("dtype"), py::arg("n_threads"),

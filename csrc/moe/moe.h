@@ -3,8 +3,13 @@
 // Routing (moe_route), for logits [T, E] (dtype), fp32 math:
 //   scores  s[t, e] = softmax(logits[t])[e]  (score 0)  or  sigmoid(logits[t, e])  (score 1)
 //   keys    q[t, e] = s[t, e] + bias[e]  (bias fp32 [E], optional: it moves the choice only)
-//   experts[t, :]   = the k experts of largest key, descending; ties: lower expert index first
-//   weights[t, j]   = s[t, experts[t, j]]  (divided by sum_j when renormalize)     fp32 [T, k]
+//   groups (n_group G > 0, topk_group M; DeepSeek-V3 group-limited routing): the experts form G
+//                     groups of E / G consecutive experts; group score = top1 + top2 of its keys
+//                     (top1 alone for groups of one expert); the M groups of largest score are
+//                     kept (ties: lower group index), every expert of the others is excluded
+//   experts[t, :]   = the k (kept) experts of largest key, descending; ties: lower expert index first
+//   weights[t, j]   = s[t, experts[t, j]]  (divided by sum_j when renormalize, then multiplied by
+//                     routed_scaling)                                              fp32 [T, k]
 //   order  [T * k]  = assignment ids a = t * k + j stably sorted by expert (token order within an
 //                     expert); offsets [E + 1]: expert e owns order[offsets[e] : offsets[e + 1]]
 //   dropped[t, j]   = capacity >= 0 and the assignment's rank within its expert >= capacity
@@ -36,9 +41,9 @@ enum class MoeAct : int { kSwiglu = 0, kGeglu = 1, kGelu = 2, kSilu = 3, kRelu =
 
 #define PYOPS_MOE_DECLS                                                                          \
   Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t k, int score,  \
-                   bool renormalize, const float* bias, int64_t capacity, float* weights,        \
-                   int32_t* experts, int64_t* order, int64_t* offsets, uint8_t* dropped,         \
-                   int n_threads);                                                               \
+                   bool renormalize, const float* bias, int64_t capacity, int64_t n_group,       \
+                   int64_t topk_group, float routed_scaling, float* weights, int32_t* experts,   \
+                   int64_t* order, int64_t* offsets, uint8_t* dropped, int n_threads);           \
   Status moe_gather(const void* x, const int64_t* order, int64_t k, int64_t T, int64_t d,        \
                     void* rows, DType dtype, int n_threads);                                     \
   Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, int64_t hdim,    \

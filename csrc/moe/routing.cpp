@@ -30,6 +30,7 @@
 #include "common/thread_pool.h"
 #include "moe/fp32_math.h"
 #include "moe/moe.h"
+#include "moe/route_args.h"
 
 #if defined(__clang__)
 #pragma clang fp contract(off)
@@ -133,20 +134,57 @@ struct RouteArgs {
   const float* bias;
   float* weights;
   int32_t* experts;
+  int64_t G, M;  // group-limited routing: G groups of E / G experts, M kept (G = 0: none)
+  float scale;   // routed_scaling, applied to the weights after the renormalisation
 };
 
+inline v8i load8i(const int32_t* p) {
+  v8i v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline void store8i(int32_t* p, const v8i& v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
 struct RouteScratch {
-  std::vector<float> z, s, q, bias, key;
+  std::vector<float> z, s, q, bias, key, gs;
   std::vector<int32_t> idx;
-  void size(int64_t Ep, int64_t k) {
+  std::vector<uint8_t> kept;
+  void size(int64_t Ep, int64_t k, int64_t G) {
     z.resize(Ep);
     s.resize(Ep);
     q.resize(Ep);
     bias.resize(Ep);
     key.resize(k);
     idx.resize(k);
+    gs.resize(G);
+    kept.resize(G);
   }
 };
+
+// Group-limited routing, one token: group score gs[g] = top1 + top2 of the keys q of group g's
+// experts (top1 for groups of one expert), then the M groups of largest score, ties to the lower
+// group index (M sweeps "largest score among the groups not yet kept, then its lowest index";
+// scores may be +-inf for absurd biases, never NaN). kept[g] = 1 for those.
+inline void pick_groups(const float* q, int64_t G, int64_t gsize, int64_t M, float* __restrict gs,
+                        uint8_t* __restrict kept) {
+  for (int64_t g = 0; g < G; ++g) {
+    float t1 = -INFINITY, t2 = -INFINITY;
+    for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
+      const float v = q[e];
+      const float lo = t1 < v ? t1 : v;  // min(t1, v) becomes a top-2 candidate
+      t2 = t2 < lo ? lo : t2;
+      t1 = t1 < v ? v : t1;
+    }
+    gs[g] = gsize == 1 ? t1 : t1 + t2;
+    kept[g] = 0;
+  }
+  for (int64_t j = 0; j < M; ++j) {
+    int64_t best = -1;
+    for (int64_t g = 0; g < G; ++g)
+      if (!kept[g] && (best < 0 || gs[g] > gs[best])) best = g;
+    kept[best] = 1;
+  }
+}
 
 // Largest k of q[0..Ep) (-inf padded), descending, equal keys: lower index first, for small k:
 // k branch-free sweeps of "largest key, then its lowest index"; the chosen key is knocked out
@@ -206,13 +244,18 @@ void topk_insertion(const float* __restrict q, int64_t E, int64_t k, float* __re
 constexpr int64_t kLaneMaxK = 8;
 
 struct LaneScratch {
-  std::vector<float> zt, xt, row;
-  void size(int64_t E) {
+  std::vector<float> zt, xt, row, gs;
+  std::vector<int32_t> kept;
+  void size(int64_t E, int64_t G) {
     if ((int64_t)zt.size() < 8 * E) {
       zt.resize(8 * E);
       xt.resize(8 * E);
     }
     if ((int64_t)row.size() < E) row.resize(E);
+    if ((int64_t)gs.size() < 8 * G) {
+      gs.resize(8 * G);
+      kept.resize(8 * G);
+    }
   }
 };
 
@@ -278,7 +321,10 @@ int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_
   float* __restrict zt = w.zt.data();
   float* __restrict xt = w.xt.data();
   float* row = w.row.data();
+  float* __restrict gsc = w.gs.data();
+  int32_t* __restrict kept = w.kept.data();
   const float* bias = a.bias;
+  const int64_t G = a.G, gsize = G > 0 ? E / G : E;
   for (int64_t e = 0; e < E; ++e) counts[e] = 0;
   for (int64_t t = t0; t < t1; t += 8) {
     const int nl = (int)std::min<int64_t>(8, t1 - t);
@@ -318,6 +364,37 @@ int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_
       sum = splat(1.0f);
     }
     const bool softmax = a.score == (int)MoeScore::kSoftmax;
+    if (G > 0) {
+      // Group scores (top1 + top2 of the group's keys, the same keys as below), then the M
+      // groups of largest score per lane, ties to the lower group index: kept[g] lanes all-ones.
+      for (int64_t g = 0; g < G; ++g) {
+        v8f t1 = splat(-INFINITY), t2 = splat(-INFINITY);
+        for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
+          v8f s = load8(xt + 8 * e);
+          if (softmax) s = s / sum;
+          const v8f q = HasBias ? s + splat(bias[e]) : s;
+          t2 = vmax8(t2, vmin8f(t1, q));
+          t1 = vmax8(t1, q);
+        }
+        store8(gsc + 8 * g, gsize == 1 ? t1 : t1 + t2);
+        store8i(kept + 8 * g, splat_i(0));
+      }
+      const v8i none = splat_i(INT32_MAX);
+      for (int64_t j = 0; j < a.M; ++j) {
+        v8f m = splat(-INFINITY);
+        for (int64_t g = 0; g < G; ++g) {
+          const v8f v = load8i(kept + 8 * g) ? splat(-INFINITY) : load8(gsc + 8 * g);
+          m = vmax8(m, v);
+        }
+        v8i best = none;
+        for (int64_t g = 0; g < G; ++g) {
+          const v8i cand = (load8(gsc + 8 * g) == m) & ~load8i(kept + 8 * g);
+          best = vmin8(best, cand ? splat_i((int32_t)g) : none);
+        }
+        for (int64_t g = 0; g < G; ++g)
+          store8i(kept + 8 * g, load8i(kept + 8 * g) | (best == splat_i((int32_t)g)));
+      }
+    }
     v8f key[K], wv[K];
     v8i idx[K];
     for (int j = 0; j < K; ++j) {
@@ -327,9 +404,12 @@ int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_
     for (int64_t e = 0; e < E; ++e) {
       v8f s = load8(xt + 8 * e);
       if (softmax) s = s / sum;
-      const v8f q = HasBias ? s + splat(bias[e]) : s;
+      v8f q = HasBias ? s + splat(bias[e]) : s;
+      // Excluded experts get a -inf key: never larger than a kept one (k <= M * E / G of them).
+      if (G > 0) q = load8i(kept + 8 * (e / gsize)) ? q : splat(-INFINITY);
       const v8i ev = splat_i((int32_t)e);
-      // Keys (finite, never -0 nor NaN): a max/min bubble; the indices follow the masks.
+      // Keys (finite, or -inf for an excluded expert; never -0 nor NaN): a max/min bubble; the
+      // indices follow the masks.
       v8i gt[K];
       for (int j = 0; j < K; ++j) gt[j] = q > key[j];
       for (int j = K - 1; j > 0; --j) idx[j] = gt[j - 1] ? idx[j - 1] : (gt[j] ? ev : idx[j]);
@@ -355,6 +435,8 @@ int64_t route_tile_lanes(const RouteArgs& a, const T* logits, int64_t t0, int64_
       for (int j = 0; j < K; ++j) rs += wv[j];
       for (int j = 0; j < K; ++j) wv[j] = wv[j] / rs;
     }
+    if (a.scale != 1.0f)
+      for (int j = 0; j < K; ++j) wv[j] = wv[j] * splat(a.scale);
     for (int l = 0; l < nl; ++l) {
       float* wt = a.weights + (t + l) * K;
       int32_t* et = a.experts + (t + l) * K;
@@ -419,6 +501,13 @@ int64_t route_tile(const RouteArgs& a, const T* logits, int64_t t0, int64_t t1, 
       if (i == E8 - 1) v = last_valid ? v : neg_inf;
       store8(q + 8 * i, v);
     }
+    if (a.G > 0) {  // excluded experts: -inf keys (k <= M * E / G kept ones, all finite)
+      const int64_t gsize = E / a.G;
+      pick_groups(q, a.G, gsize, a.M, w.gs.data(), w.kept.data());
+      for (int64_t g = 0; g < a.G; ++g)
+        if (!w.kept[g])
+          for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) q[e] = -INFINITY;
+    }
     if (k <= kPassMaxK)
       topk_passes(q, E8, k, idx);
     else
@@ -435,6 +524,8 @@ int64_t route_tile(const RouteArgs& a, const T* logits, int64_t t0, int64_t t1, 
       for (int64_t j = 0; j < k; ++j) sum += wt[j];
       for (int64_t j = 0; j < k; ++j) wt[j] = wt[j] / sum;
     }
+    if (a.scale != 1.0f)
+      for (int64_t j = 0; j < k; ++j) wt[j] = wt[j] * a.scale;
   }
   return -1;
 }
@@ -445,18 +536,13 @@ int64_t route_tile(const RouteArgs& a, const T* logits, int64_t t0, int64_t t1, 
 using namespace moe_impl;
 
 Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t k, int score,
-                 bool renormalize, const float* bias, int64_t capacity, float* weights,
-                 int32_t* experts, int64_t* order, int64_t* offsets, uint8_t* dropped,
-                 int n_threads) {
-  if (T < 0) return Status::invalid("T: expected >= 0, got " + std::to_string(T));
-  if (E < 1) return Status::invalid("E: expected >= 1 experts, got " + std::to_string(E));
-  if (E > INT32_MAX) return Status::invalid("E: expected < 2^31 experts, got " + std::to_string(E));
-  if (k < 1 || k > E)
-    return Status::invalid("k: expected 1 <= k <= E = " + std::to_string(E) + ", got " + std::to_string(k));
-  if (score != (int)MoeScore::kSoftmax && score != (int)MoeScore::kSigmoid)
-    return Status::invalid("score: expected 0 (softmax) or 1 (sigmoid), got " + std::to_string(score));
-  if (capacity < -1)
-    return Status::invalid("capacity: expected -1 (none) or >= 0, got " + std::to_string(capacity));
+                 bool renormalize, const float* bias, int64_t capacity, int64_t n_group,
+                 int64_t topk_group, float routed_scaling, float* weights, int32_t* experts,
+                 int64_t* order, int64_t* offsets, uint8_t* dropped, int n_threads) {
+  {
+    Status st = moe_args::check_route(T, E, k, score, capacity, n_group, topk_group, routed_scaling);
+    if (!st.is_ok()) return st;
+  }
   if (offsets == nullptr) return Status::invalid("offsets: null pointer");
   if (T > 0 && (logits == nullptr || weights == nullptr || experts == nullptr || order == nullptr ||
                 dropped == nullptr))
@@ -469,7 +555,8 @@ Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t 
   const int64_t n_tiles = (T + kRouteTile - 1) / kRouteTile;
   std::vector<int64_t> hist(n_tiles * E);  // per-tile counts, then per-tile write cursors
   std::vector<int64_t> first_bad(n_tiles, -1);
-  const RouteArgs args{T, E, k, score, renormalize, bias, weights, experts};
+  const RouteArgs args{T, E, k, score, renormalize, bias, weights, experts, n_group, topk_group,
+                       routed_scaling};
   dispatch_dtype(dtype, [&](auto tag) {
     using S = decltype(tag);
     const S* lg = static_cast<const S*>(logits);
@@ -478,7 +565,7 @@ Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t 
       int64_t* counts = hist.data() + it * E;
       if (k <= kLaneMaxK) {
         thread_local LaneScratch lanes;
-        lanes.size(E);
+        lanes.size(E, n_group);
         int64_t bad = -1;
         switch (k) {
 #define PYOPS_ROUTE_K(KK) \
@@ -494,7 +581,7 @@ Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t 
         return;
       }
       thread_local RouteScratch scratch;
-      scratch.size(8 * ((E + 7) / 8), k);
+      scratch.size(8 * ((E + 7) / 8), k, n_group);
       first_bad[it] = route_tile<S>(args, lg, t0, t1, counts, scratch);
     });
     return 0;

@@ -8,7 +8,10 @@
 //    ((l0+l1)+(l2+l3))+((l4+l5)+(l6+l7)), exactly the CPU's vector lanes), then selects the top k
 //    keys by insertion (strictly larger keys enter; equal keys stay behind: lower expert index
 //    first). The insertion buffer is the token's own output rows (keys in `weights`, ids in
-//    `experts`), so any k works; weights are recomputed from the logits at the end. Every
+//    `experts`), so any k works; weights are recomputed from the logits at the end. With groups
+//    (n_group G > 0) the thread first scores its G groups (top1 + top2 key, into a T * G
+//    workspace row), keeps the M best (M sweeps, ties to the lower group index, flags in a second
+//    T * G row), and the insertion skips the experts of the other groups. Every
 //    floating-point operation is an explicit _rn intrinsic (never contracted into an fma), with
 //    the CPU's constants and order. Each CTA counts its tile's assignments per expert with
 //    integer atomics into hist[tile][e] (exact, order-independent).
@@ -26,6 +29,7 @@
 #include <string>
 
 #include "moe/routing_cuda.h"
+#include "moe/route_args.h"
 
 namespace pyops {
 namespace cuda_ops {
@@ -78,6 +82,10 @@ struct RouteParams {
   bool renormalize;
   const float* bias;
   int64_t capacity;
+  int64_t G, M;        // group-limited routing (G = 0: none)
+  float scale;         // routed_scaling
+  float* gscore;       // [T, G] group scores (G > 0)
+  uint8_t* gkept;      // [T, G] kept flags (G > 0)
   float* weights;
   int32_t* experts;
   int64_t* order;
@@ -131,17 +139,45 @@ __global__ void __launch_bounds__(kTile) topk_kernel(RouteParams p) {
     sum = __fadd_rn(__fadd_rn(__fadd_rn(lanes[0], lanes[1]), __fadd_rn(lanes[2], lanes[3])),
                     __fadd_rn(__fadd_rn(lanes[4], lanes[5]), __fadd_rn(lanes[6], lanes[7])));
   }
+  const int64_t G = p.G, gsize = G > 0 ? E / G : E;
+  uint8_t* kept = G > 0 ? p.gkept + t * G : nullptr;
+  if (G > 0) {
+    // Group scores: top1 + top2 of the group's keys (the keys below, bit for bit), top1 alone
+    // for one-expert groups; then the M largest, ties to the lower group index (moe/routing.cpp).
+    float* gs = p.gscore + t * G;
+    for (int64_t g = 0; g < G; ++g) {
+      float t1 = -__int_as_float(0x7f800000), t2 = t1;  // -inf
+      for (int64_t e = g * gsize; e < (g + 1) * gsize; ++e) {
+        float v = score_of<D>(row, e, p.score, m, sum);
+        if (p.bias) v = __fadd_rn(v, __ldg(p.bias + e));
+        const float lo = t1 < v ? t1 : v;
+        t2 = t2 < lo ? lo : t2;
+        t1 = t1 < v ? v : t1;
+      }
+      gs[g] = gsize == 1 ? t1 : __fadd_rn(t1, t2);
+      kept[g] = 0;
+    }
+    for (int64_t j = 0; j < p.M; ++j) {
+      int64_t best = -1;
+      for (int64_t g = 0; g < G; ++g)
+        if (!kept[g] && (best < 0 || gs[g] > gs[best])) best = g;
+      kept[best] = 1;
+    }
+  }
   float kth = 0.0f;  // key[k - 1] once the buffer is full
+  int64_t n = 0;     // keys inserted so far
   for (int64_t e = 0; e < E; ++e) {
+    if (G > 0 && !kept[e / gsize]) continue;  // excluded: never chosen (k <= M * E / G kept)
     float v = score_of<D>(row, e, p.score, m, sum);
     if (p.bias) v = __fadd_rn(v, __ldg(p.bias + e));
     int64_t i;
-    if (e < k) {
-      i = e;
+    if (n < k) {
+      i = n;
     } else {
       if (!(v > kth)) continue;
       i = k - 1;
     }
+    ++n;
     while (i > 0 && key[i - 1] < v) {
       key[i] = key[i - 1];
       idx[i] = idx[i - 1];
@@ -149,7 +185,7 @@ __global__ void __launch_bounds__(kTile) topk_kernel(RouteParams p) {
     }
     key[i] = v;
     idx[i] = (int32_t)e;
-    if (e >= k - 1) kth = key[k - 1];
+    if (n >= k) kth = key[k - 1];
   }
   // Weights: the selected experts' scores (recomputed: the same operations give the same bits),
   // renormalised in j order like the CPU.
@@ -163,6 +199,8 @@ __global__ void __launch_bounds__(kTile) topk_kernel(RouteParams p) {
   }
   if (p.renormalize)
     for (int64_t j = 0; j < k; ++j) key[j] = __fdiv_rn(key[j], wsum);
+  if (p.scale != 1.0f)
+    for (int64_t j = 0; j < k; ++j) key[j] = __fmul_rn(key[j], p.scale);
 }
 
 // One CTA: per-expert running sums over the tiles, then the expert offsets.
@@ -227,17 +265,14 @@ Status cuda_error(const std::string& what, cudaError_t e) {
 }  // namespace
 
 Status moe_route(const void* logits, int dtype, int64_t T, int64_t E, int64_t k, int score,
-                 bool renormalize, const void* bias, int64_t capacity, void* weights,
-                 void* experts, void* order, void* offsets, void* dropped, void* stream) {
+                 bool renormalize, const void* bias, int64_t capacity, int64_t n_group,
+                 int64_t topk_group, float routed_scaling, void* weights, void* experts,
+                 void* order, void* offsets, void* dropped, void* stream) {
   if (dtype < 0 || dtype > 2) return Status::invalid("dtype: unknown dtype code " + std::to_string(dtype));
-  if (T < 0) return Status::invalid("T: expected >= 0, got " + std::to_string(T));
-  if (E < 1 || E > INT32_MAX) return Status::invalid("E: expected 1 <= E < 2^31, got " + std::to_string(E));
-  if (k < 1 || k > E)
-    return Status::invalid("k: expected 1 <= k <= E = " + std::to_string(E) + ", got " + std::to_string(k));
-  if (score != 0 && score != 1)
-    return Status::invalid("score: expected 0 (softmax) or 1 (sigmoid), got " + std::to_string(score));
-  if (capacity < -1)
-    return Status::invalid("capacity: expected -1 (none) or >= 0, got " + std::to_string(capacity));
+  {
+    Status st = moe_args::check_route(T, E, k, score, capacity, n_group, topk_group, routed_scaling);
+    if (!st.is_ok()) return st;
+  }
   if (offsets == nullptr) return Status::invalid("offsets: null pointer");
   if (T > 0 && (logits == nullptr || weights == nullptr || experts == nullptr || order == nullptr ||
                 dropped == nullptr))
@@ -253,6 +288,9 @@ Status moe_route(const void* logits, int dtype, int64_t T, int64_t E, int64_t k,
   p.renormalize = renormalize;
   p.bias = static_cast<const float*>(bias);
   p.capacity = capacity;
+  p.G = n_group;
+  p.M = topk_group;
+  p.scale = routed_scaling;
   p.weights = static_cast<float*>(weights);
   p.experts = static_cast<int32_t*>(experts);
   p.order = static_cast<int64_t*>(order);
@@ -260,13 +298,16 @@ Status moe_route(const void* logits, int dtype, int64_t T, int64_t E, int64_t k,
   p.dropped = static_cast<uint8_t*>(dropped);
   p.n_tiles = (T + kTile - 1) / kTile;
 
-  // Workspace: hist [n_tiles * E] then the bad-token flag.
+  // Workspace: hist [n_tiles * E], the bad-token flag, then (groups) scores [T, G] and flags [T, G].
   const size_t hist_bytes = (size_t)(p.n_tiles * E) * sizeof(unsigned long long);
+  const size_t group_bytes = (size_t)(T * n_group) * (sizeof(float) + sizeof(uint8_t));
   void* ws = nullptr;
-  cudaError_t err = cudaMallocAsync(&ws, hist_bytes + sizeof(long long), s);
+  cudaError_t err = cudaMallocAsync(&ws, hist_bytes + sizeof(long long) + group_bytes, s);
   if (err != cudaSuccess) return cuda_error("cudaMallocAsync", err);
   p.hist = static_cast<unsigned long long*>(ws);
   p.bad_token = reinterpret_cast<long long*>(static_cast<char*>(ws) + hist_bytes);
+  p.gscore = reinterpret_cast<float*>(static_cast<char*>(ws) + hist_bytes + sizeof(long long));
+  p.gkept = reinterpret_cast<uint8_t*>(p.gscore + T * n_group);
   Status st = Status::ok();
   do {
     if (hist_bytes) {

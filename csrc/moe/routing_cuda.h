@@ -8,6 +8,8 @@
 //   logits [T, E] (dtype code 0 fp32, 1 fp16, 2 bf16); score 0 softmax / 1 sigmoid;
 //   bias fp32 [E] or null (must be finite: the host-side op validates it);
 //   capacity -1 (none) or >= 0;
+//   n_group G > 0, topk_group M: DeepSeek-V3 group-limited routing (0, 0: none); G divides E,
+//   1 <= M <= G, k <= M * E / G; routed_scaling > 0 multiplies the weights (after renormalising);
 //   weights fp32 [T, k], experts int32 [T, k], order int64 [T*k], offsets int64 [E+1],
 //   dropped uint8 [T, k].
 //
@@ -17,8 +19,9 @@
 // kernels wrote stays in range). The caller reads offsets[E] (one 8-byte copy) and raises
 // "logits: contains NaN/inf at token t".
 //
-// Temporary device memory (per-tile expert counts, (T/256) * E * 8 bytes, and one flag) is taken
-// with cudaMallocAsync / cudaFreeAsync on `stream`.
+// Temporary device memory (per-tile expert counts, (T/256) * E * 8 bytes, one flag and, with
+// groups, T * G * 5 bytes of group scores and flags) is taken with cudaMallocAsync /
+// cudaFreeAsync on `stream`.
 #pragma once
 #include <cstdint>
 
@@ -28,8 +31,9 @@ namespace pyops {
 namespace cuda_ops {
 
 Status moe_route(const void* logits, int dtype, int64_t T, int64_t E, int64_t k, int score,
-                 bool renormalize, const void* bias, int64_t capacity, void* weights,
-                 void* experts, void* order, void* offsets, void* dropped, void* stream);
+                 bool renormalize, const void* bias, int64_t capacity, int64_t n_group,
+                 int64_t topk_group, float routed_scaling, void* weights, void* experts,
+                 void* order, void* offsets, void* dropped, void* stream);
 
 }  // namespace cuda_ops
 }  // namespace pyops

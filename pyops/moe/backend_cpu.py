@@ -41,10 +41,14 @@ EXPERTS = Capability("cpu", functions=("moe_route", "moe_gather", "moe_act_forwa
 # --------------------------------------------------------------------------------------------
 
 @torch.library.custom_op("pyops::moe_route", mutates_args=(), device_types="cpu")
-def route_op(logits: Tensor, k: int, score: int, renormalize: bool, capacity: int,
-             bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def route_op(logits: Tensor, k: int, score: int, renormalize: bool, capacity: int, bias: Optional[Tensor],
+             n_group: int = 0, topk_group: int = 0,
+             routed_scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """n_group, topk_group: DeepSeek-V3 group-limited routing (0, 0: none); routed_scaling multiplies
+    the weights (docs/moe.md#definition)."""
     return S.run_native_route(logits, k, score, renormalize, capacity, bias,
-                              lambda *args: _native.cpu_module.moe_route(*args, torch.get_num_threads()))
+                              lambda *args, **kw: _native.cpu_module.moe_route(*args, torch.get_num_threads(), **kw),
+                              n_group, topk_group, routed_scaling)
 
 
 route_op.register_fake(S.route_fake)

@@ -23,15 +23,17 @@ ROUTE = Capability("cuda", functions=("moe_route",))
 
 
 @backend_cpu.route_op.register_kernel("cuda")
-def route_cuda(logits: Tensor, k: int, score: int, renormalize: bool, capacity: int,
-               bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def route_cuda(logits: Tensor, k: int, score: int, renormalize: bool, capacity: int, bias: Optional[Tensor],
+               n_group: int = 0, topk_group: int = 0,
+               routed_scaling: float = 1.0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     dev = logits.device
 
-    def launch(*args) -> None:
+    def launch(*args, **kw) -> None:
         with torch.cuda.device(dev):
-            _native.cuda_module.moe_route(*args, torch.cuda.current_stream(dev).cuda_stream)
+            _native.cuda_module.moe_route(*args, torch.cuda.current_stream(dev).cuda_stream, **kw)
 
-    out = S.run_native_route(logits, k, score, renormalize, capacity, bias, launch)
+    out = S.run_native_route(logits, k, score, renormalize, capacity, bias, launch, n_group, topk_group,
+                             routed_scaling)
     if logits.shape[0]:
         last = int(out[3][logits.shape[1]])
         if last < 0:

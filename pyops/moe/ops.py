@@ -88,6 +88,38 @@ def check_route_args(logits: object, k: object, score: object, capacity_factor: 
             raise ValueError("bias: contains NaN/inf; expected finite per-expert offsets")
 
 
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_group_args(E: int, k: int, n_group: object, topk_group: object, routed_scaling: object) -> None:
+    """DeepSeek-V3 group-limited routing: both or neither of n_group / topk_group, ints, n_group
+    dividing E, 1 <= topk_group <= n_group, k <= topk_group·E/n_group; routed_scaling a finite
+    number > 0. Every wrong value is a ValueError naming the argument (a non-number
+    routed_scaling a TypeError, as for capacity_factor)."""
+    if (n_group is None) != (topk_group is None):
+        given, missing = ("n_group", "topk_group") if topk_group is None else ("topk_group", "n_group")
+        raise ValueError(f"{missing}: expected an int together with {given} = "
+                         f"{n_group if topk_group is None else topk_group} (give both or neither), got None")
+    if n_group is not None:
+        for name, v in (("n_group", n_group), ("topk_group", topk_group)):
+            if not _is_int(v):
+                raise ValueError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+        if n_group < 1 or E % n_group != 0:
+            raise ValueError(f"n_group: expected a positive divisor of E = {E} (logits.shape[1]; the groups have "
+                             f"E/n_group experts each), got {n_group}")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group: expected 1 <= topk_group <= n_group = {n_group}, got {topk_group}")
+        kept = topk_group * (E // n_group)
+        if k > kept:
+            raise ValueError(f"k: expected k <= topk_group·E/n_group = {topk_group}·{E}/{n_group} = {kept} "
+                             f"(the experts of the kept groups), got {k}")
+    if isinstance(routed_scaling, bool) or not isinstance(routed_scaling, (int, float)):
+        raise TypeError(f"routed_scaling: expected a positive number, got {type(routed_scaling).__name__}")
+    if not (routed_scaling > 0) or math.isinf(routed_scaling):
+        raise ValueError(f"routed_scaling: expected a finite number > 0, got {routed_scaling}")
+
+
 def check_finite_logits(logits: Tensor) -> None:
     """Eager only (a data-dependent check; skipped for meta / fake tensors); the native kernels
     check too."""
@@ -220,12 +252,15 @@ def choose_experts_backend(x: Tensor, weights: Tensor, backend: str) -> str:
 
 @torch.library.custom_op("pyops::moe_route_backward", mutates_args=())
 def _route_backward_op(grad_weights: Tensor, logits: Tensor, experts: Tensor, score: int,
-                       renormalize: bool) -> Tensor:
-    """d(weights)/d(logits) with the selection `experts` held fixed (torch ops, any device)."""
+                       renormalize: bool, routed_scaling: float = 1.0) -> Tensor:
+    """d(weights)/d(logits) with the selection `experts` held fixed (torch ops, any device);
+    weights = routed_scaling · (renormalised) selected scores."""
     cd = ref.compute_dtype(logits.dtype)
     s = ref.scores(logits.detach(), "softmax" if score == 0 else "sigmoid")
     idx = experts.long()
     g = grad_weights.to(cd)
+    if routed_scaling != 1.0:
+        g = g * routed_scaling
     sel = torch.gather(s, 1, idx)
     if renormalize:
         tot = sel.sum(-1, keepdim=True)
@@ -240,22 +275,24 @@ def _route_backward_op(grad_weights: Tensor, logits: Tensor, experts: Tensor, sc
 
 
 @_route_backward_op.register_fake
-def _route_backward_fake(grad_weights, logits, experts, score, renormalize):
+def _route_backward_fake(grad_weights, logits, experts, score, renormalize, routed_scaling=1.0):
     return logits.new_empty(logits.shape)  # contiguous, as the real op returns whatever the logits' strides
 
 
 def _route_setup(ctx, inputs, output):
-    logits, k, score, renormalize, capacity, bias = inputs
+    logits, k, score, renormalize, capacity, bias, n_group, topk_group, routed_scaling = inputs
     ctx.save_for_backward(logits, output[1])
     ctx.score = score
     ctx.renormalize = renormalize
+    ctx.routed_scaling = routed_scaling
 
 
 def _route_backward(ctx, gw, g_experts, g_order, g_offsets, g_dropped):
     logits, experts = ctx.saved_tensors
     if gw is None:
         gw = torch.zeros(experts.shape, dtype=logits.dtype, device=logits.device)
-    return _route_backward_op(gw, logits, experts, ctx.score, ctx.renormalize), None, None, None, None, None
+    dz = _route_backward_op(gw, logits, experts, ctx.score, ctx.renormalize, ctx.routed_scaling)
+    return dz, None, None, None, None, None, None, None, None
 
 
 backend_cpu.route_op.register_autograd(_route_backward, setup_context=_route_setup)
@@ -307,6 +344,9 @@ def moe_route(
     renormalize: bool = True,
     capacity_factor: Optional[float] = None,
     bias: Optional[Tensor] = None,
+    n_group: Optional[int] = None,
+    topk_group: Optional[int] = None,
+    routed_scaling: float = 1.0,
     backend: str = "auto",
 ) -> Routing:
     """Top-k expert routing with the permutation that groups assignments by expert.
@@ -320,6 +360,13 @@ def moe_route(
             ``C = ceil(cf·k·T/E)`` assignments in token order and drops the rest.
         bias: optional `[E]` added to the scores for the selection only (DeepSeek-V3 aux-loss-free
             balancing); the weights are the scores without it. Not differentiated.
+        n_group, topk_group: DeepSeek-V3 group-limited routing (both or neither): the E experts
+            form ``n_group`` groups of ``E/n_group`` consecutive experts, each group scored by the
+            sum of its two largest keys (score + bias; the largest alone for one-expert groups);
+            only the experts of the ``topk_group`` best groups (ties: lower group index) can be
+            chosen. ``k <= topk_group·E/n_group``.
+        routed_scaling: multiplies the weights (after the renormalisation), > 0; DeepSeek-V3's
+            ``routed_scaling_factor``. The gradient includes it.
         backend: ``"auto"`` | ``"reference"`` | ``"cpu"`` | ``"cuda"``.
 
     Returns:
@@ -331,16 +378,21 @@ def moe_route(
 
     Raises:
         ValueError for NaN/inf logits ("logits: contains NaN/inf at token t"), k outside
-        [1, E], capacity_factor <= 0, a bias of the wrong shape.
+        [1, E], capacity_factor <= 0, a bias of the wrong shape, n_group without topk_group (or
+        the reverse), a non-int n_group / topk_group, n_group not dividing E, topk_group outside
+        [1, n_group], k > topk_group·E/n_group, routed_scaling <= 0.
     """
     check_route_args(logits, k, score, capacity_factor, bias)
     T, E = logits.shape
+    check_group_args(E, k, n_group, topk_group, routed_scaling)
+    scale = float(routed_scaling)
     name = choose_route_backend(logits, backend)
     if name == "reference":
         check_finite_logits(logits)
-        return Routing(*ref.route(logits, k, score, renormalize, capacity_factor, bias))
+        return Routing(*ref.route(logits, k, score, renormalize, capacity_factor, bias, n_group, topk_group, scale))
     cap = ref.capacity(capacity_factor, T, E, k)
-    return Routing(*backend_cpu.route_op(logits, k, SCORE_CODES[score], bool(renormalize), cap, bias))
+    return Routing(*backend_cpu.route_op(logits, k, SCORE_CODES[score], bool(renormalize), cap, bias,
+                                         n_group or 0, topk_group or 0, scale))
 
 
 def moe_experts(

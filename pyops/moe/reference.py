@@ -4,10 +4,16 @@ Routing, for router logits ``z [T, E]`` and ``k`` experts per token:
 
     s = softmax(z, -1)          (score="softmax")   or   s = sigmoid(z)   (score="sigmoid")
     key = s + bias              (bias [E], DeepSeek-V3 aux-loss-free balancing: selection only)
+    groups (n_group G, topk_group M; DeepSeek-V3 group-limited routing, arXiv:2412.19437):
+                 the experts form G groups of E/G consecutive experts; group score of g =
+                 the sum of the 2 largest keys of its experts (the largest alone if E/G = 1);
+                 the M groups of largest score are kept (ties: the lower group index) and every
+                 expert of the other groups is excluded (key −inf: never chosen); k <= M·E/G
     experts[t] = the k largest keys of token t, descending; ties go to the lower expert index
                  (a stable descending sort of the key)
     weights[t, j] = s[t, experts[t, j]]          (the score, never the bias)
     renormalize:  weights[t] /= Σ_j weights[t, j]
+    routed_scaling: weights[t] *= routed_scaling  (after the renormalisation; default 1)
     order   = the flat assignment ids a = t·k + j stably sorted by expert (token order within an expert)
     offsets = [0, cumsum(counts)]                (counts[e] = assignments to e, dropped ones included)
     capacity_factor cf:  C = ceil(cf·k·T/E); in expert e's slice of `order`, the first C (token
@@ -70,17 +76,37 @@ def scores(logits: Tensor, score: str = "softmax") -> Tensor:
     return s.to(cd)
 
 
+def group_mask(key: Tensor, n_group: int, topk_group: int) -> Tensor:
+    """`[T, E]` bool, True for the experts of the `topk_group` kept groups of each token:
+    group score = top-1 + top-2 key of the group (top-1 alone for groups of one expert), the
+    largest scores kept, ties to the lower group index (a stable descending sort)."""
+    T, E = key.shape
+    size = E // n_group
+    top = torch.topk(key.reshape(T, n_group, size), min(2, size), dim=-1).values
+    gscore = top[..., 0] + top[..., 1] if size >= 2 else top[..., 0]
+    kept = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_group]
+    keep = torch.zeros(T, n_group, dtype=torch.bool, device=key.device).scatter_(1, kept, True)
+    return keep.repeat_interleave(size, dim=1)
+
+
 def route(logits: Tensor, k: int, score: str = "softmax", renormalize: bool = True,
-          capacity_factor: Optional[float] = None, bias: Optional[Tensor] = None) -> RouteResult:
+          capacity_factor: Optional[float] = None, bias: Optional[Tensor] = None,
+          n_group: Optional[int] = None, topk_group: Optional[int] = None,
+          routed_scaling: float = 1.0) -> RouteResult:
     """Top-k routing of `logits [T, E]`; see the module docstring."""
     T, E = logits.shape
     s = scores(logits, score)
-    key = s if bias is None else s + bias.detach().to(s.dtype)
+    key = (s if bias is None else s + bias.detach().to(s.dtype)).detach()
+    if n_group is not None:
+        # Excluded experts' keys become -inf (DeepSeek's official gate), so they are never chosen.
+        key = key.masked_fill(~group_mask(key, n_group, topk_group), float("-inf"))
     # Stable descending sort: equal keys keep their index order, so ties go to the lower expert.
-    sel = torch.sort(key.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    sel = torch.sort(key, dim=-1, descending=True, stable=True).indices[:, :k]
     w = torch.gather(s, 1, sel)
     if renormalize:
         w = w / w.sum(dim=-1, keepdim=True)
+    if routed_scaling != 1.0:
+        w = w * routed_scaling
     flat = sel.reshape(-1)
     order = torch.sort(flat, stable=True).indices                       # token order within an expert
     counts = torch.zeros(E, dtype=torch.int64, device=logits.device).index_add_(

@@ -50,15 +50,17 @@ def route_result(logits: Tensor, w: Tensor, ex: Tensor, order: Tensor, offsets: 
     return w.to(logits.dtype), ex, order, offsets, dropped.view(torch.bool)
 
 
-def route_fake(logits, k, score, renormalize, capacity, bias):
+def route_fake(logits, k, score, renormalize, capacity, bias, n_group=0, topk_group=0, routed_scaling=1.0):
     return route_result(logits, *route_outputs(logits, k))
 
 
 def run_native_route(logits: Tensor, k: int, score: int, renormalize: bool, capacity: int, bias: Optional[Tensor],
-                     kernel: Callable[..., None]):
-    """Contiguous inputs (bias as fp32), outputs allocated, then `kernel(*args)` with the leading
-    arguments of the bindings' moe_route (logits, dtype code, T, E, k, score, renormalize, bias or 0,
-    capacity, the five outputs, all pointers as ints; the caller appends its threads or stream).
+                     kernel: Callable[..., None], n_group: int = 0, topk_group: int = 0,
+                     routed_scaling: float = 1.0):
+    """Contiguous inputs (bias as fp32), outputs allocated, then `kernel(*args, **groups)` with the
+    leading arguments of the bindings' moe_route (logits, dtype code, T, E, k, score, renormalize,
+    bias or 0, capacity, the five outputs, all pointers as ints; the caller appends its threads or
+    stream) and the keywords n_group, topk_group (0, 0: no groups) and routed_scaling.
     No tokens: no kernel call, every offset 0."""
     T, E = logits.shape
     z = logits.detach().contiguous()
@@ -69,7 +71,8 @@ def run_native_route(logits: Tensor, k: int, score: int, renormalize: bool, capa
     else:
         kernel(z.data_ptr(), _native.dtype_code(z.dtype), T, E, k, score, renormalize,
                b.data_ptr() if b is not None else 0, capacity,
-               w.data_ptr(), ex.data_ptr(), order.data_ptr(), offsets.data_ptr(), dropped.data_ptr())
+               w.data_ptr(), ex.data_ptr(), order.data_ptr(), offsets.data_ptr(), dropped.data_ptr(),
+               n_group=n_group, topk_group=topk_group, routed_scaling=routed_scaling)
     return route_result(logits, w, ex, order, offsets, dropped)
 
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import copy
-import importlib
-import os
 import subprocess
 import sys
 import warnings
@@ -12,27 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from _support import prefer_installed_kernels
+
 ROOT = Path(__file__).resolve().parents[2]
 
-
-def _prefer_installed_kernels() -> None:
-    """The repo's kernels/ folder (shipped as pyops.kernels) shadows the `kernels` distribution that
-    transformers imports whenever the repo root is on sys.path, as it is under pytest."""
-    mod = sys.modules.get("kernels")
-    if mod is not None and not str(getattr(mod, "__file__", "") or "").startswith(str(ROOT / "kernels")):
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != ROOT]
-    sys.modules.pop("kernels", None)
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
-
-
-_prefer_installed_kernels()
+prefer_installed_kernels()
 transformers = pytest.importorskip("transformers", minversion="5")
 
 from pyops.integrations import transformers as pt  # noqa: E402
