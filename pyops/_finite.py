@@ -58,7 +58,10 @@ def maxima(*tensors: Optional[Tensor]) -> Optional[List[float]]:
         return [0.0] * len(tensors)
     ends = []
     for t in present:
-        lo, hi = torch.aminmax(t.detach())  # a NaN propagates into both
+        t = t.detach()
+        # A NaN propagates into both ends. aminmax copies a non-contiguous tensor first (a model's
+        # weights passed as transposed views); amin and amax read any strides in place.
+        lo, hi = torch.aminmax(t) if t.is_contiguous() else (t.amin(), t.amax())
         ends.append(torch.maximum(-lo.to(torch.float64), hi.to(torch.float64)))
     found = iter(torch.stack(ends).nan_to_num(nan=float("inf"), posinf=float("inf")).tolist())
     return [next(found) if t is not None and t.numel() > 0 else 0.0 for t in tensors]

@@ -47,3 +47,13 @@ def test_inputs_are_not_modified():
     before = t.clone()
     _finite.maxima(t)
     assert torch.equal(t.nan_to_num(), before.nan_to_num()) and torch.isnan(t[1])
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")], ids=["nan", "-inf"])
+def test_strided_views_read_like_their_copies(value):
+    """A half of a fused [E, 2h, d] tensor, transposed (a model's weights passed as views)."""
+    fused = torch.randn(3, 8, 5, generator=torch.Generator().manual_seed(0))
+    view = fused[:, :4].transpose(1, 2)
+    assert _finite.maxima(view) == _finite.maxima(view.contiguous())
+    fused[1, 2, 3] = value
+    assert _finite.maxima(view) == [float("inf")]

@@ -62,6 +62,13 @@ def _f32(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.detach().to(torch.float32).contiguous()
 
 
+def _f32_mm(t: Optional[Tensor]) -> Optional[Tensor]:
+    """An expert weight as the fp32 operand of torch.mm: the weights feed only torch.mm, which takes
+    any strides (BLAS transposes a column-major slice), so a view of a model's stored layout (e.g.
+    Hugging Face's [E, out, in] transposed) is used as it is — no per-call copy of fp32 weights."""
+    return None if t is None else t.detach().to(torch.float32)
+
+
 def _slices(offsets: Tensor, n: int) -> list:
     """offsets as a Python list, checked (eager, inside the op): starts at 0, ends at n, non-decreasing."""
     offs = offsets.tolist()
@@ -122,7 +129,7 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
     E = w1.shape[0]
     act = S.ACT_CODES[activation]
     nt = _nt()
-    xf, w1f, w2f, w3f = _f32(x), _f32(w1), _f32(w2), _f32(w3)
+    xf, w1f, w2f, w3f = _f32(x), _f32_mm(w1), _f32_mm(w2), _f32_mm(w3)
     order = order.contiguous()
     rows = workspace.gathered_rows(x, xf, order, k, nt, fresh=True)
     hbuf = workspace.get("h", rmax, h_)
@@ -215,7 +222,7 @@ def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: 
     else:
         nt = _nt()
         rmax = max(offs[e + 1] - offs[e] for e in range(E))
-        xf, w1f, w2f, w3f = _f32(x), _f32(w1), _f32(w2), _f32(w3)
+        xf, w1f, w2f, w3f = _f32(x), _f32_mm(w1), _f32_mm(w2), _f32_mm(w3)
         order = order.contiguous()
         dyf = _f32(dy)
         wf = _f32(weights)

@@ -275,3 +275,26 @@ def test_no_grad_path_matches_training_path(backend, rng):
         y_again = pyops.moe_experts(x, r, w1, w2, w3, backend=backend)
     assert_bitwise_equal(y_infer, y_train.detach(), "no-grad y")
     assert_bitwise_equal(y_again, y_infer, "second no-grad call (reused scratch)")
+
+
+@pytest.mark.parametrize("backend", ["cpu"])
+def test_transposed_view_weights_match_contiguous_weights(backend, rng):
+    """Weights as views of a [E, out, in] storage (Hugging Face's layout, gate and up fused) give
+    the contiguous weights' output and gradients; the storage receives the gradients."""
+    require(backend)
+    T, d, h, E, k = 13, 6, 5, 4, 2
+    x = randn((T, d), FP32, rng).requires_grad_()
+    r = pyops.moe_route(make_logits(T, E, rng, "cpu"), k, backend="reference")
+    gate_up = randn((E, 2 * h, d), FP32, rng).requires_grad_()
+    down = randn((E, d, h), FP32, rng).requires_grad_()
+    dy = randn((T, d), FP32, rng)
+    views = (gate_up[:, :h].transpose(1, 2), down.transpose(1, 2), gate_up[:, h:].transpose(1, 2))
+    y = pyops.moe_experts(x, r, *views, backend=backend)
+    gx, gg, gd = torch.autograd.grad(y, (x, gate_up, down), dy)
+    copies = [v.detach().contiguous().requires_grad_() for v in views]
+    y_c = pyops.moe_experts(x, r, *copies, backend=backend)
+    gx_c, g1, g2, g3 = torch.autograd.grad(y_c, [x] + copies, dy)
+    assert_close(y, y_c, tolerance_for(FP32), "y")
+    assert_close(gx, gx_c, grads_tol("x", FP32), "grad of x")
+    assert_close(gg, torch.cat([g1, g3], 2).transpose(1, 2), grads_tol("w1", FP32), "grad of gate_up_proj")
+    assert_close(gd, g2.transpose(1, 2), grads_tol("w2", FP32), "grad of down_proj")
