@@ -20,6 +20,19 @@ Cases (the quick run shrinks every size):
   E=64, n_group=8, topk_group=4, k=6, sigmoid, bias, routed_scaling=2.5: pyops moe_route vs the
   torch chain Hugging Face's DeepSeek-V3 router runs (sigmoid, + bias, top-2 sum per group, top
   groups, mask, top-k, gather, renormalise with + 1e-20, scale; our own code, same operations).
+* ``hf-mixtral-fwd`` / ``hf-mixtral-bwd`` (builder ``hf_block``): the layer's sizes (T=4096,
+  d=512, hidden=1024, E=16, k=2, fp32, CPU) as a Hugging Face transformers `MixtralSparseMoeBlock`
+  (router linear included; fwd+bwd: the gradients of the hidden states and of the router and
+  expert weights). Entries:
+    - ``transformers grouped_mm``: transformers' own block with ``_experts_implementation =
+      "grouped_mm"`` (what `from_pretrained` picks by default in transformers 5).
+    - ``transformers eager``: the same block with the per-expert loop (``"eager"``).
+    - ``pyops patched block``: the block after `pyops.integrations.transformers.patch_model`:
+      moe_route + moe_experts on views of transformers' ``[E, out, in]`` weights.
+    - ``pyops contiguous weights``: moe_route + moe_experts on ``x @ W`` copies of the same weights
+      (what the HF layout costs pyops; runs without transformers).
+  The speed-ups are taken against the faster transformers implementation of the run. Without
+  transformers (>= 5) its entries and the patched block are skipped with the reason.
 * ``layer-ep2`` (builder ``expert_parallel``, ``--full`` only, CPU): the `TaskMoE` layer
   forward+backward, expert-parallel over W=2 gloo ranks (worker processes of one thread each,
   T=4096 tokens per rank, E/W=8 experts each), against the single-process layer on the tokens
@@ -29,7 +42,9 @@ Cases (the quick run shrinks every size):
   over the timed calls) goes into the JSON.
 
 Checks: speed-up against the loop and against grouped_mm, the GEMM share, peak memory against
-both peers (pyops may use no more than the leaner of them), routing against the torch chain.
+both peers (pyops may use no more than the leaner of them), routing against the torch chain; for
+the transformers block, the patched block against the faster transformers implementation (speed
+and peak memory).
 """
 from __future__ import annotations
 
@@ -39,8 +54,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, nbytes, peak_mib, prepare,
-                      randn, verify_backends)
+from .harness import (PYOPS, Build, Case, CaseResult, CaseSpec, Check, Entry, Timing, choice_info, nbytes, peak_mib,
+                      prepare, randn, verify_backends)
 
 FAMILY = "moe"
 OPS = ("moe_route", "moe_experts")
@@ -75,6 +90,11 @@ CASES = [
     CaseSpec("routing-groups", "moe_route", "routing_groups", dict(T=65536, E=64, G=8, M=4, k=6), dict(T=4096),
              backends={"cpu": ("cpu",), "cuda": ("cuda",)}, peers=(PYOPS, "torch"), baseline="torch",
              targets={"cpu": {"vs_torch": 5.0}, "cuda": {"vs_torch": 5.0}}, timing=_timing(2, 2)),
+    # transformers' Mixtral sparse-MoE block (grouped_mm and eager) against the pyops-patched block
+    *(CaseSpec(f"hf-mixtral-{tag}", "moe_experts", "hf_block", _LAYER, _LAYER_QUICK, backward=bwd,
+               backends={"cpu": ("cpu",)}, peers=(PYOPS, "hf_grouped_mm", "hf_eager"), baseline="hf_grouped_mm",
+               targets={"cpu": {"vs_hf": 1.3, "layout_cost": None}}, timing=_timing(q, f), also=("moe_route",))
+      for tag, bwd, q, f in (("fwd", False, 8, 75), ("bwd", True, 10, 110))),
     CaseSpec("layer-ep2", "moe_experts", "expert_parallel", dict(_LAYER, W=2), None, backward=True,
              peers=(PYOPS, "single", "single_all"), baseline="single", targets={"cpu": {"ep_cost": 1.5}},
              timing={"full": Timing(repeats=7, max_seconds=60.0, warmup=1, expect_s=45)}, also=("moe_route",)),
@@ -85,7 +105,7 @@ def build(spec: CaseSpec, device, *, full: bool = False, workdir: Optional[str] 
     """The `Case` of `spec` on `device` (quick size unless `full`)."""
     b = prepare(spec, device, full, workdir)
     return {"layer": _layer_case, "routing": _routing_case, "routing_groups": _routing_groups_case,
-            "expert_parallel": _ep_case}[spec.kind](b)
+            "hf_block": _hf_block_case, "expert_parallel": _ep_case}[spec.kind](b)
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,6 +357,200 @@ def _routing_groups_case(b: Build) -> Case:
                   dict(T=T, E=E, n_group=G, topk_group=M, k=k, routed_scaling=scale, device=str(b.device),
                        threads=torch.get_num_threads()), checks, verify,
                   bytes=4 * T * E + (4 + 4 + 8 + 1) * T * k + 8 * (E + 1))
+
+
+# --------------------------------------------------------------------------------------------
+# transformers' Mixtral block against the pyops-patched block
+# --------------------------------------------------------------------------------------------
+
+def _prefer_installed_kernels() -> None:
+    """In a source checkout the repository's ``kernels/`` folder (shipped as pyops.kernels)
+    shadows the ``kernels`` distribution transformers imports whenever the checkout's root is on
+    sys.path (``python -m`` from the root, pytest): import the installed one first, without it."""
+    import importlib
+    import os
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if not ((root / "pyproject.toml").is_file() and (root / "kernels").is_dir()):
+        return                                   # an installed pyops: nothing shadows anything
+    mod = sys.modules.get("kernels")
+    if mod is not None and not str(getattr(mod, "__file__", "") or "").startswith(str(root / "kernels")):
+        return
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
+    sys.modules.pop("kernels", None)
+    try:
+        importlib.import_module("kernels")
+    except ImportError:
+        pass
+    finally:
+        sys.path[:] = saved
+
+
+def hf_mixtral():
+    """(transformers' modeling_mixtral, None), or (None, why not) where transformers >= 5 is absent."""
+    try:
+        _prefer_installed_kernels()
+        import transformers
+        from transformers.models.mixtral import modeling_mixtral
+    except Exception as exc:   # not installed, or broken
+        return None, f"transformers is not importable here ({type(exc).__name__}: {exc})"[:300]
+    major = transformers.__version__.split(".")[0]
+    if not major.isdigit() or int(major) < 5:
+        return None, f"transformers {transformers.__version__} < 5 (no fused experts, no patch_model support)"
+    return modeling_mixtral, None
+
+
+def _hf_block_case(b: Build) -> Case:
+    import pyops
+
+    dev, dtype, backward = b.device, b.dtype, b.spec.backward
+    T, d, h, E, k = (b.sizes[n] for n in ("T", "d", "h", "E", "k"))
+    g = b.generator(0, device="cpu")
+
+    def rnd(*shape, scale=1.0):
+        return randn(shape, dtype, dev, g, scale)
+
+    # the block's parameters in transformers' layout: router [E, d], gate_up [E, 2h, d] (gate rows
+    # first), down [E, d, h], used as x @ W.T
+    x = rnd(1, T, d)
+    router = torch.nn.Parameter(rnd(E, d, scale=d ** -0.5), requires_grad=backward)
+    gate_up = torch.nn.Parameter(rnd(E, 2 * h, d, scale=d ** -0.5), requires_grad=backward)
+    down = torch.nn.Parameter(rnd(E, d, h, scale=h ** -0.5), requires_grad=backward)
+    dy = rnd(1, T, d)
+    x.requires_grad_(backward)
+    leaves = [x, router, gate_up, down]
+    gemm_flops = 3 * 2 * T * k * d * h * (3 if backward else 1)
+
+    mixtral, why = hf_mixtral()
+    blocks: dict = {}
+
+    def block(impl: str):
+        """A MixtralSparseMoeBlock on the shared Parameters: transformers' `impl`, or "pyops"
+        (patched); made once per case, on first use."""
+        if impl not in blocks:
+            from transformers import MixtralConfig
+
+            cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=E, num_experts_per_tok=k,
+                                hidden_act="silu", router_jitter_noise=0.0)
+            cfg._experts_implementation = "grouped_mm" if impl == "pyops" else impl
+            m = mixtral.MixtralSparseMoeBlock(cfg).to(dtype)
+            m.gate.weight, m.experts.gate_up_proj, m.experts.down_proj = router, gate_up, down
+            if impl == "pyops":
+                from pyops.integrations.transformers import patch_model
+                patch_model(m)
+            blocks[impl] = m.train(backward)
+        return blocks[impl]
+
+    # pyops on x @ W copies of the same weights (no transformers needed)
+    w1 = gate_up.detach()[:, :h].transpose(1, 2).contiguous().requires_grad_(backward)
+    w3 = gate_up.detach()[:, h:].transpose(1, 2).contiguous().requires_grad_(backward)
+    w2 = down.detach().transpose(1, 2).contiguous().requires_grad_(backward)
+    wr = router.detach().t().contiguous().requires_grad_(backward)
+    own = [x, wr, w1, w2, w3]
+
+    def contiguous(x, wr, w1, w2, w3):
+        xt = x.reshape(T, d)
+        r = pyops.moe_route(xt @ wr, k)
+        return pyops.moe_experts(xt, r, w1, w2, w3, activation="swiglu").reshape(1, T, d)
+
+    def timed(fn, args):
+        if not backward:
+            def run():
+                with torch.no_grad():
+                    return fn(*args)
+        else:
+            def run():
+                return torch.autograd.grad(fn(*args), args, dy)
+        return run
+
+    def hf_entry(impl: str, name: str, note: str) -> Entry:
+        if why is not None:
+            return Entry(name, None, skip=why, note=note)
+        return Entry(name, timed(lambda x, *_: block(impl)(x), leaves), setup=lambda: block(impl),
+                     flops=gemm_flops, note=note)
+
+    HF = {"grouped_mm": "transformers grouped_mm", "eager": "transformers eager"}
+    PATCHED, CONTIG = "pyops patched block", "pyops contiguous weights"
+    entries = b.entries({
+        PYOPS: lambda: [
+            Entry(PATCHED, None, skip=why, group="pyops") if why is not None else
+            Entry(PATCHED, timed(lambda x, *_: block("pyops")(x), leaves), setup=lambda: block("pyops"),
+                  flops=gemm_flops, group="pyops", info=choice_info("moe_experts"),
+                  note="MixtralSparseMoeBlock after patch_model: its router, moe_route, moe_experts on views "
+                       "of the [E, out, in] weights"),
+            Entry(CONTIG, timed(contiguous, own), flops=gemm_flops, group="pyops", info=choice_info("moe_experts"),
+                  note="router mm, moe_route, moe_experts on x @ W copies of the weights (not the HF layout)"),
+        ],
+        "hf_grouped_mm": lambda: hf_entry("grouped_mm", HF["grouped_mm"],
+                                          "transformers' MixtralSparseMoeBlock, _experts_implementation='grouped_mm' "
+                                          "(its default)"),
+        "hf_eager": lambda: hf_entry("eager", HF["eager"],
+                                     "transformers' MixtralSparseMoeBlock, _experts_implementation='eager' "
+                                     "(per-expert loop)"),
+    })
+
+    def checks(r: CaseResult) -> list:
+        ran = [e for e in (r.ok(n) for n in HF.values()) if e is not None]
+        p, c = r.ok(PATCHED), r.ok(CONTIG)
+        if not ran or p is None:
+            return [Check("pyops patched block vs transformers", None, note="did not run: " + (why or "an entry failed"))]
+        fast = min(ran, key=lambda e: e.median_s)
+        res = [Check(f"speed-up pyops patched block vs {fast.name} (the faster transformers)",
+                     fast.median_s / p.median_s, b.target("vs_hf"), ">=", "x",
+                     note=", ".join(f"{e.name} {e.median_s * 1e3:.1f} ms" for e in ran))]
+        peers = [m for m in (peak_mib(e, dev) for e in ran) if m is not None]
+        if peak_mib(p, dev) is not None and peers:
+            res.append(Check("peak memory pyops patched block", peak_mib(p, dev), min(peers), "<=", " MiB",
+                             note=", ".join(f"{e.name} {peak_mib(e, dev)}" for e in ran) + " MiB"))
+        if c is not None and "layout_cost" in b.targets:
+            res.append(Check("HF layout cost: patched block time / contiguous-weights time", p.median_s / c.median_s,
+                             b.target("layout_cost"), "<=", "x"))
+        return res
+
+    def verify() -> dict:
+        from pyops.testing import compare, tolerance_for
+
+        tol = type(tolerance_for(dtype))(atol=2e-5, rtol=2e-5)
+
+        def outputs(fn, args) -> list:
+            if not backward:
+                with torch.no_grad():
+                    return [fn(*args)]
+            y = fn(*args)
+            return [y.detach(), *torch.autograd.grad(y, args, dy)]
+
+        names = ["y", *(["dx", "d_router", "d_gate_up", "d_down"] if backward else [])]
+        out, ok = {"reference": "transformers grouped_mm" if why is None else "per-expert loop"}, True
+        if why is None:
+            want = outputs(lambda x, *_: block("grouped_mm")(x), leaves)
+            got = outputs(lambda x, *_: block("pyops")(x), leaves)
+            for n, a, e in zip(names, got, want):
+                cmp = compare(a, e, tol)
+                out[f"patched_{n}_max_abs"], ok = cmp.max_abs, ok and cmp.ok
+        else:
+            out["skipped"] = why
+            with torch.no_grad():
+                xt = x.detach().reshape(T, d)
+                want = [loop_moe(xt, xt @ wr.detach(), w1.detach(), w2.detach(), w3.detach(), k).reshape(1, T, d)]
+        got = outputs(contiguous, own)
+        if backward and why is None:   # the same gradients, in the x @ W layout
+            got = [got[0], got[1], got[2].t(), torch.cat([got[3], got[5]], 2).transpose(1, 2), got[4].transpose(1, 2)]
+        for n, a, e in zip(names, got, want):
+            cmp = compare(a, e, tol)
+            out[f"contiguous_{n}_max_abs"], ok = cmp.max_abs, ok and cmp.ok
+        out["ok"] = ok
+        return out
+
+    params = dict(T=T, d=d, hidden=h, E=E, k=k, activation="swiglu", dtype=b.spec.dtype, backward=backward,
+                  device=str(dev), threads=torch.get_num_threads(), layout="transformers [E, out, in]",
+                  transformers=None if why is not None else __import__("transformers").__version__)
+    ins, outs = T * d + E * d + 3 * E * d * h, T * d
+    op_bytes = nbytes(3 * ins + 2 * outs if backward else ins + outs, dtype)
+    return b.case(f"hf-mixtral-block {b.tag} {b.spec.dtype} T={T} d={d} h={h} E={E} k={k}", entries,
+                  HF["grouped_mm"], params, checks, verify, bytes=op_bytes, flops=gemm_flops)
 
 
 # --------------------------------------------------------------------------------------------

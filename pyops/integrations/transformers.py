@@ -1,7 +1,7 @@
 """Run Hugging Face transformers models on pyops kernels (docs/integrations.md).
 
-* `patch_model(model)`: routes every supported MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)
-  through `pyops.moe_route` + `pyops.moe_experts`, and every DiNAT / OneFormer-DiNAT
+* `patch_model(model)`: routes every supported MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
+  DeepSeek-V3) through `pyops.moe_route` + `pyops.moe_experts`, and every DiNAT / OneFormer-DiNAT
   `NeighborhoodAttention` through `pyops.na2d`, in place. The blocks keep their parameters: the
   expert weights are passed as views of HF's ``[E, out, in]`` tensors, nothing is copied, so
   optimizers, ``state_dict`` and ``save_pretrained`` see the same model.
@@ -30,14 +30,12 @@ __all__ = ["patch_model", "enable_natten", "register_attention", "SUPPORTED_MOE"
 
 #: MoE block classes patch_model routes through pyops, by class name.
 SUPPORTED_MOE = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
-                 "OlmoeSparseMoeBlock")
+                 "OlmoeSparseMoeBlock", "DeepseekV3MoE")
 #: Neighbourhood-attention classes patch_model routes through pyops.na2d, by class name.
 SUPPORTED_NA = ("NeighborhoodAttention",)
 
 # Known MoE / neighbourhood classes pyops refuses, with the reason.
 _REFUSED = {
-    "DeepseekV3MoE": "DeepSeek-V3 routing (sigmoid scores, n_group / topk_group group-limited selection, "
-                     "routed_scaling_factor) is not supported yet: needs group-limited routing",
     "GptOssMLP": "GPT-OSS experts are not supported yet: needs biased experts with the clamped SwiGLU "
                  "(alpha, limit) and the interleaved gate/up layout",
 }
@@ -62,7 +60,48 @@ def _refuse(qualname: str, module: torch.nn.Module, what: str) -> UnsupportedMod
 class _MoeSpec:
     renormalize: bool
     activation: str
-    shared: bool
+    shared: str = ""                    # "" | "gated" (Qwen2-MoE) | "plain" (DeepSeek-V3)
+    score: str = "softmax"
+    n_group: Optional[int] = None
+    topk_group: Optional[int] = None
+    routed_scaling: float = 1.0
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _deepseek_router(qualname: str, block: torch.nn.Module, gate: torch.nn.Module, E: int, d: int) -> dict:
+    """The options of transformers' `DeepseekV3TopkRouter` that pyops' group-limited routing takes,
+    after checking that pyops computes exactly what that router computes with them."""
+    for attr in ("weight", "e_score_correction_bias", "top_k", "num_group", "topk_group", "norm_topk_prob",
+                 "routed_scaling_factor"):
+        if not hasattr(gate, attr):
+            raise _refuse(qualname, block, f"router {type(gate).__name__} has no {attr!r} (a different "
+                                           "transformers version?)")
+    if tuple(gate.weight.shape) != (E, d) or getattr(gate, "bias", None) is not None:
+        raise _refuse(qualname, block, f"router weight {tuple(gate.weight.shape)} is not [E, d] = [{E}, {d}] "
+                                       "without a bias")
+    bias = gate.e_score_correction_bias
+    if not isinstance(bias, Tensor) or tuple(bias.shape) != (E,):
+        raise _refuse(qualname, block, "e_score_correction_bias is not a [E] tensor")
+    G, M, k, scale = gate.num_group, gate.topk_group, gate.top_k, gate.routed_scaling_factor
+    if not _is_int(G) or G < 1 or E % G:
+        raise _refuse(qualname, block, f"n_group={G!r} is not a positive divisor of n_routed_experts={E} "
+                                       "(transformers' router cannot run it)")
+    if E // G < 2:
+        raise _refuse(qualname, block, f"n_group={G} leaves one expert per group: transformers' router scores "
+                                       "a group by its top-2 experts and fails there")
+    if not _is_int(M) or not 1 <= M <= G:
+        raise _refuse(qualname, block, f"topk_group={M!r} is not in [1, n_group={G}]")
+    if not _is_int(k) or not 1 <= k <= M * (E // G):
+        raise _refuse(qualname, block, f"num_experts_per_tok={k!r} exceeds the {M * (E // G)} experts of the "
+                                       f"topk_group={M} kept groups (transformers would pick excluded experts)")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < math.inf):
+        raise _refuse(qualname, block, f"routed_scaling_factor={scale!r} is not supported (pyops needs a finite "
+                                       "number > 0)")
+    return dict(score="sigmoid", n_group=G, topk_group=M, routed_scaling=float(scale),
+                renormalize=bool(gate.norm_topk_prob))
 
 
 def _moe_spec(qualname: str, block: torch.nn.Module, model_config) -> _MoeSpec:
@@ -70,28 +109,38 @@ def _moe_spec(qualname: str, block: torch.nn.Module, model_config) -> _MoeSpec:
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or experts is None:
         raise _refuse(qualname, block, "expected `gate` and `experts` children (a different transformers version?)")
-    if not type(gate).__name__.endswith("TopKRouter"):
+    deepseek = cls == "DeepseekV3MoE"
+    router = "TopkRouter" if deepseek else "TopKRouter"
+    if not type(gate).__name__.endswith(router):
         raise _refuse(qualname, block, f"router class {type(gate).__name__} is not supported (expected the "
-                                       "softmax top-k router)")
+                                       + ("sigmoid group-limited" if deepseek else "softmax") + " top-k router)")
     if getattr(gate, "bias", None) is not None:
         raise _refuse(qualname, block, "a router with a bias is not supported")
     for attr, want in (("has_bias", False), ("has_gate", True), ("is_transposed", False),
                        ("is_concatenated", True), ("_is_expert_parallel", False), ("has_post_expert_norm", False)):
         if getattr(experts, attr, want) != want:
             raise _refuse(qualname, block, f"experts option {attr}={getattr(experts, attr)!r} is not supported")
+    if not isinstance(getattr(experts, "gate_up_proj", None), Tensor) or \
+            not isinstance(getattr(experts, "down_proj", None), Tensor) or experts.gate_up_proj.dim() != 3:
+        raise _refuse(qualname, block, "expected the experts as 3-D gate_up_proj / down_proj tensors (a different "
+                                       "transformers version?)")
     E, h2, d = experts.gate_up_proj.shape
     if experts.down_proj.shape != (E, d, h2 // 2) or h2 % 2:
         raise _refuse(qualname, block, f"unexpected expert weight shapes gate_up_proj {tuple(experts.gate_up_proj.shape)}"
                                        f", down_proj {tuple(experts.down_proj.shape)}")
-    config = getattr(experts, "config", None) or model_config
+    config = getattr(experts, "config", None) or getattr(block, "config", None) or model_config
     act = getattr(config, "hidden_act", None)
     if act not in _ACTIVATIONS:
         raise _refuse(qualname, block, f"hidden_act={act!r} is not supported (pyops has silu and exact gelu GLUs)")
+    if deepseek:
+        if not isinstance(getattr(block, "shared_experts", None), torch.nn.Module):
+            raise _refuse(qualname, block, "expected a `shared_experts` child (a different transformers version?)")
+        return _MoeSpec(activation=_ACTIVATIONS[act], shared="plain", **_deepseek_router(qualname, block, gate, E, d))
     if cls == "MixtralSparseMoeBlock":
         renormalize = True                                  # Mixtral always renormalises the top-k
     else:
         renormalize = bool(gate.norm_topk_prob)
-    return _MoeSpec(renormalize, _ACTIVATIONS[act], cls == "Qwen2MoeSparseMoeBlock")
+    return _MoeSpec(renormalize, _ACTIVATIONS[act], "gated" if cls == "Qwen2MoeSparseMoeBlock" else "")
 
 
 def _moe_forward(self, hidden_states: Tensor) -> Tensor:
@@ -103,9 +152,18 @@ def _moe_forward(self, hidden_states: Tensor) -> Tensor:
                                     "training is not supported (set it to 0 or use eval mode)")
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1])
-    # The router module runs as transformers wrote it, so its hooks (output_router_logits) still see it.
+    # The router module runs as transformers wrote it, so its hooks (output_router_logits) still see
+    # it; only its logits are used (its own top-k selection is discarded).
     logits = self.gate(x)[0]
-    routing = pyops.moe_route(logits, self.gate.top_k, renormalize=spec.renormalize)
+    if spec.score == "sigmoid":
+        # DeepSeek-V3: fp32 logits (the router computes them in fp32), sigmoid scores, the bias for
+        # the selection only, group-limited top-k, renormalise (norm_topk_prob), routed_scaling_factor.
+        bias = self.gate.e_score_correction_bias
+        routing = pyops.moe_route(logits, self.gate.top_k, score="sigmoid", renormalize=spec.renormalize,
+                                  bias=bias.to(logits.dtype), n_group=spec.n_group, topk_group=spec.topk_group,
+                                  routed_scaling=spec.routed_scaling)
+    else:
+        routing = pyops.moe_route(logits, self.gate.top_k, renormalize=spec.renormalize)
     ex = self.experts
     h = ex.gate_up_proj.shape[1] // 2
     # HF stores [E, out, in] (x @ W.T); pyops takes x @ W: transposed views, no copies.
@@ -113,8 +171,10 @@ def _moe_forward(self, hidden_states: Tensor) -> Tensor:
     w3 = ex.gate_up_proj[:, h:].transpose(1, 2)
     w2 = ex.down_proj.transpose(1, 2)
     y = pyops.moe_experts(x, routing, w1, w2, w3, activation=spec.activation)
-    if spec.shared:
+    if spec.shared == "gated":
         y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+    elif spec.shared == "plain":
+        y = y + self.shared_experts(x)
     return y.reshape(shape)
 
 

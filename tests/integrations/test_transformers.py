@@ -65,23 +65,29 @@ def run(model, ids):
     return out
 
 
-@pytest.mark.parametrize("arch", sorted(MOE))
-def test_moe_patch_matches_transformers(arch, tmp_path):
-    model = tiny(arch)
+def check_patch_matches(model, names, tmp_path, ids=None):
+    """patch_model(model) patches `names`, keeps the Parameters, and the patched model's logits,
+    auxiliary loss, router logits and every parameter gradient match an unpatched copy; a
+    save_pretrained / from_pretrained round trip keeps the weights and patches the same blocks."""
     ref = copy.deepcopy(model)
     params = {n: p for n, p in model.named_parameters()}
-    names = pt.patch_model(model)
-    assert names == ["model.layers.0.mlp", "model.layers.1.mlp"]
+    assert pt.patch_model(model) == names
     assert pt.patch_model(model) == []                                 # idempotent
     assert {n: p for n, p in model.named_parameters()} == params       # the same Parameter objects
     assert all(a is b for a, b in zip(params.values(), model.parameters()))
 
-    ids = torch.randint(0, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
+    if ids is None:
+        ids = torch.randint(0, COMMON["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(1))
     got, want = run(model, ids), run(ref, ids)
     torch.testing.assert_close(got.logits, want.logits, **TOL)
     torch.testing.assert_close(got.aux_loss, want.aux_loss, **TOL)     # router logits still returned
+    assert len(got.router_logits) == len(want.router_logits) == len(names)
+    for a, b in zip(got.router_logits, want.router_logits):
+        torch.testing.assert_close(a, b, **TOL)
     for (n, p), (_, q) in zip(model.named_parameters(), ref.named_parameters()):
-        torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{n}: {m}")
+        assert (p.grad is None) == (q.grad is None), n
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, **TOL, msg=lambda m: f"{n}: {m}")
 
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
@@ -91,6 +97,87 @@ def test_moe_patch_matches_transformers(arch, tmp_path):
     assert pt.patch_model(loaded) == names
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, **TOL)
+
+
+@pytest.mark.parametrize("arch", sorted(MOE))
+def test_moe_patch_matches_transformers(arch, tmp_path):
+    check_patch_matches(tiny(arch), ["model.layers.0.mlp", "model.layers.1.mlp"], tmp_path)
+
+
+def deepseek(**over):
+    """A tiny DeepSeek-V3: layer 0 dense (first_k_dense_replace=1), layers 1-2 MoE with 8 routed
+    experts in groups, a shared expert, a random router and a random non-zero
+    e_score_correction_bias (so that the bias and the group limit change the selection)."""
+    kw = dict(vocab_size=48, hidden_size=32, intermediate_size=40, moe_intermediate_size=16, num_hidden_layers=3,
+              num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1, n_group=4,
+              topk_group=2, num_experts_per_tok=3, first_k_dense_replace=1, routed_scaling_factor=2.5,
+              norm_topk_prob=True, q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4,
+              v_head_dim=8, max_position_embeddings=64)
+    cfg = transformers.DeepseekV3Config(**{**kw, **over})
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(cfg).float()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("gate.weight"):
+                p.normal_(0, 0.5)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):
+                b.normal_(0, 0.3)
+    return model
+
+
+DEEPSEEK = {
+    "groups": dict(),                                                  # n_group=4, topk_group=2, renormalised
+    "one-group": dict(n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.5),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(DEEPSEEK))
+def test_deepseek_v3_patch_matches_transformers(variant, tmp_path):
+    model = deepseek(**DEEPSEEK[variant])
+    dense = model.model.layers[0].mlp
+    assert type(dense).__name__ == "DeepseekV3MLP"
+    check_patch_matches(model, ["model.layers.1.mlp", "model.layers.2.mlp"], tmp_path)
+    assert not getattr(dense, "_pyops_patched", False) and "forward" not in vars(dense)   # dense layers left alone
+    assert "forward" not in vars(model.model.layers[1].mlp.shared_experts)                # HF's shared expert
+
+
+def test_deepseek_v3_groups_and_bias_change_the_selection(monkeypatch):
+    """The test model exercises the group limit and the bias: HF's selection differs from a plain
+    top-k of the sigmoid scores, and the patched block, which routes through pyops.moe_route with
+    the router's options, still matches HF's block."""
+    import pyops
+
+    calls = []
+    route = pyops.moe_route
+    monkeypatch.setattr(pyops, "moe_route", lambda *a, **kw: calls.append(kw) or route(*a, **kw))
+    model = deepseek()
+    block = model.model.layers[1].mlp
+    ref = copy.deepcopy(block)
+    pt.patch_model(model)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits, _, hf_experts = ref.gate(x)
+        plain = torch.topk(logits.sigmoid(), 3, dim=-1).indices.sort(-1).values
+        biased = torch.topk(logits.sigmoid() + ref.gate.e_score_correction_bias, 3, dim=-1).indices.sort(-1).values
+        hf = hf_experts.sort(-1).values
+        assert (hf != plain).any(-1).sum() > 8 and (hf != biased).any(-1).sum() > 8
+        torch.testing.assert_close(block(x[None]), ref(x[None]), **TOL)
+    assert len(calls) == 1 and calls[0]["bias"] is not None
+    assert {k: calls[0][k] for k in ("score", "renormalize", "n_group", "topk_group", "routed_scaling")} == \
+        dict(score="sigmoid", renormalize=True, n_group=4, topk_group=2, routed_scaling=2.5)
+
+
+@pytest.mark.parametrize("over, what", [
+    (dict(n_group=8, topk_group=4, num_experts_per_tok=2), "one expert per group"),
+    (dict(num_experts_per_tok=5), "num_experts_per_tok=5 exceeds the 4 experts"),
+    (dict(hidden_act="relu"), "hidden_act='relu'"),
+])
+def test_deepseek_v3_refuses_options_it_does_not_compute(over, what):
+    model = deepseek(**over)
+    with pytest.raises(NotImplementedError, match=f"DeepseekV3MoE.*{what}"):
+        pt.patch_model(model)
+    assert not any(getattr(m, "_pyops_patched", False) for m in model.modules())
 
 
 def test_moe_patched_block_compiles_fullgraph():
@@ -126,25 +213,14 @@ def test_moe_refuses_options_it_does_not_compute():
         model(ids)
 
 
-@pytest.mark.parametrize("arch, cls, what", [
-    ("deepseek_v3", "DeepseekV3MoE", "group-limited routing"),
-    ("gpt_oss", "GptOssMLP", "clamped SwiGLU"),
-])
-def test_moe_refuses_unsupported_classes(arch, cls, what):
-    if arch == "deepseek_v3":
-        cfg = transformers.DeepseekV3Config(vocab_size=48, hidden_size=32, intermediate_size=40,
-                                            moe_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                            num_key_value_heads=2, n_routed_experts=8, n_group=2, topk_group=1,
-                                            num_experts_per_tok=2, first_k_dense_replace=0, q_lora_rank=None,
-                                            kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8)
-        model = transformers.DeepseekV3ForCausalLM(cfg)
-    else:
-        cfg = transformers.GptOssConfig(vocab_size=48, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
-                                        num_attention_heads=2, num_key_value_heads=2, head_dim=16,
-                                        num_local_experts=4, num_experts_per_tok=2)
-        model = transformers.GptOssForCausalLM(cfg)
-    with pytest.raises(NotImplementedError, match=f"{cls}.*{what}"):
+def test_moe_refuses_unsupported_classes():
+    cfg = transformers.GptOssConfig(vocab_size=48, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                    num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                    num_local_experts=4, num_experts_per_tok=2)
+    model = transformers.GptOssForCausalLM(cfg)
+    with pytest.raises(NotImplementedError, match="GptOssMLP.*clamped SwiGLU"):
         pt.patch_model(model)
+    assert "DeepseekV3MoE" in pt.SUPPORTED_MOE                         # no longer refused
 
 
 # ------------------------------------------------------------------------------------------ attention
