@@ -143,6 +143,31 @@ def _moe_spec(qualname: str, block: torch.nn.Module, model_config) -> _MoeSpec:
     return _MoeSpec(renormalize, _ACTIVATIONS[act], "gated" if cls == "Qwen2MoeSparseMoeBlock" else "")
 
 
+class _GateUpViews(torch.autograd.Function):
+    """``gate_up_proj [E, 2h, d]`` as pyops' ``w1, w3 [E, d, h]``: two transposed views, no copy.
+    The backward writes both gradients into one ``[E, 2h, d]`` tensor; autograd's own backward of two
+    slices would zero-fill a full-size tensor per slice and add them."""
+
+    @staticmethod
+    def forward(ctx, gate_up: Tensor, h: int):
+        ctx.h = h
+        return gate_up[:, :h].transpose(1, 2), gate_up[:, h:].transpose(1, 2)
+
+    @staticmethod
+    def backward(ctx, g1: Optional[Tensor], g3: Optional[Tensor]):
+        if g1 is None and g3 is None:
+            return None, None
+        like = g1 if g1 is not None else g3
+        E, d, h = like.shape
+        out = like.new_empty(E, 2 * h, d)
+        for half, g in ((out[:, :h], g1), (out[:, h:], g3)):
+            if g is None:
+                half.zero_()
+            else:
+                half.copy_(g.transpose(1, 2))
+        return out, None
+
+
 def _moe_forward(self, hidden_states: Tensor) -> Tensor:
     import pyops
 
@@ -167,8 +192,7 @@ def _moe_forward(self, hidden_states: Tensor) -> Tensor:
     ex = self.experts
     h = ex.gate_up_proj.shape[1] // 2
     # HF stores [E, out, in] (x @ W.T); pyops takes x @ W: transposed views, no copies.
-    w1 = ex.gate_up_proj[:, :h].transpose(1, 2)
-    w3 = ex.gate_up_proj[:, h:].transpose(1, 2)
+    w1, w3 = _GateUpViews.apply(ex.gate_up_proj, h)
     w2 = ex.down_proj.transpose(1, 2)
     y = pyops.moe_experts(x, routing, w1, w2, w3, activation=spec.activation)
     if spec.shared == "gated":
