@@ -1,6 +1,7 @@
 """Verify cases for `moe_route` and `moe_experts`: odd sizes (T=1, E=1, k=E, empty experts, all
-tokens on one expert), capacity drops, every activation, fp32/fp16/bf16; forward and the gradients
-of x, w1, w2, w3 and the router logits (through the routing weights)."""
+tokens on one expert), capacity drops, DeepSeek-V3 group-limited routing with a bias and scaling,
+every activation, fp32/fp16/bf16; forward and the gradients of x, w1, w2, w3 and the router logits
+(through the routing weights)."""
 from __future__ import annotations
 
 from typing import Dict
@@ -16,6 +17,9 @@ EXACT = Tol(atol=0.0, rtol=0.0)
 SHAPES = [(1, 8, 16, 1, 1, None), (1, 5, 7, 4, 4, None), (37, 24, 40, 6, 2, None), (64, 16, 33, 8, 2, "empty"),
           (50, 12, 20, 5, 3, "hot"), (129, 32, 48, 16, 2, None)]
 ROUTE_SHAPES = [(1, 1, 1), (7, 5, 5), (301, 16, 2), (1000, 64, 4)]
+# group-limited routing: (T, E, k, n_group, topk_group, score, with a bias, routed_scaling)
+GROUP_SHAPES = [(33, 64, 6, 8, 4, "sigmoid", True, 2.5), (7, 12, 3, 4, 2, "softmax", False, 1.0),
+                (1, 8, 1, 8, 1, "sigmoid", True, 1.0), (257, 16, 4, 2, 1, "sigmoid", True, 0.5)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 ACTS = ["swiglu", "geglu", "gelu", "silu", "relu"]
 
@@ -29,17 +33,17 @@ def _logits(T, E, special, device):
     return z.to(device)
 
 
-def _route_make(T, E, cf, dtype):
+def _route_make(T, E, cf, dtype, bias=False):
     def make(device):
         return dict(z=torch.randn(T, E, device=device).to(dtype), gw=torch.randn(T, E, device=device),
-                    cf=cf)
+                    cf=cf, bias=torch.randn(E, device=device) * 0.1 if bias else None)
     return make
 
 
-def _route_run(k, score):
+def _route_run(k, score, **groups):
     def run(backend: str, x: dict) -> Dict[str, torch.Tensor]:
         z = x["z"].clone().requires_grad_(True)
-        r = pyops.moe_route(z, k, score=score, capacity_factor=x["cf"], backend=backend)
+        r = pyops.moe_route(z, k, score=score, capacity_factor=x["cf"], bias=x["bias"], backend=backend, **groups)
         r.weights.float().backward(x["gw"][:, :k])
         return {"weights": r.weights.detach(), "experts": r.experts, "order": r.order, "offsets": r.offsets,
                 "dropped": r.dropped, "grad_logits": z.grad}
@@ -77,6 +81,13 @@ def cases():
             tols.update(weights=tolerance_for(dtype), grad_logits=tolerance_for(dtype))
             yield Case("moe_route", f"T={T} E={E} k={k} {score} cf={cf} {str(dtype)[6:]}", _route_make(T, E, cf, dtype),
                        _route_run(k, score), tols, backends=("cpu", "cuda"))
+    for i, (T, E, k, G, M, score, bias, scale) in enumerate(GROUP_SHAPES):
+        dtype = DTYPES[i % 3]
+        tols = {n: EXACT for n in ("experts", "order", "offsets", "dropped")}
+        tols.update(weights=tolerance_for(dtype), grad_logits=tolerance_for(dtype))
+        yield Case("moe_route", f"T={T} E={E} k={k} n_group={G} topk_group={M} {score}" + (" bias" if bias else "")
+                   + f" scaling={scale} {str(dtype)[6:]}", _route_make(T, E, None, dtype, bias),
+                   _route_run(k, score, n_group=G, topk_group=M, routed_scaling=scale), tols, backends=("cpu", "cuda"))
     for i, (T, d, h, E, k, special) in enumerate(SHAPES):
         for j, dtype in enumerate(DTYPES):
             act = ACTS[(i + j) % len(ACTS)]
