@@ -363,36 +363,11 @@ def _routing_groups_case(b: Build) -> Case:
 # transformers' Mixtral block against the pyops-patched block
 # --------------------------------------------------------------------------------------------
 
-def _prefer_installed_kernels() -> None:
-    """In a source checkout the repository's ``kernels/`` folder (shipped as pyops.kernels)
-    shadows the ``kernels`` distribution transformers imports whenever the checkout's root is on
-    sys.path (``python -m`` from the root, pytest): import the installed one first, without it."""
-    import importlib
-    import os
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    if not ((root / "pyproject.toml").is_file() and (root / "kernels").is_dir()):
-        return                                   # an installed pyops: nothing shadows anything
-    mod = sys.modules.get("kernels")
-    if mod is not None and not str(getattr(mod, "__file__", "") or "").startswith(str(root / "kernels")):
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
-    sys.modules.pop("kernels", None)
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
-
-
 def hf_mixtral():
     """(transformers' modeling_mixtral, None), or (None, why not) where transformers >= 5 is absent."""
     try:
-        _prefer_installed_kernels()
+        from pyops.integrations import prefer_installed_kernels
+        prefer_installed_kernels()
         import transformers
         from transformers.models.mixtral import modeling_mixtral
     except Exception as exc:   # not installed, or broken

@@ -204,27 +204,3 @@ __all__ = [
     "saved_outputs_with_and_without", "tolerance_for",
 ]
 
-
-# ------------------------------------------------------------------------------------------------
-# transformers
-# ------------------------------------------------------------------------------------------------
-
-def prefer_installed_kernels() -> None:
-    """The repository's kernels/ folder (shipped as pyops.kernels) shadows the `kernels`
-    distribution that transformers imports whenever the repository root is on sys.path, as it is
-    under pytest: import the installed one first, without that root."""
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[1]
-    mod = sys.modules.get("kernels")
-    if mod is not None and not str(getattr(mod, "__file__", "") or "").startswith(str(root / "kernels")):
-        return
-    saved = sys.path[:]
-    sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != root]
-    sys.modules.pop("kernels", None)
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from _support import prefer_installed_kernels
+from pyops.integrations import prefer_installed_kernels
 
 ROOT = Path(__file__).resolve().parents[2]
 

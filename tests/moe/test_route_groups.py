@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import pyops
-from _support import assert_bitwise_equal, assert_close, fmt_dtype, prefer_installed_kernels, randn
+from _support import assert_bitwise_equal, assert_close, fmt_dtype, randn
 from .cases import BF16, FP16, FP32, FP64, require
+from pyops.integrations import prefer_installed_kernels
 from pyops.testing import tolerance_for
 
 
