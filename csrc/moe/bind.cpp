@@ -46,21 +46,22 @@ void moe_gather(uintptr_t x, uintptr_t order, int64_t k, int64_t T, int64_t d, u
 }
 
 void moe_act_forward(uintptr_t a, uintptr_t b, uintptr_t h_out, int64_t n_rows, int64_t hdim,
-                     int act, int dtype, int n_threads) {
+                     int act, int dtype, int n_threads, float alpha, float limit) {
   const DType dt = to_dtype(dtype, "dtype");
   run_released([&] {
     return PYOPS_ISA_CALL(moe_act_forward, ptr<const void*>(a), ptr<const void*>(b),
-                          ptr<void*>(h_out), n_rows, hdim, act, dt, n_threads);
+                          ptr<void*>(h_out), n_rows, hdim, act, dt, n_threads, alpha, limit);
   });
 }
 
 void moe_act_backward(uintptr_t a, uintptr_t b, uintptr_t dh, uintptr_t da, uintptr_t db,
-                      int64_t n_rows, int64_t hdim, int act, int dtype, int n_threads, uintptr_t h) {
+                      int64_t n_rows, int64_t hdim, int act, int dtype, int n_threads, uintptr_t h,
+                      float alpha, float limit) {
   const DType dt = to_dtype(dtype, "dtype");
   run_released([&] {
     return PYOPS_ISA_CALL(moe_act_backward, ptr<const void*>(a), ptr<const void*>(b),
                           ptr<const void*>(dh), ptr<void*>(da), ptr<void*>(db), n_rows, hdim, act,
-                          dt, n_threads, ptr<void*>(h));
+                          dt, n_threads, ptr<void*>(h), alpha, limit);
   });
 }
 
@@ -116,10 +117,13 @@ void bind_moe(py::module_& m) {
         "rows[r] = x[order[r] // k]  (rows [T*k, d]).");
   m.def("moe_act_forward", &moe_act_forward, py::arg("a"), py::arg("b"), py::arg("h_out"),
         py::arg("n_rows"), py::arg("hdim"), py::arg("act"), py::arg("dtype"), py::arg("n_threads"),
-        "h_out = gate(a) * b (act 0 swiglu, 1 geglu) or act(a) (2 gelu, 3 silu, 4 relu; b = 0).");
+        py::arg("alpha") = 1.702f, py::arg("limit") = 7.0f,
+        "h_out = gate(a) * b (act 0 swiglu, 1 geglu, 5 swiglu_oai with alpha, limit) or act(a)\n"
+        "(2 gelu, 3 silu, 4 relu; b = 0).");
   m.def("moe_act_backward", &moe_act_backward, py::arg("a"), py::arg("b"), py::arg("dh"),
         py::arg("da"), py::arg("db"), py::arg("n_rows"), py::arg("hdim"), py::arg("act"),
-        py::arg("dtype"), py::arg("n_threads"), py::arg("h") = 0,
+        py::arg("dtype"), py::arg("n_threads"), py::arg("h") = 0, py::arg("alpha") = 1.702f,
+        py::arg("limit") = 7.0f,
         "da (and db for the GLU activations; else b = db = 0) from dh; with h != 0 also the forward's\n"
         "h = act(a, b), from the same pass (the backward needs it for dW2 and does not save it).");
   m.def("moe_combine", &moe_combine, py::arg("ys"), py::arg("order"), py::arg("weights"),

@@ -209,9 +209,14 @@ Status moe_gather(const void* x, const int64_t* order, int64_t k, int64_t T, int
 
 namespace {
 
-// h = act(x[, y]) over one fp32 tile (y: the GLU activations' second input).
-inline void act_forward_tile(MoeAct act, const float* x, const float* y, float* out, int64_t len) {
+// h = act(x[, y]) over one fp32 tile (y: the GLU activations' second input; alpha and limit:
+// swiglu_oai's).
+inline void act_forward_tile(MoeAct act, const float* x, const float* y, float* out, int64_t len, float alpha,
+                             float limit) {
   switch (act) {
+    case MoeAct::kSwigluOai:
+      for (int64_t j = 0; j < len; ++j) out[j] = swiglu_oai_f(x[j], y[j], alpha, limit);
+      break;
     case MoeAct::kSwiglu:
 #ifdef PYOPS_MOE_AVX512
       if (g_moe_avx512) {
@@ -239,10 +244,11 @@ inline void act_forward_tile(MoeAct act, const float* x, const float* y, float* 
 }  // namespace
 
 Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, int64_t hdim, int act,
-                       DType dtype, int n_threads) {
-  if (act < 0 || act > 4) return Status::invalid("act: expected 0..4 (swiglu, geglu, gelu, silu, relu), got " + std::to_string(act));
+                       DType dtype, int n_threads, float alpha, float limit) {
+  if (act < 0 || act > 5)
+    return Status::invalid("act: expected 0..5 (swiglu, geglu, gelu, silu, relu, swiglu_oai), got " + std::to_string(act));
   if (n_rows < 0 || hdim < 0) return Status::invalid("moe_act_forward: negative size");
-  const bool glu = act <= (int)MoeAct::kGeglu;
+  const bool glu = moe_act_is_glu(act);
   const int64_t n = n_rows * hdim;
   if (n == 0) return Status::ok();
   if (a == nullptr || h == nullptr || (glu && b == nullptr)) return Status::invalid("moe_act_forward: null data pointer");
@@ -273,7 +279,7 @@ Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, in
         const int64_t len = std::min(kTile, i1 - i0);
         const float* x = as_float_tile(A + i0, abuf, len);
         const float* y = glu ? as_float_tile(B + i0, bbuf, len) : nullptr;
-        act_forward_tile((MoeAct)act, x, y, out, len);
+        act_forward_tile((MoeAct)act, x, y, out, len, alpha, limit);
         store_tile(out, H + i0, len);
       }
     });
@@ -283,10 +289,12 @@ Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, in
 }
 
 Status moe_act_backward(const void* a, const void* b, const void* dh, void* da, void* db,
-                        int64_t n_rows, int64_t hdim, int act, DType dtype, int n_threads, void* h) {
-  if (act < 0 || act > 4) return Status::invalid("act: expected 0..4 (swiglu, geglu, gelu, silu, relu), got " + std::to_string(act));
+                        int64_t n_rows, int64_t hdim, int act, DType dtype, int n_threads, void* h, float alpha,
+                        float limit) {
+  if (act < 0 || act > 5)
+    return Status::invalid("act: expected 0..5 (swiglu, geglu, gelu, silu, relu, swiglu_oai), got " + std::to_string(act));
   if (n_rows < 0 || hdim < 0) return Status::invalid("moe_act_backward: negative size");
-  const bool glu = act <= (int)MoeAct::kGeglu;
+  const bool glu = moe_act_is_glu(act);
   const int64_t n = n_rows * hdim;
   if (n == 0) return Status::ok();
   if (a == nullptr || dh == nullptr || da == nullptr || (glu && (b == nullptr || db == nullptr)))
@@ -345,6 +353,23 @@ Status moe_act_backward(const void* a, const void* b, const void* dh, void* da, 
             h_done = true;
             break;
           }
+          case MoeAct::kSwigluOai: {
+            const float* y = as_float_tile(B + i0, bbuf, len);
+            for (int64_t j = 0; j < len; ++j) {
+              // gate: g = min(x, limit) (gradient where x <= limit); up: u = clamp(y, ±limit)
+              const bool gate_in = x[j] <= limit;
+              const float gx = gate_in ? x[j] : limit;
+              const bool up_in = y[j] >= -limit && y[j] <= limit;
+              const float u1 = (up_in ? y[j] : (y[j] < -limit ? -limit : limit)) + 1.0f;
+              const float s = sigmoid_f(alpha * gx);
+              const float glu_v = gx * s;
+              oa[j] = gate_in ? g[j] * u1 * (s + gx * alpha * s * (1.0f - s)) : 0.0f;
+              ob[j] = up_in ? g[j] * glu_v : 0.0f;
+              oh[j] = u1 * glu_v;
+            }
+            h_done = true;
+            break;
+          }
           case MoeAct::kGeglu: {
             const float* y = as_float_tile(B + i0, bbuf, len);
             for (int64_t j = 0; j < len; ++j) {
@@ -366,7 +391,8 @@ Status moe_act_backward(const void* a, const void* b, const void* dh, void* da, 
         store_tile(oa, DA + i0, len);
         if (glu) store_tile(ob, DB + i0, len);
         if (H) {
-          if (!h_done) act_forward_tile((MoeAct)act, x, glu ? as_float_tile(B + i0, bbuf, len) : nullptr, oh, len);
+          if (!h_done)
+            act_forward_tile((MoeAct)act, x, glu ? as_float_tile(B + i0, bbuf, len) : nullptr, oh, len, alpha, limit);
           store_tile(oh, H + i0, len);
         }
       }

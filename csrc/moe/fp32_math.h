@@ -77,6 +77,13 @@ inline float silu_grad_f(float x) {
   return s * (1.0f + x * (1.0f - s));
 }
 
+// GPT-OSS's clamped SwiGLU: (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit).
+inline float swiglu_oai_f(float gate, float up, float alpha, float limit) {
+  const float g = gate > limit ? limit : gate;  // NaN stays NaN (torch.clamp's min/max do too)
+  const float u = up < -limit ? -limit : (up > limit ? limit : up);
+  return (u + 1.0f) * (g * sigmoid_f(alpha * g));
+}
+
 }  // namespace moe_impl
 }  // namespace PYOPS_ISA_KERNEL_NS
 }  // namespace pyops

@@ -20,8 +20,11 @@
 // Expert MLP helpers (all arrays contiguous, dtype = fp32 / fp16 / bf16, fp32 math):
 //   gather           rows[r] = x[order[r] / k]                                     rows [T*k, d]
 //   act_forward      h = gate(a) * b (act 0 swiglu: silu, 1 geglu: erf-gelu) or act(a)
-//                    (2 gelu, 3 silu, 4 relu)                                     [n_rows, hdim]
-//   act_backward     da, db (db only for the GLU activations)
+//                    (2 gelu, 3 silu, 4 relu), or act 5 swiglu_oai (GPT-OSS):
+//                    g = min(a, limit), h = (clamp(b, -limit, limit) + 1) * g * sigmoid(alpha * g)
+//                                                                                  [n_rows, hdim]
+//   act_backward     da, db (db only for the GLU activations: 0, 1, 5); the clamps pass the
+//                    gradient inside their interval, bounds included
 //   combine          y[t] = sum_j [!dropped[t,j]] w[t,j] * ys[pos(t*k+j)], pos = order^-1
 //   combine_backward dys[pos(a)] = w[a] * dy[t] (0 if dropped); dw[t,j] = <dy[t], ys[pos(a)]>
 //   scatter_add      dx[t] = sum_j dxs[pos(t*k+j)]
@@ -37,7 +40,8 @@
 namespace pyops {
 
 enum class MoeScore : int { kSoftmax = 0, kSigmoid = 1 };
-enum class MoeAct : int { kSwiglu = 0, kGeglu = 1, kGelu = 2, kSilu = 3, kRelu = 4 };
+enum class MoeAct : int { kSwiglu = 0, kGeglu = 1, kGelu = 2, kSilu = 3, kRelu = 4, kSwigluOai = 5 };
+inline bool moe_act_is_glu(int act) { return act == 0 || act == 1 || act == 5; }
 
 #define PYOPS_MOE_DECLS                                                                          \
   Status moe_route(const void* logits, DType dtype, int64_t T, int64_t E, int64_t k, int score,  \
@@ -47,10 +51,10 @@ enum class MoeAct : int { kSwiglu = 0, kGeglu = 1, kGelu = 2, kSilu = 3, kRelu =
   Status moe_gather(const void* x, const int64_t* order, int64_t k, int64_t T, int64_t d,        \
                     void* rows, DType dtype, int n_threads);                                     \
   Status moe_act_forward(const void* a, const void* b, void* h, int64_t n_rows, int64_t hdim,    \
-                         int act, DType dtype, int n_threads);                                   \
+                         int act, DType dtype, int n_threads, float alpha, float limit);         \
   Status moe_act_backward(const void* a, const void* b, const void* dh, void* da, void* db,      \
                           int64_t n_rows, int64_t hdim, int act, DType dtype, int n_threads,     \
-                          void* h);                                                              \
+                          void* h, float alpha, float limit);                                    \
   Status moe_combine(const void* ys, const int64_t* order, const float* weights,                 \
                      const uint8_t* dropped, int64_t k, int64_t T, int64_t d, void* y,           \
                      DType dtype, int n_threads);                                                \

@@ -1,10 +1,11 @@
 """Run Hugging Face transformers models on pyops kernels (docs/integrations.md).
 
 * `patch_model(model)`: routes every supported MoE block (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE,
-  DeepSeek-V3) through `pyops.moe_route` + `pyops.moe_experts`, and every DiNAT / OneFormer-DiNAT
-  `NeighborhoodAttention` through `pyops.na2d`, in place. The blocks keep their parameters: the
-  expert weights are passed as views of HF's ``[E, out, in]`` tensors, nothing is copied, so
-  optimizers, ``state_dict`` and ``save_pretrained`` see the same model.
+  DeepSeek-V3, GPT-OSS) through `pyops.moe_route` + `pyops.moe_experts`, and every DiNAT /
+  OneFormer-DiNAT `NeighborhoodAttention` through `pyops.na2d`, in place. The blocks keep their
+  parameters: the expert weights are passed as views of HF's tensors (``[E, out, in]`` transposed,
+  GPT-OSS's interleaved gate/up columns), nothing is copied, so optimizers, ``state_dict`` and
+  ``save_pretrained`` see the same model.
 * `enable_natten()`: lets transformers' DiNAT construct and run without a NATTEN that has the 0.17
   functional API (`pyops.integrations.natten_compat`).
 * `register_attention(name)`: ``attn_implementation=name`` runs `pyops.task_masked_attention`.
@@ -30,15 +31,12 @@ __all__ = ["patch_model", "enable_natten", "register_attention", "SUPPORTED_MOE"
 
 #: MoE block classes patch_model routes through pyops, by class name.
 SUPPORTED_MOE = ("MixtralSparseMoeBlock", "Qwen2MoeSparseMoeBlock", "Qwen3MoeSparseMoeBlock",
-                 "OlmoeSparseMoeBlock", "DeepseekV3MoE")
+                 "OlmoeSparseMoeBlock", "DeepseekV3MoE", "GptOssMLP")
 #: Neighbourhood-attention classes patch_model routes through pyops.na2d, by class name.
 SUPPORTED_NA = ("NeighborhoodAttention",)
 
 # Known MoE / neighbourhood classes pyops refuses, with the reason.
-_REFUSED = {
-    "GptOssMLP": "GPT-OSS experts are not supported yet: needs biased experts with the clamped SwiGLU "
-                 "(alpha, limit) and the interleaved gate/up layout",
-}
+_REFUSED: Dict[str, str] = {}
 
 _ACTIVATIONS = {"silu": "swiglu", "swish": "swiglu", "gelu": "geglu"}
 _PATCHED = "_pyops_patched"
@@ -65,6 +63,8 @@ class _MoeSpec:
     n_group: Optional[int] = None
     topk_group: Optional[int] = None
     routed_scaling: float = 1.0
+    alpha: Optional[float] = None       # swiglu_oai (GPT-OSS)
+    limit: Optional[float] = None
 
 
 def _is_int(v) -> bool:
@@ -104,8 +104,48 @@ def _deepseek_router(qualname: str, block: torch.nn.Module, gate: torch.nn.Modul
                 renormalize=bool(gate.norm_topk_prob))
 
 
+def _gpt_oss_spec(qualname: str, block: torch.nn.Module) -> _MoeSpec:
+    """transformers' `GptOssMLP`: a `router` (linear with a bias, softmax over the top-k logits) and
+    `experts` with biases, gate/up interleaved in ``gate_up_proj [E, d, 2h]`` (x @ W layout) and the
+    clamped SwiGLU; checked against the layout pyops reads."""
+    router, experts = getattr(block, "router", None), getattr(block, "experts", None)
+    if router is None or experts is None:
+        raise _refuse(qualname, block, "expected `router` and `experts` children (a different transformers version?)")
+    if not type(router).__name__.endswith("TopKRouter"):
+        raise _refuse(qualname, block, f"router class {type(router).__name__} is not supported (expected the "
+                                       "softmax top-k router)")
+    for attr, want in (("has_bias", True), ("is_transposed", True), ("is_concatenated", False),
+                       ("_is_expert_parallel", False)):
+        if getattr(experts, attr, want) != want:
+            raise _refuse(qualname, block, f"experts option {attr}={getattr(experts, attr)!r} is not supported")
+    names = ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+    if not all(isinstance(getattr(experts, n, None), Tensor) for n in names):
+        raise _refuse(qualname, block, "expected the experts as gate_up_proj, gate_up_proj_bias, down_proj, "
+                                       "down_proj_bias tensors (a different transformers version?)")
+    gu, gub, down, downb = (getattr(experts, n) for n in names)
+    E, d, h2 = gu.shape if gu.dim() == 3 else (0, 0, 0)
+    h = h2 // 2
+    if gu.dim() != 3 or h2 % 2 or tuple(gub.shape) != (E, h2) or tuple(down.shape) != (E, h, d) or \
+            tuple(downb.shape) != (E, d):
+        raise _refuse(qualname, block, f"unexpected expert shapes gate_up_proj {tuple(gu.shape)}, gate_up_proj_bias "
+                                       f"{tuple(gub.shape)}, down_proj {tuple(down.shape)}, down_proj_bias "
+                                       f"{tuple(downb.shape)} (expected [E, d, 2h], [E, 2h], [E, h, d], [E, d])")
+    if tuple(router.weight.shape) != (E, d) or not isinstance(getattr(router, "bias", None), Tensor):
+        raise _refuse(qualname, block, f"router weight {tuple(router.weight.shape)} is not [E, d] = [{E}, {d}] "
+                                       "with a bias")
+    alpha, limit = getattr(experts, "alpha", None), getattr(experts, "limit", None)
+    for n, v in (("swiglu_alpha", alpha), ("swiglu_limit", limit)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or \
+                (n == "swiglu_limit" and v <= 0):
+            raise _refuse(qualname, block, f"{n}={v!r} is not supported (pyops needs a finite number"
+                                           + (" > 0)" if n == "swiglu_limit" else ")"))
+    return _MoeSpec(renormalize=True, activation="swiglu_oai", alpha=float(alpha), limit=float(limit))
+
+
 def _moe_spec(qualname: str, block: torch.nn.Module, model_config) -> _MoeSpec:
     cls = type(block).__name__
+    if cls == "GptOssMLP":
+        return _gpt_oss_spec(qualname, block)
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     if gate is None or experts is None:
         raise _refuse(qualname, block, "expected `gate` and `experts` children (a different transformers version?)")
@@ -143,29 +183,59 @@ def _moe_spec(qualname: str, block: torch.nn.Module, model_config) -> _MoeSpec:
     return _MoeSpec(renormalize, _ACTIVATIONS[act], "gated" if cls == "Qwen2MoeSparseMoeBlock" else "")
 
 
-class _GateUpViews(torch.autograd.Function):
-    """``gate_up_proj [E, 2h, d]`` as pyops' ``w1, w3 [E, d, h]``: two transposed views, no copy.
-    The backward writes both gradients into one ``[E, 2h, d]`` tensor; autograd's own backward of two
-    slices would zero-fill a full-size tensor per slice and add them."""
+def _halves(gate_up: Tensor) -> tuple:
+    """Mixtral-style ``gate_up_proj [E, 2h, d]`` (gate rows, then up rows) as ``w1, w3 [E, d, h]``."""
+    h = gate_up.shape[1] // 2
+    return gate_up[:, :h].transpose(1, 2), gate_up[:, h:].transpose(1, 2)
+
+
+def _interleaved(gate_up: Tensor) -> tuple:
+    """GPT-OSS's gate/up interleaved in the last dimension (gate at even, up at odd columns)."""
+    return gate_up[..., ::2], gate_up[..., 1::2]
+
+
+class _FusedViews(torch.autograd.Function):
+    """A fused gate/up tensor as pyops' ``w1, w3`` (or ``b1, b3``): two views by `split`, no copy.
+    The backward writes both gradients into one tensor of the fused shape, through the same views;
+    autograd's own backward of two slices would zero-fill a full-size tensor per slice and add them."""
 
     @staticmethod
-    def forward(ctx, gate_up: Tensor, h: int):
-        ctx.h = h
-        return gate_up[:, :h].transpose(1, 2), gate_up[:, h:].transpose(1, 2)
+    def forward(ctx, fused: Tensor, split: Callable):
+        ctx.split = split
+        ctx.shape = fused.shape
+        return split(fused)
 
     @staticmethod
     def backward(ctx, g1: Optional[Tensor], g3: Optional[Tensor]):
         if g1 is None and g3 is None:
             return None, None
         like = g1 if g1 is not None else g3
-        E, d, h = like.shape
-        out = like.new_empty(E, 2 * h, d)
-        for half, g in ((out[:, :h], g1), (out[:, h:], g3)):
+        out = like.new_empty(ctx.shape)
+        for part, g in zip(ctx.split(out), (g1, g3)):
             if g is None:
-                half.zero_()
+                part.zero_()
             else:
-                half.copy_(g.transpose(1, 2))
+                part.copy_(g)
         return out, None
+
+
+def _gpt_oss_forward(self, hidden_states: Tensor):
+    """GptOssMLP.forward on pyops: returns (y, router_scores [T, k]) as transformers' block does."""
+    import pyops
+
+    spec: _MoeSpec = self._pyops_moe
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    # The router module runs as transformers wrote it (its output recorder sees the logits); the
+    # softmax over its top-k logits is pyops' softmax over all experts renormalised over the top-k.
+    logits = self.router(x)[0]
+    routing = pyops.moe_route(logits, self.router.top_k, renormalize=True)
+    ex = self.experts
+    w1, w3 = _FusedViews.apply(ex.gate_up_proj, _interleaved)
+    b1, b3 = _FusedViews.apply(ex.gate_up_proj_bias, _interleaved)
+    y = pyops.moe_experts(x, routing, w1, ex.down_proj, w3, activation="swiglu_oai", b1=b1, b2=ex.down_proj_bias,
+                          b3=b3, alpha=spec.alpha, limit=spec.limit)
+    return y.reshape(shape), routing.weights
 
 
 def _moe_forward(self, hidden_states: Tensor) -> Tensor:
@@ -190,9 +260,8 @@ def _moe_forward(self, hidden_states: Tensor) -> Tensor:
     else:
         routing = pyops.moe_route(logits, self.gate.top_k, renormalize=spec.renormalize)
     ex = self.experts
-    h = ex.gate_up_proj.shape[1] // 2
     # HF stores [E, out, in] (x @ W.T); pyops takes x @ W: transposed views, no copies.
-    w1, w3 = _GateUpViews.apply(ex.gate_up_proj, h)
+    w1, w3 = _FusedViews.apply(ex.gate_up_proj, _halves)
     w2 = ex.down_proj.transpose(1, 2)
     y = pyops.moe_experts(x, routing, w1, w2, w3, activation=spec.activation)
     if spec.shared == "gated":
@@ -256,12 +325,14 @@ def patch_model(model: torch.nn.Module) -> List[str]:
         elif cls in SUPPORTED_NA:
             _na_check(name, module)
             plan.append((name, module, "na", None))
-        elif isinstance(getattr(module, "experts", None), torch.nn.Module) and hasattr(module, "gate"):
+        elif isinstance(getattr(module, "experts", None), torch.nn.Module) and \
+                (hasattr(module, "gate") or hasattr(module, "router")):
             raise _refuse(name, module, "this MoE block is not supported yet (supported: " + ", ".join(SUPPORTED_MOE) + ")")
     for name, module, kind, spec in plan:
         if kind == "moe":
             module._pyops_moe = spec
-            module.forward = types.MethodType(_moe_forward, module)
+            forward = _gpt_oss_forward if spec.activation == "swiglu_oai" else _moe_forward
+            module.forward = types.MethodType(forward, module)
         else:
             module.forward = types.MethodType(_na_forward, module)
         setattr(module, _PATCHED, True)

@@ -97,8 +97,10 @@ def _nt() -> int:
 
 
 def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
-                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, scratch: bool):
-    """The CPU forward, one expert at a time: a = rows·w1, b = rows·w3, h = act(a, b), ys = h·w2 on
+                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, scratch: bool,
+                 b1: Optional[Tensor], b2: Optional[Tensor], b3: Optional[Tensor], alpha: float, limit: float):
+    """The CPU forward, one expert at a time: a = rows·w1 + b1, b = rows·w3 + b3, h = act(a, b),
+    ys = h·w2 + b2 (biases optional) on
     that expert's row slice, so the activation runs on data the GEMMs just left in cache and the
     h of one expert (not of all T·k rows) is all the scratch it needs. h is not saved for the
     backward (which recomputes it from a, b). scratch=True (no backward to feed): a, b and ys live
@@ -130,6 +132,7 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
     act = S.ACT_CODES[activation]
     nt = _nt()
     xf, w1f, w2f, w3f = _f32(x), _f32_mm(w1), _f32_mm(w2), _f32_mm(w3)
+    b1f, b2f, b3f = _f32(b1), _f32(b2), _f32(b3)
     order = order.contiguous()
     rows = workspace.gathered_rows(x, xf, order, k, nt, fresh=True)
     hbuf = workspace.get("h", rmax, h_)
@@ -144,13 +147,13 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
         ae = abuf[:m] if scratch else a[s:t]
         be = (bbuf[:m] if scratch else b[s:t]) if glu else None
         he = hbuf[:m]
-        torch.mm(rows[s:t], w1f[e], out=ae)
+        _mm_bias(rows[s:t], w1f[e], b1f, e, ae)
         if glu:
-            torch.mm(rows[s:t], w3f[e], out=be)
+            _mm_bias(rows[s:t], w3f[e], b3f, e, be)
         # all threads: the native kernels run on torch's OpenMP team (the thread pool of csrc/common/),
         # the very workers the GEMM just used, so a fan-out right after torch.mm finds them awake
-        C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h_, act, 0, nt)
-        torch.mm(he, w2f[e], out=ys[s:t])
+        C.moe_act_forward(ae.data_ptr(), be.data_ptr() if glu else 0, he.data_ptr(), m, h_, act, 0, nt, alpha, limit)
+        _mm_bias(he, w2f[e], b2f, e, ys[s:t])
     del rows, hbuf
     wf = _f32(weights)
     dr = dropped.contiguous().view(torch.uint8)
@@ -165,38 +168,58 @@ def _cpu_forward(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, off
 
 @torch.library.custom_op("pyops::moe_experts_cpu", mutates_args=(), device_types="cpu")
 def experts_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
-               w1: Tensor, w2: Tensor, w3: Optional[Tensor],
-               activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if not S.exact_experts(x, weights, w1, w2, w3):
-        return S.reference_experts_outputs(x, weights, order, offsets, dropped, w1, w2, w3, activation, with_h=False)
-    return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, scratch=False)
+               w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, b1: Optional[Tensor] = None,
+               b2: Optional[Tensor] = None, b3: Optional[Tensor] = None, alpha: float = S.ALPHA,
+               limit: float = S.LIMIT) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if not S.exact_experts(x, weights, w1, w2, w3, b1, b2, b3):
+        return S.reference_experts_outputs(x, weights, order, offsets, dropped, w1, w2, w3, activation, False,
+                                           b1, b2, b3, alpha, limit)
+    return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, False,
+                        b1, b2, b3, alpha, limit)
 
 
 @torch.library.custom_op("pyops::moe_experts_cpu_inference", mutates_args=(), device_types="cpu")
 def inference_op(x: Tensor, weights: Tensor, experts: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
-                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str) -> Tensor:
+                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, b1: Optional[Tensor] = None,
+                 b2: Optional[Tensor] = None, b3: Optional[Tensor] = None, alpha: float = S.ALPHA,
+                 limit: float = S.LIMIT) -> Tensor:
     """y only, for calls that need no gradient (intermediates in the workspace). No autograd."""
-    if not S.exact_experts(x, weights, w1, w2, w3):
-        return S.reference_experts(x, weights, order, offsets, dropped, w1, w2, w3, activation)
-    return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, scratch=True)[0]
+    if not S.exact_experts(x, weights, w1, w2, w3, b1, b2, b3):
+        return S.reference_experts(x, weights, order, offsets, dropped, w1, w2, w3, activation, b1, b2, b3, alpha,
+                                   limit)
+    return _cpu_forward(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, True,
+                        b1, b2, b3, alpha, limit)[0]
 
 
 @inference_op.register_fake
-def _cpu_inference_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation):
+def _cpu_inference_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, b1=None, b2=None,
+                        b3=None, alpha=S.ALPHA, limit=S.LIMIT):
     return x.new_empty(x.shape)  # y is allocated contiguous whatever x's strides
+
+
+def _mm_bias(rows: Tensor, w: Tensor, bias: Optional[Tensor], e: int, out: Tensor) -> None:
+    """out = rows·w (+ bias[e], broadcast over the rows)."""
+    if bias is None:
+        torch.mm(rows, w, out=out)
+    else:
+        torch.addmm(bias[e], rows, w, out=out)
 
 
 @torch.library.custom_op("pyops::moe_experts_cpu_backward", mutates_args=(), device_types="cpu")
 def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
                 w1: Tensor, w2: Tensor, w3: Optional[Tensor], a: Tensor, b: Tensor, hh: Tensor, ys: Tensor,
-                activation: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                activation: str, b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
+                b3: Optional[Tensor] = None, alpha: float = S.ALPHA,
+                limit: float = S.LIMIT) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The mirror image, one expert at a time after the global combine-backward and gather:
     dh = dys·w2ᵀ, (da, db) = act'(dh) and h = act(a, b) in one pass (h recomputed unless given),
-    dW2 = hᵀ·dys,
-    dxs = da·w1ᵀ + db·w3ᵀ (into dys's rows, consumed by then), dW1 = rowsᵀ·da, dW3 = rowsᵀ·db;
-    then one scatter-add. Scratch: two [T·k, d] buffers and four of one expert's rows × hidden."""
-    if not S.exact_experts(dy, x, weights, w1, w2, w3):
-        return S.reference_experts_backward(dy, x, weights, order, offsets, dropped, w1, w2, w3, activation)
+    dW2 = hᵀ·dys, db2 = Σ_rows dys,
+    dxs = da·w1ᵀ + db·w3ᵀ (into dys's rows, consumed by then), dW1 = rowsᵀ·da, dW3 = rowsᵀ·db,
+    db1 = Σ_rows da, db3 = Σ_rows db; then one scatter-add. Scratch: two [T·k, d] buffers and four
+    of one expert's rows × hidden."""
+    if not S.exact_experts(dy, x, weights, w1, w2, w3, b1, b2, b3):
+        return S.reference_experts_backward(dy, x, weights, order, offsets, dropped, w1, w2, w3, activation,
+                                            b1, b2, b3, alpha, limit)
     C = _native.cpu_module
     T, d = x.shape
     k = weights.shape[1]
@@ -211,10 +234,13 @@ def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: 
     dw1 = take((E, d, h), torch.float32)
     dw2 = take((E, h, d), torch.float32)
     dw3 = take((E, d, h), torch.float32) if glu else None
+    db1 = torch.empty(E, h, dtype=torch.float32) if b1 is not None else None
+    db2 = torch.empty(E, d, dtype=torch.float32) if b2 is not None else None
+    db3 = torch.empty(E, h, dtype=torch.float32) if b3 is not None and glu else None
     offs = _slices(offsets, n)
     for e in range(E):
         if offs[e] == offs[e + 1]:
-            for dw in (dw1, dw2, dw3):
+            for dw in (dw1, dw2, dw3, db1, db2, db3):
                 if dw is not None:
                     dw[e].zero_()
     if n == 0:
@@ -248,8 +274,15 @@ def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: 
             torch.mm(dys[s:t], w2f[e].t(), out=dhe)
             # (da, db) = act'(dh); h = act(a, b) recomputed in the same pass, as dW2 needs it
             C.moe_act_backward(ae.data_ptr(), be.data_ptr() if glu else 0, dhe.data_ptr(), dae.data_ptr(),
-                               dbe.data_ptr() if glu else 0, m, h, act, 0, nt, he.data_ptr() if recompute else 0)
+                               dbe.data_ptr() if glu else 0, m, h, act, 0, nt, he.data_ptr() if recompute else 0,
+                               alpha, limit)
             torch.mm(he.t(), dys[s:t], out=dw2[e])
+            if db2 is not None:
+                torch.sum(dys[s:t], 0, out=db2[e])
+            if db1 is not None:
+                torch.sum(dae, 0, out=db1[e])
+            if db3 is not None:
+                torch.sum(dbe, 0, out=db3[e])
             dxs = dys[s:t]   # this expert's dys rows are consumed: its dxs rows go there
             torch.mm(dae, w1f[e].t(), out=dxs)
             torch.mm(rows[s:t].t(), dae, out=dw1[e])
@@ -258,11 +291,15 @@ def backward_op(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: 
                 torch.mm(rows[s:t].t(), dbe, out=dw3[e])
         del rows, hbuf, dhbuf, dabuf, dbbuf
         C.moe_scatter_add(dys.data_ptr(), order.data_ptr(), k, T, d, dx32.data_ptr(), 0, nt)
+    def cast(g: Optional[Tensor], like: Optional[Tensor]) -> Tensor:
+        return torch.empty(0, dtype=x.dtype) if g is None else g.to(like.dtype)
+
     return (dx32.to(x.dtype), dw32.to(weights.dtype), dw1.to(w1.dtype), dw2.to(w2.dtype),
-            dw3.to(w1.dtype) if glu else torch.empty(0, dtype=w1.dtype))
+            dw3.to(w1.dtype) if glu else torch.empty(0, dtype=w1.dtype), cast(db1, b1), cast(db2, b2), cast(db3, b3))
 
 
-def _cpu_experts_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation):
+def _cpu_experts_fake(x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, b1=None, b2=None,
+                      b3=None, alpha=S.ALPHA, limit=S.LIMIT):
     return S.experts_outputs(x, order, w1, activation in GLU, with_h=False)
 
 

@@ -141,7 +141,9 @@ def _as_routing(routing: object) -> Routing:
     return Routing(*routing)
 
 
-def check_experts_args(x: object, routing: object, w1: object, w2: object, w3: object, activation: object) -> Routing:
+def check_experts_args(x: object, routing: object, w1: object, w2: object, w3: object, activation: object,
+                       b1: object = None, b2: object = None, b3: object = None, alpha: object = None,
+                       limit: object = None) -> Routing:
     x = V.check_float_tensor(x, "x")
     if x.dim() != 2:
         raise ValueError(f"x: expected shape [T, d] (2 dimensions), got {V.fmt_shape(x.shape)}")
@@ -183,12 +185,30 @@ def check_experts_args(x: object, routing: object, w1: object, w2: object, w3: o
         V.check_shape(w3, "w3", (E, d, h), "[E, d, hidden] like w1")
     elif w3 is not None:
         raise ValueError(f"w3: only the GLU activations {GLU} take w3; activation {activation!r} does not")
-    for n, t in (("w1", w1), ("w2", w2), ("w3", w3)):
+    for n, t, shape, what in (("b1", b1, (E, h), "[E, hidden], the bias of x·w1"),
+                              ("b2", b2, (E, d), "[E, d], the bias of h·w2"),
+                              ("b3", b3, (E, h), "[E, hidden], the bias of x·w3")):
+        if t is not None:
+            V.check_shape(V.check_float_tensor(t, n), n, shape, what)
+    if b3 is not None and activation not in GLU:
+        raise ValueError(f"b3: only the GLU activations {GLU} have an up projection (w3) to add b3 to; "
+                         f"activation {activation!r} does not")
+    for n, t in (("w1", w1), ("w2", w2), ("w3", w3), ("b1", b1), ("b2", b2), ("b3", b3)):
         if t is not None:
             V.check_same_dtype(t, n, x, "x")
             V.check_same_device(t, n, x, "x")
     for n, t in zip(Routing._fields, r):
         V.check_same_device(t, f"routing.{n}", x, "x")
+    for n, v in (("alpha", alpha), ("limit", limit)):
+        if v is None:
+            continue
+        if activation != "swiglu_oai":
+            raise ValueError(f"{n}: only activation 'swiglu_oai' takes alpha and limit; activation {activation!r} "
+                             f"does not (got {n}={v!r})")
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise TypeError(f"{n}: expected a number, got {type(v).__name__}")
+        if not math.isfinite(v) or (n == "limit" and v <= 0):
+            raise ValueError(f"{n}: expected a finite number{' > 0' if n == 'limit' else ''}, got {v}")
     return r
 
 
@@ -303,7 +323,7 @@ backend_cpu.route_op.register_autograd(_route_backward, setup_context=_route_set
 # --------------------------------------------------------------------------------------------
 
 def _experts_setup(ctx, inputs, output):
-    x, weights, experts, order, offsets, dropped, w1, w2, w3, activation = inputs
+    x, weights, experts, order, offsets, dropped, w1, w2, w3, activation, b1, b2, b3, alpha, limit = inputs
     _, a, b, hh, ys = output
     # The saved intermediates are outputs only so that the backward needs no forward GEMM again:
     # they carry no gradient, and no zero gradients are materialised for them (4 × [T·k, ...]).
@@ -311,17 +331,21 @@ def _experts_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
     ctx.activation = activation
     ctx.glu = activation in GLU
-    ctx.save_for_backward(x, weights, order, offsets, dropped, w1, w2, w3 if ctx.glu else None, a, b, hh, ys)
+    ctx.alpha, ctx.limit = alpha, limit
+    ctx.save_for_backward(x, weights, order, offsets, dropped, w1, w2, w3 if ctx.glu else None, a, b, hh, ys,
+                          b1, b2, b3 if ctx.glu else None)
 
 
 def _make_experts_backward(backward_op):
     def backward(ctx, dy, *unused):
-        x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys = ctx.saved_tensors
+        x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys, b1, b2, b3 = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(x)
-        dx, dw, dw1, dw2, dw3 = backward_op(dy, x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys,
-                                            ctx.activation)
-        return dx, dw, None, None, None, None, dw1, dw2, (dw3 if ctx.glu else None), None
+        dx, dw, dw1, dw2, dw3, db1, db2, db3 = backward_op(dy, x, weights, order, offsets, dropped, w1, w2, w3, a, b,
+                                                           hh, ys, ctx.activation, b1, b2, b3, ctx.alpha, ctx.limit)
+        return (dx, dw, None, None, None, None, dw1, dw2, (dw3 if ctx.glu else None), None,
+                db1 if b1 is not None else None, db2 if b2 is not None else None, db3 if b3 is not None else None,
+                None, None)
     return backward
 
 
@@ -403,6 +427,11 @@ def moe_experts(
     w3: Optional[Tensor] = None,
     *,
     activation: str = "swiglu",
+    b1: Optional[Tensor] = None,
+    b2: Optional[Tensor] = None,
+    b3: Optional[Tensor] = None,
+    alpha: Optional[float] = None,
+    limit: Optional[float] = None,
     backend: str = "auto",
 ) -> Tensor:
     """The routed expert MLP and the weighted combine: ``y_t = Σ_j w_tj · MLP_{e_tj}(x_t)``.
@@ -413,33 +442,46 @@ def moe_experts(
         w1: `[E, d, hidden]` (the gate projection for GLU activations), `x @ W` layout.
         w2: `[E, hidden, d]` (the down projection).
         w3: `[E, d, hidden]`, the up projection; GLU activations only.
-        activation: ``"swiglu"`` (silu(x·w1) ⊙ x·w3), ``"geglu"`` (exact gelu gate), ``"gelu"``,
-            ``"silu"``, ``"relu"`` (act(x·w1)).
+            The weights may have any strides: views of a model's stored layout (Hugging Face's
+            `[E, out, in]` transposed, the halves of a fused gate/up tensor, or its interleaved
+            columns ``gate_up[..., ::2]`` / ``[..., 1::2]``) are read where they are, without a copy
+            per call (fp32; other dtypes are converted once per call on the CPU path).
+        activation: ``"swiglu"`` (silu(a) ⊙ b), ``"geglu"`` (exact gelu gate), ``"swiglu_oai"``
+            (GPT-OSS: g = min(a, limit), (clamp(b, ±limit) + 1) ⊙ g ⊙ sigmoid(alpha·g); transformers'
+            ``GptOssExperts``), ``"gelu"``, ``"silu"``, ``"relu"`` (act(a)); a = x·w1 + b1, b = x·w3 + b3.
+        b1, b2, b3: optional biases `[E, hidden]` (of x·w1), `[E, d]` (of h·w2, inside the
+            weighted sum), `[E, hidden]` (of x·w3; GLU only), x's dtype; any strides.
+        alpha, limit: swiglu_oai's constants, default 1.702 and 7.0 (GPT-OSS's ``swiglu_alpha``,
+            ``swiglu_limit``); only that activation takes them.
         backend: ``"auto"`` | ``"reference"`` | ``"cpu"`` | ``"triton"`` (CUDA tensors use Triton).
 
     Returns:
         `y [T, d]` in x's dtype (fp32 accumulation). Dropped assignments contribute nothing.
-        Differentiable w.r.t. x, w1, w2, w3 and routing.weights (hence the router logits).
+        Differentiable w.r.t. x, w1, w2, w3, the biases and routing.weights (hence the router
+        logits).
 
     Raises:
         ValueError, on every backend, for an expert id outside [0, E) (naming it and its position,
         e.g. ``routing.experts[3, 1] = 9 is out of range for 8 experts``), an `order` entry
-        outside [0, T*k) or `offsets` that are not a prefix sum from 0 to T*k. There is no
-        sentinel id: dropped assignments keep their expert and are flagged in `dropped`.
+        outside [0, T*k) or `offsets` that are not a prefix sum from 0 to T*k, a bias of the wrong
+        shape, b3 without a GLU activation, alpha/limit with another activation than swiglu_oai.
+        There is no sentinel id: dropped assignments keep their expert and are flagged in `dropped`.
     """
-    r = check_experts_args(x, routing, w1, w2, w3, activation)
+    r = check_experts_args(x, routing, w1, w2, w3, activation, b1, b2, b3, alpha, limit)
+    al = ref.OAI_ALPHA if alpha is None else float(alpha)
+    li = ref.OAI_LIMIT if limit is None else float(limit)
     readable = V.values_readable(x, *r)
     if readable:
         check_routing_values(r, w1.shape[0])
     name = choose_experts_backend(x, r.weights, backend)
+    args = (x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3, activation, b1, b2, b3, al, li)
     if name == "reference":
         if not readable and not torch.compiler.is_compiling():
             # meta / fake tensors: the reference's per-expert loop needs the ids' values; the
             # registered op's fake kernel gives y's shape and dtype (and a differentiable graph)
-            return backend_cpu.experts_op(x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3,
-                                          activation)[0]
-        return ref.experts(x, r.weights, r.experts, r.dropped, w1, w2, w3, activation)
+            return backend_cpu.experts_op(*args)[0]
+        return ref.experts(x, r.weights, r.experts, r.dropped, w1, w2, w3, activation, b1, b2, b3, al, li)
     if name == "cpu" and not (torch.is_grad_enabled() and
-                              any(t is not None and t.requires_grad for t in (x, r.weights, w1, w2, w3))):
-        return backend_cpu.inference_op(x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3, activation)
-    return _EXPERT_OPS[name](x, r.weights, r.experts, r.order, r.offsets, r.dropped, w1, w2, w3, activation)[0]
+                              any(t is not None and t.requires_grad for t in (x, r.weights, w1, w2, w3, b1, b2, b3))):
+        return backend_cpu.inference_op(*args)
+    return _EXPERT_OPS[name](*args)[0]

@@ -21,13 +21,17 @@ Routing, for router logits ``z [T, E]`` and ``k`` experts per token:
 
 Expert MLP for assignment a = (t, j) to expert e = experts[t, j], not dropped:
 
-    GLU ("swiglu", "geglu"):   h = gate(x_t·w1[e]) ⊙ (x_t·w3[e])     gate = silu | exact (erf) gelu
-    plain ("gelu", "silu", "relu"):   h = act(x_t·w1[e])
-    y_t += weights[t, j] · (h·w2[e])
+    a = x_t·w1[e] + b1[e]      b = x_t·w3[e] + b3[e]      (the biases b1, b3 are optional: 0)
+    GLU ("swiglu", "geglu"):   h = gate(a) ⊙ b      gate = silu | exact (erf) gelu
+    "swiglu_oai" (GPT-OSS, transformers' GptOssExperts):  g = min(a, limit), u = clamp(b, −limit, limit),
+                               h = (u + 1) ⊙ g ⊙ sigmoid(alpha·g)      (alpha 1.702, limit 7.0 by default)
+    plain ("gelu", "silu", "relu"):   h = act(a)
+    y_t += weights[t, j] · (h·w2[e] + b2[e])
 
 Scores and the MLP are computed in fp32 (fp64 for fp64 inputs, for gradcheck) and cast back to
 the input dtype. The routing weights are differentiable w.r.t. the logits (the selection is held
-fixed); the MLP output w.r.t. x, w1, w2, w3 and the weights.
+fixed); the MLP output w.r.t. x, w1, w2, w3, the biases and the weights. The clamps pass the
+gradient where the value lies inside the interval, bounds included (torch.clamp's convention).
 """
 from __future__ import annotations
 
@@ -38,8 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu")
-GLU_ACTIVATIONS = ("swiglu", "geglu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu", "silu", "relu", "swiglu_oai")
+GLU_ACTIVATIONS = ("swiglu", "geglu", "swiglu_oai")
+# GPT-OSS's clamped SwiGLU (transformers' GptOssExperts, config.swiglu_alpha / swiglu_limit).
+OAI_ALPHA = 1.702
+OAI_LIMIT = 7.0
 SCORES = ("softmax", "sigmoid")
 
 
@@ -123,8 +130,13 @@ def route(logits: Tensor, k: int, score: str = "softmax", renormalize: bool = Tr
     return RouteResult(w.to(logits.dtype), sel.to(torch.int32), order, offsets, dropped)
 
 
-def activation(a: Tensor, b: Optional[Tensor], name: str) -> Tensor:
-    """The fused activation: gate(a) ⊙ b for GLU variants, act(a) otherwise (gelu is exact erf)."""
+def activation(a: Tensor, b: Optional[Tensor], name: str, alpha: float = OAI_ALPHA,
+               limit: float = OAI_LIMIT) -> Tensor:
+    """The fused activation: gate(a) ⊙ b for GLU variants, act(a) otherwise (gelu is exact erf);
+    alpha and limit are swiglu_oai's (the other activations ignore them)."""
+    if name == "swiglu_oai":
+        g = a.clamp(max=limit)
+        return (b.clamp(-limit, limit) + 1) * (g * torch.sigmoid(alpha * g))
     if name == "swiglu":
         return F.silu(a) * b
     if name == "geglu":
@@ -139,8 +151,13 @@ def activation(a: Tensor, b: Optional[Tensor], name: str) -> Tensor:
 
 
 def experts(x: Tensor, weights: Tensor, expert_ids: Tensor, dropped: Tensor, w1: Tensor, w2: Tensor,
-            w3: Optional[Tensor] = None, activation_name: str = "swiglu") -> Tensor:
+            w3: Optional[Tensor] = None, activation_name: str = "swiglu", b1: Optional[Tensor] = None,
+            b2: Optional[Tensor] = None, b3: Optional[Tensor] = None, alpha: float = OAI_ALPHA,
+            limit: float = OAI_LIMIT) -> Tensor:
     """The per-expert loop: y_t = Σ_j [not dropped] weights[t, j] · MLP_{experts[t, j]}(x_t).
+
+    Shapes: x [T, d], weights / expert_ids / dropped [T, k], w1, w3 [E, d, hidden], w2 [E, hidden, d],
+    biases b1, b3 [E, hidden], b2 [E, d] (each optional).
 
     Expert ids must lie in [0, E) (E = w1.shape[0]); there is no sentinel id (a dropped
     assignment is flagged in `dropped`). The loop below visits experts 0..E-1 only, so an id outside
@@ -162,13 +179,21 @@ def experts(x: Tensor, weights: Tensor, expert_ids: Tensor, dropped: Tensor, w1:
             continue
         xe = x[tok].to(cd)
         a = xe @ w1[e].to(cd)
-        b = xe @ w3[e].to(cd) if activation_name in GLU_ACTIVATIONS else None
-        out = activation(a, b, activation_name) @ w2[e].to(cd)
+        if b1 is not None:
+            a = a + b1[e].to(cd)
+        b = None
+        if activation_name in GLU_ACTIVATIONS:
+            b = xe @ w3[e].to(cd)
+            if b3 is not None:
+                b = b + b3[e].to(cd)
+        out = activation(a, b, activation_name, alpha, limit) @ w2[e].to(cd)
+        if b2 is not None:
+            out = out + b2[e].to(cd)
         y = y.index_add(0, tok, weights[tok, slot].to(cd)[:, None] * out)
     if y.grad_fn is None and torch.is_grad_enabled():
         # No assignment kept (T = 0, or every one dropped): y is zeros, still a function of the
         # inputs for autograd. Sums over no element are exactly 0 (never 0·NaN).
-        for t in (x, weights, w1, w2, w3):
+        for t in (x, weights, w1, w2, w3, b1, b2, b3):
             if t is not None and t.requires_grad:
                 y = y + t.reshape(-1)[:0].sum().to(cd)
     return y.to(x.dtype)

@@ -8,7 +8,10 @@
                      offsets [E+1] int64, dropped [T, k] bool)
       moe_experts_* (y [T, d] x's dtype, a [T*k, hidden], b [T*k, hidden] or [0] (GLU only),
                      h [T*k, hidden] or [0], ys [T*k, d]; the intermediates fp32, rows in `order`)
-      backward      (dx like x, dweights like weights, dw1 like w1, dw2 like w2, dw3 like w1 or [0])
+      backward      (dx like x, dweights like weights, dw1 like w1, dw2 like w2, dw3 like w1 or [0],
+                     db1 like b1 or [0], db2 like b2 or [0], db3 like b3 or [0]), every one contiguous
+    The expert ops take, after `activation`, the optional biases b1 [E, hidden], b2 [E, d],
+    b3 [E, hidden] and swiglu_oai's alpha and limit (ignored by the other activations).
 
 * `run_native_route`, the body both native routing kernels (C++ and CUDA) share.
 * The definition's results in those layouts (`reference_experts`, `reference_experts_backward`),
@@ -28,7 +31,9 @@ from pyops._finite import all_finite
 from pyops.moe import reference as ref
 
 GLU = ref.GLU_ACTIVATIONS
-ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "silu": 3, "relu": 4}
+ACT_CODES = {"swiglu": 0, "geglu": 1, "gelu": 2, "silu": 3, "relu": 4, "swiglu_oai": 5}
+ALPHA = ref.OAI_ALPHA
+LIMIT = ref.OAI_LIMIT
 SCORE_CODES = {"softmax": 0, "sigmoid": 1}
 
 
@@ -92,13 +97,19 @@ def experts_outputs(x: Tensor, order: Tensor, w1: Tensor, glu: bool, with_h: boo
             torch.empty(n, d, **f32))
 
 
-def experts_backward_fake(dy, x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys, activation):
-    """Contiguous gradients whatever the inputs' strides (views, transposes), as every backend's
-    backward allocates them: `empty_like` would copy a view's strides and make compiled code
-    assert on the real results."""
+def empty_or(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """A contiguous uninitialised tensor of t's shape and dtype, or `like.new_empty(0)` for None."""
+    return like.new_empty(0) if t is None else t.new_empty(t.shape)
+
+
+def experts_backward_fake(dy, x, weights, order, offsets, dropped, w1, w2, w3, a, b, hh, ys, activation,
+                          b1=None, b2=None, b3=None, alpha=ALPHA, limit=LIMIT):
+    """Contiguous gradients whatever the inputs' strides (views, transposes, interleaved halves),
+    as every backend's backward allocates them: `empty_like` would copy a view's strides and make
+    compiled code assert on the real results."""
     glu = activation in GLU
     return (x.new_empty(x.shape), weights.new_empty(weights.shape), w1.new_empty(w1.shape), w2.new_empty(w2.shape),
-            w1.new_empty(w1.shape) if glu else w1.new_empty(0))
+            w1.new_empty(w1.shape) if glu else w1.new_empty(0), empty_or(b1, x), empty_or(b2, x), empty_or(b3, x))
 
 
 # --------------------------------------------------------------------------------------------
@@ -123,33 +134,49 @@ def expert_ids(order: Tensor, offsets: Tensor, T: int, k: int) -> Tensor:
 
 
 def reference_experts(x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor, w1: Tensor,
-                      w2: Tensor, w3: Optional[Tensor], activation: str) -> Tensor:
+                      w2: Tensor, w3: Optional[Tensor], activation: str, b1: Optional[Tensor] = None,
+                      b2: Optional[Tensor] = None, b3: Optional[Tensor] = None, alpha: float = ALPHA,
+                      limit: float = LIMIT) -> Tensor:
     """y `[T, d]` of the definition (`pyops.moe.reference.experts`)."""
     ids = expert_ids(order, offsets, x.shape[0], weights.shape[1])
-    return ref.experts(x, weights, ids, dropped, w1, w2, w3 if activation in GLU else None, activation)
+    glu = activation in GLU
+    return ref.experts(x, weights, ids, dropped, w1, w2, w3 if glu else None, activation, b1, b2,
+                       b3 if glu else None, alpha, limit)
 
 
 def reference_experts_backward(dy: Tensor, x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor,
-                               dropped: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str):
-    """(dx, dweights, dw1, dw2, dw3 or an empty tensor) of the definition: its vector-Jacobian
-    product (torch.func.vjp works inside a custom op's kernel, where autograd keys are excluded)."""
+                               dropped: Tensor, w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str,
+                               b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
+                               b3: Optional[Tensor] = None, alpha: float = ALPHA, limit: float = LIMIT):
+    """(dx, dweights, dw1, dw2, dw3, db1, db2, db3; empty tensors for absent inputs) of the
+    definition: its vector-Jacobian product (torch.func.vjp works inside a custom op's kernel,
+    where autograd keys are excluded)."""
     glu = activation in GLU
     ids = expert_ids(order, offsets, x.shape[0], weights.shape[1])
+    optional = [w3 if glu else None, b1, b2, b3 if glu else None]
+    present = [i for i, t in enumerate(optional) if t is not None]
 
-    def forward(x_, w_, w1_, w2_, *w3_):
-        return ref.experts(x_, w_, ids, dropped, w1_, w2_, w3_[0] if w3_ else None, activation)
+    def forward(x_, w_, w1_, w2_, *rest):
+        opt = [None] * 4
+        for i, t in zip(present, rest):
+            opt[i] = t
+        return ref.experts(x_, w_, ids, dropped, w1_, w2_, opt[0], activation, opt[1], opt[2], opt[3], alpha, limit)
 
-    primals = [t.detach() for t in (x, weights, w1, w2)] + ([w3.detach()] if glu else [])
+    primals = [t.detach() for t in (x, weights, w1, w2)] + [optional[i].detach() for i in present]
     _, vjp = torch.func.vjp(forward, *primals)
     grads = vjp(dy.to(x.dtype))
-    return (grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), grads[3].contiguous(),
-            grads[4].contiguous() if glu else w1.new_empty(0))
+    rest = [w1.new_empty(0) for _ in range(4)]   # distinct tensors: op outputs may not alias
+    for i, g in zip(present, grads[4:]):
+        rest[i] = g.contiguous()
+    return (grads[0].contiguous(), grads[1].contiguous(), grads[2].contiguous(), grads[3].contiguous(), *rest)
 
 
 def reference_experts_outputs(x: Tensor, weights: Tensor, order: Tensor, offsets: Tensor, dropped: Tensor,
-                              w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, with_h: bool = True):
+                              w1: Tensor, w2: Tensor, w3: Optional[Tensor], activation: str, with_h: bool = True,
+                              b1: Optional[Tensor] = None, b2: Optional[Tensor] = None,
+                              b3: Optional[Tensor] = None, alpha: float = ALPHA, limit: float = LIMIT):
     """`experts_outputs` holding the definition's y; the intermediates are zeros (a backward on
     this call's inputs takes `reference_experts_backward` too, which does not read them)."""
     y, a, b, h, ys = experts_outputs(x, order, w1, activation in GLU, with_h)
-    y.copy_(reference_experts(x, weights, order, offsets, dropped, w1, w2, w3, activation))
+    y.copy_(reference_experts(x, weights, order, offsets, dropped, w1, w2, w3, activation, b1, b2, b3, alpha, limit))
     return y, a.zero_(), b.zero_(), h.zero_(), ys.zero_()

@@ -12,7 +12,7 @@ from pyops.moe import ops as M
 from pyops.testing import REDUCTION_TOL, tolerance_for
 
 FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
-GLU = ("swiglu", "geglu")
+GLU = M.GLU  # the library's GLU activations (swiglu, geglu, swiglu_oai): they take w3
 
 
 def backend_reason(backend: str, op: str = "moe_experts") -> Optional[str]:

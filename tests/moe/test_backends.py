@@ -134,7 +134,7 @@ def test_experts_fp32_every_shape(backend, shape, rng):
 
 
 @pytest.mark.parametrize("backend", EXPERT_BACKENDS)
-@pytest.mark.parametrize("act", ["swiglu", "geglu", "gelu", "silu", "relu"])
+@pytest.mark.parametrize("act", ["swiglu", "geglu", "gelu", "silu", "relu", "swiglu_oai"])
 def test_experts_every_activation(backend, act, rng):
     compare_layer(backend, (7, 5, 6, 4, 2, None), act, FP32, None, rng)
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "moe_route"),
 
 FP32, FP16, BF16 = torch.float32, torch.float16, torch.bfloat16
 DTYPES = (FP32, FP16, BF16)
-ACTS = ("swiglu", "geglu", "gelu", "silu", "relu")
+ACTS = ("swiglu", "geglu", "gelu", "silu", "relu", "swiglu_oai")
 ACT_CODE = {a: i for i, a in enumerate(ACTS)}
 
 
@@ -270,6 +270,9 @@ def act_torch(act, a, b):
         return F.silu(a) * b.float()
     if act == "geglu":
         return F.gelu(a) * b.float()
+    if act == "swiglu_oai":   # GPT-OSS, the bindings' default alpha 1.702 and limit 7.0
+        g = a.clamp(max=7.0)
+        return (b.float().clamp(-7.0, 7.0) + 1) * g * torch.sigmoid(1.702 * g)
     return {"gelu": F.gelu, "silu": F.silu, "relu": F.relu}[act](a)
 
 
@@ -292,7 +295,7 @@ def act_backward(act, a, b, dh):
 def act_inputs(act, dtype, rng, shape=(37, 1029)):
     a = (torch.randn(*shape, generator=rng) * 3).to(dtype)
     a.view(-1)[:5] = torch.tensor([0.0, -0.0, 30.0, -30.0, 1e-4]).to(dtype)
-    b = torch.randn(*shape, generator=rng).to(dtype) if act in ("swiglu", "geglu") else None
+    b = (torch.randn(*shape, generator=rng) * 4).to(dtype) if act in ("swiglu", "geglu", "swiglu_oai") else None
     return a, b
 
 
@@ -368,7 +371,7 @@ def test_act_empty_and_bad_code():
     z = torch.empty(0, 4)
     act_forward("silu", z, None)
     with pytest.raises(ValueError, match="act"):
-        C.moe_act_forward(a=0, b=0, h_out=0, n_rows=0, hdim=0, act=5, dtype=0, n_threads=1)
+        C.moe_act_forward(a=0, b=0, h_out=0, n_rows=0, hdim=0, act=6, dtype=0, n_threads=1)
 
 
 def combine_inputs(T, k, d, dtype, rng, drop=True):
