@@ -26,12 +26,15 @@ class TaskMoE(nn.Module):
         n_experts: E.
         k: experts per token.
         n_tasks: number of routers; with ``n_tasks > 1`` `forward` needs `task_ids`.
-        activation: ``"swiglu"`` (default), ``"geglu"``, ``"gelu"``, ``"silu"``, ``"relu"``.
+        activation: ``"swiglu"`` (default), ``"geglu"``, ``"swiglu_oai"`` (default alpha and limit),
+            ``"gelu"``, ``"silu"``, ``"relu"``.
         capacity_factor: None or cf > 0 (per-expert capacity ``ceil(cf·k·T/E)``, drops in token order).
         noisy_gating: Shazeer et al. (2017) trainable noise: in training mode the logits get
             ``N(0, 1) · softplus(x · W_noise[task])`` (W_noise starts at zero); eval mode is noise-free.
         renormalize: renormalise the k gate values of a token to sum to 1.
         score: ``"softmax"`` or ``"sigmoid"``.
+        n_group, topk_group, routed_scaling: DeepSeek-V3 group-limited routing and its weight scale,
+            passed to `pyops.moe_route` (both or neither of the first two; checked here).
         backend: passed to both ops (``"auto"`` by default).
         ep_group: None, or a `torch.distributed` process group of W ranks over which the experts
             are spread (expert parallelism, `pyops.moe.parallel`): this rank holds experts
@@ -55,7 +58,8 @@ class TaskMoE(nn.Module):
 
     def __init__(self, d_model: int, d_hidden: int, n_experts: int, k: int, *, n_tasks: int = 1,
                  activation: str = "swiglu", capacity_factor: Optional[float] = None, noisy_gating: bool = False,
-                 renormalize: bool = True, score: str = "softmax", backend: str = "auto",
+                 renormalize: bool = True, score: str = "softmax", n_group: Optional[int] = None,
+                 topk_group: Optional[int] = None, routed_scaling: float = 1.0, backend: str = "auto",
                  ep_group=None, device=None, dtype=None) -> None:
         super().__init__()
         for name, v in (("d_model", d_model), ("d_hidden", d_hidden), ("n_experts", n_experts), ("n_tasks", n_tasks)):
@@ -69,6 +73,8 @@ class TaskMoE(nn.Module):
             raise ValueError(f"capacity_factor: expected None or a number > 0, got {capacity_factor!r}")
         if score not in M.SCORE_CODES:
             raise ValueError(f"score: expected 'softmax' or 'sigmoid', got {score!r}")
+        M.check_group_args(n_experts, k, n_group, topk_group, routed_scaling)
+        self.n_group, self.topk_group, self.routed_scaling = n_group, topk_group, float(routed_scaling)
         self.d_model, self.d_hidden, self.n_experts, self.k = d_model, d_hidden, n_experts, k
         self.n_tasks, self.activation, self.capacity_factor = n_tasks, activation, capacity_factor
         self.noisy_gating, self.renormalize, self.score, self.backend = noisy_gating, renormalize, score, backend
@@ -97,6 +103,8 @@ class TaskMoE(nn.Module):
         return (f"d_model={self.d_model}, d_hidden={self.d_hidden}, n_experts={self.n_experts}, k={self.k}, "
                 f"n_tasks={self.n_tasks}, activation={self.activation!r}, capacity_factor={self.capacity_factor}, "
                 f"noisy_gating={self.noisy_gating}"
+                + ("" if self.n_group is None else f", n_group={self.n_group}, topk_group={self.topk_group}")
+                + ("" if self.routed_scaling == 1.0 else f", routed_scaling={self.routed_scaling}")
                 + ("" if self.ep_group is None else f", experts {self.expert_offset}..."
                    f"{self.expert_offset + self.w1.shape[0] - 1} on this rank"))
 
@@ -153,12 +161,14 @@ class TaskMoE(nn.Module):
         if self.noisy_gating and self.training:
             std = F.softplus(self._per_task(xt, self.w_noise, tasks))
             logits = logits + torch.randn_like(logits) * std
+        groups = dict(n_group=self.n_group, topk_group=self.topk_group, routed_scaling=self.routed_scaling)
         if self.ep_group is None:
             r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize,
-                            capacity_factor=self.capacity_factor, backend=self.backend)
+                            capacity_factor=self.capacity_factor, backend=self.backend, **groups)
             y = M.moe_experts(xt, r, self.w1, self.w2, self.w3, activation=self.activation, backend=self.backend)
         else:
-            r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize, backend=self.backend)
+            r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize, backend=self.backend,
+                            **groups)
             r = P.global_capacity(r, self.capacity_factor, self.ep_group)
             rows, plan = P.dispatch(xt, r, self.ep_group)
             out = M.moe_experts(rows, plan.routing, self.w1, self.w2, self.w3, activation=self.activation,

@@ -43,6 +43,38 @@ def test_per_token_task_routers(backend, rng):
     assert aux["load_balance"].item() == pytest.approx(pyops.moe_losses.load_balance_loss(z, r.experts).item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_group_limited_routing(backend, rng):
+    """n_group / topk_group / routed_scaling reach moe_route: the layer equals the functional ops
+    with the same options, and the selection stays inside the kept groups."""
+    if backend != "reference":
+        require(backend)
+    torch.manual_seed(0)
+    m = pyops.nn.TaskMoE(6, 8, 8, 2, score="sigmoid", n_group=4, topk_group=2, routed_scaling=2.5, backend=backend)
+    x = torch.randn(11, 6, generator=rng)
+    y, aux = m(x)
+    z = x @ m.router[0]
+    r = pyops.moe_route(z, 2, score="sigmoid", n_group=4, topk_group=2, routed_scaling=2.5, backend="reference")
+    want = pyops.moe_experts(x, r, m.w1, m.w2, m.w3, backend="reference")
+    assert_close(y, want, tolerance_for(FP32), "y")
+    assert torch.equal(aux["tokens_per_expert"], r.offsets[1:] - r.offsets[:-1])
+    groups = (r.experts.long() // 2)
+    assert int(torch.stack([(groups == g).any(-1) for g in range(4)], -1).sum(-1).max()) <= 2
+    assert "n_group=4, topk_group=2" in repr(m) and "routed_scaling=2.5" in repr(m)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(n_group=4), "topk_group: expected an int together with n_group"),
+    (dict(n_group=3, topk_group=1), "n_group: expected a positive divisor of E = 8"),
+    (dict(n_group=4, topk_group=1, k=3), r"k: expected k <= topk_group·E/n_group"),
+    (dict(routed_scaling=0.0), "routed_scaling: expected a finite number > 0"),
+], ids=["n_group-alone", "n_group-not-divisor", "k-beyond-kept-experts", "scaling-zero"])
+def test_group_arguments_are_checked_at_construction(kwargs, match):
+    k = kwargs.pop("k", 2)
+    with pytest.raises(ValueError, match=match):
+        pyops.nn.TaskMoE(6, 8, 8, k, **kwargs)
+
+
 def test_task_ids_per_batch_row_and_int(rng):
     m = pyops.nn.TaskMoE(4, 5, 3, 1, n_tasks=2, activation="relu", backend="reference")
     x = torch.randn(2, 3, 4, generator=rng)
