@@ -170,7 +170,8 @@ class TaskMoE(nn.Module):
             r = M.moe_route(logits, self.k, score=self.score, renormalize=self.renormalize, backend=self.backend,
                             **groups)
             r = P.global_capacity(r, self.capacity_factor, self.ep_group)
-            rows, plan = P.dispatch(xt, r, self.ep_group)
+            # global_capacity has checked k and E across the ranks (when it ran); xt is the routed tokens
+            rows, plan = P.dispatch(xt, r, self.ep_group, check=self.capacity_factor is None)
             out = M.moe_experts(rows, plan.routing, self.w1, self.w2, self.w3, activation=self.activation,
                                 backend=self.backend)
             y = P.combine(out, plan, r.weights)
@@ -179,33 +180,19 @@ class TaskMoE(nn.Module):
 
     def _aux(self, logits: Tensor, r: M.Routing, tasks: Optional[Tensor]) -> Dict[str, Tensor]:
         E, g = self.n_experts, self.ep_group
-        if g is None:
-            aux = {"load_balance": moe_losses.load_balance_loss(logits, r.experts, score=self.score),
-                   "z_loss": moe_losses.router_z_loss(logits)}
-            if self.n_tasks > 1:
-                aux["mutual_information"] = moe_losses.mutual_information_loss(logits, tasks, self.n_tasks,
-                                                                               score=self.score)
-        else:
-            aux = {"load_balance": P.global_load_balance_loss(logits, r.experts, score=self.score, group=g),
-                   "z_loss": P.global_router_z_loss(logits, group=g)}
-            if self.n_tasks > 1:
-                aux["mutual_information"] = P.global_mutual_information_loss(logits, tasks, self.n_tasks,
-                                                                             score=self.score, group=g)
+        if g is not None:  # the losses and statistics of the global token set: one all-reduce
+            return P.global_losses(logits, r.experts, r.dropped, tasks, self.n_tasks, score=self.score, group=g)
+        aux = {"load_balance": moe_losses.load_balance_loss(logits, r.experts, score=self.score),
+               "z_loss": moe_losses.router_z_loss(logits)}
+        if self.n_tasks > 1:
+            aux["mutual_information"] = moe_losses.mutual_information_loss(logits, tasks, self.n_tasks,
+                                                                           score=self.score)
         with torch.no_grad():
             t = tasks if tasks is not None else torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
             flat = (t[:, None] * E + r.experts.long()).reshape(-1)
             usage = torch.zeros(self.n_tasks * E, dtype=torch.int64, device=logits.device) \
                 .index_add_(0, flat, torch.ones_like(flat))
-            if g is None:
-                aux["tokens_per_expert"] = r.offsets[1:] - r.offsets[:-1]
-                aux["dropped_fraction"] = r.dropped.float().mean() if r.dropped.numel() else logits.new_zeros(())
-            else:  # statistics of the global token set, like the losses: one all-reduce
-                stats = torch.cat([usage, r.dropped.sum().reshape(1)]).to(P.meta_device(g, usage))
-                torch.distributed.all_reduce(stats, group=g)
-                stats = stats.to(usage.device)
-                usage = stats[:-1]
-                aux["tokens_per_expert"] = usage.view(self.n_tasks, E).sum(0)
-                n = int(aux["tokens_per_expert"].sum())
-                aux["dropped_fraction"] = (stats[-1].float() / n) if n else logits.new_zeros((), dtype=torch.float32)
+            aux["tokens_per_expert"] = r.offsets[1:] - r.offsets[:-1]
+            aux["dropped_fraction"] = r.dropped.float().mean() if r.dropped.numel() else logits.new_zeros(())
             aux["task_expert_usage"] = usage.view(self.n_tasks, E)
         return aux

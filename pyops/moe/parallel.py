@@ -39,7 +39,7 @@ from pyops.moe import ops as M
 from pyops.moe import reference as ref
 
 __all__ = ["DispatchPlan", "expert_range", "global_capacity", "dispatch", "combine", "global_load_balance_loss",
-           "global_router_z_loss", "global_mutual_information_loss"]
+           "global_router_z_loss", "global_mutual_information_loss", "global_losses"]
 
 
 class DispatchPlan(NamedTuple):
@@ -181,7 +181,7 @@ def global_capacity(routing: M.Routing, capacity_factor: Optional[float], group=
     return routing._replace(dropped=dropped.view(T, k) | routing.dropped)
 
 
-def dispatch(x: Tensor, routing: M.Routing, group=None) -> tuple[Tensor, DispatchPlan]:
+def dispatch(x: Tensor, routing: M.Routing, group=None, *, check: bool = True) -> tuple[Tensor, DispatchPlan]:
     """Send each kept assignment's token row to the rank holding its expert.
 
     Args:
@@ -189,6 +189,10 @@ def dispatch(x: Tensor, routing: M.Routing, group=None) -> tuple[Tensor, Dispatc
         routing: this rank's `Routing` over all E experts (global expert ids), drops decided
             (`global_capacity`); dropped assignments are not sent.
         group: the expert-parallel process group (default: the world).
+        check: run the all-gather that makes every rank raise together when the ranks disagree on
+            k or E or one rank's x is wrong. ``False`` only where that is known already: after
+            `global_capacity` on the same routing (which checked k and E) with ``x`` the routed
+            tokens themselves (as `TaskMoE` does).
 
     Returns ``(rows [N, d], plan)``: the rows this rank's experts must process, grouped by local
     expert (within an expert in global token order), and the plan for `combine`; ``plan.routing``
@@ -204,7 +208,8 @@ def dispatch(x: Tensor, routing: M.Routing, group=None) -> tuple[Tensor, Dispatc
                            f"{list(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     elif x.shape[0] != T:
         error = ValueError(f"x: expected {T} rows (routing.weights.shape[0]), got {x.shape[0]}")
-    _check_routing(routing, group, error)
+    if check or error is not None:
+        _check_routing(routing, group, error)
     if E % W:  # E agrees across ranks now, so every rank raises
         raise ValueError(f"routing: expected a number of experts divisible by the group size {W}, got {E}")
     El = E // W
@@ -290,6 +295,50 @@ def global_router_z_loss(logits: Tensor, group=None) -> Tensor:
     lse2 = torch.logsumexp(logits.to(ref.compute_dtype(logits.dtype)), dim=-1).pow(2)
     stats = sum_across_ranks(torch.stack([lse2.sum(), lse2.new_tensor(float(lse2.shape[0]))]), group)
     return stats[0] / stats[1]
+
+
+def global_losses(logits: Tensor, experts: Tensor, dropped: Tensor, task_ids: Optional[Tensor], n_tasks: int, *,
+                  score: str = "softmax", group=None) -> dict:
+    """Every auxiliary loss and statistic of an expert-parallel `TaskMoE` forward over the global
+    token set, from ONE all-reduce: the load balance, the z-loss, (``n_tasks > 1``) the mutual
+    information, and the detached ``task_expert_usage [n_tasks, E]`` (int64), ``tokens_per_expert
+    [E]``, ``dropped_fraction`` (0-d). The same values as the three `global_*_loss` functions and the
+    single-process statistics of the concatenated batch.
+
+    The sums travel in fp64 (the counts exactly up to 2**53, the fp32 sums rounded once when they
+    come back); the all-reduce's backward passes each rank its share of the gradient."""
+    cd = ref.compute_dtype(logits.dtype)
+    p = _probs(logits, score)
+    T, E = p.shape
+    k = experts.shape[1]
+    t = task_ids.long() if task_ids is not None else torch.zeros(T, dtype=torch.int64, device=p.device)
+    with torch.no_grad():
+        flat = (t[:, None] * E + experts.long()).reshape(-1)
+        usage = torch.zeros(n_tasks * E, dtype=torch.float64, device=p.device).index_add_(
+            0, flat, torch.ones(flat.numel(), dtype=torch.float64, device=p.device))
+    lse2 = torch.logsumexp(logits.to(cd), dim=-1).pow(2)
+    mi = n_tasks > 1
+    joint = torch.zeros(n_tasks, E, dtype=p.dtype, device=p.device).index_add(0, t, p) if mi else p.new_zeros(0)
+    parts = [p.sum(0), lse2.sum().reshape(1), joint.reshape(-1)]
+    tail = torch.cat([usage, torch.tensor([float(T), float(dropped.sum())], dtype=torch.float64, device=p.device)])
+    sums = sum_across_ranks(torch.cat([q.to(torch.float64) for q in parts] + [tail]), group)
+    n_mi = joint.numel()
+    prob_sum, lse2_sum = sums[:E].to(cd), sums[E].to(cd)
+    usage_g = sums[E + 1 + n_mi:E + 1 + n_mi + n_tasks * E].detach()
+    T_global, n_dropped = sums[-2].detach(), sums[-1].detach()
+    counts = usage_g.view(n_tasks, E).sum(0).to(cd)
+    out = {"load_balance": ref.load_balance_from_sums(prob_sum, counts, T_global.to(cd), k),
+           "z_loss": lse2_sum / T_global.to(cd)}
+    if mi:
+        out["mutual_information"] = ref.mutual_information_from_joint(
+            sums[E + 1:E + 1 + n_mi].to(cd).view(n_tasks, E) / T_global.to(cd))
+    usage_i = usage_g.round().to(torch.int64).view(n_tasks, E)
+    out["task_expert_usage"] = usage_i
+    out["tokens_per_expert"] = usage_i.sum(0)
+    n = T_global * k
+    out["dropped_fraction"] = (n_dropped / n).to(torch.float32) if float(n) > 0 else \
+        logits.new_zeros((), dtype=torch.float32)
+    return out
 
 
 def global_mutual_information_loss(logits: Tensor, task_ids: Tensor, n_tasks: int, *, score: str = "softmax",
