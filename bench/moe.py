@@ -92,8 +92,9 @@ CASES = [
              targets={"cpu": {"vs_torch": 5.0}, "cuda": {"vs_torch": 5.0}}, timing=_timing(2, 2)),
     # transformers' Mixtral sparse-MoE block (grouped_mm and eager) against the pyops-patched block
     *(CaseSpec(f"hf-mixtral-{tag}", "moe_experts", "hf_block", _LAYER, _LAYER_QUICK, backward=bwd,
-               backends={"cpu": ("cpu",)}, peers=(PYOPS, "hf_grouped_mm", "hf_eager"), baseline="hf_grouped_mm",
-               targets={"cpu": {"vs_hf": 1.3, "layout_cost": None}}, timing=_timing(q, f), also=("moe_route",))
+               backends={"cpu": ("cpu",)}, peers=(PYOPS, "hf_grouped_mm", "hf_eager", "gemm_floor"),
+               baseline="hf_grouped_mm", targets={"cpu": {"vs_hf": 1.3, "layout_cost": None}}, timing=_timing(q, f),
+               also=("moe_route",))
       for tag, bwd, q, f in (("fwd", False, 8, 75), ("bwd", True, 10, 110))),
     CaseSpec("layer-ep2", "moe_experts", "expert_parallel", dict(_LAYER, W=2), None, backward=True,
              peers=(PYOPS, "single", "single_all"), baseline="single", targets={"cpu": {"ep_cost": 1.5}},
@@ -448,7 +449,42 @@ def _hf_block_case(b: Build) -> Case:
                      flops=gemm_flops, note=note)
 
     HF = {"grouped_mm": "transformers grouped_mm", "eager": "transformers eager"}
-    PATCHED, CONTIG = "pyops patched block", "pyops contiguous weights"
+    PATCHED, CONTIG, FLOOR = "pyops patched block", "pyops contiguous weights", "GEMM floor"
+
+    def gemm_floor() -> Entry:
+        """The block's expert GEMMs alone: torch.mm on contiguous per-expert operands, outputs
+        preallocated, with this routing's per-expert row counts (3 GEMMs per expert forward, 9 with
+        the backward). Every implementation here runs these GEMMs on the same BLAS, so the faster
+        transformers' time over this one bounds the speed-up any of them can reach."""
+        state: dict = {}
+
+        def setup():
+            with torch.no_grad():
+                xt = x.detach().reshape(T, d)
+                r = pyops.moe_route(xt @ router.detach().t(), k)
+            counts = (r.offsets[1:] - r.offsets[:-1]).tolist()
+            f32 = dict(dtype=torch.float32)
+            ops = []
+            for m in counts:
+                if m == 0:
+                    continue
+                rows, dys = torch.randn(m, d, **f32), torch.randn(m, d, **f32)
+                a, bb, hh, ys = (torch.empty(m, h, **f32), torch.empty(m, h, **f32), torch.randn(m, h, **f32),
+                                 torch.empty(m, d, **f32))
+                wg, wu, wd = torch.randn(d, h, **f32), torch.randn(d, h, **f32), torch.randn(h, d, **f32)
+                ops += [(rows, wg, a), (rows, wu, bb), (hh, wd, ys)]
+                if backward:
+                    dw1, dw2, dx = torch.empty(d, h, **f32), torch.empty(h, d, **f32), torch.empty(m, d, **f32)
+                    ops += [(dys, wd.t(), a), (hh.t(), dys, dw2), (a, wg.t(), dx), (bb, wu.t(), ys),
+                            (rows.t(), a, dw1), (rows.t(), bb, dw1)]
+            state["ops"] = ops
+
+        def run():
+            for p_, q_, o_ in state["ops"]:
+                torch.mm(p_, q_, out=o_)
+
+        return Entry(FLOOR, run, setup=setup, flops=gemm_flops, group="floor",
+                     note="the expert GEMMs alone (torch.mm, contiguous, preallocated): the bound of every entry")
     entries = b.entries({
         PYOPS: lambda: [
             Entry(PATCHED, None, skip=why, group="pyops") if why is not None else
@@ -465,6 +501,7 @@ def _hf_block_case(b: Build) -> Case:
         "hf_eager": lambda: hf_entry("eager", HF["eager"],
                                      "transformers' MixtralSparseMoeBlock, _experts_implementation='eager' "
                                      "(per-expert loop)"),
+        "gemm_floor": gemm_floor,
     })
 
     def checks(r: CaseResult) -> list:
@@ -483,6 +520,12 @@ def _hf_block_case(b: Build) -> Case:
         if c is not None and "layout_cost" in b.targets:
             res.append(Check("HF layout cost: patched block time / contiguous-weights time", p.median_s / c.median_s,
                              b.target("layout_cost"), "<=", "x"))
+        floor = r.ok(FLOOR)
+        if floor is not None:
+            res.append(Check(f"bound: {fast.name} / GEMM floor (the largest speed-up any torch.mm-based block "
+                             "could reach)", fast.median_s / floor.median_s, None, ">=", "x"))
+            res.append(Check("GEMM share of the pyops patched block (GEMM floor / patched)",
+                             floor.median_s / p.median_s, None, ">=", "x"))
         return res
 
     def verify() -> dict:
