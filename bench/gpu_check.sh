@@ -15,7 +15,7 @@
 # results.tar.gz (<family>-<device>.{json,png} and README.md, repacked after every family).
 # FAMILIES (stems), VERIFY_TIMEOUT and BENCH_TIMEOUT (seconds per family; BENCH_TIMEOUT_MERGING
 # for merging, which holds task arithmetic and the merge methods) bound the run; on a GPU,
-# GPU_TESTS (pytest paths; default the CUDA merge kernels' tests) run first under TESTS_TIMEOUT.
+# GPU_TESTS (pytest paths; default the CUDA merge kernels' tests and the Triton biased-experts tests) run first under TESTS_TIMEOUT.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -106,7 +106,7 @@ fi
 RESULTS=${RESULTS_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/pyops-gpu-results.XXXXXX")}
 mkdir -p "$RESULTS"
 # GPU-only tests of kernels that have never run on a GPU before (their logs go to verify.log).
-GPU_TESTS=${GPU_TESTS-tests/merging/test_methods_cuda.py}
+GPU_TESTS=${GPU_TESTS-tests/merging/test_methods_cuda.py tests/moe/test_biased_experts.py}
 if [ "$DEVICE" = "cuda" ] && [ -n "$GPU_TESTS" ]; then
     step "tests" "$OUT/verify.log" --append timeout -k 10 "${TESTS_TIMEOUT:-150}" \
         "$PYTHON" -m pytest -q -x -p no:cacheprovider $GPU_TESTS
