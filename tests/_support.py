@@ -155,6 +155,21 @@ def fuzz_settings(default: int, **overrides):
     return settings(**kw)
 
 
+def fuzz(examples: int, check, **strategies) -> None:
+    """Run `check(**drawn)` on `examples` hypothesis examples drawn from the keyword `strategies`,
+    with `fuzz_settings` (derandomized: the same examples on every run). The property suites'
+    against-the-reference tests are this, parametrized by backend, forward/gradients and
+    finite/non-finite values."""
+    from hypothesis import given
+
+    @fuzz_settings(examples)
+    @given(**strategies)
+    def prop(**drawn):
+        check(**drawn)
+
+    prop()
+
+
 def layout_base_shape(shape, layout: str, dims):
     """The shape a property suite draws values in for `layout`: an `expanded` tensor has extent 1
     on the first of `dims` of extent > 1 (then expanded); without one it is drawn contiguous.

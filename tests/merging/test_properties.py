@@ -52,7 +52,7 @@ import torch
 from hypothesis import assume, given, note, strategies as st
 
 import pyops
-from _support import (BACKENDS, REDUCTION_TOL, assert_close, device_for, fmt_dtype, fuzz_settings, interpreted,
+from _support import (BACKENDS, REDUCTION_TOL, assert_close, device_for, fmt_dtype, fuzz, fuzz_settings, interpreted,
                       require_backend)
 from pyops import _backend
 from pyops.merging import merge as M
@@ -423,51 +423,15 @@ def against_reference(backend: str, p: Problem, grads: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_finite_forward_matches_reference(backend):
+@pytest.mark.parametrize("values", ["finite", "nonfinite"])
+@pytest.mark.parametrize("part", ["forward", "gradients"])
+def test_matches_reference(backend, part, values):
+    """The merged tensor or every gradient of the backend against the reference on drawn
+    problems, with finite values or with NaN / ±inf written at drawn sites."""
     require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend))
-    def prop(p):
-        against_reference(backend, p, grads=False)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_finite_gradients_match_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, grads=True))
-    def prop(p):
-        against_reference(backend, p, grads=True)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_forward_matches_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, nonfinite=True))
-    def prop(p):
-        against_reference(backend, p, grads=False)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_gradients_match_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, grads=True, nonfinite=True))
-    def prop(p):
-        against_reference(backend, p, grads=True)
-
-    prop()
+    grads, nonfinite = part == "gradients", values == "nonfinite"
+    fuzz(EXAMPLES[backend], lambda p: against_reference(backend, p, grads=grads),
+         p=problems(backend, grads=grads, nonfinite=nonfinite))
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch
 from hypothesis import assume, given, note, strategies as st
 
 import pyops
-from _support import BACKENDS, assert_bitwise_equal, assert_close, device_for, fmt_dtype, fuzz_settings, interpreted
+from _support import BACKENDS, assert_bitwise_equal, assert_close, device_for, fmt_dtype, fuzz, fuzz_settings, interpreted
 from pyops.moe import ops as M
 from pyops.testing import tolerance_for
 from .cases import BF16, FP16, FP32, GLU, backend_reason, grads_tol
@@ -381,49 +381,17 @@ def test_route_refuses_nonfinite_logits(backend):
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_experts_finite_forward_matches_reference(backend):
+@pytest.mark.parametrize("values", ["finite", "nonfinite"])
+@pytest.mark.parametrize("part", ["forward", "gradients"])
+def test_experts_match_reference(backend, part, values):
+    """y (the CPU backend's inference op or its training op, drawn) or every gradient of the
+    backend against the reference on drawn layers, with finite values or with NaN / ±inf written
+    at drawn sites (dy included for the gradients)."""
     require(backend, "moe_experts")
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=layer_problems(backend), autograd=st.booleans())
-    def prop(p, autograd):
-        # autograd=False runs the CPU backend's inference op, True its training op
-        layer_against_reference(backend, p, grads=False, autograd=autograd)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_experts_finite_gradients_match_reference(backend):
-    require(backend, "moe_experts")
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=layer_problems(backend))
-    def prop(p):
-        layer_against_reference(backend, p, grads=True)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_experts_nonfinite_forward_matches_reference(backend):
-    require(backend, "moe_experts")
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=layer_problems(backend, nonfinite=True), autograd=st.booleans())
-    def prop(p, autograd):
-        layer_against_reference(backend, p, grads=False, autograd=autograd)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_experts_nonfinite_gradients_match_reference(backend):
-    require(backend, "moe_experts")
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=layer_problems(backend, nonfinite=True, dy_sites=True))
-    def prop(p):
-        layer_against_reference(backend, p, grads=True)
-
-    prop()
+    nonfinite = values == "nonfinite"
+    if part == "forward":
+        fuzz(EXAMPLES[backend], lambda p, autograd: layer_against_reference(backend, p, grads=False, autograd=autograd),
+             p=layer_problems(backend, nonfinite=nonfinite), autograd=st.booleans())
+    else:
+        fuzz(EXAMPLES[backend], lambda p: layer_against_reference(backend, p, grads=True),
+             p=layer_problems(backend, nonfinite=nonfinite, dy_sites=nonfinite))

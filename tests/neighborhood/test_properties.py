@@ -45,7 +45,7 @@ import pytest
 import torch
 from hypothesis import assume, given, note, strategies as st
 
-from _support import assert_close, fuzz_settings, layout_base_shape, realize_layout
+from _support import assert_close, fuzz, fuzz_settings, layout_base_shape, realize_layout
 from pyops.neighborhood import ops as ops_na
 from pyops.neighborhood.reference import _flat_windows
 from pyops.testing import tolerance_for
@@ -264,51 +264,15 @@ def against_reference(backend: str, p: Problem, forward: bool, nonfinite: bool) 
 # --------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_finite_forward_matches_reference(backend):
+@pytest.mark.parametrize("values", ["finite", "nonfinite"])
+@pytest.mark.parametrize("part", ["forward", "gradients"])
+def test_matches_reference(backend, part, values):
+    """Forward (out, lse) or every gradient of the backend against the reference on drawn
+    problems, with finite values or with NaN / ±inf written at drawn sites."""
     require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend))
-    def prop(p):
-        against_reference(backend, p, forward=True, nonfinite=False)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_finite_gradients_match_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend))
-    def prop(p):
-        against_reference(backend, p, forward=False, nonfinite=False)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_forward_matches_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, nonfinite=True))
-    def prop(p):
-        against_reference(backend, p, forward=True, nonfinite=True)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_gradients_match_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, nonfinite=True))
-    def prop(p):
-        against_reference(backend, p, forward=False, nonfinite=True)
-
-    prop()
+    forward, nonfinite = part == "forward", values == "nonfinite"
+    fuzz(EXAMPLES[backend], lambda p: against_reference(backend, p, forward=forward, nonfinite=nonfinite),
+         p=problems(backend, nonfinite=nonfinite))
 
 
 @pytest.mark.parametrize("backend", ("reference",) + KERNEL_BACKENDS)

@@ -45,7 +45,7 @@ import torch
 from hypothesis import assume, given, note, strategies as st
 
 import pyops
-from _support import assert_close, fuzz_settings, interpreted, layout_base_shape, realize_layout
+from _support import assert_close, fuzz, fuzz_settings, interpreted, layout_base_shape, realize_layout
 from pyops.task_attention import ops as ta
 from pyops.task_attention.reference import allowed_mask
 from pyops.testing import tolerance_for
@@ -279,51 +279,15 @@ GRADIENTS = ("dq", "dk", "dv")
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_finite_forward_matches_reference(backend):
+@pytest.mark.parametrize("values", ["finite", "nonfinite"])
+@pytest.mark.parametrize("part", ["forward", "gradients"])
+def test_matches_reference(backend, part, values):
+    """Forward (out, lse) or the gradients (dq, dk, dv) of the backend against the reference on
+    drawn problems, with finite values or with NaN / ±inf written at drawn sites."""
     require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend))
-    def prop(p):
-        against_reference(backend, p, FORWARD, nonfinite=False)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_finite_gradients_match_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend))
-    def prop(p):
-        against_reference(backend, p, GRADIENTS, nonfinite=False)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_forward_matches_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, nonfinite=True))
-    def prop(p):
-        against_reference(backend, p, FORWARD, nonfinite=True)
-
-    prop()
-
-
-@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
-def test_nonfinite_gradients_match_reference(backend):
-    require_backend(backend)
-
-    @fuzz_settings(EXAMPLES[backend])
-    @given(p=problems(backend, nonfinite=True))
-    def prop(p):
-        against_reference(backend, p, GRADIENTS, nonfinite=True)
-
-    prop()
+    names, nonfinite = (FORWARD if part == "forward" else GRADIENTS), values == "nonfinite"
+    fuzz(EXAMPLES[backend], lambda p: against_reference(backend, p, names, nonfinite=nonfinite),
+         p=problems(backend, nonfinite=nonfinite))
 
 
 @pytest.mark.parametrize("backend", ("reference",) + KERNEL_BACKENDS)
