@@ -37,6 +37,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     m.add_argument("--dist-timeout", type=_seconds, default=None, metavar="SECONDS",
                    help="under torchrun: a rank that stops answering (killed, hung) for this long makes the "
                         "others fail and clean up instead of waiting forever (default: 600)")
+    m.add_argument("--compute-dtype", choices=("fp32", "config"), default="fp32",
+                   help="fp32: accumulate in fp32 and round once to the output dtype (default); config: "
+                        "mergekit's arithmetic in the configuration's dtype and its order of operations, to "
+                        "reproduce a mergekit merge bit for bit (task_arithmetic, linear, ties)")
     m.add_argument("--no-progress", dest="progress", action="store_false", help="no progress output")
     return m
 
@@ -74,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_merge(Path(args.config), args.out, overwrite=args.overwrite, device=args.device,
                            shard_size=args.shard_size, backend=args.backend, progress=args.progress,
                            copy_tokenizer=args.copy_tokenizer, threads=args.threads,
-                           dist_timeout=args.dist_timeout)
+                           dist_timeout=args.dist_timeout, compute_dtype=args.compute_dtype)
     except MergeError as exc:
         _say(f"pyops merge: error: {one_line(str(exc))}")
         return 2

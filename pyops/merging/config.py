@@ -7,11 +7,13 @@ tensor into the keyword arguments of `pyops.merge_from_models`.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from pyops.merging.errors import ConfigError
 from pyops.merging.spec import METHODS
@@ -29,7 +31,7 @@ NORMALIZE_DEFAULT = {"ties": True, "della": True, "linear": True}
 RANDOM_METHODS = ("dare", "dare_linear", "dare_ties", "della", "della_linear")
 ELECTING = ("ties", "dare_ties", "della")
 
-TENSOR_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda")  # per model, per tensor (filters)
+TENSOR_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda")  # per tensor (filters, gradients); lambda top-level only
 GLOBAL_PARAMS = ("normalize", "rescale", "int8_mask", "k", "tall_lambda", "blocks", "filter_wise")
 DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "k": 2, "tall_lambda": 0.6,
             "int8_mask": False, "filter_wise": False, "blocks": None}
@@ -52,7 +54,7 @@ TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_
 MODEL_KEYS = ("model", "parameters")
 # The config's dtype names -> safetensors dtype codes (pyops.merging.safetensors_io).
 DTYPES = {"float32": "F32", "fp32": "F32", "float": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
-          "bfloat16": "BF16", "bf16": "BF16"}
+          "bfloat16": "BF16", "bf16": "BF16", "float64": "F64"}
 
 
 Path_ = Tuple[Union[str, int], ...]
@@ -240,17 +242,48 @@ def _short(value: Any, limit: int = 60) -> str:
 # The validated configuration
 # --------------------------------------------------------------------------------------------
 
+# The dotted path components that number a model's layers in mergekit 0.1.5's architecture
+# definitions (mergekit/_data/architectures/*.json: model.layers.N, transformer.h.N,
+# encoder.layer.N, decoder.block.N, visual.blocks.N, ...): the first one in a tensor's name gives
+# its layer index.
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|block|blocks)\.(\d+)(?:\.|$)")
+# config.json's layer count, by the keys mergekit's architectures read it from.
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def layer_index(tensor: str) -> Optional[int]:
+    """The layer a tensor belongs to (`model.layers.7.mlp.up_proj.weight` -> 7), None for the
+    tensors outside the layers (embeddings, final norm, lm_head)."""
+    m = _LAYER.search(tensor)
+    return int(m.group(1)) if m else None
+
+
+def interpolate(values: Tuple[float, ...], t: float) -> float:
+    """A gradient's value at t in [0, 1]: piecewise linear over `values` spread evenly on [0, 1],
+    computed as mergekit 0.1.5 does (mergekit/config.py, evaluate_setting), in Python floats, so
+    that every layer gets mergekit's value to the last bit."""
+    scaled = t * (len(values) - 1)
+    i0 = int(scaled)
+    i1 = min(len(values) - 1, i0 + 1)
+    frac = scaled - i0
+    return (1 - frac) * values[i0] + frac * values[i1]
+
+
 @dataclass(frozen=True)
 class PerTensor:
-    """A parameter value: a number, or mergekit's list of {filter, value} (first match wins;
-    an entry without a filter matches every tensor). `where` names it in messages."""
+    """A parameter value: a number, a gradient (a tuple of numbers interpolated across layers), or
+    mergekit's list of {filter, value} whose values are either (first match wins; an entry
+    without a filter, or with filter "*", matches every tensor; a filter is a substring of the
+    tensor name). `where` names it in messages: "FILE, line L, column C: models[1].parameters.weight"."""
     entries: Tuple[Tuple[Optional[str], Any], ...]
     where: str
 
-    def resolve(self, tensor: str) -> Any:
+    def resolve(self, tensor: str, t: "Callable[[str], float]") -> Any:
+        """The value for `tensor`, None if no entry matches; `t(where)` gives the tensor's position
+        in the layers (asked for only when a gradient applies)."""
         for flt, value in self.entries:
-            if flt is None or flt in tensor:
-                return value
+            if flt is None or flt == "*" or flt in tensor:
+                return interpolate(value, t(self.where)) if isinstance(value, tuple) else value
         return None
 
 
@@ -274,12 +307,16 @@ class MergeConfig:
     k: int
     tall_lambda: float
     blocks: Union[None, str, int]
-    out_dtype: Optional[str]  # a safetensors code ("F32", "F16", "BF16"); None: the base's
+    out_dtype: Optional[str]  # a safetensors code ("F32", "F16", "BF16", "F64"): out_dtype, else dtype; None: each
+    # tensor's inputs' promoted dtype (see pyops.merging.runner._plan)
+    dtype: Optional[str]  # the `dtype:` key alone (mergekit's compute dtype; see --compute-dtype)
     seed: int
     tokenizer_source: Optional[Path]  # None: the base model (or the first model for linear without base)
     text: str  # the configuration, to store next to the merged model
     source: str
     notes: List[str] = field(default_factory=list)
+    # config.json's layer count of the home model, for gradients: (N, None) or (None, why not)
+    num_layers: Tuple[Optional[int], Optional[str]] = (None, "no config.json was read")
 
     @property
     def pyops_method(self) -> str:
@@ -295,10 +332,27 @@ class MergeConfig:
     def inputs(self) -> List[Path]:
         return ([self.base] if self.base is not None else []) + [m.path for m in self.models]
 
+    def layer_t(self, tensor: str, where: str) -> float:
+        """Where `tensor` sits in the layers for a gradient (`where` names the key that holds it), as
+        mergekit 0.1.5 places it (mergekit/plan.py): layer i of N at i / (N - 1) (1 when N = 1),
+        every tensor outside the layers at 0. N is the home model's config.json layer count."""
+        i = layer_index(tensor)
+        if i is None:
+            return 0.0
+        n, why = self.num_layers
+        if n is None:
+            raise ConfigError(f"{where}: a gradient applies to tensor {tensor!r} (layer {i}), but "
+                              f"{why}, so the layer count to spread it over is unknown")
+        if i >= n:
+            raise ConfigError(f"{where}: a gradient applies to tensor {tensor!r}, layer {i}, but "
+                              f"config.json gives {n} layers")
+        return i / (n - 1) if n > 1 else 1.0
+
     def _value(self, model: ModelEntry, key: str, tensor: str) -> Any:
+        t = lambda where: self.layer_t(tensor, where)  # noqa: E731 (asked for only when a gradient applies)
         for source in (model.params.get(key), self.params.get(key)):
             if source is not None:
-                v = source.resolve(tensor)
+                v = source.resolve(tensor, t)
                 if v is not None:
                     return v
         if key in DEFAULTS:
@@ -306,6 +360,16 @@ class MergeConfig:
         raise ConfigError(f"{self.source}: {model.key} ({model.written}): no {key!r} applies to tensor {tensor!r} "
                           f"(mergekit requires a {key} for {self.method}: set parameters.{key} for the model "
                           f"or at the top level, or add an entry without a filter)")
+
+    def raw_params(self, tensor: str) -> Dict[str, Any]:
+        """One tensor's per-model weights and densities, λ and normalize as the configuration gives
+        them, before pyops folds normalize into the weights: what mergekit's arithmetic takes
+        (`pyops.merging.runner.mergekit_order`, --compute-dtype config)."""
+        weights = [float(self._value(x, "weight", tensor)) for x in self.models]
+        if self.method == "linear":
+            return {"weights": weights, "densities": [1.0] * len(weights), "lam": 1.0, "normalize": self.normalize}
+        return {"weights": weights, "densities": [float(self._value(x, "density", tensor)) for x in self.models],
+                "lam": float(self._value(self.models[0], "lambda", tensor)), "normalize": self.normalize}
 
     def tensor_kwargs(self, tensor: str) -> Dict[str, Any]:
         """Keyword arguments of `pyops.merge_from_models` for one tensor (besides base and models)."""
@@ -360,10 +424,7 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def _check_value(doc: _Doc, path: Path_, key: str, v: Any) -> Any:
-    if isinstance(v, list):
-        raise doc.error(path, f"a gradient (a list of values interpolated across layers) is not supported by "
-                              f"pyops merge; give one number or a list of {{filter: ..., value: ...}} entries")
+def _check_number(doc: _Doc, path: Path_, key: str, v: Any) -> float:
     if not _is_number(v):
         raise doc.error(path, f"expected a number, got {v!r}")
     v = float(v)
@@ -376,21 +437,57 @@ def _check_value(doc: _Doc, path: Path_, key: str, v: Any) -> Any:
     return v
 
 
+def _check_value(doc: _Doc, path: Path_, key: str, v: Any) -> Any:
+    """A number, or a gradient: a list of numbers (each in the parameter's range, so every value
+    between them is too), kept as a tuple."""
+    if isinstance(v, list):
+        if not v:
+            raise doc.error(path, "an empty list: a gradient needs at least one value (mergekit would silently "
+                                  "ignore it)")
+        return tuple(_check_number(doc, path + (i,), key, x) for i, x in enumerate(v))
+    return _check_number(doc, path, key, v)
+
+
 def _per_tensor(doc: _Doc, path: Path_, key: str, value: Any) -> PerTensor:
-    if isinstance(value, list) and value and all(isinstance(e, dict) for e in value):
+    """mergekit's parameter setting (mergekit/config.py, ParameterSetting): a number, a gradient (a
+    list of numbers), one {filter, value} mapping, or a list of them; a value may be a gradient."""
+    if isinstance(value, dict):
+        value, path_of = [value], (lambda i: path)
+    else:
+        path_of = (lambda i: path + (i,))
+    if isinstance(value, list) and value and any(isinstance(e, dict) for e in value):
         entries = []
         for i, e in enumerate(value):
+            if not isinstance(e, dict):
+                raise doc.error(path_of(i), f"expected a mapping {{filter: ..., value: ...}} like the other "
+                                            f"entries, got {e!r}")
             for k in e:
                 if k not in ("filter", "value"):
-                    raise doc.error(path + (i, k), f"unknown key in a filtered value (expected filter, value)")
+                    raise doc.error(path_of(i) + (k,), "unknown key in a filtered value (expected filter, value)")
             if "value" not in e:
-                raise doc.error(path + (i,), "a filtered entry needs a value")
+                raise doc.error(path_of(i), "a filtered entry needs a value")
             flt = e.get("filter")
             if flt is not None and not isinstance(flt, str):
-                raise doc.error(path + (i, "filter"), f"expected a string (a substring of tensor names), got {flt!r}")
-            entries.append((flt, _check_value(doc, path + (i, "value"), key, e["value"])))
-        return PerTensor(tuple(entries), dotted(path))
-    return PerTensor(((None, _check_value(doc, path, key, value)),), dotted(path))
+                raise doc.error(path_of(i) + ("filter",), f"expected a string (a substring of tensor names), "
+                                                          f"got {flt!r}")
+            entries.append((flt, _check_value(doc, path_of(i) + ("value",), key, e["value"])))
+        return PerTensor(tuple(entries), f"{doc.where(path)}: {dotted(path)}")
+    return PerTensor(((None, _check_value(doc, path, key, value)),), f"{doc.where(path)}: {dotted(path)}")
+
+
+def _layer_count(home: Path) -> Tuple[Optional[int], Optional[str]]:
+    """(N, None): the layer count in `home`'s config.json; (None, why) where it has none."""
+    conf_path = home / "config.json" if home.is_dir() else home.parent / "config.json"
+    try:
+        conf = json.loads(conf_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return None, f"{conf_path} cannot be read ({type(exc).__name__})"
+    if isinstance(conf, dict):
+        for key in LAYER_COUNT_KEYS:
+            n = conf.get(key)
+            if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+                return n, None
+    return None, f"{conf_path} has no {' / '.join(LAYER_COUNT_KEYS)}"
 
 
 def _resolve_path(doc: _Doc, path: Path_, written: Any) -> Path:
@@ -408,9 +505,10 @@ def _dtype(doc: _Doc, cfg: dict, key: str) -> Optional[str]:
     v = cfg.get(key)
     if v is None:
         return None
-    if not isinstance(v, str) or v.lower() not in DTYPES:
-        raise doc.error((key,), f"expected one of float32, float16, bfloat16, got {v!r}")
-    return DTYPES[v.lower()]
+    name = v[len("torch."):] if isinstance(v, str) and v.startswith("torch.") else v  # mergekit reads both
+    if not isinstance(name, str) or name.lower() not in DTYPES:
+        raise doc.error((key,), f"expected one of float32, float16, bfloat16, float64, got {v!r}")
+    return DTYPES[name.lower()]
 
 
 def load_config(config: Union[str, os.PathLike, dict, "MergeConfig"]) -> MergeConfig:
@@ -456,7 +554,11 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
         raise doc.error(("tokenizer",), "the tokenizer block (vocabulary merging) is not supported; "
                                         "use tokenizer_source: base or a model path")
     if "chat_template" in raw:
-        notes.append("chat_template is ignored (the tokenizer files are copied unchanged)")
+        # mergekit re-serialises the tokenizer through transformers with the template set; pyops
+        # copies the tokenizer files byte for byte and would silently drop it.
+        raise doc.error(("chat_template",), "not supported: pyops merge copies the tokenizer files unchanged and "
+                                            "cannot set a chat template (remove the key, then set the template in "
+                                            "the output's tokenizer_config.json or chat_template.jinja)")
 
     method = raw.get("merge_method")
     if method is None:
@@ -478,8 +580,8 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
             params[key] = _per_tensor(doc, p, key, value)
         elif key in GLOBAL_PARAMS:
             if isinstance(value, list):
-                raise doc.error(p, "expected a single value (per-tensor values are supported for "
-                                   f"{', '.join(TENSOR_PARAMS)})")
+                raise doc.error(p, f"expected a single value: pyops applies one {key} to the whole merge "
+                                   f"(gradients and filters are supported for {', '.join(TENSOR_PARAMS)})")
             scalars[key] = value
         else:
             raise doc.error(p, f"unknown parameter (expected one of {', '.join(TENSOR_PARAMS + GLOBAL_PARAMS)})")
@@ -541,9 +643,11 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
             raise doc.error(p + ("parameters",), f"expected a mapping, got {mparams!r}")
         per: Dict[str, PerTensor] = {}
         for key, value in mparams.items():
-            if key in GLOBAL_PARAMS:
+            if key in GLOBAL_PARAMS or key == "lambda":
+                # mergekit 0.1.5 reads these from the top-level parameters only (ParameterScope.SHARED)
+                # and silently ignores a per-model value.
                 raise doc.error(p + ("parameters", key), f"{key} is a merge-wide parameter: set it in the "
-                                                         f"top-level parameters")
+                                                         f"top-level parameters (mergekit ignores a per-model {key})")
             if key not in TENSOR_PARAMS:
                 raise doc.error(p + ("parameters", key), f"unknown parameter (expected one of {', '.join(TENSOR_PARAMS)})")
             per[key] = _per_tensor(doc, p + ("parameters", key), key, value)
@@ -556,6 +660,16 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
             raise doc.error(p + ("model",), f"{entry['model']!r} is listed twice (also as {seen[real]})")
         seen[real] = f"models[{i}]"
         models.append(ModelEntry(path, str(entry["model"]), f"models[{i}]", i, per))
+    if method == "linear" and base is not None and Path(os.path.realpath(base)) not in seen:
+        # mergekit 0.1.5 (mergekit/plan.py, normalize_config) adds a base_model that is not listed to
+        # the inputs of every method; linear then averages it with the others, at the weight the
+        # top-level parameters give it (its own parameters are empty), last in the sum.
+        if "weight" not in params:
+            raise doc.error(("base_model",), "linear averages base_model with the models when it is not listed "
+                                             "under models (as mergekit does), and it has no weight: list it under "
+                                             "models with a weight, set parameters.weight at the top level, or "
+                                             "remove base_model")
+        models.append(ModelEntry(base, str(raw["base_model"]), "base_model", len(models_raw), {}))
     n = len(models)
     if n == 0:
         raise doc.error(("models",), "no task model: every entry is the base model")
@@ -582,11 +696,10 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
                 unused.setdefault(key, []).append(m.key)
     for key, where in unused.items():
         notes.append(f"{key} is not used by {method} (ignored; set in {', '.join(where)})")
-    if method == "linear" and base is not None:
-        notes.append("linear averages the listed models; base_model only supplies config and tokenizer files")
 
     # ---- output and the rest
-    out_dtype = _dtype(doc, raw, "out_dtype") or _dtype(doc, raw, "dtype")
+    dtype = _dtype(doc, raw, "dtype")
+    out_dtype = _dtype(doc, raw, "out_dtype") or dtype
     seed = raw.get("seed", 0)
     if not isinstance(seed, int) or isinstance(seed, bool) or not (0 <= seed < 2 ** 64):
         raise doc.error(("seed",), f"expected an int in [0, 2**64), got {seed!r}")
@@ -599,6 +712,11 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
         tokenizer_source = _resolve_path(doc, ("tokenizer_source",), tok)
         if not tokenizer_source.is_dir():
             raise doc.error(("tokenizer_source",), f"{tok!r} is not a directory")
+    settings = list(params.values()) + [v for m in models for v in m.params.values()]
+    gradients = any(isinstance(value, tuple) for p in settings for _, value in p.entries)
+    home = base if base is not None else models[0].path
+    num_layers = _layer_count(home) if gradients else (None, "no gradient was given")
     return MergeConfig(method=method, base=base, models=models, params=params, normalize=normalize, rescale=rescale,
-                       k=k, tall_lambda=float(tall_lambda), blocks=blocks, out_dtype=out_dtype, seed=seed,
-                       tokenizer_source=tokenizer_source, text=text, source=doc.source, notes=notes)
+                       k=k, tall_lambda=float(tall_lambda), blocks=blocks, out_dtype=out_dtype, dtype=dtype,
+                       seed=seed, tokenizer_source=tokenizer_source, text=text, source=doc.source, notes=notes,
+                       num_layers=num_layers)

@@ -6,7 +6,8 @@ reusable anonymous buffers, and `pyops._C` takes addresses (it links no torch). 
 those merges: device cpu, backend auto or cpu, every method with a C++ kernel (task_arithmetic,
 linear, ties, dare, dare_linear, dare_ties, breadcrumbs, della, della_linear, consensus),
 float32 / float16 / bfloat16 tensors whose dtype is the same in every model. `reason` says why a merge needs the
-torch engine instead (model_stock, a model in another dtype, float64, a GPU, another backend);
+torch engine instead (model_stock, a model in another dtype, float64, a `.bin` checkpoint, a GPU,
+another backend);
 ``PYOPS_MERGE_ENGINE=torch`` forces the torch engine.
 
 The kernels are the ones `pyops.merge_from_models` reaches on CPU tensors, called with the
@@ -52,6 +53,9 @@ def reason(cfg, device, backend: str, ref: Checkpoint, tasks: Sequence[Checkpoin
         return f"backend {backend!r}"
     if cfg.pyops_method not in NATIVE_METHOD_CODES:
         return f"{cfg.method} runs through pyops.merge_from_models"
+    for c in [ref, *tasks]:
+        if c.is_bin:
+            return f"{c.label} is a .bin checkpoint (torch.load reads it)"
     mod, missing = _module()
     if mod is None:
         return missing

@@ -49,8 +49,8 @@ from pyops.merging.config import MergeConfig, load_config
 from pyops.merging.errors import CheckpointError, MergeError, OutputError, one_line
 from pyops.merging.spec import BACKEND_CHOICES
 from pyops.merging.safetensors_io import (
-    INDEX_FILE, MERGEABLE, TORCH_NAMES, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards, shard_names,
-    torch_dtype, write_index)
+    INDEX_FILE, ITEMSIZES, MERGEABLE, TORCH_NAMES, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards,
+    shard_names, torch_dtype, write_index)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -123,6 +123,7 @@ class _Item:
     entry: OutEntry  # the output tensor
     kwargs: Optional[dict]  # merge_from_models arguments; None: copied from the base
     nbytes_in: int
+    in_dtype: Optional[str] = None  # the dtype every input is converted to before merging (see `promote`)
 
 
 def _current_rss() -> int:
@@ -215,7 +216,11 @@ def _open_all(cfg: MergeConfig) -> tuple:
         if ref is not None:
             opened.append(ref)
         tasks = []
+        base_real = os.path.realpath(cfg.base) if cfg.base is not None else None
         for m in cfg.models:
+            if ref is not None and os.path.realpath(m.path) == base_real:
+                tasks.append(ref)  # linear's base among its inputs: read once
+                continue
             c = Checkpoint(m.path, f"{m.key} ({m.written})")
             opened.append(c)
             tasks.append(c)
@@ -233,7 +238,26 @@ def _first(items: Sequence[str], n: int = 5) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
+def promote(codes: Sequence[str]) -> str:
+    """The dtype that every one of `codes` (floating safetensors codes) converts to without loss, as
+    torch.promote_types folds them: F16 with BF16 is F32, anything with F64 is F64. mergekit 0.1.5
+    merges each tensor's inputs in this dtype when the configuration sets no `dtype`
+    (mergekit/merge_methods/dtype.py, promoted_dtype) and writes the result in it."""
+    out = codes[0]
+    for c in codes[1:]:
+        if c == out:
+            continue
+        if "F64" in (c, out):
+            out = "F64"
+        elif "F32" in (c, out) or {c, out} == {"F16", "BF16"}:
+            out = "F32"
+    return out
+
+
 def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes: List[str]) -> List[_Item]:
+    """One item per tensor of the reference, in its file order. A floating tensor's inputs are
+    merged in their promoted dtype (`promote`, lossless), the result written in `out_dtype` or
+    `dtype` if the configuration sets one, else in that promoted dtype, as mergekit 0.1.5 does."""
     names = set(ref.tensors)
     others = [c for c in tasks if c is not ref]
     for c in others:
@@ -245,7 +269,7 @@ def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes:
         if extra:
             raise CheckpointError(f"{c.label} at {c.path} has tensor {extra[0]!r}, which {ref.label} lacks; "
                                   f"extra: {_first(extra)}")
-    converted = set()
+    promoted: Dict[str, int] = {}  # "F32 (BF16 + F32)" -> tensors merged so
     items: List[_Item] = []
     for name, info in ref.tensors.items():
         for c in others:
@@ -256,26 +280,117 @@ def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes:
             if (info.dtype in MERGEABLE) != (t.dtype in MERGEABLE):
                 raise CheckpointError(f"tensor {name!r} is {t.dtype} in {c.label} but {info.dtype} in {ref.label}: "
                                       f"a floating tensor cannot be merged with a non-floating one")
-            if info.dtype in MERGEABLE and t.dtype != info.dtype:
-                converted.add(f"{c.label} ({t.dtype})")
         nbytes_in = info.nbytes * (1 + len(others))
         if info.dtype in MERGEABLE:
-            out_dtype = cfg.out_dtype or info.dtype
+            codes = [info.dtype] + [c.tensors[name].dtype for c in others]
+            in_dtype = promote(codes)
+            if len(set(codes)) > 1:
+                key = f"{in_dtype} ({' + '.join(sorted(set(codes)))})"
+                promoted[key] = promoted.get(key, 0) + 1
+            out_dtype = cfg.out_dtype or in_dtype
             kwargs = cfg.tensor_kwargs(name)
             if kwargs.get("blocks") == "rows" and not info.shape:
                 kwargs["blocks"] = None  # a 0-d tensor (a scale) is one row
-            items.append(_Item(name, OutEntry(name, out_dtype, info.shape), kwargs, nbytes_in))
+            items.append(_Item(name, OutEntry(name, out_dtype, info.shape), kwargs, nbytes_in, in_dtype))
         else:
             items.append(_Item(name, OutEntry(name, info.dtype, info.shape), None, info.nbytes))
-    if converted:
-        notes.append(f"tensors whose dtype differs from the base's are converted to the base's dtype before "
-                     f"merging (as mergekit does): {', '.join(sorted(converted))}")
+    if promoted:
+        shown = ", ".join(f"{n} tensor{'s' if n != 1 else ''} in {k}" for k, n in sorted(promoted.items()))
+        out = f"written as {TORCH_NAMES[cfg.out_dtype]}" if cfg.out_dtype else "written in that dtype"
+        notes.append(f"inputs of different dtypes are merged in their promoted dtype (torch.promote_types, as "
+                     f"mergekit does), {out}: {shown}")
     return items
 
 
 # --------------------------------------------------------------------------------------------
 # The merge
 # --------------------------------------------------------------------------------------------
+
+# --compute-dtype: "fp32" (the default): the merge accumulates in fp32 (fp64 for fp64 inputs) and
+# rounds once; "config": mergekit 0.1.5's arithmetic, in its dtype and its order, for the methods
+# `mergekit_order` follows.
+COMPUTE_DTYPES = ("fp32", "config")
+MERGEKIT_ORDER = ("task_arithmetic", "linear", "ties")
+
+
+def _magnitude(delta, density: float):
+    """mergekit 0.1.5's magnitude sparsification (mergekit/sparsify.py, `magnitude`, no rescale):
+    keeps the k = max(1, int(density·n)) entries first in `argsort(|τ|, descending=True)` (on the
+    CPU of |τ| in fp32), exactly k even where magnitudes tie, zeroes the rest (τ · mask in τ's dtype)."""
+    import torch
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, int(density * delta.numel()))
+    mask = torch.zeros(delta.numel(), dtype=delta.dtype, device=delta.device)
+    mags = delta.abs().reshape(-1)
+    if mags.device.type == "cpu":
+        mags = mags.float()
+    mask[torch.argsort(mags, descending=True)[:k]] = 1
+    return delta * mask.reshape_as(delta)
+
+
+def mergekit_order(method: str, base, models: Sequence, weights: Sequence[float], densities: Sequence[float],
+                   lam: float, normalize: bool):
+    """One tensor merged with mergekit 0.1.5's operations, in its order and in the inputs' dtype
+    (`--compute-dtype config`): the tensors `base` and `models` (all of one dtype D, the compute
+    dtype; for linear, `models` are every averaged input and `base` is unused) give the same bits
+    as mergekit on the same torch build.
+
+    * task_arithmetic / ties (mergekit/merge_methods/generalized_task_arithmetic.py): τᵢ = θᵢ − base
+      in D; ties sparsifies each τᵢ by `_magnitude` (exactly k kept); the τᵢ stacked in D, each
+      times its weight rounded to D; ties elects the sign of Στᵢ (≥ 0 positive) and sums the agreeing
+      entries, dividing by the sum of their weights (normalize, a zero sum read as 1);
+      task_arithmetic sums every τᵢ, dividing by Σ wᵢ (normalize, |Σ| < 1e-8 read as 1); then
+      × λ where λ ≠ 1, and base + that, in D.
+    * linear (mergekit/merge_methods/linear.py): the inputs in D, accumulated as
+      Σ θᵢ·wᵢ with `addcmul_` into fp32 (fp64 for fp64 inputs) with fp32 weights, divided by
+      Σ wᵢ (normalize), rounded to D.
+    Returns a tensor of dtype D."""
+    import torch
+    if method == "linear":
+        first = models[0]
+        acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+        w = torch.tensor([list(weights)], dtype=acc, device=first.device)  # [1 group, N inputs], as mergekit packs
+        shape = (1,) + (1,) * first.dim()
+        result = torch.zeros((1, *first.shape), dtype=acc, device=first.device)
+        for t, c in zip(models, w.unbind(1)):
+            result.addcmul_(t.unsqueeze(0), c.reshape(shape))
+        if normalize:
+            result.div_(w.sum(dim=1).reshape(shape))
+        return result.to(first.dtype)[0]
+    if method not in ("task_arithmetic", "ties"):
+        raise ValueError(f"method: mergekit's operation order is followed for {', '.join(MERGEKIT_ORDER)}, "
+                         f"got {method!r}")
+    deltas = base.new_empty((len(models), *base.shape))
+    for i, m in enumerate(models):
+        delta = m - base
+        if method == "ties":
+            delta = _magnitude(delta, densities[i])
+        deltas[i] = delta
+        del delta
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    while deltas.dim() > w.dim():
+        w.unsqueeze_(-1)
+    deltas.mul_(w)
+    if method == "ties":
+        sign = deltas.sign().to(base.dtype)  # int8_mask changes this dtype only, not the mask
+        majority = (deltas.sum(dim=0) >= 0).to(base.dtype) * 2 - 1
+        mask = sign == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        mixed /= divisor
+    if lam != 1:
+        mixed *= lam
+    return (base + mixed).to(base.dtype)
+
 
 class _TorchEngine:
     """The per-tensor operations of `_stream` on torch tensors: `pyops.merge_from_models` on the
@@ -284,10 +399,10 @@ class _TorchEngine:
 
     name = "torch"
 
-    def __init__(self, cfg: MergeConfig, device, backend: str):
+    def __init__(self, cfg: MergeConfig, device, backend: str, compute_dtype: str = "fp32"):
         import torch
         self.torch = torch
-        self.cfg, self.dev, self.backend = cfg, device, backend
+        self.cfg, self.dev, self.backend, self.compute = cfg, device, backend, compute_dtype
         self.device = str(device)
 
     def alloc(self, nbytes: int):
@@ -325,7 +440,20 @@ class _TorchEngine:
         if device.type != "cpu":
             base = base.to(device)
             models = [m.to(device) for m in models]
-        models = [m if m.dtype == base.dtype else m.to(base.dtype) for m in models]
+        # --compute-dtype config: mergekit's arithmetic in the configured dtype (its LoadTensor casts
+        # every input to `dtype`), else in the promoted one; otherwise the promoted dtype, lossless.
+        in_dtype = torch_dtype(self.cfg.dtype if (self.compute == "config" and self.cfg.dtype) else item.in_dtype)
+        base = base if base.dtype == in_dtype else base.to(in_dtype)
+        models = [m if m.dtype == in_dtype else m.to(in_dtype) for m in models]
+        if self.compute == "config":
+            raw = cfg.raw_params(item.name)
+            with torch.no_grad():
+                result = mergekit_order(cfg.method, base, models, raw["weights"], raw["densities"], raw["lam"],
+                                        raw["normalize"]).to(out_dtype)
+            tally["mergekit-order"] = tally.get("mergekit-order", 0) + 1
+            if out is None:
+                return result
+            return out.copy_(result)
         if cfg.method == "linear":
             base = torch.zeros_like(models[0])  # θ = Σ cᵢ·(θᵢ − 0)
         if out is not None and device.type != "cpu":
@@ -497,7 +625,39 @@ def _stream(order: List[_Item], shards, files, tmp: Path, ref: Checkpoint, tasks
     return rss_seen
 
 
-def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: MergeReport) -> None:
+def model_dtype(shards) -> Optional[str]:
+    """The dtype that the merged model's config.json names: that of its floating tensors (the one
+    holding the most elements where they differ: transformers' `PreTrainedModel.dtype` is its first
+    floating parameter's); None without floating tensors."""
+    counts: Dict[str, int] = {}
+    for shard in shards:
+        for e in shard:
+            if e.dtype in MERGEABLE:
+                counts[e.dtype] = counts.get(e.dtype, 0) + (e.nbytes // max(ITEMSIZES[e.dtype], 1))
+    return max(counts, key=lambda c: counts[c]) if counts else None
+
+
+def config_with_dtype(conf: dict, dtype_name: str) -> dict:
+    """`conf` (a config.json object) as transformers 5's `save_pretrained` writes it for a model of
+    `dtype_name`: the dtype under "dtype" and no "torch_dtype" (transformers 5 reads "torch_dtype"
+    only when "dtype" is absent, and never writes it), in the top level and in every sub-config
+    that names a dtype (from_pretrained gives sub-configs the model's dtype)."""
+    out = {}
+    for key, value in conf.items():
+        if key == "torch_dtype":
+            continue
+        if isinstance(value, dict) and ("dtype" in value or "torch_dtype" in value):
+            value = config_with_dtype(value, dtype_name)
+        out[key] = value
+    out["dtype"] = dtype_name
+    return out
+
+
+def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: MergeReport,
+                dtype: Optional[str] = None) -> None:
+    """config.json (its dtype set to `dtype`, a safetensors code, see `config_with_dtype`; written
+    as transformers writes it: sorted keys, 2-space indent), generation_config.json and the
+    tokenizer files, then the configuration itself."""
     home = cfg.home if cfg.home.is_dir() else None
     sources = [(home, CONFIG_FILES)]
     if copy_tokenizer:
@@ -510,16 +670,15 @@ def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: Merge
             if not src.is_file():
                 continue
             dst = tmp / fname
-            if fname == "config.json" and cfg.out_dtype is not None:
+            if fname == "config.json" and dtype is not None:
                 try:
                     conf = json.loads(src.read_text("utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError):
+                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     conf = None
                 if isinstance(conf, dict):
-                    conf["torch_dtype"] = TORCH_NAMES[cfg.out_dtype]
                     with open(dst, "x", encoding="utf-8") as fh:
-                        json.dump(conf, fh, indent=2)
-                        fh.write("\n")
+                        fh.write(json.dumps(config_with_dtype(conf, TORCH_NAMES[dtype]), indent=2, sort_keys=True)
+                                 + "\n")
                     report.files.append(fname)
                     continue
             shutil.copyfile(src, dst)
@@ -639,12 +798,13 @@ def _check_device(device):
 
 
 def _engine(cfg: MergeConfig, dev, backend: str, threads: Optional[int], ref: Checkpoint,
-            tasks: Sequence[Checkpoint], items: Sequence[_Item]):
-    """The native engine where it can run the merge (see native_engine.reason), else torch's."""
-    if native_engine.reason(cfg, dev, backend, ref, tasks, items) is None:
+            tasks: Sequence[Checkpoint], items: Sequence[_Item], compute_dtype: str = "fp32"):
+    """The native engine where it can run the merge (see native_engine.reason), else torch's
+    (always for --compute-dtype config: mergekit's arithmetic is torch's)."""
+    if compute_dtype == "fp32" and native_engine.reason(cfg, dev, backend, ref, tasks, items) is None:
         return native_engine.NativeEngine(cfg, threads)
     import torch
-    return _TorchEngine(cfg, torch.device(dev) if isinstance(dev, str) else dev, backend)
+    return _TorchEngine(cfg, torch.device(dev) if isinstance(dev, str) else dev, backend, compute_dtype)
 
 
 @dataclass
@@ -659,16 +819,24 @@ class _Prepared:
     tasks: List[Checkpoint]
     opened: List[Checkpoint]
     items: List[_Item]
+    compute_dtype: str = "fp32"
 
     def close(self) -> None:
         for c in self.opened:
             c.close()
 
 
-def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str, threads, rss_before: int) -> _Prepared:
+def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str, threads, rss_before: int,
+             compute_dtype: str = "fp32") -> _Prepared:
     """Reads and checks the configuration, the arguments, the output path and every input header,
     and plans the output; raises `MergeError` before anything is created."""
     cfg = load_config(config)
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise MergeError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
+    if compute_dtype == "config" and cfg.method not in MERGEKIT_ORDER:
+        raise MergeError(f"--compute-dtype config: mergekit's arithmetic is reproduced for "
+                         f"{', '.join(MERGEKIT_ORDER)}, not {cfg.method} (run without it: fp32 accumulation, "
+                         f"rounded once)")
     dev = _check_device(device)
     if not isinstance(backend, str) or backend not in BACKEND_CHOICES:
         raise MergeError(f"backend: expected 'auto' or one of {BACKEND_CHOICES[1:]}, got {backend!r}")
@@ -689,7 +857,11 @@ def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str,
         for c in opened:
             c.close()
         raise
-    return _Prepared(cfg, dev, shard_bytes, out, report, ref, list(tasks), opened, items)
+    if compute_dtype == "config":
+        report.notes.append(f"--compute-dtype config: mergekit's {cfg.method} arithmetic in "
+                            f"{TORCH_NAMES[cfg.dtype] if cfg.dtype else 'the inputs promoted dtype'}, its order of "
+                            f"operations and its exact-k TIES selection")
+    return _Prepared(cfg, dev, shard_bytes, out, report, ref, list(tasks), opened, items, compute_dtype)
 
 
 @contextlib.contextmanager
@@ -714,7 +886,7 @@ def _write_rest(tmp: Path, shards, files, cfg: MergeConfig, copy_tokenizer: bool
     configuration, into the temporary directory."""
     if len(shards) > 1:
         write_index(tmp / INDEX_FILE, shards, files)
-    _copy_files(cfg, tmp, copy_tokenizer, report)
+    _copy_files(cfg, tmp, copy_tokenizer, report, model_dtype(shards))
 
 
 def run_merge(
@@ -731,6 +903,7 @@ def run_merge(
     prefetch: bool = True,
     group=None,
     dist_timeout: Optional[float] = None,
+    compute_dtype: str = "fp32",
 ) -> MergeReport:
     """Merge whole checkpoints as a mergekit YAML describes, into a new directory `out_dir`.
 
@@ -760,6 +933,11 @@ def run_merge(
         dist_timeout: seconds (default 600) after which a rank that has stopped answering
             (killed, hung) makes the others fail instead of waiting forever; also the timeout
             of a process group initialised here.
+        compute_dtype: "fp32" (default): accumulate in fp32 (fp64 for fp64 inputs) and round
+            once to the output dtype. "config": reproduce mergekit 0.1.5's arithmetic, in the
+            configuration's `dtype` (else the inputs' promoted dtype) and in mergekit's order of
+            operations (`mergekit_order`), for task_arithmetic, linear and ties (other methods:
+            MergeError); on the torch engine.
 
     Returns a `MergeReport` (in a distributed merge, the whole merge's on every rank). Raises
     `MergeError` (`ConfigError`, `CheckpointError`) for bad input, before anything is written, and
@@ -781,13 +959,13 @@ def run_merge(
         try:
             return _run_ranks(ranks, config, out_dir, overwrite=overwrite, device=device, shard_size=shard_size,
                               backend=backend, progress=progress, copy_tokenizer=copy_tokenizer, threads=threads,
-                              prefetch=prefetch)
+                              prefetch=prefetch, compute_dtype=compute_dtype)
         finally:
             ranks.close()
 
     t_start = time.perf_counter()
     rss_before = _current_rss()
-    prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before)
+    prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype)
     cfg, dev, out, report, items = prep.cfg, prep.dev, prep.out, prep.report, prep.items
     ref, tasks = prep.ref, prep.tasks
     tmp: Optional[Path] = None
@@ -810,7 +988,7 @@ def run_merge(
         if os.path.lexists(tmp):
             shutil.rmtree(tmp)
         tmp.mkdir()
-        engine = _engine(cfg, dev, backend, threads, ref, tasks, items)
+        engine = _engine(cfg, dev, backend, threads, ref, tasks, items, compute_dtype)
         report.engine = engine.name
 
         bar = _Progress(len(items), total_in, progress)
@@ -1101,7 +1279,8 @@ def _agreement(prep: _Prepared, backend: str, copy_tokenizer: bool, overwrite: b
     are checked; a difference in a later field follows from an earlier one."""
     cfg = prep.cfg
     options = (f"shard size {prep.shard_bytes} bytes, device {getattr(prep.dev, 'type', prep.dev)}, "
-               f"backend {backend}, copy_tokenizer {copy_tokenizer}, overwrite {overwrite}")
+               f"backend {backend}, copy_tokenizer {copy_tokenizer}, overwrite {overwrite}"
+               + (f", compute dtype {prep.compute_dtype}" if prep.compute_dtype != "fp32" else ""))
     inputs = ", ".join(str(p) for p in cfg.inputs + ([cfg.tokenizer_source] if cfg.tokenizer_source else []))
     conf = _digest(cfg.text)
     fields = [("options", options, options), ("output", str(prep.out), str(prep.out)),
@@ -1159,7 +1338,7 @@ def _stats(report: MergeReport, seconds: float, peak: int) -> dict:
 
 
 def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard_size, backend: str, progress: bool,
-               copy_tokenizer: bool, threads: Optional[int], prefetch: bool) -> MergeReport:
+               copy_tokenizer: bool, threads: Optional[int], prefetch: bool, compute_dtype: str = "fp32") -> MergeReport:
     """One rank's part of a distributed merge.
 
     1. Every rank validates and plans as a single process would (cheap: headers only), then the
@@ -1191,7 +1370,7 @@ def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard
     prep: Optional[_Prepared] = None
     error: Optional[BaseException] = None
     try:
-        prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before)
+        prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype)
     except Exception as exc:  # reported to the other ranks first; Ctrl-C / SIGTERM leave at once
         error = exc
     tmp: Optional[Path] = None
@@ -1259,7 +1438,7 @@ def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard
                 tmp = Path(answer["tmp"])
 
             # 3. this rank's tensors
-            engine = _engine(cfg, dev, backend, threads, prep.ref, prep.tasks, items)
+            engine = _engine(cfg, dev, backend, threads, prep.ref, prep.tasks, items, prep.compute_dtype)
             report.engine = engine.name
             bar = _Progress(len(order), sum(it.nbytes_in for it in order), progress and rank == 0,
                             label=f"pyops merge ({where})")

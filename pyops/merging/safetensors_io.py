@@ -74,6 +74,8 @@ def dtype_code(dtype) -> str:
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 MAX_HEADER = 100_000_000  # the largest header safetensors itself reads (bytes)
 
 
@@ -322,39 +324,86 @@ def read_header(path: Path) -> Tuple[Dict[str, TensorInfo], Dict[str, str]]:
     return out, metadata
 
 
+def _read_index(index: Path, path: Path) -> Tuple[List[Path], Dict[str, str]]:
+    """The shard files an index lists (each a file inside `path`) and its weight map."""
+    try:
+        weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise TypeError("weight_map is not a {name: file} object")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
+        kind = "safetensors" if index.name == INDEX_FILE else "pytorch_model.bin"
+        raise CheckpointError(f"{index}: not a valid {kind} index ({type(exc).__name__}: {exc})") from None
+    files = []
+    for f in dict.fromkeys(weight_map.values()):
+        p = path / f
+        if os.path.isabs(f) or ".." in Path(f).parts or not p.is_file():
+            raise CheckpointError(f"{index}: lists shard {f!r}, which is not a file in {path}")
+        files.append(p)
+    return files, weight_map
+
+
 def checkpoint_files(path: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
-    """The safetensors files of a model directory (or a single .safetensors file) and, for a sharded
-    checkpoint, the index's weight map."""
+    """The weight files of a model directory (or a single .safetensors / .bin file) and, for a
+    sharded checkpoint, the index's weight map. As mergekit 0.1.5 looks for them
+    (mergekit/io/lazy_tensor_loader.py): model.safetensors or its index first, then
+    pytorch_model.bin or its index, so a directory with both is read from its safetensors."""
     if path.is_file():
-        if path.suffix != ".safetensors":
-            raise CheckpointError(f"{path}: expected a model directory or a .safetensors file")
+        if path.suffix not in (".safetensors", ".bin"):
+            raise CheckpointError(f"{path}: expected a model directory, a .safetensors or a .bin file")
         return [path], None
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such directory (pyops merge reads local checkpoints; "
                               f"download a Hub model first, e.g. with `huggingface-cli download`)")
-    index = path / INDEX_FILE
-    if index.is_file():
+    for single, index in ((SINGLE_FILE, INDEX_FILE), (BIN_FILE, BIN_INDEX_FILE)):
+        if (path / index).is_file():
+            return _read_index(path / index, path)
+        if (path / single).is_file():
+            return [path / single], None
+    others = sorted(p.name for p in path.glob("*.safetensors")) + sorted(p.name for p in path.glob("*.bin"))
+    found = f"; found {', '.join(others)} without an index" if others else ""
+    raise CheckpointError(f"{path}: no {SINGLE_FILE}, {INDEX_FILE}, {BIN_FILE} or {BIN_INDEX_FILE}{found}")
+
+
+def read_bin(path: Path) -> Dict[str, object]:
+    """The tensors of a PyTorch `.bin` state dict, {name: CPU tensor}, in its order.
+
+    Loaded with ``torch.load(weights_only=True)``, whose unpickler builds tensors and plain
+    containers only and refuses every other global, so no pickle code from the file runs; a
+    file that needs some (a pickled class, a function call) is a CheckpointError naming it.
+    ``mmap=True`` maps the file (private, read-only use) instead of reading it, where its
+    format allows (the zip format torch.save writes since 1.6); the legacy format is read."""
+    import torch
+    try:
         try:
-            weight_map = json.loads(index.read_text("utf-8"))["weight_map"]
-            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-                raise TypeError("weight_map is not a {name: file} object")
-        except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:  # ValueError: not UTF-8, not JSON
-            raise CheckpointError(f"{index}: not a valid safetensors index ({type(exc).__name__}: {exc})") from None
-        files = []
-        for f in dict.fromkeys(weight_map.values()):
-            p = path / f
-            if os.path.isabs(f) or ".." in Path(f).parts or not p.is_file():
-                raise CheckpointError(f"{index}: lists shard {f!r}, which is not a file in {path}")
-            files.append(p)
-        return files, weight_map
-    single = path / SINGLE_FILE
-    if single.is_file():
-        return [single], None
-    others = sorted(p.name for p in path.glob("*.safetensors"))
-    found = f"; found {', '.join(others)} without {INDEX_FILE}" if others else ""
-    bins = " (pytorch_model.bin checkpoints are not supported: convert them to safetensors)" \
-        if (path / "pytorch_model.bin").exists() or (path / "pytorch_model.bin.index.json").exists() else ""
-    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}{found}{bins}")
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc).lower() and "zip" not in str(exc).lower():
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # a legacy (non-zip) file
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    except Exception as exc:  # pickle.UnpicklingError (code needed, or not a pickle), RuntimeError, EOFError ...
+        # torch's message: a generic paragraph, the cause, a pointer to the docs; keep the cause
+        lines = [x.strip() for x in str(exc).splitlines() if x.strip()]
+        cause = [x for x in lines if not x.startswith(("Weights only load failed", "Check the documentation",
+                                                       "Please file an issue"))]
+        what = " ".join(cause or lines or [type(exc).__name__])[:300]
+        if "GLOBAL" in what:
+            raise CheckpointError(f"{path}: needs pickle code to load ({what}); pyops loads .bin files with "
+                                  f"torch.load(weights_only=True), which runs none: convert it to safetensors "
+                                  f"where you trust its code") from None
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint that torch.load(weights_only=True) reads "
+                              f"({type(exc).__name__}: {what})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a state dict {{name: tensor}}, got a {type(state).__name__}")
+    for name, t in state.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: expected a state dict {{name: tensor}}, but {name!r} holds a "
+                                  f"{type(t).__name__}")
+        if t.layout != torch.strided or t.is_quantized:
+            raise CheckpointError(f"{path}: tensor {name!r} is {t.layout}{' quantized' if t.is_quantized else ''}; "
+                                  f"only dense tensors can be merged")
+    return state
 
 
 class Checkpoint:
@@ -364,24 +413,53 @@ class Checkpoint:
         self.path = Path(path)
         self.label = label
         files, weight_map = checkpoint_files(self.path)
-        by_file = {f: read_header(f)[0] for f in files}
+        # `.bin` files: their tensors, loaded (mapped) up front; reads copy from them. None: safetensors.
+        self._bin: Optional[Dict[str, object]] = None
+        if files and files[0].suffix == ".bin":
+            self._bin = {}
+            by_file = {}
+            for f in files:
+                state = read_bin(f)
+                by_file[f] = {}
+                for name, t in state.items():
+                    try:
+                        code = dtype_code(t.dtype)
+                    except ValueError:
+                        raise CheckpointError(f"{f}: tensor {name!r} is {t.dtype}, which pyops does not read") from None
+                    by_file[f][name] = TensorInfo(name, code, tuple(t.shape), f, 0, t.numel() * ITEMSIZES[code])
+                    self._bin[(f, name)] = t
+        else:
+            by_file = {f: read_header(f)[0] for f in files}
         self.tensors: Dict[str, TensorInfo] = {}
         if weight_map is None:
             for infos in by_file.values():
                 self.tensors.update(infos)
         else:
             # The index decides which shard holds a tensor; the tensor must then be in that shard.
+            index = self.path / (BIN_INDEX_FILE if self._bin is not None else INDEX_FILE)
             order = {f: i for i, f in enumerate(files)}
             entries = []
             for name, f in weight_map.items():
                 info = by_file[self.path / f].get(name)
                 if info is None:
-                    raise CheckpointError(f"{self.path / INDEX_FILE}: maps tensor {name!r} to {f}, "
-                                          f"which does not contain it")
+                    raise CheckpointError(f"{index}: maps tensor {name!r} to {f}, which does not contain it")
                 entries.append(info)
-            entries.sort(key=lambda t: (order[t.file], t.offset))
+            if self._bin is None:
+                entries.sort(key=lambda t: (order[t.file], t.offset))
+            else:  # a .bin file's own order within it
+                place = {(f, n): i for f, infos in by_file.items() for i, n in enumerate(infos)}
+                entries.sort(key=lambda t: (order[t.file], place[(t.file, t.name)]))
             self.tensors = {t.name: t for t in entries}
         self._fds: Dict[Path, int] = {}
+
+    @property
+    def is_bin(self) -> bool:
+        """Whether the tensors come from `.bin` files (torch reads them: the native engine cannot)."""
+        return self._bin is not None
+
+    def _bin_tensor(self, name: str):
+        info = self.tensors[name]
+        return self._bin[(info.file, name)]
 
     @property
     def nbytes(self) -> int:
@@ -432,6 +510,13 @@ class Checkpoint:
         import torch
         info = self.tensors[name]
         dtype = torch_dtype(info.dtype)
+        if self._bin is not None:
+            src = self._bin_tensor(name)
+            if buffer is None:
+                return src.clone(memory_format=torch.contiguous_format)
+            if buffer.numel() < info.nbytes:
+                raise ValueError(f"buffer: expected at least {info.nbytes} bytes for {name!r}, got {buffer.numel()}")
+            return buffer[:info.nbytes].view(dtype).view(info.shape).copy_(src)
         if buffer is None:
             t = torch.empty(info.shape, dtype=dtype)
         else:
@@ -456,6 +541,9 @@ class Checkpoint:
         import torch
         info = self.tensors[name]
         dtype = torch_dtype(info.dtype)
+        if self._bin is not None:
+            src = self._bin_tensor(name)  # already a (private) mapping of the file, or read from it
+            return src if src.is_contiguous() else src.contiguous()
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         m, skip = self._mapping(info)
@@ -464,6 +552,8 @@ class Checkpoint:
 
     def map_raw(self, name: str) -> "RawTensor":
         """`map` without torch: the tensor's bytes in a private mapping, as a `RawTensor`."""
+        if self._bin is not None:
+            raise ValueError(f"{self.path}: .bin checkpoints are read through torch (the torch engine)")
         info = self.tensors[name]
         if info.nbytes == 0:
             return RawTensor(info.dtype, info.shape, 0, 0, None)
@@ -473,6 +563,8 @@ class Checkpoint:
 
     def read_raw(self, name: str, buffer: "RawBuffer") -> "RawTensor":
         """`read` without torch: the tensor's bytes in the first bytes of `buffer`."""
+        if self._bin is not None:
+            raise ValueError(f"{self.path}: .bin checkpoints are read through torch (the torch engine)")
         info = self.tensors[name]
         if buffer.nbytes < info.nbytes:
             raise ValueError(f"buffer: expected at least {info.nbytes} bytes for {name!r}, got {buffer.nbytes}")
@@ -481,6 +573,8 @@ class Checkpoint:
         return RawTensor(info.dtype, info.shape, buffer.address, info.nbytes, buffer)
 
     def close(self) -> None:
+        if self._bin is not None:
+            self._bin = {}  # drops the mappings
         fds, self._fds = self._fds, {}
         for fd in fds.values():
             try:

@@ -171,8 +171,8 @@ CASES = {
         {"density": 0.7, "normalize": True}, "seed: 5\n",
         lambda n: dict(method="dare_linear", coeffs=[0.25, 0.5, 0.25], density=0.7, seed=5, name=n)),
     "della": (
-        [{"weight": 1.0, "lambda": 1.1}, {"weight": 0.5}, {"weight": 0.7}],
-        {"density": 0.5, "epsilon": 0.1}, "",
+        [{"weight": 1.0}, {"weight": 0.5}, {"weight": 0.7}],
+        {"density": 0.5, "epsilon": 0.1, "lambda": 1.1}, "",
         lambda n: dict(method="della", coeffs=[1.0, 0.5, 0.7], density=0.5, epsilon=0.1, lam=1.1, name=n,
                        normalize=True)),
 }
@@ -247,8 +247,10 @@ def test_cli_matches_in_memory_merge(ckpt, tmp_path, method, capsys):
     got = _load_output(tmp_path / "out")
     _assert_same(got, _expected(ckpt, method))
     assert (tmp_path / "out" / "model.safetensors").exists() and not (tmp_path / "out" / sio.INDEX_FILE).exists()
-    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+    for f in ("tokenizer.json", "tokenizer_config.json"):
         assert (tmp_path / "out" / f).read_bytes() == (ckpt["base_path"] / f).read_bytes()
+    # config.json as transformers 5 saves a float32 model: "dtype", no "torch_dtype"
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == {"model_type": "toy", "dtype": "float32"}
     assert (tmp_path / "out" / "pyops_merge.yaml").read_text() == cfg.read_text()
     assert _leftovers(tmp_path) == ["out"]
     _inputs_unchanged(ckpt)
@@ -348,7 +350,8 @@ def test_merges_the_native_engine_cannot_run_go_to_torch(ckpt, tmp_path):
     _save_model(tmp_path / "ft2-half", half)
     text = _yaml(ckpt, "ties", CASES["ties"][0], paths=[*ckpt["paths"][:2], tmp_path / "ft2-half"])
     report = run_merge(_write(tmp_path, text, "mixed.yaml"), tmp_path / "mixed", progress=False)
-    assert report.engine == "torch" and any("converted to the base's dtype" in n for n in report.notes)
+    assert report.engine == "torch" and any("merged in their promoted dtype" in n and "F32 (F16 + F32)" in n
+                                            for n in report.notes)
 
 
 class _CountingEngine:
@@ -478,10 +481,15 @@ BAD = {
                     r"line 11, column 1: merge_methd: unknown key"),
     "unknown parameter": (lambda c: _bad(c, parameters={"densty": 0.5}), ConfigError,
                           r"line 11, column \d+: parameters\.densty: unknown parameter"),
-    "gradient": (lambda c: _bad(c, model_params=[{"weight": [0.1, 0.5, 1.0]}, {"weight": 1}, {"weight": 1}]),
-                 ConfigError, r"models\[1\]\.parameters\.weight: a gradient"),
+    "gradient without a layer count": (
+        lambda c: _bad(c, model_params=[{"weight": [0.1, 0.5, 1.0]}, {"weight": 1}, {"weight": 1}]), ConfigError,
+        r"line 6, column \d+: models\[1\]\.parameters\.weight: a gradient applies to tensor "
+        r"'model\.layers\.0\.[a-z_.]+' \(layer 0\), but .*config\.json has no num_hidden_layers"),
     "dare without rescale": (lambda c: _bad(c, method="dare_ties", parameters={"rescale": False}), ConfigError,
                              r"parameters\.rescale: rescale: false is not supported.*1/density"),
+    "per-model lambda": (lambda c: _bad(c, model_params=[{"weight": 1.0, "lambda": 1.1}] * N), ConfigError,
+                         r"line 6, column \d+: models\[1\]\.parameters\.lambda: lambda is a merge-wide parameter: "
+                         r"set it in the top-level parameters \(mergekit ignores a per-model lambda\)"),
     "no weight": (lambda c: _bad(c, model_params=[{"density": 0.5}] * N), ConfigError,
                   r"models\[1\]: no weight"),
     "missing model dir": (lambda c: _bad(c, paths=[c["root"] / "nope", c["paths"][1], c["paths"][2]]), ConfigError,
@@ -599,7 +607,8 @@ def test_cli_subprocess_merge(ckpt, subprocess_runs, tmp_path):
     got = _load_output(d / "out")
     _assert_same(got, _expected(ckpt, "dare_ties", out_dtype=torch.bfloat16))
     assert len(list((d / "out").glob("model-*-of-*.safetensors"))) > 1
-    assert json.loads((d / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    conf = json.loads((d / "out" / "config.json").read_text())
+    assert conf["dtype"] == "bfloat16" and "torch_dtype" not in conf
     # The same merge through the API gives the same bytes, file for file.
     run_merge(subprocess_runs["good"], tmp_path / "api", shard_size="1KB", progress=False)
     assert _tree_hashes(tmp_path / "api") == _tree_hashes(d / "out")
