@@ -499,13 +499,34 @@ def _pyops_mask(batch_size: int, q_length: int, kv_length: int, q_offset: int = 
     return None if dense is None else group_mask_from_dense(dense)
 
 
+def _segments_from_cu_seqlens(cu, length: int, name: str, cls: str) -> Tensor:
+    """``[length]`` int32 segment ids from cumulative lengths ``[S+1]`` = (0, l1, l1+l2, …, length),
+    as flash-attention's varlen kwargs (``cu_seq_lens_q`` / ``cu_seq_lens_k``) give them."""
+    cu = torch.as_tensor(cu).to(torch.int64).flatten()
+    if cu.numel() < 2 or int(cu[0]) != 0 or int(cu[-1]) != length or bool((cu[1:] < cu[:-1]).any()):
+        raise UnsupportedModelError(f"pyops: {cls}: {name} must be cumulative sequence lengths from 0 to the "
+                                    f"{length} packed tokens, got {cu.tolist()[:8]}")
+    lengths = cu[1:] - cu[:-1]
+    return torch.repeat_interleave(torch.arange(lengths.numel(), dtype=torch.int32), lengths,
+                                   output_size=length)
+
+
+def _intersect(groups: Tensor, segments: Tensor, n_segments: int) -> Tensor:
+    """Tokens share a group iff they share both a group of `groups` (−1: padding, kept −1) and a
+    segment: the pair (group, segment) numbered group·S + segment, the same rule for q and kv."""
+    seg = segments.to(groups.device)
+    return torch.where(groups >= 0, groups * n_segments + seg, torch.full_like(groups, -1))
+
+
 def pyops_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                             attention_mask, dropout: float = 0.0, scaling: Optional[float] = None,
                             is_causal: Optional[bool] = None, **kwargs):
     """transformers attention interface on `pyops.task_masked_attention`.
 
     q ``[B, Hq, L, D]``, k / v ``[B, Hkv, Lk, D]`` (grouped-query attention read in place); returns
-    ``(out [B, L, Hq, D], None)``."""
+    ``(out [B, L, Hq, D], None)``. Packed sequences come from the mask (transformers derives it
+    from ``position_ids`` resets) or from flash-attention's ``cu_seq_lens_q`` / ``cu_seq_lens_k``
+    kwargs (one packed row); with both, a token attends where both allow."""
     import pyops
 
     cls = type(module).__name__
@@ -529,6 +550,20 @@ def pyops_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
         if not isinstance(attention_mask, GroupMask):
             raise UnsupportedModelError(f"pyops: {cls}: unsupported attention mask {type(attention_mask).__name__}")
         q_groups, kv_groups, causal = attention_mask.q_groups, attention_mask.kv_groups, attention_mask.causal
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if cu_q is not None or cu_k is not None:
+        # flash-attention's packed-sequence kwargs (DataCollatorWithFlattening): a token attends
+        # only inside its sequence, whatever the mask says
+        if B != 1:
+            raise UnsupportedModelError(f"pyops: {cls}: cu_seq_lens_q/k with a batch of {B} rows; packed "
+                                        "sequences come as one row")
+        seg_q = _segments_from_cu_seqlens(cu_q if cu_q is not None else cu_k, Lq, "cu_seq_lens_q", cls)
+        seg_k = _segments_from_cu_seqlens(cu_k if cu_k is not None else cu_q, Lk, "cu_seq_lens_k", cls)
+        n = int(seg_q.max()) + 1 if seg_q.numel() else 1
+        if Lq == Lk and not torch.equal(seg_q, seg_k):
+            raise UnsupportedModelError(f"pyops: {cls}: cu_seq_lens_q and cu_seq_lens_k describe different "
+                                        "packings of the same tokens")
+        q_groups, kv_groups = _intersect(q_groups, seg_q, n), _intersect(kv_groups, seg_k, n)
     out = pyops.task_masked_attention(query, key, value, q_groups, kv_groups, causal=causal,
                                       dropout_p=float(dropout), scale=scaling)
     return out.transpose(1, 2).contiguous(), None

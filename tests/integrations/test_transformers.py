@@ -360,6 +360,34 @@ def test_attention_packed_sequences_match_separate_runs(pyops_attn):
         torch.testing.assert_close(g, _grads(ref)[n], **TOL, msg=lambda m: f"{n}: {m}")
 
 
+def test_attention_cu_seqlens_alone_keep_sequences_apart(pyops_attn):
+    """flash-attention's varlen kwargs without position_ids (so transformers' mask is plain causal):
+    the packed row still attends inside each sequence only, as flash_attention_2 does; compared
+    per sequence with eager runs that get the same positions."""
+    ours, ref = llama(pyops_attn), llama("eager")
+    sizes = [4, 6, 3]
+    packed = torch.randint(0, 48, (1, sum(sizes)), generator=torch.Generator().manual_seed(21))
+    cu = torch.tensor([0, 4, 10, 13], dtype=torch.int32)
+    pos = torch.arange(sum(sizes))[None]                   # continuous positions: the mask is not packed
+    logits = ours(packed, position_ids=pos, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6,
+                  use_cache=False).logits
+    parts = []
+    for i, n in enumerate(sizes):
+        a = int(cu[i])
+        parts.append(ref(packed[:, a:a + n], position_ids=pos[:, a:a + n], use_cache=False).logits)
+    torch.testing.assert_close(logits, torch.cat(parts, 1), **TOL)
+
+
+def test_attention_refuses_bad_cu_seqlens(pyops_attn):
+    ours = llama(pyops_attn)
+    ids = torch.zeros(1, 6, dtype=torch.long)
+    with pytest.raises(NotImplementedError, match="cu_seq_lens_q must be cumulative sequence lengths"):
+        ours(ids, cu_seq_lens_q=torch.tensor([0, 4, 5]), cu_seq_lens_k=torch.tensor([0, 4, 5]), use_cache=False)
+    with pytest.raises(NotImplementedError, match="batch of 2 rows"):
+        ours(torch.zeros(2, 6, dtype=torch.long), cu_seq_lens_q=torch.tensor([0, 6]),
+             cu_seq_lens_k=torch.tensor([0, 6]), use_cache=False)
+
+
 def test_attention_refuses_masks_it_cannot_express():
     m = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
     m &= ~torch.ones(6, 6, dtype=torch.bool).tril(-3)                  # a sliding window of 3
