@@ -12,6 +12,7 @@
 
 #include "common/bind_util.h"
 #include "common/isa_dispatch.h"
+#include "merging/interpolate.h"
 #include "merging/methods.h"
 #include "merging/task_arithmetic.h"
 
@@ -173,10 +174,115 @@ std::vector<double> task_vector_gram(uintptr_t base, const std::vector<uintptr_t
   return gram;
 }
 
+// ---- interpolating methods (merging/interpolate.h) ----
+
+pyops::VectorLayout make_layout(int64_t n_vectors, int64_t length, int64_t vector_stride, int64_t element_stride) {
+  pyops::VectorLayout layout;
+  layout.n_vectors = n_vectors;
+  layout.length = length;
+  layout.vector_stride = vector_stride;
+  layout.element_stride = element_stride;
+  return layout;
+}
+
+std::vector<double> vector_gram(uintptr_t base, const std::vector<uintptr_t>& inputs, int in_dtype,
+                                int64_t n_vectors, int64_t length, int64_t vector_stride, int64_t element_stride,
+                                int n_threads) {
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  if (n_vectors < 0) throw py::value_error("n_vectors: expected >= 0, got " + std::to_string(n_vectors));
+  const auto ptrs = as_pointers<const void*>(inputs);
+  const auto layout = make_layout(n_vectors, length, vector_stride, element_stride);
+  std::vector<double> gram((size_t)n_vectors * ptrs.size() * ptrs.size());
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(vector_gram, reinterpret_cast<const void*>(base), ptrs.data(), (int64_t)ptrs.size(), id,
+                        layout, gram.data(), n_threads);
+  }
+  raise_if_error(st);
+  return gram;
+}
+
+void vector_combine(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& inputs,
+                    int in_dtype, int64_t n_vectors, int64_t length, int64_t vector_stride, int64_t element_stride,
+                    uintptr_t coeffs, uintptr_t divisor, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  const auto ptrs = as_pointers<const void*>(inputs);
+  const auto layout = make_layout(n_vectors, length, vector_stride, element_stride);
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(vector_combine, reinterpret_cast<const void*>(base), ptrs.data(), (int64_t)ptrs.size(),
+                        id, layout, reinterpret_cast<const float*>(coeffs), reinterpret_cast<const float*>(divisor),
+                        reinterpret_cast<void*>(out), od, n_threads);
+  }
+  raise_if_error(st);
+}
+
+void nearswap_forward(uintptr_t out, int out_dtype, uintptr_t base, uintptr_t model, int in_dtype, int64_t numel,
+                      double t, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(nearswap_forward, reinterpret_cast<const void*>(base), reinterpret_cast<const void*>(model),
+                        id, numel, (float)t, reinterpret_cast<void*>(out), od, n_threads);
+  }
+  raise_if_error(st);
+}
+
+std::vector<int64_t> ram_counts(uintptr_t base, const std::vector<uintptr_t>& inputs, int in_dtype, int64_t numel,
+                                double epsilon, int n_threads) {
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  const auto ptrs = as_pointers<const void*>(inputs);
+  std::vector<int64_t> counts(2 * ptrs.size());
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(ram_counts, reinterpret_cast<const void*>(base), ptrs.data(), (int64_t)ptrs.size(), id,
+                        numel, (float)epsilon, counts.data(), counts.data() + ptrs.size(), n_threads);
+  }
+  raise_if_error(st);
+  return counts;
+}
+
+void ram_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& inputs, int in_dtype,
+                 int64_t numel, double epsilon, uintptr_t lam, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  const auto ptrs = as_pointers<const void*>(inputs);
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(ram_forward, reinterpret_cast<const void*>(base), ptrs.data(), (int64_t)ptrs.size(), id,
+                        numel, (float)epsilon, reinterpret_cast<const float*>(lam), reinterpret_cast<void*>(out), od,
+                        n_threads);
+  }
+  raise_if_error(st);
+}
+
 }  // namespace
 
 namespace pyops {
 void bind_merging(py::module_& m) {
+  m.def("ram_counts", &ram_counts, py::arg("base"), py::arg("inputs"), py::arg("in_dtype"), py::arg("numel"),
+        py::arg("epsilon"), py::arg("n_threads"),
+        "ramplus_tl's per-task shared and unique contributor counts: 2*N int64 (shared..., unique...).");
+  m.def("ram_forward", &ram_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("inputs"),
+        py::arg("in_dtype"), py::arg("numel"), py::arg("epsilon"), py::arg("lam"), py::arg("n_threads"),
+        "mergekit's ram (lam = 0) or ramplus_tl (lam: N fp32 factors of the unique entries) per element.");
+  m.def("vector_gram", &vector_gram, py::arg("base"), py::arg("inputs"), py::arg("in_dtype"), py::arg("n_vectors"),
+        py::arg("length"), py::arg("vector_stride"), py::arg("element_stride"), py::arg("n_threads"),
+        "Per-vector Gram matrices of the inputs (minus base when base != 0), n_vectors*N*N doubles.");
+  m.def("vector_combine", &vector_combine, py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("inputs"),
+        py::arg("in_dtype"), py::arg("n_vectors"), py::arg("length"), py::arg("vector_stride"),
+        py::arg("element_stride"), py::arg("coeffs"), py::arg("divisor"), py::arg("n_threads"),
+        "out = [base +] (sum_i coeffs[v, i] * x_i) [/ divisor[v]] per vector v, fp32, rounded once.");
+  m.def("nearswap_forward", &nearswap_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"),
+        py::arg("model"), py::arg("in_dtype"), py::arg("numel"), py::arg("t"), py::arg("n_threads"),
+        "mergekit's nearswap per element: w = clamp(t / max(|a - b|, 1e-6), 0, 1), out = w b + (1 - w) a.");
   m.def("task_arithmetic_forward", &task_arithmetic_forward, py::arg("out"), py::arg("out_dtype"),
         py::arg("base"), py::arg("deltas"), py::arg("in_dtype"), py::arg("coeffs"),
         py::arg("coeff_stride_n"), py::arg("coeff_stride_block"), py::arg("numel"),

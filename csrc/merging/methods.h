@@ -6,6 +6,8 @@
 //   tau_i   = delta_i                  or  float(finetuned_i) - float(base)     (from_models)
 //   ties    : t_i = [|tau_i| >= thr_i,b] * tau_i, thr_i,b the k-th largest |tau_i| of block b,
 //             k = max(1, floor(density_i * n_b)) (exact; ties kept); density_i >= 1 keeps all
+//   ties, exact k (code 8): the same threshold, exactly k kept: every entry with !(|tau| <= thr)
+//             (greater, or NaN), then the entries with |tau| == thr in increasing flat index
 //   dare    : t_i = ([u_ij < density_i] / density_i) * tau_i, u from Philox4x32-10 with
 //             counter (g lo, g hi, i, name_hash), g = j >> 2, key (seed lo, seed hi), word j & 3
 //   breadcrumbs: t_i = [n_bottom <= r_ij < n - n_top] * tau_i with r_ij the ascending rank of
@@ -14,7 +16,8 @@
 //   della   : p_ij = (density_i - eps) + (2 eps) * (n > 1 ? r_ij / (n - 1) : 0.5) in fp32,
 //             t_i = ([u_ij < p_ij] / p_ij) * tau_i, u as for dare
 //   breadcrumbs, della: density_i >= 1 keeps every entry (t_i = tau_i, nothing ranked or drawn)
-//   electing (ties, dare_ties, della): s = (sum_i w_i t_i >= 0 ? +1 : -1), a_i = [sign t_i = s, t_i != 0],
+//   breadcrumbs_ties (code 9): breadcrumbs' t_i, then the election below
+//   electing (ties, dare_ties, della, breadcrumbs_ties): s = (sum_i w_i t_i >= 0 ? +1 : -1), a_i = [sign t_i = s, t_i != 0],
 //             merged = sum_i a_i w_i t_i / sum_i a_i w_i (zero divisor -> 1; or the plain sum
 //             when !normalize)
 //   dare, breadcrumbs, della_linear: merged = sum_i w_i t_i
@@ -43,6 +46,8 @@ enum MergeMethodCode : int {
   kMergeDella = 5,
   kMergeDellaLinear = 6,
   kMergeConsensus = 7,
+  kMergeTiesExactK = 8,  // ties keeping exactly k per block (ties at the k-th by lowest flat index)
+  kMergeBreadcrumbsTies = 9,  // breadcrumbs' rank band, then TIES' election (mergekit's breadcrumbs_ties)
 };
 
 // The task-arithmetic problem (base, task tensors, coefficients, blocks) plus the method's

@@ -63,8 +63,8 @@ inline double dot_tile(const float* x, const float* y, int64_t len) {
 }
 
 template <typename T, typename G, bool FM>
-void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const RankView& rv,
-                      const G* grad, T* grad_base, T* const* grad_deltas, double* dots, Scratch& s) {
+void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const int64_t* cut,
+                      const RankView& rv, const G* grad, T* grad_base, T* const* grad_deltas, double* dots, Scratch& s) {
   const MergeProblem& p = *ctx.p;
   const int64_t n = p.n;
   const T* base = static_cast<const T*>(p.base);
@@ -102,7 +102,14 @@ void backward_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const f
       float* m = mrows + i * kTile;
       float tmp[kTile];
       const float* tau = load_tau<T, FM>(p, i, t0, len, bb, xbuf, tmp);
-      if (ctx.ties && !ctx.keep_all[i]) {
+      if (ctx.ties && !ctx.keep_all[i] && cut) {  // exact k: the forward's mask (methods_forward.cpp)
+        const float th = thr[i];
+        const int64_t last = cut[i] - t0;
+        for (int64_t j = 0; j < len; ++j) {
+          const float a = std::fabs(tau[j]);
+          m[j] = a > th || (a == th && j <= last) ? 1.f : 0.f;
+        }
+      } else if (ctx.ties && !ctx.keep_all[i]) {
         const float th = thr[i];
         for (int64_t j = 0; j < len; ++j) m[j] = std::fabs(tau[j]) >= th ? 1.f : 0.f;
       } else if (ctx.dare) {
@@ -195,6 +202,7 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
   const int64_t n = p.n;
   const bool large = ctx.ties && plan.block_size >= kRadixMin;
   if (large) large_thresholds<T, FM>(ctx, n_threads);
+  if (large && ctx.exact_k) large_exact_k_cuts<T, FM>(ctx, n_threads);
   RankView large_rv;
   if (ctx.ranked && plan.large) large_rv = large_block_ranks<T, FM>(ctx, n_threads);
   // Per item, per segment: the n dot products. Small blocks: each block is one segment of one
@@ -206,21 +214,30 @@ void merge_backward_typed(Ctx& ctx, const G* grad, T* grad_base, T* const* grad_
     Scratch& s = thread_scratch(n);
     std::vector<double> dots_local;  // one small allocation per 64K-element item
     dots_local.resize((size_t)std::max<int64_t>(n, 1));
+    std::vector<int64_t> cuts;
     plan.for_segments(item, [&](int64_t b, int64_t lo, int64_t hi) {
       RankView rv = large_rv;
       if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(ctx, lo, hi, s);
       const float* thr = nullptr;
+      const int64_t* cut = nullptr;
       if (ctx.ties) {
         if (large) {
           thr = ctx.thr.data() + b * n;
+          if (ctx.exact_k) cut = ctx.cut.data() + b * n;
         } else {
           for (int64_t i = 0; i < n; ++i)
             s.thr[i] = ctx.keep_all[i] ? 0.f : kth_largest_small<T, FM>(p, i, lo, hi, ctx.topk(i, hi - lo), s);
           thr = s.thr.data();
+          if (ctx.exact_k) {
+            cuts.assign((size_t)n, lo - 1);
+            for (int64_t i = 0; i < n; ++i)
+              if (!ctx.keep_all[i]) cuts[i] = exact_k_cut<T, FM>(p, i, lo, hi, s.thr[i], ctx.topk(i, hi - lo));
+            cut = cuts.data();
+          }
         }
       }
       double* dots = grad_coeffs ? dots_local.data() : nullptr;
-      backward_segment<T, G, FM>(ctx, b, lo, hi, thr, rv, grad, grad_base, grad_deltas, dots, s);
+      backward_segment<T, G, FM>(ctx, b, lo, hi, thr, cut, rv, grad, grad_base, grad_deltas, dots, s);
       if (grad_coeffs) {
         if (plan.large) {
           for (int64_t i = 0; i < n; ++i) partial[item * n + i] = dots[i];

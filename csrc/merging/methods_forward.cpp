@@ -104,11 +104,11 @@ void elect(const float* trows, const float* w, int64_t n, bool normalize, float*
   }
 }
 
-// out[lo, hi) of block b; thr: the n TIES thresholds of the block (ties only); rv: the ranks
-// (ranked methods only).
+// out[lo, hi) of block b; thr: the n TIES thresholds of the block (ties only); cut: with exact k,
+// the n flat indices of the last admitted ties (else null); rv: the ranks (ranked methods only).
 template <typename T, typename O, bool FM>
-void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const RankView& rv,
-                     O* out, Scratch& s) {
+void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const int64_t* cut,
+                     const RankView& rv, O* out, Scratch& s) {
   const MergeProblem& p = *ctx.p;
   const int64_t n = p.n;
   const T* base = static_cast<const T*>(p.base);
@@ -148,7 +148,16 @@ void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const fl
       const float* tau = load_tau<T, FM>(p, i, t0, len, bb, xbuf, row);
       const float wi = w[i];
       // t_i (the trimmed / dropped tau) into row, and acc += w_i * t_i, in one sweep.
-      if (ctx.ties && !ctx.keep_all[i]) {
+      if (ctx.ties && !ctx.keep_all[i] && cut) {
+        const float th = thr[i];
+        const int64_t last = cut[i] - t0;  // ties at tile offsets <= last are kept
+        for (int64_t j = 0; j < len; ++j) {
+          const float a = std::fabs(tau[j]);
+          const float t = (a > th || (a == th && j <= last) ? 1.f : 0.f) * tau[j];
+          row[j] = t;
+          acc[j] += wi * t;
+        }
+      } else if (ctx.ties && !ctx.keep_all[i]) {
         const float th = thr[i];
         for (int64_t j = 0; j < len; ++j) {
           const float t = (std::fabs(tau[j]) >= th ? 1.f : 0.f) * tau[j];
@@ -204,24 +213,35 @@ void merge_typed(Ctx& ctx, O* out, int n_threads) {
   const Plan& plan = ctx.plan;
   const bool large = ctx.ties && plan.block_size >= kRadixMin;
   if (large) large_thresholds<T, FM>(ctx, n_threads);
+  if (large && ctx.exact_k) large_exact_k_cuts<T, FM>(ctx, n_threads);
   RankView large_rv;
   if (ctx.ranked && plan.large) large_rv = large_block_ranks<T, FM>(ctx, n_threads);
   parallel_for(plan.n_items, n_threads, [&](int64_t item) {
     Scratch& s = thread_scratch(p.n);
+    std::vector<int64_t> cuts;  // exact k, small blocks: this segment's cuts
     plan.for_segments(item, [&](int64_t b, int64_t lo, int64_t hi) {
       RankView rv = large_rv;
       if (ctx.ranked && !plan.large) rv = small_block_ranks<T, FM>(ctx, lo, hi, s);
       const float* thr = nullptr;
+      const int64_t* cut = nullptr;
       if (ctx.ties) {
         if (large) {
           thr = ctx.thr.data() + b * p.n;
+          if (ctx.exact_k) cut = ctx.cut.data() + b * p.n;
         } else {
+          // a small block lies whole in this segment
           for (int64_t i = 0; i < p.n; ++i)
             s.thr[i] = ctx.keep_all[i] ? 0.f : kth_largest_small<T, FM>(p, i, lo, hi, ctx.topk(i, hi - lo), s);
           thr = s.thr.data();
+          if (ctx.exact_k) {
+            cuts.assign((size_t)p.n, lo - 1);
+            for (int64_t i = 0; i < p.n; ++i)
+              if (!ctx.keep_all[i]) cuts[i] = exact_k_cut<T, FM>(p, i, lo, hi, s.thr[i], ctx.topk(i, hi - lo));
+            cut = cuts.data();
+          }
         }
       }
-      combine_segment<T, O, FM>(ctx, b, lo, hi, thr, rv, out, s);
+      combine_segment<T, O, FM>(ctx, b, lo, hi, thr, cut, rv, out, s);
     });
   });
 }

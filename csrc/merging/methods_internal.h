@@ -299,6 +299,7 @@ struct Ctx {
   Plan plan;
   PhiloxKeys keys;
   bool ties, dare, electing;
+  bool exact_k;                   // ties keeping exactly k (kMergeTiesExactK)
   bool ranked, della;             // breadcrumbs / della / della_linear: per-element ranks
   std::vector<float> della_lo;    // della: density - epsilon (fp32, as the reference forms it)
   float della_span = 0.f;         // della: 2 * epsilon (fp64 product, then fp32)
@@ -307,13 +308,15 @@ struct Ctx {
   std::vector<float> inv;         // dare: the reference's keep value 1 / density (fp32)
   std::vector<uint32_t> dare_lim; // dare: keep iff (word >> 8) < dare_lim  <=>  u < density
   std::vector<float> thr;         // ties, large blocks: [n_blocks][n] thresholds on |tau|
+  std::vector<int64_t> cut;       // exact k, large blocks: [n_blocks][n] the last admitted tie's index
 
   Ctx(const MergeProblem& pp) : p(&pp), plan(pp.numel, pp.block_size), keys(pp.seed) {
-    ties = p->method == kMergeTies;
+    exact_k = p->method == kMergeTiesExactK;
+    ties = p->method == kMergeTies || exact_k;
     dare = p->method == kMergeDare || p->method == kMergeDareTies;
-    electing = p->method == kMergeTies || p->method == kMergeDareTies || p->method == kMergeDella;
+    electing = ties || p->method == kMergeDareTies || p->method == kMergeDella || p->method == kMergeBreadcrumbsTies;
     della = p->method == kMergeDella || p->method == kMergeDellaLinear;
-    ranked = della || p->method == kMergeBreadcrumbs;
+    ranked = della || p->method == kMergeBreadcrumbs || p->method == kMergeBreadcrumbsTies;
     della_span = (float)(2.0 * p->epsilon);
     const int64_t n = p->n;
     della_lo.assign((size_t)n, 0.f);
@@ -411,14 +414,57 @@ inline const float* load_tau(const MergeProblem& p, int64_t i, int64_t t0, int64
   return dst;
 }
 
+// TIES with exact k: the flat index of the last entry with |tau_i| == thr admitted in the block
+// [lo, hi), so that exactly k entries are kept: the `greater` ones (!(|tau| <= thr): larger, or
+// NaN, which the sort ranks first) count first, then the ties in increasing flat index.
+// lo - 1 when no tie is admitted. Two sequential passes over the block.
+template <typename T, bool FM>
+int64_t exact_k_cut(const MergeProblem& p, int64_t i, int64_t lo, int64_t hi, float thr, int64_t k) {
+  const T* base = static_cast<const T*>(p.base);
+  alignas(64) float bbuf[kTile];
+  alignas(64) float xbuf[kTile];
+  alignas(64) float tmp[kTile];
+  int64_t greater = 0;
+  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    const int64_t len = std::min(kTile, hi - t0);
+    const float* bb = FM ? as_float_tile(base + t0, bbuf, len) : nullptr;
+    const float* tau = load_tau<T, FM>(p, i, t0, len, bb, xbuf, tmp);
+    for (int64_t j = 0; j < len; ++j) greater += !(std::fabs(tau[j]) <= thr) ? 1 : 0;
+  }
+  int64_t allowed = k - greater;
+  if (allowed <= 0) return lo - 1;
+  for (int64_t t0 = lo; t0 < hi; t0 += kTile) {
+    const int64_t len = std::min(kTile, hi - t0);
+    const float* bb = FM ? as_float_tile(base + t0, bbuf, len) : nullptr;
+    const float* tau = load_tau<T, FM>(p, i, t0, len, bb, xbuf, tmp);
+    for (int64_t j = 0; j < len; ++j)
+      if (std::fabs(tau[j]) == thr && --allowed == 0) return t0 + j;
+  }
+  return hi - 1;
+}
+
+// Exact k, large blocks: ctx.cut[b][i] for every block and task, after large_thresholds.
+template <typename T, bool FM>
+void large_exact_k_cuts(Ctx& ctx, int n_threads) {
+  const MergeProblem& p = *ctx.p;
+  const int64_t n = p.n, nb = ctx.plan.n_blocks;
+  ctx.cut.assign((size_t)(nb * n), -1);
+  parallel_for(nb * n, n_threads, [&](int64_t q) {
+    const int64_t b = q / n, i = q % n;
+    if (ctx.keep_all[i]) return;
+    const int64_t lo = b * ctx.plan.block_size, len = ctx.block_len(b);
+    ctx.cut[(size_t)q] = exact_k_cut<T, FM>(p, i, lo, lo + len, ctx.thr[(size_t)q], ctx.topk(i, len));
+  });
+}
+
 
 // The checks every entry point makes, in this order (the Python layer has checked the same).
 inline Status check(const MergeProblem& p, bool need_out, const void* out) {
   const int m = p.method;
-  if (m < kMergeTaskArithmetic || m > kMergeConsensus)
+  if (m < kMergeTaskArithmetic || m > kMergeBreadcrumbsTies)
     return Status::invalid("method: unknown merge method code " + std::to_string(m) +
                            " (expected 0 task_arithmetic, 1 ties, 2 dare, 3 dare_ties, 4 breadcrumbs, 5 della, "
-                           "6 della_linear or 7 consensus)");
+                           "6 della_linear, 7 consensus, 8 ties with exact k or 9 breadcrumbs_ties)");
   if (p.numel < 0) return Status::invalid("numel must be >= 0, got " + std::to_string(p.numel));
   if (p.block_size <= 0) return Status::invalid("block_size must be > 0, got " + std::to_string(p.block_size));
   if (p.n < 0) return Status::invalid("number of deltas must be >= 0, got " + std::to_string(p.n));
@@ -445,7 +491,7 @@ inline Status check(const MergeProblem& p, bool need_out, const void* out) {
         return Status::invalid("density[" + std::to_string(i) + "] must be in (0, 1] (as fp32), got " +
                                std::to_string(p.density[i]));
   }
-  if (m == kMergeBreadcrumbs) {
+  if (m == kMergeBreadcrumbs || m == kMergeBreadcrumbsTies) {
     if (!(p.gamma >= 0.0 && p.gamma < 1.0))
       return Status::invalid("gamma must be in [0, 1), got " + std::to_string(p.gamma));
   }
@@ -457,7 +503,7 @@ inline Status check(const MergeProblem& p, bool need_out, const void* out) {
         return Status::invalid("epsilon: della needs density - epsilon > 0, got density[" + std::to_string(i) +
                                "]=" + std::to_string(p.density[i]) + ", epsilon=" + std::to_string(p.epsilon));
   }
-  if ((m == kMergeBreadcrumbs || m == kMergeDella || m == kMergeDellaLinear) &&
+  if ((m == kMergeBreadcrumbs || m == kMergeBreadcrumbsTies || m == kMergeDella || m == kMergeDellaLinear) &&
       std::min(p.block_size, p.numel) > (int64_t)0xffffffffLL)
     return Status::invalid("block_size: the rank-based methods rank blocks of at most 2^32 - 1 elements, got " +
                            std::to_string(std::min(p.block_size, p.numel)));

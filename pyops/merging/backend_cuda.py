@@ -55,7 +55,7 @@ def task_arithmetic_reason(base: Tensor, out_dtype: torch.dtype) -> Optional[str
     return TASK_ARITHMETIC.reason(base.device, base, torch.empty(0, dtype=out_dtype))
 
 
-def merge_reason(p: R.Prepared, method: str, needs_grad: bool) -> Optional[str]:
+def merge_reason(p: R.Prepared, method: str, needs_grad: bool, exact_k: bool = False) -> Optional[str]:
     """None if the CUDA kernels can run `method` on `p` (with gradients if `needs_grad`), else why not."""
     reason = MERGE.reason(p.base.device, p.base, torch.empty(0, dtype=p.out_dtype),
                           **{R.TIES_BLOCK: R.longest_block(p) if method == "ties" else None,
@@ -64,6 +64,8 @@ def merge_reason(p: R.Prepared, method: str, needs_grad: bool) -> Optional[str]:
         return reason
     if method not in METHOD_CODES:
         return f"the CUDA kernels implement {', '.join(METHODS)}, not {method!r}"
+    if exact_k:
+        return "the CUDA kernels keep every tie at the k-th magnitude (exact_k: the cpu or reference backend)"
     if needs_grad and method == "consensus":
         return f"gradients for {method!r} are computed by the reference backend"
     return None

@@ -43,7 +43,7 @@ def task_arithmetic_reason(base: Tensor, out_dtype: torch.dtype) -> Optional[str
     return TASK_ARITHMETIC.reason(base.device, base, torch.empty(0, dtype=out_dtype))
 
 
-def merge_reason(p: R.Prepared, method: str, needs_grad: bool) -> Optional[str]:
+def merge_reason(p: R.Prepared, method: str, needs_grad: bool, exact_k: bool = False) -> Optional[str]:
     """None if the Triton kernels can run `method` on `p` (forward only), else why not."""
     reason = MERGE.reason(p.base.device, p.base, torch.empty(0, dtype=p.out_dtype),
                           **{R.RANKED_BLOCK: R.ranked_block(p, method)})
@@ -51,6 +51,8 @@ def merge_reason(p: R.Prepared, method: str, needs_grad: bool) -> Optional[str]:
         return reason
     if method not in METHOD_CODES:
         return f"the Triton kernels implement {', '.join(METHODS)}, not {method!r}"
+    if exact_k:
+        return "the Triton kernels keep every tie at the k-th magnitude (exact_k: the cpu or reference backend)"
     if needs_grad:
         return "the Triton merge kernels are forward only (gradients: the cpu or reference backend)"
     return None

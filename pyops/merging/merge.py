@@ -22,6 +22,8 @@ backend_cuda.py. Backends:
   coefficient gradients). First in the GPU order.
 
 method="task_arithmetic" is `pyops.task_arithmetic` with λ folded into the coefficients.
+method="breadcrumbs_ties" (spec.EXTRA_METHODS) and ties with exact_k=True run on the reference
+and the C++ kernels; Triton and CUDA refuse them in can_run.
 """
 from __future__ import annotations
 
@@ -45,12 +47,12 @@ RANKED = ref.RANKED
 GPU_ORDER = ("cuda", "triton")
 
 
-def _can_run(p: TM.Prepared, method: str, needs_grad: bool) -> dict:
+def _can_run(p: TM.Prepared, method: str, needs_grad: bool, exact_k: bool = False) -> dict:
     """Each backend's `can_run` for this call: None, or the reason it cannot run it."""
     return {"reference": lambda: None,
-            "cpu": lambda: backend_cpu.merge_reason(p, method, needs_grad),
-            "cuda": lambda: backend_cuda.merge_reason(p, method, needs_grad),
-            "triton": lambda: backend_triton.merge_reason(p, method, needs_grad)}
+            "cpu": lambda: backend_cpu.merge_reason(p, method, needs_grad, exact_k),
+            "cuda": lambda: backend_cuda.merge_reason(p, method, needs_grad, exact_k),
+            "triton": lambda: backend_triton.merge_reason(p, method, needs_grad, exact_k)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def _model_stock_cpu(p: TM.Prepared, from_models: bool, out: Optional[Tensor]) -
 # --------------------------------------------------------------------------------------------
 
 def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, lam, name, gamma, epsilon, k,
-           tall_lambda, normalize, out, out_dtype, backend) -> Tensor:
+           tall_lambda, normalize, out, out_dtype, backend, exact_k=False) -> Tensor:
     deltas_name = "finetuned" if from_models else "deltas"
     n_guess = len(deltas) if isinstance(deltas, (list, tuple)) else (deltas.shape[0] if isinstance(deltas, Tensor) and deltas.dim() else 0)
     if method == "model_stock" and (coeffs is not None or lam != 1.0):
@@ -160,6 +162,11 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
     dens = check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n)
     # k reaches the native ops' int64 schema whatever the method (only consensus reads it)
     V.check_int(k, "k", what=" (consensus: the number of tasks that must agree)")
+    if not isinstance(exact_k, bool):
+        raise TypeError(f"exact_k: expected a bool, got {type(exact_k).__name__}")
+    if exact_k and method != "ties":
+        raise ValueError(f"exact_k: only ties selects the k largest |τ| (breadcrumbs and DELLA rank with ties "
+                         f"broken by position, already exact counts), got method={method!r}")
     if method == "model_stock" and n < 2:
         raise ValueError(f"{deltas_name}: model_stock needs at least 2 fine-tuned models, got {n}")
     if out is not None:
@@ -171,7 +178,7 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
         # The pilot op already is the fused kernel, with its own backends and backward; λ folds in.
         fn = TM.task_arithmetic_from_models if from_models else TM.task_arithmetic
         return fn(p.base, p.deltas, p.coeffs * lam, blocks=blocks, out=out, out_dtype=out_dtype, backend=backend)
-    chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad),
+    chosen = _backend.select(OP, backend, _can_run(p, method, needs_grad, exact_k),
                              _backend.default_order(p.base.device, GPU_ORDER))
     if chosen == "reference":
         if method != "model_stock" and not torch.compiler.is_compiling() and \
@@ -180,11 +187,12 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
             # thresholds, ranks): the native op's fake kernel gives the result's shape and dtype
             return backend_cpu.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
                                    tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon,
-                                   out=out)
+                                   out=out, exact_k=exact_k)
         result = ref.merge(p.base, p.deltas, p.coeffs, method=method, block_size=p.block_size,
                            density=torch.tensor(dens, dtype=torch.float64), lam=lam, seed=seed, name=name,
                            gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda, normalize=normalize,
-                           from_models=from_models, out_dtype=p.out_dtype if out is None else out.dtype)
+                           from_models=from_models, out_dtype=p.out_dtype if out is None else out.dtype,
+                           exact_k=exact_k)
         if out is None:
             return result
         with torch.no_grad():
@@ -198,7 +206,8 @@ def _merge(base, deltas, from_models, *, method, coeffs, blocks, density, seed, 
     if method == "model_stock":
         return _model_stock_cpu(p, from_models, out)
     return backend_cpu.run(p, method, dens, from_models=from_models, seed=seed, lam=lam, name=name, k=k,
-                           tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out)
+                           tall_lambda=tall_lambda, normalize=normalize, gamma=gamma, epsilon=epsilon, out=out,
+                           exact_k=exact_k)
 
 
 def merge(
@@ -220,6 +229,7 @@ def merge(
     out: Optional[Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    exact_k: bool = False,
 ) -> Tensor:
     """Merge N task vectors into `base` with one of the methods of `pyops.merging.reference`.
 
@@ -227,7 +237,8 @@ def merge(
         base: `[*shape]` float32 / float16 / bfloat16 (float64 on the reference backend).
         deltas: task vectors τᵢ, `[N, *shape]` or a list of N `[*shape]` tensors.
         method: task_arithmetic | ties | dare | dare_linear | dare_ties | breadcrumbs | della |
-            della_linear | model_stock | consensus.
+            della_linear | model_stock | consensus | breadcrumbs_ties (breadcrumbs' mask, then
+            TIES' election; spec.EXTRA_METHODS).
         coeffs: weights wᵢ, `[N]` or `[N, n_blocks]` (default: all ones); not for model_stock.
         blocks: None (whole tensor) | "rows" | int chunk size — the unit of TIES trimming,
             breadcrumbs/DELLA ranking and of `[N, n_blocks]` coefficients.
@@ -238,12 +249,16 @@ def merge(
         k, tall_lambda: consensus (TALL masks). normalize: TIES-style disjoint mean (default:
             True for ties, dare_ties, della).
         out, out_dtype, backend: as in `pyops.task_arithmetic`.
+        exact_k: ties only. False (default): every entry tied with the k-th largest |τ| of a
+            block is kept (deterministic, may keep more than k). True: exactly k, the ties at the
+            k-th magnitude taken by lowest flat index first (mergekit's top-k keeps exactly k, in
+            an unspecified tie order). Backends: reference and cpu (Triton and CUDA refuse it).
 
     Gradients reach coeffs (and base, deltas) with every mask held fixed.
     """
     return _merge(base, deltas, False, method=method, coeffs=coeffs, blocks=blocks, density=density, seed=seed,
                   lam=lam, name=name, gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda,
-                  normalize=normalize, out=out, out_dtype=out_dtype, backend=backend)
+                  normalize=normalize, out=out, out_dtype=out_dtype, backend=backend, exact_k=exact_k)
 
 
 def merge_from_models(
@@ -265,8 +280,9 @@ def merge_from_models(
     out: Optional[Tensor] = None,
     out_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
+    exact_k: bool = False,
 ) -> Tensor:
     """`merge` taking fine-tuned weights θᵢ; τᵢ = θᵢ − base is formed on the fly, never stored."""
     return _merge(base, finetuned, True, method=method, coeffs=coeffs, blocks=blocks, density=density, seed=seed,
                   lam=lam, name=name, gamma=gamma, epsilon=epsilon, k=k, tall_lambda=tall_lambda,
-                  normalize=normalize, out=out, out_dtype=out_dtype, backend=backend)
+                  normalize=normalize, out=out, out_dtype=out_dtype, backend=backend, exact_k=exact_k)

@@ -13,14 +13,19 @@ from typing import List, Sequence, Union
 
 METHODS = ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della",
            "della_linear", "model_stock", "consensus")
+# Task-vector methods of mergekit 0.1.5 that `pyops.merge` also takes, kept out of METHODS (the
+# checkpoint command's YAML derives its supported set from METHODS; wiring them there is separate).
+EXTRA_METHODS = ("breadcrumbs_ties",)
 # Methods that end with TIES' sign election and disjoint mean, and their default `normalize`.
-ELECTING = {"ties", "dare_ties", "della"}
+ELECTING = {"ties", "dare_ties", "della", "breadcrumbs_ties"}
 RANDOM = {"dare", "dare_linear", "dare_ties", "della", "della_linear"}
 # Methods whose masks come from each |τ|'s rank within its block.
-RANKED = ("breadcrumbs", "della", "della_linear")
+RANKED = ("breadcrumbs", "della", "della_linear", "breadcrumbs_ties")
 # Method codes of the C++ kernels (csrc/merging/); task_arithmetic also has its own kernel.
 NATIVE_METHOD_CODES = {"task_arithmetic": 0, "ties": 1, "dare": 2, "dare_linear": 2, "dare_ties": 3,
-                       "breadcrumbs": 4, "della": 5, "della_linear": 6, "consensus": 7}
+                       "breadcrumbs": 4, "della": 5, "della_linear": 6, "consensus": 7, "breadcrumbs_ties": 9}
+# The C++ kernels' code of ties with exact_k=True (exactly k kept per block, ties by lowest index).
+TIES_EXACT_K_CODE = 8
 
 # The `backend=` values the checkpoint command accepts (pyops._backend.BACKENDS and "auto").
 BACKEND_CHOICES = ("auto", "reference", "cpu", "triton", "cuda")
@@ -29,7 +34,7 @@ Blocks = Union[None, str, int]
 # The defaults of `pyops.merge` / `merge_from_models` (their signatures spell them out; a test
 # checks that they agree), for callers that fill in absent parameters without torch.
 MERGE_DEFAULTS = {"density": 1.0, "seed": 0, "lam": 1.0, "name": "", "gamma": 0.01, "epsilon": 0.1, "k": 2,
-                  "tall_lambda": 0.6, "normalize": None, "coeffs": None, "blocks": None}
+                  "tall_lambda": 0.6, "normalize": None, "coeffs": None, "blocks": None, "exact_k": False}
 
 
 def resolve_normalize(method: str, normalize) -> bool:
@@ -71,8 +76,8 @@ def _is_real(x: object) -> bool:
 def check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambda, normalize, n: int) -> List[float]:
     """Validates the method and its parameters for n tasks; returns the per-task densities.
     `density` is a float, a sequence of n floats, or a tensor (0-d or [n])."""
-    if not isinstance(method, str) or method not in METHODS:
-        raise ValueError(f"method: expected one of {', '.join(METHODS)}, got {method!r}")
+    if not isinstance(method, str) or method not in METHODS + EXTRA_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(METHODS + EXTRA_METHODS)}, got {method!r}")
     if _is_real(density):
         dens = [float(density)] * n
     elif hasattr(density, "tolist") and hasattr(density, "dim"):  # a tensor (no torch import here)
@@ -95,7 +100,7 @@ def check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambd
         raise ValueError(f"seed: expected an int in [0, 2**64), got {seed!r}")
     if not isinstance(name, str):
         raise TypeError(f"name: expected a str (the tensor's name, part of the random key), got {type(name).__name__}")
-    if method == "breadcrumbs":
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
         if not (0.0 <= gamma < 1.0):
             raise ValueError(f"gamma: expected a value in [0, 1), got {gamma}")
         for i, d in enumerate(dens):
@@ -116,3 +121,58 @@ def check_params(method, density, lam, seed, name, gamma, epsilon, k, tall_lambd
     if normalize is not None and not isinstance(normalize, bool):
         raise TypeError(f"normalize: expected None or a bool, got {normalize!r}")
     return dens
+
+
+# --------------------------------------------------------------------------------------------
+# Methods beyond task arithmetic (mergekit 0.1.5), run per tensor by
+# `pyops.merging.interpolate.merge_tensors`. Not in METHODS: the checkpoint command's YAML
+# derives its supported set from METHODS.
+# --------------------------------------------------------------------------------------------
+
+class _Required:
+    """The default of a parameter mergekit requires (no default)."""
+
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED = _Required()
+
+# name -> {parameter: default}, mergekit 0.1.5's names and defaults (mergekit/merge_methods/<name>.py).
+MERGEKIT_METHODS = {
+    "linear": {"weight": REQUIRED, "normalize": True},
+    "slerp": {"t": REQUIRED},
+    "nearswap": {"t": REQUIRED},
+    "passthrough": {"scale": None},
+    "nuslerp": {"weight": REQUIRED, "nuslerp_row_wise": False, "nuslerp_flatten": True},
+    "multislerp": {"weight": REQUIRED, "normalize_weights": True, "eps": 1e-8},
+    "karcher": {"max_iter": 10, "tol": 1e-5},
+    # mergekit/merge_methods/registry.py + generalized_task_arithmetic.py: breadcrumbs' mask, TIES' election
+    "breadcrumbs_ties": {"weight": REQUIRED, "density": 1.0, "gamma": 0.01, "normalize": False, "lambda": 1.0,
+                         "rescale": False, "int8_mask": False},
+    "ram": {"epsilon": 1e-5},
+    "ramplus_tl": {"r": 0.1, "alpha": 0.2, "epsilon": 1e-5},
+    "sce": {"int8_mask": False, "select_topk": 1.0},
+    "arcee_fusion": {},
+}
+# The parameters given per model (one value per input; the others are one value per tensor).
+MERGEKIT_PER_MODEL = {"linear": ("weight",), "passthrough": ("scale",), "nuslerp": ("weight",),
+                      "multislerp": ("weight",), "breadcrumbs_ties": ("weight", "density", "gamma")}
+# mergekit's base policy per method: "ignored" (every input alike: `base` must be None, the
+# inputs go in `models`), "required" (slerp, nearswap: `base` and exactly one model) or
+# "optional" (nuslerp, multislerp: task vectors from `base` when given).
+MERGEKIT_BASE = {"linear": "ignored", "slerp": "required", "nearswap": "required", "passthrough": "ignored",
+                 "nuslerp": "optional", "multislerp": "optional", "karcher": "ignored", "breadcrumbs_ties": "required",
+                 "ram": "required", "ramplus_tl": "required", "sce": "required", "arcee_fusion": "required"}
+# (minimum, maximum) of `models` (the non-base inputs); None: no maximum.
+MERGEKIT_MODEL_COUNT = {"linear": (1, None), "slerp": (1, 1), "nearswap": (1, 1), "passthrough": (1, 1),
+                        "nuslerp": (2, 2), "multislerp": (1, None), "karcher": (1, None),
+                        "breadcrumbs_ties": (1, None), "ram": (0, None), "ramplus_tl": (0, None), "sce": (0, None),
+                        "arcee_fusion": (1, 1)}
+
+
+def nuslerp_t(weight) -> float:
+    """nuslerp's interpolation parameter from its two models' weights: w₁ / (w₀ + w₁), or 0.5 when
+    |w₀ + w₁| < 1e-6 (mergekit 0.1.5, mergekit/merge_methods/nuslerp.py)."""
+    total = float(weight[0]) + float(weight[1])
+    return 0.5 if abs(total) < 1e-6 else float(weight[1]) / total

@@ -378,7 +378,8 @@ def _raw_args(**over):
 
 BAD_NATIVE_ARGUMENTS = [
     (dict(method=-1), "method"),
-    (dict(method=8), "method"),
+    (dict(method=10), "method"),
+    (dict(method=9, gamma=1.0), "gamma"),
     (dict(block_size=0), "block_size"),
     (dict(numel=-1), "numel"),
     (dict(density=[0.0]), "density"),

@@ -1,0 +1,557 @@
+"""mergekit 0.1.5's methods beyond task arithmetic as ops: the interpolating `linear`, `slerp`,
+`nearswap`, `passthrough`, `nuslerp`, `multislerp`, `karcher`; the selective `ram`,
+`ramplus_tl` (C++ and reference), `sce`, `arcee_fusion` (reference); and `merge_tensors`, the
+per-tensor entry the checkpoint runner calls (which also runs `breadcrumbs_ties` through
+`pyops.merge_from_models`).
+
+Each op takes the tensors the way its mergekit method takes the models' copies of one weight,
+with mergekit's parameter names and defaults (`pyops.merging.spec.MERGEKIT_METHODS`), computes
+in fp32 (fp64 for fp64 inputs) and rounds once to the output dtype (default: the inputs'
+dtype). The definitions are in `pyops/merging/reference.py`. Backends:
+
+* ``cpu`` — the interpolating methods on the C++ kernels (csrc/merging/interpolate.cpp): a
+  Gram pass per vector (fp32 values, products summed in double over fixed chunks), the method's
+  few scalars (norms, angles, the Karcher iteration) in double from the Gram matrix, then one
+  combine pass [base +] Σᵢ cᵢ·xᵢ [/ d] in fp32; nearswap is one per-element pass. Forward only,
+  CPU tensors in fp32 / fp16 / bf16. ram and ramplus_tl: per-element passes (ramplus_tl's
+  per-task counts first). Registered ops
+  ``pyops::{linear,slerp,nearswap,nuslerp,multislerp,karcher,ram,ramplus_tl}_cpu``.
+* ``reference`` — every case (sce and arcee_fusion only here), including fp64, CUDA tensors and
+  gradients: a call that needs gradients (an input requires grad, or a tensor-valued `t` /
+  `weight`) is refused by the C++ path's `can_run` and taken by the reference, whose torch ops
+  carry autograd (the branches — colinear fallbacks, the Karcher iteration count — are taken on
+  the values, as mergekit does).
+
+The C++ path reaches the reference's values to fp32 rounding; where a branch is decided on a
+value within rounding of its threshold (slerp's dot_threshold, nuslerp's colinear test), the two
+may take different branches, whose results then differ by that rounding's effect. Between nearly
+antipodal vectors slerp itself is ill-conditioned (sin θ → 0 divides): there the C++ path's
+double-precision angle is the more accurate, and the fp32 reference may differ from it beyond
+fp32 rounding.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from pyops import _backend
+from pyops.merging import backend_cpu
+from pyops.merging import reference as ref
+from pyops.merging import spec
+
+Weights = Union[Sequence[float], Tensor]
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
+
+def _check_tensor(x, name: str) -> Tensor:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected float32, float16, bfloat16 or float64, got {x.dtype}")
+    return x
+
+
+def _check_like(x: Tensor, first: Tensor, name: str, first_name: str) -> None:
+    if x.shape != first.shape:
+        raise ValueError(f"{name}: expected shape {list(first.shape)} ({first_name}'s), got {list(x.shape)}")
+    if x.dtype != first.dtype:
+        raise ValueError(f"{name}: expected dtype {first.dtype} ({first_name}'s), got {x.dtype}")
+    if x.device != first.device:
+        raise ValueError(f"{name}: expected device {first.device} ({first_name}'s), got {x.device}")
+
+
+def _check_models(models, lo: int, hi: Optional[int], method: str) -> List[Tensor]:
+    if isinstance(models, Tensor):
+        models = list(models.unbind(0)) if models.dim() > 0 else [models]
+    if not isinstance(models, (list, tuple)):
+        raise TypeError(f"models: expected a list of tensors, got {type(models).__name__}")
+    count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+    if len(models) < lo or (hi is not None and len(models) > hi):
+        raise ValueError(f"models: {method} takes {count} tensors, got {len(models)}")
+    models = [_check_tensor(m, f"models[{i}]") for i, m in enumerate(models)]
+    for i, m in enumerate(models[1:], 1):
+        _check_like(m, models[0], f"models[{i}]", "models[0]")
+    return models
+
+
+def _check_real(value, name: str, what: str = "a float") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
+    return float(value)
+
+
+def _check_bool(value, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_scalar(value, name: str):
+    """A float, or a 0-d floating tensor (kept: it may carry gradients)."""
+    if isinstance(value, Tensor):
+        if value.dim() != 0 or not value.is_floating_point():
+            raise ValueError(f"{name}: expected a float or a 0-d floating tensor, got shape {list(value.shape)} "
+                             f"{value.dtype}")
+        return value
+    return _check_real(value, name)
+
+
+def _check_weights(weight, n: int, name: str = "weight"):
+    """n floats, or a [n] floating tensor (kept: it may carry gradients)."""
+    if isinstance(weight, Tensor):
+        if tuple(weight.shape) != (n,) or not weight.is_floating_point():
+            raise ValueError(f"{name}: expected {n} values (one per model), got shape {list(weight.shape)} "
+                             f"{weight.dtype}")
+        return weight
+    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
+        raise TypeError(f"{name}: expected a sequence of {n} floats (one per model), got a single number")
+    if not isinstance(weight, (list, tuple)) or len(weight) != n:
+        raise ValueError(f"{name}: expected {n} values (one per model), got {weight!r}")
+    return [_check_real(w, f"{name}[{i}]") for i, w in enumerate(weight)]
+
+
+def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
+    if out_dtype is None:
+        return default
+    if not isinstance(out_dtype, torch.dtype) or out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected None or a floating dtype, got {out_dtype!r}")
+    return out_dtype
+
+
+def _choose(op: str, backend: str, tensors: Sequence[Tensor], out_dtype: torch.dtype, scalars=()) -> str:
+    """The backend for one call: the C++ kernels when they can take it, else the reference."""
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    tensor_params = any(isinstance(s, Tensor) for s in scalars)
+
+    def cpu():
+        reason = backend_cpu.interpolate_reason(tensors[0], out_dtype, needs_grad)
+        if reason is None and tensor_params:
+            return "a tensor-valued parameter (t / weight / scale) is taken by the reference backend"
+        return reason
+
+    return _backend.select(op, backend, {"reference": lambda: None, "cpu": cpu},
+                           _backend.default_order(tensors[0].device, ()))
+
+
+def _floats(w) -> List[float]:
+    return [float(x) for x in w]
+
+
+# --------------------------------------------------------------------------------------------
+# The ops
+# --------------------------------------------------------------------------------------------
+
+def linear(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, normalize: bool = True,
+           out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """mergekit's ``linear`` (a weighted average, Wortsman et al., "Model soups", ICML 2022):
+    Σᵢ wᵢ·θᵢ, divided by Σᵢ wᵢ when `normalize` (mergekit's default True; a zero sum divides by
+    zero, as mergekit does: ±inf / NaN).
+
+    Args:
+        models: N ≥ 1 tensors `[*shape]` (a list, or one `[N, *shape]` tensor) of one dtype
+            (fp32 / fp16 / bf16 / fp64) and device.
+        weight: N floats, or a `[N]` tensor (then differentiable, on the reference backend).
+        normalize, out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+
+    Returns `[*shape]` in out_dtype, fp32 accumulation, one rounding. Differentiable in every
+    tensor (the reference backend takes calls that need gradients)."""
+    models = _check_models(models, 1, None, "linear")
+    weight = _check_weights(weight, len(models))
+    normalize = _check_bool(normalize, "normalize")
+    od = _check_out_dtype(out_dtype, models[0].dtype)
+    tensors = models + ([weight] if isinstance(weight, Tensor) else [])
+    if _choose("linear", backend, tensors, od, [weight]) == "cpu":
+        return backend_cpu.linear_op(models, _floats(weight), normalize, od)
+    return ref.linear(models, weight, normalize=normalize, out_dtype=od)
+
+
+def slerp(a: Tensor, b: Tensor, t, *, dot_threshold: float = 0.9995, eps: float = 1e-8,
+          out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """mergekit's ``slerp``: spherical interpolation over the whole flattened tensor from `a`
+    (the base, t = 0) to `b` (t = 1), linear when |cos| > dot_threshold (colinear or antipodal).
+
+    Args:
+        a, b: `[*shape]`, one dtype (fp32 / fp16 / bf16 / fp64) and device.
+        t: the interpolation parameter for this tensor (mergekit's per-tensor `t`): a float, or a
+            0-d tensor (then differentiable, on the reference backend).
+        dot_threshold, eps: mergekit's slerp() constants (norms ≤ eps count as 1).
+        out_dtype (default a's dtype), backend ("auto", "cpu", "reference").
+
+    Returns `[*shape]` in out_dtype, fp32 arithmetic, one rounding (see reference.slerp)."""
+    a = _check_tensor(a, "a")
+    b = _check_tensor(b, "b")
+    _check_like(b, a, "b", "a")
+    t = _check_scalar(t, "t")
+    dot_threshold = _check_real(dot_threshold, "dot_threshold")
+    eps = _check_real(eps, "eps")
+    od = _check_out_dtype(out_dtype, a.dtype)
+    tensors = [a, b] + ([t] if isinstance(t, Tensor) else [])
+    if _choose("slerp", backend, tensors, od, [t]) == "cpu":
+        return backend_cpu.slerp_op(a, b, float(t), dot_threshold, eps, od)
+    return ref.slerp(a, b, t, dot_threshold=dot_threshold, eps=eps, out_dtype=od)
+
+
+def nearswap(base: Tensor, model: Tensor, t, *, out_dtype: Optional[torch.dtype] = None,
+             backend: str = "auto") -> Tensor:
+    """mergekit's ``nearswap``: per element, w = clamp(t / max(|base − model|, 1e-6), 0, 1),
+    out = w·model + (1 − w)·base.
+
+    Args:
+        base, model: `[*shape]`, one dtype and device. t: a float (or a 0-d tensor: reference).
+        out_dtype (default base's dtype), backend ("auto", "cpu", "reference").
+
+    Returns `[*shape]` in out_dtype, fp32 arithmetic, one rounding."""
+    base = _check_tensor(base, "base")
+    model = _check_tensor(model, "model")
+    _check_like(model, base, "model", "base")
+    t = _check_scalar(t, "t")
+    od = _check_out_dtype(out_dtype, base.dtype)
+    tensors = [base, model] + ([t] if isinstance(t, Tensor) else [])
+    if _choose("nearswap", backend, tensors, od, [t]) == "cpu":
+        return backend_cpu.nearswap_op(base, model, float(t), od)
+    return ref.nearswap(base, model, t, out_dtype=od)
+
+
+def passthrough(x: Tensor, scale=None, *, out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """mergekit's ``passthrough``: the tensor, times `scale` when one is given (default None).
+
+    x `[*shape]`; scale None, a float or a 0-d tensor (reference). Returns a new `[*shape]`
+    tensor in out_dtype (default x's dtype), fp32 arithmetic, one rounding."""
+    x = _check_tensor(x, "x")
+    if scale is not None:
+        scale = _check_scalar(scale, "scale")
+    od = _check_out_dtype(out_dtype, x.dtype)
+    tensors = [x] + ([scale] if isinstance(scale, Tensor) else [])
+    chosen = _choose("passthrough", backend, tensors, od, [scale])
+    if chosen == "cpu" and scale is not None:
+        return backend_cpu.linear_op([x], [float(scale)], False, od)
+    if chosen == "cpu":
+        return x.to(od, copy=True)
+    return ref.passthrough(x, scale, out_dtype=od)
+
+
+def nuslerp(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, base: Optional[Tensor] = None,
+            nuslerp_flatten: bool = True, nuslerp_row_wise: bool = False, eps: float = 1e-8,
+            out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """mergekit's ``nuslerp``: slerp of two models with t = w₁/(w₀ + w₁) (0.5 when
+    |w₀ + w₁| < 1e-6), of their task vectors from `base` when one is given (the result then
+    added to base), over the whole tensor (nuslerp_flatten, default True), each row of the last
+    dimension, or each vector along dim 0 (nuslerp_row_wise, default False).
+
+    Args:
+        models: 2 tensors `[*shape]`. weight: their 2 weights (floats; mergekit's per-model
+            `weight`). base: None or `[*shape]`. eps: mergekit's nuslerp() colinear threshold.
+        out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+
+    Returns `[*shape]` in out_dtype, fp32 arithmetic, one rounding (mergekit 0.1.5 computes in
+    the input dtype)."""
+    models = _check_models(models, 2, 2, "nuslerp")
+    weight = _check_weights(weight, 2)
+    if isinstance(weight, Tensor):
+        raise TypeError("weight: nuslerp takes 2 floats (t = w₁/(w₀ + w₁) is not differentiated)")
+    if base is not None:
+        _check_tensor(base, "base")
+        _check_like(base, models[0], "base", "models[0]")
+    nuslerp_flatten = _check_bool(nuslerp_flatten, "nuslerp_flatten")
+    nuslerp_row_wise = _check_bool(nuslerp_row_wise, "nuslerp_row_wise")
+    eps = _check_real(eps, "eps")
+    od = _check_out_dtype(out_dtype, models[0].dtype)
+    tensors = models + ([base] if base is not None else [])
+    if _choose("nuslerp", backend, tensors, od) == "cpu":
+        return backend_cpu.nuslerp_op(models[0], models[1], base, spec.nuslerp_t(weight), nuslerp_flatten,
+                                      nuslerp_row_wise, eps, od)
+    return ref.nuslerp(models[0], models[1], weight, base=base, nuslerp_flatten=nuslerp_flatten,
+                       nuslerp_row_wise=nuslerp_row_wise, eps=eps, out_dtype=od)
+
+
+def multislerp(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, base: Optional[Tensor] = None,
+               normalize_weights: bool = True, eps: float = 1e-8, out_dtype: Optional[torch.dtype] = None,
+               backend: str = "auto") -> Tensor:
+    """mergekit's ``multislerp``: barycentric interpolation of N ≥ 1 models on the hypersphere
+    (of their task vectors from `base` when given), see reference.multislerp.
+
+    Args:
+        models: N tensors `[*shape]`. weight: N floats or a `[N]` tensor (reference).
+        base: None or `[*shape]`. normalize_weights (default True), eps (default 1e-8).
+        out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+
+    Returns `[*shape]` in out_dtype. N = 1 returns a copy of the model (mergekit ignores base and
+    weight then). Raises ValueError (models) when the weighted unit vectors cancel and N > 2."""
+    models = _check_models(models, 1, None, "multislerp")
+    weight = _check_weights(weight, len(models))
+    if base is not None:
+        _check_tensor(base, "base")
+        _check_like(base, models[0], "base", "models[0]")
+    normalize_weights = _check_bool(normalize_weights, "normalize_weights")
+    eps = _check_real(eps, "eps")
+    od = _check_out_dtype(out_dtype, models[0].dtype)
+    tensors = models + ([base] if base is not None else []) + ([weight] if isinstance(weight, Tensor) else [])
+    if _choose("multislerp", backend, tensors, od, [weight]) == "cpu":
+        return backend_cpu.multislerp_op(models, _floats(weight), base, normalize_weights, eps, od)
+    return ref.multislerp(models, weight, base=base, normalize_weights=normalize_weights, eps=eps, out_dtype=od)
+
+
+def karcher(models: Union[Sequence[Tensor], Tensor], *, max_iter: int = 10, tol: float = 1e-5,
+            out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """mergekit's ``karcher``: the equal-weight Karcher mean of N ≥ 1 tensors on the unit sphere,
+    scaled by their mean norm (see reference.karcher).
+
+    Args:
+        models: N tensors `[*shape]` (every input alike; mergekit ignores base_model here).
+        max_iter: iterations (default 10, ≥ 0). tol: convergence / zero-norm tolerance (1e-5, ≥ 0).
+        out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+
+    Returns `[*shape]` in out_dtype."""
+    models = _check_models(models, 1, None, "karcher")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
+        raise ValueError(f"max_iter: expected an int >= 0, got {max_iter!r}")
+    tol = _check_real(tol, "tol")
+    if not tol >= 0:
+        raise ValueError(f"tol: expected a value >= 0, got {tol}")
+    od = _check_out_dtype(out_dtype, models[0].dtype)
+    if _choose("karcher", backend, models, od) == "cpu":
+        return backend_cpu.karcher_op(models, max_iter, tol, od)
+    return ref.karcher(models, max_iter=max_iter, tol=tol, out_dtype=od)
+
+
+# --------------------------------------------------------------------------------------------
+# The selective methods (ram, ramplus_tl, sce, arcee_fusion): the reference backend
+# --------------------------------------------------------------------------------------------
+
+def _check_backend(backend: str) -> None:
+    """No models: the result is base (rounded to out_dtype) on any backend."""
+    _backend.check_backend_name(backend)
+
+
+def _reference_only(op: str, backend: str, tensors: Sequence[Tensor]) -> None:
+    """These methods run on the reference (torch ops, any device, autograd): the C++ path refuses."""
+    _backend.select(op, backend, {"reference": lambda: None,
+                                  "cpu": lambda: f"the C++ kernels do not implement {op} (the reference backend does)"},
+                    ("reference",))
+
+
+def _check_base_and_models(base, models, lo: int, hi: Optional[int], method: str) -> tuple[Tensor, List[Tensor]]:
+    base = _check_tensor(base, "base")
+    if isinstance(models, Tensor) or not isinstance(models, (list, tuple)):
+        raise TypeError(f"models: expected a list of tensors, got {type(models).__name__}")
+    if len(models) < lo or (hi is not None and len(models) > hi):
+        raise ValueError(f"models: {method} takes {'at least ' if hi is None else ''}{lo} tensors, got {len(models)}")
+    models = [_check_tensor(m, f"models[{i}]") for i, m in enumerate(models)]
+    for i, m in enumerate(models):
+        _check_like(m, base, f"models[{i}]", "base")
+    return base, models
+
+
+def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float = 1e-5, out_dtype: Optional[torch.dtype] = None,
+        backend: str = "auto") -> Tensor:
+    """mergekit's ``ram`` (Reinforced Agent Merging): per element, the mean of the task vectors
+    with |τᵢ| > epsilon (one contributor is taken whole); see reference.ram.
+
+    base `[*shape]`, models N ≥ 0 × `[*shape]` (one dtype and device); epsilon (1e-5, ≥ 0).
+    Returns `[*shape]` in out_dtype (default base's dtype), fp32 arithmetic, one rounding.
+    Backends: cpu (one per-element pass, forward only), reference (differentiable, masks held
+    fixed)."""
+    base, models = _check_base_and_models(base, models, 0, None, "ram")
+    epsilon = _check_real(epsilon, "epsilon")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
+    od = _check_out_dtype(out_dtype, base.dtype)
+    if models and _choose("ram", backend, [base, *models], od) == "cpu":
+        return backend_cpu.ram_op(base, models, epsilon, od)
+    if not models:
+        _check_backend(backend)
+    return ref.ram(base, models, epsilon=epsilon, out_dtype=od)
+
+
+def ramplus_tl(base: Tensor, models: Sequence[Tensor], *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5,
+               out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """mergekit's ``ramplus_tl`` (tensor-local RAM+): ``ram`` with each model's unique entries
+    scaled by 1 + r·clamp(shared/unique, 0, alpha); see reference.ramplus_tl.
+
+    base `[*shape]`, models N ≥ 0 × `[*shape]`; r (0.1), alpha (0.2), epsilon (1e-5, ≥ 0).
+    Returns `[*shape]` in out_dtype (default base's dtype). Backends: cpu (a counting pass, then
+    one per-element pass; forward only), reference (differentiable)."""
+    base, models = _check_base_and_models(base, models, 0, None, "ramplus_tl")
+    r = _check_real(r, "r")
+    alpha = _check_real(alpha, "alpha")
+    epsilon = _check_real(epsilon, "epsilon")
+    if not epsilon >= 0:
+        raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
+    od = _check_out_dtype(out_dtype, base.dtype)
+    if models and _choose("ramplus_tl", backend, [base, *models], od) == "cpu":
+        return backend_cpu.ramplus_tl_op(base, models, r, alpha, epsilon, od)
+    if not models:
+        _check_backend(backend)
+    return ref.ramplus_tl(base, models, r=r, alpha=alpha, epsilon=epsilon, out_dtype=od)
+
+
+def sce(base: Tensor, models: Sequence[Tensor], *, select_topk: float = 1.0, out_dtype: Optional[torch.dtype] = None,
+        backend: str = "auto") -> Tensor:
+    """mergekit's ``sce`` (FuseChat's Select–Calculate–Erase): keep the select_topk fraction of
+    the highest-variance elements, weight each task by its mean square, erase the minority signs;
+    see reference.sce.
+
+    base `[*shape]`, models N ≥ 0 × `[*shape]`; select_topk (1.0: keep all). Returns `[*shape]`
+    in out_dtype (default base's dtype). Reference backend."""
+    base, models = _check_base_and_models(base, models, 0, None, "sce")
+    select_topk = _check_real(select_topk, "select_topk")
+    od = _check_out_dtype(out_dtype, base.dtype)
+    _reference_only("sce", backend, [base, *models])
+    return ref.sce(base, models, select_topk=select_topk, out_dtype=od)
+
+
+def arcee_fusion(base: Tensor, model: Tensor, *, out_dtype: Optional[torch.dtype] = None,
+                 backend: str = "auto") -> Tensor:
+    """mergekit's ``arcee_fusion``: the model's change where its KL-weighted importance is an
+    upper outlier (≥ median + 1.5·IQR, exact order statistics); see reference.arcee_fusion.
+
+    base, model `[*shape]` (at least 1-d). Returns `[*shape]` in out_dtype (default base's
+    dtype). Reference backend."""
+    base, (model,) = _check_base_and_models(base, [model], 1, 1, "arcee_fusion")
+    if base.dim() == 0:
+        raise ValueError("base: arcee_fusion takes softmaxes over the last dimension, got a 0-d tensor")
+    od = _check_out_dtype(out_dtype, base.dtype)
+    _reference_only("arcee_fusion", backend, [base, model])
+    return ref.arcee_fusion(base, model, out_dtype=od)
+
+
+def _per_model(value, n: int, name: str) -> List[float]:
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"params: {name}: expected {n} values (one per model), got {len(value)}")
+        return [_check_real(v, f"params: {name}[{i}]") for i, v in enumerate(value)]
+    return [_check_real(value, f"params: {name}")] * n
+
+
+def _breadcrumbs_ties(base: Tensor, models: List[Tensor], p: Dict[str, object], out_dtype: torch.dtype,
+                      backend: str) -> Tensor:
+    """mergekit's breadcrumbs_ties through `pyops.merge_from_models` (method "breadcrumbs_ties")."""
+    from pyops.merging.merge import merge_from_models  # the task-vector family's op
+
+    n = len(models)
+    gammas = _per_model(p["gamma"], n, "gamma")
+    if len(set(gammas)) > 1:
+        raise ValueError(f"params: gamma: pyops applies one gamma per tensor, got different values per model {gammas}")
+    if p["rescale"]:
+        raise ValueError("params: rescale: breadcrumbs_ties keeps entries unscaled in pyops (mergekit's rescale: true "
+                         "rescales by an L1-norm ratio)")
+    _check_bool(p["normalize"], "params: normalize")
+    return merge_from_models(base, models, method="breadcrumbs_ties", coeffs=_per_model(p["weight"], n, "weight"),
+                             density=_per_model(p["density"], n, "density"), gamma=gammas[0],
+                             lam=_check_real(p["lambda"], "params: lambda"), normalize=p["normalize"],
+                             out_dtype=out_dtype, backend=backend)
+
+
+# --------------------------------------------------------------------------------------------
+# The checkpoint runner's entry: one tensor, parameters resolved
+# --------------------------------------------------------------------------------------------
+
+def resolve_params(method: str, params: Dict[str, object]) -> Dict[str, object]:
+    """`params` with mergekit's defaults filled in (spec.MERGEKIT_METHODS); unknown or missing
+    required parameters are a ValueError naming them."""
+    if method not in spec.MERGEKIT_METHODS:
+        raise ValueError(f"method: expected one of {', '.join(spec.MERGEKIT_METHODS)}, got {method!r}")
+    table = spec.MERGEKIT_METHODS[method]
+    unknown = sorted(set(params) - set(table))
+    if unknown:
+        raise ValueError(f"params: unknown parameter(s) for {method}: {', '.join(unknown)} "
+                         f"(expected {', '.join(table)})")
+    resolved = {}
+    for key, default in table.items():
+        if key in params:
+            resolved[key] = params[key]
+        elif default is spec.REQUIRED:
+            raise ValueError(f"params: {method} requires {key!r}")
+        else:
+            resolved[key] = default
+    return resolved
+
+
+def merge_tensors(method: str, base: Optional[Tensor], models: Sequence[Tensor], params: Dict[str, object],
+                  out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
+    """One tensor of a checkpoint merge with one of mergekit 0.1.5's methods beyond task arithmetic.
+
+    Args:
+        method: a key of `spec.MERGEKIT_METHODS` (linear, slerp, nearswap, passthrough, nuslerp,
+            multislerp, karcher, breadcrumbs_ties — through `pyops.merge_from_models`, int8_mask
+            accepted and ignored: it changes no value —, ram, ramplus_tl, sce, arcee_fusion).
+        base: the base model's tensor, or None. By `spec.MERGEKIT_BASE[method]`: "required"
+            (slerp, nearswap: the t = 0 end), "optional" (nuslerp, multislerp: task vectors from
+            it when given), "ignored" (linear, passthrough, karcher: must be None — every input
+            is in `models`, in mergekit's order).
+        models: the other inputs' tensors `[*shape]`, counts per `spec.MERGEKIT_MODEL_COUNT`.
+        params: the method's parameters for this tensor, already resolved (gradients, filters):
+            names and defaults of `spec.MERGEKIT_METHODS[method]`; the per-model ones
+            (`spec.MERGEKIT_PER_MODEL`) as one value per entry of `models` (passthrough's
+            `scale`: one value or a 1-list).
+        out_dtype: the output dtype (default: the inputs' promoted dtype).
+        backend: "auto", "cpu" or "reference".
+
+    Inputs of different dtypes are promoted to a common dtype first, as mergekit promotes a
+    group (e.g. a bf16 base with fp32 models computes and returns fp32).
+    """
+    p = resolve_params(method, dict(params))
+    if not isinstance(models, (list, tuple)):
+        raise TypeError(f"models: expected a list of tensors, got {type(models).__name__}")
+    policy = spec.MERGEKIT_BASE[method]
+    if policy == "ignored" and base is not None:
+        raise ValueError(f"base: {method} treats every input alike (mergekit ignores base_model); pass base=None "
+                         "and every input in models")
+    if policy == "required" and base is None:
+        raise ValueError(f"base: {method} requires the base model's tensor (the t = 0 end)")
+    lo, hi = spec.MERGEKIT_MODEL_COUNT[method]
+    if len(models) < lo or (hi is not None and len(models) > hi):
+        count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise ValueError(f"models: {method} takes {count} model tensors besides the base, got {len(models)}")
+    tensors = ([base] if base is not None else []) + list(models)
+    for i, x in enumerate(tensors):
+        _check_tensor(x, "base" if base is not None and i == 0 else f"models[{i - (base is not None)}]")
+    dtype = tensors[0].dtype
+    for x in tensors[1:]:
+        dtype = torch.promote_types(dtype, x.dtype)
+    tensors = [x.to(dtype) for x in tensors]
+    base = tensors[0] if base is not None else None
+    models = tensors[1:] if base is not None else tensors
+    od = out_dtype or dtype
+    if method == "linear":
+        return linear(models, p["weight"], normalize=p["normalize"], out_dtype=od, backend=backend)
+    if method == "slerp":
+        return slerp(base, models[0], p["t"], out_dtype=od, backend=backend)
+    if method == "nearswap":
+        return nearswap(base, models[0], p["t"], out_dtype=od, backend=backend)
+    if method == "passthrough":
+        scale = p["scale"]
+        if isinstance(scale, (list, tuple)):
+            if len(scale) != 1:
+                raise ValueError(f"params: passthrough's scale: expected one value, got {scale!r}")
+            scale = scale[0]
+        return passthrough(models[0], scale, out_dtype=od, backend=backend)
+    if method == "nuslerp":
+        return nuslerp(models, p["weight"], base=base, nuslerp_flatten=p["nuslerp_flatten"],
+                       nuslerp_row_wise=p["nuslerp_row_wise"], out_dtype=od, backend=backend)
+    if method == "multislerp":
+        return multislerp(models, p["weight"], base=base, normalize_weights=p["normalize_weights"], eps=p["eps"],
+                          out_dtype=od, backend=backend)
+    if method == "breadcrumbs_ties":
+        return _breadcrumbs_ties(base, models, p, od, backend)
+    if method == "ram":
+        return ram(base, models, epsilon=p["epsilon"], out_dtype=od, backend=backend)
+    if method == "ramplus_tl":
+        return ramplus_tl(base, models, r=p["r"], alpha=p["alpha"], epsilon=p["epsilon"], out_dtype=od,
+                          backend=backend)
+    if method == "sce":
+        _check_bool(p["int8_mask"], "params: int8_mask")
+        return sce(base, models, select_topk=p["select_topk"], out_dtype=od, backend=backend)
+    if method == "arcee_fusion":
+        return arcee_fusion(base, models[0], out_dtype=od, backend=backend)
+    return karcher(models, max_iter=p["max_iter"], tol=p["tol"], out_dtype=od, backend=backend)
+
+
+__all__ = ["arcee_fusion", "karcher", "linear", "merge_tensors", "multislerp", "nearswap", "nuslerp", "passthrough",
+           "ram", "ramplus_tl", "resolve_params", "sce", "slerp"]
