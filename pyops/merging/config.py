@@ -13,28 +13,51 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 from pyops.merging.errors import ConfigError
+from pyops.merging import spec as _spec
+from pyops.merging.lora import split_model_lora
 from pyops.merging.spec import METHODS
 
 # --------------------------------------------------------------------------------------------
 # What is accepted
 # --------------------------------------------------------------------------------------------
 
-SUPPORTED = tuple(METHODS) + ("linear",)
+# mergekit 0.1.5's methods beyond task arithmetic that `pyops.merging.interpolate.merge_tensors`
+# runs per tensor (on the torch engine), where this checkout has them (spec.MERGEKIT_METHODS).
+_MK_METHODS = getattr(_spec, "MERGEKIT_METHODS", {})
+INTERPOLATING = tuple(m for m in ("slerp", "nearswap", "nuslerp", "multislerp", "karcher", "sce", "ram", "ramplus_tl",
+                                  "arcee_fusion") if m in _MK_METHODS)
+# breadcrumbs + TIES' election: a task-vector method of pyops.merge_from_models where spec has it.
+BREADCRUMBS_TIES = ("breadcrumbs_ties",) if "breadcrumbs_ties" in getattr(_spec, "EXTRA_METHODS", ()) else ()
+SUPPORTED = tuple(METHODS) + ("linear", "passthrough") + BREADCRUMBS_TIES + INTERPOLATING
 # mergekit methods pyops does not implement: named in the error so the user knows it is not a typo.
-MERGEKIT_ONLY = ("slerp", "nuslerp", "multislerp", "passthrough", "karcher", "arcee_fusion", "breadcrumbs_ties",
-                 "sce", "nearswap", "ram", "lrp")
+MERGEKIT_ONLY = tuple(m for m in ("slerp", "nuslerp", "multislerp", "karcher", "arcee_fusion", "breadcrumbs_ties",
+                                  "sce", "nearswap", "ram", "ramplus_tl", "lrp") if m not in SUPPORTED)
+# mergekit's base policy (mergekit/merge_methods/*.py, InputContract.base): "ignored": every input
+# alike, a base_model is one more input (linear, passthrough, karcher); "optional": task vectors
+# from the base when there is one (nuslerp, multislerp); "required": the rest.
+BASELESS = ("linear", "passthrough") + tuple(m for m in INTERPOLATING if _spec.MERGEKIT_BASE.get(m) == "ignored")
+OPTIONAL_BASE = tuple(m for m in INTERPOLATING if _spec.MERGEKIT_BASE.get(m) == "optional")
+# (minimum, maximum) non-base inputs of the interpolating methods (None: no maximum)
+MODEL_COUNT = {m: _spec.MERGEKIT_MODEL_COUNT[m] for m in INTERPOLATING}
 # mergekit's defaults (mergekit/merge_methods/registry.py): normalize / rescale per method.
 NORMALIZE_DEFAULT = {"ties": True, "della": True, "linear": True}
 RANDOM_METHODS = ("dare", "dare_linear", "dare_ties", "della", "della_linear")
-ELECTING = ("ties", "dare_ties", "della")
+ELECTING = ("ties", "dare_ties", "della") + BREADCRUMBS_TIES
 
-TENSOR_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda")  # per tensor (filters, gradients); lambda top-level only
-GLOBAL_PARAMS = ("normalize", "rescale", "int8_mask", "k", "tall_lambda", "blocks", "filter_wise")
+# Per-tensor parameters (filters, gradients). SHARED_PARAMS among them are read at the top level or
+# per slice only (ParameterScope.SHARED in mergekit, which ignores a per-model value).
+TENSOR_PARAMS = ("weight", "density", "gamma", "epsilon", "lambda", "scale", "t", "select_topk", "r", "alpha", "eps",
+                 "tol")
+SHARED_PARAMS = ("lambda", "t", "select_topk", "r", "alpha", "eps", "tol")
+GLOBAL_PARAMS = ("normalize", "rescale", "int8_mask", "k", "tall_lambda", "blocks", "filter_wise", "max_iter",
+                 "nuslerp_row_wise", "nuslerp_flatten", "normalize_weights")
 DEFAULTS = {"density": 1.0, "gamma": 0.01, "epsilon": 0.15, "lambda": 1.0, "k": 2, "tall_lambda": 0.6,
-            "int8_mask": False, "filter_wise": False, "blocks": None}
+            "int8_mask": False, "filter_wise": False, "blocks": None, "scale": None, "select_topk": 1.0, "r": 0.1,
+            "alpha": 0.2, "eps": 1e-8, "tol": 1e-5, "max_iter": 10, "nuslerp_row_wise": False,
+            "nuslerp_flatten": True, "normalize_weights": True}
 _GTA = {"weight", "lambda", "normalize"}
 USES = {
     "task_arithmetic": _GTA,
@@ -48,10 +71,23 @@ USES = {
     "model_stock": {"filter_wise"},
     "consensus": {"weight", "lambda", "k", "tall_lambda"},
     "linear": {"weight", "normalize"},
+    "passthrough": {"scale"},  # mergekit/merge_methods/passthrough.py: one input, times `scale` if given
+    "breadcrumbs_ties": _GTA | {"density", "gamma", "blocks"},
+    # mergekit/merge_methods/<name>.py (pyops.merging.interpolate)
+    "slerp": {"t"}, "nearswap": {"t"}, "nuslerp": {"weight", "nuslerp_row_wise", "nuslerp_flatten"},
+    "multislerp": {"weight", "normalize_weights", "eps"}, "karcher": {"max_iter", "tol"},
+    "sce": {"select_topk", "int8_mask"}, "ram": {"epsilon"}, "ramplus_tl": {"r", "alpha", "epsilon"},
+    "arcee_fusion": set(),
 }
+# Parameters the interpolating methods take one value per model for (the others: one per tensor).
+PER_MODEL = {"nuslerp": ("weight",), "multislerp": ("weight",)}
+# Their defaults where they differ from DEFAULTS (ram's epsilon is not della's).
+METHOD_DEFAULTS = {"ram": {"epsilon": 1e-5}, "ramplus_tl": {"epsilon": 1e-5}}
 TOP_KEYS = ("merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "seed", "tokenizer_source",
             "tokenizer", "chat_template", "slices")
 MODEL_KEYS = ("model", "parameters")
+SLICE_KEYS = ("sources", "base_model", "parameters", "residual_weight")
+SOURCE_KEYS = ("model", "layer_range", "parameters")
 # The config's dtype names -> safetensors dtype codes (pyops.merging.safetensors_io).
 DTYPES = {"float32": "F32", "fp32": "F32", "float": "F32", "float16": "F16", "fp16": "F16", "half": "F16",
           "bfloat16": "BF16", "bf16": "BF16", "float64": "F64"}
@@ -289,18 +325,66 @@ class PerTensor:
 
 @dataclass
 class ModelEntry:
+    """One model input: a checkpoint directory, optionally with a PEFT LoRA adapter applied to it
+    (mergekit's `model+adapter` syntax), and the per-model parameters given with it."""
     path: Path
     written: str  # the path as written in the config
-    key: str  # e.g. models[1]
-    index: int  # its position in the config's models list
+    key: str  # e.g. models[1], slices[0].sources[1]
+    index: int  # its position in the config's models list (in its slice's sources)
     params: Dict[str, PerTensor] = field(default_factory=dict)
+    lora: Optional[Path] = None  # the adapter directory of `model+adapter`
+    where: str = ""  # "FILE, line L, column C: models[1].model", for errors about the files it names
+
+    @property
+    def identity(self) -> Tuple[str, Optional[str]]:
+        """What makes two entries the same input (mergekit's ModelReference equality): the real
+        paths of the model and of its adapter."""
+        return os.path.realpath(self.path), (os.path.realpath(self.lora) if self.lora is not None else None)
+
+
+@dataclass
+class SliceSource:
+    """One source of an output slice: `model` (its parameters are the source's) and its layers
+    [first, end) (end exclusive, as mergekit's layer_range)."""
+    model: ModelEntry
+    first: int
+    end: int
+
+
+@dataclass
+class SliceDef:
+    """One entry of `slices:` (mergekit/config.py, OutputSliceDefinition)."""
+    index: int  # i
+    sources: List[SliceSource]
+    base: Optional[ModelEntry]  # the slice's base_model, else the top-level one; None: no base
+    params: Dict[str, PerTensor]  # the slice's parameters (between the sources' and the top level's)
+
+    @property
+    def key(self) -> str:
+        return f"slices[{self.index}]"
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Where one output tensor reads its parameters (mergekit/config.py, ConfigReader): the task
+    models' own parameters first, then `params` (its output slice's, for `slices:`), then the
+    top level's; gradients at `t` (None: the tensor's layer in the home model, for `models:`).
+    `names` are the models' input tensor names, which per-model settings' filters match (as
+    mergekit resolves them); None: the output tensor's name."""
+    params: Optional[Dict[str, PerTensor]] = None
+    t: Optional[float] = None
+    names: Optional[Tuple[str, ...]] = None
+
+
+TOP = Scope()
 
 
 @dataclass
 class MergeConfig:
     method: str  # the method name as in the config (mergekit's)
     base: Optional[Path]
-    models: List[ModelEntry]  # the task models (the base model excluded, except for linear)
+    models: List[ModelEntry]  # the task models (the base model excluded, except for linear); for slices:
+    # every distinct source model
     params: Dict[str, PerTensor]  # top-level per-tensor defaults
     normalize: bool
     rescale: bool
@@ -317,20 +401,41 @@ class MergeConfig:
     notes: List[str] = field(default_factory=list)
     # config.json's layer count of the home model, for gradients: (N, None) or (None, why not)
     num_layers: Tuple[Optional[int], Optional[str]] = (None, "no config.json was read")
+    base_entry: Optional[ModelEntry] = None  # the base model as an input (its adapter, where it was written)
+    slices: Optional[List[SliceDef]] = None  # `slices:` (then `models` lists every distinct source model)
+    doc: Optional[_Doc] = None
+    flags: Dict[str, Any] = field(default_factory=dict)  # the interpolating methods' merge-wide settings
 
     @property
     def pyops_method(self) -> str:
-        """The `pyops.merge_from_models` method: linear runs as task arithmetic from a zero base."""
-        return "task_arithmetic" if self.method == "linear" else self.method
+        """The `pyops.merge_from_models` method: linear runs as task arithmetic from a zero base,
+        passthrough as task arithmetic from a zero base with the coefficient `scale` (1 without)."""
+        return "task_arithmetic" if self.method in ("linear", "passthrough") else self.method
 
     @property
     def home(self) -> Path:
-        """Where config.json and the tokenizer are copied from."""
-        return self.base if self.base is not None else self.models[0].path
+        """Where config.json and the tokenizer are copied from: the base model, else the first
+        model (for slices: the first slice's first source)."""
+        if self.base is not None:
+            return self.base
+        if self.slices:
+            return self.slices[0].sources[0].model.path
+        return self.models[0].path
 
     @property
     def inputs(self) -> List[Path]:
-        return ([self.base] if self.base is not None else []) + [m.path for m in self.models]
+        """Every directory read: models and adapters (to keep the output outside them)."""
+        entries = ([self.base_entry] if self.base_entry is not None else []) + list(self.models)
+        out: List[Path] = []
+        for e in entries:
+            out += [e.path] + ([e.lora] if e.lora is not None else [])
+        if self.base is not None and self.base_entry is None:
+            out.insert(0, self.base)
+        return out
+
+    def where(self, path: Path_) -> str:
+        """"FILE, line L, column C: key" for a key of the configuration."""
+        return f"{self.doc.where(path)}: {dotted(path)}" if self.doc is not None else f"{self.source}: {dotted(path)}"
 
     def layer_t(self, tensor: str, where: str) -> float:
         """Where `tensor` sits in the layers for a gradient (`where` names the key that holds it), as
@@ -348,37 +453,83 @@ class MergeConfig:
                               f"config.json gives {n} layers")
         return i / (n - 1) if n > 1 else 1.0
 
-    def _value(self, model: ModelEntry, key: str, tensor: str) -> Any:
-        t = lambda where: self.layer_t(tensor, where)  # noqa: E731 (asked for only when a gradient applies)
-        for source in (model.params.get(key), self.params.get(key)):
+    def _value(self, model: Optional[ModelEntry], key: str, tensor: str, scope: Scope = TOP,
+               name: Optional[str] = None, default: Any = DEFAULTS) -> Any:
+        """The setting of `key` for `tensor`: the model's own (None: a shared parameter), the
+        scope's, the top level's, else the default. `name` is the tensor name that filters match
+        (the model's input tensor; default `tensor`)."""
+        name = tensor if name is None else name
+        if scope.t is not None:
+            t = lambda where: scope.t  # noqa: E731
+        else:
+            t = lambda where: self.layer_t(tensor, where)  # noqa: E731 (asked for only when a gradient applies)
+        chain = ((model.params if model is not None else {}), scope.params or {}, self.params)
+        for params in chain:
+            source = params.get(key)
             if source is not None:
-                v = source.resolve(tensor, t)
+                v = source.resolve(name, t)
                 if v is not None:
                     return v
+        if default is not DEFAULTS:
+            return default
         if key in DEFAULTS:
             return DEFAULTS[key]
+        if model is None:  # a shared parameter
+            raise ConfigError(f"{self.source}: parameters.{key}: no {key!r} applies to tensor {tensor!r} (mergekit "
+                              f"requires a {key} for {self.method}: set parameters.{key} at the top level or per "
+                              f"slice, or add an entry without a filter)")
         raise ConfigError(f"{self.source}: {model.key} ({model.written}): no {key!r} applies to tensor {tensor!r} "
                           f"(mergekit requires a {key} for {self.method}: set parameters.{key} for the model "
                           f"or at the top level, or add an entry without a filter)")
 
-    def raw_params(self, tensor: str) -> Dict[str, Any]:
+    def _per_model(self, models: Sequence[ModelEntry], key: str, tensor: str, scope: Scope) -> List[Any]:
+        names = scope.names or (tensor,) * len(models)
+        return [self._value(x, key, tensor, scope, n) for x, n in zip(models, names)]
+
+    def raw_params(self, tensor: str, models: Optional[Sequence[ModelEntry]] = None,
+                   scope: Scope = TOP) -> Dict[str, Any]:
         """One tensor's per-model weights and densities, λ and normalize as the configuration gives
         them, before pyops folds normalize into the weights: what mergekit's arithmetic takes
-        (`pyops.merging.runner.mergekit_order`, --compute-dtype config)."""
-        weights = [float(self._value(x, "weight", tensor)) for x in self.models]
+        (`pyops.merging.runner.mergekit_order`, --compute-dtype config). `models`: the task
+        models (default: the configuration's)."""
+        models = self.models if models is None else models
+        if self.method == "passthrough":
+            scale = self._per_model(models, "scale", tensor, scope)[0]
+            return {"scale": None if scale is None else float(scale)}
+        weights = [float(w) for w in self._per_model(models, "weight", tensor, scope)]
         if self.method == "linear":
             return {"weights": weights, "densities": [1.0] * len(weights), "lam": 1.0, "normalize": self.normalize}
-        return {"weights": weights, "densities": [float(self._value(x, "density", tensor)) for x in self.models],
-                "lam": float(self._value(self.models[0], "lambda", tensor)), "normalize": self.normalize}
+        return {"weights": weights, "densities": [float(d) for d in self._per_model(models, "density", tensor, scope)],
+                "lam": float(self._value(None, "lambda", tensor, scope)), "normalize": self.normalize}
 
-    def tensor_kwargs(self, tensor: str) -> Dict[str, Any]:
-        """Keyword arguments of `pyops.merge_from_models` for one tensor (besides base and models)."""
+    def tensor_kwargs(self, tensor: str, models: Optional[Sequence[ModelEntry]] = None,
+                      scope: Scope = TOP) -> Dict[str, Any]:
+        """Keyword arguments of `pyops.merge_from_models` for one tensor (besides base and models).
+        `models`: the task models (default: the configuration's); `scope`: where the parameters are
+        read (default: a `models:` configuration's)."""
         m = self.method
+        models = self.models if models is None else list(models)
         kw: Dict[str, Any] = {"method": self.pyops_method, "seed": self.seed, "name": tensor,
                               "blocks": self.blocks if "blocks" in USES[m] else None}
         if m == "model_stock":
             return kw
-        weights = [float(self._value(x, "weight", tensor)) for x in self.models]
+        if m in INTERPOLATING:
+            params: Dict[str, Any] = {}
+            defaults = METHOD_DEFAULTS.get(m, {})
+            for key in sorted(USES[m]):
+                if key in PER_MODEL.get(m, ()):
+                    params[key] = [float(v) for v in self._per_model(models, key, tensor, scope)]
+                elif key in GLOBAL_PARAMS:
+                    params[key] = self.flags.get(key, DEFAULTS[key])
+                else:
+                    v = self._value(None, key, tensor, scope, default=defaults.get(key, DEFAULTS))
+                    params[key] = float(v)
+            return {"method": m, "mergekit": m, "params": params, "name": tensor, "seed": self.seed, "blocks": None}
+        if m == "passthrough":
+            scale = self._per_model(models, "scale", tensor, scope)[0]
+            kw.update(coeffs=[1.0 if scale is None else float(scale)])
+            return kw
+        weights = [float(w) for w in self._per_model(models, "weight", tensor, scope)]
         total = sum(weights)
         if m == "linear":
             if self.normalize:
@@ -388,8 +539,8 @@ class MergeConfig:
                 weights = [w / total for w in weights]
             kw.update(coeffs=weights)
             return kw
-        densities = [float(self._value(x, "density", tensor)) for x in self.models]
-        lam = float(self._value(self.models[0], "lambda", tensor))
+        densities = [float(d) for d in self._per_model(models, "density", tensor, scope)]
+        lam = float(self._value(None, "lambda", tensor, scope))
         if self.normalize and "normalize" in USES[m] and m not in ELECTING and abs(total) >= 1e-8:
             # mergekit's normalize for a method without sign election divides by Σ wᵢ.
             weights = [w / total for w in weights]
@@ -399,19 +550,19 @@ class MergeConfig:
         for key in ("gamma", "epsilon"):
             if key not in USES[m]:
                 continue
-            values = {float(self._value(x, key, tensor)) for x in self.models}
+            values = {float(v) for v in self._per_model(models, key, tensor, scope)}
             if len(values) > 1:
                 raise ConfigError(f"{self.source}: parameter {key!r} differs between models for tensor {tensor!r} "
                                   f"({sorted(values)}); pyops applies one {key} to every model of a tensor")
             kw[key] = values.pop()
-        if m == "breadcrumbs":
-            for x, d in zip(self.models, densities):
+        if m in ("breadcrumbs", "breadcrumbs_ties"):
+            for x, d in zip(models, densities):
                 if d < 1.0 and d + kw["gamma"] > 1.0 + 1e-12:  # density 1 keeps everything (as mergekit)
                     raise ConfigError(f"{self.source}: {x.key}: density + gamma must be <= 1 for breadcrumbs, got "
                                       f"{d} + {kw['gamma']} for tensor {tensor!r}")
         if m in ("della", "della_linear"):
             eps = kw["epsilon"]
-            for x, d in zip(self.models, densities):
+            for x, d in zip(models, densities):
                 if d < 1.0 and not (d - eps > 0.0 and d + eps <= 1.0):  # density 1 keeps everything
                     raise ConfigError(f"{self.source}: {x.key}: della needs 0 < density - epsilon and density + "
                                       f"epsilon <= 1, got density={d}, epsilon={eps} for tensor {tensor!r}")
@@ -432,8 +583,10 @@ def _check_number(doc: _Doc, path: Path_, key: str, v: Any) -> float:
         raise doc.error(path, f"density must be in (0, 1], got {v}")
     if key == "gamma" and not (0.0 <= v < 1.0):
         raise doc.error(path, f"gamma must be in [0, 1), got {v}")
-    if key == "epsilon" and v < 0:
-        raise doc.error(path, f"epsilon must be >= 0, got {v}")
+    if key in ("epsilon", "eps", "tol") and v < 0:
+        raise doc.error(path, f"{key} must be >= 0, got {v}")
+    if key == "select_topk" and not (0.0 < v <= 1.0):
+        raise doc.error(path, f"select_topk must be in (0, 1], got {v}")
     return v
 
 
@@ -490,15 +643,149 @@ def _layer_count(home: Path) -> Tuple[Optional[int], Optional[str]]:
     return None, f"{conf_path} has no {' / '.join(LAYER_COUNT_KEYS)}"
 
 
-def _resolve_path(doc: _Doc, path: Path_, written: Any) -> Path:
+def _resolve_path(doc: _Doc, path: Path_, written: Any, what: str = "model directory") -> Path:
     if not isinstance(written, str) or not written.strip():
-        raise doc.error(path, f"expected a local model directory, got {written!r}")
+        raise doc.error(path, f"expected a local {what}, got {written!r}")
     p = Path(os.path.expanduser(written))
     if not p.exists():
-        hint = " (LoRA adapters, model+lora, are not supported)" if "+" in written else \
-            " (pyops merge reads local checkpoints: download Hub models first)"
+        hint = " (pyops merge reads local checkpoints: download Hub models first)" if what == "model directory" else ""
         raise doc.error(path, f"{written!r} does not exist{hint}")
     return Path(os.path.abspath(p))
+
+
+def _model(doc: _Doc, path: Path_, written: Any, key: str, index: int,
+           params: Optional[Dict[str, PerTensor]] = None) -> ModelEntry:
+    """A model reference as mergekit's ModelReference parses it: `model` or `model+lora_adapter`
+    (one "+", which always splits, as in mergekit; both parts local directories)."""
+    if not isinstance(written, str) or not written.strip():
+        raise doc.error(path, f"expected a local model directory (or model+lora_adapter), got {written!r}")
+    try:
+        model, lora = split_model_lora(written)
+    except ValueError as exc:
+        raise doc.error(path, str(exc)) from None
+    if lora is None:
+        model_path, lora_path = _resolve_path(doc, path, written), None
+    else:
+        model_path = _resolve_path(doc, path, model)
+        lora_path = _resolve_path(doc, path, lora, "LoRA adapter directory")
+        if not lora_path.is_dir():
+            raise doc.error(path, f"{lora!r} (after '+') is not a directory: expected a PEFT adapter directory")
+    return ModelEntry(model_path, written, key, index, params or {}, lora_path, f"{doc.where(path)}: {dotted(path)}")
+
+
+def _params(doc: _Doc, path: Path_, raw: Any, allowed: Tuple[str, ...], level: str) -> Dict[str, PerTensor]:
+    """The `parameters:` mapping of a model, slice source or slice. `allowed`: the per-tensor
+    parameters this level takes; a merge-wide parameter is refused naming the key (mergekit 0.1.5
+    reads them from the top level only and silently ignores them elsewhere)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise doc.error(path, f"expected a mapping, got {raw!r}")
+    per: Dict[str, PerTensor] = {}
+    for key, value in raw.items():
+        p = path + (key,)
+        if key in GLOBAL_PARAMS or (key in TENSOR_PARAMS and key not in allowed):
+            # mergekit 0.1.5 reads these at the top level (ParameterScope.SHARED; lambda also in a
+            # slice's parameters) and silently ignores a per-model value.
+            raise doc.error(p, f"{key} is a merge-wide parameter: set it in the top-level parameters (mergekit "
+                               f"ignores a {level} {key})")
+        if key not in allowed:
+            raise doc.error(p, f"unknown parameter (expected one of {', '.join(allowed)})")
+        per[key] = _per_tensor(doc, p, key, value)
+    return per
+
+
+MODEL_PARAMS = tuple(k for k in TENSOR_PARAMS if k not in SHARED_PARAMS)
+
+
+def _check_count(doc: _Doc, path: Path_, method: str, n: int) -> None:
+    """The number of inputs besides the base that an interpolating method takes (mergekit's
+    InputContract: slerp, nearswap, arcee_fusion one; nuslerp two; karcher every input)."""
+    lo, hi = MODEL_COUNT[method]
+    lo = max(lo, 1)
+    if n < lo or (hi is not None and n > hi):
+        count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        what = "inputs" if method in BASELESS else "models besides the base"
+        raise doc.error(path, f"{method} takes {count} {what}, got {n}")
+
+
+def _slices(doc: _Doc, raw: Any, method: str, base: Optional[ModelEntry]) -> List[SliceDef]:
+    """`slices:` (mergekit/config.py, OutputSliceDefinition / InputSliceDefinition), checked as far
+    as the configuration alone allows; the layer ranges against the models' layers are checked
+    when the checkpoints are opened (pyops.merging.slices.plan)."""
+    if not isinstance(raw, list) or not raw:
+        raise doc.error(("slices",), f"expected a list of {{sources: [{{model, layer_range}}, ...]}}, got {raw!r}")
+    out: List[SliceDef] = []
+    for i, sl in enumerate(raw):
+        p = ("slices", i)
+        if not isinstance(sl, dict):
+            raise doc.error(p, f"expected a mapping {{sources: [...], parameters: {{...}}}}, got {sl!r}")
+        for key in sl:
+            if key not in SLICE_KEYS:
+                raise doc.error(p + (key,), f"unknown key (expected one of {', '.join(SLICE_KEYS)})")
+        params = _params(doc, p + ("parameters",), sl.get("parameters"), TENSOR_PARAMS, "per-slice")
+        slice_base = base
+        if sl.get("base_model") is not None:
+            slice_base = _model(doc, p + ("base_model",), sl["base_model"], f"slices[{i}].base_model", -1)
+        sources_raw = sl.get("sources")
+        if not isinstance(sources_raw, list) or not sources_raw:
+            raise doc.error(p + ("sources",) if "sources" in sl else p,
+                            f"expected a list of {{model: PATH, layer_range: [FIRST, END]}}, got {sources_raw!r}")
+        sources: List[SliceSource] = []
+        for j, src in enumerate(sources_raw):
+            q = p + ("sources", j)
+            if not isinstance(src, dict):
+                raise doc.error(q, f"expected a mapping {{model: PATH, layer_range: [FIRST, END]}}, got {src!r}")
+            for key in src:
+                if key not in SOURCE_KEYS:
+                    raise doc.error(q + (key,), f"unknown key (expected one of {', '.join(SOURCE_KEYS)})")
+            for key in ("model", "layer_range"):
+                if key not in src:
+                    raise doc.error(q, f"missing key {key!r}")
+            rng = src["layer_range"]
+            if not (isinstance(rng, list) and len(rng) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in rng)):
+                raise doc.error(q + ("layer_range",), f"expected [FIRST, END] (two ints, END exclusive), got {rng!r}")
+            if not 0 <= rng[0] < rng[1]:
+                raise doc.error(q + ("layer_range",), f"expected 0 <= FIRST < END (a non-empty range, END "
+                                                      f"exclusive), got {rng!r}")
+            sp = _params(doc, q + ("parameters",), src.get("parameters"), MODEL_PARAMS, "per-source")
+            entry = _model(doc, q + ("model",), src["model"], f"slices[{i}].sources[{j}]", j, sp)
+            for earlier in sources:
+                if earlier.model.identity == entry.identity:
+                    # mergekit keys a tensor's inputs by model: a second source of the same model
+                    # in one slice fails there ("Duplicate merge inputs").
+                    raise doc.error(q + ("model",), f"{src['model']!r} is already {earlier.model.key}: a slice "
+                                                    f"takes each model once (mergekit refuses duplicate inputs)")
+            sources.append(SliceSource(entry, rng[0], rng[1]))
+        lengths = [s.end - s.first for s in sources]
+        if len(set(lengths)) > 1:
+            raise doc.error(p + ("sources",), f"every source of a slice must have the same number of layers, got "
+                                              f"{lengths} (layer_range is [FIRST, END), END exclusive)")
+        if method == "passthrough" and len(sources) != 1:
+            raise doc.error(p + ("sources",), f"passthrough takes exactly one source per slice, got {len(sources)}")
+        if method in OPTIONAL_BASE:
+            if slice_base is not None and all(s.model.identity != slice_base.identity for s in sources):
+                raise doc.error(p + ("sources",), f"base_model {slice_base.written!r} is not among the slice's "
+                                                  f"sources (mergekit: 'Base input is not present in merge inputs')")
+        elif method not in BASELESS:
+            if slice_base is None:
+                raise doc.error(p, f"{method} needs a base_model (the model the task vectors are taken from): set "
+                                   f"base_model at the top level or in the slice")
+            if all(s.model.identity != slice_base.identity for s in sources):
+                what = "slices[%d].base_model" % i if sl.get("base_model") is not None else "base_model"
+                raise doc.error(p + ("sources",), f"{what} {slice_base.written!r} is not among the slice's sources: "
+                                                  f"{method} needs it among the inputs (mergekit: 'Base input is not "
+                                                  f"present in merge inputs')")
+            if method == "model_stock" and len(sources) < 3:
+                raise doc.error(p + ("sources",), f"model_stock needs at least 2 models besides the base, got "
+                                                  f"{len(sources) - 1}")
+        if method in MODEL_COUNT:
+            has_base = (method not in BASELESS and slice_base is not None
+                        and any(s.model.identity == slice_base.identity for s in sources))
+            _check_count(doc, p + ("sources",), method, len(sources) - has_base)
+        out.append(SliceDef(i, sources, slice_base if method not in BASELESS else None, params))
+    return out
 
 
 def _dtype(doc: _Doc, cfg: dict, key: str) -> Optional[str]:
@@ -547,9 +834,10 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
         if key not in TOP_KEYS:
             raise doc.error((key,), f"unknown key (expected one of {', '.join(TOP_KEYS)})")
     notes: List[str] = []
-    if "slices" in raw:
-        raise doc.error(("slices",), "slices (layer ranges, passthrough/frankenmerges) are not supported by "
-                                     "pyops merge; list whole models under models")
+    if "slices" in raw and "models" in raw:
+        # mergekit/config.py, MergeConfiguration.validate_inputs: exactly one of models, slices
+        raise doc.error(("slices",), "models and slices are both given: use one of them (mergekit requires "
+                                     "exactly one)")
     if "tokenizer" in raw:
         raise doc.error(("tokenizer",), "the tokenizer block (vocabulary merging) is not supported; "
                                         "use tokenizer_source: base or a model path")
@@ -615,74 +903,114 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
             or (isinstance(blocks, int) and not isinstance(blocks, bool) and 0 < blocks < 2 ** 63)):
         # 2**63: the int64 that the ops' schemas and the kernels carry a block size in
         raise doc.error(("parameters", "blocks"), f"expected null, 'rows' or an int in [1, 2**63), got {blocks!r}")
+    flags: Dict[str, Any] = {k: flag(k, DEFAULTS[k]) for k in ("nuslerp_row_wise", "nuslerp_flatten",
+                                                                 "normalize_weights", "int8_mask") if k in scalars}
+    if "max_iter" in scalars:
+        v = scalars["max_iter"]
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 10**6:
+            raise doc.error(("parameters", "max_iter"), f"expected an int in [1, 10**6], got {v!r}")
+        flags["max_iter"] = v
 
     # ---- models
-    base = None
+    base_entry: Optional[ModelEntry] = None
     if raw.get("base_model") is not None:
-        base = _resolve_path(doc, ("base_model",), raw["base_model"])
-    elif method != "linear":
+        base_entry = _model(doc, ("base_model",), raw["base_model"], "base_model", -1)
+    elif method not in BASELESS + OPTIONAL_BASE and "slices" not in raw:
         raise ConfigError(f"{doc.source}: base_model: missing; {method} needs the model the task vectors are "
                           f"taken from")
-    models_raw = raw.get("models")
-    if not isinstance(models_raw, list) or not models_raw:
-        raise doc.error(("models",), f"expected a list of {{model: PATH, parameters: {{...}}}}, got {models_raw!r}")
+    base = base_entry.path if base_entry is not None else None
+    slices: Optional[List[SliceDef]] = None
     models: List[ModelEntry] = []
-    seen: Dict[Path, str] = {}
-    for i, entry in enumerate(models_raw):
-        p = ("models", i)
-        if not isinstance(entry, dict):
-            raise doc.error(p, f"expected a mapping {{model: PATH, parameters: {{...}}}}, got {entry!r}")
-        for key in entry:
-            if key not in MODEL_KEYS:
-                raise doc.error(p + (key,), f"unknown key (expected one of {', '.join(MODEL_KEYS)})")
-        if "model" not in entry:
-            raise doc.error(p, "missing key 'model'")
-        path = _resolve_path(doc, p + ("model",), entry["model"])
-        mparams = entry.get("parameters") or {}
-        if not isinstance(mparams, dict):
-            raise doc.error(p + ("parameters",), f"expected a mapping, got {mparams!r}")
-        per: Dict[str, PerTensor] = {}
-        for key, value in mparams.items():
-            if key in GLOBAL_PARAMS or key == "lambda":
-                # mergekit 0.1.5 reads these from the top-level parameters only (ParameterScope.SHARED)
-                # and silently ignores a per-model value.
-                raise doc.error(p + ("parameters", key), f"{key} is a merge-wide parameter: set it in the "
-                                                         f"top-level parameters (mergekit ignores a per-model {key})")
-            if key not in TENSOR_PARAMS:
-                raise doc.error(p + ("parameters", key), f"unknown parameter (expected one of {', '.join(TENSOR_PARAMS)})")
-            per[key] = _per_tensor(doc, p + ("parameters", key), key, value)
-        real = Path(os.path.realpath(path))
-        if base is not None and real == Path(os.path.realpath(base)) and method != "linear":
-            if per:
-                notes.append(f"models[{i}] is the base model: its parameters are ignored (it is not a task model)")
-            continue
-        if real in seen:
-            raise doc.error(p + ("model",), f"{entry['model']!r} is listed twice (also as {seen[real]})")
-        seen[real] = f"models[{i}]"
-        models.append(ModelEntry(path, str(entry["model"]), f"models[{i}]", i, per))
-    if method == "linear" and base is not None and Path(os.path.realpath(base)) not in seen:
-        # mergekit 0.1.5 (mergekit/plan.py, normalize_config) adds a base_model that is not listed to
-        # the inputs of every method; linear then averages it with the others, at the weight the
-        # top-level parameters give it (its own parameters are empty), last in the sum.
-        if "weight" not in params:
-            raise doc.error(("base_model",), "linear averages base_model with the models when it is not listed "
-                                             "under models (as mergekit does), and it has no weight: list it under "
-                                             "models with a weight, set parameters.weight at the top level, or "
-                                             "remove base_model")
-        models.append(ModelEntry(base, str(raw["base_model"]), "base_model", len(models_raw), {}))
-    n = len(models)
-    if n == 0:
-        raise doc.error(("models",), "no task model: every entry is the base model")
-    if method == "model_stock" and n < 2:
-        raise doc.error(("models",), f"model_stock needs at least 2 models besides the base, got {n}")
-    if method == "consensus" and k > n:
-        raise doc.error(("parameters", "k"), f"expected an int in [1, {n}] (tasks that must agree), got {k}")
-    if "weight" in USES[method]:
-        for m in models:
-            if "weight" not in m.params and "weight" not in params:
-                raise doc.error(("models", m.index), f"no weight for {m.written!r}: mergekit requires a weight "
-                                                              f"per model for {method} (set parameters.weight for the "
-                                                              f"model, or a default in the top-level parameters)")
+    if "slices" in raw:
+        slices = _slices(doc, raw["slices"], method, base_entry)
+        seen_ids: set = set()
+        for sl in slices:  # every distinct input, in order of appearance (each is opened once)
+            for e in [s.model for s in sl.sources] + ([sl.base] if sl.base is not None else []):
+                if e.identity not in seen_ids and not (base_entry is not None and e.identity == base_entry.identity):
+                    seen_ids.add(e.identity)
+                    models.append(e)
+        if "weight" in USES[method]:
+            for sl in slices:
+                for s_ in sl.sources:
+                    if sl.base is not None and s_.model.identity == sl.base.identity:
+                        continue
+                    if "weight" not in s_.model.params and "weight" not in sl.params and "weight" not in params:
+                        raise doc.error(("slices", sl.index, "sources", s_.model.index),
+                                        f"no weight for {s_.model.written!r}: mergekit requires a weight per model "
+                                        f"for {method} (set parameters.weight for the source, the slice, or a "
+                                        f"default in the top-level parameters)")
+    else:
+        models_raw = raw.get("models")
+        if not isinstance(models_raw, list) or not models_raw:
+            raise doc.error(("models",), f"expected a list of {{model: PATH, parameters: {{...}}}} (or slices:), "
+                                         f"got {models_raw!r}")
+        seen: Dict[Tuple[str, Optional[str]], str] = {}
+        for i, entry in enumerate(models_raw):
+            p = ("models", i)
+            if not isinstance(entry, dict):
+                raise doc.error(p, f"expected a mapping {{model: PATH, parameters: {{...}}}}, got {entry!r}")
+            for key in entry:
+                if key not in MODEL_KEYS:
+                    raise doc.error(p + (key,), f"unknown key (expected one of {', '.join(MODEL_KEYS)})")
+            if "model" not in entry:
+                raise doc.error(p, "missing key 'model'")
+            per = _params(doc, p + ("parameters",), entry.get("parameters"), MODEL_PARAMS, "per-model")
+            m = _model(doc, p + ("model",), entry["model"], f"models[{i}]", i, per)
+            if base_entry is not None and m.identity == base_entry.identity and method not in BASELESS:
+                if per:
+                    notes.append(f"models[{i}] is the base model: its parameters are ignored (it is not a task model)")
+                continue
+            if m.identity in seen:
+                raise doc.error(p + ("model",), f"{entry['model']!r} is listed twice (also as {seen[m.identity]})")
+            seen[m.identity] = f"models[{i}]"
+            models.append(m)
+        if method in BASELESS and base_entry is not None and base_entry.identity not in seen:
+            # mergekit 0.1.5 (mergekit/plan.py, normalize_config) adds a base_model that is not listed to
+            # the inputs of every method; linear then averages it with the others, at the weight the
+            # top-level parameters give it (its own parameters are empty), last in the sum.
+            if method == "passthrough":
+                raise doc.error(("base_model",), "passthrough takes exactly one input, and mergekit adds a "
+                                                 "base_model that is not under models to the inputs: remove "
+                                                 "base_model or make it the one model")
+            if "weight" in USES[method] and "weight" not in params:
+                raise doc.error(("base_model",), "linear averages base_model with the models when it is not listed "
+                                                 "under models (as mergekit does), and it has no weight: list it under "
+                                                 "models with a weight, set parameters.weight at the top level, or "
+                                                 "remove base_model")
+            models.append(ModelEntry(base_entry.path, base_entry.written, "base_model", len(models_raw), {},
+                                     base_entry.lora, base_entry.where))
+        n = len(models)
+        if n == 0:
+            raise doc.error(("models",), "no task model: every entry is the base model")
+        if method == "passthrough" and n != 1:
+            raise doc.error(("models",), f"passthrough takes exactly one model (mergekit/merge_methods/passthrough.py), "
+                                         f"got {n}")
+        if method in MODEL_COUNT:
+            _check_count(doc, ("models",), method, n)
+        if method == "model_stock" and n < 2:
+            raise doc.error(("models",), f"model_stock needs at least 2 models besides the base, got {n}")
+        if method == "consensus" and k > n:
+            raise doc.error(("parameters", "k"), f"expected an int in [1, {n}] (tasks that must agree), got {k}")
+        if "weight" in USES[method]:
+            for m in models:
+                if "weight" not in m.params and "weight" not in params:
+                    raise doc.error(("models", m.index), f"no weight for {m.written!r}: mergekit requires a weight "
+                                                         f"per model for {method} (set parameters.weight for the "
+                                                         f"model, or a default in the top-level parameters)")
+    if method == "consensus" and slices is not None:
+        for sl in slices:
+            if k > len(sl.sources) - 1:
+                raise doc.error(("parameters", "k"), f"expected an int in [1, {len(sl.sources) - 1}] (tasks that must "
+                                                     f"agree in {sl.key}), got {k}")
+
+    if method in METHOD_DEFAULTS:  # ram, ramplus_tl: epsilon is one value per tensor (ParameterScope.SHARED)
+        located = [(("models", m.index), m) for m in models if slices is None] + \
+                  [(("slices", sl.index, "sources", s_.model.index), s_.model) for sl in slices or [] for s_ in sl.sources]
+        for path, m in located:
+            if "epsilon" in m.params:
+                raise doc.error(path + ("parameters", "epsilon"), f"epsilon is a merge-wide parameter for {method}: "
+                                                                  f"set it in the top-level parameters (mergekit "
+                                                                  f"ignores a per-model epsilon)")
 
     # ---- parameters that this method does not use
     used = USES[method]
@@ -694,6 +1022,12 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
         for key in m.params:
             if key not in used:
                 unused.setdefault(key, []).append(m.key)
+    for sl in slices or []:
+        for key in sl.params:
+            if key not in used:
+                unused.setdefault(key, []).append(sl.key)
+        if raw["slices"][sl.index].get("residual_weight") is not None:
+            notes.append(f"{sl.key}.residual_weight is ignored (mergekit 0.1.5 reads it nowhere either)")
     for key, where in unused.items():
         notes.append(f"{key} is not used by {method} (ignored; set in {', '.join(where)})")
 
@@ -714,9 +1048,10 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
             raise doc.error(("tokenizer_source",), f"{tok!r} is not a directory")
     settings = list(params.values()) + [v for m in models for v in m.params.values()]
     gradients = any(isinstance(value, tuple) for p in settings for _, value in p.entries)
-    home = base if base is not None else models[0].path
-    num_layers = _layer_count(home) if gradients else (None, "no gradient was given")
+    home = base if base is not None else (slices[0].sources[0].model.path if slices else models[0].path)
+    # slices: each slice's layers give their own t (pyops.merging.slices), config.json is not asked
+    num_layers = _layer_count(home) if (gradients and slices is None) else (None, "no gradient was given")
     return MergeConfig(method=method, base=base, models=models, params=params, normalize=normalize, rescale=rescale,
                        k=k, tall_lambda=float(tall_lambda), blocks=blocks, out_dtype=out_dtype, dtype=dtype,
                        seed=seed, tokenizer_source=tokenizer_source, text=text, source=doc.source, notes=notes,
-                       num_layers=num_layers)
+                       num_layers=num_layers, base_entry=base_entry, slices=slices, doc=doc, flags=flags)

@@ -5,9 +5,10 @@ merge on the C++ kernels needs nothing from torch: the tensors are bytes in file
 reusable anonymous buffers, and `pyops._C` takes addresses (it links no torch). This engine runs
 those merges: device cpu, backend auto or cpu, every method with a C++ kernel (task_arithmetic,
 linear, ties, dare, dare_linear, dare_ties, breadcrumbs, della, della_linear, consensus),
-float32 / float16 / bfloat16 tensors whose dtype is the same in every model. `reason` says why a merge needs the
-torch engine instead (model_stock, a model in another dtype, float64, a `.bin` checkpoint, a GPU,
-another backend);
+float32 / float16 / bfloat16 tensors whose dtype is the same in every model, passthrough (a copy, or
+task arithmetic from a zero base for a scale), slices. `reason` says why a merge needs the
+torch engine instead (model_stock, a model in another dtype, float64, a `.bin` checkpoint, a LoRA
+adapter, a GPU, another backend);
 ``PYOPS_MERGE_ENGINE=torch`` forces the torch engine.
 
 The kernels are the ones `pyops.merge_from_models` reaches on CPU tensors, called with the
@@ -43,8 +44,9 @@ def _fp32(x: float) -> float:
     return array.array("f", [x])[0]
 
 
-def reason(cfg, device, backend: str, ref: Checkpoint, tasks: Sequence[Checkpoint], items) -> Optional[str]:
-    """Why this merge cannot run on the native engine, or None."""
+def reason(cfg, device, backend: str, checkpoints: Sequence[Checkpoint], items) -> Optional[str]:
+    """Why this merge cannot run on the native engine, or None. `checkpoints`: every input opened;
+    `items`: the runner's plan (each item's `inputs`, (checkpoint, tensor name))."""
     if os.environ.get("PYOPS_MERGE_ENGINE", "auto") == "torch":
         return "PYOPS_MERGE_ENGINE=torch"
     if str(device) != "cpu":
@@ -53,9 +55,11 @@ def reason(cfg, device, backend: str, ref: Checkpoint, tasks: Sequence[Checkpoin
         return f"backend {backend!r}"
     if cfg.pyops_method not in NATIVE_METHOD_CODES:
         return f"{cfg.method} runs through pyops.merge_from_models"
-    for c in [ref, *tasks]:
+    for c in checkpoints:
         if c.is_bin:
             return f"{c.label} is a .bin checkpoint (torch.load reads it)"
+        if getattr(c, "adapter", None) is not None:
+            return f"{c.label} has a LoRA adapter (applied with torch as its tensors are read)"
     mod, missing = _module()
     if mod is None:
         return missing
@@ -64,10 +68,11 @@ def reason(cfg, device, backend: str, ref: Checkpoint, tasks: Sequence[Checkpoin
     for it in items:
         if it.kwargs is None:
             continue
-        info = ref.tensors[it.name]
+        c0, n0 = it.inputs[0]
+        info = c0.tensors[n0]
         if info.dtype not in NATIVE_DTYPES or it.entry.dtype not in NATIVE_DTYPES:
             return f"tensor {it.name!r} is {info.dtype} -> {it.entry.dtype}"
-        if any(c.tensors[it.name].dtype != info.dtype for c in tasks):
+        if any(c.tensors[n].dtype != info.dtype for c, n in it.inputs):
             return f"tensor {it.name!r} has another dtype in a model"
         if cfg.pyops_method in RANKED:
             block, _ = resolve_blocks(it.kwargs.get("blocks"), info.shape)
@@ -138,26 +143,27 @@ class NativeEngine:
         return self._zeros.address
 
     def merge(self, item, tensors: List[RawTensor], out: Optional[RawTensor], tally: dict) -> RawTensor:
-        base = tensors[0]
+        base = tensors[0]  # None: a zero base (linear, passthrough: item.zero_base)
         if item.kwargs is None:
-            return base  # copied from the base: the writer reads its mapping
-        if base.nbytes == 0:
-            return RawTensor(item.entry.dtype, item.entry.shape, 0, 0, None)
+            return base  # copied from its input: the writer reads its mapping
         models = tensors[1:]
+        first = base if base is not None else models[0]
+        if first.nbytes == 0:
+            return RawTensor(item.entry.dtype, item.entry.shape, 0, 0, None)
         kw = {**MERGE_DEFAULTS, **item.kwargs}
         method, lam = kw["method"], kw["lam"]
-        numel = base.nbytes // ITEMSIZES[base.dtype]
-        base_addr = self._zero_base(base.nbytes) if self.cfg.method == "linear" else base.address
+        numel = first.nbytes // ITEMSIZES[first.dtype]
+        base_addr = self._zero_base(first.nbytes) if base is None else base.address
         n = len(models)
         dens = check_params(method, kw["density"], lam, kw["seed"], kw["name"], kw["gamma"], kw["epsilon"], kw["k"],
                             kw["tall_lambda"], kw["normalize"], n)
         coeffs = [1.0] * n if kw["coeffs"] is None else list(kw["coeffs"])
         if len(coeffs) != n:
             raise ValueError(f"coeffs: expected {n} weights, got {len(coeffs)}")
-        block_size, _ = resolve_blocks(kw["blocks"], base.shape)
+        block_size, _ = resolve_blocks(kw["blocks"], first.shape)
         block_size = min(block_size, max(numel, 1))  # as task_arithmetic.check_blocks: one block of the tensor
         common = dict(out=out.address, out_dtype=NATIVE_DTYPES[out.dtype], base=base_addr,
-                      deltas=[m.address for m in models], in_dtype=NATIVE_DTYPES[base.dtype], coeff_stride_n=1,
+                      deltas=[m.address for m in models], in_dtype=NATIVE_DTYPES[first.dtype], coeff_stride_n=1,
                       coeff_stride_block=0, numel=numel, block_size=block_size, from_models=True,
                       n_threads=self.threads)
         if method == "task_arithmetic":

@@ -44,13 +44,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
-from pyops.merging import native_engine
-from pyops.merging.config import MergeConfig, load_config
-from pyops.merging.errors import CheckpointError, MergeError, OutputError, one_line
+from pyops.merging import native_engine, slices as slice_plan
+from pyops.merging.config import BASELESS, LAYER_COUNT_KEYS, MergeConfig, ModelEntry, Scope, load_config
+from pyops.merging.errors import CheckpointError, ConfigError, MergeError, OutputError, one_line
 from pyops.merging.spec import BACKEND_CHOICES
 from pyops.merging.safetensors_io import (
-    INDEX_FILE, ITEMSIZES, MERGEABLE, TORCH_NAMES, Checkpoint, OutEntry, ShardWriter, parse_size, plan_shards,
-    shard_names, torch_dtype, write_index)
+    INDEX_FILE, ITEMSIZES, MERGEABLE, TORCH_NAMES, AdaptedCheckpoint, Checkpoint, OutEntry, ShardWriter, parse_size,
+    plan_shards, shard_names, torch_dtype, write_index)
 
 CONFIG_FILES = ("config.json", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -121,9 +121,15 @@ class MergeReport:
 class _Item:
     name: str
     entry: OutEntry  # the output tensor
-    kwargs: Optional[dict]  # merge_from_models arguments; None: copied from the base
+    kwargs: Optional[dict]  # merge_from_models arguments; None: copied from inputs[0]
     nbytes_in: int
     in_dtype: Optional[str] = None  # the dtype every input is converted to before merging (see `promote`)
+    # (checkpoint, tensor name) of each input: the base, then the models; with `zero_base` the
+    # models only (linear, passthrough: θ = Σ cᵢ·(θᵢ − 0)); one entry for a copied tensor.
+    inputs: tuple = ()
+    zero_base: bool = False
+    floating_copy: bool = False  # a copy that is a merge result (passthrough without scale), not a buffer
+    params_at: tuple = ()  # (task models, Scope): where cfg.raw_params reads this tensor's settings
 
 
 def _current_rss() -> int:
@@ -209,28 +215,55 @@ def _check_output(out: Path, cfg: MergeConfig, overwrite: bool) -> None:
 
 
 def _open_all(cfg: MergeConfig) -> tuple:
-    """(reference checkpoint, task checkpoints, every checkpoint opened)."""
-    opened: List[Checkpoint] = []
-    try:
-        ref = Checkpoint(cfg.base, "the base model") if cfg.base is not None else None
-        if ref is not None:
-            opened.append(ref)
-        tasks = []
-        base_real = os.path.realpath(cfg.base) if cfg.base is not None else None
-        for m in cfg.models:
-            if ref is not None and os.path.realpath(m.path) == base_real:
-                tasks.append(ref)  # linear's base among its inputs: read once
-                continue
-            c = Checkpoint(m.path, f"{m.key} ({m.written})")
+    """(reference checkpoint, task checkpoints, every checkpoint opened, {identity: checkpoint}).
+
+    Each distinct input (model directory and adapter, `ModelEntry.identity`) is opened once; a
+    `model+adapter` input is its checkpoint with the adapter applied as each tensor is read
+    (`AdaptedCheckpoint`), the adapter's targets checked against the checkpoint's tensors first.
+    For `slices:`, the tasks are every distinct source model; the reference is the base (None
+    without one)."""
+    opened: list = []
+    by_id: Dict[tuple, object] = {}
+
+    def open_entry(e: ModelEntry, label: str):
+        c = by_id.get(e.identity)
+        if c is not None:
+            return c
+        c = Checkpoint(e.path, label)
+        opened.append(c)
+        if e.lora is not None:
+            c = AdaptedCheckpoint(c, _adapter(e, c), label)
             opened.append(c)
-            tasks.append(c)
-        if ref is None:  # linear without a base model: the first model is the reference
+        by_id[e.identity] = c
+        return c
+
+    try:
+        base = cfg.base_entry
+        if base is None and cfg.base is not None:  # a MergeConfig built by hand
+            base = ModelEntry(cfg.base, str(cfg.base), "base_model", -1)
+        ref = open_entry(base, "the base model") if base is not None else None
+        tasks = [open_entry(m, f"{m.key} ({m.written})") for m in cfg.models]
+        for sl in cfg.slices or []:
+            for s in sl.sources:
+                open_entry(s.model, f"{s.model.key} ({s.model.written})")
+        if ref is None and not cfg.slices:  # linear / passthrough without a base model: the first model
             ref = tasks[0]
-        return ref, tasks, opened
+        return ref, tasks, opened, by_id
     except BaseException:
         for c in opened:
             c.close()
         raise
+
+
+def _adapter(e: ModelEntry, c: Checkpoint):
+    """The LoRA adapter of `e`, checked against checkpoint `c`; its errors name the config key."""
+    from pyops.merging.lora import LoraAdapter
+    try:
+        adapter = LoraAdapter.open(e.lora)
+        adapter.check_base({n: t.shape for n, t in c.tensors.items()}, f"{e.path}")
+    except CheckpointError as exc:
+        raise CheckpointError(f"{e.where}: {exc}") from None
+    return adapter
 
 
 def _first(items: Sequence[str], n: int = 5) -> str:
@@ -255,9 +288,10 @@ def promote(codes: Sequence[str]) -> str:
 
 
 def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes: List[str]) -> List[_Item]:
-    """One item per tensor of the reference, in its file order. A floating tensor's inputs are
-    merged in their promoted dtype (`promote`, lossless), the result written in `out_dtype` or
-    `dtype` if the configuration sets one, else in that promoted dtype, as mergekit 0.1.5 does."""
+    """One item per tensor of the reference, in its file order (a `models:` configuration). A
+    floating tensor's inputs are merged in their promoted dtype (`promote`, lossless), the result
+    written in `out_dtype` or `dtype` if the configuration sets one, else in that promoted dtype,
+    as mergekit 0.1.5 does."""
     names = set(ref.tensors)
     others = [c for c in tasks if c is not ref]
     for c in others:
@@ -271,35 +305,161 @@ def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes:
                                   f"extra: {_first(extra)}")
     promoted: Dict[str, int] = {}  # "F32 (BF16 + F32)" -> tensors merged so
     items: List[_Item] = []
-    for name, info in ref.tensors.items():
-        for c in others:
-            t = c.tensors[name]
-            if t.shape != info.shape:
-                raise CheckpointError(f"tensor {name!r} has shape {list(t.shape)} in {c.label} at {c.path} but "
-                                      f"{list(info.shape)} in {ref.label}")
-            if (info.dtype in MERGEABLE) != (t.dtype in MERGEABLE):
-                raise CheckpointError(f"tensor {name!r} is {t.dtype} in {c.label} but {info.dtype} in {ref.label}: "
-                                      f"a floating tensor cannot be merged with a non-floating one")
-        nbytes_in = info.nbytes * (1 + len(others))
-        if info.dtype in MERGEABLE:
-            codes = [info.dtype] + [c.tensors[name].dtype for c in others]
-            in_dtype = promote(codes)
-            if len(set(codes)) > 1:
-                key = f"{in_dtype} ({' + '.join(sorted(set(codes)))})"
-                promoted[key] = promoted.get(key, 0) + 1
-            out_dtype = cfg.out_dtype or in_dtype
-            kwargs = cfg.tensor_kwargs(name)
-            if kwargs.get("blocks") == "rows" and not info.shape:
-                kwargs["blocks"] = None  # a 0-d tensor (a scale) is one row
-            items.append(_Item(name, OutEntry(name, out_dtype, info.shape), kwargs, nbytes_in, in_dtype))
-        else:
-            items.append(_Item(name, OutEntry(name, info.dtype, info.shape), None, info.nbytes))
+    zero_base = cfg.method in BASELESS or cfg.base is None  # no base input (linear, an optional base not given)
+    for name in ref.tensors:
+        inputs = tuple((c, name) for c in tasks) if zero_base else ((ref, name),) + tuple((c, name) for c in tasks)
+        items.append(_item(cfg, name, inputs, zero_base, cfg.models, Scope(), promoted, (ref, name)))
+    _note_promoted(cfg, promoted, notes)
+    return items
+
+
+def _note_promoted(cfg: MergeConfig, promoted: Dict[str, int], notes: List[str]) -> None:
     if promoted:
         shown = ", ".join(f"{n} tensor{'s' if n != 1 else ''} in {k}" for k, n in sorted(promoted.items()))
         out = f"written as {TORCH_NAMES[cfg.out_dtype]}" if cfg.out_dtype else "written in that dtype"
         notes.append(f"inputs of different dtypes are merged in their promoted dtype (torch.promote_types, as "
                      f"mergekit does), {out}: {shown}")
-    return items
+
+
+def _item(cfg: MergeConfig, name: str, inputs: tuple, zero_base: bool, models: Sequence[ModelEntry], scope: Scope,
+          promoted: Dict[str, int], copy_from: Optional[tuple] = None) -> _Item:
+    """The plan of output tensor `name` from `inputs` ((checkpoint, tensor name): the base, unless
+    `zero_base`, then one per task model `models`), its parameters read in `scope`. Checks that
+    the inputs (and `copy_from`) agree in shape and in being floating point. A non-floating tensor
+    is copied from `copy_from` (default: the first input); passthrough's tensor without a scale,
+    where the dtype is kept, is its input's."""
+    copy_from = copy_from or inputs[0]
+    first_c, first_n = copy_from
+    info = first_c.tensors[first_n]
+    for c, n in inputs:
+        t = c.tensors[n]
+        if c is first_c and n == first_n:
+            continue
+        if t.shape != info.shape:
+            raise CheckpointError(f"tensor {n!r} has shape {list(t.shape)} in {c.label} at {c.path} but "
+                                  f"{list(info.shape)} in {first_c.label}" + (f" ({first_n!r})" if n != first_n else ""))
+        if (info.dtype in MERGEABLE) != (t.dtype in MERGEABLE):
+            raise CheckpointError(f"tensor {n!r} is {t.dtype} in {c.label} but {info.dtype} in {first_c.label}: "
+                                  f"a floating tensor cannot be merged with a non-floating one")
+    if info.dtype not in MERGEABLE:
+        return _Item(name, OutEntry(name, info.dtype, info.shape), None, info.nbytes, inputs=(copy_from,))
+    nbytes_in = info.nbytes * len({(id(c), n) for c, n in inputs + (copy_from,)})
+    codes = [c.tensors[n].dtype for c, n in inputs]
+    in_dtype = promote(codes)
+    if len(set(codes)) > 1:
+        key = f"{in_dtype} ({' + '.join(sorted(set(codes)))})"
+        promoted[key] = promoted.get(key, 0) + 1
+    out_dtype = cfg.out_dtype or in_dtype
+    kwargs = cfg.tensor_kwargs(name, models, scope)
+    if cfg.method == "passthrough" and kwargs["coeffs"] == [1.0] and out_dtype == in_dtype \
+            and cfg.dtype in (None, in_dtype):  # (--compute-dtype config rounds to `dtype` on the way)
+        return _Item(name, OutEntry(name, out_dtype, info.shape), None, info.nbytes, in_dtype, inputs=inputs[:1],
+                     floating_copy=True)
+    if kwargs.get("blocks") == "rows" and not info.shape:
+        kwargs["blocks"] = None  # a 0-d tensor (a scale) is one row
+    return _Item(name, OutEntry(name, out_dtype, info.shape), kwargs, nbytes_in, in_dtype, inputs=inputs,
+                 zero_base=zero_base, params_at=(tuple(models), scope))
+
+
+def _plan_slices(cfg: MergeConfig, by_id: Dict[tuple, object], notes: List[str]) -> tuple:
+    """(items, config.json overrides) of a `slices:` configuration: the tensors
+    `pyops.merging.slices.plan` lays out (the first slice's embeddings, every slice's layers
+    renumbered from 0, the last slice's final norm and head), each merged from its slice's
+    sources with the slice's base and parameters at the slice's gradient t; and the layer count
+    (and per-layer lists such as `layer_types`) of the output's config.json."""
+    order: List[tuple] = []  # model identities, in order of appearance
+    index: Dict[tuple, int] = {}
+    for sl in cfg.slices:
+        for src in sl.sources:
+            if src.model.identity not in index:
+                index[src.model.identity] = len(order)
+                order.append(src.model.identity)
+    ckpts = [by_id[i] for i in order]
+    out_slices = [slice_plan.OutputSlice(tuple(slice_plan.SliceSource(index[src.model.identity], src.first, src.end)
+                                               for src in sl.sources)) for sl in cfg.slices]
+    try:
+        planned, n_layers = slice_plan.plan(out_slices, [list(c.tensors) for c in ckpts], [c.label for c in ckpts])
+    except slice_plan.SliceError as exc:
+        raise ConfigError(f"{cfg.where(exc.key)}: {exc.what}" if exc.key else f"{cfg.source}: {exc.what}") from None
+    promoted: Dict[str, int] = {}
+    items: List[_Item] = []
+    for pt in planned:
+        sl = cfg.slices[pt.slice_for_params]
+        inputs = [(ckpts[m], n) for m, n in pt.inputs]  # one per source of sl, in its order
+        if cfg.method in BASELESS or sl.base is None:
+            tasks = list(range(len(inputs)))
+            base_at = None
+        else:
+            base_at = next(j for j, src in enumerate(sl.sources) if src.model.identity == sl.base.identity)
+            tasks = [j for j in range(len(inputs)) if j != base_at]
+        scope = Scope(sl.params, pt.t, tuple(inputs[j][1] for j in tasks))
+        models = [sl.sources[j].model for j in tasks]
+        if base_at is None:
+            items.append(_item(cfg, pt.name, tuple(inputs), True, models, scope, promoted))
+        elif not tasks:  # only the base: nothing to add to it (mergekit: base + λ·0)
+            items.append(_base_only(cfg, pt.name, inputs[base_at]))
+        else:
+            ins = (inputs[base_at],) + tuple(inputs[j] for j in tasks)
+            items.append(_item(cfg, pt.name, ins, False, models, scope, promoted))
+    _note_promoted(cfg, promoted, notes)
+    return items, _layer_config(cfg, n_layers)
+
+
+def _base_only(cfg: MergeConfig, name: str, source: tuple) -> _Item:
+    """A tensor of a slice whose only source is the base: the base's tensor, in the output dtype."""
+    c, n = source
+    info = c.tensors[n]
+    out_dtype = (cfg.out_dtype or info.dtype) if info.dtype in MERGEABLE else info.dtype
+    if out_dtype == info.dtype:
+        return _Item(name, OutEntry(name, info.dtype, info.shape), None, info.nbytes, info.dtype, inputs=(source,),
+                     floating_copy=info.dtype in MERGEABLE)
+    kwargs = {"method": "task_arithmetic", "seed": cfg.seed, "name": name, "blocks": None, "coeffs": [1.0]}
+    return _Item(name, OutEntry(name, out_dtype, info.shape), kwargs, info.nbytes, info.dtype, inputs=(source,),
+                 zero_base=True)
+
+
+# Per-layer lists of config.json (one entry per layer) that a slices merge rebuilds from the
+# layers it takes: transformers 5 refuses a config whose `layer_types` length differs from
+# num_hidden_layers.
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+
+
+def _layer_config(cfg: MergeConfig, n_layers: int) -> dict:
+    """The keys of the home model's config.json that a slices merge changes: its layer count
+    (the first of num_hidden_layers, n_layer, num_layers it has, as mergekit sets the
+    architecture's key) and each per-layer list, rebuilt from the config.json of the model each
+    output layer comes from (a slice's first source, as mergekit counts layers)."""
+    home = _read_json(cfg.home / "config.json") if cfg.home.is_dir() else None
+    if not isinstance(home, dict):
+        return {}
+    out: dict = {}
+    key = next((k for k in LAYER_COUNT_KEYS if k in home), None)
+    if key is not None:
+        out[key] = n_layers
+    confs: Dict[Path, object] = {}
+    for lk in PER_LAYER_KEYS:
+        if not isinstance(home.get(lk), list):
+            continue
+        values = []
+        for sl in cfg.slices:
+            src = sl.sources[0]
+            conf = confs.setdefault(src.model.path, _read_json(src.model.path / "config.json"))
+            got = conf.get(lk) if isinstance(conf, dict) else None
+            if not isinstance(got, list) or len(got) < src.end:
+                raise CheckpointError(f"{cfg.where(('slices', sl.index, 'sources', 0, 'layer_range'))}: the output's "
+                                      f"config.json needs {lk} of layers {src.first}..{src.end - 1} from "
+                                      f"{src.model.path / 'config.json'}, which has "
+                                      f"{'no list ' + lk if not isinstance(got, list) else f'{len(got)} entries'}")
+            values += got[src.first:src.end]
+        out[lk] = values
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,7 +470,7 @@ def _plan(cfg: MergeConfig, ref: Checkpoint, tasks: Sequence[Checkpoint], notes:
 # rounds once; "config": mergekit 0.1.5's arithmetic, in its dtype and its order, for the methods
 # `mergekit_order` follows.
 COMPUTE_DTYPES = ("fp32", "config")
-MERGEKIT_ORDER = ("task_arithmetic", "linear", "ties")
+MERGEKIT_ORDER = ("task_arithmetic", "linear", "ties", "passthrough")
 
 
 def _magnitude(delta, density: float):
@@ -347,8 +507,12 @@ def mergekit_order(method: str, base, models: Sequence, weights: Sequence[float]
     * linear (mergekit/merge_methods/linear.py): the inputs in D, accumulated as
       Σ θᵢ·wᵢ with `addcmul_` into fp32 (fp64 for fp64 inputs) with fp32 weights, divided by
       Σ wᵢ (normalize), rounded to D.
+    * passthrough (mergekit/merge_methods/passthrough.py): the one input in D, times `scale`
+      (`weights[0]`; None: the input itself) in D.
     Returns a tensor of dtype D."""
     import torch
+    if method == "passthrough":
+        return models[0] if weights[0] is None else models[0] * weights[0]
     if method == "linear":
         first = models[0]
         acc = torch.float64 if first.dtype == torch.float64 else torch.float32
@@ -430,31 +594,43 @@ class _TorchEngine:
         from pyops import _backend
 
         torch, cfg, device = self.torch, self.cfg, self.dev
-        base = tensors[0]
+        base = tensors[0]  # None: a zero base (item.zero_base)
         if item.kwargs is None:
             return base if out is None else out.copy_(base)
         models = tensors[1:]
         out_dtype = torch_dtype(item.entry.dtype)
-        if base.numel() == 0:
+        if (base if base is not None else models[0]).numel() == 0:
             return torch.empty(item.entry.shape, dtype=out_dtype)
         if device.type != "cpu":
-            base = base.to(device)
+            base = base.to(device) if base is not None else None
             models = [m.to(device) for m in models]
         # --compute-dtype config: mergekit's arithmetic in the configured dtype (its LoadTensor casts
         # every input to `dtype`), else in the promoted one; otherwise the promoted dtype, lossless.
         in_dtype = torch_dtype(self.cfg.dtype if (self.compute == "config" and self.cfg.dtype) else item.in_dtype)
-        base = base if base.dtype == in_dtype else base.to(in_dtype)
+        base = base if (base is None or base.dtype == in_dtype) else base.to(in_dtype)
         models = [m if m.dtype == in_dtype else m.to(in_dtype) for m in models]
         if self.compute == "config":
-            raw = cfg.raw_params(item.name)
+            raw = cfg.raw_params(item.name, *item.params_at) if item.params_at else cfg.raw_params(item.name)
             with torch.no_grad():
-                result = mergekit_order(cfg.method, base, models, raw["weights"], raw["densities"], raw["lam"],
-                                        raw["normalize"]).to(out_dtype)
+                if cfg.method == "passthrough":
+                    result = mergekit_order("passthrough", None, models, [raw["scale"]], [], 1.0, False)
+                else:
+                    result = mergekit_order(cfg.method, base, models, raw["weights"], raw["densities"], raw["lam"],
+                                            raw["normalize"])
+                result = result.to(out_dtype)
             tally["mergekit-order"] = tally.get("mergekit-order", 0) + 1
             if out is None:
                 return result
             return out.copy_(result)
-        if cfg.method == "linear":
+        if "mergekit" in item.kwargs:  # mergekit's interpolating methods (pyops.merging.interpolate)
+            from pyops.merging.interpolate import merge_tensors
+            with torch.no_grad():
+                result = merge_tensors(item.kwargs["mergekit"], base, models, item.kwargs["params"],
+                                       out_dtype=out_dtype, backend=self.backend if self.backend in ("cpu", "reference")
+                                       else "auto")
+            tally[item.kwargs["mergekit"]] = tally.get(item.kwargs["mergekit"], 0) + 1
+            return result if out is None or out.device != result.device else out.copy_(result)
+        if base is None:
             base = torch.zeros_like(models[0])  # θ = Σ cᵢ·(θᵢ − 0)
         if out is not None and device.type != "cpu":
             out = None  # merged on the device, copied to the host by the writer
@@ -526,29 +702,34 @@ class _BytePool:
                 self._idle -= self._idle_bufs.pop(0)[0]
 
 
-def _load(item: _Item, ref: Checkpoint, tasks: Sequence[Checkpoint], engine, pool: Optional[_BytePool] = None) -> tuple:
-    """(tensors, buffers): the base then each model's tensor; the pool buffers they live in."""
+def _load(item: _Item, engine, pool: Optional[_BytePool] = None) -> tuple:
+    """(tensors, buffers): the item's inputs (None first for a zero base), each distinct input
+    read once; the pool buffers they live in."""
     bufs: list = []
 
-    def read(c: Checkpoint):
+    def read(c, name: str):
         if pool is None:
-            return c.read(item.name)
+            return c.read(name)
         if os.environ.get("PYOPS_MERGE_MAP", "1") == "1":
             try:
-                return engine.map(c, item.name)
+                return engine.map(c, name)
             except (OSError, ValueError):  # a file system that cannot map: read into a pool buffer
                 pass
-        bufs.append(pool.acquire(c.tensors[item.name].nbytes))
-        return engine.read(c, item.name, bufs[-1])
+        bufs.append(pool.acquire(c.tensors[name].nbytes))
+        return engine.read(c, name, bufs[-1])
 
-    base = read(ref)
-    if item.kwargs is None:
-        return [base], bufs
-    return [base] + [base if c is ref else read(c) for c in tasks], bufs
+    seen: Dict[tuple, object] = {}
+    tensors: list = [None] if (item.zero_base and item.kwargs is not None) else []
+    for c, name in item.inputs:
+        key = (id(c), name)
+        if key not in seen:
+            seen[key] = read(c, name)
+        tensors.append(seen[key])
+    return tensors, bufs
 
 
-def _stream(order: List[_Item], shards, files, tmp: Path, ref: Checkpoint, tasks: Sequence[Checkpoint], engine,
-            report: MergeReport, bar: _Progress, overlap: bool, tick: Optional[Callable[[], None]] = None) -> int:
+def _stream(order: List[_Item], shards, files, tmp: Path, engine, report: MergeReport, bar: _Progress, overlap: bool,
+            tick: Optional[Callable[[], None]] = None) -> int:
     """Read, merge and write every tensor, in shard order. With `overlap`, the next tensor is read
     and the previous result written on two helper threads while the current one merges (file I/O
     and the kernels release the GIL). `tick` is called after each tensor (a distributed merge
@@ -561,7 +742,7 @@ def _stream(order: List[_Item], shards, files, tmp: Path, ref: Checkpoint, tasks
     pool = _BytePool(max(_POOL_IDLE_BYTES, 2 * largest), engine) if on_cpu else None
 
     def load(p: int) -> tuple:
-        return _load(order[p], ref, tasks, engine, pool)
+        return _load(order[p], engine, pool)
 
     def write(writer: ShardWriter, name: str, result, out_buf) -> None:
         writer.write_tensor(name, result)
@@ -602,7 +783,7 @@ def _stream(order: List[_Item], shards, files, tmp: Path, ref: Checkpoint, tasks
                         write(writer, item.name, result, out_buf)
                     del out_buf
                     del result
-                    if item.kwargs is None:
+                    if item.kwargs is None and not item.floating_copy:
                         report.copied.append(item.name)
                     else:
                         report.merged += 1
@@ -654,10 +835,11 @@ def config_with_dtype(conf: dict, dtype_name: str) -> dict:
 
 
 def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: MergeReport,
-                dtype: Optional[str] = None) -> None:
-    """config.json (its dtype set to `dtype`, a safetensors code, see `config_with_dtype`; written
-    as transformers writes it: sorted keys, 2-space indent), generation_config.json and the
-    tokenizer files, then the configuration itself."""
+                dtype: Optional[str] = None, layer_config: Optional[dict] = None) -> None:
+    """config.json (its dtype set to `dtype`, a safetensors code, see `config_with_dtype`, and the
+    keys of `layer_config` replaced: a slices merge's layer count; written as transformers writes
+    it: sorted keys, 2-space indent), generation_config.json and the tokenizer files, then the
+    configuration itself."""
     home = cfg.home if cfg.home.is_dir() else None
     sources = [(home, CONFIG_FILES)]
     if copy_tokenizer:
@@ -670,15 +852,17 @@ def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: Merge
             if not src.is_file():
                 continue
             dst = tmp / fname
-            if fname == "config.json" and dtype is not None:
+            if fname == "config.json" and (dtype is not None or layer_config):
                 try:
                     conf = json.loads(src.read_text("utf-8"))
                 except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                     conf = None
                 if isinstance(conf, dict):
+                    conf = {**conf, **(layer_config or {})}
+                    if dtype is not None:
+                        conf = config_with_dtype(conf, TORCH_NAMES[dtype])
                     with open(dst, "x", encoding="utf-8") as fh:
-                        fh.write(json.dumps(config_with_dtype(conf, TORCH_NAMES[dtype]), indent=2, sort_keys=True)
-                                 + "\n")
+                        fh.write(json.dumps(conf, indent=2, sort_keys=True) + "\n")
                     report.files.append(fname)
                     continue
             shutil.copyfile(src, dst)
@@ -797,11 +981,11 @@ def _check_device(device):
     return dev
 
 
-def _engine(cfg: MergeConfig, dev, backend: str, threads: Optional[int], ref: Checkpoint,
-            tasks: Sequence[Checkpoint], items: Sequence[_Item], compute_dtype: str = "fp32"):
+def _engine(cfg: MergeConfig, dev, backend: str, threads: Optional[int], opened: Sequence[Checkpoint],
+            items: Sequence[_Item], compute_dtype: str = "fp32"):
     """The native engine where it can run the merge (see native_engine.reason), else torch's
     (always for --compute-dtype config: mergekit's arithmetic is torch's)."""
-    if compute_dtype == "fp32" and native_engine.reason(cfg, dev, backend, ref, tasks, items) is None:
+    if compute_dtype == "fp32" and native_engine.reason(cfg, dev, backend, opened, items) is None:
         return native_engine.NativeEngine(cfg, threads)
     import torch
     return _TorchEngine(cfg, torch.device(dev) if isinstance(dev, str) else dev, backend, compute_dtype)
@@ -815,11 +999,10 @@ class _Prepared:
     shard_bytes: int
     out: Path
     report: MergeReport
-    ref: Checkpoint
-    tasks: List[Checkpoint]
     opened: List[Checkpoint]
     items: List[_Item]
     compute_dtype: str = "fp32"
+    layer_config: dict = field(default_factory=dict)  # config.json keys a slices merge changes
 
     def close(self) -> None:
         for c in self.opened:
@@ -850,9 +1033,13 @@ def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str,
     _check_output(out, cfg, overwrite)
     report = MergeReport(out_dir=out, method=cfg.method, device=str(dev), notes=list(cfg.notes),
                          rss_before=rss_before)
-    ref, tasks, opened = _open_all(cfg)
+    ref, tasks, opened, by_id = _open_all(cfg)
+    layer_config: dict = {}
     try:
-        items = _plan(cfg, ref, tasks, report.notes)
+        if cfg.slices:
+            items, layer_config = _plan_slices(cfg, by_id, report.notes)
+        else:
+            items = _plan(cfg, ref, tasks, report.notes)
     except BaseException:
         for c in opened:
             c.close()
@@ -861,7 +1048,7 @@ def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str,
         report.notes.append(f"--compute-dtype config: mergekit's {cfg.method} arithmetic in "
                             f"{TORCH_NAMES[cfg.dtype] if cfg.dtype else 'the inputs promoted dtype'}, its order of "
                             f"operations and its exact-k TIES selection")
-    return _Prepared(cfg, dev, shard_bytes, out, report, ref, list(tasks), opened, items, compute_dtype)
+    return _Prepared(cfg, dev, shard_bytes, out, report, opened, items, compute_dtype, layer_config)
 
 
 @contextlib.contextmanager
@@ -881,12 +1068,13 @@ def _collector_quiet():
         gc.set_threshold(*threshold)
 
 
-def _write_rest(tmp: Path, shards, files, cfg: MergeConfig, copy_tokenizer: bool, report: MergeReport) -> None:
+def _write_rest(tmp: Path, shards, files, cfg: MergeConfig, copy_tokenizer: bool, report: MergeReport,
+                layer_config: Optional[dict] = None) -> None:
     """Phase 4: the index (when there are several shards), the config and tokenizer files and the
     configuration, into the temporary directory."""
     if len(shards) > 1:
         write_index(tmp / INDEX_FILE, shards, files)
-    _copy_files(cfg, tmp, copy_tokenizer, report, model_dtype(shards))
+    _copy_files(cfg, tmp, copy_tokenizer, report, model_dtype(shards), layer_config)
 
 
 def run_merge(
@@ -967,7 +1155,6 @@ def run_merge(
     rss_before = _current_rss()
     prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype)
     cfg, dev, out, report, items = prep.cfg, prep.dev, prep.out, prep.report, prep.items
-    ref, tasks = prep.ref, prep.tasks
     tmp: Optional[Path] = None
     rss_seen = rss_before
     made_parents: List[Path] = []
@@ -988,15 +1175,15 @@ def run_merge(
         if os.path.lexists(tmp):
             shutil.rmtree(tmp)
         tmp.mkdir()
-        engine = _engine(cfg, dev, backend, threads, ref, tasks, items, compute_dtype)
+        engine = _engine(cfg, dev, backend, threads, prep.opened, items, compute_dtype)
         report.engine = engine.name
 
         bar = _Progress(len(items), total_in, progress)
         by_name = {it.name: it for it in items}
         order = [by_name[e.name] for shard in shards for e in shard]
         with _collector_quiet(), engine.running(threads):
-            rss_seen = _stream(order, shards, files, tmp, ref, tasks, engine, report, bar, prefetch)
-        _write_rest(tmp, shards, files, cfg, copy_tokenizer, report)
+            rss_seen = _stream(order, shards, files, tmp, engine, report, bar, prefetch)
+        _write_rest(tmp, shards, files, cfg, copy_tokenizer, report, prep.layer_config)
         _install(tmp, out)
         tmp = None
     except BaseException as exc:
@@ -1289,8 +1476,8 @@ def _agreement(prep: _Prepared, backend: str, copy_tokenizer: bool, overwrite: b
         heads = ";".join(f"{t.name}|{t.dtype}|{list(t.shape)}|{t.file.name}|{t.offset}" for t in c.tensors.values())
         h = _digest(heads)
         fields.append((f"headers of {c.label}", h, f"{c.path} (sha256 {h})"))
-    plan = _digest(";".join(f"{it.name}|{it.entry.dtype}|{list(it.entry.shape)}|{sorted((it.kwargs or {}).items())}"
-                            for it in prep.items))
+    plan = _digest(";".join(f"{it.name}|{it.entry.dtype}|{list(it.entry.shape)}|{sorted((it.kwargs or {}).items())}|"
+                            + ",".join(f"{c.label}:{n}" for c, n in it.inputs) for it in prep.items))
     fields.append(("plan", plan, f"{len(prep.items)} tensors (sha256 {plan})"))
     return fields
 
@@ -1438,13 +1625,12 @@ def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard
                 tmp = Path(answer["tmp"])
 
             # 3. this rank's tensors
-            engine = _engine(cfg, dev, backend, threads, prep.ref, prep.tasks, items, prep.compute_dtype)
+            engine = _engine(cfg, dev, backend, threads, prep.opened, items, prep.compute_dtype)
             report.engine = engine.name
             bar = _Progress(len(order), sum(it.nbytes_in for it in order), progress and rank == 0,
                             label=f"pyops merge ({where})")
             with _collector_quiet(), engine.running(threads):
-                rss_seen = _stream(order, my_shards, my_files, tmp, prep.ref, prep.tasks, engine, report, bar,
-                                   prefetch, tick=ranks.tick)
+                rss_seen = _stream(order, my_shards, my_files, tmp, engine, report, bar, prefetch, tick=ranks.tick)
         except _PeerFailed:
             state = "stopped"
         except _Lost:
@@ -1476,7 +1662,7 @@ def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard
         if rank == 0:
             if first is None:
                 try:
-                    _write_rest(tmp, shards, files, cfg, copy_tokenizer, report)
+                    _write_rest(tmp, shards, files, cfg, copy_tokenizer, report, prep.layer_config)
                     _install(tmp, out)
                     tmp = None
                 except Exception as exc:

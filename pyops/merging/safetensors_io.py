@@ -589,6 +589,39 @@ class Checkpoint:
         self.close()
 
 
+class AdaptedCheckpoint:
+    """A `Checkpoint` whose tensors pass through an adapter as they are read: mergekit's
+    `model+lora` input, a PEFT LoRA adapter (`pyops.merging.lora.LoraAdapter`) applied to each
+    tensor it targets (`adapter.touches(name)`, `adapter.apply(name, tensor)`, which keeps the
+    tensor's dtype and shape), so that no merged copy of the model is ever written. Read through
+    torch only (`map_raw` / `read_raw` refuse: the torch engine runs such merges)."""
+
+    is_bin = False
+
+    def __init__(self, inner: Checkpoint, adapter, label: str):
+        self.inner, self.adapter, self.label = inner, adapter, label
+        self.path = inner.path
+        self.tensors = inner.tensors
+
+    def _adapted(self, name: str, t):
+        return self.adapter.apply(name, t) if self.adapter.touches(name) else t
+
+    def read(self, name: str, buffer=None):
+        return self._adapted(name, self.inner.read(name, buffer))
+
+    def map(self, name: str):
+        return self._adapted(name, self.inner.map(name))
+
+    def map_raw(self, name: str):
+        raise ValueError(f"{self.path}: a model with a LoRA adapter is read through torch (the torch engine)")
+
+    read_raw = map_raw
+
+    def close(self) -> None:
+        self.adapter.close()
+        self.inner.close()
+
+
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------

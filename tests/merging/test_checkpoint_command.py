@@ -466,8 +466,9 @@ def _bad(ckpt, **kw):
 
 BAD = {
     "unknown method": (lambda c: f"base_model: {c['base_path']}\nmodels:\n  - model: {c['paths'][0]}\n"
-                                 f"merge_method: slerp\n",
-                       ConfigError, r"line 4, column 1: merge_method: unknown method 'slerp'"),
+                                 f"merge_method: lrp\n",
+                       ConfigError, r"line 4, column 1: merge_method: unknown method 'lrp' \(a mergekit method that "
+                                    r"pyops does not implement\)"),
     "density 1.5": (lambda c: _bad(c, model_params=[{"weight": 1.0}, {"weight": 1.0, "density": 1.5}, {"weight": 1.0}]),
                     ConfigError, r"line 8, column \d+: models\[2\]\.parameters\.density: density must be in \(0, 1\], got 1.5"),
     "shape mismatch": (lambda c: _bad(c, paths=[c["paths"][0], c["root"] / "bad_shape", c["paths"][2]]),

@@ -77,7 +77,7 @@ def test_config_compute_refuses_other_methods(ckpt, tmp_path, capsys, method):
     assert cli_main(["merge", str(cfg), "--out", str(tmp_path / "out"), "--compute-dtype", "config"]) == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and re.search(
-        rf"--compute-dtype config: mergekit's arithmetic is reproduced for task_arithmetic, linear, ties, not "
+        rf"--compute-dtype config: mergekit's arithmetic is reproduced for task_arithmetic, linear, ties, passthrough, not "
         rf"{method} \(run without it", err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml"]
 
