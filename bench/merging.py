@@ -104,9 +104,12 @@ def _method(method, numel, quick_numel, targets, timing, blocks=None, backends=_
                     targets=targets, timing=timing)
 
 
-def _ckpt(method, params, speedup, timing, quick=True) -> CaseSpec:
+def _ckpt(method, params, speedup, timing, quick=True, *, n=3, weights=True, base=True, top=None) -> CaseSpec:
+    """A whole-model merge case: `n` fine-tuned models (with the base as base_model when `base`),
+    per-model `params` (and `weight` from WEIGHTS when `weights`), top-level parameters `top`."""
     return CaseSpec(f"checkpoint-{method}", "merge_from_models", "checkpoint",
-                    {"method": method, "params": params, "model": LLAMA},
+                    {"method": method, "params": params, "model": LLAMA, "n": n, "weights": weights, "base": base,
+                     "top": top or {}},
                     {"model": LLAMA_QUICK} if quick else None, peers=("pyops_cli", "mergekit_yaml"),
                     baseline="mergekit_yaml", targets={"cpu": {"speedup": speedup, "peak_rss_ratio": 0.25}},
                     timing=timing, also=("task_arithmetic_from_models",) if method == "task_arithmetic" else ())
@@ -131,6 +134,18 @@ CASES = [
     _ckpt("task_arithmetic", {}, 5.0, _ckpt_timing(60.0, 5.0)),
     _ckpt("ties", {"density": DENSITY}, 10.0, _ckpt_timing(360.0, None), quick=False),
     _ckpt("dare_ties", {"density": DENSITY}, 10.0, _ckpt_timing(120.0, None), quick=False),
+    # mergekit 0.1.5's other methods (issue 16: 5x, per-element methods 10x; full size only, where
+    # the merge outweighs the process start)
+    _ckpt("linear", {}, 10.0, _ckpt_timing(60.0, None), quick=False, base=False),
+    _ckpt("slerp", {}, 5.0, _ckpt_timing(60.0, 5.0), n=1, weights=False, top={"t": 0.4}),
+    _ckpt("nearswap", {}, 10.0, _ckpt_timing(60.0, None), quick=False, n=1, weights=False, top={"t": 0.001}),
+    _ckpt("nuslerp", {}, 5.0, _ckpt_timing(60.0, None), quick=False, n=2),
+    _ckpt("multislerp", {}, 5.0, _ckpt_timing(60.0, None), quick=False),
+    _ckpt("karcher", {}, 5.0, _ckpt_timing(120.0, None), quick=False, weights=False, base=False),
+    _ckpt("breadcrumbs_ties", {"density": DENSITY, "gamma": GAMMA}, 5.0, _ckpt_timing(300.0, None), quick=False),
+    _ckpt("ram", {}, 10.0, _ckpt_timing(60.0, None), quick=False, weights=False),
+    _ckpt("sce", {}, 5.0, _ckpt_timing(120.0, None), quick=False, weights=False, top={"select_topk": 0.5}),
+    _ckpt("arcee_fusion", {}, 5.0, _ckpt_timing(120.0, None), quick=False, n=1, weights=False),
 ]
 
 
@@ -504,11 +519,17 @@ def _checkpoint_in(b: Build, root: str, own: bool) -> Case:
     model_bytes = sum(os.path.getsize(os.path.join(m, "model.safetensors")) for m in models)
     mergekit = mergekit_yaml()
     cfg = os.path.join(root, f"{method}.yaml")
+    n, top = b.sizes.get("n", 3), b.sizes.get("top") or {}
     with open(cfg, "w") as f:
-        f.write(f"merge_method: {method}\nbase_model: {models[0]}\ndtype: float32\nmodels:\n")
-        for m, w in zip(models[1:], WEIGHTS):
-            extra = "".join(f", {k}: {v}" for k, v in params.items())
-            f.write(f"  - model: {m}\n    parameters: {{weight: {w}{extra}}}\n")
+        f.write(f"merge_method: {method}\n" + (f"base_model: {models[0]}\n" if b.sizes.get("base", True) else "")
+                + "dtype: float32\n")
+        if top:
+            f.write("parameters: {" + ", ".join(f"{k}: {v}" for k, v in top.items()) + "}\n")
+        f.write("models:\n")
+        for m, w in zip(models[1:1 + n], WEIGHTS):
+            per = ({"weight": w} if b.sizes.get("weights", True) else {}) | dict(params)
+            f.write(f"  - model: {m}\n" + ("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in per.items())
+                                            + "}\n" if per else ""))
     out_pyops, out_mk = os.path.join(root, f"out-pyops-{method}"), os.path.join(root, f"out-mk-{method}")
     rss: dict = {}
 
