@@ -89,7 +89,7 @@ void task_arithmetic_backward(uintptr_t grad, int grad_dtype, uintptr_t base,
 
 pyops::MergeProblem make_merge_problem(uintptr_t base, const std::vector<const void*>& deltas, int in_dtype,
                                        uintptr_t coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
-                                       const std::vector<float>& density, int64_t numel, int64_t block_size,
+                                       const std::vector<double>& density, int64_t numel, int64_t block_size,
                                        bool from_models, int method, double lam, uint64_t seed, int64_t name_hash,
                                        int64_t k, double tall_lambda, bool normalize, double gamma,
                                        double epsilon) {
@@ -121,8 +121,7 @@ void merge_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vect
                    bool normalize, double gamma, double epsilon, int n_threads) {
   const DType od = to_dtype(out_dtype, "out_dtype");
   const auto dptr = as_pointers<const void*>(deltas);
-  const std::vector<float> dens(density.begin(), density.end());  // fp32, as the reference holds them
-  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
+  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, density, numel,
                                     block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
                                     gamma, epsilon);
   Status st;
@@ -145,8 +144,7 @@ void merge_backward(uintptr_t grad, int grad_dtype, uintptr_t base, const std::v
                           std::to_string(grad_deltas.size()));
   const auto dptr = as_pointers<const void*>(deltas);
   const auto gdptr = as_pointers<void*>(grad_deltas);
-  const std::vector<float> dens(density.begin(), density.end());
-  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, dens, numel,
+  const auto p = make_merge_problem(base, dptr, in_dtype, coeffs, coeff_stride_n, coeff_stride_block, density, numel,
                                     block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, normalize,
                                     gamma, epsilon);
   Status st;

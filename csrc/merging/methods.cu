@@ -59,7 +59,7 @@ Status merge_forward(void* out, int out_dtype, const void* base, const void* del
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0)
     return Status::invalid("workspace must be 16-byte aligned");
   const cuda_merge::Problem p{out, out_dtype, base, delta_ptrs, n, in_dtype, static_cast<const float*>(coeffs),
-                              coeff_stride_n, coeff_stride_block, static_cast<const float*>(density), numel,
+                              coeff_stride_n, coeff_stride_block, static_cast<const double*>(density), numel,
                               block_size, from_models, method, lam, seed, name_hash, k, tall_lambda, gamma,
                               epsilon, static_cast<const int32_t*>(ranks), normalize, workspace, workspace_bytes};
   StreamLauncher launcher{static_cast<cudaStream_t>(stream)};
@@ -76,7 +76,7 @@ Status merge_backward(const void* grad, int grad_dtype, const void* base, const 
     return Status::invalid("delta_ptrs and grad_delta_ptrs must be 8-byte aligned (int64 arrays)");
   if (reinterpret_cast<uintptr_t>(workspace) % 16 != 0) return Status::invalid("workspace must be 16-byte aligned");
   const cuda_merge::Problem p{nullptr, 0, base, delta_ptrs, n, in_dtype, static_cast<const float*>(coeffs),
-                              coeff_stride_n, coeff_stride_block, static_cast<const float*>(density), numel,
+                              coeff_stride_n, coeff_stride_block, static_cast<const double*>(density), numel,
                               block_size, from_models, method, lam, seed, name_hash, 1, 0.f, gamma, epsilon,
                               static_cast<const int32_t*>(ranks), normalize, workspace, workspace_bytes};
   const cuda_merge::BwdOutputs o{grad, grad_dtype, grad_base, grad_delta_ptrs, static_cast<float*>(grad_coeffs)};

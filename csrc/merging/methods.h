@@ -5,7 +5,7 @@
 //
 //   tau_i   = delta_i                  or  float(finetuned_i) - float(base)     (from_models)
 //   ties    : t_i = [|tau_i| >= thr_i,b] * tau_i, thr_i,b the k-th largest |tau_i| of block b,
-//             k = max(1, floor(density_i * n_b)) (exact; ties kept); density_i >= 1 keeps all
+//             k = max(1, floor(density_i * n_b)) in fp64 (exact; ties kept); density_i >= 1 keeps all
 //   ties, exact k (code 8): the same threshold, exactly k kept: every entry with !(|tau| <= thr)
 //             (greater, or NaN), then the entries with |tau| == thr in increasing flat index
 //   dare    : t_i = ([u_ij < density_i] / density_i) * tau_i, u from Philox4x32-10 with
@@ -53,7 +53,10 @@ enum MergeMethodCode : int {
 // The task-arithmetic problem (base, task tensors, coefficients, blocks) plus the method's
 // parameters.
 struct MergeProblem : TaskArithmeticProblem {
-  const float* density = nullptr;       // n values in (0, 1] (fp32, as the reference holds them)
+  // n values in (0, 1], as the caller gave them (fp64). Counts are formed from them in fp64,
+  // k = floor(density * n) as mergekit 0.1.5's int(density * n); keep probabilities (DARE, DELLA)
+  // use fp32(density), as the reference and mergekit's fp32 Bernoulli draws.
+  const double* density = nullptr;
   int method = kMergeTies;
   float lam = 1.f;
   uint64_t seed = 0;

@@ -22,7 +22,7 @@ Status merge_workspace_bytes(int64_t numel, int64_t block_size, int64_t n, int m
 // [n, numel], each element's ascending rank of |tau_i| in its block (ties by position), for
 // breadcrumbs and della (null otherwise). delta_ptrs: device int64 array of n addresses of [numel] in
 // in_dtype (fine-tuned weights when from_models); coeffs: fp32, c[i, b] = coeffs[i * coeff_stride_n
-// + b * coeff_stride_block]; density: device fp32 [n]. out may be base itself; it must not overlap
+// + b * coeff_stride_block]; density: device fp64 [n]. out may be base itself; it must not overlap
 // a delta. workspace: merge_workspace_bytes(...) bytes, 16-byte aligned, contents ignored.
 Status merge_forward(void* out, int out_dtype, const void* base, const void* delta_ptrs, int64_t n, int in_dtype,
                      const void* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const void* density,

@@ -324,10 +324,11 @@ struct Ctx {
     inv.assign((size_t)n, 1.f);
     dare_lim.assign((size_t)n, 0);
     for (int64_t i = 0; i < n; ++i) {
-      if (ties || ranked) keep_all[i] = !(p->density[i] < 1.f);  // ranked: density 1 keeps all, unscaled
-      if (della) della_lo[i] = p->density[i] - (float)p->epsilon;
+      // the fp64 density decides (mergekit's `density >= 1`); ranked: density 1 keeps all, unscaled
+      if (ties || ranked) keep_all[i] = !(p->density[i] < 1.0);
+      if (della) della_lo[i] = (float)p->density[i] - (float)p->epsilon;
       if (dare) {
-        const float rho = p->density[i];
+        const float rho = (float)p->density[i];
         inv[i] = 1.f / rho;
         // u = m * 2^-24 with m = word >> 8 an integer; u < rho  <=>  m < rho * 2^24  <=>
         // m < ceil(rho * 2^24) (rho * 2^24 is exact in double).
@@ -336,9 +337,10 @@ struct Ctx {
     }
   }
 
-  // k = max(1, floor(density * n)) as the reference computes it (fp32 density, fp64 product).
+  // k = max(1, floor(density * n)), the fp64 density times n in fp64: mergekit 0.1.5's
+  // int(density * n) (mergekit/sparsify.py), and the reference's.
   int64_t topk(int64_t i, int64_t len) const {
-    const int64_t k = (int64_t)std::floor((double)p->density[i] * (double)len);
+    const int64_t k = (int64_t)std::floor(p->density[i] * (double)len);
     return std::max<int64_t>(1, std::min(k, len));
   }
 
@@ -487,8 +489,8 @@ inline Status check(const MergeProblem& p, bool need_out, const void* out) {
   if (uses_density && p.n > 0) {
     if (p.density == nullptr) return Status::invalid("density is a null pointer");
     for (int64_t i = 0; i < p.n; ++i)
-      if (!(p.density[i] > 0.f && p.density[i] <= 1.f))
-        return Status::invalid("density[" + std::to_string(i) + "] must be in (0, 1] (as fp32), got " +
+      if (!(p.density[i] > 0.0 && p.density[i] <= 1.0 && (float)p.density[i] > 0.f))
+        return Status::invalid("density[" + std::to_string(i) + "] must be in (0, 1] (also as fp32), got " +
                                std::to_string(p.density[i]));
   }
   if (m == kMergeBreadcrumbs || m == kMergeBreadcrumbsTies) {
@@ -499,7 +501,7 @@ inline Status check(const MergeProblem& p, bool need_out, const void* out) {
     // Every keep probability must be positive (it divides); the op layer checks the full range.
     // Density 1 keeps every entry and draws nothing.
     for (int64_t i = 0; i < p.n; ++i)
-      if (!(p.epsilon >= 0.0) || (p.density[i] < 1.f && !(p.density[i] - (float)p.epsilon > 0.f)))
+      if (!(p.epsilon >= 0.0) || (p.density[i] < 1.0 && !((float)p.density[i] - (float)p.epsilon > 0.f)))
         return Status::invalid("epsilon: della needs density - epsilon > 0, got density[" + std::to_string(i) +
                                "]=" + std::to_string(p.density[i]) + ", epsilon=" + std::to_string(p.epsilon));
   }

@@ -63,7 +63,7 @@ struct Problem {
   int in_dtype;
   const float* coeffs;
   int64_t coeff_stride_n, coeff_stride_block;
-  const float* density;      // device [n]
+  const double* density;     // device [n], fp64
   int64_t numel, block_size;
   bool from_models;
   int method;

@@ -25,12 +25,12 @@ PYOPS_DEVICE void group_blocks(const Args& a, int64_t j0, int cnt, int64_t* blk)
 // Breadcrumbs / DELLA: the keep multiplier m of each element from its rank r in its block
 // (length blen):
 //   breadcrumbs: m = [blen - n_keep - n_top <= r < blen - n_top], n_top = floor(gamma blen),
-//                n_keep = floor(density blen) (fp64 products)
-//   della:       p = (density - eps) + (2 eps) * (blen > 1 ? r / (blen - 1) : 0.5) in fp32,
+//                n_keep = floor(density blen) (fp64 density and products, as mergekit)
+//   della:       p = (fp32(density) - eps) + (2 eps) * (blen > 1 ? r / (blen - 1) : 0.5) in fp32,
 //                m = [u < p] / p, u from the element's Philox word as for DARE
 // (density >= 1 is handled by the caller: m = 1).
 PYOPS_DEVICE void ranked_mult(const Args& a, int64_t i, int64_t g, int64_t j0, int cnt, const int64_t* blk,
-                              float rho, float* m) {
+                              double rho, float* m) {
   const int32_t* rk = a.ranks + i * a.numel;
   int64_t r[4];
   PYOPS_UNROLL
@@ -41,14 +41,14 @@ PYOPS_DEVICE void ranked_mult(const Args& a, int64_t i, int64_t g, int64_t j0, i
       const int64_t lo_b = blk[e] * a.block_size;
       const int64_t blen = min64(a.numel, lo_b + a.block_size) - lo_b;
       const int64_t n_top = (int64_t)floor(a.gamma * (double)blen);
-      const int64_t n_keep = (int64_t)floor((double)rho * (double)blen);
+      const int64_t n_keep = (int64_t)floor(rho * (double)blen);
       m[e] = (r[e] >= blen - n_keep - n_top && r[e] < blen - n_top) ? 1.f : 0.f;
     }
     return;
   }
   const Philox4 w = philox4x32_10((uint32_t)g, (uint32_t)((uint64_t)g >> 32), (uint32_t)i, a.name_hash, a.seed_lo,
                                   a.seed_hi);
-  const float plo = simt::fsub(rho, (float)a.epsilon), span = (float)(2.0 * a.epsilon);
+  const float plo = simt::fsub((float)rho, (float)a.epsilon), span = (float)(2.0 * a.epsilon);
   PYOPS_UNROLL
   for (int e = 0; e < 4; ++e) {
     const int64_t lo_b = blk[e] * a.block_size;
@@ -74,8 +74,9 @@ PYOPS_DEVICE void task_mult(const Args& a, int64_t i, int64_t g, int64_t j0, int
     tau[e] = FM ? simt::fsub(x, bb[e]) : x;
     m[e] = 1.f;
   }
-  const float rho = a.density[i];
-  if (a.method == kTies && !keeps_all(rho)) {
+  const double rho64 = a.density[i];
+  const float rho = (float)rho64;  // the keep probability, fp32 as the reference
+  if (a.method == kTies && !keeps_all(rho64)) {
     PYOPS_UNROLL
     for (int e = 0; e < 4; ++e) m[e] = fabsf(tau[e]) >= a.thr[blk[e] * a.n + i] ? 1.f : 0.f;
   } else if (a.method == kDare || a.method == kDareTies) {
@@ -86,8 +87,8 @@ PYOPS_DEVICE void task_mult(const Args& a, int64_t i, int64_t g, int64_t j0, int
     const uint32_t lim = (uint32_t)ceil((double)rho * 16777216.0);
     PYOPS_UNROLL
     for (int e = 0; e < 4; ++e) m[e] = (r.v[e] >> 8) < lim ? keep : 0.f;
-  } else if (is_ranked(a.method) && !keeps_all(rho)) {
-    ranked_mult(a, i, g, j0, cnt, blk, rho, m);
+  } else if (is_ranked(a.method) && !keeps_all(rho64)) {
+    ranked_mult(a, i, g, j0, cnt, blk, rho64, m);
   }
 }
 

@@ -65,7 +65,7 @@ struct Args {
   int64_t n;
   const float* coeffs;        // c[i, b] = coeffs[i * s_n + b * s_b]
   int64_t s_n, s_b;
-  const float* density;       // [n], device
+  const double* density;      // [n], device, fp64 as given (counts in fp64; probabilities fp32(density))
   int64_t numel, block_size, n_blocks;
   int method;
   float lam;
@@ -85,13 +85,13 @@ struct Args {
 PYOPS_DEVICE int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 PYOPS_DEVICE int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-// k = max(1, floor(density * len)) as the reference computes it (fp32 density, fp64 product).
-PYOPS_DEVICE int64_t topk(float density, int64_t len) {
-  const int64_t k = (int64_t)floor((double)density * (double)len);
+// k = max(1, floor(density * len)) in fp64: mergekit 0.1.5's int(density * n), as the reference.
+PYOPS_DEVICE int64_t topk(double density, int64_t len) {
+  const int64_t k = (int64_t)floor(density * (double)len);
   return max64(1, min64(k, len));
 }
 
-PYOPS_DEVICE bool keeps_all(float density) { return !(density < 1.f); }
+PYOPS_DEVICE bool keeps_all(double density) { return !(density < 1.0); }
 
 template <class T, bool FM>
 PYOPS_DEVICE float tau_at(const Args& a, int64_t i, int64_t j) {

@@ -19,7 +19,7 @@ PYOPS_KERNEL void select_blocks(Args a) {
   for (int64_t b = simt::bid(); b < a.n_blocks; b += simt::gdim()) {
     const int64_t lo = b * a.block_size, hi = min64(a.numel, lo + a.block_size);
     for (int64_t i = 0; i < a.n; ++i) {
-      const float rho = a.density[i];
+      const double rho = a.density[i];
       if (keeps_all(rho)) {
         if (t == 0) a.thr[b * a.n + i] = 0.f;
         continue;
@@ -73,7 +73,7 @@ PYOPS_KERNEL void select_pick(Args a) {
   const uint32_t dm = pass_mask(p);
   for (int64_t q = simt::bid(); q < a.n_blocks * a.n; q += simt::gdim()) {
     const int64_t b = q / a.n, i = q - b * a.n;
-    const float rho = a.density[i];
+    const double rho = a.density[i];
     if (keeps_all(rho)) {
       if (t == 0 && p == kPasses - 1) a.thr[q] = 0.f;
       continue;

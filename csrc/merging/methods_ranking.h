@@ -99,7 +99,7 @@ inline void rank_multipliers(const Ctx& ctx, int64_t i, int64_t blen, const uint
   }
   if (!ctx.della) {
     const int64_t n_top = (int64_t)std::floor(p.gamma * (double)blen);
-    const int64_t n_keep = (int64_t)std::floor((double)p.density[i] * (double)blen);
+    const int64_t n_keep = (int64_t)std::floor(p.density[i] * (double)blen);  // fp64, as mergekit
     const int64_t lo = blen - n_keep - n_top, hi = blen - n_top;
     for (int64_t j = 0; j < len; ++j) m[j] = ((int64_t)rk[j] >= lo && (int64_t)rk[j] < hi) ? 1.f : 0.f;
     return;

@@ -358,8 +358,8 @@ def _row_tau(d_ptr, base_ptr, offs, mask, FROM_MODELS: tl.constexpr):
 
 @triton.jit
 def _row_k(rho_ptr, task, rows, block_size, numel):
-    """k = max(1, ⌊ρ·n⌋) per row (block), with ρ in fp32 and the product in fp64, as the reference."""
-    rho = tl.load(rho_ptr + task).to(tl.float64)
+    """k = max(1, ⌊ρ·n⌋) per row (block), ρ and the product in fp64: mergekit 0.1.5's int(ρ·n)."""
+    rho = tl.load(rho_ptr + task)  # fp64
     length = tl.minimum(numel - rows.to(tl.int64) * block_size, block_size)
     return tl.maximum((rho * length.to(tl.float64)).to(tl.int32), 1)  # truncation = floor (>= 0)
 
@@ -755,7 +755,7 @@ def _large_thresholds(base, deltas, block_size, from_models, rho: Tensor) -> Ten
     # need[i, b]: the rank (from the top) of the threshold among the keys still matching.
     lengths = torch.full((n_blocks,), block_size, dtype=torch.int64, device=dev)
     lengths[n_blocks - 1] = numel - (n_blocks - 1) * block_size
-    # k = max(1, ⌊ρ·n⌋) with ρ in fp32 and the product in fp64, as the reference forms it.
+    # k = max(1, ⌊ρ·n⌋) with ρ (fp64, as given) and the product in fp64: mergekit 0.1.5's int(ρ·n).
     need = (rho.to(torch.float64)[:, None] * lengths.to(torch.float64)[None, :]).floor().to(torch.int64).clamp_min(1)
     matched = lengths.expand(n, n_blocks)  # keys still in the running, per (task, block)
     lanes = chunks_per_block * tiles * tile  # lanes counted per block (padding included)
@@ -790,14 +790,15 @@ def _ranked_params(density: Sequence[float], numel: int, block_size: int, gamma:
     lengths = (bs, numel - (triton.cdiv(numel, bs) - 1) * bs)
     ints, floats = [], []
     for d in density:
+        # counts from the fp64 density (mergekit's int(density * n)); DELLA's ρ − ε from fp32(ρ)
         rho = _fp32(d)
-        if rho >= 1.0:  # density 1 keeps every entry, unscaled: the band is every rank, p = 1
+        if d >= 1.0:  # density 1 keeps every entry, unscaled: the band is every rank, p = 1
             ints += [0, lengths[0], 0, lengths[1]]
             floats += [1.0, 0.0, float(lengths[0] - 1), float(lengths[1] - 1)]
             continue
         for length in lengths:
             n_top = math.floor(gamma * length)
-            n_keep = math.floor(rho * length)
+            n_keep = math.floor(d * length)
             ints += [length - n_keep - n_top, length - n_top]
         floats += [_fp32(rho - _fp32(epsilon)), _fp32(2.0 * epsilon), float(lengths[0] - 1), float(lengths[1] - 1)]
     return ints, floats
@@ -825,7 +826,7 @@ def merge_forward(out: Tensor, base: Tensor, deltas: Sequence[Tensor], coeffs: T
         fparams = torch.tensor(floats, dtype=torch.float32, device=dev)
         thr = block_ranks(base, deltas, block_size, from_models)  # the ranks, [N, numel] int32
     elif method == METHOD_TIES:
-        rho = torch.tensor([_fp32(d) for d in density], dtype=torch.float32, device=dev)
+        rho = torch.tensor([float(d) for d in density], dtype=torch.float64, device=dev)  # counts in fp64
         if min(block_size, numel) <= SMALL_MAX:
             rows, cols = _rows_tiling(numel, block_size, n_blocks)
             grid = (triton.cdiv(n_blocks, rows),)

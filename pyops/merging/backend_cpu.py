@@ -28,7 +28,6 @@ gradients to the reference. model_stock is composed by merge.py from the Gram op
 """
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import torch
@@ -236,10 +235,6 @@ def _gram_fake(base, deltas, from_models):
 INTERPOLATE = Capability("cpu", functions=("vector_gram", "vector_combine", "nearswap_forward", "ram_counts",
                                            "ram_forward"))
 
-# (n_vectors, length, vector_stride, element_stride): vector v is the elements
-# v·vector_stride + k·element_stride, k < length (csrc/merging/interpolate.h).
-Layout = tuple
-
 
 def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool) -> Optional[str]:
     """None if the C++ kernels can run an interpolating method on inputs like `tensor` producing
@@ -252,28 +247,10 @@ def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool)
     return None
 
 
-def whole_layout(shape) -> Layout:
-    numel = math.prod(shape)
-    return (1, numel, 0, 1) if numel else (0, 0, 0, 1)
+whole_layout, rows_layout, dim0_layout = R.whole_layout, R.rows_layout, R.dim0_layout
 
 
-def rows_layout(shape) -> Layout:
-    """The rows of the last dimension (a 0-d tensor is one vector)."""
-    if len(shape) == 0:
-        return whole_layout(shape)
-    numel, last = math.prod(shape), shape[-1]
-    return (numel // last, last, last, 1) if numel else (0, 0, 0, 1)
-
-
-def dim0_layout(shape) -> Layout:
-    """The vectors along dim 0 (mergekit's nuslerp_row_wise; a 0-d tensor is one vector)."""
-    if len(shape) == 0:
-        return whole_layout(shape)
-    numel, d0 = math.prod(shape), shape[0]
-    return (numel // d0, d0, 1, numel // d0) if numel else (0, 0, 0, 1)
-
-
-def vector_gram(base: Optional[Tensor], inputs: List[Tensor], layout: Layout) -> Tensor:
+def vector_gram(base: Optional[Tensor], inputs: List[Tensor], layout: R.Layout) -> Tensor:
     """[n_vectors, N, N] fp64: the Gram matrix of each vector's inputs (minus base when given)."""
     n = len(inputs)
     ins = [x.detach().contiguous() for x in inputs]
@@ -283,7 +260,7 @@ def vector_gram(base: Optional[Tensor], inputs: List[Tensor], layout: Layout) ->
     return torch.tensor(g, dtype=torch.float64).view(layout[0], n, n)
 
 
-def vector_combine(base: Optional[Tensor], inputs: List[Tensor], layout: Layout, coeffs: Tensor,
+def vector_combine(base: Optional[Tensor], inputs: List[Tensor], layout: R.Layout, coeffs: Tensor,
                    divisor: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
     """[base +] (Σᵢ coeffs[v, i]·(xᵢ [− base])) [/ divisor[v]] per vector v; coeffs [n_vectors, N]
     and divisor [n_vectors] are rounded to fp32, the kernels' arithmetic."""
@@ -301,137 +278,18 @@ def vector_combine(base: Optional[Tensor], inputs: List[Tensor], layout: Layout,
     return out
 
 
-def _linear(models: List[Tensor], weight: List[float], normalize: bool, out_dtype: torch.dtype) -> Tensor:
-    w = torch.tensor(weight, dtype=torch.float32)
-    return vector_combine(None, models, whole_layout(models[0].shape), w[None, :],
-                          w.sum().reshape(1) if normalize else None, out_dtype)
-
-
-def _slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float, out_dtype: torch.dtype) -> Tensor:
-    layout = whole_layout(a.shape)
-    if layout[0] == 0:
-        return torch.empty(a.shape, dtype=out_dtype)
-    g = vector_gram(None, [a, b], layout)[0].tolist()
-    na, nb = math.sqrt(g[0][0]), math.sqrt(g[1][1])
-    na = na if na > eps else 1.0
-    nb = nb if nb > eps else 1.0
-    ratio = g[0][1] / (na * nb)
-    dot = ratio if math.isnan(ratio) else min(max(ratio, -1.0), 1.0)
-    if abs(dot) > dot_threshold:
-        ca, cb = 1.0 - t, t
-    else:  # a NaN dot (non-finite inputs) lands here and gives NaN coefficients, as the reference
-        theta = math.acos(dot)
-        s = math.sin(theta)
-        ca = math.sin((1.0 - t) * theta) / s if s != 0 else math.nan
-        cb = math.sin(t * theta) / s if s != 0 else math.nan
-    return vector_combine(None, [a, b], layout, torch.tensor([[ca, cb]], dtype=torch.float64), None, out_dtype)
-
-
-def _nuslerp(a: Tensor, b: Tensor, base: Optional[Tensor], t: float, flatten: bool, row_wise: bool,
-             eps: float, out_dtype: torch.dtype) -> Tensor:
-    layout = (whole_layout if flatten else dim0_layout if row_wise else rows_layout)(a.shape)
-    if layout[0] == 0:
-        return torch.empty(a.shape, dtype=out_dtype)
-    g = vector_gram(base, [a, b], layout)
-    n0 = g[:, 0, 0].sqrt().clamp(min=1e-7)
-    n1 = g[:, 1, 1].sqrt().clamp(min=1e-7)
-    cos = (g[:, 0, 1] / (n0 * n1)).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps ** 2
-    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
-    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta))
-    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta))
-    div = torch.where(colinear, torch.ones_like(cos), torch.sin(theta))
-    return vector_combine(base, [a, b], layout, torch.stack([c0, c1], dim=1), div, out_dtype)
-
-
-def _multislerp(models: List[Tensor], weight: List[float], base: Optional[Tensor], normalize_weights: bool,
-                eps: float, out_dtype: torch.dtype) -> Tensor:
-    n = len(models)
-    layout = whole_layout(models[0].shape)
-    if n == 1:
-        return models[0].detach().to(out_dtype, copy=True)
-    w = torch.tensor(weight, dtype=torch.float64)
-    if normalize_weights:
-        w = w / w.sum()
-    if layout[0] == 0:
-        return torch.empty(models[0].shape, dtype=out_dtype)
-    g = vector_gram(base, models, layout)[0]
-    norms = torch.diagonal(g).clamp(min=0).sqrt()
-    s = 1.0 / (norms + eps)                      # uᵢ = sᵢ·xᵢ
-    gu = g * s[:, None] * s[None, :]             # the Gram matrix of the uᵢ
-    mean_norm = math.sqrt(max(float(w @ gu @ w), 0.0))
-    if mean_norm < eps:
-        if n != 2:
-            raise ValueError("models: the weighted sum of the unit vectors is zero (antipodal inputs whose weights "
-                             "cancel); multislerp needs other weights for more than two inputs")
-        coeffs = w
-    else:
-        mu = w / mean_norm                       # m̂ = Σ μᵢ·uᵢ
-        dots = gu @ mu                           # uᵢ·m̂
-        r = w - (w * dots).sum() * mu            # the tangent Σ wᵢ(uᵢ − (uᵢ·m̂)·m̂) = Σ rᵢ·uᵢ
-        rho = math.sqrt(max(float(r @ gu @ r), 0.0)) + eps
-        avg = float((norms * w).sum())
-        coeffs = (mu * math.cos(rho) + r * (math.sin(rho) / rho)) * avg * s
-    return vector_combine(base, models, layout, coeffs[None, :], None, out_dtype)
-
-
-def _karcher(models: List[Tensor], max_iter: int, tol: float, out_dtype: torch.dtype) -> Tensor:
-    n = len(models)
-    layout = whole_layout(models[0].shape)
-    if n == 1:
-        return models[0].detach().to(out_dtype, copy=True)
-    if layout[0] == 0:
-        return torch.empty(models[0].shape, dtype=out_dtype)
-    g = vector_gram(None, models, layout)[0]
-    norms = torch.diagonal(g).clamp(min=0).sqrt().tolist()
-    valid = [i for i in range(n) if norms[i] > tol]
-    if not valid:
-        return vector_combine(None, models, layout, torch.zeros(1, n, dtype=torch.float64), None, out_dtype)
-    m = len(valid)
-    inv = torch.tensor([1.0 / norms[i] for i in valid], dtype=torch.float64)
-    gu = g[valid][:, valid] * inv[:, None] * inv[None, :]   # the Gram matrix of the valid units
-
-    def norm_of(c: Tensor) -> float:
-        return math.sqrt(max(float(c @ gu @ c), 0.0))
-
-    a_hat = torch.full((m,), 1.0 / m, dtype=torch.float64)   # equal weights over the valid inputs
-    mn = norm_of(a_hat)
-    c = torch.nn.functional.one_hot(torch.tensor(0), m).to(torch.float64) if mn < tol else a_hat / mn
-    for _ in range(max_iter):
-        tangent = torch.zeros(m, dtype=torch.float64)
-        dots = (gu @ c).clamp(-1.0, 1.0)
-        for i in range(m):
-            theta = math.acos(float(dots[i]))
-            if theta < tol:
-                continue
-            e = torch.zeros(m, dtype=torch.float64)
-            e[i] = 1.0
-            tangent = tangent + a_hat[i] * (theta / math.sin(theta)) * (e - dots[i] * c)
-        tn = norm_of(tangent)
-        if tn < tol:
-            break
-        c = math.cos(tn) * c + math.sin(tn) * (tangent / tn)
-        un = norm_of(c)
-        if un > tol:
-            c = c / un
-    scale = sum(norms) / n
-    coeffs = torch.zeros(n, dtype=torch.float64)
-    coeffs[valid] = scale * c * inv
-    return vector_combine(None, models, layout, coeffs[None, :], None, out_dtype)
-
-
 def _new_like(x: Tensor, out_dtype: torch.dtype) -> Tensor:
     return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
 @torch.library.custom_op("pyops::linear_cpu", mutates_args=(), device_types="cpu")
 def linear_op(models: List[Tensor], weight: List[float], normalize: bool, out_dtype: torch.dtype) -> Tensor:
-    return _linear(models, weight, normalize, out_dtype)
+    return R.interp_linear(models, weight, normalize, out_dtype, vector_combine)
 
 
 @torch.library.custom_op("pyops::slerp_cpu", mutates_args=(), device_types="cpu")
 def slerp_op(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float, out_dtype: torch.dtype) -> Tensor:
-    return _slerp(a, b, t, dot_threshold, eps, out_dtype)
+    return R.interp_slerp(a, b, t, dot_threshold, eps, out_dtype, vector_gram, vector_combine)
 
 
 @torch.library.custom_op("pyops::nearswap_cpu", mutates_args=(), device_types="cpu")
@@ -447,18 +305,20 @@ def nearswap_op(base: Tensor, model: Tensor, t: float, out_dtype: torch.dtype) -
 @torch.library.custom_op("pyops::nuslerp_cpu", mutates_args=(), device_types="cpu")
 def nuslerp_op(a: Tensor, b: Tensor, base: Optional[Tensor], t: float, nuslerp_flatten: bool,
                nuslerp_row_wise: bool, eps: float, out_dtype: torch.dtype) -> Tensor:
-    return _nuslerp(a, b, base, t, nuslerp_flatten, nuslerp_row_wise, eps, out_dtype)
+    return R.interp_nuslerp(a, b, base, t, nuslerp_flatten, nuslerp_row_wise, eps, out_dtype, vector_gram,
+                            vector_combine)
 
 
 @torch.library.custom_op("pyops::multislerp_cpu", mutates_args=(), device_types="cpu")
 def multislerp_op(models: List[Tensor], weight: List[float], base: Optional[Tensor], normalize_weights: bool,
                   eps: float, out_dtype: torch.dtype) -> Tensor:
-    return _multislerp(models, weight, base, normalize_weights, eps, out_dtype)
+    return R.interp_multislerp(models, weight, base, normalize_weights, eps, out_dtype, vector_gram,
+                               vector_combine)
 
 
 @torch.library.custom_op("pyops::karcher_cpu", mutates_args=(), device_types="cpu")
 def karcher_op(models: List[Tensor], max_iter: int, tol: float, out_dtype: torch.dtype) -> Tensor:
-    return _karcher(models, max_iter, tol, out_dtype)
+    return R.interp_karcher(models, max_iter, tol, out_dtype, vector_gram, vector_combine)
 
 
 def _ram(base: Tensor, models: List[Tensor], epsilon: float, lam: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:

@@ -148,7 +148,8 @@ def _common_args(base: Tensor, deltas: List[Tensor], coeffs: Tensor, density: Li
     deltas = [d.detach().contiguous() for d in deltas]
     c, s_n, s_b = R.coeff_layout(coeffs)
     ptrs = R.device_pointer_array(deltas, base.device)
-    dens = torch.tensor([float(x) for x in density], dtype=torch.float32, device=base.device)
+    # fp64, as given: the kernels count k = floor(density·n) in fp64 (mergekit's int(density * n))
+    dens = torch.tensor([float(x) for x in density], dtype=torch.float64, device=base.device)
     ranks = block_ranks(base, deltas, block_size, from_models) if method in RANKED_CODES else None
     args = dict(base=base.data_ptr(), delta_ptrs=ptrs.data_ptr(), n=len(deltas),
                 in_dtype=_native.dtype_code(base.dtype), coeffs=c.data_ptr(), coeff_stride_n=s_n,

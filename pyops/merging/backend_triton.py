@@ -11,11 +11,17 @@ is optional):
     pyops::task_arithmetic_triton_backward
     pyops::merge_triton                      ties, dare / dare_linear, dare_ties, breadcrumbs,
     pyops::merge_triton_out                  della / della_linear (ranks from a stable device sort)
+    pyops::{linear,slerp,nearswap,scale,     mergekit 0.1.5's interpolating methods of
+      nuslerp,multislerp,karcher}_triton     pyops.merging.interpolate: a torch Gram matrix, the
+                                             scalars in double (registry.interp_*), one Triton
+                                             pass (pyops.kernels.merging.interpolate); forward only
 
-Every op is a `triton_op`, so it traces under `torch.compile(fullgraph=True)`. The merge methods
-are forward only: their gradients (masks held fixed) are computed by the reference, and merge.py
-sends calls that need them there, with that reason. The kernels take CUDA tensors, or CPU tensors
-under TRITON_INTERPRET=1, in fp32 / fp16 / bf16; ranks are int32 (`MERGE.limits`).
+Every task-vector op is a `triton_op`, so it traces under `torch.compile(fullgraph=True)`; the
+interpolating ones are opaque custom ops (their scalars are computed on the host between the
+passes). The merge methods are forward only: their gradients (masks held fixed) are computed by
+the reference, and merge.py sends calls that need them there, with that reason. The kernels
+take CUDA tensors, or CPU tensors under TRITON_INTERPRET=1, in fp32 / fp16 / bf16; ranks are
+int32 (`MERGE.limits`).
 """
 from __future__ import annotations
 
@@ -168,3 +174,133 @@ def run(p: R.Prepared, method: str, dens: List[float], *, from_models: bool, see
         return merge_op(*args, p.out_dtype)
     merge_out_op(*args, out)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The interpolating methods of mergekit 0.1.5 (linear, slerp, nearswap, passthrough, nuslerp,
+# multislerp, karcher): a Gram matrix from torch (fp32 values, fp64 products and sums), the
+# scalars in double on the host (`registry.interp_*`, shared with the C++ path), one Triton pass
+# --------------------------------------------------------------------------------------------
+
+INTERPOLATE = Capability("triton", kernels="merging.interpolate")
+# Elements per input in one fp64 piece of the Gram matrix (bounds its scratch to N·8·GRAM_CHUNK bytes).
+GRAM_CHUNK = 1 << 22
+
+
+def _interpolate_kernels():
+    from pyops.kernels.merging import interpolate as k  # imported lazily: Triton is optional
+    return k
+
+
+def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool) -> Optional[str]:
+    """None if the Triton kernels can run an interpolating method on inputs like `tensor` producing
+    `out_dtype`, else why not. Forward only: gradients come from the reference."""
+    reason = INTERPOLATE.reason(tensor.device, tensor, torch.empty(0, dtype=out_dtype))
+    if reason is not None:
+        return reason
+    if needs_grad:
+        return "the Triton kernels of the interpolating methods are forward only (gradients: the reference backend)"
+    return None
+
+
+def _vectors(x: Tensor, layout: R.Layout) -> Tensor:
+    """x's elements as [n_vectors, length] (a strided view of the contiguous tensor)."""
+    n_vectors, length, vector_stride, element_stride = layout
+    return x.detach().contiguous().reshape(-1).as_strided((n_vectors, length), (vector_stride, element_stride))
+
+
+def vector_gram(base: Optional[Tensor], inputs: List[Tensor], layout: R.Layout) -> Tensor:
+    """[n_vectors, N, N] fp64 (CPU): Σₖ xᵢ[v,k]·xⱼ[v,k] with xᵢ the fp32 values (minus base in
+    fp32 when given); the products of fp32 values are exact in fp64 and summed in fp64, in pieces
+    of the vectors' columns (the C++ kernels' definition, another summation order)."""
+    n_vectors, length = layout[0], layout[1]
+    n = len(inputs)
+    views = [_vectors(x, layout) for x in inputs]
+    bview = _vectors(base, layout) if base is not None else None
+    g = torch.zeros((n_vectors, n, n), dtype=torch.float64, device=inputs[0].device)
+    step = max(1, GRAM_CHUNK // max(n_vectors, 1))
+    for k0 in range(0, length, step):
+        k1 = min(length, k0 + step)
+        b = bview[:, k0:k1].to(torch.float32) if bview is not None else None
+        xs = [v[:, k0:k1].to(torch.float32) for v in views]
+        x = torch.stack([xi - b if b is not None else xi for xi in xs], dim=1).to(torch.float64)  # [V, N, K]
+        g += torch.bmm(x, x.transpose(1, 2))
+    return g.cpu()
+
+
+def vector_combine(base: Optional[Tensor], inputs: List[Tensor], layout: R.Layout, coeffs: Tensor,
+                   divisor: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    """[base +] (Σᵢ coeffs[v, i]·(xᵢ [− base])) [/ divisor[v]] per vector v, one Triton pass;
+    coeffs [n_vectors, N] and divisor [n_vectors] rounded to fp32, the kernels' arithmetic."""
+    k = _interpolate_kernels()
+    dev = inputs[0].device
+    out = torch.empty(inputs[0].shape, dtype=out_dtype, device=dev)
+    if out.numel() == 0:
+        return out
+    n_vectors, length, _, element_stride = layout
+    mode = k.MODE_WHOLE if n_vectors == 1 else k.MODE_ROWS if element_stride == 1 else k.MODE_COLUMNS
+    c = coeffs.to(device=dev, dtype=torch.float32).contiguous()
+    d = divisor.to(device=dev, dtype=torch.float32).contiguous() if divisor is not None else None
+    k.combine_forward(out, base.detach().contiguous() if base is not None else None,
+                      [x.detach().contiguous() for x in inputs], c, d, mode, n_vectors, length)
+    return out
+
+
+def _interp_fake(x: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+_TYPES = ("cuda", "cpu")  # CPU tensors only under TRITON_INTERPRET=1 (interpolate_reason)
+
+
+@torch.library.custom_op("pyops::linear_triton", mutates_args=(), device_types=_TYPES)
+def linear_op(models: List[Tensor], weight: List[float], normalize: bool, out_dtype: torch.dtype) -> Tensor:
+    return R.interp_linear(models, weight, normalize, out_dtype, vector_combine)
+
+
+@torch.library.custom_op("pyops::slerp_triton", mutates_args=(), device_types=_TYPES)
+def slerp_op(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float, out_dtype: torch.dtype) -> Tensor:
+    return R.interp_slerp(a, b, t, dot_threshold, eps, out_dtype, vector_gram, vector_combine)
+
+
+@torch.library.custom_op("pyops::nearswap_triton", mutates_args=(), device_types=_TYPES)
+def nearswap_op(base: Tensor, model: Tensor, t: float, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    _interpolate_kernels().nearswap_forward(out, base.detach().contiguous(), model.detach().contiguous(), float(t))
+    return out
+
+
+@torch.library.custom_op("pyops::scale_triton", mutates_args=(), device_types=_TYPES)
+def scale_op(x: Tensor, scale: float, out_dtype: torch.dtype) -> Tensor:
+    """passthrough with a scale: x·scale in fp32 (scale rounded to fp32), one rounding."""
+    return vector_combine(None, [x], R.whole_layout(x.shape), torch.tensor([[scale]], dtype=torch.float64), None,
+                          out_dtype)
+
+
+@torch.library.custom_op("pyops::nuslerp_triton", mutates_args=(), device_types=_TYPES)
+def nuslerp_op(a: Tensor, b: Tensor, base: Optional[Tensor], t: float, nuslerp_flatten: bool,
+               nuslerp_row_wise: bool, eps: float, out_dtype: torch.dtype) -> Tensor:
+    return R.interp_nuslerp(a, b, base, t, nuslerp_flatten, nuslerp_row_wise, eps, out_dtype, vector_gram,
+                            vector_combine)
+
+
+@torch.library.custom_op("pyops::multislerp_triton", mutates_args=(), device_types=_TYPES)
+def multislerp_op(models: List[Tensor], weight: List[float], base: Optional[Tensor], normalize_weights: bool,
+                  eps: float, out_dtype: torch.dtype) -> Tensor:
+    return R.interp_multislerp(models, weight, base, normalize_weights, eps, out_dtype, vector_gram, vector_combine)
+
+
+@torch.library.custom_op("pyops::karcher_triton", mutates_args=(), device_types=_TYPES)
+def karcher_op(models: List[Tensor], max_iter: int, tol: float, out_dtype: torch.dtype) -> Tensor:
+    return R.interp_karcher(models, max_iter, tol, out_dtype, vector_gram, vector_combine)
+
+
+linear_op.register_fake(lambda models, weight, normalize, out_dtype: _interp_fake(models[0], out_dtype))
+slerp_op.register_fake(lambda a, b, t, dot_threshold, eps, out_dtype: _interp_fake(a, out_dtype))
+nearswap_op.register_fake(lambda base, model, t, out_dtype: _interp_fake(base, out_dtype))
+scale_op.register_fake(lambda x, scale, out_dtype: _interp_fake(x, out_dtype))
+nuslerp_op.register_fake(lambda a, b, base, t, nuslerp_flatten, nuslerp_row_wise, eps, out_dtype:
+                         _interp_fake(a, out_dtype))
+multislerp_op.register_fake(lambda models, weight, base, normalize_weights, eps, out_dtype:
+                            _interp_fake(models[0], out_dtype))
+karcher_op.register_fake(lambda models, max_iter, tol, out_dtype: _interp_fake(models[0], out_dtype))

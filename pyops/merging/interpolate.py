@@ -16,6 +16,13 @@ dtype). The definitions are in `pyops/merging/reference.py`. Backends:
   CPU tensors in fp32 / fp16 / bf16. ram and ramplus_tl: per-element passes (ramplus_tl's
   per-task counts first). Registered ops
   ``pyops::{linear,slerp,nearswap,nuslerp,multislerp,karcher,ram,ramplus_tl}_cpu``.
+* ``triton`` — the interpolating methods on CUDA tensors (CPU tensors under TRITON_INTERPRET=1):
+  the Gram matrix from torch (fp32 values, fp64 products and sums), the same scalars in double
+  as the C++ path (`registry.interp_*`), one Triton combine pass in the C++ kernels' fp32
+  arithmetic (pyops.kernels.merging.interpolate); nearswap is one per-element pass. Forward
+  only, fp32 / fp16 / bf16. Registered ops
+  ``pyops::{linear,slerp,nearswap,scale,nuslerp,multislerp,karcher}_triton``. First for CUDA
+  tensors; ram and ramplus_tl have no Triton kernels.
 * ``reference`` — every case (sce and arcee_fusion only here), including fp64, CUDA tensors and
   gradients: a call that needs gradients (an input requires grad, or a tensor-valued `t` /
   `weight`) is refused by the C++ path's `can_run` and taken by the reference, whose torch ops
@@ -37,7 +44,7 @@ import torch
 from torch import Tensor
 
 from pyops import _backend
-from pyops.merging import backend_cpu
+from pyops.merging import backend_cpu, backend_triton
 from pyops.merging import reference as ref
 from pyops.merging import spec
 
@@ -124,23 +131,34 @@ def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
     return out_dtype
 
 
-def _choose(op: str, backend: str, tensors: Sequence[Tensor], out_dtype: torch.dtype, scalars=()) -> str:
-    """The backend for one call: the C++ kernels when they can take it, else the reference."""
+def _choose(op: str, backend: str, tensors: Sequence[Tensor], out_dtype: torch.dtype, scalars=(),
+            triton: bool = True) -> str:
+    """The backend for one call: the C++ kernels (CPU tensors) or the Triton kernels (CUDA
+    tensors; `triton` says whether the op has them) when they can take it, else the reference."""
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     tensor_params = any(isinstance(s, Tensor) for s in scalars)
 
-    def cpu():
-        reason = backend_cpu.interpolate_reason(tensors[0], out_dtype, needs_grad)
-        if reason is None and tensor_params:
-            return "a tensor-valued parameter (t / weight / scale) is taken by the reference backend"
+    def native(reason_fn):
+        def reason():
+            why = reason_fn(tensors[0], out_dtype, needs_grad)
+            if why is None and tensor_params:
+                return "a tensor-valued parameter (t / weight / scale) is taken by the reference backend"
+            return why
         return reason
 
-    return _backend.select(op, backend, {"reference": lambda: None, "cpu": cpu},
-                           _backend.default_order(tensors[0].device, ()))
+    can_run = {"reference": lambda: None, "cpu": native(backend_cpu.interpolate_reason)}
+    if triton:
+        can_run["triton"] = native(backend_triton.interpolate_reason)
+    return _backend.select(op, backend, can_run, _backend.default_order(tensors[0].device, ("triton",)))
 
 
 def _floats(w) -> List[float]:
     return [float(x) for x in w]
+
+
+def _path(chosen: str):
+    """The module holding the registered ops of the chosen native backend."""
+    return backend_triton if chosen == "triton" else backend_cpu
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,7 +175,7 @@ def linear(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, normaliz
         models: N ≥ 1 tensors `[*shape]` (a list, or one `[N, *shape]` tensor) of one dtype
             (fp32 / fp16 / bf16 / fp64) and device.
         weight: N floats, or a `[N]` tensor (then differentiable, on the reference backend).
-        normalize, out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+        normalize, out_dtype (default the models' dtype), backend ("auto", "cpu", "triton", "reference").
 
     Returns `[*shape]` in out_dtype, fp32 accumulation, one rounding. Differentiable in every
     tensor (the reference backend takes calls that need gradients)."""
@@ -166,8 +184,9 @@ def linear(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, normaliz
     normalize = _check_bool(normalize, "normalize")
     od = _check_out_dtype(out_dtype, models[0].dtype)
     tensors = models + ([weight] if isinstance(weight, Tensor) else [])
-    if _choose("linear", backend, tensors, od, [weight]) == "cpu":
-        return backend_cpu.linear_op(models, _floats(weight), normalize, od)
+    chosen = _choose("linear", backend, tensors, od, [weight])
+    if chosen != "reference":
+        return _path(chosen).linear_op(models, _floats(weight), normalize, od)
     return ref.linear(models, weight, normalize=normalize, out_dtype=od)
 
 
@@ -181,7 +200,7 @@ def slerp(a: Tensor, b: Tensor, t, *, dot_threshold: float = 0.9995, eps: float 
         t: the interpolation parameter for this tensor (mergekit's per-tensor `t`): a float, or a
             0-d tensor (then differentiable, on the reference backend).
         dot_threshold, eps: mergekit's slerp() constants (norms ≤ eps count as 1).
-        out_dtype (default a's dtype), backend ("auto", "cpu", "reference").
+        out_dtype (default a's dtype), backend ("auto", "cpu", "triton", "reference").
 
     Returns `[*shape]` in out_dtype, fp32 arithmetic, one rounding (see reference.slerp)."""
     a = _check_tensor(a, "a")
@@ -192,8 +211,9 @@ def slerp(a: Tensor, b: Tensor, t, *, dot_threshold: float = 0.9995, eps: float 
     eps = _check_real(eps, "eps")
     od = _check_out_dtype(out_dtype, a.dtype)
     tensors = [a, b] + ([t] if isinstance(t, Tensor) else [])
-    if _choose("slerp", backend, tensors, od, [t]) == "cpu":
-        return backend_cpu.slerp_op(a, b, float(t), dot_threshold, eps, od)
+    chosen = _choose("slerp", backend, tensors, od, [t])
+    if chosen != "reference":
+        return _path(chosen).slerp_op(a, b, float(t), dot_threshold, eps, od)
     return ref.slerp(a, b, t, dot_threshold=dot_threshold, eps=eps, out_dtype=od)
 
 
@@ -204,7 +224,7 @@ def nearswap(base: Tensor, model: Tensor, t, *, out_dtype: Optional[torch.dtype]
 
     Args:
         base, model: `[*shape]`, one dtype and device. t: a float (or a 0-d tensor: reference).
-        out_dtype (default base's dtype), backend ("auto", "cpu", "reference").
+        out_dtype (default base's dtype), backend ("auto", "cpu", "triton", "reference").
 
     Returns `[*shape]` in out_dtype, fp32 arithmetic, one rounding."""
     base = _check_tensor(base, "base")
@@ -213,8 +233,9 @@ def nearswap(base: Tensor, model: Tensor, t, *, out_dtype: Optional[torch.dtype]
     t = _check_scalar(t, "t")
     od = _check_out_dtype(out_dtype, base.dtype)
     tensors = [base, model] + ([t] if isinstance(t, Tensor) else [])
-    if _choose("nearswap", backend, tensors, od, [t]) == "cpu":
-        return backend_cpu.nearswap_op(base, model, float(t), od)
+    chosen = _choose("nearswap", backend, tensors, od, [t])
+    if chosen != "reference":
+        return _path(chosen).nearswap_op(base, model, float(t), od)
     return ref.nearswap(base, model, t, out_dtype=od)
 
 
@@ -231,7 +252,9 @@ def passthrough(x: Tensor, scale=None, *, out_dtype: Optional[torch.dtype] = Non
     chosen = _choose("passthrough", backend, tensors, od, [scale])
     if chosen == "cpu" and scale is not None:
         return backend_cpu.linear_op([x], [float(scale)], False, od)
-    if chosen == "cpu":
+    if chosen == "triton" and scale is not None:
+        return backend_triton.scale_op(x, float(scale), od)
+    if chosen != "reference":  # a copy, rounded once: no kernel needed
         return x.to(od, copy=True)
     return ref.passthrough(x, scale, out_dtype=od)
 
@@ -247,7 +270,7 @@ def nuslerp(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, base: O
     Args:
         models: 2 tensors `[*shape]`. weight: their 2 weights (floats; mergekit's per-model
             `weight`). base: None or `[*shape]`. eps: mergekit's nuslerp() colinear threshold.
-        out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+        out_dtype (default the models' dtype), backend ("auto", "cpu", "triton", "reference").
 
     Returns `[*shape]` in out_dtype, fp32 arithmetic, one rounding (mergekit 0.1.5 computes in
     the input dtype)."""
@@ -263,9 +286,10 @@ def nuslerp(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, base: O
     eps = _check_real(eps, "eps")
     od = _check_out_dtype(out_dtype, models[0].dtype)
     tensors = models + ([base] if base is not None else [])
-    if _choose("nuslerp", backend, tensors, od) == "cpu":
-        return backend_cpu.nuslerp_op(models[0], models[1], base, spec.nuslerp_t(weight), nuslerp_flatten,
-                                      nuslerp_row_wise, eps, od)
+    chosen = _choose("nuslerp", backend, tensors, od)
+    if chosen != "reference":
+        return _path(chosen).nuslerp_op(models[0], models[1], base, spec.nuslerp_t(weight), nuslerp_flatten,
+                                        nuslerp_row_wise, eps, od)
     return ref.nuslerp(models[0], models[1], weight, base=base, nuslerp_flatten=nuslerp_flatten,
                        nuslerp_row_wise=nuslerp_row_wise, eps=eps, out_dtype=od)
 
@@ -279,7 +303,7 @@ def multislerp(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, base
     Args:
         models: N tensors `[*shape]`. weight: N floats or a `[N]` tensor (reference).
         base: None or `[*shape]`. normalize_weights (default True), eps (default 1e-8).
-        out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+        out_dtype (default the models' dtype), backend ("auto", "cpu", "triton", "reference").
 
     Returns `[*shape]` in out_dtype. N = 1 returns a copy of the model (mergekit ignores base and
     weight then). Raises ValueError (models) when the weighted unit vectors cancel and N > 2."""
@@ -292,8 +316,9 @@ def multislerp(models: Union[Sequence[Tensor], Tensor], weight: Weights, *, base
     eps = _check_real(eps, "eps")
     od = _check_out_dtype(out_dtype, models[0].dtype)
     tensors = models + ([base] if base is not None else []) + ([weight] if isinstance(weight, Tensor) else [])
-    if _choose("multislerp", backend, tensors, od, [weight]) == "cpu":
-        return backend_cpu.multislerp_op(models, _floats(weight), base, normalize_weights, eps, od)
+    chosen = _choose("multislerp", backend, tensors, od, [weight])
+    if chosen != "reference":
+        return _path(chosen).multislerp_op(models, _floats(weight), base, normalize_weights, eps, od)
     return ref.multislerp(models, weight, base=base, normalize_weights=normalize_weights, eps=eps, out_dtype=od)
 
 
@@ -305,7 +330,7 @@ def karcher(models: Union[Sequence[Tensor], Tensor], *, max_iter: int = 10, tol:
     Args:
         models: N tensors `[*shape]` (every input alike; mergekit ignores base_model here).
         max_iter: iterations (default 10, ≥ 0). tol: convergence / zero-norm tolerance (1e-5, ≥ 0).
-        out_dtype (default the models' dtype), backend ("auto", "cpu", "reference").
+        out_dtype (default the models' dtype), backend ("auto", "cpu", "triton", "reference").
 
     Returns `[*shape]` in out_dtype."""
     models = _check_models(models, 1, None, "karcher")
@@ -315,8 +340,9 @@ def karcher(models: Union[Sequence[Tensor], Tensor], *, max_iter: int = 10, tol:
     if not tol >= 0:
         raise ValueError(f"tol: expected a value >= 0, got {tol}")
     od = _check_out_dtype(out_dtype, models[0].dtype)
-    if _choose("karcher", backend, models, od) == "cpu":
-        return backend_cpu.karcher_op(models, max_iter, tol, od)
+    chosen = _choose("karcher", backend, models, od)
+    if chosen != "reference":
+        return _path(chosen).karcher_op(models, max_iter, tol, od)
     return ref.karcher(models, max_iter=max_iter, tol=tol, out_dtype=od)
 
 
@@ -362,7 +388,7 @@ def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float = 1e-5, out_dt
     if not epsilon >= 0:
         raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
     od = _check_out_dtype(out_dtype, base.dtype)
-    if models and _choose("ram", backend, [base, *models], od) == "cpu":
+    if models and _choose("ram", backend, [base, *models], od, triton=False) == "cpu":
         return backend_cpu.ram_op(base, models, epsilon, od)
     if not models:
         _check_backend(backend)
@@ -384,7 +410,7 @@ def ramplus_tl(base: Tensor, models: Sequence[Tensor], *, r: float = 0.1, alpha:
     if not epsilon >= 0:
         raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
     od = _check_out_dtype(out_dtype, base.dtype)
-    if models and _choose("ramplus_tl", backend, [base, *models], od) == "cpu":
+    if models and _choose("ramplus_tl", backend, [base, *models], od, triton=False) == "cpu":
         return backend_cpu.ramplus_tl_op(base, models, r, alpha, epsilon, od)
     if not models:
         _check_backend(backend)

@@ -26,7 +26,8 @@ run per block, with n the block's length. wᵢ = coeffs[i, block], ρᵢ = densi
 
 * ``task_arithmetic`` (Ilharco et al., ICLR 2023):  θ = base + λ·Σᵢ wᵢ·τᵢ
 * ``ties`` (Yadav et al., "TIES-Merging", NeurIPS 2023): trim τᵢ' = τᵢ·[|τᵢ| ≥ tᵢ] with tᵢ the
-  k-th largest |τᵢ| of the block, k = max(1, ⌊ρᵢ·n⌋) (exact selection; entries tied with the k-th
+  k-th largest |τᵢ| of the block, k = max(1, ⌊ρᵢ·n⌋) (ρᵢ·n in fp64, as mergekit 0.1.5's
+  int(density * n); exact selection; entries tied with the k-th
   are kept); elect s = sign(Σᵢ wᵢ·τᵢ') (0 counts as +); disjoint weighted mean
   merged = Σᵢ Mᵢ·wᵢ·τᵢ' / Σᵢ Mᵢ·wᵢ with Mᵢ = [sign τᵢ' = s]·[τᵢ' ≠ 0] (a zero divisor counts as
   1; ``normalize=False`` keeps the plain sum); θ = base + λ·merged. ``exact_k`` keeps exactly k
@@ -149,6 +150,9 @@ def ascending_rank(mag: torch.Tensor, block_size: int) -> tuple[torch.Tensor, to
 def topk_keep(mag: torch.Tensor, density: float, block_size: int, exact_k: bool = False) -> torch.Tensor:
     """[|τ| ≥ k-th largest |τ| of its block], k = max(1, ⌊density·n⌋); ties with the k-th kept.
 
+    density·n in fp64 (a Python float times the block length): mergekit 0.1.5's
+    int(density * n) (mergekit/sparsify.py, magnitude()).
+
     exact_k: exactly k per block, as mergekit's top-k keeps k: with thr the same k-th largest,
     the entries with ¬(|τ| ≤ thr) (larger, or NaN, which the sort ranks first) count first, then
     the entries with |τ| = thr are kept in increasing flat index until k are counted."""
@@ -228,7 +232,7 @@ def merge(
         taus = taus - flat_base
     n = taus.shape[0]
     w = _per_element(coeffs.to(acc), numel, block_size)
-    rho = density.to(acc)
+    rho = density.to(acc)  # keep probabilities (DARE, DELLA): fp32, as mergekit's fp32 Bernoulli draws
     normalize = resolve_normalize(method, normalize)
 
     if method == "model_stock":
@@ -262,13 +266,17 @@ def merge(
         delta = keep * mtl
     else:
         with torch.no_grad():
+            # Counts (TIES' k, breadcrumbs' band) and the keep-all test from the density as given,
+            # in fp64: mergekit 0.1.5's `density >= 1` and int(density * n) (mergekit/sparsify.py)
+            # are Python floats.
+            dens64 = [float(x) for x in density.to(torch.float64).tolist()]
             masks = []  # the kept fraction of each task vector, and its rescale
             for i in range(n):
                 mag = taus[i].abs()
-                if method in RANKED and rho[i] >= 1:
+                if method in RANKED and dens64[i] >= 1:
                     keep = torch.ones_like(mag)
                 elif method == "ties":
-                    keep = topk_keep(mag, float(rho[i]), block_size, exact_k).to(acc) if rho[i] < 1 \
+                    keep = topk_keep(mag, dens64[i], block_size, exact_k).to(acc) if dens64[i] < 1 \
                         else torch.ones_like(mag)
                 elif method in ("dare", "dare_linear", "dare_ties"):
                     u = keep_uniforms(numel, i, seed, name, base.device).to(acc)
@@ -276,7 +284,7 @@ def merge(
                 elif method in ("breadcrumbs", "breadcrumbs_ties"):
                     rank, length = ascending_rank(mag, block_size)
                     n_top = torch.floor(gamma * length.to(torch.float64)).to(torch.int64)
-                    n_keep = torch.floor(float(rho[i]) * length.to(torch.float64)).to(torch.int64)
+                    n_keep = torch.floor(dens64[i] * length.to(torch.float64)).to(torch.int64)
                     n_bottom = length - n_keep - n_top
                     keep = ((rank >= n_bottom) & (rank < length - n_top)).to(acc)
                 else:  # della, della_linear

@@ -6,6 +6,9 @@
   a backward and the reduction of its [N, n_blocks] fp32 coefficient gradient.
 * The fake kernels of the task arithmetic ops, whose C++ / CUDA and Triton variants share a schema.
 * The names of the block sizes the backends declare limits on (`Capability.limits`).
+* The interpolating methods of mergekit 0.1.5 (`interp_linear`, `interp_slerp`, `interp_nuslerp`,
+  `interp_multislerp`, `interp_karcher`): the scalars between a Gram pass and a combine pass,
+  which the C++ and the Triton paths supply; and their vector layouts.
 * `define_merge_ops`: the three registered ops of a native merge path, shared by the C++ and the
   CUDA paths, which take the same arguments:
 
@@ -21,6 +24,7 @@
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
@@ -199,3 +203,169 @@ def define_merge_ops(name: str, device_types: str, forward_into: Callable, backw
         return empty_grads(base, deltas, coeffs, need_base, need_deltas, need_coeffs)
 
     return merge_op, merge_out_op, merge_backward_op
+
+
+# --------------------------------------------------------------------------------------------
+# The interpolating methods of mergekit 0.1.5 (linear, slerp, nuslerp, multislerp, karcher),
+# shared by the C++ and the Triton paths: a per-vector Gram pass, the few scalars in double (on
+# the host), one combine pass. Each path supplies the two passes:
+#   gram(base, inputs, layout) -> [n_vectors, N, N] fp64 CPU tensor: Σₖ xᵢ[v,k]·xⱼ[v,k] of the
+#       fp32 values (minus base when given), the products summed in double;
+#   combine(base, inputs, layout, coeffs [n_vectors, N], divisor [n_vectors] | None, out_dtype):
+#       [base +] (Σᵢ coeffs[v, i]·(xᵢ [− base])) [/ divisor[v]] in fp32 (coefficients rounded
+#       to fp32), one rounding to out_dtype.
+# --------------------------------------------------------------------------------------------
+
+# (n_vectors, length, vector_stride, element_stride): vector v is the elements
+# v·vector_stride + k·element_stride, k < length (csrc/merging/interpolate.h).
+Layout = tuple
+GramFn = Callable[[Optional[Tensor], List[Tensor], Layout], Tensor]
+CombineFn = Callable[[Optional[Tensor], List[Tensor], Layout, Tensor, Optional[Tensor], torch.dtype], Tensor]
+
+
+def whole_layout(shape) -> Layout:
+    numel = math.prod(shape)
+    return (1, numel, 0, 1) if numel else (0, 0, 0, 1)
+
+
+def rows_layout(shape) -> Layout:
+    """The rows of the last dimension (a 0-d tensor is one vector)."""
+    if len(shape) == 0:
+        return whole_layout(shape)
+    numel, last = math.prod(shape), shape[-1]
+    return (numel // last, last, last, 1) if numel else (0, 0, 0, 1)
+
+
+def dim0_layout(shape) -> Layout:
+    """The vectors along dim 0 (mergekit's nuslerp_row_wise; a 0-d tensor is one vector)."""
+    if len(shape) == 0:
+        return whole_layout(shape)
+    numel, d0 = math.prod(shape), shape[0]
+    return (numel // d0, d0, 1, numel // d0) if numel else (0, 0, 0, 1)
+
+
+def interp_linear(models: List[Tensor], weight: List[float], normalize: bool, out_dtype: torch.dtype,
+                  combine: CombineFn) -> Tensor:
+    """linear: Σᵢ wᵢ·xᵢ [/ Σᵢ wᵢ] (the weights and their sum in fp32)."""
+    w = torch.tensor(weight, dtype=torch.float32)
+    return combine(None, models, whole_layout(models[0].shape), w[None, :],
+                   w.sum().reshape(1) if normalize else None, out_dtype)
+
+
+def interp_slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float, out_dtype: torch.dtype,
+                 gram: GramFn, combine: CombineFn) -> Tensor:
+    """slerp: the angle from the Gram matrix in double, then ca·a + cb·b."""
+    layout = whole_layout(a.shape)
+    if layout[0] == 0:
+        return torch.empty(a.shape, dtype=out_dtype, device=a.device)
+    g = gram(None, [a, b], layout)[0].tolist()
+    na, nb = math.sqrt(g[0][0]), math.sqrt(g[1][1])
+    na = na if na > eps else 1.0
+    nb = nb if nb > eps else 1.0
+    ratio = g[0][1] / (na * nb)
+    dot = ratio if math.isnan(ratio) else min(max(ratio, -1.0), 1.0)
+    if abs(dot) > dot_threshold:
+        ca, cb = 1.0 - t, t
+    else:  # a NaN dot (non-finite inputs) lands here and gives NaN coefficients, as the reference
+        theta = math.acos(dot)
+        s = math.sin(theta)
+        ca = math.sin((1.0 - t) * theta) / s if s != 0 else math.nan
+        cb = math.sin(t * theta) / s if s != 0 else math.nan
+    return combine(None, [a, b], layout, torch.tensor([[ca, cb]], dtype=torch.float64), None, out_dtype)
+
+
+def interp_nuslerp(a: Tensor, b: Tensor, base: Optional[Tensor], t: float, flatten: bool, row_wise: bool,
+                   eps: float, out_dtype: torch.dtype, gram: GramFn, combine: CombineFn) -> Tensor:
+    """nuslerp: per vector of the layout, the angle in double, then [base +] (c0·v0 + c1·v1) / div."""
+    layout = (whole_layout if flatten else dim0_layout if row_wise else rows_layout)(a.shape)
+    if layout[0] == 0:
+        return torch.empty(a.shape, dtype=out_dtype, device=a.device)
+    g = gram(base, [a, b], layout)
+    n0 = g[:, 0, 0].sqrt().clamp(min=1e-7)
+    n1 = g[:, 1, 1].sqrt().clamp(min=1e-7)
+    cos = (g[:, 0, 1] / (n0 * n1)).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= eps ** 2
+    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
+    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta))
+    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta))
+    div = torch.where(colinear, torch.ones_like(cos), torch.sin(theta))
+    return combine(base, [a, b], layout, torch.stack([c0, c1], dim=1), div, out_dtype)
+
+
+def interp_multislerp(models: List[Tensor], weight: List[float], base: Optional[Tensor], normalize_weights: bool,
+                      eps: float, out_dtype: torch.dtype, gram: GramFn, combine: CombineFn) -> Tensor:
+    """multislerp: every vector of the reference expressed in the basis of the inputs' units, in double."""
+    n = len(models)
+    layout = whole_layout(models[0].shape)
+    if n == 1:
+        return models[0].detach().to(out_dtype, copy=True)
+    w = torch.tensor(weight, dtype=torch.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    if layout[0] == 0:
+        return torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
+    g = gram(base, models, layout)[0]
+    norms = torch.diagonal(g).clamp(min=0).sqrt()
+    s = 1.0 / (norms + eps)                      # uᵢ = sᵢ·xᵢ
+    gu = g * s[:, None] * s[None, :]             # the Gram matrix of the uᵢ
+    mean_norm = math.sqrt(max(float(w @ gu @ w), 0.0))
+    if mean_norm < eps:
+        if n != 2:
+            raise ValueError("models: the weighted sum of the unit vectors is zero (antipodal inputs whose weights "
+                             "cancel); multislerp needs other weights for more than two inputs")
+        coeffs = w
+    else:
+        mu = w / mean_norm                       # m̂ = Σ μᵢ·uᵢ
+        dots = gu @ mu                           # uᵢ·m̂
+        r = w - (w * dots).sum() * mu            # the tangent Σ wᵢ(uᵢ − (uᵢ·m̂)·m̂) = Σ rᵢ·uᵢ
+        rho = math.sqrt(max(float(r @ gu @ r), 0.0)) + eps
+        avg = float((norms * w).sum())
+        coeffs = (mu * math.cos(rho) + r * (math.sin(rho) / rho)) * avg * s
+    return combine(base, models, layout, coeffs[None, :], None, out_dtype)
+
+
+def interp_karcher(models: List[Tensor], max_iter: int, tol: float, out_dtype: torch.dtype, gram: GramFn,
+                   combine: CombineFn) -> Tensor:
+    """karcher: the iteration on coefficient vectors over the valid units, in double."""
+    n = len(models)
+    layout = whole_layout(models[0].shape)
+    if n == 1:
+        return models[0].detach().to(out_dtype, copy=True)
+    if layout[0] == 0:
+        return torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
+    g = gram(None, models, layout)[0]
+    norms = torch.diagonal(g).clamp(min=0).sqrt().tolist()
+    valid = [i for i in range(n) if norms[i] > tol]
+    if not valid:
+        return combine(None, models, layout, torch.zeros(1, n, dtype=torch.float64), None, out_dtype)
+    m = len(valid)
+    inv = torch.tensor([1.0 / norms[i] for i in valid], dtype=torch.float64)
+    gu = g[valid][:, valid] * inv[:, None] * inv[None, :]   # the Gram matrix of the valid units
+
+    def norm_of(c: Tensor) -> float:
+        return math.sqrt(max(float(c @ gu @ c), 0.0))
+
+    a_hat = torch.full((m,), 1.0 / m, dtype=torch.float64)   # equal weights over the valid inputs
+    mn = norm_of(a_hat)
+    c = torch.nn.functional.one_hot(torch.tensor(0), m).to(torch.float64) if mn < tol else a_hat / mn
+    for _ in range(max_iter):
+        tangent = torch.zeros(m, dtype=torch.float64)
+        dots = (gu @ c).clamp(-1.0, 1.0)
+        for i in range(m):
+            theta = math.acos(float(dots[i]))
+            if theta < tol:
+                continue
+            e = torch.zeros(m, dtype=torch.float64)
+            e[i] = 1.0
+            tangent = tangent + a_hat[i] * (theta / math.sin(theta)) * (e - dots[i] * c)
+        tn = norm_of(tangent)
+        if tn < tol:
+            break
+        c = math.cos(tn) * c + math.sin(tn) * (tangent / tn)
+        un = norm_of(c)
+        if un > tol:
+            c = c / un
+    scale = sum(norms) / n
+    coeffs = torch.zeros(n, dtype=torch.float64)
+    coeffs[valid] = scale * c * inv
+    return combine(None, models, layout, coeffs[None, :], None, out_dtype)

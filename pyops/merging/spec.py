@@ -13,8 +13,8 @@ from typing import List, Sequence, Union
 
 METHODS = ("task_arithmetic", "ties", "dare", "dare_linear", "dare_ties", "breadcrumbs", "della",
            "della_linear", "model_stock", "consensus")
-# Task-vector methods of mergekit 0.1.5 that `pyops.merge` also takes, kept out of METHODS (the
-# checkpoint command's YAML derives its supported set from METHODS; wiring them there is separate).
+# Task-vector methods of mergekit 0.1.5 that `pyops.merge` also takes beyond METHODS (the
+# checkpoint command's YAML lists them, and the MERGEKIT_METHODS below, in config.SUPPORTED).
 EXTRA_METHODS = ("breadcrumbs_ties",)
 # Methods that end with TIES' sign election and disjoint mean, and their default `normalize`.
 ELECTING = {"ties", "dare_ties", "della", "breadcrumbs_ties"}

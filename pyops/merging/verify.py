@@ -11,7 +11,9 @@
   (`ties_exact_k` in the case names) run on the C++ kernels only.
 * mergekit 0.1.5's methods of `pyops.merging.interpolate` with C++ kernels (linear, slerp,
   nearswap, passthrough, nuslerp in its three layouts, multislerp, karcher, ram, ramplus_tl),
-  with and without a base where the method takes one, odd shapes, every dtype; forward.
+  with and without a base where the method takes one, odd shapes, every dtype; forward. The
+  Triton kernels take all but ram and ramplus_tl (CUDA tensors, or CPU tensors under the
+  interpreter).
 """
 from __future__ import annotations
 
@@ -162,7 +164,8 @@ def interpolate_cases():
             # the fp32 reference and the C++ kernels' double-precision angle part beyond rounding.
             shape = tuple(reversed(shape))
         yield Case(name.split(" ")[0], f"{name} {list(shape)} N={n} {str(dtype)[6:]}", _ip_make(shape, n, dtype),
-                   _ip_run(fn, with_base), {"out": tolerance_for(dtype)}, backends=("cpu",))
+                   _ip_run(fn, with_base), {"out": tolerance_for(dtype)},
+                   backends=("cpu",) + (("triton",) if not name.startswith("ram") else ()))
 
 
 def cases():

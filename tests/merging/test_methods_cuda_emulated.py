@@ -376,3 +376,18 @@ def test_emulated_backward_refuses_consensus(emu):
                                           0, 0, False, 0.01, 0.1, gb, None, None)
     with pytest.raises(ValueError, match="consensus has no backward"):
         emu["small"].backward(args)
+
+
+@pytest.mark.parametrize("build", ["small", "real"])
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_emulated_counts_follow_mergekits_fp64_rule(emu, method, build):
+    # mergekit 0.1.5 (mergekit/sparsify.py) keeps int(density * n) in fp64: 0.9 · 20480 = 18432,
+    # where fp32(0.9) · 20480 would floor to 18431 (tests/merging/test_density_count.py).
+    n = 20480
+    g = torch.Generator().manual_seed(0)
+    signs = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+    tau = (torch.randperm(n, generator=g).to(torch.float32) + 1) * signs  # distinct magnitudes 1 … n
+    kw = dict(method=method, density=0.9, gamma=0.01)
+    out = _emulated(emu[build], torch.zeros(n), [tau], **kw)
+    assert int((out != 0).sum()) == int(0.9 * n) == 18432
+    assert_bitwise_equal(out, _cpu(torch.zeros(n), [tau], **kw))

@@ -51,7 +51,7 @@ EMU_API int emu_merge_threads() { return pyops::cuda_merge::kThreads; }
 
 // Returns 0 on success; otherwise the status code, with the message in err[0..err_len).
 EMU_API int emu_merge_forward(void* out, int out_dtype, const void* base, const void* delta_ptrs, int64_t n, int in_dtype,
-                      const float* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const float* density,
+                      const float* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block, const double* density,
                       int64_t numel, int64_t block_size, int from_models, int method, float lam, uint64_t seed,
                       uint32_t name_hash, int64_t k, float tall_lambda, double gamma, double epsilon,
                       const int32_t* ranks, int normalize, void* workspace, int64_t workspace_bytes, int max_grid,
@@ -67,7 +67,7 @@ EMU_API int emu_merge_forward(void* out, int out_dtype, const void* base, const 
 // The backward for the forward described by the same arguments (out / out_dtype unused).
 EMU_API int emu_merge_backward(const void* grad, int grad_dtype, const void* base, const void* delta_ptrs, int64_t n,
                        int in_dtype, const float* coeffs, int64_t coeff_stride_n, int64_t coeff_stride_block,
-                       const float* density, int64_t numel, int64_t block_size, int from_models, int method,
+                       const double* density, int64_t numel, int64_t block_size, int from_models, int method,
                        float lam, uint64_t seed, uint32_t name_hash, double gamma, double epsilon,
                        const int32_t* ranks, int normalize, void* grad_base, const void* grad_delta_ptrs,
                        float* grad_coeffs, void* workspace, int64_t workspace_bytes, int max_grid, char* err,
