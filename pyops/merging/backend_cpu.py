@@ -237,14 +237,8 @@ INTERPOLATE = Capability("cpu", functions=("vector_gram", "vector_combine", "nea
 
 
 def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool) -> Optional[str]:
-    """None if the C++ kernels can run an interpolating method on inputs like `tensor` producing
-    `out_dtype`, else why not. Forward only: gradients come from the reference."""
-    reason = INTERPOLATE.reason(tensor.device, tensor, torch.empty(0, dtype=out_dtype))
-    if reason is not None:
-        return reason
-    if needs_grad:
-        return "the C++ kernels of the interpolating methods are forward only (gradients: the reference backend)"
-    return None
+    """Why the C++ kernels cannot run an interpolating method here (None: they can)."""
+    return R.forward_only_reason(INTERPOLATE, "C++", tensor, out_dtype, needs_grad)
 
 
 whole_layout, rows_layout, dim0_layout = R.whole_layout, R.rows_layout, R.dim0_layout

@@ -193,14 +193,8 @@ def _interpolate_kernels():
 
 
 def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool) -> Optional[str]:
-    """None if the Triton kernels can run an interpolating method on inputs like `tensor` producing
-    `out_dtype`, else why not. Forward only: gradients come from the reference."""
-    reason = INTERPOLATE.reason(tensor.device, tensor, torch.empty(0, dtype=out_dtype))
-    if reason is not None:
-        return reason
-    if needs_grad:
-        return "the Triton kernels of the interpolating methods are forward only (gradients: the reference backend)"
-    return None
+    """Why the Triton kernels cannot run an interpolating method here (None: they can)."""
+    return R.forward_only_reason(INTERPOLATE, "Triton", tensor, out_dtype, needs_grad)
 
 
 def _vectors(x: Tensor, layout: R.Layout) -> Tensor:

@@ -369,3 +369,15 @@ def interp_karcher(models: List[Tensor], max_iter: int, tol: float, out_dtype: t
     coeffs = torch.zeros(n, dtype=torch.float64)
     coeffs[valid] = scale * c * inv
     return combine(None, models, layout, coeffs[None, :], None, out_dtype)
+
+
+def forward_only_reason(capability, kernels: str, tensor: Tensor, out_dtype: torch.dtype,
+                        needs_grad: bool) -> Optional[str]:
+    """None if `capability` (a backend's interpolating kernels) can run a method on inputs like
+    `tensor` producing `out_dtype`, else why not. Forward only: gradients come from the reference."""
+    reason = capability.reason(tensor.device, tensor, torch.empty(0, dtype=out_dtype))
+    if reason is not None:
+        return reason
+    if needs_grad:
+        return f"the {kernels} kernels of the interpolating methods are forward only (gradients: the reference backend)"
+    return None
