@@ -4,11 +4,13 @@ Importing torch is a large share of a whole-model merge of a few GB of checkpoin
 merge on the C++ kernels needs nothing from torch: the tensors are bytes in file mappings and
 reusable anonymous buffers, and `pyops._C` takes addresses (it links no torch). This engine runs
 those merges: device cpu, backend auto or cpu, every method with a C++ kernel (task_arithmetic,
-linear, ties, dare, dare_linear, dare_ties, breadcrumbs, della, della_linear, consensus),
-float32 / float16 / bfloat16 tensors whose dtype is the same in every model, passthrough (a copy, or
-task arithmetic from a zero base for a scale), slices. `reason` says why a merge needs the
+linear, ties, dare, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear,
+consensus, and mergekit's slerp, nearswap, nuslerp, multislerp, karcher, ram, ramplus_tl, sce,
+arcee_fusion — their scalars between kernel passes from interp_scalars, as the C++ ops take them),
+float32 / float16 / bfloat16 tensors whose dtype is the same in every model, passthrough (a copy,
+or task arithmetic from a zero base for a scale), slices. `reason` says why a merge needs the
 torch engine instead (model_stock, a model in another dtype, float64, a `.bin` checkpoint, a LoRA
-adapter, a GPU, another backend);
+adapter, a GPU, another backend, --compute-dtype config);
 ``PYOPS_MERGE_ENGINE=torch`` forces the torch engine.
 
 The kernels are the ones `pyops.merge_from_models` reaches on CPU tensors, called with the
@@ -25,12 +27,20 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
+from pyops.merging import interp_scalars as S
 from pyops.merging.safetensors_io import ITEMSIZES, Checkpoint, RawBuffer, RawTensor
-from pyops.merging.spec import (MERGE_DEFAULTS, NATIVE_METHOD_CODES, RANKED, check_params, name_hash,
-                                     resolve_blocks, resolve_normalize)
+from pyops.merging.spec import (MERGE_DEFAULTS, MERGEKIT_BASE, MERGEKIT_MODEL_COUNT, NATIVE_METHOD_CODES, RANKED,
+                                     check_params, name_hash, nuslerp_t, resolve_blocks, resolve_normalize)
 
 # The safetensors codes the kernels take, as csrc/common/dtype.h numbers them.
 NATIVE_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
+# mergekit's interpolating and selective methods this engine runs, with the pyops._C functions
+# each needs (csrc/merging/interpolate.h, fusion.h).
+INTERPOLATING = {"slerp": ("vector_gram", "vector_combine"), "nearswap": ("nearswap_forward",),
+                 "nuslerp": ("vector_gram", "vector_combine"), "multislerp": ("vector_gram", "vector_combine"),
+                 "karcher": ("vector_gram", "vector_combine"), "ram": ("ram_forward", "vector_combine"),
+                 "ramplus_tl": ("ram_counts", "ram_forward", "vector_combine"),
+                 "sce": ("sce_forward", "vector_combine"), "arcee_fusion": ("arcee_fusion_forward",)}
 
 
 def _module():
@@ -53,7 +63,7 @@ def reason(cfg, device, backend: str, checkpoints: Sequence[Checkpoint], items) 
         return f"device {device}"
     if backend not in ("auto", "cpu"):
         return f"backend {backend!r}"
-    if cfg.pyops_method not in NATIVE_METHOD_CODES:
+    if cfg.pyops_method not in NATIVE_METHOD_CODES and cfg.method not in INTERPOLATING:
         return f"{cfg.method} runs through pyops.merge_from_models"
     for c in checkpoints:
         if c.is_bin:
@@ -65,6 +75,9 @@ def reason(cfg, device, backend: str, checkpoints: Sequence[Checkpoint], items) 
         return missing
     if not hasattr(mod, "merge_forward") or not hasattr(mod, "task_arithmetic_forward"):
         return "pyops._C was built without the merge kernels"
+    missing = [f for f in INTERPOLATING.get(cfg.method, ()) if not hasattr(mod, f)]
+    if missing:
+        return f"pyops._C was built without {', '.join(missing)}"
     for it in items:
         if it.kwargs is None:
             continue
@@ -146,6 +159,8 @@ class NativeEngine:
         base = tensors[0]  # None: a zero base (linear, passthrough: item.zero_base)
         if item.kwargs is None:
             return base  # copied from its input: the writer reads its mapping
+        if "mergekit" in item.kwargs:
+            return self._interpolate(item, tensors, out, tally)
         models = tensors[1:]
         first = base if base is not None else models[0]
         if first.nbytes == 0:
@@ -179,3 +194,89 @@ class NativeEngine:
                 epsilon=float(kw["epsilon"]), **common)
         tally["cpu"] = tally.get("cpu", 0) + 1
         return out
+
+    # mergekit's interpolating and selective methods: the kernels of csrc/merging/interpolate.h
+    # (and fusion.h), the scalars between their passes from interp_scalars, as backend_cpu's ops
+    # call them; the inputs share one dtype (reason() sends a merge with mixed dtypes to torch).
+
+    def _interpolate(self, item, tensors: List[Optional[RawTensor]], out: RawTensor, tally: dict) -> RawTensor:
+        method = item.kwargs["mergekit"]
+        p = S.resolve_params(method, dict(item.kwargs["params"]))
+        base, models = tensors[0], list(tensors[1:])
+        check_inputs(method, base is not None, len(models))
+        S.check_params(method, p, len(models))
+        first = base if base is not None else models[0]
+        tally[method] = tally.get(method, 0) + 1
+        if first.nbytes == 0:
+            return RawTensor(item.entry.dtype, item.entry.shape, 0, 0, None)
+        mod, threads = self.mod, self.threads
+        ind, od = NATIVE_DTYPES[first.dtype], NATIVE_DTYPES[out.dtype]
+        numel = first.nbytes // ITEMSIZES[first.dtype]
+        shape = first.shape
+        addr = [m.address for m in models]
+        b = base.address if base is not None else 0
+
+        def gram(layout, inputs, with_base: bool = False) -> list:
+            return mod.vector_gram(b if with_base else 0, inputs, ind, *layout, threads)
+
+        def combine(layout, inputs, coeffs, divisor=None, with_base: bool = False) -> RawTensor:
+            c32 = array.array("f", coeffs)
+            d32 = array.array("f", divisor) if divisor is not None else None
+            mod.vector_combine(out.address, od, b if with_base else 0, inputs, ind, *layout, c32.buffer_info()[0],
+                               d32.buffer_info()[0] if d32 is not None else 0, threads)
+            return out
+
+        whole = S.whole_layout(shape)
+        if method == "slerp":
+            g = gram(whole, [b] + addr)
+            return combine(whole, [b] + addr, S.slerp_coeffs(g, float(p["t"]), 0.9995, 1e-8))
+        if method == "nearswap":
+            mod.nearswap_forward(out.address, od, b, addr[0], ind, numel, float(p["t"]), threads)
+            return out
+        if method == "nuslerp":
+            layout = S.nuslerp_layout(shape, p["nuslerp_flatten"], p["nuslerp_row_wise"])
+            g = gram(layout, addr, with_base=True)
+            coeffs, div = S.nuslerp_coeffs(g, layout[0], nuslerp_t(p["weight"]), 1e-8)
+            return combine(layout, addr, coeffs, div, with_base=True)
+        if method in ("multislerp", "karcher"):
+            if len(models) == 1:
+                return combine(whole, addr, [1.0])  # a copy, rounded once to the output dtype
+            if method == "karcher":
+                coeffs = S.karcher_coeffs(gram(whole, addr), len(models), int(p["max_iter"]), float(p["tol"]))
+                return combine(whole, addr, coeffs)
+            g = gram(whole, addr, with_base=True)
+            coeffs = S.multislerp_coeffs(g, p["weight"], p["normalize_weights"], float(p["eps"]))
+            return combine(whole, addr, coeffs, with_base=True)
+        if not models:  # ram, ramplus_tl, sce without task models: the base
+            return combine(whole, [b], [1.0])
+        if method in ("ram", "ramplus_tl"):
+            eps = float(p["epsilon"])
+            lam = None
+            if method == "ramplus_tl":
+                counts = mod.ram_counts(b, addr, ind, numel, eps, threads)
+                n = len(models)
+                lam = array.array("f", S.ramplus_lambda(counts[:n], counts[n:], float(p["r"]), float(p["alpha"]), eps))
+            mod.ram_forward(out.address, od, b, addr, ind, numel, eps, lam.buffer_info()[0] if lam is not None else 0,
+                            threads)
+            return out
+        if method == "sce":
+            mod.sce_forward(out.address, od, b, addr, ind, numel, float(p["select_topk"]), threads)
+            return out
+        if not shape:  # arcee_fusion
+            raise ValueError("base: arcee_fusion takes softmaxes over the last dimension, got a 0-d tensor")
+        mod.arcee_fusion_forward(out.address, od, b, addr[0], ind, numel // shape[-1], shape[-1], threads)
+        return out
+
+
+def check_inputs(method: str, has_base: bool, n_models: int) -> None:
+    """The base policy and the model count of a mergekit method (as interpolate.merge_tensors checks them)."""
+    policy = MERGEKIT_BASE[method]
+    if policy == "ignored" and has_base:
+        raise ValueError(f"base: {method} treats every input alike (mergekit ignores base_model); pass base=None "
+                         "and every input in models")
+    if policy == "required" and not has_base:
+        raise ValueError(f"base: {method} requires the base model's tensor (the t = 0 end)")
+    lo, hi = MERGEKIT_MODEL_COUNT[method]
+    if n_models < lo or (hi is not None and n_models > hi):
+        count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise ValueError(f"models: {method} takes {count} model tensors besides the base, got {n_models}")

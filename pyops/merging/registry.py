@@ -24,13 +24,13 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from pyops.merging import interp_scalars as S
 from pyops.merging.spec import RANKED
 
 _U64 = 1 << 64
@@ -217,39 +217,28 @@ def define_merge_ops(name: str, device_types: str, forward_into: Callable, backw
 # --------------------------------------------------------------------------------------------
 
 # (n_vectors, length, vector_stride, element_stride): vector v is the elements
-# v·vector_stride + k·element_stride, k < length (csrc/merging/interpolate.h).
+# v·vector_stride + k·element_stride, k < length (csrc/merging/interpolate.h). The scalars between
+# the passes come from interp_scalars (torch-free, shared with the merge command's native engine).
 Layout = tuple
 GramFn = Callable[[Optional[Tensor], List[Tensor], Layout], Tensor]
 CombineFn = Callable[[Optional[Tensor], List[Tensor], Layout, Tensor, Optional[Tensor], torch.dtype], Tensor]
+whole_layout, rows_layout, dim0_layout = S.whole_layout, S.rows_layout, S.dim0_layout
 
 
-def whole_layout(shape) -> Layout:
-    numel = math.prod(shape)
-    return (1, numel, 0, 1) if numel else (0, 0, 0, 1)
+def _coeffs(values: Sequence[float], n_vectors: int) -> Tensor:
+    return torch.tensor(values, dtype=torch.float64).view(n_vectors, -1)
 
 
-def rows_layout(shape) -> Layout:
-    """The rows of the last dimension (a 0-d tensor is one vector)."""
-    if len(shape) == 0:
-        return whole_layout(shape)
-    numel, last = math.prod(shape), shape[-1]
-    return (numel // last, last, last, 1) if numel else (0, 0, 0, 1)
-
-
-def dim0_layout(shape) -> Layout:
-    """The vectors along dim 0 (mergekit's nuslerp_row_wise; a 0-d tensor is one vector)."""
-    if len(shape) == 0:
-        return whole_layout(shape)
-    numel, d0 = math.prod(shape), shape[0]
-    return (numel // d0, d0, 1, numel // d0) if numel else (0, 0, 0, 1)
+def _empty(x: Tensor, out_dtype: torch.dtype) -> Tensor:
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
 
 
 def interp_linear(models: List[Tensor], weight: List[float], normalize: bool, out_dtype: torch.dtype,
                   combine: CombineFn) -> Tensor:
     """linear: Σᵢ wᵢ·xᵢ [/ Σᵢ wᵢ] (the weights and their sum in fp32)."""
-    w = torch.tensor(weight, dtype=torch.float32)
-    return combine(None, models, whole_layout(models[0].shape), w[None, :],
-                   w.sum().reshape(1) if normalize else None, out_dtype)
+    w, div = S.linear_coeffs(weight, normalize)
+    return combine(None, models, whole_layout(models[0].shape), _coeffs(w, 1),
+                   torch.tensor(div, dtype=torch.float64) if div is not None else None, out_dtype)
 
 
 def interp_slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: float, out_dtype: torch.dtype,
@@ -257,118 +246,47 @@ def interp_slerp(a: Tensor, b: Tensor, t: float, dot_threshold: float, eps: floa
     """slerp: the angle from the Gram matrix in double, then ca·a + cb·b."""
     layout = whole_layout(a.shape)
     if layout[0] == 0:
-        return torch.empty(a.shape, dtype=out_dtype, device=a.device)
-    g = gram(None, [a, b], layout)[0].tolist()
-    na, nb = math.sqrt(g[0][0]), math.sqrt(g[1][1])
-    na = na if na > eps else 1.0
-    nb = nb if nb > eps else 1.0
-    ratio = g[0][1] / (na * nb)
-    dot = ratio if math.isnan(ratio) else min(max(ratio, -1.0), 1.0)
-    if abs(dot) > dot_threshold:
-        ca, cb = 1.0 - t, t
-    else:  # a NaN dot (non-finite inputs) lands here and gives NaN coefficients, as the reference
-        theta = math.acos(dot)
-        s = math.sin(theta)
-        ca = math.sin((1.0 - t) * theta) / s if s != 0 else math.nan
-        cb = math.sin(t * theta) / s if s != 0 else math.nan
-    return combine(None, [a, b], layout, torch.tensor([[ca, cb]], dtype=torch.float64), None, out_dtype)
+        return _empty(a, out_dtype)
+    g = gram(None, [a, b], layout).reshape(-1).tolist()
+    return combine(None, [a, b], layout, _coeffs(S.slerp_coeffs(g, t, dot_threshold, eps), 1), None, out_dtype)
 
 
 def interp_nuslerp(a: Tensor, b: Tensor, base: Optional[Tensor], t: float, flatten: bool, row_wise: bool,
                    eps: float, out_dtype: torch.dtype, gram: GramFn, combine: CombineFn) -> Tensor:
     """nuslerp: per vector of the layout, the angle in double, then [base +] (c0·v0 + c1·v1) / div."""
-    layout = (whole_layout if flatten else dim0_layout if row_wise else rows_layout)(a.shape)
+    layout = S.nuslerp_layout(a.shape, flatten, row_wise)
     if layout[0] == 0:
-        return torch.empty(a.shape, dtype=out_dtype, device=a.device)
-    g = gram(base, [a, b], layout)
-    n0 = g[:, 0, 0].sqrt().clamp(min=1e-7)
-    n1 = g[:, 1, 1].sqrt().clamp(min=1e-7)
-    cos = (g[:, 0, 1] / (n0 * n1)).clamp(-1, 1)
-    colinear = (1 - cos.square()) <= eps ** 2
-    theta = torch.acos(torch.where(colinear, torch.zeros_like(cos), cos))
-    c0 = torch.where(colinear, torch.full_like(cos, 1 - t), torch.sin((1 - t) * theta))
-    c1 = torch.where(colinear, torch.full_like(cos, t), torch.sin(t * theta))
-    div = torch.where(colinear, torch.ones_like(cos), torch.sin(theta))
-    return combine(base, [a, b], layout, torch.stack([c0, c1], dim=1), div, out_dtype)
+        return _empty(a, out_dtype)
+    g = gram(base, [a, b], layout).reshape(-1).tolist()
+    coeffs, div = S.nuslerp_coeffs(g, layout[0], t, eps)
+    return combine(base, [a, b], layout, _coeffs(coeffs, layout[0]), torch.tensor(div, dtype=torch.float64),
+                   out_dtype)
 
 
 def interp_multislerp(models: List[Tensor], weight: List[float], base: Optional[Tensor], normalize_weights: bool,
                       eps: float, out_dtype: torch.dtype, gram: GramFn, combine: CombineFn) -> Tensor:
     """multislerp: every vector of the reference expressed in the basis of the inputs' units, in double."""
-    n = len(models)
-    layout = whole_layout(models[0].shape)
-    if n == 1:
+    if len(models) == 1:
         return models[0].detach().to(out_dtype, copy=True)
-    w = torch.tensor(weight, dtype=torch.float64)
-    if normalize_weights:
-        w = w / w.sum()
+    layout = whole_layout(models[0].shape)
     if layout[0] == 0:
-        return torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
-    g = gram(base, models, layout)[0]
-    norms = torch.diagonal(g).clamp(min=0).sqrt()
-    s = 1.0 / (norms + eps)                      # uᵢ = sᵢ·xᵢ
-    gu = g * s[:, None] * s[None, :]             # the Gram matrix of the uᵢ
-    mean_norm = math.sqrt(max(float(w @ gu @ w), 0.0))
-    if mean_norm < eps:
-        if n != 2:
-            raise ValueError("models: the weighted sum of the unit vectors is zero (antipodal inputs whose weights "
-                             "cancel); multislerp needs other weights for more than two inputs")
-        coeffs = w
-    else:
-        mu = w / mean_norm                       # m̂ = Σ μᵢ·uᵢ
-        dots = gu @ mu                           # uᵢ·m̂
-        r = w - (w * dots).sum() * mu            # the tangent Σ wᵢ(uᵢ − (uᵢ·m̂)·m̂) = Σ rᵢ·uᵢ
-        rho = math.sqrt(max(float(r @ gu @ r), 0.0)) + eps
-        avg = float((norms * w).sum())
-        coeffs = (mu * math.cos(rho) + r * (math.sin(rho) / rho)) * avg * s
-    return combine(base, models, layout, coeffs[None, :], None, out_dtype)
+        return _empty(models[0], out_dtype)
+    g = gram(base, models, layout).reshape(-1).tolist()
+    return combine(base, models, layout, _coeffs(S.multislerp_coeffs(g, weight, normalize_weights, eps), 1), None,
+                   out_dtype)
 
 
 def interp_karcher(models: List[Tensor], max_iter: int, tol: float, out_dtype: torch.dtype, gram: GramFn,
                    combine: CombineFn) -> Tensor:
     """karcher: the iteration on coefficient vectors over the valid units, in double."""
     n = len(models)
-    layout = whole_layout(models[0].shape)
     if n == 1:
         return models[0].detach().to(out_dtype, copy=True)
+    layout = whole_layout(models[0].shape)
     if layout[0] == 0:
-        return torch.empty(models[0].shape, dtype=out_dtype, device=models[0].device)
-    g = gram(None, models, layout)[0]
-    norms = torch.diagonal(g).clamp(min=0).sqrt().tolist()
-    valid = [i for i in range(n) if norms[i] > tol]
-    if not valid:
-        return combine(None, models, layout, torch.zeros(1, n, dtype=torch.float64), None, out_dtype)
-    m = len(valid)
-    inv = torch.tensor([1.0 / norms[i] for i in valid], dtype=torch.float64)
-    gu = g[valid][:, valid] * inv[:, None] * inv[None, :]   # the Gram matrix of the valid units
-
-    def norm_of(c: Tensor) -> float:
-        return math.sqrt(max(float(c @ gu @ c), 0.0))
-
-    a_hat = torch.full((m,), 1.0 / m, dtype=torch.float64)   # equal weights over the valid inputs
-    mn = norm_of(a_hat)
-    c = torch.nn.functional.one_hot(torch.tensor(0), m).to(torch.float64) if mn < tol else a_hat / mn
-    for _ in range(max_iter):
-        tangent = torch.zeros(m, dtype=torch.float64)
-        dots = (gu @ c).clamp(-1.0, 1.0)
-        for i in range(m):
-            theta = math.acos(float(dots[i]))
-            if theta < tol:
-                continue
-            e = torch.zeros(m, dtype=torch.float64)
-            e[i] = 1.0
-            tangent = tangent + a_hat[i] * (theta / math.sin(theta)) * (e - dots[i] * c)
-        tn = norm_of(tangent)
-        if tn < tol:
-            break
-        c = math.cos(tn) * c + math.sin(tn) * (tangent / tn)
-        un = norm_of(c)
-        if un > tol:
-            c = c / un
-    scale = sum(norms) / n
-    coeffs = torch.zeros(n, dtype=torch.float64)
-    coeffs[valid] = scale * c * inv
-    return combine(None, models, layout, coeffs[None, :], None, out_dtype)
+        return _empty(models[0], out_dtype)
+    g = gram(None, models, layout).reshape(-1).tolist()
+    return combine(None, models, layout, _coeffs(S.karcher_coeffs(g, n, max_iter, tol), 1), None, out_dtype)
 
 
 def forward_only_reason(capability, kernels: str, tensor: Tensor, out_dtype: torch.dtype,
