@@ -405,6 +405,7 @@ class MergeConfig:
     slices: Optional[List[SliceDef]] = None  # `slices:` (then `models` lists every distinct source model)
     doc: Optional[_Doc] = None
     flags: Dict[str, Any] = field(default_factory=dict)  # the interpolating methods' merge-wide settings
+    chat_template: Optional[str] = None  # the Jinja text to write, or "auto" (see _chat_template)
 
     @property
     def pyops_method(self) -> str:
@@ -643,6 +644,37 @@ def _layer_count(home: Path) -> Tuple[Optional[int], Optional[str]]:
     return None, f"{conf_path} has no {' / '.join(LAYER_COUNT_KEYS)}"
 
 
+# A ChatML conversation (pyops' own text): <|im_start|>role\ncontent<|im_end|>\n per message, then
+# <|im_start|>assistant\n with add_generation_prompt.
+CHATML = ("{%- for message in messages -%}"
+          "{{- '<|im_start|>' ~ message['role'] ~ '\\n' ~ message['content'] ~ '<|im_end|>\\n' -}}"
+          "{%- endfor -%}"
+          "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+# The named templates mergekit 0.1.5 ships besides chatml (mergekit/_data/chat_templates).
+MERGEKIT_TEMPLATE_NAMES = ("alpaca", "exaone", "llama3", "mistral")
+
+
+def _chat_template(doc: _Doc, value) -> str:
+    """`chat_template:` as mergekit 0.1.5 reads it (mergekit/merge.py, _set_chat_template): "auto"
+    (the most common template among the inputs' tokenizers), a template name (a short string with
+    no newline and no "{"), or the Jinja text itself (at least 20 characters with a "{")."""
+    if not isinstance(value, str):
+        raise doc.error(("chat_template",), f"expected a string (auto, chatml or a Jinja template), "
+                                            f"got {type(value).__name__}")
+    if value == "auto":
+        return value
+    if len(value) < 256 and "\n" not in value and "{" not in value:
+        if value == "chatml":
+            return CHATML
+        if value in MERGEKIT_TEMPLATE_NAMES:
+            raise doc.error(("chat_template",), f"the named template {value!r} is not shipped with pyops (chatml "
+                                                "is): give its Jinja text instead")
+    if len(value) < 20 or "{" not in value:
+        raise doc.error(("chat_template",), f"invalid chat template {value!r} (expected auto, chatml or a Jinja "
+                                            "template of at least 20 characters)")
+    return value
+
+
 def _resolve_path(doc: _Doc, path: Path_, written: Any, what: str = "model directory") -> Path:
     if not isinstance(written, str) or not written.strip():
         raise doc.error(path, f"expected a local {what}, got {written!r}")
@@ -841,12 +873,7 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
     if "tokenizer" in raw:
         raise doc.error(("tokenizer",), "the tokenizer block (vocabulary merging) is not supported; "
                                         "use tokenizer_source: base or a model path")
-    if "chat_template" in raw:
-        # mergekit re-serialises the tokenizer through transformers with the template set; pyops
-        # copies the tokenizer files byte for byte and would silently drop it.
-        raise doc.error(("chat_template",), "not supported: pyops merge copies the tokenizer files unchanged and "
-                                            "cannot set a chat template (remove the key, then set the template in "
-                                            "the output's tokenizer_config.json or chat_template.jinja)")
+    chat_template = _chat_template(doc, raw.get("chat_template")) if "chat_template" in raw else None
 
     method = raw.get("merge_method")
     if method is None:
@@ -1054,4 +1081,5 @@ def _validate(raw: Any, doc: _Doc, text: str) -> MergeConfig:
     return MergeConfig(method=method, base=base, models=models, params=params, normalize=normalize, rescale=rescale,
                        k=k, tall_lambda=float(tall_lambda), blocks=blocks, out_dtype=out_dtype, dtype=dtype,
                        seed=seed, tokenizer_source=tokenizer_source, text=text, source=doc.source, notes=notes,
-                       num_layers=num_layers, base_entry=base_entry, slices=slices, doc=doc, flags=flags)
+                       num_layers=num_layers, base_entry=base_entry, slices=slices, doc=doc, flags=flags,
+                       chat_template=chat_template)

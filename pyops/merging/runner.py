@@ -24,7 +24,9 @@ coordinate through the process group's key-value store (no tensor crosses betwee
 """
 from __future__ import annotations
 
+import collections
 import contextlib
+import dataclasses
 import errno
 import gc
 import hashlib
@@ -834,6 +836,71 @@ def config_with_dtype(conf: dict, dtype_name: str) -> dict:
     return out
 
 
+def _template_of(model_dir: Path) -> Optional[str]:
+    """A model's chat template as transformers loads it: chat_template.jinja, else tokenizer_config.json's
+    `chat_template` (a string, or a list of named templates: the "default" one); stripped."""
+    jinja = model_dir / "chat_template.jinja"
+    try:
+        if jinja.is_file():
+            return jinja.read_text("utf-8").strip() or None
+        conf = json.loads((model_dir / "tokenizer_config.json").read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        return None
+    t = conf.get("chat_template") if isinstance(conf, dict) else None
+    if isinstance(t, list):
+        t = next((e.get("template") for e in t if isinstance(e, dict) and e.get("name") == "default"), None)
+    return (t.strip() or None) if isinstance(t, str) else None
+
+
+def _chat_template(cfg: MergeConfig, copy_tokenizer: bool) -> Optional[str]:
+    """The Jinja text `chat_template:` asks for (None: "auto" found no template, the tokenizer is
+    copied as it is). mergekit 0.1.5 (mergekit/merge.py) re-serialises the tokenizer with the
+    template set; pyops copies the tokenizer files and writes the template where transformers 5's
+    save_pretrained puts it. "auto": the most common template among the inputs (base, models,
+    slice sources, in the configuration's order; a tie goes to the first — mergekit's order is a
+    set's). A template that cannot be written is an error, not a note."""
+    def error(message: str) -> ConfigError:
+        return cfg.doc.error(("chat_template",), message) if cfg.doc is not None else ConfigError(
+            f"{cfg.source}: chat_template: {message}")
+
+    if not copy_tokenizer:
+        raise error("the template is written with the tokenizer files, which --no-copy-tokenizer leaves out")
+    src = cfg.tokenizer_source or cfg.home
+    if not (src / "tokenizer_config.json").is_file():
+        raise error(f"the tokenizer source {src} has no tokenizer_config.json to set the template on")
+    if cfg.chat_template != "auto":
+        return cfg.chat_template
+    dirs: List[Path] = [cfg.base] if cfg.base is not None else []
+    dirs += [m.path for m in cfg.models]
+    for sl in cfg.slices or ():
+        dirs += [src_.model.path for src_ in sl.sources]
+    seen, found = set(), []
+    for d in dirs:
+        if d in seen:
+            continue
+        seen.add(d)
+        t = _template_of(d)
+        if t is not None:
+            found.append(t)
+    return collections.Counter(found).most_common(1)[0][0] if found else None
+
+
+def _write_chat_template(tmp: Path, text: str, report: MergeReport) -> None:
+    """chat_template.jinja holds the template (as transformers 5 writes it: the text as is) and
+    tokenizer_config.json no `chat_template` key (which transformers would prefer over nothing)."""
+    conf_path = tmp / "tokenizer_config.json"
+    try:
+        conf = json.loads(conf_path.read_text("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        conf = None
+    if isinstance(conf, dict) and "chat_template" in conf:
+        del conf["chat_template"]
+        conf_path.write_text(json.dumps(conf, indent=2, sort_keys=True, ensure_ascii=False) + "\n", "utf-8")
+    (tmp / "chat_template.jinja").write_text(text, "utf-8")
+    if "chat_template.jinja" not in report.files:
+        report.files.append("chat_template.jinja")
+
+
 def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: MergeReport,
                 dtype: Optional[str] = None, layer_config: Optional[dict] = None) -> None:
     """config.json (its dtype set to `dtype`, a safetensors code, see `config_with_dtype`, and the
@@ -867,6 +934,8 @@ def _copy_files(cfg: MergeConfig, tmp: Path, copy_tokenizer: bool, report: Merge
                     continue
             shutil.copyfile(src, dst)
             report.files.append(fname)
+    if copy_tokenizer and cfg.chat_template is not None:
+        _write_chat_template(tmp, cfg.chat_template, report)
     with open(tmp / CONFIG_COPY, "x", encoding="utf-8") as fh:
         fh.write(cfg.text if cfg.text.endswith("\n") else cfg.text + "\n")
     report.files.append(CONFIG_COPY)
@@ -1010,10 +1079,12 @@ class _Prepared:
 
 
 def _prepare(config, out_dir, overwrite: bool, device, shard_size, backend: str, threads, rss_before: int,
-             compute_dtype: str = "fp32") -> _Prepared:
+             compute_dtype: str = "fp32", copy_tokenizer: bool = True) -> _Prepared:
     """Reads and checks the configuration, the arguments, the output path and every input header,
     and plans the output; raises `MergeError` before anything is created."""
     cfg = load_config(config)
+    if cfg.chat_template is not None:
+        cfg = dataclasses.replace(cfg, chat_template=_chat_template(cfg, copy_tokenizer))
     if compute_dtype not in COMPUTE_DTYPES:
         raise MergeError(f"compute_dtype: expected one of {', '.join(COMPUTE_DTYPES)}, got {compute_dtype!r}")
     if compute_dtype == "config" and cfg.method not in MERGEKIT_ORDER:
@@ -1153,7 +1224,8 @@ def run_merge(
 
     t_start = time.perf_counter()
     rss_before = _current_rss()
-    prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype)
+    prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype,
+                    copy_tokenizer)
     cfg, dev, out, report, items = prep.cfg, prep.dev, prep.out, prep.report, prep.items
     tmp: Optional[Path] = None
     rss_seen = rss_before
@@ -1557,7 +1629,8 @@ def _run_ranks(ranks: _Ranks, config, out_dir, *, overwrite: bool, device, shard
     prep: Optional[_Prepared] = None
     error: Optional[BaseException] = None
     try:
-        prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype)
+        prep = _prepare(config, out_dir, overwrite, device, shard_size, backend, threads, rss_before, compute_dtype,
+                        copy_tokenizer)
     except Exception as exc:  # reported to the other ranks first; Ctrl-C / SIGTERM leave at once
         error = exc
     tmp: Optional[Path] = None

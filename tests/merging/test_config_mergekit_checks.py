@@ -4,8 +4,6 @@ or what pyops cannot honour.
 
 * `linear` with a `base_model` that is not under `models`: mergekit adds the base to the averaged
   inputs (mergekit/plan.py, normalize_config), at the top-level weight, and fails without one.
-* `chat_template`: pyops copies the tokenizer files unchanged, so it refuses the key instead of
-  writing a model without the template.
 * `dtype: torch.bfloat16`: mergekit's dtype names with the "torch." prefix are read as without.
 """
 from __future__ import annotations
@@ -81,14 +79,6 @@ def test_linear_with_the_base_listed_averages_it_once(ckpt, tmp_path):
     for n in SHAPES:
         want = 0.2 * t["base"][n] + 0.5 * t["m1"][n] + 0.3 * t["m2"][n]
         torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("template", ["chatml", "auto", "'{% for m in messages %}{{ m.content }}{% endfor %}'"],
-                         ids=["chatml", "auto", "jinja"])
-def test_chat_template_is_refused(ckpt, tmp_path, capsys, template):
-    root, _ = ckpt
-    _refused(tmp_path, _linear(root, f"chat_template: {template}\n", list_base=True), capsys,
-             r"line 10, column 1: chat_template: not supported: pyops merge copies the tokenizer files unchanged")
 
 
 @pytest.mark.parametrize("name,code", [("torch.bfloat16", "BF16"), ("float64", "F64"), ("torch.float16", "F16")])
