@@ -1,7 +1,7 @@
-// pyops._C bindings of the merging family (merging/task_arithmetic.h, merging/methods.h). Thin:
-// integers become pointers, the GIL is released around the kernel, a Status becomes ValueError
-// (bad argument / index) or RuntimeError, and PYOPS_ISA_CALL picks the baseline or AVX2 build of
-// the kernel.
+// pyops._C bindings of the merging family (merging/task_arithmetic.h, methods.h, interpolate.h,
+// fusion.h). Thin: integers become pointers, the GIL is released around the kernel, a Status
+// becomes ValueError (bad argument / index) or RuntimeError, and PYOPS_ISA_CALL picks the baseline
+// or AVX2 build of the kernel.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -12,6 +12,7 @@
 
 #include "common/bind_util.h"
 #include "common/isa_dispatch.h"
+#include "merging/fusion.h"
 #include "merging/interpolate.h"
 #include "merging/methods.h"
 #include "merging/task_arithmetic.h"
@@ -261,10 +262,70 @@ void ram_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector
   raise_if_error(st);
 }
 
+// ---- sce and arcee_fusion (merging/fusion.h) ----
+
+void check_threads(int n_threads) {
+  if (n_threads < 1) throw py::value_error("n_threads: expected >= 1, got " + std::to_string(n_threads));
+}
+
+void sce_forward(uintptr_t out, int out_dtype, uintptr_t base, const std::vector<uintptr_t>& inputs, int in_dtype,
+                 int64_t numel, double select_topk, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  if (inputs.empty()) throw py::value_error("inputs: expected at least one model's address, got none");
+  if (numel < 0) throw py::value_error("numel: expected >= 0, got " + std::to_string(numel));
+  check_threads(n_threads);
+  if (numel > 0) {
+    if (out == 0) throw py::value_error("out: expected an address, got 0");
+    if (base == 0) throw py::value_error("base: expected an address, got 0");
+    for (size_t i = 0; i < inputs.size(); ++i)
+      if (inputs[i] == 0) throw py::value_error("inputs[" + std::to_string(i) + "]: expected an address, got 0");
+  }
+  const auto ptrs = as_pointers<const void*>(inputs);
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(sce_forward, reinterpret_cast<const void*>(base), ptrs.data(), (int64_t)ptrs.size(), id,
+                        numel, select_topk, reinterpret_cast<void*>(out), od, n_threads);
+  }
+  raise_if_error(st);
+}
+
+double arcee_fusion_forward(uintptr_t out, int out_dtype, uintptr_t base, uintptr_t model, int in_dtype,
+                            int64_t n_rows, int64_t row_len, int n_threads) {
+  const DType od = to_dtype(out_dtype, "out_dtype");
+  const DType id = to_dtype(in_dtype, "in_dtype");
+  if (n_rows < 0) throw py::value_error("n_rows: expected >= 0, got " + std::to_string(n_rows));
+  if (row_len < 0) throw py::value_error("row_len: expected >= 0, got " + std::to_string(row_len));
+  check_threads(n_threads);
+  if (n_rows > 0 && row_len > 0) {
+    if (out == 0) throw py::value_error("out: expected an address, got 0");
+    if (base == 0) throw py::value_error("base: expected an address, got 0");
+    if (model == 0) throw py::value_error("model: expected an address, got 0");
+  }
+  float threshold = 0.f;
+  Status st;
+  {
+    py::gil_scoped_release release;
+    st = PYOPS_ISA_CALL(arcee_fusion_forward, reinterpret_cast<const void*>(base),
+                        reinterpret_cast<const void*>(model), id, n_rows, row_len, reinterpret_cast<void*>(out), od,
+                        &threshold, n_threads);
+  }
+  raise_if_error(st);
+  return (double)threshold;
+}
+
 }  // namespace
 
 namespace pyops {
 void bind_merging(py::module_& m) {
+  m.def("sce_forward", &sce_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"), py::arg("inputs"),
+        py::arg("in_dtype"), py::arg("numel"), py::arg("select_topk"), py::arg("n_threads"),
+        "mergekit's sce over the whole tensor: top-k variance selection, weights, sign erase, one rounding.");
+  m.def("arcee_fusion_forward", &arcee_fusion_forward, py::arg("out"), py::arg("out_dtype"), py::arg("base"),
+        py::arg("model"), py::arg("in_dtype"), py::arg("n_rows"), py::arg("row_len"), py::arg("n_threads"),
+        "mergekit's arcee_fusion over n_rows x row_len (softmax rows); returns the fp32 threshold "
+        "(NaN for an empty tensor).");
   m.def("ram_counts", &ram_counts, py::arg("base"), py::arg("inputs"), py::arg("in_dtype"), py::arg("numel"),
         py::arg("epsilon"), py::arg("n_threads"),
         "ramplus_tl's per-task shared and unique contributor counts: 2*N int64 (shared..., unique...).");

@@ -15,6 +15,8 @@ the calls into `pyops._C`:
     pyops::{linear,slerp,nearswap,      mergekit 0.1.5's methods of pyops.merging.interpolate
       nuslerp,multislerp,karcher,       (csrc/merging/interpolate.h): a per-vector Gram pass, the
       ram,ramplus_tl}_cpu               scalars in double, one combine pass; forward only
+    pyops::{sce,arcee_fusion}_cpu       mergekit 0.1.5's sce and arcee_fusion (csrc/merging/fusion.h):
+                                        exact order statistics by radix select; forward only
 
 The kernels take contiguous fp32 / fp16 / bf16 tensors (`pyops._native.NATIVE_DTYPES`) and
 accumulate in fp32. ties (with or without exact_k), dare / dare_linear, dare_ties, breadcrumbs,
@@ -35,6 +37,7 @@ from torch import Tensor
 
 from pyops import _backend, _native
 from pyops._backend import Capability
+from pyops.merging import interp_scalars as S
 from pyops.merging import registry as R
 from pyops.merging import spec
 
@@ -233,7 +236,7 @@ def _gram_fake(base, deltas, from_models):
 # --------------------------------------------------------------------------------------------
 
 INTERPOLATE = Capability("cpu", functions=("vector_gram", "vector_combine", "nearswap_forward", "ram_counts",
-                                           "ram_forward"))
+                                           "ram_forward", "sce_forward", "arcee_fusion_forward"))
 
 
 def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool) -> Optional[str]:
@@ -328,12 +331,6 @@ def _ram(base: Tensor, models: List[Tensor], epsilon: float, lam: Optional[Tenso
     return out
 
 
-def ramplus_lambda(shared: Tensor, unique: Tensor, r: float, alpha: float, epsilon: float) -> Tensor:
-    """λᵢ = 1 + r·clamp(sharedᵢ / max(uniqueᵢ, ε), 0, α) in fp32, as mergekit's torch expression forms it."""
-    rho = shared.to(torch.float32) / unique.to(torch.float32).clamp(min=epsilon)
-    return 1 + r * rho.clamp(min=0, max=alpha)
-
-
 def _ramplus_tl(base: Tensor, models: List[Tensor], r: float, alpha: float, epsilon: float,
                 out_dtype: torch.dtype) -> Tensor:
     if base.numel() == 0:
@@ -343,8 +340,8 @@ def _ramplus_tl(base: Tensor, models: List[Tensor], r: float, alpha: float, epsi
     ms = [m.detach().contiguous() for m in models]
     counts = _native.cpu_module.ram_counts(b.data_ptr(), [m.data_ptr() for m in ms], _native.dtype_code(b.dtype),
                                            b.numel(), float(epsilon), torch.get_num_threads())
-    counts = torch.tensor(counts, dtype=torch.int64)
-    return _ram(b, ms, epsilon, ramplus_lambda(counts[:n], counts[n:], r, alpha, epsilon), out_dtype)
+    lam = torch.tensor(S.ramplus_lambda(counts[:n], counts[n:], r, alpha, epsilon), dtype=torch.float32)
+    return _ram(b, ms, epsilon, lam, out_dtype)
 
 
 @torch.library.custom_op("pyops::ram_cpu", mutates_args=(), device_types="cpu")
@@ -368,3 +365,47 @@ nuslerp_op.register_fake(lambda a, b, base, t, nuslerp_flatten, nuslerp_row_wise
 multislerp_op.register_fake(lambda models, weight, base, normalize_weights, eps, out_dtype:
                             _new_like(models[0], out_dtype))
 karcher_op.register_fake(lambda models, max_iter, tol, out_dtype: _new_like(models[0], out_dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# sce and arcee_fusion (csrc/merging/fusion.h): whole-tensor selections, forward only
+# --------------------------------------------------------------------------------------------
+
+def _sce(base: Tensor, models: List[Tensor], select_topk: float, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(base.shape, dtype=out_dtype)
+    if out.numel() == 0:
+        return out
+    b = base.detach().contiguous()
+    ms = [m.detach().contiguous() for m in models]
+    _native.cpu_module.sce_forward(out.data_ptr(), _native.dtype_code(out_dtype), b.data_ptr(),
+                                   [m.data_ptr() for m in ms], _native.dtype_code(b.dtype), b.numel(),
+                                   float(select_topk), torch.get_num_threads())
+    return out
+
+
+def arcee_fusion_into(out: Tensor, base: Tensor, model: Tensor) -> float:
+    """Writes arcee_fusion(base, model) into `out` (contiguous, base's shape); returns the fp32
+    threshold median + 1.5·IQR of the importance (NaN for an empty tensor)."""
+    if out.numel() == 0:
+        return float("nan")
+    b, m = base.detach().contiguous(), model.detach().contiguous()
+    row_len = b.shape[-1]
+    return _native.cpu_module.arcee_fusion_forward(out.data_ptr(), _native.dtype_code(out.dtype), b.data_ptr(),
+                                                   m.data_ptr(), _native.dtype_code(b.dtype), b.numel() // row_len,
+                                                   row_len, torch.get_num_threads())
+
+
+@torch.library.custom_op("pyops::sce_cpu", mutates_args=(), device_types="cpu")
+def sce_op(base: Tensor, models: List[Tensor], select_topk: float, out_dtype: torch.dtype) -> Tensor:
+    return _sce(base, models, select_topk, out_dtype)
+
+
+@torch.library.custom_op("pyops::arcee_fusion_cpu", mutates_args=(), device_types="cpu")
+def arcee_fusion_op(base: Tensor, model: Tensor, out_dtype: torch.dtype) -> Tensor:
+    out = torch.empty(base.shape, dtype=out_dtype)
+    arcee_fusion_into(out, base, model)
+    return out
+
+
+sce_op.register_fake(lambda base, models, select_topk, out_dtype: _new_like(base, out_dtype))
+arcee_fusion_op.register_fake(lambda base, model, out_dtype: _new_like(base, out_dtype))

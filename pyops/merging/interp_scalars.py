@@ -272,6 +272,20 @@ def _weights(value, n: int) -> None:
         _real(w, f"weight[{i}]")
 
 
+def check_inputs(method: str, has_base: bool, n_models: int) -> None:
+    """The base policy and the model count of a mergekit method (as interpolate.merge_tensors checks them)."""
+    policy = spec.MERGEKIT_BASE[method]
+    if policy == "ignored" and has_base:
+        raise ValueError(f"base: {method} treats every input alike (mergekit ignores base_model); pass base=None "
+                         "and every input in models")
+    if policy == "required" and not has_base:
+        raise ValueError(f"base: {method} requires the base model's tensor (the t = 0 end)")
+    lo, hi = spec.MERGEKIT_MODEL_COUNT[method]
+    if n_models < lo or (hi is not None and n_models > hi):
+        count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
+        raise ValueError(f"models: {method} takes {count} model tensors besides the base, got {n_models}")
+
+
 def check_params(method: str, p: Dict[str, object], n_models: int) -> None:
     """The scalar parameters of one tensor's merge (resolved: `resolve_params`), with the errors the
     ops of pyops.merging.interpolate raise for them: TypeError / ValueError naming the parameter.
@@ -302,5 +316,5 @@ def check_params(method: str, p: Dict[str, object], n_models: int) -> None:
         _real(p["select_topk"], "select_topk")
 
 
-__all__ = ["check_params", "dim0_layout", "fp32", "karcher_coeffs", "linear_coeffs", "multislerp_coeffs", "nuslerp_coeffs",
+__all__ = ["check_inputs", "check_params", "dim0_layout", "fp32", "karcher_coeffs", "linear_coeffs", "multislerp_coeffs", "nuslerp_coeffs",
            "nuslerp_layout", "ramplus_lambda", "resolve_params", "rows_layout", "slerp_coeffs", "whole_layout"]

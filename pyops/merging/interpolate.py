@@ -1,6 +1,6 @@
 """mergekit 0.1.5's methods beyond task arithmetic as ops: the interpolating `linear`, `slerp`,
 `nearswap`, `passthrough`, `nuslerp`, `multislerp`, `karcher`; the selective `ram`,
-`ramplus_tl` (C++ and reference), `sce`, `arcee_fusion` (reference); and `merge_tensors`, the
+`ramplus_tl`, `sce`, `arcee_fusion` (C++ and reference); and `merge_tensors`, the
 per-tensor entry the checkpoint runner calls (which also runs `breadcrumbs_ties` through
 `pyops.merge_from_models`).
 
@@ -14,8 +14,9 @@ dtype). The definitions are in `pyops/merging/reference.py`. Backends:
   few scalars (norms, angles, the Karcher iteration) in double from the Gram matrix, then one
   combine pass [base +] Σᵢ cᵢ·xᵢ [/ d] in fp32; nearswap is one per-element pass. Forward only,
   CPU tensors in fp32 / fp16 / bf16. ram and ramplus_tl: per-element passes (ramplus_tl's
-  per-task counts first). Registered ops
-  ``pyops::{linear,slerp,nearswap,nuslerp,multislerp,karcher,ram,ramplus_tl}_cpu``.
+  per-task counts first). sce and arcee_fusion: whole-tensor passes with exact order statistics
+  (csrc/merging/fusion.cpp). Registered ops
+  ``pyops::{linear,slerp,nearswap,nuslerp,multislerp,karcher,ram,ramplus_tl,sce,arcee_fusion}_cpu``.
 * ``triton`` — the interpolating methods on CUDA tensors (CPU tensors under TRITON_INTERPRET=1):
   the Gram matrix from torch (fp32 values, fp64 products and sums), the same scalars in double
   as the C++ path (`registry.interp_*`), one Triton combine pass in the C++ kernels' fp32
@@ -23,11 +24,10 @@ dtype). The definitions are in `pyops/merging/reference.py`. Backends:
   only, fp32 / fp16 / bf16. Registered ops
   ``pyops::{linear,slerp,nearswap,scale,nuslerp,multislerp,karcher}_triton``. First for CUDA
   tensors; ram and ramplus_tl have no Triton kernels.
-* ``reference`` — every case (sce and arcee_fusion only here), including fp64, CUDA tensors and
-  gradients: a call that needs gradients (an input requires grad, or a tensor-valued `t` /
-  `weight`) is refused by the C++ path's `can_run` and taken by the reference, whose torch ops
-  carry autograd (the branches — colinear fallbacks, the Karcher iteration count — are taken on
-  the values, as mergekit does).
+* ``reference`` — every case, including fp64, CUDA tensors and gradients: a call that needs
+  gradients (an input requires grad, or a tensor-valued `t` / `weight`) is refused by the C++
+  path's `can_run` and taken by the reference, whose torch ops carry autograd (the branches —
+  colinear fallbacks, the Karcher iteration count — are taken on the values, as mergekit does).
 
 The C++ path reaches the reference's values to fp32 rounding; where a branch is decided on a
 value within rounding of its threshold (slerp's dot_threshold, nuslerp's colinear test), the two
@@ -47,6 +47,7 @@ from pyops import _backend
 from pyops.merging import backend_cpu, backend_triton
 from pyops.merging import reference as ref
 from pyops.merging import spec
+from pyops.merging.interp_scalars import check_inputs, resolve_params
 
 Weights = Union[Sequence[float], Tensor]
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -347,19 +348,12 @@ def karcher(models: Union[Sequence[Tensor], Tensor], *, max_iter: int = 10, tol:
 
 
 # --------------------------------------------------------------------------------------------
-# The selective methods (ram, ramplus_tl, sce, arcee_fusion): the reference backend
+# The selective methods (ram, ramplus_tl, sce, arcee_fusion): the C++ kernels and the reference
 # --------------------------------------------------------------------------------------------
 
 def _check_backend(backend: str) -> None:
     """No models: the result is base (rounded to out_dtype) on any backend."""
     _backend.check_backend_name(backend)
-
-
-def _reference_only(op: str, backend: str, tensors: Sequence[Tensor]) -> None:
-    """These methods run on the reference (torch ops, any device, autograd): the C++ path refuses."""
-    _backend.select(op, backend, {"reference": lambda: None,
-                                  "cpu": lambda: f"the C++ kernels do not implement {op} (the reference backend does)"},
-                    ("reference",))
 
 
 def _check_base_and_models(base, models, lo: int, hi: Optional[int], method: str) -> tuple[Tensor, List[Tensor]]:
@@ -424,11 +418,16 @@ def sce(base: Tensor, models: Sequence[Tensor], *, select_topk: float = 1.0, out
     see reference.sce.
 
     base `[*shape]`, models N ≥ 0 × `[*shape]`; select_topk (1.0: keep all). Returns `[*shape]`
-    in out_dtype (default base's dtype). Reference backend."""
+    in out_dtype (default base's dtype). Backends: cpu (csrc/merging/fusion.cpp: a variance pass
+    with an exact radix select of the top k, a pass for the weights, one combine pass; forward
+    only, fp32 / fp16 / bf16), reference (fp64, other devices, gradients)."""
     base, models = _check_base_and_models(base, models, 0, None, "sce")
     select_topk = _check_real(select_topk, "select_topk")
     od = _check_out_dtype(out_dtype, base.dtype)
-    _reference_only("sce", backend, [base, *models])
+    if models and _choose("sce", backend, [base, *models], od, triton=False) == "cpu":
+        return backend_cpu.sce_op(base, models, select_topk, od)
+    if not models:
+        _check_backend(backend)
     return ref.sce(base, models, select_topk=select_topk, out_dtype=od)
 
 
@@ -437,13 +436,19 @@ def arcee_fusion(base: Tensor, model: Tensor, *, out_dtype: Optional[torch.dtype
     """mergekit's ``arcee_fusion``: the model's change where its KL-weighted importance is an
     upper outlier (≥ median + 1.5·IQR, exact order statistics); see reference.arcee_fusion.
 
-    base, model `[*shape]` (at least 1-d). Returns `[*shape]` in out_dtype (default base's
-    dtype). Reference backend."""
+    base, model `[*shape]` (at least 1-d; an empty tensor gives an empty result). Returns
+    `[*shape]` in out_dtype (default base's dtype). Backends: cpu (csrc/merging/fusion.cpp: an
+    importance pass per row, exact quartiles by radix select, one combine pass; forward only,
+    fp32 / fp16 / bf16), reference (fp64, other devices, gradients)."""
     base, (model,) = _check_base_and_models(base, [model], 1, 1, "arcee_fusion")
     if base.dim() == 0:
         raise ValueError("base: arcee_fusion takes softmaxes over the last dimension, got a 0-d tensor")
     od = _check_out_dtype(out_dtype, base.dtype)
-    _reference_only("arcee_fusion", backend, [base, model])
+    if base.numel() == 0:  # no order statistics to take (mergekit's indexing fails): the empty result
+        _check_backend(backend)
+        return base.to(od, copy=True)
+    if _choose("arcee_fusion", backend, [base, model], od, triton=False) == "cpu":
+        return backend_cpu.arcee_fusion_op(base, model, od)
     return ref.arcee_fusion(base, model, out_dtype=od)
 
 
@@ -478,27 +483,6 @@ def _breadcrumbs_ties(base: Tensor, models: List[Tensor], p: Dict[str, object], 
 # The checkpoint runner's entry: one tensor, parameters resolved
 # --------------------------------------------------------------------------------------------
 
-def resolve_params(method: str, params: Dict[str, object]) -> Dict[str, object]:
-    """`params` with mergekit's defaults filled in (spec.MERGEKIT_METHODS); unknown or missing
-    required parameters are a ValueError naming them."""
-    if method not in spec.MERGEKIT_METHODS:
-        raise ValueError(f"method: expected one of {', '.join(spec.MERGEKIT_METHODS)}, got {method!r}")
-    table = spec.MERGEKIT_METHODS[method]
-    unknown = sorted(set(params) - set(table))
-    if unknown:
-        raise ValueError(f"params: unknown parameter(s) for {method}: {', '.join(unknown)} "
-                         f"(expected {', '.join(table)})")
-    resolved = {}
-    for key, default in table.items():
-        if key in params:
-            resolved[key] = params[key]
-        elif default is spec.REQUIRED:
-            raise ValueError(f"params: {method} requires {key!r}")
-        else:
-            resolved[key] = default
-    return resolved
-
-
 def merge_tensors(method: str, base: Optional[Tensor], models: Sequence[Tensor], params: Dict[str, object],
                   out_dtype: Optional[torch.dtype] = None, backend: str = "auto") -> Tensor:
     """One tensor of a checkpoint merge with one of mergekit 0.1.5's methods beyond task arithmetic.
@@ -525,16 +509,7 @@ def merge_tensors(method: str, base: Optional[Tensor], models: Sequence[Tensor],
     p = resolve_params(method, dict(params))
     if not isinstance(models, (list, tuple)):
         raise TypeError(f"models: expected a list of tensors, got {type(models).__name__}")
-    policy = spec.MERGEKIT_BASE[method]
-    if policy == "ignored" and base is not None:
-        raise ValueError(f"base: {method} treats every input alike (mergekit ignores base_model); pass base=None "
-                         "and every input in models")
-    if policy == "required" and base is None:
-        raise ValueError(f"base: {method} requires the base model's tensor (the t = 0 end)")
-    lo, hi = spec.MERGEKIT_MODEL_COUNT[method]
-    if len(models) < lo or (hi is not None and len(models) > hi):
-        count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        raise ValueError(f"models: {method} takes {count} model tensors besides the base, got {len(models)}")
+    check_inputs(method, base is not None, len(models))
     tensors = ([base] if base is not None else []) + list(models)
     for i, x in enumerate(tensors):
         _check_tensor(x, "base" if base is not None and i == 0 else f"models[{i - (base is not None)}]")

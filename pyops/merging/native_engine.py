@@ -29,8 +29,8 @@ from typing import List, Optional, Sequence
 
 from pyops.merging import interp_scalars as S
 from pyops.merging.safetensors_io import ITEMSIZES, Checkpoint, RawBuffer, RawTensor
-from pyops.merging.spec import (MERGE_DEFAULTS, MERGEKIT_BASE, MERGEKIT_MODEL_COUNT, NATIVE_METHOD_CODES, RANKED,
-                                     check_params, name_hash, nuslerp_t, resolve_blocks, resolve_normalize)
+from pyops.merging.spec import (MERGE_DEFAULTS, NATIVE_METHOD_CODES, RANKED, check_params, name_hash, nuslerp_t,
+                                     resolve_blocks, resolve_normalize)
 
 # The safetensors codes the kernels take, as csrc/common/dtype.h numbers them.
 NATIVE_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
@@ -203,7 +203,7 @@ class NativeEngine:
         method = item.kwargs["mergekit"]
         p = S.resolve_params(method, dict(item.kwargs["params"]))
         base, models = tensors[0], list(tensors[1:])
-        check_inputs(method, base is not None, len(models))
+        S.check_inputs(method, base is not None, len(models))
         S.check_params(method, p, len(models))
         first = base if base is not None else models[0]
         tally[method] = tally.get(method, 0) + 1
@@ -267,16 +267,3 @@ class NativeEngine:
         mod.arcee_fusion_forward(out.address, od, b, addr[0], ind, numel // shape[-1], shape[-1], threads)
         return out
 
-
-def check_inputs(method: str, has_base: bool, n_models: int) -> None:
-    """The base policy and the model count of a mergekit method (as interpolate.merge_tensors checks them)."""
-    policy = MERGEKIT_BASE[method]
-    if policy == "ignored" and has_base:
-        raise ValueError(f"base: {method} treats every input alike (mergekit ignores base_model); pass base=None "
-                         "and every input in models")
-    if policy == "required" and not has_base:
-        raise ValueError(f"base: {method} requires the base model's tensor (the t = 0 end)")
-    lo, hi = MERGEKIT_MODEL_COUNT[method]
-    if n_models < lo or (hi is not None and n_models > hi):
-        count = f"{lo}" if hi == lo else f"at least {lo}" if hi is None else f"{lo} to {hi}"
-        raise ValueError(f"models: {method} takes {count} model tensors besides the base, got {n_models}")

@@ -1,7 +1,8 @@
-"""mergekit 0.1.5's selective methods as ops (pyops.merging.interpolate: ram, ramplus_tl — C++
-and reference —, sce, arcee_fusion — reference): the reference against independent formulations
-written here, fp32 arithmetic with one rounding, the C++ kernels against the reference, gradients,
-bad input, opcheck / torch.compile and `merge_tensors`. Parity with mergekit's own functions:
+"""mergekit 0.1.5's selective methods as ops (pyops.merging.interpolate: ram, ramplus_tl, sce,
+arcee_fusion — C++ and reference; sce and arcee_fusion's C++ kernels in test_fusion_cpu.py): the
+reference against independent formulations written here, fp32 arithmetic with one rounding, the
+C++ kernels against the reference, gradients, bad input, opcheck / torch.compile and
+`merge_tensors`. Parity with mergekit's own functions:
 test_interpolate_mergekit.py."""
 from __future__ import annotations
 
@@ -137,11 +138,15 @@ def test_gradcheck_fp64(method, rng):
     assert torch.autograd.gradcheck(fn, (base, *models))
 
 
+@pytest.mark.parametrize("case", ["fp64", "grad"])
 @pytest.mark.parametrize("method", ["sce", "arcee_fusion"])
-def test_cpu_backend_refuses(method):
-    x = torch.ones(2, 3)
+def test_cpu_backend_refuses_fp64_and_gradients(method, case):
+    """sce and arcee_fusion have C++ kernels (tests/merging/test_fusion_cpu.py), forward only, fp32 /
+    fp16 / bf16: fp64 and calls that need gradients are the reference's."""
+    require_backend("cpu")
+    x = torch.ones(2, 3, dtype=FP64 if case == "fp64" else FP32, requires_grad=case == "grad")
     fn = {"sce": lambda: I.sce(x, [x], backend="cpu"), "arcee_fusion": lambda: I.arcee_fusion(x, x, backend="cpu")}
-    with pytest.raises(BackendUnavailableError, match="reference"):
+    with pytest.raises(BackendUnavailableError, match="float64" if case == "fp64" else "reference"):
         fn[method]()
 
 
