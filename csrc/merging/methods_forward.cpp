@@ -1,6 +1,7 @@
 // Merge-method CPU forward (TIES, DARE, DARE-TIES, breadcrumbs, DELLA, consensus; merging/methods.h),
-// one translation unit per ISA (see CMakeLists.txt): thresholds or ranks first where a block needs
-// them, then one combine pass per tile (trim / drop, the election, base + lam * merged).
+// one translation unit per ISA (see CMakeLists.txt): thresholds, ranks or breadcrumbs' band limits
+// first where a block needs them, then one combine pass per tile (trim / drop, the election,
+// base + lam * merged).
 //
 // Floating-point contraction is off for this file: every a * b + c rounds twice, as the
 // reference's separate torch ops do, so the products, sums and the elected sign are the
@@ -105,10 +106,11 @@ void elect(const float* trows, const float* w, int64_t n, bool normalize, float*
 }
 
 // out[lo, hi) of block b; thr: the n TIES thresholds of the block (ties only); cut: with exact k,
-// the n flat indices of the last admitted ties (else null); rv: the ranks (ranked methods only).
+// the n flat indices of the last admitted ties (else null); rv: the ranks (ranked methods only);
+// band: breadcrumbs on long blocks, the block's [n][2] entry limits instead of ranks (else null).
 template <typename T, typename O, bool FM>
 void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const float* thr, const int64_t* cut,
-                     const RankView& rv, O* out, Scratch& s) {
+                     const RankView& rv, const uint64_t* band, O* out, Scratch& s) {
   const MergeProblem& p = *ctx.p;
   const int64_t n = p.n;
   const T* base = static_cast<const T*>(p.base);
@@ -173,6 +175,13 @@ void combine_segment(const Ctx& ctx, int64_t b, int64_t lo, int64_t hi, const fl
           row[j] = t;
           acc[j] += wi * t;
         }
+      } else if (band) {
+        band_multipliers(band + 2 * i, tau, (uint64_t)(t0 - b * ctx.plan.block_size), len, mbuf);
+        for (int64_t j = 0; j < len; ++j) {
+          const float t = mbuf[j] * tau[j];
+          row[j] = t;
+          acc[j] += wi * t;
+        }
       } else if (ctx.ranked) {
         if (ctx.della) philox_words(g0, ng, (uint32_t)i, p.name_hash, ctx.keys, words);
         rank_multipliers(ctx, i, blen, rv.row(i, t0), word, len, mbuf);
@@ -214,8 +223,12 @@ void merge_typed(Ctx& ctx, O* out, int n_threads) {
   const bool large = ctx.ties && plan.block_size >= kRadixMin;
   if (large) large_thresholds<T, FM>(ctx, n_threads);
   if (large && ctx.exact_k) large_exact_k_cuts<T, FM>(ctx, n_threads);
+  // Long blocks: breadcrumbs needs only whether a rank lies in its band (two selected entries per
+  // block and task); DELLA needs the ranks themselves.
+  const bool bands = ctx.ranked && !ctx.della && plan.large;
+  if (bands) large_block_bands<T, FM>(ctx, n_threads);
   RankView large_rv;
-  if (ctx.ranked && plan.large) large_rv = large_block_ranks<T, FM>(ctx, n_threads);
+  if (ctx.ranked && ctx.della && plan.large) large_rv = large_block_ranks<T, FM>(ctx, n_threads);
   parallel_for(plan.n_items, n_threads, [&](int64_t item) {
     Scratch& s = thread_scratch(p.n);
     std::vector<int64_t> cuts;  // exact k, small blocks: this segment's cuts
@@ -241,7 +254,8 @@ void merge_typed(Ctx& ctx, O* out, int n_threads) {
           }
         }
       }
-      combine_segment<T, O, FM>(ctx, b, lo, hi, thr, cut, rv, out, s);
+      const uint64_t* band = bands ? ctx.band.data() + b * p.n * 2 : nullptr;
+      combine_segment<T, O, FM>(ctx, b, lo, hi, thr, cut, rv, band, out, s);
     });
   });
 }

@@ -261,20 +261,20 @@ class RankArray {
   size_t bytes_ = 0;
 };
 
-// Scratch of the long-block ranking: (key, position) entries twice the block, and the ranks of
-// every task. Fresh memory costs a page fault per 4 KiB at first touch, about as much as the
-// sort itself at these sizes, so one call's buffers are kept for the next (a streaming merge
-// repeats a few tensor shapes) unless they exceed kRankKeepBytes.
+// Scratch of the long-block ranking: (key, position) entries of one block, the radix sort's second
+// copy of them and the ranks of every task, or the entries alone (breadcrumbs' forward selects its
+// band limits in place: no copy, no ranks). Fresh memory costs a page fault per 4 KiB at first
+// touch, about as much as the sort itself at these sizes, so one call's buffers are kept for the
+// next (a streaming merge repeats a few tensor shapes) unless they exceed kRankKeepBytes.
 struct RankBuffers {
   RankArray<uint64_t> ent, tmp;
   RankArray<uint32_t> ranks;
 
-  int64_t bytes() const { return ent.size() * 16 + ranks.size() * 4; }
-  void reserve(int64_t entries, int64_t rank_count) {
-    if (ent.size() < entries) {
-      ent.reset(entries);
-      tmp.reset(entries);
-    }
+  int64_t bytes() const { return (ent.size() + tmp.size()) * 8 + ranks.size() * 4; }
+  // At least `entries` entries, as many in tmp when with_tmp, and rank_count ranks.
+  void reserve(int64_t entries, bool with_tmp, int64_t rank_count) {
+    if (ent.size() < entries) ent.reset(entries);
+    if (with_tmp && tmp.size() < entries) tmp.reset(entries);
     if (ranks.size() < rank_count) ranks.reset(rank_count);
   }
 };
@@ -304,6 +304,7 @@ struct Ctx {
   std::vector<float> della_lo;    // della: density - epsilon (fp32, as the reference forms it)
   float della_span = 0.f;         // della: 2 * epsilon (fp64 product, then fp32)
   std::unique_ptr<RankBuffers> rank_bufs;  // ranked methods, large blocks (ranks: [n][numel])
+  std::vector<uint64_t> band;     // breadcrumbs forward, large blocks: [n_blocks][n][2] entry limits
   std::vector<uint8_t> keep_all;  // ties, breadcrumbs, della: density >= 1 keeps every entry
   std::vector<float> inv;         // dare: the reference's keep value 1 / density (fp32)
   std::vector<uint32_t> dare_lim; // dare: keep iff (word >> 8) < dare_lim  <=>  u < density
