@@ -41,8 +41,8 @@ run per block, with n the block's length. wᵢ = coeffs[i, block], ρᵢ = densi
   θ = base + λ·Σᵢ wᵢ·keepᵢ·τᵢ (no rescale, as mergekit). ρᵢ = 1 keeps every entry (mergekit's
   `density >= 1`); otherwise ρᵢ + γ ≤ 1.
 * ``breadcrumbs_ties`` (mergekit 0.1.5's registry entry, mergekit/merge_methods/registry.py):
-  breadcrumbs' keepᵢ·τᵢ, then TIES' election and disjoint mean (``normalize`` defaults to True
-  here as for every electing method; mergekit's default is False).
+  breadcrumbs' keepᵢ·τᵢ, then TIES' election; ``normalize`` defaults to False (the elected sum),
+  mergekit's default for this method.
 * ``della`` (Deep et al., "DELLA-Merging", 2024; mergekit's ``rank_magnitude_sampling``): keep
   probability pⱼ = ρᵢ − ε + 2ε·rⱼ/(n − 1) from the ascending magnitude rank rⱼ in the block
   (pⱼ = ρᵢ when n = 1), τᵢ' = keep·τᵢ/pⱼ, then TIES' election and disjoint mean;

@@ -38,8 +38,9 @@ MERGE_DEFAULTS = {"density": 1.0, "seed": 0, "lam": 1.0, "name": "", "gamma": 0.
 
 
 def resolve_normalize(method: str, normalize) -> bool:
-    """`normalize=None` means the method's default: the disjoint mean for the electing methods."""
-    return method in ELECTING if normalize is None else bool(normalize)
+    """`normalize=None` means the method's default, mergekit 0.1.5's (mergekit/merge_methods/registry.py):
+    the disjoint mean for ties, dare_ties and della; the plain sum for breadcrumbs_ties and the rest."""
+    return (method in ELECTING and method != "breadcrumbs_ties") if normalize is None else bool(normalize)
 
 
 def name_hash(name: str) -> int:

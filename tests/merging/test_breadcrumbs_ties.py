@@ -83,7 +83,16 @@ def test_density_one_keeps_everything_then_elects(rng):
     base = torch.randn(4, 9, generator=rng)
     deltas = [torch.randn(4, 9, generator=rng) for _ in range(2)]
     assert_bitwise_equal(pyops.merge(base, deltas, method="breadcrumbs_ties", density=1.0, backend="cpu"),
-                         pyops.merge(base, deltas, method="ties", density=1.0, backend="cpu"))
+                         pyops.merge(base, deltas, method="ties", density=1.0, normalize=False, backend="cpu"))
+
+
+def test_normalize_defaults_to_mergekits_false(rng):
+    """mergekit 0.1.5 registers breadcrumbs_ties with default_normalize=False (the elected sum)."""
+    base = torch.randn(4, 9, generator=rng)
+    deltas = [torch.randn(4, 9, generator=rng) for _ in range(3)]
+    kw = dict(method="breadcrumbs_ties", density=0.6, gamma=0.1, backend="cpu")
+    assert_bitwise_equal(pyops.merge(base, deltas, **kw), pyops.merge(base, deltas, normalize=False, **kw))
+    assert not torch.equal(pyops.merge(base, deltas, **kw), pyops.merge(base, deltas, normalize=True, **kw))
 
 
 def test_triton_refuses():
