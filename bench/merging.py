@@ -104,12 +104,15 @@ def _method(method, numel, quick_numel, targets, timing, blocks=None, backends=_
                     targets=targets, timing=timing)
 
 
-def _ckpt(method, params, speedup, timing, quick=True, *, n=3, weights=True, base=True, top=None) -> CaseSpec:
+def _ckpt(method, params, speedup, timing, quick=True, *, n=3, weights=True, base=True, top=None,
+          layout=None) -> CaseSpec:
     """A whole-model merge case: `n` fine-tuned models (with the base as base_model when `base`),
-    per-model `params` (and `weight` from WEIGHTS when `weights`), top-level parameters `top`."""
-    return CaseSpec(f"checkpoint-{method}", "merge_from_models", "checkpoint",
+    per-model `params` (and `weight` from WEIGHTS when `weights`), top-level parameters `top`.
+    `layout` "slices": a passthrough frankenmerge (see _slices_yaml); "lora": the models with a
+    PEFT LoRA adapter each (model+adapter, see write_lora_adapter)."""
+    return CaseSpec(f"checkpoint-{layout or method}", "merge_from_models", "checkpoint",
                     {"method": method, "params": params, "model": LLAMA, "n": n, "weights": weights, "base": base,
-                     "top": top or {}},
+                     "top": top or {}, "layout": layout},
                     {"model": LLAMA_QUICK} if quick else None, peers=("pyops_cli", "mergekit_yaml"),
                     baseline="mergekit_yaml", targets={"cpu": {"speedup": speedup, "peak_rss_ratio": 0.25}},
                     timing=timing, also=("task_arithmetic_from_models",) if method == "task_arithmetic" else ())
@@ -146,7 +149,13 @@ CASES = [
     _ckpt("ram", {}, 10.0, _ckpt_timing(60.0, None), quick=False, weights=False),
     _ckpt("sce", {}, 5.0, _ckpt_timing(120.0, None), quick=False, weights=False, top={"select_topk": 0.5}),
     _ckpt("arcee_fusion", {}, 5.0, _ckpt_timing(120.0, None), quick=False, n=1, weights=False),
+    # issue 16: a slices frankenmerge and a LoRA merge, 3x mergekit
+    _ckpt("passthrough", {}, 3.0, _ckpt_timing(60.0, None), quick=False, layout="slices"),
+    _ckpt("linear", {}, 3.0, _ckpt_timing(240.0, None), quick=False, base=False, layout="lora"),
 ]
+
+LORA_RANK = 16
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def build(spec: CaseSpec, device, *, full: bool = False, workdir: Optional[str] = None) -> Case:
@@ -474,6 +483,37 @@ def write_llama_checkpoint(path, seed: int, base=None, cfg: dict = LLAMA) -> dic
     return tensors
 
 
+def write_lora_adapter(path, seed: int, cfg: dict = LLAMA, r: int = LORA_RANK) -> None:
+    """A PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors) of rank `r`
+    on every attention and MLP projection of the Llama shape `cfg`, A and B ~ N(0, 0.02)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, shape in _llama_tensors(cfg).items():
+        module = name[:-len(".weight")]
+        if module.rsplit(".", 1)[-1] in LORA_TARGETS:
+            out_f, in_f = shape
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.empty(r, in_f).normal_(0, 0.02, generator=gen)
+            tensors[f"{key}.lora_B.weight"] = torch.empty(out_f, r).normal_(0, 0.02, generator=gen)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": 2 * r, "lora_dropout": 0.0,
+              "target_modules": list(LORA_TARGETS), "fan_in_fan_out": False, "bias": "none", "use_rslora": False,
+              "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": None}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+
+
+def _slices_yaml(models: list, layers: int) -> str:
+    """A frankenmerge: layers [0, 3/4·L) of m1 then [L/4, L) of m2 (1.5·L layers), passthrough."""
+    a, b = 3 * layers // 4, layers // 4
+    return (f"merge_method: passthrough\ndtype: float32\nslices:\n"
+            f"  - sources:\n      - model: {models[1]}\n        layer_range: [0, {a}]\n"
+            f"  - sources:\n      - model: {models[2]}\n        layer_range: [{b}, {layers}]\n")
+
+
 def mergekit_yaml() -> Optional[str]:
     """The mergekit-yaml executable: $PYOPS_MERGEKIT_YAML, else the one on PATH, else None."""
     return os.environ.get("PYOPS_MERGEKIT_YAML") or shutil.which("mergekit-yaml")
@@ -518,28 +558,45 @@ def _checkpoint_in(b: Build, root: str, own: bool) -> Case:
     models = _models(root, b.sizes["model"])
     model_bytes = sum(os.path.getsize(os.path.join(m, "model.safetensors")) for m in models)
     mergekit = mergekit_yaml()
-    cfg = os.path.join(root, f"{method}.yaml")
+    layout = b.sizes.get("layout")
+    tag = layout or method
+    cfg = os.path.join(root, f"{tag}.yaml")
     n, top = b.sizes.get("n", 3), b.sizes.get("top") or {}
+    adapters = [os.path.join(os.path.dirname(models[0]), f"lora{k}") for k in range(1, 1 + n)]
+    if layout == "lora":
+        for k, a in enumerate(adapters, start=1):
+            if not os.path.exists(os.path.join(a, "adapter_model.safetensors")):
+                write_lora_adapter(a, 100 + k, b.sizes["model"])
     with open(cfg, "w") as f:
-        f.write(f"merge_method: {method}\n" + (f"base_model: {models[0]}\n" if b.sizes.get("base", True) else "")
-                + "dtype: float32\n")
-        if top:
-            f.write("parameters: {" + ", ".join(f"{k}: {v}" for k, v in top.items()) + "}\n")
-        f.write("models:\n")
-        for m, w in zip(models[1:1 + n], WEIGHTS):
-            per = ({"weight": w} if b.sizes.get("weights", True) else {}) | dict(params)
-            f.write(f"  - model: {m}\n" + ("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in per.items())
-                                            + "}\n" if per else ""))
-    out_pyops, out_mk = os.path.join(root, f"out-pyops-{method}"), os.path.join(root, f"out-mk-{method}")
+        if layout == "slices":
+            f.write(_slices_yaml(models, b.sizes["model"]["layers"]))
+        else:
+            f.write(f"merge_method: {method}\n" + (f"base_model: {models[0]}\n" if b.sizes.get("base", True) else "")
+                    + "dtype: float32\n")
+            if top:
+                f.write("parameters: {" + ", ".join(f"{k}: {v}" for k, v in top.items()) + "}\n")
+            f.write("models:\n")
+            for m, w, a in zip(models[1:1 + n], WEIGHTS, adapters):
+                per = ({"weight": w} if b.sizes.get("weights", True) else {}) | dict(params)
+                f.write(f"  - model: {m}" + (f"+{a}" if layout == "lora" else "") + "\n"
+                        + ("    parameters: {" + ", ".join(f"{k}: {v}" for k, v in per.items()) + "}\n" if per
+                           else ""))
+    out_pyops, out_mk = os.path.join(root, f"out-pyops-{tag}"), os.path.join(root, f"out-mk-{tag}")
     rss: dict = {}
 
     def run_pyops():
         rss["pyops"] = _timed_child([sys.executable, "-m", "pyops", "merge", cfg, "--out", out_pyops, "--overwrite",
                                      "--no-progress"])
 
+    lora_cache = os.path.join(root, "mergekit-lora-cache")
+
     def run_mergekit():
         shutil.rmtree(out_mk, ignore_errors=True)
-        rss["mergekit"] = _timed_child([mergekit, cfg, out_mk, "--lazy-unpickle", "--no-copy-tokenizer"])
+        # mergekit merges each adapter into a full copy of its model there first: emptied before every
+        # run, so that each timed run pays it as a first merge does
+        shutil.rmtree(lora_cache, ignore_errors=True)
+        extra = ["--lora-merge-cache", lora_cache] if layout == "lora" else []
+        rss["mergekit"] = _timed_child([mergekit, cfg, out_mk, "--lazy-unpickle", "--no-copy-tokenizer", *extra])
 
     # Each side runs in a child process: its peak RSS is the child's (info), not this process's.
     io_bytes = model_bytes + model_bytes // 4          # four models read, one written
@@ -568,12 +625,13 @@ def _checkpoint_in(b: Build, root: str, own: bool) -> Case:
             res.append(Check("peak RSS pyops merge (MiB)", rss["pyops"], None, "<=", " MiB"))
         return res
 
-    case = b.case(f"whole model {method} 3x{model_bytes / 4 / 1e9:.2f} GB fp32", entries,
+    what = {"slices": "slices frankenmerge (passthrough)", "lora": f"{method} of model+LoRA (r={LORA_RANK})"}
+    case = b.case(f"whole model {what.get(layout, method)} 3x{model_bytes / 4 / 1e9:.2f} GB fp32", entries,
                   "mergekit-yaml" if mergekit else "pyops merge (CLI)",
                   {"method": method, "model_bytes_each": model_bytes // 4, "mergekit": mergekit}, checks)
     def cleanup():
         # the models stay for the run's other checkpoint cases unless this case made its own folder
-        for path in ((root,) if own else (out_pyops, out_mk)):
+        for path in ((root,) if own else (out_pyops, out_mk, lora_cache)):
             shutil.rmtree(path, ignore_errors=True)
 
     case.cleanup.append(cleanup)

@@ -231,7 +231,8 @@ class LoraAdapter:
         delta = b @ a
         if t.kind == "embedding" or t.fan_in_fan_out:
             delta = delta.t()
-        return (base.to(torch.float32) + delta * t.scale).to(base.dtype)
+        # base + delta·scale, each operation rounded once in fp32 (as PEFT's merge), in delta's memory
+        return delta.mul_(t.scale).add_(base).to(base.dtype)
 
     def close(self) -> None:
         self._tensors = None

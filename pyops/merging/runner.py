@@ -570,6 +570,7 @@ class _TorchEngine:
         self.torch = torch
         self.cfg, self.dev, self.backend, self.compute = cfg, device, backend, compute_dtype
         self.device = str(device)
+        self._zeros = None
 
     def alloc(self, nbytes: int):
         return self.torch.empty(max(nbytes, 1), dtype=self.torch.uint8)
@@ -632,8 +633,12 @@ class _TorchEngine:
                                        else "auto")
             tally[item.kwargs["mergekit"]] = tally.get(item.kwargs["mergekit"], 0) + 1
             return result if out is None or out.device != result.device else out.copy_(result)
-        if base is None:
-            base = torch.zeros_like(models[0])  # θ = Σ cᵢ·(θᵢ − 0)
+        if base is None:  # θ = Σ cᵢ·(θᵢ − 0): one zero buffer, its pages never written
+            m0 = models[0]
+            if self._zeros is None or self._zeros.numel() < m0.numel() or self._zeros.dtype != m0.dtype \
+                    or self._zeros.device != m0.device:
+                self._zeros = torch.zeros(m0.numel(), dtype=m0.dtype, device=m0.device)
+            base = self._zeros[:m0.numel()].view(m0.shape)
         if out is not None and device.type != "cpu":
             out = None  # merged on the device, copied to the host by the writer
         with torch.no_grad():
