@@ -128,16 +128,6 @@ inline float from_ascending_key(uint32_t k) {
   return (k & 0x80000000u) ? float_of(k & 0x7fffffffu) : float_of(~k);
 }
 
-template <typename O>
-inline auto dispatch_out(DType code, O&& fn) {
-  switch (code) {
-    case DType::kFloat16: return fn(half_bits{});
-    case DType::kBFloat16: return fn(bf16_bits{});
-    case DType::kFloat32:
-    default: return fn(float{});
-  }
-}
-
 // ---- sce ---------------------------------------------------------------------------------------
 
 // tau_i of elements [k0, k0 + len) into rows (n x kTile), fp32.
@@ -323,7 +313,7 @@ Status sce_forward(const void* base, const void* const* inputs, int64_t n, DType
   // Pass 3: sign election, erase, weighted combine.
   dispatch_dtype(in_dtype, [&](auto in_tag) {
     using T = decltype(in_tag);
-    return dispatch_out(out_dtype, [&](auto out_tag) {
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
       parallel_for(n_items, n_threads, [&](int64_t item) {
         std::vector<float> rows((size_t)(n * kTile));
@@ -464,7 +454,7 @@ Status arcee_fusion_forward(const void* base, const void* model, DType in_dtype,
   const int64_t n_items = (numel + kChunk - 1) / kChunk;
   dispatch_dtype(in_dtype, [&](auto in_tag) {
     using T = decltype(in_tag);
-    return dispatch_out(out_dtype, [&](auto out_tag) {
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
       parallel_for(n_items, n_threads, [&](int64_t item) {
         alignas(64) float xbuf[kTile];

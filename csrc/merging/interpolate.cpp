@@ -224,16 +224,6 @@ void combine_columns(const T* base, const void* const* inputs, int64_t n, const 
   }
 }
 
-template <typename O>
-inline auto dispatch_out(DType code, O&& fn) {
-  switch (code) {
-    case DType::kFloat16: return fn(half_bits{});
-    case DType::kBFloat16: return fn(bf16_bits{});
-    case DType::kFloat32:
-    default: return fn(float{});
-  }
-}
-
 }  // namespace
 
 Status vector_gram(const void* base, const void* const* inputs, int64_t n, DType in_dtype, const VectorLayout& L,
@@ -300,7 +290,7 @@ Status vector_combine(const void* base, const void* const* inputs, int64_t n, DT
   if (column_layout(L)) {
     dispatch_dtype(in_dtype, [&](auto in_tag) {
       using T = decltype(in_tag);
-      return dispatch_out(out_dtype, [&](auto out_tag) {
+      return dispatch_dtype(out_dtype, [&](auto out_tag) {
         using O = decltype(out_tag);
         parallel_for((L.n_vectors + kCols - 1) / kCols, n_threads, [&](int64_t item) {
           const int64_t c0 = item * kCols, c1 = std::min(L.n_vectors, c0 + kCols);
@@ -315,7 +305,7 @@ Status vector_combine(const void* base, const void* const* inputs, int64_t n, DT
   const Items items(L);
   dispatch_dtype(in_dtype, [&](auto in_tag) {
     using T = decltype(in_tag);
-    return dispatch_out(out_dtype, [&](auto out_tag) {
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
       parallel_for(items.count, n_threads, [&](int64_t item) {
         items.for_pieces(L, item, [&](int64_t v, int64_t, int64_t lo, int64_t hi) {
@@ -338,7 +328,7 @@ Status nearswap_forward(const void* base, const void* model, DType in_dtype, int
   const int64_t n_items = (numel + kChunk - 1) / kChunk;
   dispatch_dtype(in_dtype, [&](auto in_tag) {
     using T = decltype(in_tag);
-    return dispatch_out(out_dtype, [&](auto out_tag) {
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
       parallel_for(n_items, n_threads, [&](int64_t item) {
         alignas(64) float abuf[kTile];
@@ -447,7 +437,7 @@ Status ram_forward(const void* base, const void* const* inputs, int64_t n, DType
   const int64_t n_items = (numel + kChunk - 1) / kChunk;
   dispatch_dtype(in_dtype, [&](auto in_tag) {
     using T = decltype(in_tag);
-    return dispatch_out(out_dtype, [&](auto out_tag) {
+    return dispatch_dtype(out_dtype, [&](auto out_tag) {
       using O = decltype(out_tag);
       parallel_for(n_items, n_threads, [&](int64_t item) {
         std::vector<float> rows((size_t)(n * kTile));
