@@ -244,32 +244,39 @@ def resolve_params(method: str, params: Dict[str, object]) -> Dict[str, object]:
     return resolved
 
 
-def _real(value, name: str) -> float:
+def check_real(value, name: str, what: str = "a float") -> float:
+    """A Python int or float (not a bool) as a float; TypeError naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
     return float(value)
 
 
-def _flag(value, name: str) -> bool:
+def check_bool(value, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
     return value
 
 
-def _nonnegative(value, name: str) -> float:
-    v = _real(value, name)
+def check_nonnegative(value, name: str) -> float:
+    v = check_real(value, name)
     if not v >= 0:
         raise ValueError(f"{name}: expected a value >= 0, got {v}")
     return v
 
 
-def _weights(value, n: int) -> None:
+def check_max_iter(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"max_iter: expected an int >= 0, got {value!r}")
+    return value
+
+
+def check_weights(value, n: int, name: str = "weight") -> List[float]:
+    """n floats, one per model, as a list."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        raise TypeError(f"weight: expected a sequence of {n} floats (one per model), got a single number")
+        raise TypeError(f"{name}: expected a sequence of {n} floats (one per model), got a single number")
     if not isinstance(value, (list, tuple)) or len(value) != n:
-        raise ValueError(f"weight: expected {n} values (one per model), got {value!r}")
-    for i, w in enumerate(value):
-        _real(w, f"weight[{i}]")
+        raise ValueError(f"{name}: expected {n} values (one per model), got {value!r}")
+    return [check_real(w, f"{name}[{i}]") for i, w in enumerate(value)]
 
 
 def check_inputs(method: str, has_base: bool, n_models: int) -> None:
@@ -291,30 +298,29 @@ def check_params(method: str, p: Dict[str, object], n_models: int) -> None:
     ops of pyops.merging.interpolate raise for them: TypeError / ValueError naming the parameter.
     `n_models`: the inputs besides the base."""
     if method in ("slerp", "nearswap"):
-        _real(p["t"], "t")
+        check_real(p["t"], "t")
     elif method == "nuslerp":
-        _weights(p["weight"], 2)
-        _flag(p["nuslerp_flatten"], "nuslerp_flatten")
-        _flag(p["nuslerp_row_wise"], "nuslerp_row_wise")
+        check_weights(p["weight"], 2)
+        check_bool(p["nuslerp_flatten"], "nuslerp_flatten")
+        check_bool(p["nuslerp_row_wise"], "nuslerp_row_wise")
     elif method == "multislerp":
-        _weights(p["weight"], n_models)
-        _flag(p["normalize_weights"], "normalize_weights")
-        _real(p["eps"], "eps")
+        check_weights(p["weight"], n_models)
+        check_bool(p["normalize_weights"], "normalize_weights")
+        check_real(p["eps"], "eps")
     elif method == "karcher":
-        v = p["max_iter"]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"max_iter: expected an int >= 0, got {v!r}")
-        _nonnegative(p["tol"], "tol")
+        check_max_iter(p["max_iter"])
+        check_nonnegative(p["tol"], "tol")
     elif method == "ram":
-        _nonnegative(p["epsilon"], "epsilon")
+        check_nonnegative(p["epsilon"], "epsilon")
     elif method == "ramplus_tl":
-        _real(p["r"], "r")
-        _real(p["alpha"], "alpha")
-        _nonnegative(p["epsilon"], "epsilon")
+        check_real(p["r"], "r")
+        check_real(p["alpha"], "alpha")
+        check_nonnegative(p["epsilon"], "epsilon")
     elif method == "sce":
-        _flag(p["int8_mask"], "params: int8_mask")
-        _real(p["select_topk"], "select_topk")
+        check_bool(p["int8_mask"], "params: int8_mask")
+        check_real(p["select_topk"], "select_topk")
 
 
-__all__ = ["check_inputs", "check_params", "dim0_layout", "fp32", "karcher_coeffs", "linear_coeffs", "multislerp_coeffs", "nuslerp_coeffs",
+__all__ = ["check_bool", "check_inputs", "check_max_iter", "check_nonnegative", "check_params", "check_real",
+           "check_weights", "dim0_layout", "fp32", "karcher_coeffs", "linear_coeffs", "multislerp_coeffs", "nuslerp_coeffs",
            "nuslerp_layout", "ramplus_lambda", "resolve_params", "rows_layout", "slerp_coeffs", "whole_layout"]

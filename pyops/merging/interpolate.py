@@ -47,6 +47,7 @@ from pyops import _backend
 from pyops.merging import backend_cpu, backend_triton
 from pyops.merging import reference as ref
 from pyops.merging import spec
+from pyops.merging import interp_scalars as S
 from pyops.merging.interp_scalars import check_inputs, resolve_params
 
 Weights = Union[Sequence[float], Tensor]
@@ -88,16 +89,7 @@ def _check_models(models, lo: int, hi: Optional[int], method: str) -> List[Tenso
     return models
 
 
-def _check_real(value, name: str, what: str = "a float") -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name}: expected {what}, got {type(value).__name__}")
-    return float(value)
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
-    return value
+_check_real, _check_bool = S.check_real, S.check_bool
 
 
 def _check_scalar(value, name: str):
@@ -117,11 +109,7 @@ def _check_weights(weight, n: int, name: str = "weight"):
             raise ValueError(f"{name}: expected {n} values (one per model), got shape {list(weight.shape)} "
                              f"{weight.dtype}")
         return weight
-    if isinstance(weight, (int, float)) and not isinstance(weight, bool):
-        raise TypeError(f"{name}: expected a sequence of {n} floats (one per model), got a single number")
-    if not isinstance(weight, (list, tuple)) or len(weight) != n:
-        raise ValueError(f"{name}: expected {n} values (one per model), got {weight!r}")
-    return [_check_real(w, f"{name}[{i}]") for i, w in enumerate(weight)]
+    return S.check_weights(weight, n, name)
 
 
 def _check_out_dtype(out_dtype, default: torch.dtype) -> torch.dtype:
@@ -335,11 +323,8 @@ def karcher(models: Union[Sequence[Tensor], Tensor], *, max_iter: int = 10, tol:
 
     Returns `[*shape]` in out_dtype."""
     models = _check_models(models, 1, None, "karcher")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise ValueError(f"max_iter: expected an int >= 0, got {max_iter!r}")
-    tol = _check_real(tol, "tol")
-    if not tol >= 0:
-        raise ValueError(f"tol: expected a value >= 0, got {tol}")
+    S.check_max_iter(max_iter)
+    tol = S.check_nonnegative(tol, "tol")
     od = _check_out_dtype(out_dtype, models[0].dtype)
     chosen = _choose("karcher", backend, models, od)
     if chosen != "reference":
@@ -378,9 +363,7 @@ def ram(base: Tensor, models: Sequence[Tensor], *, epsilon: float = 1e-5, out_dt
     Backends: cpu (one per-element pass, forward only), reference (differentiable, masks held
     fixed)."""
     base, models = _check_base_and_models(base, models, 0, None, "ram")
-    epsilon = _check_real(epsilon, "epsilon")
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
+    epsilon = S.check_nonnegative(epsilon, "epsilon")
     od = _check_out_dtype(out_dtype, base.dtype)
     if models and _choose("ram", backend, [base, *models], od, triton=False) == "cpu":
         return backend_cpu.ram_op(base, models, epsilon, od)
@@ -400,9 +383,7 @@ def ramplus_tl(base: Tensor, models: Sequence[Tensor], *, r: float = 0.1, alpha:
     base, models = _check_base_and_models(base, models, 0, None, "ramplus_tl")
     r = _check_real(r, "r")
     alpha = _check_real(alpha, "alpha")
-    epsilon = _check_real(epsilon, "epsilon")
-    if not epsilon >= 0:
-        raise ValueError(f"epsilon: expected a value >= 0, got {epsilon}")
+    epsilon = S.check_nonnegative(epsilon, "epsilon")
     od = _check_out_dtype(out_dtype, base.dtype)
     if models and _choose("ramplus_tl", backend, [base, *models], od, triton=False) == "cpu":
         return backend_cpu.ramplus_tl_op(base, models, r, alpha, epsilon, od)
