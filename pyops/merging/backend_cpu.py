@@ -244,9 +244,6 @@ def interpolate_reason(tensor: Tensor, out_dtype: torch.dtype, needs_grad: bool)
     return R.forward_only_reason(INTERPOLATE, "C++", tensor, out_dtype, needs_grad)
 
 
-whole_layout, rows_layout, dim0_layout = R.whole_layout, R.rows_layout, R.dim0_layout
-
-
 def vector_gram(base: Optional[Tensor], inputs: List[Tensor], layout: R.Layout) -> Tensor:
     """[n_vectors, N, N] fp64: the Gram matrix of each vector's inputs (minus base when given)."""
     n = len(inputs)

@@ -50,10 +50,6 @@ def _module():
         return None, f"pyops._C is not available ({type(exc).__name__}: {exc})"
 
 
-def _fp32(x: float) -> float:
-    return array.array("f", [x])[0]
-
-
 def reason(cfg, device, backend: str, checkpoints: Sequence[Checkpoint], items) -> Optional[str]:
     """Why this merge cannot run on the native engine, or None. `checkpoints`: every input opened;
     `items`: the runner's plan (each item's `inputs`, (checkpoint, tensor name))."""
@@ -183,7 +179,7 @@ class NativeEngine:
                       n_threads=self.threads)
         if method == "task_arithmetic":
             # pyops.merge folds λ into the fp32 coefficients: fl32(fl32(c)·fl32(λ)), exact in double.
-            c32 = array.array("f", [_fp32(c) * _fp32(lam) for c in coeffs])
+            c32 = array.array("f", [S.fp32(c) * S.fp32(lam) for c in coeffs])
             self.mod.task_arithmetic_forward(coeffs=c32.buffer_info()[0], **common)
         else:
             c32 = array.array("f", coeffs)
